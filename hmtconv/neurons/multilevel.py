@@ -1,0 +1,130 @@
+"""Shared engine of the multi-level integrate-and-fire neurons (H-MT and prior-work MT).
+
+Both neurons are uniform quantizers with reset by subtraction: per step the membrane
+``m = v + I`` emits an integer level ``k in [0, levels]`` times a step ``lam`` and keeps
+``v = m - k * lam``. They differ only in how many levels a step can carry and in how many
+binary spikes a level costs, which each subclass states through ``levels`` and ``spike_lut``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+MAX_N = 16
+
+
+def check_n(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise ValueError(f"n (number of thresholds) must be an integer in [1, {MAX_N}], got {n!r}")
+    return n
+
+
+def as_threshold(value, name: str) -> torch.Tensor:
+    """A positive, finite threshold as a float tensor (Python numbers keep double precision;
+    ``forward`` casts to the input's dtype)."""
+    if isinstance(value, (int, float)):
+        value = torch.tensor(float(value), dtype=torch.float64)
+    t = torch.as_tensor(value).detach().clone()
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    bad = ~torch.isfinite(t) | (t <= 0)
+    if bad.any():
+        raise ValueError(f"{name} must be finite and > 0 everywhere, got {t[bad].flatten()[0].item()!r} "
+                         f"(valid range: (0, inf))")
+    return t
+
+
+def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
+          sign: float = 1.0) -> torch.Tensor:
+    """One step in place (eqs. 14-18 in closed form): ``m = v + sign*current``, returns the level
+    ``k = clamp(floor(m / lam), 0, levels)``, writes ``k * lam`` to ``out`` and leaves ``v = m - out``.
+
+    ``floor(m / lam)`` alone is off by one when ``m`` lies within an ulp below a multiple of ``lam``
+    (the quotient rounds up). ``fmod`` is exact in IEEE arithmetic, so ``m - fmod(m, lam)`` is a
+    multiple of ``lam`` up to one rounding and the division recovers the exact integer: the level
+    equals the greedy largest-first firing of eqs. 15-16 bit for bit.
+    """
+    v.add_(current, alpha=sign)
+    k = torch.fmod(v, lam)
+    torch.sub(v, k, out=k).div_(lam).round_().clamp_(0, levels)
+    torch.mul(k, lam, out=out)
+    v.sub_(out)
+    return k
+
+
+class MultiLevelNeuron(nn.Module):
+    """Multi-step multi-level IF neuron; input and output are ``[T, *shape]`` (time first).
+
+    Attributes set by each call: ``spikes`` (``[T]``, binary spikes per step summed over all
+    elements, both halves for signed neurons) and, when ``fanout`` is set, ``synops``
+    (``[T]``, spikes weighted by the number of synapses each element drives: eq. 32's numerator).
+    """
+
+    levels: int
+    spike_lut: torch.Tensor
+
+    def __init__(self, step, signed: bool, communicate: bool, levels: int, spike_lut: torch.Tensor):
+        super().__init__()
+        self.signed = bool(signed)
+        self.communicate = bool(communicate) and self.signed
+        self.levels = levels
+        self.register_buffer("lam", as_threshold(step, "lam"))
+        self.register_buffer("spike_lut", spike_lut, persistent=False)
+        self.fanout: torch.Tensor | None = None
+        self.spikes: torch.Tensor | None = None
+        self.synops: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        lam = self.lam
+        shown = f"{lam.item():.6g}" if lam.numel() == 1 else f"tensor{tuple(lam.shape)}"
+        return f"levels={self.levels}, lam={shown}, signed={self.signed}, communicate={self.communicate}"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() < 1 or x.shape[0] < 1:
+            raise ValueError(f"{type(self).__name__} expects input [T, *shape] with T >= 1, got shape "
+                             f"{tuple(x.shape)}")
+        lam_shape = tuple(self.lam.shape)
+        step_shape = tuple(x.shape[1:])
+        try:
+            ok = torch.broadcast_shapes(lam_shape, step_shape) == step_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{type(self).__name__}: lam of shape {lam_shape} does not broadcast to the "
+                             f"per-step input shape {step_shape} (input {tuple(x.shape)} must be [T, *shape]; "
+                             f"did you forget the time dimension?)")
+
+    def _count(self, k: torch.Tensor) -> torch.Tensor:
+        """Binary spikes per element for integer levels ``k`` (float tensor)."""
+        return self.spike_lut[k.to(torch.int64)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        lam = self.lam.to(dtype=x.dtype, device=x.device)
+        steps = x.shape[0]
+        out = torch.empty_like(x)
+        spikes = torch.zeros(steps, dtype=torch.float64, device=x.device)
+        synops = torch.zeros_like(spikes) if self.fanout is not None else None
+        v_pos = (lam / 2).expand(x.shape[1:]).clone()  # eq. 13
+        if self.signed:
+            v_neg = v_pos.clone()
+            out_pos, out_neg = torch.empty_like(v_pos), torch.empty_like(v_pos)
+        for t in range(steps):
+            if self.signed:
+                count = self._count(fire_(v_pos, x[t], lam, self.levels, out_pos))
+                count += self._count(fire_(v_neg, x[t], lam, self.levels, out_neg, sign=-1.0))
+                if self.communicate:  # eq. 21
+                    v_pos.add_(out_neg)
+                    v_neg.add_(out_pos)
+                torch.sub(out_pos, out_neg, out=out[t])
+            else:
+                count = self._count(fire_(v_pos, x[t], lam, self.levels, out[t]))
+            spikes[t] = count.sum(dtype=torch.float64)
+            if synops is not None:
+                synops[t] = (count * self.fanout).sum(dtype=torch.float64)
+        self.spikes, self.synops = spikes, synops
+        return out

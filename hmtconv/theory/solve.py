@@ -1,0 +1,125 @@
+"""Threshold selection: the converged optimum (root of k = 1, Lemma 4.7) and Algorithm 1 as published."""
+from __future__ import annotations
+
+import torch
+
+from .error import _check, broadcast64, levels_for, moments
+
+_GTOL = 1e-14
+DEAD_UNIT_LAM = 1.0
+# A ReLU input more than DEEP_TAIL sigmas below zero fires with probability < 1e-2000. Its positive
+# part tends to an exponential of rate |mu| / sigma^2, so the optimum tends to lam ~ sigma^2 / |mu|
+# (relative correction O((sigma / mu)^2), here < 1e-4); beyond this depth the sums lose precision.
+DEEP_TAIL = 100.0  # documented choice where every lam is optimal (the neuron never fires)
+
+
+def _log_k(u, mu, sigma, T, b, signed):
+    """log k(lam = e^u) of eq. 29 (k > 1 below the optimum, < 1 above it)."""
+    h = torch.exp(u) / T
+    s_xf, s_ff, _ = moments(mu, sigma, h, b, signed)
+    return torch.log(s_xf) - torch.log(h * s_ff)
+
+
+def _point_mass_lam(mu, b, T, signed):
+    """sigma = 0: the lam whose top level equals |mu|, so every step outputs mu exactly (eq. 20).
+
+    Where mu is not representable at all (ReLU with mu <= 0, or mu = 0) any lam is optimal and
+    DEAD_UNIT_LAM is returned.
+    """
+    value = mu.abs() if signed else mu
+    return torch.where(value > 0, value * T / b, torch.full_like(mu, DEAD_UNIT_LAM))
+
+
+def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12, max_iter: int = 200):
+    """The lam (lambda_min) minimizing the expected error of eqs. 9/23: the unique root of k = 1.
+
+    Bracketed in log lam, then refined by the Illinois variant of regula falsi on log k, which
+    converges superlinearly and never leaves the bracket. Returns float64 with the broadcast shape.
+    ``sigma = 0`` is solved exactly (see ``_point_mass_lam``).
+    """
+    mu, sigma, T = broadcast64(mu, sigma, T)
+    _check(sigma=sigma, T=T)
+    b = T * levels_for(n, levels)
+    mu, sigma, T, b = broadcast64(mu, sigma, T, b)
+    shape = mu.shape
+    mu, sigma, T, b = (t.reshape(-1) for t in (mu, sigma, T, b))
+    lam = _point_mass_lam(mu, b, T, signed)
+    live = sigma > 0
+    depth = torch.ones_like(mu)
+    if not signed:
+        depth = torch.where(live & (mu < -DEEP_TAIL * sigma), -mu / (DEEP_TAIL * sigma), depth)
+    if live.any():
+        mu_solved = mu[live] / depth[live]
+        lam[live] = _solve(mu_solved, sigma[live], T[live], b[live], signed, rtol, max_iter) / depth[live]
+    return lam.reshape(shape)
+
+
+def _solve(mu, sigma, T, b, signed, rtol, max_iter):
+    def log_k(u, idx):
+        return _log_k(u, mu[idx], sigma[idx], T[idx], b[idx], signed)
+
+    every = torch.arange(mu.numel(), device=mu.device)
+    # start where the top level sits 3 sigma beyond the mean, then widen by 4x until bracketed
+    guess = torch.log((mu.abs() + 3 * sigma) * T / b)
+    lo, hi = guess - 0.7, guess + 0.7
+    g_lo, g_hi = log_k(lo, every), log_k(hi, every)
+    for _ in range(200):
+        need_lo, need_hi = g_lo <= 0, g_hi >= 0
+        if not (need_lo.any() or need_hi.any()):
+            break
+        lo = torch.where(need_lo, lo - 1.4, lo)
+        hi = torch.where(need_hi, hi + 1.4, hi)
+        g_lo[need_lo] = log_k(lo[need_lo], every[need_lo])
+        g_hi[need_hi] = log_k(hi[need_hi], every[need_hi])
+    else:
+        raise RuntimeError("optimal_lam: could not bracket the root of k = 1")
+    # Anderson-Bjorck regula falsi on log k: superlinear, never leaves the bracket. |log k| <= GTOL
+    # pins log lam to about GTOL / |d log k / d log lam|, far below rtol (the slope is O(1)).
+    tol = abs(torch.log1p(torch.tensor(rtol, dtype=torch.float64)).item())
+    best = torch.where(g_lo.abs() < g_hi.abs(), lo, hi)
+    kept = torch.zeros_like(lo)  # +1 if lo moved last time (hi kept), -1 if hi moved
+    for _ in range(max_iter):
+        act = torch.nonzero((hi - lo > tol) & (torch.minimum(g_lo.abs(), g_hi.abs()) > _GTOL)).flatten()
+        if act.numel() == 0:
+            break
+        l, h, gl, gh, last = lo[act], hi[act], g_lo[act], g_hi[act], kept[act]
+        u = (l * gh - h * gl) / (gh - gl)
+        u = torch.where(torch.isfinite(u) & (u > l) & (u < h), u, (l + h) / 2)
+        g = log_k(u, act)
+        right = g >= 0  # k >= 1: the root lies at or above u
+        # Anderson-Bjorck: scale the value of the endpoint kept twice in a row
+        scale_hi = torch.where(right & (last > 0), _ab_factor(g, gl), torch.ones_like(g))
+        scale_lo = torch.where(~right & (last < 0), _ab_factor(g, gh), torch.ones_like(g))
+        lo[act] = torch.where(right, u, l)
+        g_lo[act] = torch.where(right, g, gl * scale_lo)
+        hi[act] = torch.where(right, h, u)
+        g_hi[act] = torch.where(right, gh * scale_hi, g)
+        kept[act] = right.to(kept.dtype) * 2 - 1
+        best[act] = u
+    return torch.exp(best)
+
+
+def _ab_factor(g_new, g_old):
+    """Anderson-Bjorck weight 1 - g_new/g_old, or 1/2 (Illinois) when that is not positive."""
+    m = 1 - g_new / g_old
+    return torch.where(m > 0, m, torch.full_like(m, 0.5))
+
+
+def fixed_point_lam(mu, sigma, n, T, signed: bool, steps: int = 1500, theta0: float = 1.0, levels=None):
+    """Algorithm 1 as the published code runs it: ``theta <- k(theta) * theta``, ``steps`` times from
+    ``theta0``, no stopping rule. Slow to converge: compare with ``optimal_lam``.
+
+    ``sigma = 0`` (where k is undefined) returns the exact point-mass lam of ``optimal_lam``.
+    """
+    mu, sigma, T = broadcast64(mu, sigma, T)
+    _check(sigma=sigma, T=T)
+    b = T * levels_for(n, levels)
+    mu, sigma, T, b = broadcast64(mu, sigma, T, b)
+    live = sigma > 0
+    theta = torch.full_like(mu, float(theta0))
+    safe_sigma = torch.where(live, sigma, torch.ones_like(sigma))
+    for _ in range(steps):
+        h = theta / T
+        s_xf, s_ff, _ = moments(mu, safe_sigma, h, b, signed)
+        theta = T * s_xf / s_ff  # k * theta, since k = s_xf / (h s_ff) and theta = T h
+    return torch.where(live, theta, _point_mass_lam(mu, b, T, signed))

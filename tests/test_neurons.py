@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hmtconv import HMTNeuron, MTNeuron
+from reference import hmt_literal, hmt_literal_membranes
+
+
+def _inputs(T, shape, lam, n, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.as_tensor(lam, dtype=dtype)
+    top = lam * (2**n - 1)
+    x = (torch.rand((T, *shape), generator=g, dtype=dtype) * 2.6 - 1.3) * top  # negative and saturating
+    # exact threshold crossings: v[0] + x = level * lam exactly at the first step
+    levels = torch.randint(0, 2**n, (T, *shape), generator=g).to(dtype)
+    on_grid = torch.rand((T, *shape), generator=g) < 0.2
+    x = torch.where(on_grid, levels * lam - lam / 2, x)
+    return x
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+@pytest.mark.parametrize("signed,communicate", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_closed_form_equals_literal_greedy(n, signed, communicate, per_channel):
+    g = torch.Generator().manual_seed(n)
+    lam = (torch.rand(3, 1, 1, generator=g) + 0.05) if per_channel else torch.tensor(0.37)
+    x = _inputs(6, (2, 3, 4, 5), lam, n, seed=n)
+    neuron = HMTNeuron(n, lam, signed=signed, communicate=communicate)
+    out = neuron(x)
+    ref, ref_spikes = hmt_literal(x, lam, n, signed, communicate)
+    assert torch.equal(out, ref)
+    assert torch.equal(neuron.spikes, ref_spikes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 10), T=st.integers(1, 8), signed=st.booleans(), communicate=st.booleans(),
+       lam=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16), double=st.booleans())
+def test_property_equals_literal(n, T, signed, communicate, lam, seed, double):
+    dtype = torch.float64 if double else torch.float32
+    x = _inputs(T, (37,), lam, n, seed, dtype)
+    neuron = HMTNeuron(n, lam, signed=signed, communicate=communicate)
+    out = neuron(x)
+    ref, ref_spikes = hmt_literal(x, torch.tensor(lam, dtype=dtype), n, signed, communicate)
+    assert torch.equal(out, ref)
+    assert torch.equal(neuron.spikes, ref_spikes)
+
+
+def test_values_just_below_threshold_do_not_fire():
+    # m = nextafter(k*lam, 0): float32 division rounds m/lam up to k; the greedy rule does not fire.
+    lam = torch.tensor(0.1)
+    k = torch.arange(1, 16, dtype=torch.float32)
+    below = torch.nextafter(k * lam, torch.zeros(()))
+    x = (below - lam / 2).unsqueeze(0)
+    out = HMTNeuron(4, lam)(x)
+    ref, _ = hmt_literal(x, lam, 4)
+    assert torch.equal(out, ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 8), T=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_lemma_4_1_membranes_sum_to_lam_and_one_side_fires(n, T, seed):
+    lam = 0.25  # a power of two: eq. 22 then holds exactly in floating point
+    x = _inputs(T, (50,), lam, n, seed, torch.float64)
+    for v_pos, v_neg, s_pos, s_neg in hmt_literal_membranes(x, lam, n):
+        assert torch.allclose(v_pos + v_neg, torch.full_like(v_pos, lam), atol=1e-12)
+        assert not ((s_pos > 0) & (s_neg > 0)).any()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("n,T", [(1, 8), (2, 5), (4, 16), (8, 3)])
+def test_eq20_average_output_under_constant_input(n, T, signed):
+    lam = 0.3
+    top = (2**n - 1) * lam
+    z = torch.linspace(-1.5 * top if signed else -0.5 * top, 1.5 * top, 4001, dtype=torch.float64)
+    x = z.expand(T, -1)
+    avg = HMTNeuron(n, lam, signed=signed)(x).mean(0)
+    low = -(2**n - 1) * T if signed else 0
+    ratio = (z * T + lam / 2) / lam
+    expected = lam / T * torch.clamp(torch.floor(ratio), low, (2**n - 1) * T)
+    # inputs within rounding of a level boundary may land on either side in floating point
+    clear = (ratio - torch.round(ratio)).abs() > 1e-9
+    assert clear.float().mean() > 0.9
+    assert torch.allclose(avg[clear], expected[clear], atol=1e-12)
+
+
+def test_if_neuron_is_n_equal_1():
+    theta = 1.0
+    x = torch.tensor([[0.6], [0.6], [0.6], [0.6]])
+    out = HMTNeuron(1, theta)(x)
+    # v0 = 0.5: 1.1 -> fire (0.1), 0.7, 1.3 -> fire (0.3), 0.9
+    assert out.flatten().tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_spikes_are_popcounts():
+    lam = 1.0
+    x = torch.tensor([[6.5, 0.0, 14.5, 1.5]])  # m = 7, 0.5, 15, 2 -> levels 7, 0, 15, 2
+    neuron = HMTNeuron(4, lam)
+    neuron(x)
+    assert neuron.spikes.tolist() == [3 + 0 + 4 + 1]
+
+
+def test_synops_weight_spikes_by_fanout():
+    neuron = HMTNeuron(3, 1.0)
+    neuron.fanout = torch.tensor([2.0, 10.0])
+    neuron(torch.tensor([[[2.5, 0.5]], [[0.0, 6.5]]]))  # [T=2, B=1, 2]
+    # step 1: m = (3.0, 1.0) -> levels (3, 1) -> spikes (2, 1), v = 0; step 2: m = (0, 6.5) -> level 6 -> 2
+    assert neuron.spikes.tolist() == [3.0, 2.0]
+    assert neuron.synops.tolist() == [2 * 2 + 1 * 10, 2 * 10]
+
+
+def test_no_state_leaks_between_calls():
+    neuron = HMTNeuron(4, 0.5, signed=True)
+    x = torch.randn(5, 10)
+    first = neuron(x)
+    neuron(torch.randn(5, 10) * 100)
+    assert torch.equal(neuron(x), first)
+
+
+def test_lam_is_a_buffer_in_state_dict():
+    neuron = HMTNeuron(4, torch.full((3, 1, 1), 0.2))
+    assert "lam" in neuron.state_dict()
+    clone = HMTNeuron(4, 1.0)
+    clone.lam = torch.empty(3, 1, 1)
+    clone.load_state_dict(neuron.state_dict())
+    assert torch.equal(clone.lam, neuron.lam)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n=0, lam=1.0), r"n .*\[1, 16\].*0"),
+    (dict(n=17, lam=1.0), r"n .*\[1, 16\].*17"),
+    (dict(n=2.5, lam=1.0), r"n "),
+    (dict(n=4, lam=0.0), r"lam .*> 0"),
+    (dict(n=4, lam=-1.0), r"lam .*-1"),
+    (dict(n=4, lam=float("nan")), r"lam .*finite"),
+    (dict(n=4, lam=float("inf")), r"lam .*finite"),
+])
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HMTNeuron(**kwargs)
+
+
+def test_shape_errors_name_the_shapes():
+    neuron = HMTNeuron(4, torch.ones(3, 1, 1))
+    with pytest.raises(ValueError, match=r"\(3, 1, 1\).*\(2, 4, 4\)"):
+        neuron(torch.zeros(4, 2, 4, 4))  # [T, C=2...] where lam has 3 channels
+    with pytest.raises(ValueError, match="time dimension"):
+        neuron(torch.zeros(3, 4, 4))  # a [C, H, W] input without T
+    with pytest.raises(ValueError, match="T >= 1"):
+        HMTNeuron(4, 1.0)(torch.tensor(1.0))
+
+
+def test_mt_neuron_levels_and_reset():
+    mt = MTNeuron(4, theta=1.0)  # segments of 0.25, output up to 1.0
+    out = mt(torch.tensor([[0.55], [0.55]]))
+    # v0 = 0.125: m = 0.675 -> j = 2 (0.5), v = 0.175; m = 0.725 -> j = 2, v = 0.225
+    assert torch.allclose(out.flatten(), torch.tensor([0.5, 0.5]))
+    assert mt.spikes.tolist() == [2.0, 2.0]
+
+
+def test_mt_membrane_unbounded_where_hmt_stays_bounded():
+    """Appendix A: with the same largest threshold theta, the equal-segment neuron tops out at theta
+    per step, so an input of 1.5 theta piles up in its membrane; H-MT represents it and stays bounded."""
+    n, theta, T = 4, 1.0, 200
+    x = torch.full((T, 1), 1.5 * theta, dtype=torch.float64)
+    lam = theta / 2 ** (n - 1)
+    mt_out = MTNeuron(n, theta)(x)
+    hmt_out = HMTNeuron(n, lam)(x)
+    mt_membrane = x.sum() + theta / (2 * n) - mt_out.sum()  # eq. 8: v[T] = v[0] + T z - T phi
+    hmt_membrane = x.sum() + lam / 2 - hmt_out.sum()
+    assert mt_membrane > 0.49 * T * theta  # grows linearly with T
+    assert 0 <= hmt_membrane < lam  # bounded in [0, lam)

@@ -1,0 +1,153 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hmtconv.theory import fixed_point_lam, k_factor, optimal_lam, quantization_error
+from reference import f_quantizer, k_eq29, qe_numeric
+
+CASES = [  # (mu, sigma, n, T, lam): coarse and fine grids, both tails, clipping inside the bulk
+    (0.3, 1.0, 1, 1, 2.0), (0.3, 1.0, 2, 4, 0.9), (-0.7, 0.5, 4, 4, 0.2), (1.5, 0.4, 4, 16, 0.15),
+    (0.0, 1.0, 8, 2, 0.02), (2.0, 0.3, 3, 8, 0.5), (-2.5, 1.0, 4, 2, 0.4), (0.1, 2.0, 8, 16, 0.01),
+    (5.0, 1.0, 2, 1, 3.0), (0.2, 0.05, 4, 4, 0.011),
+]
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("mu,sigma,n,T,lam", CASES)
+def test_k_factor_equals_eq29_term_by_term(mu, sigma, n, T, lam, signed):
+    b = T * (2**n - 1)
+    expected = k_eq29(lam, mu, sigma, T, -b if signed else 0, b)
+    got = k_factor(lam, mu, sigma, n, T, signed).item()
+    assert got == pytest.approx(expected, rel=1e-11)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("mu,sigma,n,T,lam", CASES)
+def test_quantization_error_equals_quadrature(mu, sigma, n, T, lam, signed):
+    expected = qe_numeric(lam, mu, sigma, n, T, signed)
+    got = quantization_error(lam, mu, sigma, n, T, signed).item()
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_quantization_error_matches_monte_carlo(signed):
+    rng = np.random.default_rng(0)
+    mu, sigma, n, T, lam = 0.4, 1.0, 3, 4, 0.6
+    x = rng.normal(mu, sigma, 2_000_000)
+    err = (f_quantizer(x, lam, n, T, signed) - (x if signed else np.maximum(x, 0))) ** 2
+    standard_error = err.std() / math.sqrt(x.size)
+    got = quantization_error(lam, mu, sigma, n, T, signed).item()
+    assert abs(got - err.mean()) < 4 * standard_error
+
+
+def _brute_force_minimizer(mu, sigma, n, T, signed, around):
+    """Dense log grid of lam, then golden-section refinement of quantization_error."""
+    def qe(lam):
+        return quantization_error(lam, mu, sigma, n, T, signed)
+
+    grid = around * torch.logspace(-1, 1, 801, base=4, dtype=torch.float64)
+    i = int(torch.argmin(qe(grid)))
+    lo, hi = grid[max(i - 1, 0)].item(), grid[min(i + 1, len(grid) - 1)].item()
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if qe(a) < qe(b):
+            hi = b
+        else:
+            lo = a
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("mu,sigma,n,T", [
+    (0.3, 1.0, 1, 1), (0.3, 1.0, 2, 4), (-0.7, 0.5, 4, 4), (1.5, 0.4, 4, 16), (0.0, 1.0, 8, 2),
+    (2.0, 0.3, 3, 8), (-1.5, 1.0, 4, 2), (0.1, 2.0, 8, 16),
+])
+def test_optimal_lam_is_the_brute_force_minimizer(mu, sigma, n, T, signed):
+    lam = optimal_lam(mu, sigma, n, T, signed).item()
+    assert k_factor(lam, mu, sigma, n, T, signed).item() == pytest.approx(1.0, abs=1e-10)
+    brute = _brute_force_minimizer(mu, sigma, n, T, signed, lam)
+    assert lam == pytest.approx(brute, rel=2e-5)
+    # Lemma 4.7: k > 1 below the optimum, k < 1 above it
+    assert k_factor(lam * 0.97, mu, sigma, n, T, signed) > 1 > k_factor(lam * 1.03, mu, sigma, n, T, signed)
+
+
+def test_optimal_lam_broadcasts_and_handles_extremes():
+    mu = torch.tensor([[0.0], [40.0], [-40.0], [1e4]], dtype=torch.float64)
+    sigma = torch.tensor([1.0, 1e-3], dtype=torch.float64)
+    for signed in (False, True):
+        for n, T in ((1, 1), (16, 1024), (8, 16)):
+            lam = optimal_lam(mu, sigma, n, T, signed)
+            assert lam.shape == (4, 2)
+            assert torch.isfinite(lam).all() and (lam > 0).all()
+            k = k_factor(lam, mu, sigma, n, T, signed)
+            exact = signed | (mu / sigma >= -100)  # deeper dead ReLUs use the exponential-tail limit
+            assert torch.allclose(k[exact], torch.ones_like(k[exact]), atol=1e-9), (signed, n, T, k)
+
+
+def test_deep_tail_relu_follows_the_exponential_limit():
+    # lam ~ sigma^2 / |mu| as the positive part of the input becomes exponential
+    lam = optimal_lam(torch.tensor([-60.0, -100.0, -1000.0, -1e5]), 1.0, 4, 4, signed=False)
+    scaled = lam * torch.tensor([60.0, 100.0, 1000.0, 1e5], dtype=torch.float64)
+    assert torch.allclose(scaled, scaled[1].expand(4), rtol=2e-3)
+
+
+def test_optimal_lam_point_mass():
+    # sigma = 0: lam puts mu on the top level, so every step outputs mu exactly (eq. 20)
+    lam = optimal_lam(torch.tensor([2.0, -3.0, 0.0]), 0.0, 4, 8, signed=True)
+    assert torch.allclose(lam, torch.tensor([2.0 / 15, 3.0 / 15, 1.0], dtype=torch.float64))
+    assert quantization_error(lam[:2], torch.tensor([2.0, -3.0]), 0.0, 4, 8, True).abs().max() < 1e-24
+    # ReLU with mu <= 0: the neuron never fires whatever lam is; a finite documented value
+    assert optimal_lam(-1.0, 0.0, 4, 8, signed=False).item() == 1.0
+
+
+def test_optimal_lam_relative_accuracy_1e9():
+    mu, sigma, n, T = 0.37, 0.81, 8, 16
+    lam = optimal_lam(mu, sigma, n, T, True).item()
+    # the root of k = 1 by bisection in extended steps, independently of the solver
+    lo, hi = lam * 0.9, lam * 1.1
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        if k_eq29(mid, mu, sigma, T, -T * 255, T * 255) > 1:
+            lo = mid
+        else:
+            hi = mid
+    assert lam == pytest.approx(math.sqrt(lo * hi), rel=1e-9)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_fixed_point_is_algorithm_1(signed):
+    mu, sigma, n, T, steps = 0.5, 0.8, 4, 4, 25
+    b = T * (2**n - 1)
+    theta = 1.0
+    for _ in range(steps):
+        theta = k_eq29(theta, mu, sigma, T, -b if signed else 0, b) * theta
+    got = fixed_point_lam(mu, sigma, n, T, signed, steps=steps).item()
+    assert got == pytest.approx(theta, rel=1e-10)
+
+
+def test_fixed_point_is_far_from_the_optimum_at_n8():
+    """The published 1,500 steps stop short: at n = 8, T = 16 lam stays several times too large."""
+    mu, sigma = 0.2, 1.0
+    fixed = fixed_point_lam(mu, sigma, 8, 16, True).item()
+    best = optimal_lam(mu, sigma, 8, 16, True).item()
+    assert fixed > 2 * best
+    assert quantization_error(fixed, mu, sigma, 8, 16, True) > quantization_error(best, mu, sigma, 8, 16, True)
+
+
+def test_mt_levels_override():
+    # the prior-work MT neuron: n levels of theta/n per step -> b = T n
+    lam = optimal_lam(0.5, 1.0, 4, 4, False, levels=4)
+    assert k_eq29(lam.item(), 0.5, 1.0, 4, 0, 16) == pytest.approx(1.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(lam=-1.0), "lam"), (dict(sigma=-0.1), "sigma"), (dict(T=0), "T"), (dict(n=0), "n"),
+    (dict(n=17), "n"),
+])
+def test_invalid_arguments(bad, match):
+    args = dict(lam=0.5, mu=0.0, sigma=1.0, n=4, T=4, signed=True) | bad
+    with pytest.raises(ValueError, match=match):
+        quantization_error(**args)
