@@ -1,0 +1,73 @@
+"""PNG plots of evaluation results (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_curves(runs: dict[str, dict], path, *, title: str = "") -> Path:
+    """Accuracy vs t (with the ANN line) and energy ratio vs t, one line per labelled run."""
+    fig, (acc_ax, energy_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ann = None
+    for label, result in runs.items():
+        steps = range(1, len(result["snn_accuracy"]) + 1)
+        acc_ax.plot(steps, result["snn_accuracy"], marker="o", ms=3, label=label)
+        energy_ax.plot(steps, result["energy_ratio"], marker="o", ms=3, label=label)
+        ann = result.get("ann_accuracy") if ann is None else ann
+    if ann is not None:
+        acc_ax.axhline(ann, color="black", ls="--", lw=1, label=f"ANN {ann:.2f}%")
+    acc_ax.set(xlabel="time step t", ylabel="top-1 accuracy (%)", title="SNN accuracy vs t")
+    energy_ax.axhline(1.0, color="gray", ls=":", lw=1)
+    energy_ax.set(xlabel="time step t", ylabel="E_SNN / E_ANN (eqs. 31-32)", title="Energy ratio vs t")
+    for ax in (acc_ax, energy_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_layers(result: dict, path, *, title: str = "") -> Path:
+    """Per replaced module: firing rate and the mean |ANN activation - SNN average output|."""
+    layers = result["per_layer"]
+    names = [layer["name"] for layer in layers]
+    fig, (rate_ax, err_ax) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(names) + 2), 6.5), sharex=True)
+    positions = range(len(names))
+    rate_ax.bar(positions, [layer["firing_rate"] for layer in layers], color="tab:blue")
+    rate_ax.set(ylabel="spikes per neuron per step", title="Firing rate")
+    err_ax.bar(positions, [layer["mean_abs_error"] for layer in layers], color="tab:red")
+    err_ax.set(ylabel="mean |ANN - SNN avg|", title="Conversion error")
+    err_ax.set_xticks(list(positions), names, rotation=60, ha="right", fontsize=8)
+    for ax in (rate_ax, err_ax):
+        ax.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_tradeoff(points: list[dict], path, *, title: str = "") -> Path:
+    """Accuracy vs energy ratio, one marker series per label (the trade-off front)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    labels = sorted({p["label"] for p in points})
+    for label in labels:
+        mine = sorted((p for p in points if p["label"] == label), key=lambda p: p["energy_ratio"])
+        ax.plot([p["energy_ratio"] for p in mine], [p["accuracy"] for p in mine], marker="o", ms=4, label=label)
+    ax.set(xlabel="energy ratio E_SNN / E_ANN", ylabel="top-1 accuracy (%)", title=title or "Accuracy vs energy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,40 @@
+"""Where a number came from: configuration, versions, device, seed and the git commit."""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str | None:
+    """The commit of the hmtconv checkout (with ``+dirty`` if modified), or None outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def provenance(config: dict, *, seed: int | None = None, device: str | None = None) -> dict:
+    """A JSON-able record that lets anyone trace and re-run a result."""
+    import torchvision
+
+    from .. import __version__
+
+    return {
+        "config": config,
+        "seed": seed,
+        "device": device,
+        "versions": {"hmtconv": __version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "python": platform.python_version()},
+        "git_commit": git_commit(),
+        "host": platform.node(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }

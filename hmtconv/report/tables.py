@@ -1,0 +1,40 @@
+"""Readable tables (markdown, which also reads well in a terminal)."""
+from __future__ import annotations
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def curves_table(runs: dict[str, dict]) -> str:
+    """One row per run: ANN accuracy, SNN accuracy at every t, then the energy ratio at every t."""
+    steps = max(len(r["snn_accuracy"]) for r in runs.values())
+    header = ["run", "ANN %"] + [f"t={t}" for t in range(1, steps + 1)]
+    rows = []
+    for label, result in runs.items():
+        acc = list(result["snn_accuracy"]) + [None] * (steps - len(result["snn_accuracy"]))
+        rows.append([label, result.get("ann_accuracy")] + acc)
+    for label, result in runs.items():
+        energy = list(result["energy_ratio"]) + [None] * (steps - len(result["energy_ratio"]))
+        rows.append([f"{label} energy", None] + energy)
+    return markdown_table(header, rows)
+
+
+def layers_table(result: dict) -> str:
+    header = ["layer", "lam", "firing rate", "mean |ANN - SNN|"]
+    rows = []
+    for layer in result["per_layer"]:
+        lam = layer["lam"]
+        lam = f"{lam:.4g}" if isinstance(lam, float) else str(lam)
+        rows.append([layer["name"], lam, layer["firing_rate"], layer["mean_abs_error"]])
+    return markdown_table(header, rows)

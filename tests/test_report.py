@@ -1,0 +1,64 @@
+import json
+import os
+
+import pytest
+
+from hmtconv.report import (append_jsonl, atomic_write_json, curves_table, layers_table, plot_curves,
+                            plot_layers, plot_tradeoff, provenance, read_jsonl)
+
+RESULT = {
+    "ann_accuracy": 99.1, "snn_accuracy": [95.0, 97.5, 98.8], "energy_ratio": [0.1, 0.2, 0.31],
+    "per_layer": [{"name": "features.2", "lam": 0.05, "firing_rate": 0.12, "mean_abs_error": 0.01},
+                  {"name": "features.6", "lam": [0.1, 0.2], "firing_rate": 0.08, "mean_abs_error": 0.02}],
+}
+
+
+def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"v": 1})
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_json(target, {"v": 2})
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left behind
+
+
+def test_unwritable_directory_raises_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError):
+        atomic_write_json(blocker / "out.json", {})  # a file where a directory should be
+
+
+def test_jsonl_skips_torn_last_line(tmp_path):
+    path = tmp_path / "points.jsonl"
+    append_jsonl(path, {"a": 1})
+    append_jsonl(path, {"a": 2})
+    with open(path, "a") as handle:
+        handle.write('{"a": 3')  # interrupted mid-write
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_plots_are_png(tmp_path):
+    for path in (plot_curves({"n=4 opt": RESULT}, tmp_path / "c.png"), plot_layers(RESULT, tmp_path / "l.png"),
+                 plot_tradeoff([{"label": "opt", "accuracy": 98.0, "energy_ratio": 0.2},
+                                {"label": "opt", "accuracy": 99.0, "energy_ratio": 0.4}], tmp_path / "t.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tables():
+    table = curves_table({"n=4 opt": RESULT})
+    assert "| n=4 opt " in table and "98.80" in table and "0.310" in table
+    assert "features.6" in layers_table(RESULT)
+
+
+def test_provenance_has_versions_and_config():
+    record = provenance({"n": 4}, seed=3, device="cpu")
+    assert record["config"] == {"n": 4} and record["seed"] == 3
+    assert {"hmtconv", "torch", "torchvision"} <= set(record["versions"])
+    json.dumps(record)
