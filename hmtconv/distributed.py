@@ -1,0 +1,93 @@
+"""torch.distributed support for runs launched by ``torchrun``: rank detection, data sharding,
+exact reductions, and "rank 0 speaks" helpers.
+
+Single-process runs need none of it: every helper degrades to the identity when no process group
+is initialised, so library code calls them unconditionally.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_from_env(device: str = "cpu") -> bool:
+    """Join the process group that torchrun described in the environment (gloo on CPU, nccl on CUDA).
+
+    Returns True if this process is part of a multi-process run.
+    """
+    if not launched_by_torchrun():
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return True
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard_indices(length: int, rank_: int | None = None, world: int | None = None) -> range:
+    """Contiguous shard of ``range(length)`` for this rank: every index exactly once over all ranks,
+    the first ``length % world`` ranks one longer (no padding, unlike DistributedSampler)."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    base, extra = divmod(length, world)
+    start = rank_ * base + min(rank_, extra)
+    return range(start, start + base + (1 if rank_ < extra else 0))
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place on a copy); float sums are done in float64 to stay exact for counts."""
+    if not active():
+        return tensor
+    work = tensor.detach().to(torch.float64 if tensor.is_floating_point() else torch.int64).clone()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(tensor.dtype)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
+    if not active():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+@contextmanager
+def main_process_first():
+    """Let rank 0 do something (download, cache a trained model) before the others read it."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
