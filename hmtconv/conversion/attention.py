@@ -1,0 +1,70 @@
+"""Attention as separate, swappable parts: projections, the two matmuls and the softmax.
+
+torchvision's ViT calls ``nn.MultiheadAttention``, whose fused kernel hides the matmuls. It is
+replaced (numerically equal in eval mode) by :class:`DecomposedAttention`, which fx traces
+through, so the projections receive spikes from signed H-MT sites and the matmuls and softmax
+get expectation compensation like any other op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class MatMul(nn.Module):
+    """``a @ b`` as a module, so it can be swapped for its compensated form."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
+class DecomposedAttention(nn.Module):
+    """``nn.MultiheadAttention`` (batch_first, no masks, eval) built from Linear, MatMul, Softmax."""
+
+    def __init__(self, mha: nn.MultiheadAttention, name: str = ""):
+        super().__init__()
+        if not mha.batch_first:
+            raise ValueError(f"{name} ({type(mha).__name__}): batch_first=False puts tokens in dim 0, but "
+                             f"the SNN folds time into dim 0; rebuild it with batch_first=True")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError(f"{name} ({type(mha).__name__}): add_bias_kv/add_zero_attn are not supported")
+        e, self.heads = mha.embed_dim, mha.num_heads
+        if mha._qkv_same_embed_dim:
+            weights = mha.in_proj_weight.detach().chunk(3)
+        else:
+            weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
+        biases = mha.in_proj_bias.detach().chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+        projs = [nn.Linear(w.shape[1], w.shape[0], b is not None) for w, b in zip(weights, biases)]
+        for proj, w, b in zip(projs, weights, biases):
+            proj.weight.data.copy_(w)
+            if b is not None:
+                proj.bias.data.copy_(b)
+        self.q_proj, self.k_proj, self.v_proj = projs
+        self.out_proj = nn.Linear(e, e, mha.out_proj.bias is not None)
+        self.out_proj.load_state_dict(mha.out_proj.state_dict())
+        self.scale = 1.0 / math.sqrt(e // self.heads)
+        self.scores, self.mix = MatMul(), MatMul()
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise ValueError("DecomposedAttention does not support attention masks")
+        # [B, L, E] -> [B, heads, L, d]; no batch size is read, so the time-folded batch passes through.
+        q = self.q_proj(query).unflatten(-1, (self.heads, -1)).transpose(-3, -2) * self.scale
+        k = self.k_proj(key).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+        v = self.v_proj(value).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+        attn = self.softmax(self.scores(q, k.transpose(-2, -1)))
+        out = self.mix(attn, v).transpose(-3, -2).flatten(-2)
+        return self.out_proj(out), None
+
+
+def decompose_attention(model: nn.Module) -> None:
+    """Swap every ``nn.MultiheadAttention`` in ``model`` (in place) for :class:`DecomposedAttention`."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.MultiheadAttention:
+                qualified = f"{name}.{child_name}" if name else child_name
+                setattr(module, child_name, DecomposedAttention(child, qualified).to(child.out_proj.weight))

@@ -1,0 +1,100 @@
+"""``convert``'s fixed sequence on a calibrated, prepared model (already a private copy):
+
+1. every observed site -> :class:`SpikingActivation` with the policy's lam (sites.py, policies.py);
+2. shapes of every node on a one-sample zero input (tells tensors from sizes);
+3. :class:`ToTime` at static -> temporal edges (multistep.py);
+4. expectation compensation for nonlinear ops whose input varies over time (compensated.py), and
+   a clear error for any op of the spiking part that is neither structural nor compensable;
+5. operation counts for energy (energy.py).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .compensated import COMPENSATED, Compensated
+from .energy import count_operations
+from .graph import scope
+from .multistep import ToTime, insert_time_expansion, is_tensor
+from .policies import NeuronSpec, compute_lam
+from .sites import ObservedActivation, SpikingActivation, make_neuron
+from .snn import SNN, ConversionConfig, ConversionReport
+
+# Ops that act the same on each row of the time-folded batch and are linear (or structural).
+STRUCTURAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
+                      nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                      nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Dropout,
+                      nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, SpikingActivation, ToTime)
+STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.neg,
+                        operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
+                        torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+                        torch.chunk, torch.split, torch.mean, torch.sum, torch._assert,
+                        F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d}
+STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
+                      "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "add", "add_",
+                      "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum"}
+# Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
+SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
+           "mul", "mul_", "div", "div_"}
+
+
+def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
+    for name, site in list(net.named_modules()):
+        if isinstance(site, ObservedActivation):
+            spec = NeuronSpec(config.neuron, config.n, config.T, site.signed, config.granularity == "channel")
+            lam = compute_lam(site.observer, spec, config.policy).to(site.observer.count.device)
+            net.set_submodule(name, SpikingActivation(make_neuron(spec, lam, config.communicate)))
+
+
+def _fail(node: fx.Node, what: str) -> None:
+    where = scope(node) or "<root>"
+    raise ValueError(f"cannot convert {where} ({what}, graph node {node.name!r}): its input varies over "
+                     f"time (it is after a spiking neuron) but it is neither linear nor registered for "
+                     f"expectation compensation. Replace it with a ReLU, move it before the first "
+                     f"ReLU, or, if it is a stateless module, call "
+                     f"hmtconv.register_compensated({what.split(' ')[0]}).")
+
+
+def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
+    for node in gm.graph.nodes:
+        if kinds[node] != "temporal" or not is_tensor(node):
+            continue  # sizes and shape checks (x.shape[0], torch._assert) are fine
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if type(module) in COMPENSATED:
+                flags = tuple(isinstance(a, fx.Node) and kinds[a] == "temporal" for a in node.args)
+                gm.set_submodule(node.target, Compensated(module, flags))
+            elif not isinstance(module, STRUCTURAL_MODULES):
+                _fail(node, f"{type(module).__name__} module {node.target!r}")
+        elif node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            temporal_args = sum(isinstance(a, fx.Node) and kinds[a] == "temporal" for a in node.args)
+            if node.target in SCALING and temporal_args > 1:
+                _fail(node, f"product {name} of two time-varying tensors")
+            ok = STRUCTURAL_FUNCTIONS if node.op == "call_function" else STRUCTURAL_METHODS
+            if node.target not in ok and node.target not in SCALING:
+                _fail(node, f"{name} function")
+    gm.recompile()
+
+
+def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport) -> SNN:
+    swap_sites(net, config)
+    if not isinstance(net, fx.GraphModule):  # module-swap fallback: every op sees T*B rows
+        for name, module in list(net.named_modules()):
+            if type(module) in COMPENSATED:
+                net.set_submodule(name, Compensated(module))
+        return SNN(net, config, report, output_temporal=True, macs=None)
+    device = next(iter(net.buffers())).device
+    with torch.no_grad():
+        ShapeProp(net).propagate(torch.zeros((1,) + tuple(report.input_shape), device=device))
+    spiking = {n for n in net.graph.nodes
+               if n.op == "call_module" and isinstance(net.get_submodule(n.target), SpikingActivation)}
+    kinds = insert_time_expansion(net, lambda node: node in spiking)
+    compensate_and_check(net, kinds)
+    macs = count_operations(net, kinds)
+    output = next(n for n in net.graph.nodes if n.op == "output").args[0]
+    return SNN(net, config, report, output_temporal=kinds.get(output) == "temporal", macs=macs)

@@ -1,0 +1,55 @@
+"""Expectation compensation for float ops that see spike trains (method-facts.md, ViT recipe).
+
+A nonlinear op F (GELU, LayerNorm, softmax, a product of two spike trains, max pooling that
+could not move before its neuron) cannot run per step on spikes. At step t the wrapper emits
+``t*F(mean of inputs 1..t) - (t-1)*F(mean of inputs 1..t-1)``, so the running sum of its outputs
+is ``t*F(running mean)``: downstream layers integrate exactly F of the inputs seen so far.
+All T steps are computed in one call on ``[T*B, ...]``.
+
+Max pooling moved before its neuron (graph.py) also gets this when its input varies over time:
+the published code takes the max of each step's currents, whose running sum overestimates
+``t * max(running mean)`` whenever the window's inputs fluctuate; the compensated max is exact in
+expectation. (Before the first neuron the input is static and the pool runs plainly, once.)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import MatMul
+from .multistep import TimeAware, fold, step_index, unfold
+
+# Module types that are wrapped when their input varies over time; extend with register_compensated.
+COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul,
+                          nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.GroupNorm}
+
+
+def register_compensated(cls: type) -> type:
+    """Declare a stateless nonlinear module type safe to run under expectation compensation."""
+    COMPENSATED.add(cls)
+    return cls
+
+
+def running_mean(x: torch.Tensor, steps: int) -> torch.Tensor:
+    u = unfold(x, steps)
+    return fold(u.cumsum(0) / step_index(steps, u))
+
+
+class Compensated(TimeAware):
+    """``module`` under expectation compensation; ``temporal[i]`` says which positional args are
+    spike trains ``[T*B, ...]`` (the others, e.g. constants, pass through unchanged)."""
+
+    def __init__(self, module: nn.Module, temporal: tuple[bool, ...] | None = None):
+        super().__init__()
+        self.module = module
+        self.temporal = temporal
+
+    def forward(self, *args, **kwargs):
+        flags = self.temporal or tuple(isinstance(a, torch.Tensor) for a in args)
+        means = [running_mean(a, self.steps) if f else a for a, f in zip(args, flags)]
+        y = unfold(self.module(*means, **kwargs), self.steps)
+        t = step_index(self.steps, y)
+        out = y * t
+        out[1:] -= y[:-1] * t[:-1]
+        return fold(out)

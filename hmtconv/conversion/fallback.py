@@ -1,0 +1,71 @@
+"""Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
+
+Only modules can be swapped: ``nn.ReLU`` modules become sites (a ReLU module called twice shares
+one neuron and one set of statistics), max pooling stays after its neuron (compensated), and
+functional activations stay float. :func:`find_unconverted` reports those by running one batch
+and recording nonlinear torch functions called outside the sites and compensable modules.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from .compensated import COMPENSATED
+from .graph import SYNAPTIC
+from .observers import HistogramConfig
+from .sites import ObservedActivation
+
+_WATCHED = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", torch.Tensor.relu: "relu",
+            torch.Tensor.relu_: "relu_", F.gelu: "gelu", F.softmax: "softmax", torch.softmax: "softmax",
+            torch.Tensor.softmax: "softmax", F.layer_norm: "layer_norm", torch.matmul: "matmul",
+            torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul", torch.bmm: "bmm",
+            F.silu: "silu", torch.sigmoid: "sigmoid", torch.tanh: "tanh"}
+
+
+def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.ReLU:
+            model.set_submodule(name, ObservedActivation(False, hist))
+        elif identity == "all" and isinstance(module, SYNAPTIC):
+            model.set_submodule(name, nn.Sequential(ObservedActivation(True, hist), module))
+    return model
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, stack: list[str], found: set[tuple[str, str]]):
+        super().__init__()
+        self.stack, self.found = stack, found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _WATCHED and self.stack and self.stack[-1] is not None:
+            self.found.add((self.stack[-1], _WATCHED[func]))
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def find_unconverted(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+    """(qualified module name, op) of nonlinear functions that will run in float on spikes."""
+    stack: list[str | None] = []
+    found: set[tuple[str, str]] = set()
+    handled = (ObservedActivation, *COMPENSATED)
+    hooks = []
+
+    def enter(owner):
+        return lambda module, args: stack.append(owner)  # list.append returns None: args unchanged
+
+    def leave(module, args, output):
+        stack.pop()  # returns None, so the output is kept
+
+    for name, module in model.named_modules():
+        owner = None if isinstance(module, handled) else (name or "<root>")
+        hooks.append(module.register_forward_pre_hook(enter(owner)))
+        hooks.append(module.register_forward_hook(leave))
+    try:
+        with _Recorder(stack, found):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(found)

@@ -1,0 +1,199 @@
+"""Graph editing with torch.fx: one fixed sequence of passes run by ``prepare``.
+
+1. :func:`trace` (``nn.MultiheadAttention`` already decomposed, so attention is visible);
+2. :func:`normalize` turns functional ops (``F.relu``, ``torch.relu``, ``x.relu_()``, ``@``,
+   ``F.softmax``, ``F.gelu``, ``F.max_pool2d``) into modules, one module per call site, so a
+   ReLU module reused twice (torchvision's BasicBlock) gets two neurons;
+3. :func:`move_max_pools` rewrites ``relu -> maxpool`` into ``maxpool -> relu`` (max commutes with
+   the monotone ReLU), the paper's reordering; with ``identity="maxpool"`` a y = x site is put
+   where the ReLU was (``-> identity -> maxpool -> relu``, the "16^{y=x}" column);
+4. :func:`insert_sites` turns every ReLU into an observed site, and with ``identity="all"`` puts a
+   y = x site before the input of every Conv/Linear and both operands of every MatMul.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from .attention import DecomposedAttention, MatMul
+from .observers import HistogramConfig
+from .sites import ObservedActivation
+
+SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+class Tracer(fx.Tracer):
+    """Default leaves (torch.nn modules) plus :class:`MatMul`; traces through decomposed attention."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, DecomposedAttention):
+            return False
+        return isinstance(m, MatMul) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(model, Tracer().trace(model), class_name=type(model).__name__)
+
+
+def scope(node: fx.Node) -> str:
+    """Qualified name of the module whose forward created ``node`` ('' at the root); for a module
+    call, the module that calls it."""
+    if node.op == "call_module":
+        return node.target.rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _child_name(gm: fx.GraphModule, parent: str, stem: str) -> str:
+    prefix = f"{parent}.{stem}" if parent else stem
+    name, i = prefix, 1
+    while _exists(gm, name):
+        name, i = f"{prefix}_{i}", i + 1
+    return name
+
+
+def _exists(gm: fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _arg(node: fx.Node, index: int, key: str, default=None):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
+
+
+def _softmax(n: fx.Node) -> nn.Module:
+    return nn.Softmax(dim=_arg(n, 1, "dim"))
+
+
+def _max_pool2d(n: fx.Node) -> nn.Module:
+    return nn.MaxPool2d(_arg(n, 1, "kernel_size"), _arg(n, 2, "stride"), _arg(n, 3, "padding", 0),
+                        _arg(n, 4, "dilation", 1), ceil_mode=_arg(n, 5, "ceil_mode", False))
+
+
+# Functional target -> (stem of the new module's name, factory, number of tensor inputs).
+_RELU_TARGETS = {F.relu: False, torch.relu: False, torch.relu_: True, "relu": False, "relu_": True}  # -> in-place?
+_FUNCTIONAL = {
+    torch.matmul: ("matmul", lambda n: MatMul(), 2), operator.matmul: ("matmul", lambda n: MatMul(), 2),
+    torch.bmm: ("matmul", lambda n: MatMul(), 2), "matmul": ("matmul", lambda n: MatMul(), 2),
+    F.gelu: ("gelu", lambda n: nn.GELU(approximate=n.kwargs.get("approximate", "none")), 1),
+    F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
+    F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
+}
+
+
+def _swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str, n_inputs: int) -> fx.Node:
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, tuple(node.args[:n_inputs]))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _reroute_inplace(gm: fx.GraphModule, node: fx.Node) -> None:
+    """After ``x.relu_()``, later readers of ``x`` read the ReLU's output instead."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    source = node.args[0]
+    for user in list(source.users):
+        if user is not node and order[user] > order[node]:
+            user.replace_input_with(source, node)
+
+
+def normalize(gm: fx.GraphModule) -> None:
+    """Functional activations -> modules; every ReLU call site gets its own ``nn.ReLU``."""
+    seen: set[str] = set()
+    for node in list(gm.graph.nodes):
+        target = node.target
+        if node.op == "call_module" and type(gm.get_submodule(target)) is nn.ReLU:
+            inplace = gm.get_submodule(target).inplace
+            if target in seen:  # a reused ReLU module: this call site gets its own copy
+                parent, _, leaf = target.rpartition(".")
+                node = _swap_for_module(gm, node, nn.ReLU(), _child_name(gm, parent, leaf), 1)
+            else:
+                gm.get_submodule(target).inplace = False
+            seen.add(target)
+        elif node.op in ("call_function", "call_method") and target in _RELU_TARGETS:
+            inplace = _RELU_TARGETS[target] or bool(node.kwargs.get("inplace", False))
+            node = _swap_for_module(gm, node, nn.ReLU(), _child_name(gm, scope(node), "relu"), 1)
+        elif node.op in ("call_function", "call_method") and target in _FUNCTIONAL:
+            stem, factory, n_inputs = _FUNCTIONAL[target]
+            _swap_for_module(gm, node, factory(node), _child_name(gm, scope(node), stem), n_inputs)
+            continue
+        else:
+            continue
+        if inplace:
+            _reroute_inplace(gm, node)
+
+
+def _is_relu(gm: fx.GraphModule, node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU
+
+
+def move_max_pools(gm: fx.GraphModule, identity_site: bool, hist: HistogramConfig) -> None:
+    """``relu -> maxpool`` becomes ``[y = x site ->] maxpool -> relu`` when the ReLU feeds only the pool."""
+    for pool in list(gm.graph.nodes):
+        if not (pool.op == "call_module" and isinstance(gm.get_submodule(pool.target), MAX_POOLS)):
+            continue
+        relu = pool.args[0]
+        if not _is_relu(gm, relu) or len(relu.users) != 1:
+            continue  # stays after the neuron; convert wraps it with expectation compensation
+        pre = relu.args[0]
+        if identity_site:
+            pre = _add_site(gm, pre, signed=True, name=_child_name(gm, scope(relu), "identity"), hist=hist,
+                            before=relu)
+        pool.replace_all_uses_with(relu)
+        pool.update_arg(0, pre)
+        relu.update_arg(0, pool)
+        pool.append(relu)  # keep topological order: relu now runs after the pool
+
+
+def _add_site(gm, source: fx.Node, signed: bool, name: str, hist: HistogramConfig, before: fx.Node) -> fx.Node:
+    gm.add_submodule(name, ObservedActivation(signed, hist))
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_module(name, (source,))
+    node.meta = dict(source.meta)
+    return node
+
+
+def insert_sites(gm: fx.GraphModule, identity_all: bool, hist: HistogramConfig) -> None:
+    """ReLU modules -> unsigned sites; with ``identity_all`` a shared y = x site per synaptic input."""
+    for node in list(gm.graph.nodes):
+        if _is_relu(gm, node):
+            gm.add_submodule(node.target, ObservedActivation(False, hist))
+    if not identity_all:
+        return
+    sites: dict[fx.Node, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        operands = 2 if isinstance(module, MatMul) else 1 if isinstance(module, SYNAPTIC) else 0
+        for i, source in enumerate(node.args[:operands]):
+            if not isinstance(source, fx.Node) or _is_site(gm, source):
+                continue  # already spikes (a ReLU neuron or a shared site)
+            if source not in sites:
+                stem = f"{node.target.rsplit('.', 1)[-1]}_in{i if operands == 2 else ''}"
+                sites[source] = _add_site(gm, source, True, _child_name(gm, scope(node), stem), hist, before=node)
+            node.update_arg(i, sites[source])
+
+
+def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ObservedActivation)
+
+
+def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig) -> fx.GraphModule:
+    gm = trace(model)
+    normalize(gm)
+    move_max_pools(gm, identity == "maxpool", hist)
+    insert_sites(gm, identity == "all", hist)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,177 @@
+"""Streaming, mergeable statistics of one activation site (input of a future spiking neuron).
+
+Everything lives in float64/int64 buffers, so ``state_dict`` carries the calibration and two
+observers (two data shards, two processes) combine exactly with :meth:`ActivationObserver.merge`
+(Chan et al.'s parallel variance; histograms add). Memory is independent of the calibration
+set's size. Quantiles come from one fixed-range log2 histogram of the whole calibration set,
+never from an average of per-batch quantiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HistogramConfig:
+    """Log2-spaced bins on ``[2**min_exp, 2**max_exp)``; bin 0 holds ``[0, 2**min_exp)``.
+
+    32 bins per octave is a 2.2 % relative bin width; quantiles interpolate inside a bin.
+    ``per_channel=False`` drops the per-channel histograms (the largest buffers) when only
+    layer-wise percentile thresholds are needed.
+    """
+
+    min_exp: int = -16
+    max_exp: int = 16
+    bins_per_octave: int = 32
+    per_channel: bool = True
+
+    @property
+    def bins(self) -> int:
+        return (self.max_exp - self.min_exp) * self.bins_per_octave + 1
+
+
+def channel_dim(ndim: int) -> int:
+    """Channel axis: dim 1 of conv activations ``[B, C, *spatial]`` and ``[B, C]``, the last dim of
+    token activations ``[B, tokens, C]``."""
+    return ndim - 1 if ndim == 3 else 1
+
+
+def lam_shape(shape: torch.Size) -> tuple[int, ...]:
+    """Shape of a per-channel threshold that broadcasts to one step of activations ``shape``
+    (``shape`` includes the batch dim)."""
+    dim = channel_dim(len(shape))
+    return (shape[dim],) + (1,) * (len(shape) - 1 - dim)
+
+
+class ActivationObserver(nn.Module):
+    """Count, mean and M2 (Welford/Chan) of the input ``x``, per layer and per channel; maximum and
+    histograms of the output activation ``relu(x)`` (unsigned site: the ReLU's output) or ``|x|``
+    (signed site: both halves of y = x share one threshold) for the percentile policies."""
+
+    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig()):
+        super().__init__()
+        self.signed = signed
+        self.hist = hist
+        f64 = dict(dtype=torch.float64)
+        for name in ("count", "mean", "m2", "max"):  # per layer
+            self.register_buffer(name, torch.zeros((), **f64))
+        self.register_buffer("hist_layer", torch.zeros(hist.bins, dtype=torch.int64))
+        # Per-channel buffers are sized on the first batch (the channel count is unknown before).
+        for name in ("ch_count", "ch_mean", "ch_m2", "ch_max"):
+            self.register_buffer(name, torch.zeros(0, **f64))
+        self.register_buffer("hist_channel", torch.zeros(0, hist.bins, dtype=torch.int64))
+        self.max.fill_(-torch.inf)
+        self.shape: tuple[int, ...] | None = None  # per-sample shape, for lam_shape and probes
+
+    # -- gathering ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"observer expects a batched activation [B, ...], got shape {tuple(x.shape)}")
+        if self.shape is None:
+            self.shape = tuple(x.shape[1:])
+            channels = x.shape[channel_dim(x.dim())]
+            dev = self.count.device
+            self.ch_count = torch.zeros(channels, dtype=torch.float64, device=dev)
+            self.ch_mean, self.ch_m2 = torch.zeros_like(self.ch_count), torch.zeros_like(self.ch_count)
+            self.ch_max = torch.full_like(self.ch_count, -torch.inf)
+            if self.hist.per_channel:
+                self.hist_channel = torch.zeros(channels, self.hist.bins, dtype=torch.int64, device=dev)
+        elif tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"observer saw per-sample shape {tuple(x.shape[1:])} after {self.shape}; "
+                             f"calibrate with inputs of one size")
+        xc = x.detach().movedim(channel_dim(x.dim()), -1).reshape(-1, x.shape[channel_dim(x.dim())])
+        xc = xc.to(device=self.count.device, dtype=torch.float64)
+        n = torch.tensor(float(xc.shape[0]), dtype=torch.float64, device=xc.device)
+        out = self._output(xc)
+        self._merge_moments("", n * xc.shape[1], xc.mean(), ((xc - xc.mean()) ** 2).sum(), out.max())
+        ch_mean = xc.mean(0)
+        self._merge_moments("ch_", n.expand_as(ch_mean), ch_mean, ((xc - ch_mean) ** 2).sum(0), out.amax(0))
+        self._add_histograms(out)
+
+    def _merge_moments(self, prefix: str, n_b, mean_b, m2_b, max_b) -> None:
+        """Chan et al.'s pairwise update of (count, mean, M2); exact in any merge order."""
+        n_a, mean_a, m2_a = (getattr(self, prefix + k) for k in ("count", "mean", "m2"))
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        setattr(self, prefix + "mean", mean_a + delta * (n_b / n))
+        setattr(self, prefix + "m2", m2_a + m2_b + delta**2 * (n_a * n_b / n))
+        setattr(self, prefix + "count", n)
+        setattr(self, prefix + "max", torch.maximum(getattr(self, prefix + "max"), max_b))
+
+    def _output(self, xc: torch.Tensor) -> torch.Tensor:
+        return xc.abs() if self.signed else xc.clamp_min(0)
+
+    def _bin_index(self, a: torch.Tensor) -> torch.Tensor:
+        pos = (torch.log2(a) - self.hist.min_exp) * self.hist.bins_per_octave
+        # log2(0) = -inf lands in bin 0; values past 2**max_exp land in the last bin.
+        return (pos.floor() + 1).clamp_(0, self.hist.bins - 1).to(torch.int64)
+
+    def _add_histograms(self, a: torch.Tensor) -> None:
+        idx = self._bin_index(a)
+        self.hist_layer += torch.bincount(idx.flatten(), minlength=self.hist.bins)
+        if self.hist.per_channel:
+            channels = a.shape[1]
+            offset = torch.arange(channels, device=idx.device) * self.hist.bins
+            flat = torch.bincount((idx + offset).flatten(), minlength=channels * self.hist.bins)
+            self.hist_channel += flat.view(channels, self.hist.bins)
+
+    @torch.no_grad()
+    def merge(self, other: "ActivationObserver") -> "ActivationObserver":
+        """Fold ``other``'s statistics into this observer (same site, another data shard)."""
+        if other.count == 0:
+            return self
+        if self.shape is None:
+            self.load_state_dict(other.state_dict())
+            self.shape = other.shape
+            return self
+        self._merge_moments("", other.count, other.mean, other.m2, other.max)
+        self._merge_moments("ch_", other.ch_count, other.ch_mean, other.ch_m2, other.ch_max)
+        self.hist_layer += other.hist_layer
+        self.hist_channel += other.hist_channel
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Lazily sized buffers take the saved shape, so a fresh observer loads a calibrated one.
+        for name in ("ch_count", "ch_mean", "ch_m2", "ch_max", "hist_channel"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.count == 0:
+            raise RuntimeError("observer has no data: run hmtconv.calibrate(prepared, loader) first")
+
+    def moments(self, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and population standard deviation of the site's input x (Algorithm 1, line 3)."""
+        self._check()
+        if per_channel:
+            return self.ch_mean, (self.ch_m2 / self.ch_count).sqrt()
+        return self.mean, (self.m2 / self.count).sqrt()
+
+    def maximum(self, per_channel: bool) -> torch.Tensor:
+        """Maximum of the site's output activation (``relu(x)`` or ``|x|``)."""
+        self._check()
+        return self.ch_max if per_channel else self.max
+
+    def quantile(self, q: float, per_channel: bool) -> torch.Tensor:
+        """``q``-quantile of the site's output activation over the whole calibration set."""
+        self._check()
+        if per_channel and not self.hist.per_channel:
+            raise ValueError("per-channel percentiles need prepare(..., histogram=HistogramConfig(per_channel=True))")
+        hist = (self.hist_channel if per_channel else self.hist_layer).to(torch.float64)
+        cdf = hist.cumsum(-1)
+        target = (q * cdf[..., -1:]).clamp_min(0.5)  # at least one sample below the quantile
+        b = torch.searchsorted(cdf, target).clamp_max(self.hist.bins - 1)
+        below = torch.where(b > 0, cdf.gather(-1, (b - 1).clamp_min(0)), torch.zeros_like(target))
+        inside = hist.gather(-1, b).clamp_min(1)
+        frac = ((target - below) / inside).clamp(0, 1)
+        # Geometric interpolation inside bin b = [2**(lo), 2**(lo + 1/bpo)); bin 0 is [0, 2**min_exp).
+        lo = self.hist.min_exp + (b.to(torch.float64) - 1) / self.hist.bins_per_octave
+        value = torch.exp2(lo + frac / self.hist.bins_per_octave)
+        value = torch.where(b == 0, frac * 2.0**self.hist.min_exp, value)
+        return value.squeeze(-1)

@@ -1,0 +1,106 @@
+"""Threshold policies: calibration statistics -> lam (lambda_min, the smallest threshold).
+
+A policy is a function ``(observer, spec) -> lam`` registered by name (timm-style registry), so
+one calibration serves every policy, n and T. ``spec.levels`` is the largest level a step can
+emit: ``2**n - 1`` for H-MT (eq. 20's clip bound), ``n`` for the prior-work MT neuron (whose step
+is ``theta/n``, so its ``theta = n * lam``), 1 for IF.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .observers import ActivationObserver, lam_shape
+
+# Thresholds below this are treated as "dead unit": a channel that never fired in calibration.
+MIN_LAM = 1e-8
+
+
+@dataclass(frozen=True)
+class NeuronSpec:
+    kind: str          # "hmt", "if" or "mt"
+    n: int             # thresholds of the neuron (1 for "if")
+    T: int             # time steps the threshold is optimized for (eq. 24's N)
+    signed: bool       # y = x site (signed H-MT) rather than ReLU
+    per_channel: bool  # granularity == "channel"
+
+    @property
+    def levels(self) -> int:
+        return self.n if self.kind == "mt" else 2**self.n - 1
+
+    @property
+    def theory_levels(self) -> int | None:
+        """``levels`` override for hmtconv.theory (None = the H-MT default 2**n - 1)."""
+        return self.n if self.kind == "mt" else None
+
+
+Policy = Callable[[ActivationObserver, NeuronSpec], torch.Tensor]
+POLICIES: dict[str, Policy] = {}
+
+
+def register_policy(name: str) -> Callable[[Policy], Policy]:
+    def add(fn: Policy) -> Policy:
+        if name in POLICIES:
+            raise ValueError(f"threshold policy {name!r} is already registered")
+        POLICIES[name] = fn
+        return fn
+    return add
+
+
+@register_policy("opt")
+def optimal(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
+    """Converged optimum of eq. 23 (root of k(theta) = 1, eq. 29; Lemma 4.7)."""
+    from hmtconv import theory
+    mu, sigma = obs.moments(spec.per_channel)
+    return theory.optimal_lam(mu, sigma, spec.n, spec.T, spec.signed, levels=spec.theory_levels)
+
+
+@register_policy("opt1500")
+def fixed_point_1500(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
+    """Algorithm 1 run for exactly 1,500 steps from theta = 1, as the published code does."""
+    from hmtconv import theory
+    mu, sigma = obs.moments(spec.per_channel)
+    return theory.fixed_point_lam(mu, sigma, spec.n, spec.T, spec.signed, steps=1500,
+                                  levels=spec.theory_levels)
+
+
+def percentile_policy(percent: float, scale: float = 1.0) -> Policy:
+    """``lam = scale * q_percent(output activation) / levels`` (the paper's "999" with 99.9)."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"percentile policy needs a percent in (0, 100], got {percent!r}")
+
+    def policy(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
+        return scale * obs.quantile(percent / 100, spec.per_channel) / spec.levels
+    return policy
+
+
+register_policy("999")(percentile_policy(99.9))
+register_policy("999x2")(percentile_policy(99.9, scale=2.0))
+
+
+@register_policy("max")
+def maximum(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
+    return obs.maximum(spec.per_channel) / spec.levels
+
+
+def resolve_policy(policy: str | float) -> Policy:
+    if isinstance(policy, bool):
+        raise TypeError(f"policy must be a name or a float percentile, got {policy!r}")
+    if isinstance(policy, (int, float)):
+        return percentile_policy(float(policy))
+    if policy not in POLICIES:
+        raise ValueError(f"unknown threshold policy {policy!r}; choose one of {sorted(POLICIES)} "
+                         f"or a float percentile such as 99.99")
+    return POLICIES[policy]
+
+
+def compute_lam(obs: ActivationObserver, spec: NeuronSpec, policy: str | float) -> torch.Tensor:
+    """lam for one site, shaped to broadcast over one step (``[C, 1, 1]``, ``[C]`` or scalar)."""
+    lam = torch.as_tensor(resolve_policy(policy)(obs, spec), dtype=torch.float64)
+    # A unit that never went above 0 gets a tiny threshold: it still never fires on such inputs.
+    lam = torch.nan_to_num(lam, nan=MIN_LAM).clamp_min(MIN_LAM)
+    if spec.per_channel:
+        lam = lam.reshape(lam_shape(torch.Size((1,) + obs.shape)))
+    return lam.to(torch.float32)

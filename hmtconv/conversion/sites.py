@@ -1,0 +1,65 @@
+"""Activation sites: where a spiking neuron goes (a ReLU, or a y = x identity).
+
+In a prepared model a site is an :class:`ObservedActivation` (the float op plus an observer);
+``convert`` swaps it for a :class:`SpikingActivation` holding the neuron that :func:`make_neuron`
+builds, so graph editing and neuron construction stay apart.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hmtconv.neurons import HMTNeuron, MTNeuron
+from hmtconv.neurons.multilevel import MultiLevelNeuron
+
+from .multistep import TimeAware, fold, unfold
+from .observers import ActivationObserver, HistogramConfig
+from .policies import NeuronSpec
+
+
+class ObservedActivation(nn.Module):
+    """ReLU (``signed=False``) or identity (``signed=True``) that records its input's statistics."""
+
+    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig()):
+        super().__init__()
+        self.signed = signed
+        self.observer = ActivationObserver(signed, hist)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.observer(x)
+        return x if self.signed else torch.relu(x)
+
+    def extra_repr(self) -> str:
+        return "y = x" if self.signed else "ReLU"
+
+
+def make_neuron(spec: NeuronSpec, lam: torch.Tensor, communicate: bool) -> MultiLevelNeuron:
+    """The neuron for a site: H-MT (eqs. 12-21; "if" is n = 1) or the prior-work MT baseline."""
+    if spec.kind == "mt":
+        return MTNeuron(spec.n, lam * spec.n, signed=spec.signed)  # theta = n * lam (n levels)
+    return HMTNeuron(spec.n, lam, signed=spec.signed, communicate=communicate)
+
+
+class SpikingActivation(TimeAware):
+    """Runs its neuron on ``[T*B, ...]`` (unfolded to ``[T, B, ...]``, the neuron loops over T).
+
+    ``ann_mode`` makes it the float op again (ReLU or identity): the SNN then computes its ANN
+    exactly, which the per-layer diagnostics compare against.
+    """
+
+    def __init__(self, neuron: MultiLevelNeuron):
+        super().__init__()
+        self.neuron = neuron
+        self.ann_mode = False
+        # Synapses driven by each element (energy.py), a buffer so .to(device) and state_dict see it.
+        self.register_buffer("fanout", None)
+
+    @property
+    def signed(self) -> bool:
+        return self.neuron.signed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ann_mode:
+            return x if self.signed else torch.relu(x)
+        self.neuron.fanout = self.fanout
+        return fold(self.neuron(unfold(x, self.steps)))

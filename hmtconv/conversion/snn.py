@@ -1,0 +1,99 @@
+"""The converted network: a graph (or module-swapped model) plus its conversion config as plain data."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .multistep import TimeAware, unfold
+from .sites import SpikingActivation
+
+NEURONS = ("hmt", "if", "mt")
+IDENTITIES = ("none", "maxpool", "all")
+GRANULARITIES = ("layer", "channel")
+
+
+@dataclass
+class ConversionConfig:
+    """Everything ``convert`` was asked for; plain data (saved with the SNN, read by the CLI)."""
+
+    n: int = 4
+    T: int = 4
+    policy: str | float = "opt"
+    neuron: str = "hmt"
+    identity: str = "none"
+    communicate: bool = True
+    granularity: str = "layer"
+
+    def __post_init__(self):
+        for name, allowed in (("neuron", NEURONS), ("identity", IDENTITIES), ("granularity", GRANULARITIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("n", "T"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.neuron == "if":
+            self.n = 1  # the classic IF neuron is the one-threshold H-MT
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ConversionReport:
+    """What conversion found: the input shape it was calibrated on, whether fx traced the model,
+    why not, and activations left in float (module qualified name, op) when it did not."""
+
+    input_shape: tuple[int, ...]
+    traced: bool = True
+    unconverted: list[tuple[str, str]] = field(default_factory=list)
+    trace_error: str | None = None
+
+
+class SNN(nn.Module):
+    """``forward(x, T)`` returns the per-step outputs ``[T, B, ...]`` (the image enters as the same
+    analog value at every step). Energy counts (per sample, see energy.py) are buffers."""
+
+    def __init__(self, net: nn.Module, config: ConversionConfig, report: ConversionReport,
+                 output_temporal: bool, macs: dict[str, float] | None):
+        super().__init__()
+        self.net = net
+        self.config = config
+        self.report = report
+        self.output_temporal = output_temporal
+        for key in ("mac_ann", "mac_static", "mac_step"):  # None when energy could not be counted
+            value = None if macs is None else torch.tensor(macs[key], dtype=torch.float64)
+            self.register_buffer(key, value)
+        self._time_aware = [m for m in net.modules() if isinstance(m, TimeAware)]
+
+    def sites(self) -> dict[str, SpikingActivation]:
+        """Spiking neurons by qualified name (as in the prepared model)."""
+        return {name: m for name, m in self.net.named_modules() if isinstance(m, SpikingActivation)}
+
+    def _set_steps(self, steps: int) -> None:
+        for m in self._time_aware:
+            m.steps = steps
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, T: int | None = None) -> torch.Tensor:
+        steps = self.config.T if T is None else T
+        self._set_steps(steps)
+        if not self.report.traced:  # module-swapped model: no static prefix, every op sees T*B rows
+            x = x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)
+        y = self.net(x)
+        return unfold(y, steps) if self.output_temporal else y.unsqueeze(0).expand(steps, *y.shape)
+
+    @torch.no_grad()
+    def ann_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ANN this SNN was converted from (neurons back to ReLU / identity, one step)."""
+        self._set_steps(1)
+        sites = self.sites().values()
+        for m in sites:
+            m.ann_mode = True
+        try:
+            return self.net(x)
+        finally:
+            for m in sites:
+                m.ann_mode = False

@@ -1,0 +1,113 @@
+"""torchvision models, ViT with expectation compensation, the fx fallback, and clear errors."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+import hmtconv.conversion as hc
+
+
+def loader(shape, batches=2, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(batches)]
+
+
+def small_vit():
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=10).eval()
+    nn.init.normal_(vit.heads.head.weight, std=0.3)  # torchvision zero-initializes the head
+    return vit
+
+
+def test_resnet18_residuals_shared_relu_and_maxpool():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    data = loader((3, 32, 32), batches=1, batch=2)
+    snn = hc.convert(model, data, n=8, T=16, policy="max", identity="maxpool")
+    assert len(snn.sites()) == 18  # 17 ReLU call sites (the reused block ReLUs split) + 1 identity
+    x = data[0][0]
+    ref = model(x)
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
+    assert (snn(x).mean(0) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_vit_converges_with_T_and_runs_with_communication():
+    vit, data = small_vit(), loader((3, 16, 16))
+    x = data[0][0]
+    ref = vit(x)
+    errors = {}
+    for T in (4, 64):
+        snn = hc.convert(vit, data, n=4, T=T, policy="max", identity="all")
+        errors[T] = (snn(x).mean(0) - ref).abs().mean().item()
+    assert errors[64] < 0.5 * errors[4]
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
+    kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
+    assert {"LayerNorm", "GELU", "Softmax", "MatMul"} <= kinds
+    no_comm = hc.convert(vit, data, n=4, T=4, policy="max", identity="all", communicate=False)
+    assert not any(s.neuron.communicate for s in no_comm.sites().values())
+    assert snn.mac_static == 0  # with identity="all" the image spikes too
+
+
+def test_vit_without_relu_needs_identity_all():
+    vit, data = small_vit(), loader((3, 16, 16))
+    with pytest.raises(ValueError, match="identity='all'"):
+        hc.convert(vit, data)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if h.sum() > -1e9:  # data-dependent control flow: fx cannot trace it
+            h = F.relu(h - 0.1)
+        return self.fc2(h)
+
+
+def test_untraceable_model_falls_back_and_reports_unconverted():
+    torch.manual_seed(0)
+    model, data = Untraceable().eval(), loader((6,))
+    snn = hc.convert(model, data, n=4, T=64, policy="max")
+    assert not snn.report.traced and "TraceError" in snn.report.trace_error
+    assert snn.report.unconverted == [("<root>", "relu")]
+    assert snn(data[0][0]).shape == (64, 4, 3)
+    assert hc.evaluate(snn, data).unconverted == [("<root>", "relu")]
+
+
+class BadActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.block = nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.ELU())
+
+    def forward(self, x):
+        return self.block(self.fc(x))
+
+
+def test_unsupported_module_after_a_neuron_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"block \(ELU module 'block.1'.*register_compensated"):
+        hc.convert(BadActivation().eval(), loader((4,)), policy="max")
+
+
+def test_unsupported_function_after_a_neuron_is_a_clear_error():
+    class Exp(nn.Module):
+        def forward(self, x):
+            return torch.exp(torch.relu(x))
+    with pytest.raises(ValueError, match="exp function"):
+        hc.convert(Exp().eval(), loader((4,)), policy="max")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet34", "vgg16_bn", "vit_b_16"])
+def test_full_size_torchvision_models_convert(name):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    size = 224 if name.startswith("vit") else 64
+    data = loader((3, size, size), batches=1, batch=2)
+    snn = hc.convert(model, data, n=4, T=2, policy="999", identity="all" if name.startswith("vit") else "maxpool")
+    result = hc.evaluate(snn, data, ann=model)
+    assert len(result.snn_accuracy) == 2 and result.energy_ratio[1] > 0

@@ -1,0 +1,139 @@
+"""Conversion and multi-step simulation of small CNNs and MLPs."""
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import hmtconv.conversion as hc
+from hmtconv.conversion.sites import ObservedActivation, SpikingActivation
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Dropout(0.5), nn.Linear(64, 10)).eval()
+
+
+def loader(shape=(1, 8, 8), batches=3, batch=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(batches)]
+
+
+def test_large_T_matches_ann_logits():
+    """n = 4, T = 256, "max" policy: per-step quantization is lam/T, so the mean logits must be
+    within 1 % of the logits' scale of the ANN (measured: ~3e-4 of scale)."""
+    model, data = small_cnn(), loader()
+    snn = hc.convert(model, data, n=4, T=256, policy="max")
+    x = data[0][0]
+    ref = model(x)
+    err = (snn(x).mean(0) - ref).abs().max()
+    assert err < 0.01 * ref.abs().max()
+    assert torch.equal(snn.ann_forward(x), ref)  # BatchNorm kept as an affine op: the ANN exactly
+
+
+def test_max_pool_moved_before_neuron_and_identity_sites():
+    model, data = small_cnn(), loader()
+    snn = hc.convert(model, data, T=2, policy="max")
+    order = [n.target for n in snn.net.graph.nodes if n.op == "call_module"]
+    assert order.index("3") < order.index("2")  # maxpool now runs before the ReLU neuron
+    snn = hc.convert(model, data, T=2, policy="max", identity="maxpool")
+    signed = [name for name, s in snn.sites().items() if s.signed]
+    assert signed == ["identity"]
+    snn = hc.convert(model, data, T=2, policy="max", identity="all")
+    assert sum(s.signed for s in snn.sites().values()) == 2  # the image (first conv) and the Linear
+
+
+def test_first_layer_follows_eq20():
+    """The first neuron sees a constant input z, so its mean output is eq. 20 exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 3)).eval()
+    data = loader((6,))
+    n, T = 3, 5
+    snn = hc.convert(model, data, n=n, T=T, policy="999")
+    site = snn.sites()["1"]
+    x = data[0][0]
+    seen = {}
+    site.register_forward_hook(lambda m, a, out: seen.update(z=a[0][: x.shape[0]], out=out))
+    snn(x)
+    lam, z = site.neuron.lam, seen["z"]
+    eq20 = lam / T * torch.clamp(torch.floor((z * T + lam / 2) / lam), 0, (2**n - 1) * T)
+    assert torch.allclose(seen["out"].view(T, *z.shape).mean(0), eq20, atol=1e-6)
+
+
+def test_every_t_from_one_run_and_no_state_leak():
+    model, data = small_cnn(), loader()
+    snn = hc.convert(model, data, T=8, policy="999")
+    x = data[0][0]
+    long = snn(x, 8)
+    assert torch.equal(long[:3], snn(x, 3))  # causal: a shorter run is the prefix of a longer one
+    assert torch.equal(snn(x, 8), long)  # nothing carried over between batches
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.shared = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        x = torch.relu(self.b(x)) + x
+        y = self.c(x)
+        y.relu_()
+        y = self.shared(self.d(y).relu() + F.relu(y, inplace=True))
+        return self.head(self.shared(y))
+
+
+def test_functional_relus_convert():
+    torch.manual_seed(0)
+    model, data = Functional().eval(), loader((5,))
+    snn = hc.convert(model, data, n=4, T=256, policy="max")
+    assert len(snn.sites()) == 7 and snn.report.traced
+    x = data[0][0]
+    ref = model(x)
+    assert (snn(x).mean(0) - ref).abs().max() < 0.01 * ref.abs().max()
+
+
+def test_prepare_calibrate_convert_reuses_statistics():
+    model, data = small_cnn(), loader()
+    prepared = hc.calibrate(hc.prepare(model), data)
+    counts = [m.observer.count.item() for m in prepared.modules() if isinstance(m, ObservedActivation)]
+    a = hc.convert(prepared, n=4, T=4, policy="999")
+    b = hc.convert(prepared, n=8, T=2, policy="max", neuron="mt")
+    assert [m.observer.count.item() for m in prepared.modules() if isinstance(m, ObservedActivation)] == counts
+    assert a.config.n == 4 and b.config.neuron == "mt"
+    assert all(isinstance(m, SpikingActivation) for m in a.sites().values())
+    assert any(isinstance(m, nn.ReLU) for m in model.modules())  # the float model is untouched
+
+
+def test_evaluate_result_and_json():
+    model, data = small_cnn(), loader()
+    snn = hc.convert(model, data, n=4, T=4, policy="999", granularity="channel")
+    result = hc.evaluate(snn, data, ann=model)
+    assert len(result.snn_accuracy) == 4 and len(result.energy_ratio) == 4
+    assert result.ann_accuracy is not None and result.samples == 24
+    assert [layer.name for layer in result.per_layer] == ["2", "5"]
+    assert all(0 <= layer.mean_abs_error < 1 for layer in result.per_layer)
+    json.dumps(result.to_dict())
+    assert hc.evaluate(snn, data, T=2, diagnostics=False).per_layer[0].mean_abs_error is None
+
+
+@pytest.mark.parametrize("neuron,communicate", [("if", True), ("mt", True), ("hmt", False)])
+def test_neuron_kinds(neuron, communicate):
+    model, data = small_cnn(), loader()
+    snn = hc.convert(model, data, n=4, T=2, policy="999", neuron=neuron, identity="maxpool",
+                     communicate=communicate)
+    assert snn(data[0][0]).shape == (2, 8, 10)
+
+
+def test_bad_arguments_are_clear():
+    model, data = small_cnn(), loader()
+    with pytest.raises(ValueError, match="neuron must be one of"):
+        hc.convert(model, data, neuron="lif")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        hc.convert(model)
