@@ -1,0 +1,166 @@
+"""Resolve ``--model`` / ``--weights`` into a model: built-in names, torchvision names, ``timm:NAME``,
+checkpoints written by ``hmtconv train``, and (only when allowed) whole pickled modules."""
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from ..errors import UserError
+from .checkpoint import is_checkpoint, model_from_checkpoint
+from .registry import MODELS
+
+PICKLE_HINT = (
+    "loading a whole pickled model runs code stored in the file; if you trust it, pass --allow-pickle "
+    "(allow_pickle=True in Python)"
+)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # in eval mode, on the CPU
+    transform: Callable | None  # the weights' own preprocessing; None: use the dataset's default
+    source: str  # what was loaded, for logs
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def describe(weights: str | None) -> str:
+    return f" with weights {weights}" if weights else " (untrained)"
+
+
+def read_file(path: str | Path, allow_pickle: bool = False):
+    """``torch.load`` on the CPU, weights-only unless ``allow_pickle``; failures become UserErrors."""
+    if not Path(path).is_file():
+        raise UserError(f"file {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise UserError(f"{path} is not weights-only (likely a whole pickled nn.Module): {PICKLE_HINT}") from error
+        raise UserError(f"cannot read {path} as a PyTorch file: {one_line(error)}") from error
+    except Exception as error:  # torch.load's failures on a foreign file are of many types
+        raise UserError(f"cannot read {path} as a PyTorch file: {error!r}") from error
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a ``.safetensors`` file, a ``torch.save``d state_dict, or a train checkpoint."""
+    if str(path).endswith(".safetensors") and Path(path).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = read_file(path)
+    if is_checkpoint(obj):
+        return obj["state_dict"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise UserError(f"weights file {path} does not hold a state_dict (a dict of tensors) but a {type(obj).__name__}")
+
+
+def load_weights_file(model: nn.Module, path: str, label: str) -> None:
+    try:
+        model.load_state_dict(read_state_dict(path))
+    except RuntimeError as error:
+        raise UserError(f"weights {path} do not fit {label}: {one_line(error)}") from error
+
+
+def from_builtin(name: str, weights: str | None, in_channels: int, image_size: int, num_classes: int) -> LoadedModel:
+    model = MODELS[name](in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise UserError(f"--weights {weights}: no such file (built-in models take a state_dict or checkpoint file)")
+        load_weights_file(model, weights, f"built-in {name}")
+    return LoadedModel(model.eval(), None, f"built-in {name}" + describe(weights))
+
+
+def from_torchvision(name: str, weights: str | None, num_classes: int) -> LoadedModel:
+    """No weights: fresh, ``num_classes`` outputs. A weights file: its state_dict into that model.
+    ``DEFAULT`` or an enum name: torchvision's pretrained weights (downloaded once) and their transforms."""
+    if weights is None or Path(weights).is_file() or Path(weights).suffix in (".pt", ".pth", ".safetensors"):
+        model = torchvision.models.get_model(name, num_classes=num_classes)
+        if weights is not None:
+            load_weights_file(model, weights, f"torchvision {name} with {num_classes} classes")
+        return LoadedModel(model.eval(), None, f"torchvision {name}" + describe(weights))
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        chosen = enum.verify(weights)
+    except (KeyError, ValueError) as error:
+        names = ", ".join(["DEFAULT", *enum.__members__])
+        raise UserError(f"--weights {weights!r} is neither a file nor a {enum.__name__} name ({names})") from error
+    try:
+        model = torchvision.models.get_model(name, weights=chosen)
+    except OSError as error:  # URLError on a machine without internet
+        reason = one_line(error)
+        raise UserError(f"cannot download {chosen} ({reason}); fetch it elsewhere and pass --weights FILE") from error
+    return LoadedModel(model.eval(), chosen.transforms(), f"torchvision {name} with {chosen}")
+
+
+def from_timm(name: str, weights: str | None, in_channels: int, num_classes: int) -> LoadedModel:
+    """``DEFAULT``: timm's pretrained weights (their classes) and preprocessing; else a fresh model."""
+    try:
+        import timm
+    except ImportError as error:
+        hint = "pip install 'hmtconv[timm]'"
+        raise UserError(f"--model timm:{name} needs timm, which is not installed: {hint}") from error
+    pretrained = weights == "DEFAULT"
+    kwargs = {} if pretrained else {"num_classes": num_classes, "in_chans": in_channels}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, OSError) as error:  # unknown name, or no internet for the download
+        raise UserError(f"timm cannot create {name!r}: {one_line(error)}") from error
+    if weights is not None and not pretrained:
+        load_weights_file(model, weights, f"timm {name}")
+    transform = None
+    if pretrained:
+        from timm.data import create_transform, resolve_data_config
+
+        transform = create_transform(**resolve_data_config({}, model=model))
+    return LoadedModel(model.eval(), transform, f"timm {name}" + describe(weights))
+
+
+def from_file(path: str, weights: str | None, allow_pickle: bool) -> LoadedModel:
+    if weights is not None:
+        raise UserError(f"--weights {weights} cannot be combined with the model file {path}")
+    obj = read_file(path, allow_pickle)
+    if is_checkpoint(obj):
+        return LoadedModel(model_from_checkpoint(obj), None, f"checkpoint {path} ({obj['arch']})")
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj.eval(), None, f"pickled module {path} ({type(obj).__name__})")
+    if isinstance(obj, dict):
+        raise UserError(f"{path} is a state_dict without an architecture; pass --model ARCH --weights {path}")
+    raise UserError(f"{path} holds a {type(obj).__name__}, not a model")
+
+
+def load_model(
+    spec: str,
+    weights: str | None = None,
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Resolve ``spec``: a built-in name, a torchvision classification model name, ``timm:NAME``,
+    or a file (a train checkpoint; a whole pickled module only with ``allow_pickle``).
+    ``weights``: None, ``DEFAULT`` or a weights enum name (torchvision), or a state_dict file.
+    The data's shape is used to build fresh models; check the result with ``check_model_fits``."""
+    if spec.startswith("timm:"):
+        return from_timm(spec.removeprefix("timm:"), weights, in_channels, num_classes)
+    if spec in MODELS:
+        return from_builtin(spec, weights, in_channels, image_size, num_classes)
+    if spec in torchvision.models.list_models(module=torchvision.models):
+        return from_torchvision(spec, weights, num_classes)
+    if Path(spec).is_file():
+        return from_file(spec, weights, allow_pickle)
+    raise UserError(
+        f"--model {spec!r} is not a file, a built-in model ({', '.join(sorted(MODELS))}), "
+        "a torchvision classification model name, or timm:NAME"
+    )

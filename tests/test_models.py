@@ -1,0 +1,160 @@
+"""Built-in models, checkpoints, ``load_model`` for each kind of ``--model``, and the fit check."""
+import sys
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from hmtconv.data import DataInfo
+from hmtconv.errors import UserError
+from hmtconv.models import (
+    MODELS,
+    Normalize,
+    check_model_fits,
+    create_model,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+
+SHAPE = dict(in_channels=1, image_size=28, num_classes=10)
+
+
+def info(shape=(1, 28, 28), num_classes=10) -> DataInfo:
+    return DataInfo("test-data", shape, num_classes, (0.5,) * shape[0], (0.5,) * shape[0], "test")
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("channels, size, classes", [(1, 28, 10), (3, 32, 100)])
+def test_builtin_forward_shape_and_normalize_first(name, channels, size, classes):
+    stats = dict(mean=[0.5] * channels, std=[0.25] * channels)
+    model = create_model(name, in_channels=channels, image_size=size, num_classes=classes, **stats)
+    assert isinstance(model[0], Normalize) and "normalize.mean" in model.state_dict()
+    with torch.no_grad():
+        assert model.eval()(torch.rand(2, channels, size, size)).shape == (2, classes)
+    check_model_fits(model, info((channels, size, size), classes))
+
+
+def test_resnet18_small_keeps_max_pooling_and_has_a_3x3_stem():
+    net = create_model("resnet18_small", **SHAPE).net
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1) and isinstance(net.maxpool, nn.MaxPool2d)
+
+
+def test_unknown_builtin():
+    with pytest.raises(UserError, match="unknown built-in model 'nope'.*vgg_small"):
+        create_model("nope")
+
+
+def test_normalize_channel_mismatch():
+    with pytest.raises(UserError, match="3 channels but the model has in_channels=1"):
+        create_model("vgg_small", in_channels=1, mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def test_checkpoint_round_trip_is_weights_only(tmp_path):
+    model = create_model("vgg_small", **SHAPE, mean=[0.1307], std=[0.3081])
+    kwargs = dict(SHAPE, mean=[0.1307], std=[0.3081])
+    path = save_checkpoint(tmp_path / "sub" / "m.pt", model, "vgg_small", kwargs, {"acc": 0.5})
+    assert [p.name for p in path.parent.iterdir()] == ["m.pt"]  # no temporary file left behind
+    assert torch.load(path, weights_only=True)["arch"] == "vgg_small"
+    loaded, meta = load_checkpoint(path)
+    assert meta == {"acc": 0.5} and same_weights(loaded, model) and not loaded.training
+    result = load_model(str(path), **SHAPE)  # no allow_pickle needed
+    assert same_weights(result.model, model) and result.transform is None and "checkpoint" in result.source
+
+
+def test_checkpoint_rejects_non_json_metadata(tmp_path):
+    model = create_model("vgg_small", **SHAPE)
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path / "m.pt", model, "vgg_small", SHAPE, {"bad": object()})
+
+
+def test_builtin_name_with_a_weights_file(tmp_path):
+    model = create_model("vgg_small", **SHAPE, mean=[0.1307], std=[0.3081])
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    loaded = load_model("vgg_small", str(tmp_path / "w.pt"), **SHAPE).model
+    assert same_weights(loaded, model)  # including the normalization buffers
+    with pytest.raises(UserError, match="do not fit built-in vgg_small.*size mismatch"):
+        load_model("vgg_small", str(tmp_path / "w.pt"), in_channels=1, image_size=28, num_classes=5)
+    with pytest.raises(UserError, match="--weights DEFAULT: no such file"):
+        load_model("vgg_small", "DEFAULT", **SHAPE)
+
+
+def test_torchvision_name_with_a_state_dict_file(tmp_path):
+    reference = torchvision.models.get_model("squeezenet1_1", num_classes=10)
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    save_file(reference.state_dict(), tmp_path / "w.safetensors")
+    for weights in ("w.pt", "w.safetensors"):
+        result = load_model("squeezenet1_1", str(tmp_path / weights), in_channels=3, image_size=64, num_classes=10)
+        assert same_weights(result.model, reference) and result.transform is None
+    with pytest.raises(UserError, match="squeezenet1_1 with 5 classes: .*size mismatch"):
+        load_model("squeezenet1_1", str(tmp_path / "w.pt"), in_channels=3, image_size=64, num_classes=5)
+    with pytest.raises(UserError, match="file .*missing.pt not found"):
+        load_model("squeezenet1_1", str(tmp_path / "missing.pt"), in_channels=3, image_size=64, num_classes=5)
+
+
+def test_torchvision_weights_by_name(monkeypatch):
+    with pytest.raises(UserError, match="'NOPE' is neither a file nor a SqueezeNet1_1_Weights name .*IMAGENET1K_V1"):
+        load_model("squeezenet1_1", "NOPE", in_channels=3, image_size=224, num_classes=1000)
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(UserError, match="cannot download SqueezeNet1_1_Weights.IMAGENET1K_V1 .*--weights FILE"):
+        load_model("squeezenet1_1", "DEFAULT", in_channels=3, image_size=224, num_classes=1000)
+
+    fresh = torchvision.models.squeezenet1_1().state_dict()
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda self, *a, **k: fresh)
+    enum_name = "SqueezeNet1_1_Weights.IMAGENET1K_V1"
+    result = load_model("squeezenet1_1", enum_name, in_channels=3, image_size=224, num_classes=1000)
+    assert result.transform.crop_size == [224]  # the weights' own preprocessing
+
+
+def test_pickled_module_needs_the_flag(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(UserError, match="runs code stored in the file.*--allow-pickle"):
+        load_model(str(tmp_path / "whole.pt"), **SHAPE)
+    result = load_model(str(tmp_path / "whole.pt"), **SHAPE, allow_pickle=True)
+    assert same_weights(result.model, model) and "pickled module" in result.source
+
+
+def test_file_errors(tmp_path):
+    torch.save(create_model("vgg_small", **SHAPE).state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(UserError, match="state_dict without an architecture; pass --model ARCH --weights"):
+        load_model(str(tmp_path / "sd.pt"), **SHAPE)
+    (tmp_path / "junk.pt").write_text("hello")
+    with pytest.raises(UserError, match="cannot read .*junk.pt as a PyTorch file"):
+        load_model(str(tmp_path / "junk.pt"), **SHAPE)
+    with pytest.raises(UserError, match="'nope.pt' is not a file, a built-in model"):
+        load_model("nope.pt", **SHAPE)
+
+
+def test_timm_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail as if not installed
+    with pytest.raises(UserError, match=r"timm:vit_base_patch16_224 needs timm.*hmtconv\[timm\]"):
+        load_model("timm:vit_base_patch16_224", **SHAPE)
+
+
+@pytest.mark.parametrize(
+    "model, data, message",
+    [
+        ("vgg_small", info((3, 28, 28)), "expects 1-channel images but dataset 'test-data' has 3 channel"),
+        ("vgg_small", info((1, 32, 32)), "does not accept 32x32 images"),
+        ("vit_small", info((1, 32, 32)), "does not accept 32x32 images.*Wrong image height"),
+        ("resnet18_small", info((1, 28, 28), num_classes=100), "outputs 10 classes but dataset 'test-data' has 100"),
+    ],
+)
+def test_mismatch_names_the_problem(model, data, message):
+    net = create_model(model, **SHAPE).train()
+    with pytest.raises(UserError, match=message):
+        check_model_fits(net, data, "the model")
+    assert net.training  # the check leaves the mode as it found it
