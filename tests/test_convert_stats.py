@@ -81,3 +81,16 @@ def test_unknown_policy_is_a_clear_error(batches):
     obs = _fill(ActivationObserver(signed=False), batches)
     with pytest.raises(ValueError, match="unknown threshold policy 'best'"):
         compute_lam(obs, NeuronSpec("hmt", 4, 4, False, False), "best")
+
+
+def test_dead_channel_takes_the_layer_threshold(batches):
+    """A channel that never fired in calibration must not get a vanishing threshold (it would fire
+    at full rate on the first positive input); it shares the layer's instead."""
+    dead = [b.clone() for b in batches]
+    for b in dead:
+        b[:, 1] = -b[:, 1].abs() - 0.1  # channel 1 never positive
+    obs = _fill(ActivationObserver(signed=False), dead)
+    per_channel = compute_lam(obs, NeuronSpec("hmt", 4, 4, False, True), "999").flatten()
+    layer = compute_lam(obs, NeuronSpec("hmt", 4, 4, False, False), "999")
+    assert per_channel[1] == layer
+    assert per_channel[0] != layer and per_channel[2] != layer

@@ -7,7 +7,7 @@ is ``theta/n``, so its ``theta = n * lam``), 1 for IF.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -38,6 +38,9 @@ class NeuronSpec:
 
 Policy = Callable[[ActivationObserver, NeuronSpec], torch.Tensor]
 POLICIES: dict[str, Policy] = {}
+# Policies whose lam depends on T (eq. 24 has N = T): comparing them at several T takes one
+# conversion per T; the others serve every t <= T from one run.
+T_DEPENDENT = ("opt", "opt1500")
 
 
 def register_policy(name: str) -> Callable[[Policy], Policy]:
@@ -98,9 +101,16 @@ def resolve_policy(policy: str | float) -> Policy:
 
 def compute_lam(obs: ActivationObserver, spec: NeuronSpec, policy: str | float) -> torch.Tensor:
     """lam for one site, shaped to broadcast over one step (``[C, 1, 1]``, ``[C]`` or scalar)."""
-    lam = torch.as_tensor(resolve_policy(policy)(obs, spec), dtype=torch.float64)
-    # A unit that never went above 0 gets a tiny threshold: it still never fires on such inputs.
-    lam = torch.nan_to_num(lam, nan=MIN_LAM).clamp_min(MIN_LAM)
+    rule = resolve_policy(policy)
+    lam = torch.nan_to_num(torch.as_tensor(rule(obs, spec), dtype=torch.float64), nan=0.0)
+    if spec.per_channel:
+        # A channel whose output was always 0 in calibration would get a vanishing threshold and
+        # then fire at full rate on its first positive input: it takes the layer's lam instead.
+        layer = torch.as_tensor(rule(obs, replace(spec, per_channel=False)), dtype=torch.float64)
+        silent = obs.maximum(True).to(lam.device) <= 0
+        lam = torch.where(silent, layer.nan_to_num(nan=0.0), lam)
+    # A layer that never went above 0 gets a tiny threshold: it still never fires on such inputs.
+    lam = lam.clamp_min(MIN_LAM)
     if spec.per_channel:
         lam = lam.reshape(lam_shape(torch.Size((1,) + obs.shape)))
     return lam.to(torch.float32)

@@ -98,9 +98,20 @@ class MultiLevelNeuron(nn.Module):
                              f"per-step input shape {step_shape} (input {tuple(x.shape)} must be [T, *shape]; "
                              f"did you forget the time dimension?)")
 
-    def _count(self, k: torch.Tensor) -> torch.Tensor:
-        """Binary spikes per element for integer levels ``k`` (float tensor)."""
-        return self.spike_lut[k.to(torch.int64)]
+    def _count(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Binary spikes of integer levels ``k``: ``(total, total weighted by fanout or None)``.
+
+        Without fan-outs a histogram of the levels suffices (one integer pass, exact); with them,
+        spikes are summed over the leading (batch) dims first and dotted with the fan-out map.
+        """
+        if self.fanout is None:
+            index_dtype = torch.uint8 if self.levels < 256 else torch.int32
+            hist = torch.bincount(k.to(index_dtype).flatten(), minlength=self.levels + 1)
+            return (hist.to(torch.float64) * self.spike_lut.to(torch.float64)).sum(), None
+        count = self.spike_lut[k.to(torch.int64)]
+        per_position = count.sum(tuple(range(count.dim() - self.fanout.dim()))) if count.dim() > self.fanout.dim() else count
+        per_position = per_position.to(torch.float64)
+        return per_position.sum(), (per_position * self.fanout).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -115,16 +126,16 @@ class MultiLevelNeuron(nn.Module):
             out_pos, out_neg = torch.empty_like(v_pos), torch.empty_like(v_pos)
         for t in range(steps):
             if self.signed:
-                count = self._count(fire_(v_pos, x[t], lam, self.levels, out_pos))
-                count += self._count(fire_(v_neg, x[t], lam, self.levels, out_neg, sign=-1.0))
+                counts = [self._count(fire_(v_pos, x[t], lam, self.levels, out_pos)),
+                          self._count(fire_(v_neg, x[t], lam, self.levels, out_neg, sign=-1.0))]
                 if self.communicate:  # eq. 21
                     v_pos.add_(out_neg)
                     v_neg.add_(out_pos)
                 torch.sub(out_pos, out_neg, out=out[t])
             else:
-                count = self._count(fire_(v_pos, x[t], lam, self.levels, out[t]))
-            spikes[t] = count.sum(dtype=torch.float64)
+                counts = [self._count(fire_(v_pos, x[t], lam, self.levels, out[t]))]
+            spikes[t] = sum(c[0] for c in counts)
             if synops is not None:
-                synops[t] = (count * self.fanout).sum(dtype=torch.float64)
+                synops[t] = sum(c[1] for c in counts)
         self.spikes, self.synops = spikes, synops
         return out
