@@ -76,6 +76,12 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+def shutdown() -> None:
+    """Leave the process group (torch warns at exit about groups left open)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -8,9 +8,9 @@ from torch.nn import functional as F
 import hmtconv.conversion as hc
 
 
-def loader(shape, batches=2, batch=4, seed=0):
+def loader(shape, batches=2, batch=4, seed=0, classes=10):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g))
+    return [(torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g))
             for _ in range(batches)]
 
 
@@ -71,7 +71,7 @@ class Untraceable(nn.Module):
 
 def test_untraceable_model_falls_back_and_reports_unconverted():
     torch.manual_seed(0)
-    model, data = Untraceable().eval(), loader((6,))
+    model, data = Untraceable().eval(), loader((6,), classes=3)
     snn = hc.convert(model, data, n=4, T=64, policy="max")
     assert not snn.report.traced and "TraceError" in snn.report.trace_error
     assert snn.report.unconverted == [("<root>", "relu")]

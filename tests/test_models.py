@@ -121,7 +121,7 @@ def test_torchvision_weights_by_name(monkeypatch):
 def test_pickled_module_needs_the_flag(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     torch.save(model, tmp_path / "whole.pt")
-    with pytest.raises(UserError, match="runs code stored in the file.*--allow-pickle"):
+    with pytest.raises(UserError, match="runs code stored in the file.*allow_pickle=True"):
         load_model(str(tmp_path / "whole.pt"), **SHAPE)
     result = load_model(str(tmp_path / "whole.pt"), **SHAPE, allow_pickle=True)
     assert same_weights(result.model, model) and "pickled module" in result.source

@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
+import warnings
+from pathlib import Path
 
+from .. import distributed
 from ..errors import UserError
 from .registry import COMMANDS
+
+PACKAGE = Path(__file__).resolve().parents[1]
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,13 +49,49 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; a UserError prints ``hmtconv: error: ...`` to stderr and returns 2."""
+    """Run a command. Problems the user can fix print one ``hmtconv: error: ...`` line to stderr and
+    return 2: UserErrors, OSErrors (unwritable path, full disk) and the ValueErrors/TypeErrors that
+    hmtconv raises itself on bad arguments or data. Anything else is a bug and keeps its traceback;
+    HMTCONV_DEBUG=1 prints the traceback of the one-line errors too."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except UserError as error:
-        print(f"hmtconv: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("hmtconv: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.run(args) or 0
+        except (UserError, OSError) as error:
+            return _user_error(error)
+        except (ValueError, TypeError) as error:
+            if not _raised_by_hmtconv(error):
+                raise
+            return _user_error(error)
+        except KeyboardInterrupt:
+            print("hmtconv: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            distributed.shutdown()
+
+
+def _speaker() -> str:
+    return "hmtconv" if distributed.is_main() else f"hmtconv (rank {distributed.rank()})"
+
+
+def _user_error(error: BaseException) -> int:
+    if os.environ.get("HMTCONV_DEBUG") == "1":
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"{_speaker()}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
+def _raised_by_hmtconv(error: BaseException) -> bool:
+    """Whether the innermost frame is hmtconv's own code: a deliberate ``raise`` with a message for
+    the user, not a TypeError deep inside torch from a bug."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``hmtconv: warning: ...`` line, from rank 0 only."""
+    if distributed.is_main():
+        print(f"hmtconv: warning: {' '.join(str(message).split())}", file=sys.stderr)

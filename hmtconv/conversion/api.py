@@ -7,24 +7,55 @@ unless ``inplace=True``; one calibration serves any n, T, policy, neuron and gra
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import fx, nn
 
+from .. import distributed
 from .attention import decompose_attention
 from .build import build_snn
 from .fallback import find_unconverted, prepare_modules
 from .graph import prepare_graph
-from .observers import HistogramConfig
+from .observers import ActivationObserver, HistogramConfig
 from .sites import ObservedActivation
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
 
 
-def _device(model: nn.Module) -> torch.device:
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's parameters (inputs are moved to them)."""
     tensor = next(iter(model.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+    return (tensor.device, tensor.dtype) if tensor is not None else (torch.device("cpu"), torch.float32)
+
+
+def model_input(batch, device: torch.device, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """The images of ``batch`` (a tensor or ``(inputs, labels, ...)``) on the model's device and in
+    its dtype; non-float or non-finite images are errors that say which batch."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected a tensor of images (or (images, labels)), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where} has {x.dtype} images; convert them to float first (e.g. transforms.ToTensor())")
+    x = x.to(device=device, dtype=dtype)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{where} has NaN or inf in its input images (shape {list(x.shape)}); "
+                         f"clean the data or its transform")
+    return x
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def observed_sites(model: nn.Module) -> dict[str, ObservedActivation]:
+    """Observed sites by qualified name, in execution order where a traced graph tells it."""
+    names = [node.target for node in model.graph.nodes if node.op == "call_module"] \
+        if isinstance(model, fx.GraphModule) else []
+    names += [name for name, _ in model.named_modules()]
+    return {name: model.get_submodule(name) for name in dict.fromkeys(names)
+            if isinstance(model.get_submodule(name), ObservedActivation)}
 
 
 @dataclass
@@ -56,6 +87,9 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
         raise ValueError(f"identity must be one of {IDENTITIES}, got {identity!r}")
     if isinstance(model, SNN) or is_prepared(model):
         raise TypeError(f"prepare expects the float model, got an already {'converted' if isinstance(model, SNN) else 'prepared'} {type(model).__name__}")
+    if model.training:
+        warnings.warn(f"{type(model).__name__} was in training mode; converting it in eval mode (BatchNorm "
+                      f"running statistics, no dropout)", stacklevel=2)
     model = (model if inplace else copy.deepcopy(model)).eval()
     decompose_attention(model)
     try:
@@ -76,28 +110,85 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
 
 @torch.no_grad()
 def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None = None) -> nn.Module:
-    """Run ``(inputs, labels)`` batches through the observers (in place; statistics accumulate)."""
+    """Run ``(inputs, labels)`` batches through the observers (in place; statistics accumulate).
+
+    Under torchrun each rank passes its own share of the data; the statistics of every rank are
+    then merged on every rank, so all ranks convert with the thresholds of the whole data.
+    """
     if not is_prepared(prepared):
         raise TypeError(f"calibrate expects the output of prepare(), got {type(prepared).__name__}")
     prepared.eval()
-    device = _device(prepared)
+    device, dtype = placement(prepared)
     info = _info(prepared)
+    sites = observed_sites(prepared)
+    earlier = {name: site.observer for name, site in sites.items()}
+    if distributed.active():  # this call's data goes to fresh observers, merged with the other ranks' below
+        for site in sites.values():
+            site.observer = _empty_like(site.observer)
     seen = 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
-        if info.input_shape is None:
-            info.input_shape = tuple(x.shape[1:])
-            if not info.traced:  # this first run also feeds the observers
-                info.unconverted = find_unconverted(prepared, x)
-                seen += 1
-                continue
-        prepared(x)
-        seen += 1
+    hooks = [site.register_forward_pre_hook(_refuse_nonfinite(name)) for name, site in sites.items()]
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = model_input(batch, device, dtype, f"calibration batch {i}")
+            try:
+                if info.input_shape is None and not info.traced:  # this first run also feeds the observers
+                    info.unconverted = find_unconverted(prepared, x)
+                else:
+                    prepared(x)
+            except RuntimeError as error:  # a shape or dtype the model cannot take, in torch's words
+                raise ValueError(f"the model cannot run calibration batch {i} of shape {list(x.shape)}: "
+                                 f"{one_line(error)}") from error
+            info.input_shape = info.input_shape or tuple(x.shape[1:])
+            seen += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if distributed.active():
+        seen = _merge_ranks(sites, earlier, info, seen)
     if seen == 0:
-        raise ValueError("calibration loader yielded no batches")
+        raise ValueError("calibration loader yielded no batches (is the calibration set empty?)")
     return prepared
+
+
+def _empty_like(observer: ActivationObserver) -> ActivationObserver:
+    return ActivationObserver(observer.signed, observer.hist).to(observer.count.device)
+
+
+def _refuse_nonfinite(name: str):
+    """A pre-hook for a site: NaN or inf reaching it would poison its statistics (and thresholds)
+    for good, so stop there and name it (the first such site in execution order)."""
+    def hook(module, args):
+        if not torch.isfinite(args[0]).all():
+            raise ValueError(f"NaN or inf in the activations entering {name or '<root>'} during calibration "
+                             f"(finite input images): a layer before it overflows or has non-finite weights")
+    return hook
+
+
+def _merge_ranks(sites: dict[str, ObservedActivation], earlier: dict[str, ActivationObserver],
+                 info: PrepareInfo, seen: int) -> int:
+    """Fold every rank's statistics of this call into ``earlier`` in rank order, identically on every
+    rank (Chan's merge for count/mean/M2, max of maxima, summed histograms); returns the batches
+    seen by all ranks. A rank with no data contributes nothing."""
+    mine = {"seen": seen, "input_shape": info.input_shape, "unconverted": info.unconverted,
+            "observers": {name: (site.observer.shape, {k: v.cpu() for k, v in site.observer.state_dict().items()})
+                          for name, site in sites.items()}}
+    ranks = distributed.all_gather_objects(mine)
+    for name, site in sites.items():
+        merged = earlier[name]
+        for rank in ranks:
+            shape, state = rank["observers"][name]
+            part = ActivationObserver(merged.signed, merged.hist)
+            part.load_state_dict(state)
+            part.shape = shape
+            merged.merge(part.to(merged.count.device))
+        site.observer = merged
+    if info.input_shape is None:  # this rank had no data: take the shape (and fallback report) of one that had
+        first = next((rank for rank in ranks if rank["input_shape"] is not None), None)
+        if first is not None:
+            info.input_shape, info.unconverted = first["input_shape"], first["unconverted"]
+    return sum(rank["seen"] for rank in ranks)
 
 
 def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 4, T: int = 4,
@@ -121,9 +212,25 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
     info = _info(prepared)
     if info.input_shape is None:
         raise ValueError("the prepared model has no calibration data: run calibrate(prepared, loader) first")
+    _warn_constant(observed_sites(prepared), per_channel=config.granularity == "channel")
     report = ConversionReport(info.input_shape, info.traced, list(info.unconverted), info.trace_error)
     if info.traced:
         del prepared.meta[_KEY]
     else:
         delattr(prepared, _KEY)
     return build_snn(prepared, config, report)
+
+
+def _warn_constant(sites: dict[str, ObservedActivation], per_channel: bool) -> None:
+    """Sites whose input never varied in calibration (sigma = 0: a dead or constant unit) still get
+    finite thresholds, but the data probably did not exercise them; say which."""
+    found = []
+    for name, site in sites.items():
+        mean, std = site.observer.moments(per_channel)
+        constant = (std <= 1e-12 * mean.abs()).reshape(-1)  # 0, or the float64 rounding of a constant's mean
+        if constant.any():
+            found.append(name + (f" ({int(constant.sum())} of {constant.numel()} channels)" if per_channel else ""))
+    if found:
+        warnings.warn(f"constant activations (sigma = 0) at {', '.join(found)}: their thresholds come from the "
+                      f"constant value alone; calibrate on more or more varied images if that is unexpected",
+                      stacklevel=3)

@@ -1,15 +1,20 @@
 """``evaluate``: one SNN run of T steps per batch gives the accuracy at every t <= T and the energy.
 
-All counters are tensors that add across batches (and, later, across processes): per-step correct
-counts, per-step spikes and synaptic operations, per-site spikes and errors.
+Every batch yields one row of counts that add up: per-step correct counts and synaptic
+operations, per-site spikes, elements and errors, the ANN's correct count and the batch size.
+Under torchrun each rank evaluates its own whole batches and the rows of all ranks are summed in
+the single-process batch order, so every number equals a single-process run's bit for bit.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from .. import distributed
+from .api import model_input, placement
 from .energy import E_AC, E_MAC
 from .multistep import step_index, unfold
 from .result import EvaluationResult, LayerStats
@@ -17,16 +22,13 @@ from .snn import SNN
 
 
 class _SiteMonitor:
-    """Per-site spikes, element counts and |ANN - SNN mean| via forward hooks (cheap: one mean
-    over T and one difference per site, no extra layer calls)."""
+    """Per-site spikes, element counts and |ANN - SNN mean| of the current batch via forward hooks
+    (cheap: one mean over T and one difference per site, no extra layer calls)."""
 
     def __init__(self, snn: SNN, steps: int, compare: bool):
         self.sites, self.steps, self.compare = snn.sites(), steps, compare
-        dev = next(iter(snn.buffers())).device
-        k = len(self.sites)
-        self.spikes = torch.zeros(k, dtype=torch.float64, device=dev)
-        self.elements = torch.zeros(k, dtype=torch.float64, device=dev)
-        self.abs_err = torch.zeros(k, dtype=torch.float64, device=dev)
+        self.device = next(iter(snn.buffers())).device
+        self.batch = torch.zeros(3, len(self.sites), dtype=torch.float64, device=self.device)  # spikes, elements, |err|
         self.ann: dict[int, torch.Tensor] = {}
         self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.sites.values())]
 
@@ -35,24 +37,68 @@ class _SiteMonitor:
             if module.ann_mode:
                 self.ann[i] = out
                 return
-            self.spikes[i] += module.neuron.spikes.sum()
-            self.elements[i] += out.numel() / self.steps
+            self.batch[0, i] += module.neuron.spikes.sum()
+            self.batch[1, i] += out.numel() / self.steps
             if self.compare:
-                self.abs_err[i] += (unfold(out, self.steps).mean(0) - self.ann.pop(i)).abs().sum(dtype=torch.float64)
+                self.batch[2, i] += (unfold(out, self.steps).mean(0) - self.ann.pop(i)).abs().sum(dtype=torch.float64)
         return hook
+
+    def take(self) -> torch.Tensor:
+        """This batch's ``[spikes, elements, |err|]`` per site, flattened; starts the next batch at 0."""
+        row, self.batch = self.batch.flatten(), torch.zeros_like(self.batch)
+        return row
 
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
 
-    def layers(self) -> list[LayerStats]:
+    def layers(self, spikes: torch.Tensor, elements: torch.Tensor, abs_err: torch.Tensor) -> list[LayerStats]:
         rows = []
         for i, (name, site) in enumerate(self.sites.items()):
             lam = site.neuron.lam.flatten().tolist()
             rows.append(LayerStats(name, site.signed, lam[0] if len(lam) == 1 else lam,
-                                   (self.spikes[i] / (self.elements[i] * self.steps)).item(),
-                                   (self.abs_err[i] / self.elements[i]).item() if self.compare else None))
+                                   (spikes[i] / (elements[i] * self.steps)).item(),
+                                   (abs_err[i] / elements[i]).item() if self.compare else None))
         return rows
+
+
+def _first_nonfinite_site(snn: SNN, x: torch.Tensor, steps: int) -> str:
+    """Re-run a batch whose outputs were not finite and name the first site whose input was not."""
+    found: list[str] = []
+
+    def record(name: str):
+        def hook(module, args, out):
+            if not found and not torch.isfinite(args[0]).all():
+                found.append(name)
+        return hook
+
+    hooks = [site.register_forward_hook(record(name)) for name, site in snn.sites().items()]
+    try:
+        snn(x, steps)
+    finally:
+        for h in hooks:
+            h.remove()
+    return f"the input of site {found[0]}" if found else "the layers after the last spiking site"
+
+
+def _check_labels(y: torch.Tensor, classes: int, batch: int) -> None:
+    if y.dim() != 1 or y.is_floating_point():
+        raise ValueError(f"evaluation batch {batch}: labels must be a 1-D integer tensor of class indices, "
+                         f"got {y.dtype} of shape {list(y.shape)}")
+    bad = (y < 0) | (y >= classes)
+    if bad.any():
+        raise ValueError(f"evaluation batch {batch}: label {y[bad][0].item()} is outside 0..{classes - 1} (the model "
+                         f"has {classes} outputs); does the dataset match the model?")
+
+
+def _sum_batches(rows: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+    """Column sums of every rank's rows, added one batch at a time in the single-process batch
+    order (ranks hold contiguous runs of whole batches), so float sums round identically."""
+    local = torch.stack(rows).cpu() if rows else torch.zeros(0, width, dtype=torch.float64)
+    total = torch.zeros(width, dtype=torch.float64)
+    for row in torch.cat(distributed.all_gather_objects(local)):
+        total += row
+    return total.to(device)
 
 
 @torch.no_grad()
@@ -63,35 +109,51 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     if not isinstance(snn, SNN):
         raise TypeError(f"evaluate expects the SNN returned by hmtconv.convert(), got {type(snn).__name__}")
     steps = snn.config.T if T is None else T
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
     snn.eval()
     if ann is not None:
+        if ann.training:
+            warnings.warn(f"the ANN {type(ann).__name__} was in training mode; evaluating it in eval mode",
+                          stacklevel=3)
         ann.eval()
-    device = next(iter(snn.buffers())).device
-    correct = torch.zeros(steps, dtype=torch.int64, device=device)
-    synops = torch.zeros(steps, dtype=torch.float64, device=device)
-    ann_correct = torch.zeros((), dtype=torch.int64, device=device)
-    samples = 0
+    device, dtype = placement(snn)
+    shape = tuple(snn.report.input_shape)
     monitor = _SiteMonitor(snn, steps, compare=diagnostics)
+    sites = len(monitor.sites)
+    rows = []
     try:
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = x.to(device), y.to(device)
-            if ann is not None:
-                ann_correct += (ann(x).argmax(-1) == y).sum()
+            x, y = model_input(x, device, dtype, f"evaluation batch {i}"), y.to(device)
+            if tuple(x.shape[1:]) != shape:
+                raise ValueError(f"evaluation batch {i} has images of shape {list(x.shape[1:])} but the SNN was "
+                                 f"calibrated on {list(shape)}; use the same image size and channels")
+            ann_correct = (ann(x).argmax(-1) == y).sum() if ann is not None else torch.zeros((), device=device)
+            counts = torch.tensor([0.0, y.shape[0]], dtype=torch.float64, device=device)
+            counts[0] = ann_correct
             if diagnostics:
                 snn.ann_forward(x)
             out = snn(x, steps)  # [T, B, classes]
+            if not torch.isfinite(out).all():
+                raise ValueError(f"evaluation batch {i}: NaN or inf in the SNN, first at "
+                                 f"{_first_nonfinite_site(snn, x, steps)} (finite input images)")
+            _check_labels(y, out.shape[-1], i)
             mean_logits = out.cumsum(0) / step_index(steps, out)
-            correct += (mean_logits.argmax(-1) == y).sum(1)
+            correct = (mean_logits.argmax(-1) == y).sum(1)
+            synops = torch.zeros(steps, dtype=torch.float64, device=device)
             for site in monitor.sites.values():
                 if site.neuron.synops is not None:
                     synops += site.neuron.synops
-            samples += y.shape[0]
+            rows.append(torch.cat([correct.to(torch.float64), synops, monitor.take(), counts]))
     finally:
         monitor.close()
+    total = _sum_batches(rows, 2 * steps + 3 * sites + 2, device)
+    correct, synops, spikes, elements, abs_err, (ann_correct, samples) = total.split([steps, steps, sites, sites, sites, 2])
+    samples = int(samples.item())
     if samples == 0:
-        raise ValueError("evaluation loader yielded no batches")
+        raise ValueError("evaluation loader yielded no batches (is the evaluation set empty?)")
     energy = None
     if snn.mac_ann is not None:
         t = torch.arange(1, steps + 1, dtype=torch.float64, device=device)
@@ -100,7 +162,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     return EvaluationResult(
         T=steps, samples=samples,
         ann_accuracy=None if ann is None else 100.0 * ann_correct.item() / samples,
-        snn_accuracy=(100.0 * correct.to(torch.float64) / samples).tolist(),
-        energy_ratio=energy, spikes_per_sample=monitor.spikes.sum().item() / samples,
-        per_layer=monitor.layers(), config=snn.config.to_dict(),
+        snn_accuracy=(100.0 * correct / samples).tolist(),
+        energy_ratio=energy, spikes_per_sample=spikes.sum().item() / samples,
+        per_layer=monitor.layers(spikes, elements, abs_err), config=snn.config.to_dict(),
         unconverted=list(snn.report.unconverted))

@@ -16,8 +16,8 @@ from .checkpoint import is_checkpoint, model_from_checkpoint
 from .registry import MODELS
 
 PICKLE_HINT = (
-    "loading a whole pickled model runs code stored in the file; if you trust it, pass --allow-pickle "
-    "(allow_pickle=True in Python)"
+    "loading a whole pickled model runs code stored in the file; the CLI does it (with a warning) unless "
+    "--no-pickle is given, Python callers pass allow_pickle=True"
 )
 
 

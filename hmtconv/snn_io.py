@@ -1,0 +1,111 @@
+"""Save and load a converted SNN without pickle: tensors in safetensors, everything else in JSON.
+
+The file holds every tensor of the SNN (weights, thresholds, energy counts) and, as JSON metadata,
+the conversion config, the input shape, a reference to the model (what ``--model`` accepts) and a
+SHA-256 of the tensors. Loading rebuilds the graph from that reference with the same
+deterministic steps as ``convert`` (on a zero calibration batch, whose thresholds are then
+overwritten by the file's), so outputs are bit-identical to the SNN that was saved. Only the
+architecture comes from the reference: its weights are replaced by the file's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .conversion import SNN, calibrate, convert, prepare
+from .errors import UserError
+from .models import load_model
+
+FORMAT, VERSION = "hmtconv-snn", 1
+
+
+def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | None = None,
+             num_classes: int, extra: dict | None = None) -> Path:
+    """Write ``snn`` atomically; ``model``/``weights`` say how to rebuild its architecture."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in snn.state_dict().items()}
+    model, weights = (str(Path(p).resolve()) if p is not None and Path(p).is_file() else p for p in (model, weights))
+    meta = {"format": FORMAT, "version": VERSION, "hmtconv": __version__, "config": snn.config.to_dict(),
+            "input_shape": list(snn.report.input_shape), "num_classes": num_classes,
+            "model": {"spec": model, "weights": weights}, "sha256": digest(tensors), "extra": extra or {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={FORMAT: json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of names, dtypes, shapes and bytes: catches bytes flipped inside the tensor data,
+    which safetensors itself does not notice."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_snn_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(metadata, tensors)``; a clear UserError for a missing, truncated, foreign or newer file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"SNN file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(FORMAT)
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable SNN file (truncated or corrupted?): {error}") from error
+    if raw is None:
+        raise UserError(f"{path} is a safetensors file but not an SNN saved by `hmtconv convert`")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: the SNN description in the file is corrupted ({error})") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        found = meta.get("version") if isinstance(meta, dict) else None
+        raise UserError(f"{path} is an SNN file of format version {found}; this hmtconv {__version__} reads "
+                        f"{FORMAT} version {VERSION} only: convert the model again with this version")
+    if meta.get("sha256") != digest(tensors):
+        raise UserError(f"{path} is corrupted: its tensors do not match the checksum written with them")
+    return meta, tensors
+
+
+def load_snn(path: str | os.PathLike, *, model: str | None = None, device: str = "cpu",
+             allow_pickle: bool = True) -> tuple[SNN, dict]:
+    """Rebuild the saved SNN (same graph, same tensors); returns ``(snn, metadata)``. ``model``
+    replaces the saved model reference (e.g. the model file has moved)."""
+    meta, tensors = read_snn_file(path)
+    shape, config = meta["input_shape"], meta["config"]
+    spec = model or meta["model"]["spec"]
+    loaded = load_model(spec, meta["model"]["weights"], in_channels=shape[0], image_size=shape[-1],
+                        num_classes=meta["num_classes"], allow_pickle=allow_pickle)
+    zero_batch = [torch.zeros(1, *shape)]
+    with warnings.catch_warnings():  # the zero batch is constant by design: no sigma = 0 warning
+        warnings.simplefilter("ignore")
+        try:
+            snn = convert(calibrate(prepare(loaded.model, identity=config["identity"]), zero_batch), **config)
+        except (ValueError, TypeError) as error:
+            raise UserError(f"{path} cannot be rebuilt from the model {spec!r}: {error}") from error
+    own = snn.state_dict()
+    mismatched = sorted(set(own) ^ set(tensors)) or [k for k in own if own[k].shape != tensors[k].shape]
+    if mismatched:
+        raise UserError(f"{path} was saved from a different model than {spec!r} "
+                        f"(first mismatching tensor: {mismatched[0]}); pass the model it was converted from")
+    snn.load_state_dict(tensors, strict=True)
+    return snn.to(device).eval(), meta

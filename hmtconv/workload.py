@@ -1,0 +1,96 @@
+"""A model plus its data, ready for conversion: what ``evaluate``, ``convert``, ``sweep`` and ``demo`` share.
+
+Everything a user can get wrong (model file, dataset name, shapes) fails here, before any
+calibration, with a ``UserError`` that names the problem. Under torchrun the evaluation images
+are split across ranks (each image on exactly one rank); calibration images too, and
+``calibrate``/``evaluate`` combine the ranks' statistics and counts afterwards.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from . import distributed
+from .data import DataInfo, calibration_subset, get_datasets, make_loader
+from .errors import UserError
+from .models import check_model_fits, load_model
+
+
+@dataclass
+class DataOptions:
+    dataset: str = "mnist"
+    data_root: str | None = None
+    calib_size: int = 1024
+    calib_split: str = "train"  # never the evaluation images unless asked ("val")
+    limit: int | None = None  # evaluate on the first `limit` evaluation images
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Workload:
+    model: nn.Module  # eval mode, on the requested device
+    calib_loader: DataLoader
+    eval_loader: DataLoader
+    info: DataInfo
+    source: str  # what model was loaded, for logs and JSON
+    eval_images: int  # over all ranks
+
+
+def shard_batches(dataset, batch_size: int):
+    """This rank's contiguous run of whole batches (all of it in a single process).
+
+    Splitting at the single-process batch boundaries gives every rank exactly the batches a
+    single process would see (the last, shorter one included), so per-batch results are bit for
+    bit the same and the combined counts equal a single-process run's. A rank may get nothing
+    when there are fewer batches than ranks; the reductions handle that.
+    """
+    if distributed.world_size() == 1:
+        return dataset
+    batches = distributed.shard_indices(-(-len(dataset) // batch_size))
+    return Subset(dataset, range(batches.start * batch_size, min(batches.stop * batch_size, len(dataset))))
+
+
+def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = None, device: str = "cpu",
+                  allow_pickle: bool = True) -> Workload:
+    if data.batch_size < 1:  # checked before anything is loaded (also by make_loader, but after sharding)
+        raise UserError(f"batch size must be at least 1, got {data.batch_size}")
+    train_set, eval_set, info = get_datasets(data.dataset, data.data_root)
+    loaded = load_model(model_spec, weights, in_channels=info.channels, image_size=info.image_size,
+                        num_classes=info.num_classes, allow_pickle=allow_pickle)
+    if loaded.source.startswith("pickled module") and distributed.is_main():
+        print(f"hmtconv: warning: {model_spec} is a whole pickled model; loading it ran code stored in the "
+              f"file. Only load files you trust (--no-pickle refuses them).", file=sys.stderr)
+    if loaded.transform is not None:  # pretrained weights bring their own preprocessing
+        train_set, eval_set, info = get_datasets(data.dataset, data.data_root, loaded.transform)
+    check_model_fits(loaded.model, info, label=f"--model {model_spec}")
+    try:
+        model = loaded.model.to(device).eval()
+    except (RuntimeError, AssertionError) as error:
+        raise UserError(f"cannot move the model to device {device!r}: {' '.join(str(error).split())}") from error
+    if data.limit is not None:
+        if data.limit < 1:
+            raise UserError(f"--limit must be at least 1, got {data.limit}")
+        eval_set = Subset(eval_set, range(min(data.limit, len(eval_set))))
+    calib = calibration_subset(train_set, eval_set, split=data.calib_split, size=min(data.calib_size, len(
+        train_set if data.calib_split == "train" else eval_set)))
+    return Workload(
+        model=model,
+        calib_loader=make_loader(shard_batches(calib, data.batch_size), data.batch_size, seed=data.seed),
+        eval_loader=make_loader(shard_batches(eval_set, data.batch_size), data.batch_size, seed=data.seed),
+        info=info,
+        source=loaded.source,
+        eval_images=len(eval_set),
+    )
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
+    return name

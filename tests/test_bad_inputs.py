@@ -1,0 +1,209 @@
+"""The bad-input catalogue: each mistake gives a clear error (one line and exit 2 from the CLI) or,
+where the input is usable, a warning; nothing already written is lost. Plus determinism."""
+import errno
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import hmtconv.conversion as hc
+import hmtconv.report.io as report_io
+from hmtconv.cli import main
+
+
+def cnn(channels: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 64, 10)).eval()
+
+
+def images(batches=2, batch=4, shape=(1, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(batches)]
+
+
+@pytest.fixture(scope="module")
+def snn():
+    return hc.convert(cnn(), images(), T=2)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A small pickled CNN for 1-channel 28x28 images (MNIST)."""
+    path = tmp_path_factory.mktemp("m") / "cnn.pt"
+    torch.save(nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(4 * 36, 10)).eval(), path)
+    return str(path)
+
+
+def cli(argv, capsys):
+    """(exit status, stderr) of ``hmtconv ARGV`` run in-process."""
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+def one_line_error(status, err, text):
+    lines = [line for line in err.splitlines() if not line.startswith("hmtconv: warning:")]
+    assert status == 2 and len(lines) == 1 and "error:" in lines[0] and text in lines[0], err
+    assert "Traceback" not in err
+
+
+QUICK = ["--dataset", "mnist", "--limit", "16", "--calib-size", "16", "--batch-size", "16", "--T", "2"]
+
+
+def test_nan_or_inf_in_input_images(snn):
+    bad = images()
+    bad[1][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="calibration batch 1 has NaN or inf in its input images"):
+        hc.convert(cnn(), bad)
+    bad[1][0][0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="evaluation batch 1 has NaN or inf"):
+        hc.evaluate(snn, bad)
+
+
+def test_nan_or_inf_in_activations_names_the_layer():
+    model = cnn()
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf in the activations entering 3 during calibration"):
+        hc.convert(model, images())
+
+
+def test_constant_layer_gets_finite_thresholds_and_a_warning():
+    model = cnn()
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.fill_(0.5)  # every activation entering site "3" is 0.5: sigma = 0
+    with pytest.warns(UserWarning, match=r"constant activations \(sigma = 0\) at 3:"):
+        snn = hc.convert(model, images())
+    assert all(torch.isfinite(site.neuron.lam).all() for site in snn.sites().values())
+    assert torch.isfinite(snn(images()[0][0])).all()
+
+
+def test_empty_calibration_loader():
+    with pytest.raises(ValueError, match="calibration loader yielded no batches"):
+        hc.convert(cnn(), [])
+
+
+@pytest.mark.parametrize("label", [10, -1])
+def test_labels_out_of_range(snn, label):
+    data = images()
+    data[0][1][2] = label
+    with pytest.raises(ValueError, match=rf"label {label} is outside 0..9 \(the model has 10 outputs\)"):
+        hc.evaluate(snn, data)
+
+
+@pytest.mark.parametrize("T", [0, -3])
+def test_T_zero_or_negative(snn, T, capsys):
+    with pytest.raises(ValueError, match="T must be a positive integer"):
+        hc.convert(cnn(), images(), T=T)
+    with pytest.raises(ValueError, match=r"T \(time steps\) must be a positive integer"):
+        hc.evaluate(snn, images(), T=T)
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", "--T", str(T)], capsys), "--T must be at least 1")
+
+
+@pytest.mark.parametrize("n", [0, 17])
+def test_n_out_of_range(n, capsys):
+    with pytest.raises(ValueError, match=r"n .*must be"):
+        hc.convert(cnn(), images(), n=n)
+    text = "--n must be in 1..16" if n else "--n must be at least 1"
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", "--n", str(n)], capsys), text)
+
+
+def test_unknown_policy_or_neuron(capsys):
+    with pytest.raises(ValueError, match="unknown threshold policy 'best'"):
+        hc.convert(cnn(), images(), policy="best")
+    with pytest.raises(ValueError, match="neuron must be one of"):
+        hc.convert(cnn(), images(), neuron="lif")
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", "--policy", "best"], capsys), "unknown policy 'best'")
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", "--neuron", "lif"], capsys), "invalid choice: 'lif'")
+
+
+def test_mismatched_image_size_or_channels(snn, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"cannot run calibration batch 0 of shape \[4, 3, 8, 8\]"):
+        hc.convert(cnn(), images(shape=(3, 8, 8)))
+    with pytest.raises(ValueError, match=r"images of shape \[1, 16, 16\] but the SNN was calibrated on \[1, 8, 8\]"):
+        hc.evaluate(snn, images(shape=(1, 16, 16)))
+    rgb = tmp_path / "rgb.pt"
+    torch.save(cnn(channels=3), rgb)
+    one_line_error(*cli(["evaluate", "--model", str(rgb), *QUICK], capsys), "expects 3-channel images")
+
+
+def test_model_with_nothing_to_convert(tmp_path, capsys):
+    with pytest.raises(ValueError, match="has no ReLU to convert"):
+        hc.convert(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval(), images())
+    linear = tmp_path / "linear.pt"
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval(), linear)
+    one_line_error(*cli(["evaluate", "--model", str(linear), *QUICK], capsys), "has no ReLU to convert")
+
+
+def test_model_in_training_mode_is_converted_in_eval_mode_with_a_note():
+    model = cnn().train()
+    with pytest.warns(UserWarning, match="was in training mode; converting it in eval mode"):
+        snn = hc.convert(model, images())
+    assert model.training  # the user's model is left as it was
+    with pytest.warns(UserWarning, match="evaluating it in eval mode"):
+        hc.evaluate(snn, images(), ann=model)
+
+
+def test_inputs_of_another_dtype_or_device_are_moved_to_the_model(snn):
+    as_double = [(x.double(), y) for x, y in images()]
+    assert hc.evaluate(snn, as_double).to_dict() == hc.evaluate(snn, images()).to_dict()
+    with pytest.raises(TypeError, match="torch.uint8 images; convert them to float"):
+        hc.evaluate(snn, [((x * 255).to(torch.uint8), y) for x, y in images()])
+    if torch.cuda.is_available():
+        on_gpu = hc.convert(cnn().cuda(), images(), T=2)  # CPU batches, CUDA model
+        assert hc.evaluate(on_gpu, images()).samples == 8
+
+
+def test_cli_missing_model_and_unknown_dataset(capsys):
+    one_line_error(*cli(["evaluate", "--model", "missing.pt"], capsys), "is not a file")
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", "--dataset", "nope"], capsys), "unknown dataset 'nope'")
+
+
+def test_unwritable_output_path(model_file, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    one_line_error(*cli(["evaluate", "--model", model_file, *QUICK, "--json", str(blocker / "r.json")], capsys),
+                   "error: cannot write")
+
+
+def test_disk_full_keeps_the_previous_results_file(model_file, tmp_path, capsys, monkeypatch):
+    previous = tmp_path / "r.json"
+    previous.write_text('{"previous": true}\n')
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report_io.os, "fsync", full)
+    one_line_error(*cli(["evaluate", "--model", model_file, *QUICK, "--json", str(previous)], capsys),
+                   "No space left on device")
+    assert previous.read_text() == '{"previous": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def test_same_command_and_seed_give_identical_json(model_file, tmp_path, capsys):
+    runs = []
+    for _ in range(2):
+        assert main(["evaluate", "--model", model_file, *QUICK, "--json", str(tmp_path / "r.json")]) == 0
+        record = json.loads((tmp_path / "r.json").read_text())
+        del record["seconds"], record["provenance"]["timestamp"]
+        runs.append(record)
+    assert runs[0] == runs[1]
+
+
+def test_unexpected_library_errors_are_one_line_but_bugs_keep_their_traceback(monkeypatch, capsys):
+    import hmtconv.cli.evaluate as command
+
+    monkeypatch.setattr(command, "run_evaluation", lambda args: {}.pop("missing"))  # a genuine bug
+    with pytest.raises(KeyError):
+        main(["evaluate", "--model", "vgg_small"])
+    monkeypatch.setenv("HMTCONV_DEBUG", "1")
+    monkeypatch.setattr(command, "run_evaluation", lambda args: hc.evaluate(object(), []))
+    status, err = cli(["evaluate", "--model", "vgg_small"], capsys)
+    assert status == 2 and "Traceback" in err and err.endswith("hmtconv: error: evaluate expects the SNN returned "
+                                                               "by hmtconv.convert(), got object\n")

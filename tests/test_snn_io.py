@@ -1,0 +1,113 @@
+"""Saving and loading converted SNNs (safetensors + JSON, no pickle): bit-identical outputs and
+clear errors for truncated, corrupted, foreign, newer and other-model files."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import hmtconv.conversion as hc
+from hmtconv.cli import main
+from hmtconv.errors import UserError
+from hmtconv.models import MODELS
+from hmtconv.snn_io import FORMAT, load_snn, save_snn
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10)).eval()
+
+
+def images(shape=(1, 8, 8), batches=2, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(batches)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A per-channel, identity='maxpool' SNN of a pickled CNN, saved: (snn, path, model file)."""
+    root = tmp_path_factory.mktemp("snn")
+    model_file = root / "cnn.pt"
+    torch.save(small_cnn(), model_file)
+    snn = hc.convert(small_cnn(), images(), T=3, granularity="channel", identity="maxpool")
+    path = save_snn(snn, root / "cnn.safetensors", model=str(model_file), num_classes=10)
+    return snn, path, model_file
+
+
+def rewrite(src, dst, tensors=None, meta=None):
+    with safe_open(str(src), framework="pt") as f:
+        old_meta = json.loads(f.metadata()[FORMAT])
+        old_tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors or old_tensors, str(dst), metadata={FORMAT: json.dumps({**old_meta, **(meta or {})})})
+    return dst
+
+
+def test_cnn_roundtrip_is_bit_identical_with_per_channel_thresholds_and_maxpool_sites(saved):
+    snn, path, _ = saved
+    loaded, meta = load_snn(path)
+    assert meta["config"]["granularity"] == "channel" and meta["config"]["identity"] == "maxpool"
+    assert any(site.signed for site in loaded.sites().values())  # the y = x sites of moved max pooling
+    assert all(site.neuron.lam.numel() > 1 for site in loaded.sites().values())
+    x = images(seed=5)[0][0]
+    assert torch.equal(loaded(x), snn(x))
+    assert hc.evaluate(loaded, images(seed=5)).to_dict() == hc.evaluate(snn, images(seed=5)).to_dict()
+
+
+def test_resnet_roundtrip_is_bit_identical(tmp_path):
+    torch.manual_seed(1)  # other weights than the rebuilt model's: they must come from the file
+    model = MODELS["resnet18_small"](in_channels=1, num_classes=10, image_size=8).eval()
+    data = images(batches=1)
+    snn = hc.convert(model, data, T=2, policy="999")
+    loaded, _ = load_snn(save_snn(snn, tmp_path / "r.safetensors", model="resnet18_small", num_classes=10))
+    assert torch.equal(loaded(data[0][0]), snn(data[0][0]))
+
+
+def test_truncated_file_is_a_clear_error(saved, tmp_path):
+    data = saved[1].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable SNN file"):
+        load_snn(tmp_path / "cut.safetensors")
+
+
+def test_flipped_bytes_in_the_tensors_are_caught_by_the_checksum(saved, tmp_path):
+    data = bytearray(saved[1].read_bytes())
+    data[-10] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupted"):
+        load_snn(tmp_path / "bad.safetensors")
+
+
+def test_newer_format_version_is_refused(saved, tmp_path):
+    path = rewrite(saved[1], tmp_path / "v2.safetensors", meta={"version": 2})
+    with pytest.raises(UserError, match="format version 2"):
+        load_snn(path)
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    save_file({"weight": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UserError, match="not an SNN saved by `hmtconv convert`"):
+        load_snn(tmp_path / "w.safetensors")
+
+
+def test_file_for_another_model_is_refused(saved, tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval(), other)
+    with pytest.raises(UserError, match="different model"):
+        load_snn(saved[1], model=str(other))
+
+
+def test_cli_convert_then_evaluate_snn_reproduces_direct_evaluate(tmp_path, capsys):
+    model = str(tmp_path / "mnist_cnn.pt")
+    torch.save(nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(4 * 36, 10)).eval(), model)
+    data = ["--dataset", "mnist", "--limit", "32", "--calib-size", "32", "--batch-size", "16", "--T", "3"]
+    assert main(["convert", "--model", model, *data, "--out", str(tmp_path / "snn.safetensors")]) == 0
+    assert main(["evaluate", "--model", model, *data, "--json", str(tmp_path / "direct.json")]) == 0
+    assert main(["evaluate", "--snn", str(tmp_path / "snn.safetensors"), *data,
+                 "--json", str(tmp_path / "loaded.json")]) == 0
+    direct, loaded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("direct", "loaded"))
+    for key in ("snn_accuracy", "energy_ratio", "spikes_per_sample", "per_layer", "ann_accuracy", "config"):
+        assert loaded[key] == direct[key], key

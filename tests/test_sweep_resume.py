@@ -1,0 +1,36 @@
+"""Ctrl-C in the middle of a sweep keeps every finished point; re-running does only the rest."""
+import pytest
+import torch
+from torch import nn
+
+import hmtconv.sweep as sweep
+from hmtconv.report import read_jsonl
+from hmtconv.sweep import ModelEntry, SweepConfig, run_sweep
+from hmtconv.workload import DataOptions
+
+
+def test_interrupted_sweep_resumes_without_redoing_points(tmp_path, monkeypatch):
+    model = tmp_path / "cnn.pt"
+    torch.save(nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(4 * 36, 10)).eval(), model)
+    config = SweepConfig(models=[ModelEntry("cnn", str(model))], T=[1, 2, 3, 4], out=str(tmp_path / "out"),
+                         data=DataOptions(dataset="mnist", limit=16, calib_size=16, batch_size=16))
+    real, calls = sweep.evaluate, []
+
+    def interrupted(snn, *args, **kwargs):
+        calls.append(snn.config.T)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(snn, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, progress=False)
+    results = tmp_path / "out" / "results.jsonl"
+    assert [r["T"] for r in read_jsonl(results)] == [1, 2]
+
+    calls.clear()
+    records = run_sweep(config, progress=False)
+    assert calls == [3, 4]  # the finished points are not redone
+    assert [r["T"] for r in records] == [1, 2, 3, 4]
+    assert (tmp_path / "out" / "table.md").exists()
