@@ -22,6 +22,16 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def jsonable(options: dict) -> dict:
+    """Command-line options as JSON: paths as strings, callables (argparse's handlers) dropped."""
+    out = {}
+    for key, value in options.items():
+        if callable(value):
+            continue
+        out[key] = str(value) if isinstance(value, Path) else value
+    return out
+
+
 def provenance(config: dict, *, seed: int | None = None, device: str | None = None) -> dict:
     """A JSON-able record that lets anyone trace and re-run a result."""
     import torchvision

@@ -35,6 +35,6 @@ def layers_table(result: dict) -> str:
     rows = []
     for layer in result["per_layer"]:
         lam = layer["lam"]
-        lam = f"{lam:.4g}" if isinstance(lam, float) else str(lam)
+        lam = f"{lam:.4g}" if isinstance(lam, (int, float)) else f"{len(lam)} ch, {min(lam):.3g}..{max(lam):.3g}"
         rows.append([layer["name"], lam, layer["firing_rate"], layer["mean_abs_error"]])
     return markdown_table(header, rows)

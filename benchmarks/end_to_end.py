@@ -1,0 +1,73 @@
+"""End-to-end simulation cost: ``evaluate`` time per batch over T x (ANN forward time per batch).
+
+    .venv/bin/python benchmarks/end_to_end.py [--models vgg_small resnet18_small vgg16_bn resnet18]
+        [--T 4 16] [--n 4 8] [--batch 32] [--repeats 3]
+
+A dense simulation of T steps costs at least about T ANN forward passes, so the ratio is the
+overhead of simulating spikes (1.0 = as fast as running the ANN T times; below 1.0 is possible
+because the layers before the first spiking neuron run once). Built-in models at MNIST size,
+torchvision models at 64 x 64 (random weights: speed does not depend on them). Both timings are
+measured side by side in this process, median of repeats after a warm-up; diagnostics off.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+
+import hmtconv
+from hmtconv.models import create_model, list_models
+
+
+def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    if name in list_models():
+        return create_model(name, in_channels=1, image_size=28, num_classes=10).eval(), (1, 28, 28)
+    return torchvision.models.get_model(name, num_classes=10).eval(), (3, 64, 64)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vgg_small", "resnet18_small", "vgg16_bn", "resnet18"])
+    parser.add_argument("--T", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--n", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}; "
+          f"ratio = evaluate time / (T x ANN forward time)")
+    print("| model | input | n | T | ANN forward ms | evaluate ms | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        model, shape = build(name)
+        x = torch.rand(args.batch, *shape)
+        y = torch.randint(0, 10, (args.batch,))
+        prepared = hmtconv.calibrate(hmtconv.prepare(model), [(x, y)])
+        with torch.no_grad():
+            t_ann = median_time(lambda: model(x), args.repeats)
+        for n in args.n:
+            for T in args.T:
+                snn = hmtconv.convert(prepared, n=n, T=T, policy="999")
+                t_snn = median_time(lambda: hmtconv.evaluate(snn, [(x, y)], diagnostics=False), args.repeats)
+                print(f"| {name} | {'x'.join(map(str, shape))} | {n} | {T} | {1000 * t_ann:.1f} | "
+                      f"{1000 * t_snn:.1f} | {t_snn / (T * t_ann):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Neuron speed: the closed-form H-MT step against the alternatives, on one input, in one process.
+
+    .venv/bin/python benchmarks/neuron.py [--shape 16 32 64 32 32] [--n 8] [--threads N]
+
+(a) the literal greedy loop over steps and thresholds (the published neuron's algorithm, eqs. 14-18);
+(b) SpikingJelly's multi-step IFNode (soft reset), if installed (pip install -r benchmarks/requirements.txt),
+    compared with our n = 1 neuron, the same model;
+(c) a stateless elementwise floor/clamp: the lower bound of any per-step quantizer.
+Median of repeats after a warm-up; the outputs of (a) and ours are checked equal.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import hmt_literal  # noqa: E402  (the tests' oracle is the faithful loop)
+
+from hmtconv import HMTNeuron  # noqa: E402
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def spikingjelly_if():
+    try:
+        from spikingjelly.activation_based import neuron
+    except ImportError as error:
+        print(f"(SpikingJelly not available: {error}; pip install -r benchmarks/requirements.txt)")
+        return None
+    return neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs="+", default=[16, 32, 64, 32, 32])
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, shape = args.n, tuple(args.shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    lam = 0.01
+    rows = []
+    ours = HMTNeuron(n, lam)
+    t_ours, out = timed(lambda: ours(x), args.repeats)
+    rows.append((f"H-MT closed form (ours), n = {n}", t_ours))
+    t_loop, (ref, _) = timed(lambda: hmt_literal(x, lam, n), max(1, args.repeats // 2))
+    assert torch.equal(out, ref), "closed form differs from the literal loop"
+    rows.append((f"literal loop over steps and {n} thresholds (published algorithm)", t_loop))
+    t_floor, _ = timed(lambda: torch.floor(x / lam).clamp_(0, 2**n - 1).mul_(lam), args.repeats)
+    rows.append(("stateless floor/clamp (lower bound)", t_floor))
+    if_ours = HMTNeuron(1, 1.0)
+    t_if, _ = timed(lambda: if_ours(x), args.repeats)
+    rows.append(("IF: H-MT n = 1 (ours)", t_if))
+    sj = spikingjelly_if()
+    if sj is not None:
+        def run_sj():
+            sj.reset()
+            with torch.no_grad():
+                return sj(x)
+        t_sj, _ = timed(run_sj, args.repeats)
+        rows.append(("IF: SpikingJelly IFNode, multi-step", t_sj))
+    print(f"input {list(shape)} float32, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print("| neuron | time s | relative to H-MT closed form |")
+    print("|---|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.3f} | {seconds / t_ours:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""``hmtconv convert``: calibrate once and write the converted SNN (no pickle) for `evaluate --snn`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..conversion import convert
+from ..errors import UserError
+from ..report import markdown_table
+from ..snn_io import save_snn
+from ..workload import load_workload, resolve_device
+from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options
+from .registry import register_command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_data(parser)
+    add_conversion(parser)
+    parser.add_argument("--out", type=Path, required=True, help="SNN file to write (.safetensors)")
+
+
+@register_command("convert", help="Calibrate a model and write the converted SNN (thresholds and weights) to a "
+                  "file that `evaluate --snn` reloads without re-calibrating.", add_arguments=add_arguments)
+def run(args: argparse.Namespace) -> None:
+    if args.model is None:
+        raise UserError("--model is required")
+    device = resolve_device(args.device)
+    distributed.init_from_env(device)
+    torch.manual_seed(args.seed)
+    work = load_workload(args.model, data_options(args), weights=args.weights, device=device,
+                         allow_pickle=not args.no_pickle)
+    snn = convert(work.model, work.calib_loader, **conversion_kwargs(args))
+    if not distributed.is_main():
+        return
+    path = save_snn(snn, args.out, model=args.model, weights=args.weights, num_classes=work.info.num_classes,
+                    extra={"dataset": args.dataset, "calib_size": args.calib_size, "calib_split": args.calib_split})
+    sites = snn.sites()
+    rows = [[name, "y = x" if site.signed else "ReLU",
+             f"{site.neuron.lam.item():.4g}" if site.neuron.lam.numel() == 1
+             else f"{site.neuron.lam.numel()} channels, {site.neuron.lam.min().item():.3g}..{site.neuron.lam.max().item():.3g}"]
+            for name, site in sites.items()]
+    print(f"{len(sites)} spiking sites, thresholds from {args.calib_size} {args.calib_split} images")
+    print(markdown_table(["site", "replaces", "lam (lambda_min)"], rows))
+    print(f"wrote {path}")

@@ -1,0 +1,107 @@
+"""``hmtconv evaluate``: convert (or load a converted SNN) and report accuracy, energy and per-layer error."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..conversion import convert, evaluate
+from ..errors import UserError
+from ..report import (atomic_write_json, curves_table, jsonable, layers_table, plot_curves, plot_layers,
+                      provenance)
+from ..workload import load_workload, resolve_device
+from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options
+from .registry import register_command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_data(parser)
+    add_conversion(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--snn", default=None, help="evaluate an SNN saved by `hmtconv convert` (no re-calibration; "
+                     "--n/--T/--policy... come from the file, --T may shorten or extend the run)")
+    out.add_argument("--json", type=Path, default=None, help="write the full result (with provenance) here")
+    out.add_argument("--plot", type=Path, default=None,
+                     help="PNG of accuracy and energy vs t; the per-layer chart goes beside it (-layers.png)")
+    out.add_argument("--no-diagnostics", action="store_true",
+                     help="skip the per-layer |ANN - SNN| comparison (one ANN pass per batch)")
+
+
+def run_evaluation(args: argparse.Namespace) -> dict:
+    """Convert and evaluate as the options say; returns the JSON record (also used by `demo`)."""
+    device = resolve_device(args.device)
+    distributed.init_from_env(device)
+    torch.manual_seed(args.seed)
+    for path in (args.json, args.plot):  # fail now, not after a long run
+        if path is not None and distributed.is_main():
+            ensure_writable(path)
+    if args.snn is not None:
+        from ..snn_io import load_snn
+
+        snn, meta = load_snn(args.snn, model=args.model, device=device, allow_pickle=not args.no_pickle)
+        args.model = args.model or meta["model"]["spec"]
+        args.weights = args.weights or meta["model"].get("weights")
+    elif args.model is None:
+        raise UserError("--model is required (or --snn FILE from `hmtconv convert`)")
+    work = load_workload(args.model, data_options(args), weights=args.weights, device=device,
+                         allow_pickle=not args.no_pickle)
+    start = time.perf_counter()
+    if args.snn is None:
+        snn = convert(work.model, work.calib_loader, **conversion_kwargs(args))
+    converted = time.perf_counter()
+    result = evaluate(snn, work.eval_loader, T=args.T, ann=work.model,
+                      diagnostics=not args.no_diagnostics)
+    finished = time.perf_counter()
+    record = result.to_dict()
+    record.update(model=work.source, dataset=args.dataset, images=work.eval_images,
+                  seconds={"convert": converted - start, "evaluate": finished - converted},
+                  provenance=provenance(jsonable(vars(args)), seed=args.seed, device=device))
+    return record
+
+
+def ensure_writable(path: Path) -> None:
+    """Raise a UserError now if ``path``'s directory cannot be created or written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def report(record: dict, args: argparse.Namespace, label: str) -> None:
+    """Print the tables and write --json / --plot (rank 0 only)."""
+    if not distributed.is_main():
+        return
+    print(f"{record['model']} on {record['dataset']} ({record['images']} images); "
+          f"{record['spikes_per_sample']:.0f} spikes per sample")
+    print(curves_table({label: record}))
+    if record["per_layer"]:
+        print()
+        print(layers_table(record))
+    if args.json is not None:
+        atomic_write_json(args.json, record)
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_curves({label: record}, args.plot, title=f"{record['model']}: {label}")
+        if record["per_layer"] and record["per_layer"][0]["mean_abs_error"] is not None:
+            plot_layers(record, args.plot.with_name(args.plot.stem + "-layers.png"), title=label)
+        print(f"wrote {args.plot}")
+
+
+def config_label(config: dict) -> str:
+    return (f"{config['neuron']} n={config['n']} T={config['T']} {config['policy']}"
+            + ("" if config["identity"] == "none" else f" identity={config['identity']}")
+            + ("" if config["communicate"] else " no-comm")
+            + ("" if config["granularity"] == "layer" else " per-channel"))
+
+
+@register_command("evaluate", help="Convert a model (or load a converted SNN) and report ANN vs SNN accuracy at "
+                  "every step, energy ratio, spikes and per-layer conversion error.", add_arguments=add_arguments)
+def run(args: argparse.Namespace) -> None:
+    record = run_evaluation(args)
+    report(record, args, config_label(record["config"]))

@@ -1,0 +1,86 @@
+"""Options shared by ``evaluate``, ``convert`` and ``demo``: model, data and conversion."""
+from __future__ import annotations
+
+import argparse
+
+from ..conversion import POLICIES
+from ..conversion.snn import GRANULARITIES, IDENTITIES, NEURONS
+from ..data import list_datasets
+from ..errors import UserError
+from ..workload import DataOptions
+
+
+DEFAULT_T = 4
+
+
+def policy_value(text: str) -> str | float:
+    """A registered policy name ("opt", "999", ...) or a float percentile such as 99.99."""
+    if text in POLICIES:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {text!r}; choose one of {', '.join(POLICIES)} or a percentile in (0, 100]") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"percentile policy must be in (0, 100], got {value}")
+    return value
+
+
+def positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+    return parse
+
+
+def add_model_and_data(parser: argparse.ArgumentParser) -> None:
+    d = DataOptions()
+    group = parser.add_argument_group("model and data")
+    group.add_argument("--model", help="built-in name, torchvision name, timm:NAME, a checkpoint from "
+                       "`hmtconv train`, or a whole pickled nn.Module (runs code from the file: trusted files only)")
+    group.add_argument("--weights", default=None, help="DEFAULT or a torchvision weights name, or a state_dict file")
+    group.add_argument("--no-pickle", action="store_true", help="refuse whole pickled models (they run code when loaded)")
+    group.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(list_datasets())}, or folder:PATH")
+    group.add_argument("--data-root", default=None, help="directory with the dataset's files (mnist: optional)")
+    group.add_argument("--calib-size", type=positive_int("--calib-size"), default=d.calib_size,
+                       help="calibration images")
+    group.add_argument("--calib-split", default=d.calib_split, choices=["train", "val"],
+                       help="calibrate on the training split, or (flattering) on the evaluation images")
+    group.add_argument("--limit", type=positive_int("--limit"), default=None, help="evaluate on the first N images")
+    group.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size, help="images per batch")
+    group.add_argument("--seed", type=int, default=d.seed, help="seed for data order and any randomness")
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+
+
+def add_conversion(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("conversion")
+    group.add_argument("--n", type=positive_int("--n"), default=4, help="thresholds per neuron (1..16)")
+    group.add_argument("--T", type=positive_int("--T"), default=None,
+                       help="time steps (default: 4, or the T of an --snn file)")
+    group.add_argument("--policy", type=policy_value, default="opt",
+                       help=f"threshold policy: {', '.join(POLICIES)}, or a percentile such as 99.99")
+    group.add_argument("--neuron", default="hmt", choices=NEURONS, help="hmt, if (n = 1) or mt (prior work)")
+    group.add_argument("--identity", default="none", choices=IDENTITIES,
+                       help="none: only ReLUs spike; maxpool: also the y = x sites of moved max pooling; "
+                            "all: a signed neuron before every Conv/Linear and attention matmul (ViT)")
+    group.add_argument("--communicate", action=argparse.BooleanOptionalAction, default=True,
+                       help="eq. 21 communication between the Pos and Neg halves of signed neurons")
+    group.add_argument("--granularity", default="layer", choices=GRANULARITIES, help="one threshold per layer or per channel")
+
+
+def data_options(args: argparse.Namespace) -> DataOptions:
+    return DataOptions(dataset=args.dataset, data_root=args.data_root, calib_size=args.calib_size,
+                       calib_split=args.calib_split, limit=args.limit, batch_size=args.batch_size, seed=args.seed)
+
+
+def conversion_kwargs(args: argparse.Namespace) -> dict:
+    if args.n > 16:
+        raise UserError(f"--n must be in 1..16, got {args.n}")
+    return dict(n=args.n, T=args.T or DEFAULT_T, policy=args.policy, neuron=args.neuron, identity=args.identity,
+                communicate=args.communicate, granularity=args.granularity)

@@ -1,0 +1,44 @@
+"""``hmtconv sweep CONFIG.toml``: a resumable grid of conversions with a table and plots."""
+from __future__ import annotations
+
+import argparse
+
+from .. import distributed
+from ..sweep import load_config, run_sweep
+from ..workload import resolve_device
+from .registry import register_command
+
+EXAMPLE = """example CONFIG.toml:
+  out = "runs/sweep"
+  [data]
+  dataset = "mnist"
+  limit = 2000
+  [[models]]
+  name = "vgg"
+  model = "runs/vgg_small-mnist-s0.pt"
+  [grid]
+  n = [4, 8]
+  T = [2, 4, 8]
+  policy = ["opt", "999"]
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLE
+    parser.add_argument("config", help="TOML file: [data], [grid], [[models]], out, device")
+    parser.add_argument("--out", default=None, help="override the config's output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@register_command("sweep", help="Run a grid over models, n, T, policy, neuron, identity and communication; "
+                  "results go to OUT/results.jsonl as each point finishes (re-running resumes), with "
+                  "OUT/table.md and PNG plots.", add_arguments=add_arguments)
+def run(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    if args.out is not None:
+        config.out = args.out
+    config.device = resolve_device(config.device)
+    distributed.init_from_env(config.device)
+    records = run_sweep(config, progress=not args.no_progress)
+    if distributed.is_main():
+        print(f"{len(records)} points in {config.out}/results.jsonl; table in {config.out}/table.md")

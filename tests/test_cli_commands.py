@@ -1,0 +1,110 @@
+"""``hmtconv evaluate``, ``convert``, ``sweep`` and ``demo`` end to end on real MNIST, tiny sizes."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hmtconv.cli import main
+from hmtconv.report import read_jsonl
+
+SMALL = ["--dataset", "mnist", "--limit", "48", "--calib-size", "32", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A barely trained vgg_small checkpoint (the plumbing, not the accuracy, is under test)."""
+    path = tmp_path_factory.mktemp("ckpt") / "vgg.pt"
+    assert main(["train", "--epochs", "1", "--limit", "3", "--batch-size", "32", "--no-progress",
+                 "--out", str(path)]) == 0
+    return path
+
+
+def test_evaluate_writes_json_with_every_step_and_plots(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    plot = tmp_path / "curves.png"
+    assert main(["evaluate", "--model", str(checkpoint), *SMALL, "--n", "4", "--T", "3", "--policy", "opt",
+                 "--json", str(out), "--plot", str(plot)]) == 0
+    record = json.loads(out.read_text())
+    assert 0 <= record["ann_accuracy"] <= 100
+    assert len(record["snn_accuracy"]) == 3 and len(record["energy_ratio"]) == 3
+    assert record["energy_ratio"] == sorted(record["energy_ratio"])  # energy grows with t
+    assert record["config"] == {"n": 4, "T": 3, "policy": "opt", "neuron": "hmt", "identity": "none",
+                                "communicate": True, "granularity": "layer"}
+    assert record["provenance"]["versions"]["torch"] == torch.__version__
+    assert plot.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "curves-layers.png").exists()
+    printed = capsys.readouterr().out
+    assert "t=3" in printed and "firing rate" in printed
+
+
+def test_evaluate_takes_a_whole_pickled_module_with_a_warning(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    out = tmp_path / "out.json"
+    assert main(["evaluate", "--model", str(path), *SMALL, "--T", "2", "--json", str(out)]) == 0
+    assert "pickled" in capsys.readouterr().err
+    assert len(json.loads(out.read_text())["snn_accuracy"]) == 2
+    assert main(["evaluate", "--model", str(path), *SMALL, "--no-pickle"]) == 2
+    assert "pickle" in capsys.readouterr().err
+
+
+def test_convert_then_evaluate_snn_reproduces_the_numbers(checkpoint, tmp_path):
+    snn_file = tmp_path / "snn.safetensors"
+    args = [*SMALL, "--n", "4", "--T", "2", "--policy", "999", "--granularity", "channel"]
+    assert main(["convert", "--model", str(checkpoint), *args, "--out", str(snn_file)]) == 0
+    direct, loaded = tmp_path / "direct.json", tmp_path / "loaded.json"
+    assert main(["evaluate", "--model", str(checkpoint), *args, "--json", str(direct)]) == 0
+    assert main(["evaluate", "--snn", str(snn_file), *SMALL, "--json", str(loaded)]) == 0
+    a, b = json.loads(direct.read_text()), json.loads(loaded.read_text())
+    for key in ("ann_accuracy", "snn_accuracy", "energy_ratio", "spikes_per_sample", "config"):
+        assert a[key] == b[key], key
+
+
+def test_sweep_runs_the_grid_once_and_resumes(checkpoint, tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text(f"""
+out = "{tmp_path / 'sweep'}"
+[data]
+dataset = "mnist"
+limit = 32
+calib_size = 32
+batch_size = 16
+[[models]]
+name = "vgg"
+model = "{checkpoint}"
+[grid]
+n = [2, 4]
+T = [2]
+policy = ["opt", "999"]
+""")
+    assert main(["sweep", str(config), "--no-progress"]) == 0
+    records = read_jsonl(tmp_path / "sweep" / "results.jsonl")
+    assert len(records) == 4 and {(r["n"], r["policy"]) for r in records} == {(2, "opt"), (2, "999"), (4, "opt"), (4, "999")}
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "| vgg" in table and (tmp_path / "sweep" / "curves-vgg.png").exists()
+    assert main(["sweep", str(config), "--no-progress"]) == 0  # resume: nothing left to do
+    assert len(read_jsonl(tmp_path / "sweep" / "results.jsonl")) == 4
+
+
+def test_sweep_config_typos_are_errors(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('[[models]]\nmodel = "x"\n[grid]\npolicies = ["opt"]\n')
+    assert main(["sweep", str(config)]) == 2
+    assert "unknown key(s) policies" in capsys.readouterr().err
+
+
+def test_demo_runs_on_a_cached_model(checkpoint, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "vgg_small-mnist-e1-s0.pt").write_bytes(checkpoint.read_bytes())
+    monkeypatch.setenv("HMTCONV_CACHE", str(cache))
+    assert main(["demo", "--epochs", "1", "--limit", "48", "--T", "2", "--n", "4", "--policy", "opt", "999",
+                 "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["config"]["policy"] for r in results["runs"]] == ["opt", "999"]
+    assert all(len(r["snn_accuracy"]) == 2 for r in results["runs"])
+    for name in ("curves.png", "layers.png", "tradeoff.png"):
+        assert (tmp_path / "demo" / name).exists()
+    assert "T=2" in capsys.readouterr().out
