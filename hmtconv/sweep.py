@@ -138,6 +138,18 @@ def _label(record: dict, varying: list[str]) -> str:
     return " ".join(f"{k}={record[k]}" for k in varying) or "snn"
 
 
+def _by_T(records: list[dict], keys: list[str]) -> dict[str, dict]:
+    """One curve per setting of ``keys``: the final-step result of each T, in T order."""
+    curves: dict[str, dict] = {}
+    for r in sorted(records, key=lambda r: r["T"]):
+        curve = curves.setdefault(_label(r, keys), {"t": [], "snn_accuracy": [], "energy_ratio": [],
+                                                    "ann_accuracy": r["result"]["ann_accuracy"]})
+        curve["t"].append(r["T"])
+        curve["snn_accuracy"].append(r["result"]["snn_accuracy"][-1])
+        curve["energy_ratio"].append((r["result"]["energy_ratio"] or [float("nan")])[-1])
+    return curves
+
+
 def write_reports(records: list[dict], out: Path) -> None:
     """``table.md`` (final-step accuracy and energy of every point, and full curves) and PNG plots."""
     varying = [k for k in GRID_KEYS if len({json.dumps(r[k]) for r in records}) > 1]
@@ -150,7 +162,10 @@ def write_reports(records: list[dict], out: Path) -> None:
         runs = {_label(r, varying): r["result"] for r in mine}
         sections += [f"## {model}: accuracy and energy at every t", "", curves_table(runs), ""]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
-        plot_curves(runs, out / f"curves-{safe}.png", title=model)
+        if "T" in varying:  # accuracy and energy at t = T of each conversion, vs T
+            plot_curves(_by_T(mine, [k for k in varying if k != "T"]), out / f"by-T-{safe}.png",
+                        title=f"{model}: accuracy and energy at t = T", xlabel="T (time steps of the conversion)")
+        plot_curves(runs, out / f"curves-{safe}.png", title=f"{model}: every t of every run")
         plot_tradeoff([{"label": _label(r, [k for k in varying if k != "T"]), "accuracy": r["result"]["snn_accuracy"][-1],
                         "energy_ratio": (r["result"]["energy_ratio"] or [0.0])[-1]} for r in mine],
                       out / f"tradeoff-{safe}.png", title=f"{model}: accuracy vs energy at t = T")

@@ -20,20 +20,21 @@ def _save(fig, path) -> Path:
     return path
 
 
-def plot_curves(runs: dict[str, dict], path, *, title: str = "") -> Path:
-    """Accuracy vs t (with the ANN line) and energy ratio vs t, one line per labelled run."""
+def plot_curves(runs: dict[str, dict], path, *, title: str = "", xlabel: str = "time step t") -> Path:
+    """Accuracy (with the ANN line) and energy ratio vs t, one line per labelled run; a run's
+    ``"t"`` list, if present, gives the x values (e.g. the T of separate conversions)."""
     fig, (acc_ax, energy_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     ann = None
     for label, result in runs.items():
-        steps = range(1, len(result["snn_accuracy"]) + 1)
+        steps = result.get("t", range(1, len(result["snn_accuracy"]) + 1))
         acc_ax.plot(steps, result["snn_accuracy"], marker="o", ms=3, label=label)
         energy_ax.plot(steps, result["energy_ratio"], marker="o", ms=3, label=label)
         ann = result.get("ann_accuracy") if ann is None else ann
     if ann is not None:
         acc_ax.axhline(ann, color="black", ls="--", lw=1, label=f"ANN {ann:.2f}%")
-    acc_ax.set(xlabel="time step t", ylabel="top-1 accuracy (%)", title="SNN accuracy vs t")
+    acc_ax.set(xlabel=xlabel, ylabel="top-1 accuracy (%)", title="SNN accuracy")
     energy_ax.axhline(1.0, color="gray", ls=":", lw=1)
-    energy_ax.set(xlabel="time step t", ylabel="E_SNN / E_ANN (eqs. 31-32)", title="Energy ratio vs t")
+    energy_ax.set(xlabel=xlabel, ylabel="E_SNN / E_ANN (eqs. 31-32)", title="Energy ratio")
     for ax in (acc_ax, energy_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -63,7 +64,7 @@ def plot_layers(result: dict, path, *, title: str = "") -> Path:
 def plot_tradeoff(points: list[dict], path, *, title: str = "") -> Path:
     """Accuracy vs energy ratio, one marker series per label (the trade-off front)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    labels = sorted({p["label"] for p in points})
+    labels = list(dict.fromkeys(p["label"] for p in points))  # first-seen order: colours match plot_curves
     for label in labels:
         mine = sorted((p for p in points if p["label"] == label), key=lambda p: p["energy_ratio"])
         ax.plot([p["energy_ratio"] for p in mine], [p["accuracy"] for p in mine], marker="o", ms=4, label=label)
