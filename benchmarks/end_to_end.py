@@ -12,30 +12,19 @@ measured side by side in this process, median of repeats after a warm-up; diagno
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torchvision
 
 import hmtconv
 from hmtconv.models import create_model, list_models
+from timing import timed
 
 
 def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     if name in list_models():
         return create_model(name, in_channels=1, image_size=28, num_classes=10).eval(), (1, 28, 28)
     return torchvision.models.get_model(name, num_classes=10).eval(), (3, 64, 64)
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -60,11 +49,11 @@ def main():
         y = torch.randint(0, 10, (args.batch,))
         prepared = hmtconv.calibrate(hmtconv.prepare(model), [(x, y)])
         with torch.no_grad():
-            t_ann = median_time(lambda: model(x), args.repeats)
+            t_ann = timed(lambda: model(x), args.repeats)[0]
         for n in args.n:
             for T in args.T:
                 snn = hmtconv.convert(prepared, n=n, T=T, policy="999")
-                t_snn = median_time(lambda: hmtconv.evaluate(snn, [(x, y)], diagnostics=False), args.repeats)
+                t_snn, _ = timed(lambda: hmtconv.evaluate(snn, [(x, y)], diagnostics=False), args.repeats)
                 print(f"| {name} | {'x'.join(map(str, shape))} | {n} | {T} | {1000 * t_ann:.1f} | "
                       f"{1000 * t_snn:.1f} | {t_snn / (T * t_ann):.2f} |", flush=True)
 

@@ -11,9 +11,7 @@ Median of repeats after a warm-up; the outputs of (a) and ours are checked equal
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,16 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import hmt_literal  # noqa: E402  (the tests' oracle is the faithful loop)
 
 from hmtconv import HMTNeuron  # noqa: E402
-
-
-def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+from timing import timed  # noqa: E402
 
 
 def spikingjelly_if():
