@@ -32,14 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def accuracy_by_T(prepared, work, n: int, policy: str, T_max: int, diagnostics: bool) -> dict:
+def accuracy_by_T(prepared, work, n: int, policy: str, T_max: int, diagnostics: bool, progress: bool) -> dict:
     """Accuracy and energy at T = 1..T_max: one run of T_max steps for T-independent policies,
     one conversion per T (read at t = T) for policies optimized for a given T ("opt")."""
     if policy not in T_DEPENDENT:
         snn = convert(prepared, n=n, T=T_max, policy=policy)
-        return evaluate(snn, work.eval_loader, ann=work.model, diagnostics=diagnostics).to_dict()
+        return evaluate(snn, work.eval_loader, ann=work.model, diagnostics=diagnostics, progress=progress).to_dict()
     per_T = [evaluate(convert(prepared, n=n, T=T, policy=policy), work.eval_loader, ann=work.model,
-                      diagnostics=diagnostics and T == T_max).to_dict() for T in range(1, T_max + 1)]
+                      diagnostics=diagnostics and T == T_max, progress=progress).to_dict()
+             for T in range(1, T_max + 1)]
     record = per_T[-1]
     record["snn_accuracy"] = [r["snn_accuracy"][-1] for r in per_T]
     record["energy_ratio"] = [r["energy_ratio"][-1] for r in per_T]
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> None:
     runs, records = {}, []
     for n in args.n:
         for policy in args.policy:
-            record = accuracy_by_T(prepared, work, n, policy, args.T, diagnostics=not records)
+            record = accuracy_by_T(prepared, work, n, policy, args.T, diagnostics=not records,
+                                   progress=not args.no_progress)
             label = f"n={n} {policy}"
             runs[label] = record
             records.append(record)

@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--json", type=Path, default=None, help="write the full result (with provenance) here")
     out.add_argument("--plot", type=Path, default=None,
                      help="PNG of accuracy and energy vs t; the per-layer chart goes beside it (-layers.png)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--no-diagnostics", action="store_true",
                      help="skip the per-layer |ANN - SNN| comparison (one ANN pass per batch)")
 
@@ -54,7 +55,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         snn = convert(work.model, work.calib_loader, **conversion_kwargs(args))
     converted = time.perf_counter()
     result = evaluate(snn, work.eval_loader, T=args.T, ann=work.model,
-                      diagnostics=not args.no_diagnostics)
+                      diagnostics=not args.no_diagnostics, progress=not args.no_progress)
     finished = time.perf_counter()
     record = result.to_dict()
     record.update(model=work.source, dataset=args.dataset, images=work.eval_images,

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import distributed
 from .api import model_input, placement
@@ -103,9 +104,10 @@ def _sum_batches(rows: list[torch.Tensor], width: int, device: torch.device) -> 
 
 @torch.no_grad()
 def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module | None = None,
-             diagnostics: bool = True, max_batches: int | None = None) -> EvaluationResult:
+             diagnostics: bool = True, max_batches: int | None = None, progress: bool = False) -> EvaluationResult:
     """Top-1 accuracy at t = 1..T (mean logits of steps 1..t), energy ratio (eqs. 31-32) and,
-    with ``diagnostics``, per-site errors against the ANN (one extra ANN-mode pass per batch)."""
+    with ``diagnostics``, per-site errors against the ANN (one extra ANN-mode pass per batch).
+    ``progress`` shows a bar over batches (on rank 0 only)."""
     if not isinstance(snn, SNN):
         raise TypeError(f"evaluate expects the SNN returned by hmtconv.convert(), got {type(snn).__name__}")
     steps = snn.config.T if T is None else T
@@ -123,7 +125,10 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     sites = len(monitor.sites)
     rows = []
     try:
-        for i, (x, y) in enumerate(loader):
+        # disable=None: a bar on terminals only, so logs and captured stderr stay clean
+        bar = tqdm(loader, desc=f"evaluate T={steps}", unit="batch", leave=False,
+                   disable=True if not progress or not distributed.is_main() else None)
+        for i, (x, y) in enumerate(bar):
             if max_batches is not None and i >= max_batches:
                 break
             x, y = model_input(x, device, dtype, f"evaluation batch {i}"), y.to(device)
