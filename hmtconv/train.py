@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import get_datasets, make_loader
+from .device import resolve_device
 from .errors import UserError
 from .models import check_model_fits, create_model, save_checkpoint
 
@@ -70,18 +71,6 @@ class TrainResult:
     seconds: float  # training and evaluation, without data loading
     meta: dict  # what the checkpoint stores as metadata
     path: Path | None  # the checkpoint, if one was written
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 @contextmanager

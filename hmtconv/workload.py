@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -86,11 +85,3 @@ def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = N
         source=loaded.source,
         eval_images=len(eval_set),
     )
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
-    return name

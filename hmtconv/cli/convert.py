@@ -11,7 +11,8 @@ from ..conversion import convert
 from ..errors import UserError
 from ..report import markdown_table
 from ..snn_io import save_snn
-from ..workload import load_workload, resolve_device
+from ..device import resolve_device
+from ..workload import load_workload
 from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options
 from .registry import register_command
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.model is None:
         raise UserError("--model is required")
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     distributed.init_from_env(device)
     torch.manual_seed(args.seed)
     work = load_workload(args.model, data_options(args), weights=args.weights, device=device,

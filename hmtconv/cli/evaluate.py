@@ -13,7 +13,8 @@ from ..conversion import convert, evaluate
 from ..errors import UserError
 from ..report import (atomic_write_json, curves_table, jsonable, layers_table, plot_curves, plot_layers,
                       provenance)
-from ..workload import load_workload, resolve_device
+from ..device import resolve_device
+from ..workload import load_workload
 from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options
 from .registry import register_command
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluation(args: argparse.Namespace) -> dict:
     """Convert and evaluate as the options say; returns the JSON record (also used by `demo`)."""
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     distributed.init_from_env(device)
     torch.manual_seed(args.seed)
     for path in (args.json, args.plot):  # fail now, not after a long run

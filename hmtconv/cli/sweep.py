@@ -5,7 +5,7 @@ import argparse
 
 from .. import distributed
 from ..sweep import load_config, run_sweep
-from ..workload import resolve_device
+from ..device import resolve_device
 from .registry import register_command
 
 EXAMPLE = """example CONFIG.toml:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.out is not None:
         config.out = args.out
-    config.device = resolve_device(config.device)
+    config.device = str(resolve_device(config.device))
     distributed.init_from_env(config.device)
     records = run_sweep(config, progress=not args.no_progress)
     if distributed.is_main():
