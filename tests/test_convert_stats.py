@@ -94,3 +94,39 @@ def test_dead_channel_takes_the_layer_threshold(batches):
     layer = compute_lam(obs, NeuronSpec("hmt", 4, 4, False, False), "999")
     assert per_channel[1] == layer
     assert per_channel[0] != layer and per_channel[2] != layer
+
+
+@pytest.mark.parametrize("signed,mu", [(False, 0.3), (True, 0.2), (True, -0.5)])
+def test_opt_emp_recovers_the_gaussian_optimum(signed, mu):
+    """On Gaussian data the histogram optimum must agree with the exact Gaussian theory
+    (up to the histogram's 4.4 % bins)."""
+    from hmtconv.theory import optimal_lam
+
+    g = torch.Generator().manual_seed(1)
+    obs = ActivationObserver(signed=signed)
+    for _ in range(8):
+        obs(torch.randn(50_000, 4, generator=g) + mu)
+    for n, T in ((4, 4), (2, 8), (8, 2)):
+        spec = NeuronSpec("hmt", n, T, signed, per_channel=False)
+        expected = optimal_lam(mu, 1.0, n, T, signed).item()
+        assert compute_lam(obs, spec, "opt-emp").item() == pytest.approx(expected, rel=0.05)
+
+
+def test_opt_emp_minimizes_the_empirical_error():
+    """Brute force over a dense lam grid of the same discretised error: no candidate does better."""
+    from hmtconv.conversion.empirical import POINTS, _errors, empirical_lam
+
+    obs = ActivationObserver(signed=False)
+    g = torch.Generator().manual_seed(2)
+    obs(torch.distributions.Exponential(1.0).sample((20_000, 3)) * torch.tensor([1.0, 3.0, 0.2]))
+    counts, lo, hi = obs.histogram(per_channel=True)
+    lam = empirical_lam(counts, lo, hi, obs.maximum(True), levels=15, T=4)
+    used = counts.sum(0) > 0
+    frac = (torch.arange(POINTS, dtype=torch.float64) + 0.5) / POINTS
+    x = (lo[used, None] + frac * (hi[used] - lo[used])[:, None]).flatten()
+    w = (counts[:, used].double() / POINTS).repeat_interleave(POINTS, dim=1)
+    dense = (obs.maximum(True).double() / 15)[:, None] * torch.logspace(-8, 0, 4000, base=2, dtype=torch.float64)
+    best = _errors(dense, x, w, 4, 60).min(1).values
+    mine = _errors(lam[:, None], x, w, 4, 60).squeeze(1)
+    assert (mine <= best * (1 + 1e-6)).all()
+    assert not torch.equal(lam[0], lam[1])  # channels get their own thresholds

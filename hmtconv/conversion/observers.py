@@ -158,6 +158,19 @@ class ActivationObserver(nn.Module):
         self._check()
         return self.ch_max if per_channel else self.max
 
+    def histogram(self, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(counts [C or 1, bins], lower edges, upper edges)`` of the output activation; bin 0 is
+        ``[0, 2**min_exp)`` and the open last bin is closed at the largest value seen."""
+        self._check()
+        if per_channel and not self.hist.per_channel:
+            raise ValueError("per-channel histograms need prepare(..., histogram=HistogramConfig(per_channel=True))")
+        k = torch.arange(self.hist.bins, dtype=torch.float64)
+        hi = torch.exp2(self.hist.min_exp + k / self.hist.bins_per_octave)
+        lo = torch.cat((torch.zeros(1, dtype=torch.float64), hi[:-1]))
+        hi[-1] = max(float(self.max), float(lo[-1]))
+        counts = self.hist_channel if per_channel else self.hist_layer.unsqueeze(0)
+        return counts.cpu(), lo, hi
+
     def quantile(self, q: float, per_channel: bool) -> torch.Tensor:
         """``q``-quantile of the site's output activation over the whole calibration set."""
         self._check()

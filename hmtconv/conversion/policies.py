@@ -40,7 +40,7 @@ Policy = Callable[[ActivationObserver, NeuronSpec], torch.Tensor]
 POLICIES: dict[str, Policy] = {}
 # Policies whose lam depends on T (eq. 24 has N = T): comparing them at several T takes one
 # conversion per T; the others serve every t <= T from one run.
-T_DEPENDENT = ("opt", "opt1500")
+T_DEPENDENT = ("opt", "opt1500", "opt-emp")
 
 
 def register_policy(name: str) -> Callable[[Policy], Policy]:
@@ -67,6 +67,16 @@ def fixed_point_1500(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
     mu, sigma = obs.moments(spec.per_channel)
     return theory.fixed_point_lam(mu, sigma, spec.n, spec.T, spec.signed, steps=1500,
                                   levels=spec.theory_levels)
+
+
+@register_policy("opt-emp")
+def empirical_optimum(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
+    """Minimum of eq. 24's error over the calibration histogram itself (no Gaussian fit)."""
+    from .empirical import empirical_lam
+    counts, lo, hi = obs.histogram(spec.per_channel)
+    vmax = obs.maximum(spec.per_channel).reshape(-1).cpu()
+    lam = empirical_lam(counts, lo, hi, vmax, spec.levels, spec.T)
+    return lam if spec.per_channel else lam[0]
 
 
 def percentile_policy(percent: float, scale: float = 1.0) -> Policy:
