@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
     atomic_write_json(out / "results.json", {"model": work.source, "checkpoint": str(checkpoint), "runs": records,
                                              "provenance": provenance(jsonable(vars(args)), seed=args.seed,
                                                                       device="cpu")})
-    plot_curves(runs, out / "curves.png", title="VGG-style CNN on MNIST: H-MT SNN vs ANN")
+    plot_curves(runs, out / "curves.png", title="VGG-style CNN on MNIST: H-MT SNN vs ANN", xlabel="T (time steps)")
     plot_layers(records[0], out / "layers.png", title=f"n={args.n[0]} {args.policy[0]}, T={args.T}")
     plot_tradeoff([{"label": label, "accuracy": a, "energy_ratio": e}
                    for label, r in runs.items() for a, e in zip(r["snn_accuracy"], r["energy_ratio"])],
