@@ -1,7 +1,6 @@
 """Train the built-in models (``hmtconv train``): seeded, deterministic on CPU, checkpointed atomically."""
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import time
@@ -21,6 +20,7 @@ from .data import get_datasets, make_loader
 from .device import resolve_device
 from .errors import UserError
 from .models import check_model_fits, create_model, save_checkpoint
+from .report.provenance import library_versions
 
 
 @dataclass(frozen=True)
@@ -113,16 +113,6 @@ def evaluate_accuracy(
     return correct / total
 
 
-def versions() -> dict[str, str]:
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
-            return "unknown"
-
-    return {name: version(name) for name in ("hmtconv", "torch", "torchvision")}
-
-
 def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
     """Train ``config.model`` on ``config.dataset``, evaluate on its test split, and write a
     checkpoint to ``out`` (loadable by ``load_model(out)`` and ``load_checkpoint``)."""
@@ -169,7 +159,7 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
         "test_accuracy": accuracy,
         "test_images": min(len(eval_set), (config.limit or len(eval_set)) * EVAL_BATCH_SIZE),
         "seconds": seconds,
-        "versions": versions(),
+        "versions": library_versions(),
     }
     model.cpu().eval()
     path = save_checkpoint(out, model, config.model, kwargs, meta) if out is not None else None

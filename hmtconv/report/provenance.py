@@ -32,18 +32,23 @@ def jsonable(options: dict) -> dict:
     return out
 
 
-def provenance(config: dict, *, seed: int | None = None, device: str | None = None) -> dict:
-    """A JSON-able record that lets anyone trace and re-run a result."""
+def library_versions() -> dict[str, str]:
+    """Versions of hmtconv and the libraries its numbers depend on."""
     import torchvision
 
     from .. import __version__
 
+    # str(): torch.__version__ is a TorchVersion, which weights_only checkpoints cannot hold
+    return {"hmtconv": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+
+
+def provenance(config: dict, *, seed: int | None = None, device: str | None = None) -> dict:
+    """A JSON-able record that lets anyone trace and re-run a result."""
     return {
         "config": config,
         "seed": seed,
         "device": device,
-        "versions": {"hmtconv": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "python": platform.python_version()},
+        "versions": library_versions() | {"python": platform.python_version()},
         "git_commit": git_commit(),
         "host": platform.node(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

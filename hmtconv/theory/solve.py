@@ -33,8 +33,8 @@ def _point_mass_lam(mu, b, T, signed):
 def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12, max_iter: int = 200):
     """The lam (lambda_min) minimizing the expected error of eqs. 9/23: the unique root of k = 1.
 
-    Bracketed in log lam, then refined by the Illinois variant of regula falsi on log k, which
-    converges superlinearly and never leaves the bracket. Returns float64 with the broadcast shape.
+    Bracketed in log lam, then refined by the Anderson-Bjorck variant of regula falsi on log k,
+    which converges superlinearly and never leaves the bracket. Returns float64 with the broadcast shape.
     ``sigma = 0`` is solved exactly (see ``_point_mass_lam``).
     """
     mu, sigma, T = broadcast64(mu, sigma, T)
