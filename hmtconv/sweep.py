@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .conversion import calibrate, convert, evaluate, prepare
+from .conversion.policies import T_DEPENDENT
 from .errors import UserError
 from .report import (append_jsonl, atomic_write_text, curves_table, markdown_table, plot_curves, plot_tradeoff,
                      provenance, read_jsonl)
@@ -101,6 +102,19 @@ def point_key(model: str, point: dict) -> str:
     return json.dumps({"model": model, **point}, sort_keys=True)
 
 
+def simulations(points: list[dict]) -> list[tuple[int, list[dict]]]:
+    """``(steps to simulate, grid points that run answers)``. Thresholds of T-independent policies
+    (999, max, percentiles) are the same for every T and the simulation is causal, so one run of the
+    largest T answers every smaller T of the same setting (its first t steps); T-dependent policies
+    (eq. 24 has N = T) need a conversion per T."""
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        shared = p["policy"] not in T_DEPENDENT
+        groups.setdefault(json.dumps({k: v for k, v in p.items() if k != "T" or not shared}, sort_keys=True),
+                          []).append(p)
+    return [(max(p["T"] for p in group), group) for group in groups.values()]
+
+
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
     """Run every point not yet in ``OUT/results.jsonl``; return all records (old and new)."""
     out = Path(config.out)
@@ -116,17 +130,20 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
         work = load_workload(entry.model, config.data, weights=entry.weights, device=config.device)
         for identity in sorted({p["identity"] for p in mine}):
             prepared = calibrate(prepare(work.model, identity=identity), work.calib_loader)
-            for point in (p for p in mine if p["identity"] == identity):
-                bar.set_postfix_str(f"{entry.name} " + " ".join(f"{k}={point[k]}" for k in GRID_KEYS))
-                snn = convert(prepared, **point)
+            for steps, group in simulations([p for p in mine if p["identity"] == identity]):
+                bar.set_postfix_str(f"{entry.name} " + " ".join(f"{k}={group[0][k]}" for k in GRID_KEYS if k != "T")
+                                    + f" T={steps}")
+                snn = convert(prepared, **{**group[0], "T": steps})
                 result = evaluate(snn, work.eval_loader, ann=work.model, diagnostics=config.diagnostics)
-                record = {"key": point_key(entry.name, point), "model": entry.name, **point,
-                          "result": result.to_dict(),
-                          "provenance": provenance({"model": asdict(entry), "data": asdict(config.data), **point},
-                                                   seed=config.data.seed, device=config.device)}
-                if distributed.is_main():
-                    append_jsonl(results_path, record)
-                bar.update()
+                for point in group:
+                    part = result if point["T"] == steps else result.truncated(point["T"])
+                    record = {"key": point_key(entry.name, point), "model": entry.name, **point,
+                              "simulated_T": steps, "result": part.to_dict(),
+                              "provenance": provenance({"model": asdict(entry), "data": asdict(config.data), **point},
+                                                       seed=config.data.seed, device=config.device)}
+                    if distributed.is_main():
+                        append_jsonl(results_path, record)
+                bar.update(len(group))
     bar.close()
     records = read_jsonl(results_path)
     if distributed.is_main() and records:
@@ -150,16 +167,37 @@ def _by_T(records: list[dict], keys: list[str]) -> dict[str, dict]:
     return curves
 
 
+def by_T_table(records: list[dict], keys: list[str]) -> str:
+    """The paper's table layout: one row per setting of ``keys`` and measure, one column per T."""
+    steps = sorted({r["T"] for r in records})
+    cells: dict[tuple[str, str], dict[int, float | None]] = {}
+    for r in records:
+        result, label = r["result"], _label(r, keys)
+        for measure, values in (("top-1", result["snn_accuracy"]), ("agreement", result.get("agreement")),
+                                ("energy", result["energy_ratio"])):
+            cells.setdefault((label, measure), {})[r["T"]] = None if values is None else values[-1]
+    ann = records[0]["result"]["ann_accuracy"]
+    rows = [[label, measure, *(by_step.get(t) for t in steps)] for (label, measure), by_step in cells.items()
+            if any(v is not None for v in by_step.values())]
+    return markdown_table([f"setting (ANN {ann:.2f}%)" if ann is not None else "setting", "measure",
+                           *(f"T={t}" for t in steps)], rows)
+
+
 def write_reports(records: list[dict], out: Path) -> None:
     """``table.md`` (final-step accuracy and energy of every point, and full curves) and PNG plots."""
     varying = [k for k in GRID_KEYS if len({json.dumps(r[k]) for r in records}) > 1]
-    header = ["model", *GRID_KEYS, "ANN %", "SNN % at T", "energy at T", "spikes/sample"]
+    header = ["model", *GRID_KEYS, "ANN %", "SNN % at T", "agreement at T", "energy at T", "spikes/sample"]
     rows = [[r["model"], *(r[k] for k in GRID_KEYS), r["result"]["ann_accuracy"], r["result"]["snn_accuracy"][-1],
+             (r["result"].get("agreement") or [None])[-1],
              (r["result"]["energy_ratio"] or [None])[-1], r["result"]["spikes_per_sample"]] for r in records]
     sections = ["# Sweep results", "", markdown_table(header, rows), ""]
     for model in dict.fromkeys(r["model"] for r in records):
         mine = [r for r in records if r["model"] == model]
-        runs = {_label(r, varying): r["result"] for r in mine}
+        if "T" in varying:
+            sections += [f"## {model}: by T (SNN top-1 %, agreement with the ANN %, energy ratio at t = T)", "",
+                         by_T_table(mine, [k for k in varying if k != "T"]), ""]
+        # a run answers the smaller T of T-independent policies too: show each simulation once
+        runs = {_label(r, varying): r["result"] for r in mine if r.get("simulated_T", r["T"]) == r["T"]}
         sections += [f"## {model}: accuracy and energy at every t", "", curves_table(runs), ""]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
         if "T" in varying:  # accuracy and energy at t = T of each conversion, vs T

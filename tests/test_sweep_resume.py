@@ -34,3 +34,18 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path, monkeypatch)
     assert calls == [3, 4]  # the finished points are not redone
     assert [r["T"] for r in records] == [1, 2, 3, 4]
     assert (tmp_path / "out" / "table.md").exists()
+
+
+def test_T_independent_policy_is_simulated_once_for_every_T(tmp_path, monkeypatch):
+    model = tmp_path / "cnn.pt"
+    torch.save(nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 144, 10)).eval(),
+               model)
+    config = SweepConfig(models=[ModelEntry("cnn", str(model))], T=[1, 3], policy=["999", "opt"],
+                         out=str(tmp_path / "out"), data=DataOptions(dataset="mnist", limit=16, calib_size=16))
+    real, calls = sweep.evaluate, []
+    monkeypatch.setattr(sweep, "evaluate", lambda snn, *a, **k: calls.append(snn.config.policy) or real(snn, *a, **k))
+    records = {(r["policy"], r["T"]): r for r in run_sweep(config, progress=False)}
+    assert sorted(calls) == ["999", "opt", "opt"]
+    short, long = records[("999", 1)], records[("999", 3)]
+    assert short["simulated_T"] == 3 and short["result"]["snn_accuracy"] == long["result"]["snn_accuracy"][:1]
+    assert "by T" in (tmp_path / "out" / "table.md").read_text()

@@ -135,9 +135,10 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
             if tuple(x.shape[1:]) != shape:
                 raise ValueError(f"evaluation batch {i} has images of shape {list(x.shape[1:])} but the SNN was "
                                  f"calibrated on {list(shape)}; use the same image size and channels")
-            ann_correct = (ann(x).argmax(-1) == y).sum() if ann is not None else torch.zeros((), device=device)
+            ann_pred = ann(x).argmax(-1) if ann is not None else None
             counts = torch.tensor([0.0, y.shape[0]], dtype=torch.float64, device=device)
-            counts[0] = ann_correct
+            if ann_pred is not None:
+                counts[0] = (ann_pred == y).sum()
             if diagnostics:
                 snn.ann_forward(x)
             out = snn(x, steps)  # [T, B, classes]
@@ -146,16 +147,22 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
                                  f"{_first_nonfinite_site(snn, x, steps)} (finite input images)")
             _check_labels(y, out.shape[-1], i)
             mean_logits = out.cumsum(0) / step_index(steps, out)
-            correct = (mean_logits.argmax(-1) == y).sum(1)
+            pred = mean_logits.argmax(-1)
+            correct = (pred == y).sum(1)
+            agree = (pred == ann_pred).sum(1) if ann_pred is not None else torch.zeros_like(correct)
             synops = torch.zeros(steps, dtype=torch.float64, device=device)
+            step_spikes = torch.zeros(steps, dtype=torch.float64, device=device)
             for site in monitor.sites.values():
+                step_spikes += site.neuron.spikes
                 if site.neuron.synops is not None:
                     synops += site.neuron.synops
-            rows.append(torch.cat([correct.to(torch.float64), synops, monitor.take(), counts]))
+            rows.append(torch.cat([correct.to(torch.float64), agree.to(torch.float64), synops, step_spikes,
+                                   monitor.take(), counts]))
     finally:
         monitor.close()
-    total = _sum_batches(rows, 2 * steps + 3 * sites + 2, device)
-    correct, synops, spikes, elements, abs_err, (ann_correct, samples) = total.split([steps, steps, sites, sites, sites, 2])
+    total = _sum_batches(rows, 4 * steps + 3 * sites + 2, device)
+    correct, agree, synops, step_spikes, spikes, elements, abs_err, (ann_correct, samples) = \
+        total.split([steps] * 4 + [sites] * 3 + [2])
     samples = int(samples.item())
     if samples == 0:
         raise ValueError("evaluation loader yielded no batches (is the evaluation set empty?)")
@@ -168,6 +175,8 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         T=steps, samples=samples,
         ann_accuracy=None if ann is None else 100.0 * ann_correct.item() / samples,
         snn_accuracy=(100.0 * correct / samples).tolist(),
+        agreement=None if ann is None else (100.0 * agree / samples).tolist(),
         energy_ratio=energy, spikes_per_sample=spikes.sum().item() / samples,
+        spikes_cumulative=(step_spikes.cumsum(0) / samples).tolist(),
         per_layer=monitor.layers(spikes, elements, abs_err), config=snn.config.to_dict(),
         unconverted=list(snn.report.unconverted))

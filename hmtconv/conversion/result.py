@@ -1,7 +1,7 @@
 """What ``evaluate`` returns: accuracy at every step, energy, and where accuracy is lost."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass
@@ -18,7 +18,9 @@ class LayerStats:
 
 @dataclass
 class EvaluationResult:
-    """``snn_accuracy[t-1]`` and ``energy_ratio[t-1]`` use steps 1..t of one run (percent; eq. 31)."""
+    """``snn_accuracy[t-1]``, ``agreement[t-1]`` (percent of samples whose SNN prediction equals the
+    ANN's; None without ``ann``), ``energy_ratio[t-1]`` (eq. 31) and ``spikes_cumulative[t-1]``
+    (binary spikes per sample) use steps 1..t of one run."""
 
     T: int
     samples: int
@@ -26,9 +28,22 @@ class EvaluationResult:
     snn_accuracy: list[float]
     energy_ratio: list[float] | None
     spikes_per_sample: float
+    agreement: list[float] | None = None
+    spikes_cumulative: list[float] = field(default_factory=list)
     per_layer: list[LayerStats] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     unconverted: list[tuple[str, str]] = field(default_factory=list)
+
+    def truncated(self, steps: int) -> "EvaluationResult":
+        """The result of the first ``steps`` steps: equal to a run of ``steps`` steps when the
+        thresholds do not depend on T (the simulation is causal). Per-layer figures stay those of
+        the whole run."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"can truncate a {self.T}-step result to 1..{self.T} steps, not {steps}")
+        cut = lambda xs: None if xs is None else xs[:steps]  # noqa: E731
+        return replace(self, T=steps, snn_accuracy=cut(self.snn_accuracy), agreement=cut(self.agreement),
+                       energy_ratio=cut(self.energy_ratio), spikes_cumulative=cut(self.spikes_cumulative),
+                       spikes_per_sample=self.spikes_cumulative[steps - 1])
 
     def to_dict(self) -> dict:
         """JSON-serializable (plain floats, lists and strings)."""

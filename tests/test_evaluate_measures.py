@@ -1,0 +1,48 @@
+"""Agreement with the ANN, spikes through step t, and answering a smaller T from one run."""
+import pytest
+import torch
+
+import hmtconv.conversion as hc
+from hmtconv.sweep import simulations
+
+from test_convert_snn import loader, small_cnn
+
+
+def test_agreement_and_spikes_against_a_direct_computation():
+    model, data = small_cnn(), loader()
+    snn = hc.convert(model, data, n=2, T=5, policy="999")
+    result = hc.evaluate(snn, data, ann=model)
+    agree, spikes = torch.zeros(5), torch.zeros(5)
+    for x, _ in data:  # the definition, batch by batch: argmax of the mean logits of steps 1..t vs the ANN's
+        out = snn(x)
+        mean = out.cumsum(0) / torch.arange(1, 6).view(5, 1, 1)
+        agree += (mean.argmax(-1) == model(x).argmax(-1)).sum(1)
+        spikes += sum(site.neuron.spikes for site in snn.sites().values()).float()
+    assert result.agreement == pytest.approx((100 * agree / 24).tolist())
+    assert result.spikes_cumulative == pytest.approx((spikes.cumsum(0) / 24).tolist())
+    assert result.spikes_cumulative[-1] == pytest.approx(result.spikes_per_sample)
+    assert hc.evaluate(snn, data).agreement is None  # no ANN given
+
+
+def test_first_t_steps_of_a_run_equal_a_run_of_t_steps():
+    """Causality: with T-independent thresholds, steps 1..t of a long run are a run of t steps."""
+    model, data = small_cnn(), loader()
+    snn = hc.convert(model, data, n=3, T=6, policy="999")
+    long = hc.evaluate(snn, data, ann=model, diagnostics=False)
+    for t in (1, 3, 6):
+        short = hc.evaluate(snn, data, T=t, ann=model, diagnostics=False)
+        cut = long.truncated(t)
+        for key in ("snn_accuracy", "agreement", "energy_ratio", "spikes_cumulative"):
+            assert getattr(cut, key) == pytest.approx(getattr(short, key), rel=1e-12), key
+        assert cut.spikes_per_sample == pytest.approx(short.spikes_per_sample, rel=1e-12)
+    with pytest.raises(ValueError, match="1..6 steps, not 7"):
+        long.truncated(7)
+
+
+def test_sweep_simulates_T_independent_policies_once():
+    points = [{"policy": p, "n": 4, "T": t} for p in ("opt", "999", 99.0) for t in (1, 2, 4)]
+    runs = simulations(points)
+    assert sorted((steps, len(group)) for steps, group in runs) == [(1, 1), (2, 1), (4, 1), (4, 3), (4, 3)]
+    for steps, group in runs:
+        if group[0]["policy"] != "opt":
+            assert {p["T"] for p in group} == {1, 2, 4}
