@@ -47,6 +47,7 @@ class SweepConfig:
     device: str = "cpu"
     out: str = "runs/sweep"
     diagnostics: bool = False  # per-layer |ANN - SNN| costs one ANN pass per batch
+    memory_budget: str | None = None  # e.g. "4GB": simulate batches in chunks that fit (evaluate)
 
     def points(self) -> list[dict]:
         """The grid, with duplicates removed: the IF neuron has n = 1 whatever n says."""
@@ -64,7 +65,8 @@ class SweepConfig:
 
 def load_config(path: str | Path) -> SweepConfig:
     """Read a sweep TOML: ``[data]`` (DataOptions), ``[grid]`` (lists), ``[[models]]``, and top-level
-    ``device``, ``out``, ``diagnostics``. Unknown keys are errors (a typo must not run a wrong grid)."""
+    ``device``, ``out``, ``diagnostics``, ``memory_budget``. Unknown keys are errors (a typo must not
+    run a wrong grid)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -72,7 +74,7 @@ def load_config(path: str | Path) -> SweepConfig:
         raise UserError(f"sweep config {path} does not exist") from error
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"sweep config {path} is not valid TOML: {error}") from error
-    allowed = {"data", "grid", "models", "device", "out", "diagnostics"}
+    allowed = {"data", "grid", "models", "device", "out", "diagnostics", "memory_budget"}
     _no_unknown(raw, allowed, str(path))
     data = raw.get("data", {})
     _no_unknown(data, {f.name for f in fields(DataOptions)}, f"{path} [data]")
@@ -88,7 +90,7 @@ def load_config(path: str | Path) -> SweepConfig:
             raise UserError(f"{path}: a [[models]] entry has no 'model'")
         entries.append(ModelEntry(entry.get("name", entry["model"]), entry["model"], entry.get("weights")))
     grid = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
-    top = {k: raw[k] for k in ("device", "out", "diagnostics") if k in raw}
+    top = {k: raw[k] for k in ("device", "out", "diagnostics", "memory_budget") if k in raw}
     return SweepConfig(models=entries, data=DataOptions(**data), **grid, **top)
 
 
@@ -134,7 +136,8 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
                 bar.set_postfix_str(f"{entry.name} " + " ".join(f"{k}={group[0][k]}" for k in GRID_KEYS if k != "T")
                                     + f" T={steps}")
                 snn = convert(prepared, **{**group[0], "T": steps})
-                result = evaluate(snn, work.eval_loader, ann=work.model, diagnostics=config.diagnostics)
+                result = evaluate(snn, work.eval_loader, ann=work.model, diagnostics=config.diagnostics,
+                                  memory_budget=config.memory_budget)
                 for point in group:
                     part = result if point["T"] == steps else result.truncated(point["T"])
                     record = {"key": point_key(entry.name, point), "model": entry.name, **point,

@@ -22,6 +22,12 @@ from .registry import register_command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data(parser)
     add_conversion(parser)
+    sim = parser.add_argument_group("memory (results do not depend on these)")
+    chunks = sim.add_mutually_exclusive_group()
+    chunks.add_argument("--max-batch", type=int, default=None,
+                        help="simulate each batch in chunks of at most this many samples (default: whole batches)")
+    chunks.add_argument("--memory-budget", default=None,
+                        help="pick the chunk so the estimated activation memory stays under this, e.g. 4GB")
     out = parser.add_argument_group("output")
     out.add_argument("--snn", default=None, help="evaluate an SNN saved by `hmtconv convert` (no re-calibration; "
                      "--n/--T/--policy... come from the file, --T may shorten or extend the run)")
@@ -56,7 +62,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         snn = convert(work.model, work.calib_loader, **conversion_kwargs(args))
     converted = time.perf_counter()
     result = evaluate(snn, work.eval_loader, T=args.T, ann=work.model,
-                      diagnostics=not args.no_diagnostics, progress=not args.no_progress)
+                      diagnostics=not args.no_diagnostics, progress=not args.no_progress,
+                      max_batch=args.max_batch, memory_budget=args.memory_budget)
     finished = time.perf_counter()
     record = result.to_dict()
     record.update(model=work.source, dataset=args.dataset, images=work.eval_images,

@@ -5,7 +5,7 @@
 3. :class:`ToTime` at static -> temporal edges (multistep.py);
 4. expectation compensation for nonlinear ops whose input varies over time (compensated.py), and
    a clear error for any op of the spiking part that is neither structural nor compensable;
-5. operation counts for energy (energy.py).
+5. operation counts for energy (energy.py) and the activation memory profile (memory.py).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .compensated import COMPENSATED, Compensated
 from .energy import count_operations
+from .memory import activation_profile
 from .graph import scope
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lam
@@ -97,4 +98,5 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
     compensate_and_check(net, kinds)
     macs = count_operations(net, kinds)
     output = next(n for n in net.graph.nodes if n.op == "output").args[0]
-    return SNN(net, config, report, output_temporal=kinds.get(output) == "temporal", macs=macs)
+    return SNN(net, config, report, output_temporal=kinds.get(output) == "temporal", macs=macs,
+               memory_profile=activation_profile(net, kinds).to(device))

@@ -17,19 +17,22 @@ from tqdm.auto import tqdm
 from .. import distributed
 from .api import model_input, placement
 from .energy import E_AC, E_MAC
+from .memory import chunk_size, parse_bytes
 from .multistep import step_index, unfold
 from .result import EvaluationResult, LayerStats
 from .snn import SNN
 
 
 class _SiteMonitor:
-    """Per-site spikes, element counts and |ANN - SNN mean| of the current batch via forward hooks
-    (cheap: one mean over T and one difference per site, no extra layer calls)."""
+    """Per-site spikes, element counts and |ANN - SNN mean|, and per-step spikes and synaptic
+    operations, of the current batch via forward hooks (cheap: one mean over T and one difference
+    per site, no extra layer calls). Hooks add up, so a batch may run as several chunks."""
 
     def __init__(self, snn: SNN, steps: int, compare: bool):
         self.sites, self.steps, self.compare = snn.sites(), steps, compare
         self.device = next(iter(snn.buffers())).device
         self.batch = torch.zeros(3, len(self.sites), dtype=torch.float64, device=self.device)  # spikes, elements, |err|
+        self.per_step = torch.zeros(2, steps, dtype=torch.float64, device=self.device)  # spikes, synops
         self.ann: dict[int, torch.Tensor] = {}
         self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.sites.values())]
 
@@ -40,13 +43,18 @@ class _SiteMonitor:
                 return
             self.batch[0, i] += module.neuron.spikes.sum()
             self.batch[1, i] += out.numel() / self.steps
+            self.per_step[0] += module.neuron.spikes
+            if module.neuron.synops is not None:
+                self.per_step[1] += module.neuron.synops
             if self.compare:
                 self.batch[2, i] += (unfold(out, self.steps).mean(0) - self.ann.pop(i)).abs().sum(dtype=torch.float64)
         return hook
 
     def take(self) -> torch.Tensor:
-        """This batch's ``[spikes, elements, |err|]`` per site, flattened; starts the next batch at 0."""
-        row, self.batch = self.batch.flatten(), torch.zeros_like(self.batch)
+        """This batch's per-step ``[spikes, synops]`` then per-site ``[spikes, elements, |err|]``,
+        flattened; starts the next batch at 0."""
+        row = torch.cat([self.per_step.flatten(), self.batch.flatten()])
+        self.batch, self.per_step = torch.zeros_like(self.batch), torch.zeros_like(self.per_step)
         return row
 
     def close(self) -> None:
@@ -82,6 +90,34 @@ def _first_nonfinite_site(snn: SNN, x: torch.Tensor, steps: int) -> str:
     return f"the input of site {found[0]}" if found else "the layers after the last spiking site"
 
 
+def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int | str | None) -> int | None:
+    if max_batch is not None and memory_budget is not None:
+        raise ValueError("give max_batch or memory_budget, not both")
+    if max_batch is not None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        return max_batch
+    if memory_budget is None:
+        return None
+    budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+    per_sample = snn.activation_bytes(steps)
+    if per_sample > budget:
+        warnings.warn(f"one sample at T={steps} needs about {per_sample / 2**20:.0f} MiB of activations, more than "
+                      f"the budget of {budget / 2**20:.0f} MiB; simulating one sample at a time", stacklevel=3)
+    return chunk_size(per_sample, budget, batch=2**62)
+
+
+def _simulate(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None, diagnostics: bool) -> torch.Tensor:
+    """``snn(x, steps)``, in chunks of at most ``chunk`` samples; the ANN-mode pass of the
+    diagnostics runs on the same chunk just before (the site hooks pair them up)."""
+    outs = []
+    for part in (x.split(chunk) if chunk else (x,)):
+        if diagnostics:
+            snn.ann_forward(part)
+        outs.append(snn(part, steps))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 def _check_labels(y: torch.Tensor, classes: int, batch: int) -> None:
     if y.dim() != 1 or y.is_floating_point():
         raise ValueError(f"evaluation batch {batch}: labels must be a 1-D integer tensor of class indices, "
@@ -104,10 +140,15 @@ def _sum_batches(rows: list[torch.Tensor], width: int, device: torch.device) -> 
 
 @torch.no_grad()
 def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module | None = None,
-             diagnostics: bool = True, max_batches: int | None = None, progress: bool = False) -> EvaluationResult:
+             diagnostics: bool = True, max_batches: int | None = None, progress: bool = False,
+             max_batch: int | None = None, memory_budget: int | str | None = None) -> EvaluationResult:
     """Top-1 accuracy at t = 1..T (mean logits of steps 1..t), energy ratio (eqs. 31-32) and,
     with ``diagnostics``, per-site errors against the ANN (one extra ANN-mode pass per batch).
-    ``progress`` shows a bar over batches (on rank 0 only)."""
+    ``progress`` shows a bar over batches (on rank 0 only).
+
+    Memory: each batch is simulated in chunks of at most ``max_batch`` samples, or of as many as
+    fit ``memory_budget`` (bytes or ``"4GB"``; estimated activation memory, see memory.py). Samples
+    are independent, so the results do not depend on the chunking."""
     if not isinstance(snn, SNN):
         raise TypeError(f"evaluate expects the SNN returned by hmtconv.convert(), got {type(snn).__name__}")
     steps = snn.config.T if T is None else T
@@ -121,6 +162,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         ann.eval()
     device, dtype = placement(snn)
     shape = tuple(snn.report.input_shape)
+    chunk = _chunk_limit(snn, steps, max_batch, memory_budget)
     monitor = _SiteMonitor(snn, steps, compare=diagnostics)
     sites = len(monitor.sites)
     rows = []
@@ -139,9 +181,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
             counts = torch.tensor([0.0, y.shape[0]], dtype=torch.float64, device=device)
             if ann_pred is not None:
                 counts[0] = (ann_pred == y).sum()
-            if diagnostics:
-                snn.ann_forward(x)
-            out = snn(x, steps)  # [T, B, classes]
+            out = _simulate(snn, x, steps, chunk, diagnostics)  # [T, B, classes]
             if not torch.isfinite(out).all():
                 raise ValueError(f"evaluation batch {i}: NaN or inf in the SNN, first at "
                                  f"{_first_nonfinite_site(snn, x, steps)} (finite input images)")
@@ -150,18 +190,11 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
             pred = mean_logits.argmax(-1)
             correct = (pred == y).sum(1)
             agree = (pred == ann_pred).sum(1) if ann_pred is not None else torch.zeros_like(correct)
-            synops = torch.zeros(steps, dtype=torch.float64, device=device)
-            step_spikes = torch.zeros(steps, dtype=torch.float64, device=device)
-            for site in monitor.sites.values():
-                step_spikes += site.neuron.spikes
-                if site.neuron.synops is not None:
-                    synops += site.neuron.synops
-            rows.append(torch.cat([correct.to(torch.float64), agree.to(torch.float64), synops, step_spikes,
-                                   monitor.take(), counts]))
+            rows.append(torch.cat([correct.to(torch.float64), agree.to(torch.float64), monitor.take(), counts]))
     finally:
         monitor.close()
     total = _sum_batches(rows, 4 * steps + 3 * sites + 2, device)
-    correct, agree, synops, step_spikes, spikes, elements, abs_err, (ann_correct, samples) = \
+    correct, agree, step_spikes, synops, spikes, elements, abs_err, (ann_correct, samples) = \
         total.split([steps] * 4 + [sites] * 3 + [2])
     samples = int(samples.item())
     if samples == 0:

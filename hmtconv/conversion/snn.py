@@ -57,7 +57,8 @@ class SNN(nn.Module):
     analog value at every step). Energy counts (per sample, see energy.py) are buffers."""
 
     def __init__(self, net: nn.Module, config: ConversionConfig, report: ConversionReport,
-                 output_temporal: bool, macs: dict[str, float] | None):
+                 output_temporal: bool, macs: dict[str, float] | None,
+                 memory_profile: torch.Tensor | None = None):
         super().__init__()
         self.net = net
         self.config = config
@@ -66,7 +67,22 @@ class SNN(nn.Module):
         for key in ("mac_ann", "mac_static", "mac_step"):  # None when energy could not be counted
             value = None if macs is None else torch.tensor(macs[key], dtype=torch.float64)
             self.register_buffer(key, value)
+        # (static, per-step) live activation bytes per graph node for one sample (memory.py);
+        # recomputed whenever the SNN is built, so not saved with it.
+        self.register_buffer("memory_profile", memory_profile, persistent=False)
+        self._leaf_bytes: float | None = None
         self._time_aware = [m for m in net.modules() if isinstance(m, TimeAware)]
+
+    def activation_bytes(self, steps: int | None = None) -> float:
+        """Estimated peak activation memory of one sample simulated for ``steps`` steps (memory.py)."""
+        steps = self.config.T if steps is None else steps
+        if self.memory_profile is not None:
+            return (self.memory_profile[:, 0] + steps * self.memory_profile[:, 1]).max().item()
+        if self._leaf_bytes is None:  # module-swapped model: every op sees T*B rows
+            from .memory import leaf_output_bytes
+            self._set_steps(1)
+            self._leaf_bytes = leaf_output_bytes(self.net, self.report.input_shape, next(iter(self.buffers())).device)
+        return steps * self._leaf_bytes
 
     def sites(self) -> dict[str, SpikingActivation]:
         """Spiking neurons by qualified name (as in the prepared model)."""

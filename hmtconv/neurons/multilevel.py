@@ -43,14 +43,13 @@ def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int
     """One step in place (eqs. 14-18 in closed form): ``m = v + sign*current``, returns the level
     ``k = clamp(floor(m / lam), 0, levels)``, writes ``k * lam`` to ``out`` and leaves ``v = m - out``.
 
-    ``floor(m / lam)`` alone is off by one when ``m`` lies within an ulp below a multiple of ``lam``
-    (the quotient rounds up). ``fmod`` is exact in IEEE arithmetic, so ``m - fmod(m, lam)`` is a
-    multiple of ``lam`` up to one rounding and the division recovers the exact integer: the level
-    equals the greedy largest-first firing of eqs. 15-16 bit for bit.
+    ``floor(m / lam)`` computed as a rounded quotient is off by one when ``m`` lies within an ulp
+    below a multiple of ``lam`` (the quotient rounds up). Floor division (``rounding_mode="floor"``)
+    is exact: it subtracts ``fmod(m, lam)`` (exact in IEEE arithmetic) before dividing, as Python's
+    ``//`` does, so the level equals the greedy largest-first firing of eqs. 15-16 bit for bit.
     """
     v.add_(current, alpha=sign)
-    k = torch.fmod(v, lam)
-    torch.sub(v, k, out=k).div_(lam).round_().clamp_(0, levels)
+    k = torch.div(v, lam, rounding_mode="floor").clamp_(0, levels)
     torch.mul(k, lam, out=out)
     v.sub_(out)
     return k
