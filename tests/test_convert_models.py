@@ -51,6 +51,17 @@ def test_vit_converges_with_T_and_runs_with_communication():
     assert snn.mac_static == 0  # with identity="all" the image spikes too
 
 
+def test_vit_identity_linear_spikes_only_conv_and_linear_inputs():
+    """identity="linear" (the paper's wording for Table 4): the sites of "all" minus the matmul operands."""
+    vit, data = small_vit(), loader((3, 16, 16))
+    every = set(hc.convert(vit, data, n=4, T=2, policy="max", identity="all").sites())
+    linear = hc.convert(vit, data, n=4, T=16, policy="max", identity="linear")
+    matmul_operands = {name for name in every if name.rsplit(".", 1)[-1].split("_in")[0] in ("scores", "mix")}
+    assert len(matmul_operands) == 4 and set(linear.sites()) == every - matmul_operands
+    x = data[0][0]
+    assert (linear(x).mean(0) - vit(x)).abs().mean() < 0.2 * vit(x).abs().mean()
+
+
 def test_vit_without_relu_needs_identity_all():
     vit, data = small_vit(), loader((3, 16, 16))
     with pytest.raises(ValueError, match="identity='all'"):

@@ -68,7 +68,8 @@ def add_conversion(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--neuron", default="hmt", choices=NEURONS, help="hmt, if (n = 1) or mt (prior work)")
     group.add_argument("--identity", default="none", choices=IDENTITIES,
                        help="none: only ReLUs spike; maxpool: also the y = x sites of moved max pooling; "
-                            "all: a signed neuron before every Conv/Linear and attention matmul (ViT)")
+                            "all: a signed neuron before every Conv/Linear and attention matmul (ViT); "
+                            "linear: before every Conv/Linear only")
     group.add_argument("--communicate", action=argparse.BooleanOptionalAction, default=True,
                        help="eq. 21 communication between the Pos and Neg halves of signed neurons")
     group.add_argument("--granularity", default="layer", choices=GRANULARITIES, help="one threshold per layer or per channel")

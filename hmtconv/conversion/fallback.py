@@ -28,7 +28,7 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig) -> n
     for name, module in list(model.named_modules()):
         if type(module) is nn.ReLU:
             model.set_submodule(name, ObservedActivation(False, hist))
-        elif identity == "all" and isinstance(module, SYNAPTIC):
+        elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
             model.set_submodule(name, nn.Sequential(ObservedActivation(True, hist), module))
     return model
 

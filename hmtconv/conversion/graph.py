@@ -8,7 +8,8 @@
    the monotone ReLU), the paper's reordering; with ``identity="maxpool"`` a y = x site is put
    where the ReLU was (``-> identity -> maxpool -> relu``, the "16^{y=x}" column);
 4. :func:`insert_sites` turns every ReLU into an observed site, and with ``identity="all"`` puts a
-   y = x site before the input of every Conv/Linear and both operands of every MatMul.
+   y = x site before the input of every Conv/Linear and both operands of every MatMul (with
+   ``"linear"`` before Conv/Linear inputs only: the matmuls then see compensated float operands).
 """
 from __future__ import annotations
 
@@ -163,19 +164,21 @@ def _add_site(gm, source: fx.Node, signed: bool, name: str, hist: HistogramConfi
     return node
 
 
-def insert_sites(gm: fx.GraphModule, identity_all: bool, hist: HistogramConfig) -> None:
-    """ReLU modules -> unsigned sites; with ``identity_all`` a shared y = x site per synaptic input."""
+def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> None:
+    """ReLU modules -> unsigned sites; with ``identity="all"`` a shared y = x site per input of every
+    Conv/Linear and both operands of every MatMul, with ``"linear"`` only per Conv/Linear input."""
     for node in list(gm.graph.nodes):
         if _is_relu(gm, node):
             gm.add_submodule(node.target, ObservedActivation(False, hist))
-    if not identity_all:
+    if identity not in ("all", "linear"):
         return
     sites: dict[fx.Node, fx.Node] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        operands = 2 if isinstance(module, MatMul) else 1 if isinstance(module, SYNAPTIC) else 0
+        operands = (2 if identity == "all" else 0) if isinstance(module, MatMul) \
+            else 1 if isinstance(module, SYNAPTIC) else 0
         for i, source in enumerate(node.args[:operands]):
             if not isinstance(source, fx.Node) or _is_site(gm, source):
                 continue  # already spikes (a ReLU neuron or a shared site)
@@ -193,7 +196,7 @@ def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig) -> fx.
     gm = trace(model)
     normalize(gm)
     move_max_pools(gm, identity == "maxpool", hist)
-    insert_sites(gm, identity == "all", hist)
+    insert_sites(gm, identity, hist)
     gm.graph.lint()
     gm.recompile()
     return gm

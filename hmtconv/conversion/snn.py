@@ -10,7 +10,7 @@ from .multistep import TimeAware, unfold
 from .sites import SpikingActivation
 
 NEURONS = ("hmt", "if", "mt")
-IDENTITIES = ("none", "maxpool", "all")
+IDENTITIES = ("none", "maxpool", "all", "linear")
 GRANULARITIES = ("layer", "channel")
 
 

@@ -1,0 +1,110 @@
+"""Calibration cost: (a) one ``calibrate`` pass / the ANN forward pass over the same batches;
+(b) peak memory of calibrating on a small and a large set, each in a fresh process.
+
+    .venv/bin/python benchmarks/calibration.py [--models vgg_small resnet18_small resnet18 vgg16_bn]
+        [--images 1024] [--batch 64] [--repeats 3]
+        [--memory-models vgg_small resnet18] [--memory-images 1000 10000] [--skip-time | --skip-memory]
+
+(a) Built-in models at MNIST size, torchvision models at 64 x 64, random weights; ``--images``
+random images in batches made once, so loading is not timed. The ANN runs in eval mode under
+no_grad; ``calibrate`` runs the same batches through one prepared model (statistics accumulate
+over the repeats, which does not change the cost of a pass); ``prepare`` is timed on its own.
+Observers always gather per-layer and per-channel count, mean, M2 and maximum and the per-layer
+histogram; only the per-channel histogram (for per-channel percentiles) can be switched off, with
+``prepare(model, histogram=HistogramConfig(per_channel=False))``: one row with it, one without.
+(b) Each set size runs in a fresh process whose batches are generated one at a time (the data set
+is never in memory) and reports its peak RSS before and after calibration; target: no growth
+from the small to the large set beyond about one data batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import hmtconv
+from end_to_end import build
+from hmtconv.conversion.observers import HistogramConfig
+from timing import in_fresh_process, peak_rss_mib, timed
+
+HISTOGRAMS = {"layer + channel (default)": HistogramConfig(),
+              "layer only": HistogramConfig(per_channel=False)}
+
+
+def random_batches(images: int, batch: int, shape: tuple[int, ...]):
+    """``(x, y)`` batches of random images, generated lazily."""
+    for start in range(0, images, batch):
+        n = min(batch, images - start)
+        yield torch.rand(n, *shape), torch.randint(0, 10, (n,))
+
+
+def time_table(args) -> None:
+    print(f"\n{args.images} images in batches of {args.batch}, {torch.get_num_threads()} threads, median of "
+          f"{args.repeats}; ratio = calibrate time / ANN forward time over the same batches")
+    print("| model | input | histograms | prepare ms | ANN forward ms | calibrate ms | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        model, shape = build(name)
+        batches = list(random_batches(args.images, args.batch, shape))
+        with torch.no_grad():
+            t_ann = timed(lambda: [model(x) for x, _ in batches], args.repeats)[0]
+        for label, hist in HISTOGRAMS.items():
+            t_prep = timed(lambda: hmtconv.prepare(model, histogram=hist), args.repeats)[0]
+            prepared = hmtconv.prepare(model, histogram=hist)
+            t_cal = timed(lambda: hmtconv.calibrate(prepared, batches), args.repeats)[0]
+            print(f"| {name} | {'x'.join(map(str, shape))} | {label} | {1000 * t_prep:.1f} | {1000 * t_ann:.1f} | "
+                  f"{1000 * t_cal:.1f} | {t_cal / t_ann:.2f} |", flush=True)
+
+
+def child(name: str, images: int, batch: int) -> None:
+    """One fresh process: prepare, then calibrate on ``images`` lazily generated images."""
+    torch.manual_seed(0)
+    model, shape = build(name)
+    prepared = hmtconv.prepare(model)
+    before = peak_rss_mib()
+    hmtconv.calibrate(prepared, random_batches(images, batch, shape))
+    print(json.dumps({"before": before, "after": peak_rss_mib(), "shape": shape,
+                      "batch_mib": batch * torch.Size(shape).numel() * 4 / 2**20}))
+
+
+def memory_table(args) -> None:
+    small, large = args.memory_images
+    print(f"\npeak RSS (MiB) of a fresh process calibrating on {small:,} and on {large:,} lazily generated "
+          f"images, batch {args.batch}; growth = peak at {large:,} - peak at {small:,}")
+    print(f"| model | input | one batch MiB | peak before calibrate | peak at {small:,} | peak at {large:,} | growth |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.memory_models:
+        runs = [in_fresh_process(__file__, name, images, args.batch) for images in (small, large)]
+        print(f"| {name} | {'x'.join(map(str, runs[0]['shape']))} | {runs[0]['batch_mib']:.2f} | {runs[0]['before']:.0f} | "
+              f"{runs[0]['after']:.0f} | {runs[1]['after']:.0f} | {runs[1]['after'] - runs[0]['after']:+.1f} |",
+              flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vgg_small", "resnet18_small", "resnet18", "vgg16_bn"])
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-models", nargs="+", default=["vgg_small", "resnet18"])
+    parser.add_argument("--memory-images", type=int, nargs=2, default=[1000, 10000])
+    parser.add_argument("--threads", type=int, default=None)
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--skip-time", action="store_true")
+    skip.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "IMAGES", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args.child[0], int(args.child[1]), int(args.child[2]))
+    if not args.skip_time:
+        time_table(args)
+    if not args.skip_memory:
+        memory_table(args)
+
+
+if __name__ == "__main__":
+    main()
