@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -186,6 +187,24 @@ def by_T_table(records: list[dict], keys: list[str]) -> str:
                            *(f"T={t}" for t in steps)], rows)
 
 
+def threshold_ratios(records: list[dict], keys: list[str]) -> str | None:
+    """Each policy's per-site lam over opt's at the same setting (how far from the converged
+    optimum the published fixed point or a percentile lands); None without opt in the grid."""
+    def lams(record):  # per-channel lam lists are flattened: the ratio is taken channel by channel
+        return torch.tensor([x for layer in record["result"]["per_layer"]
+                             for x in (layer["lam"] if isinstance(layer["lam"], list) else [layer["lam"]])])
+    opt = {_label(r, keys): lams(r) for r in records if r["policy"] == "opt"}
+    rows = []
+    for r in records:
+        reference = opt.get(_label(r, keys))
+        if r["policy"] == "opt" or reference is None:
+            continue
+        ratio = lams(r) / reference
+        rows.append([_label(r, keys), r["policy"], f"{ratio.median().item():.3g} [{ratio.min().item():.3g}, "
+                     f"{ratio.max().item():.3g}]"])
+    return markdown_table(["setting", "policy", "lam / lam_opt"], rows) if rows else None
+
+
 def write_reports(records: list[dict], out: Path) -> None:
     """``table.md`` (final-step accuracy and energy of every point, and full curves) and PNG plots."""
     varying = [k for k in GRID_KEYS if len({json.dumps(r[k]) for r in records}) > 1]
@@ -199,6 +218,10 @@ def write_reports(records: list[dict], out: Path) -> None:
         if "T" in varying:
             sections += [f"## {model}: by T (SNN top-1 %, agreement with the ANN %, energy ratio at t = T)", "",
                          by_T_table(mine, [k for k in varying if k != "T"]), ""]
+        ratios = threshold_ratios(mine, [k for k in varying if k != "policy"])
+        if ratios:
+            sections += [f"## {model}: thresholds relative to opt (lam / lam_opt over sites: median [min, max])",
+                         "", ratios, ""]
         # a run answers the smaller T of T-independent policies too: show each simulation once
         runs = {_label(r, varying): r["result"] for r in mine if r.get("simulated_T", r["T"]) == r["T"]}
         sections += [f"## {model}: accuracy and energy at every t", "", curves_table(runs), ""]

@@ -48,4 +48,7 @@ def test_T_independent_policy_is_simulated_once_for_every_T(tmp_path, monkeypatc
     assert sorted(calls) == ["999", "opt", "opt"]
     short, long = records[("999", 1)], records[("999", 3)]
     assert short["simulated_T"] == 3 and short["result"]["snn_accuracy"] == long["result"]["snn_accuracy"][:1]
-    assert "by T" in (tmp_path / "out" / "table.md").read_text()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "by T" in table
+    ratio = long["result"]["per_layer"][0]["lam"] / records[("opt", 3)]["result"]["per_layer"][0]["lam"]
+    assert f"| T=3     | 999    | {ratio:.3g} [{ratio:.3g}, {ratio:.3g}] |" in table  # one site: median = min = max

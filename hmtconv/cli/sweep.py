@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLE
     parser.add_argument("config", help="TOML file: [data], [grid], [[models]], out, device")
     parser.add_argument("--out", default=None, help="override the config's output directory")
+    parser.add_argument("--data-root", default=None, help="override the config's [data] data_root")
+    parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda, cuda:1...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -37,6 +39,10 @@ def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.out is not None:
         config.out = args.out
+    if args.data_root is not None:
+        config.data.data_root = args.data_root
+    if args.device is not None:
+        config.device = args.device
     config.device = str(resolve_device(config.device))
     distributed.init_from_env(config.device)
     records = run_sweep(config, progress=not args.no_progress)
