@@ -13,8 +13,9 @@ Observers always gather per-layer and per-channel count, mean, M2 and maximum an
 histogram; only the per-channel histogram (for per-channel percentiles) can be switched off, with
 ``prepare(model, histogram=HistogramConfig(per_channel=False))``: one row with it, one without.
 (b) Each set size runs in a fresh process whose batches are generated one at a time (the data set
-is never in memory) and reports its peak RSS before and after calibration; target: no growth
-from the small to the large set beyond about one data batch.
+is never in memory); it reports its RSS after ``prepare``, its peak RSS during ``calibrate``
+(Linux VmHWM, reset before calibrating) and its RSS after. Target: no growth from the small to the
+large set beyond about one data batch (the peak varies by a few MiB from run to run: allocator).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 import hmtconv
 from end_to_end import build
 from hmtconv.conversion.observers import HistogramConfig
-from timing import in_fresh_process, peak_rss_mib, timed
+from timing import in_fresh_process, peak_rss_mib, reset_peak, rss_mib, timed
 
 HISTOGRAMS = {"layer + channel (default)": HistogramConfig(),
               "layer only": HistogramConfig(per_channel=False)}
@@ -63,22 +64,26 @@ def child(name: str, images: int, batch: int) -> None:
     torch.manual_seed(0)
     model, shape = build(name)
     prepared = hmtconv.prepare(model)
-    before = peak_rss_mib()
+    reset_peak()
+    before = rss_mib()
     hmtconv.calibrate(prepared, random_batches(images, batch, shape))
-    print(json.dumps({"before": before, "after": peak_rss_mib(), "shape": shape,
+    print(json.dumps({"before": before, "peak": peak_rss_mib(), "after": rss_mib(), "shape": shape,
                       "batch_mib": batch * torch.Size(shape).numel() * 4 / 2**20}))
 
 
 def memory_table(args) -> None:
     small, large = args.memory_images
-    print(f"\npeak RSS (MiB) of a fresh process calibrating on {small:,} and on {large:,} lazily generated "
-          f"images, batch {args.batch}; growth = peak at {large:,} - peak at {small:,}")
-    print(f"| model | input | one batch MiB | peak before calibrate | peak at {small:,} | peak at {large:,} | growth |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nRSS (MiB) of a fresh process before calibrating, and its peak while calibrating on {small:,} and on "
+          f"{large:,} lazily generated images (batch {args.batch}); growth = peak at {large:,} - peak at {small:,}")
+    print(f"| model | input | one batch MiB | RSS before | peak, {small:,} images | peak, {large:,} images | growth "
+          f"| RSS after, {small:,} / {large:,} |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.memory_models:
-        runs = [in_fresh_process(__file__, name, images, args.batch) for images in (small, large)]
+        runs = [in_fresh_process(__file__, name, images, args.batch, "--threads", torch.get_num_threads())
+                for images in (small, large)]
         print(f"| {name} | {'x'.join(map(str, runs[0]['shape']))} | {runs[0]['batch_mib']:.2f} | {runs[0]['before']:.0f} | "
-              f"{runs[0]['after']:.0f} | {runs[1]['after']:.0f} | {runs[1]['after'] - runs[0]['after']:+.1f} |",
+              f"{runs[0]['peak']:.0f} | {runs[1]['peak']:.0f} | {runs[1]['peak'] - runs[0]['peak']:+.1f} | "
+              f"{runs[0]['after']:.0f} / {runs[1]['after']:.0f} |",
               flush=True)
 
 

@@ -3,7 +3,7 @@ calls; memory = the peak resident size of a fresh process that did nothing else.
 from __future__ import annotations
 
 import json
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -21,9 +21,25 @@ def timed(fn, repeats: int):
     return statistics.median(times), result
 
 
+def _status_mib(field: str) -> float:
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now, in MiB (Linux)."""
+    return _status_mib("VmRSS")
+
+
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (``ru_maxrss`` is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process since it started or since :func:`reset_peak`, in MiB
+    (Linux's VmHWM; not ``ru_maxrss``, which a child inherits from the parent process it forked from)."""
+    return _status_mib("VmHWM")
+
+
+def reset_peak() -> None:
+    """Start the peak (VmHWM) again from the current resident size (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def in_fresh_process(script: str, *args) -> dict:
