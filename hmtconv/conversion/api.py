@@ -126,25 +126,22 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
         for site in sites.values():
             site.observer = _empty_like(site.observer)
     seen = 0
-    hooks = [site.register_forward_pre_hook(_refuse_nonfinite(name)) for name, site in sites.items()]
-    try:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = model_input(batch, device, dtype, f"calibration batch {i}")
-            try:
-                if info.input_shape is None and not info.traced:  # this first run also feeds the observers
-                    info.unconverted = find_unconverted(prepared, x)
-                else:
-                    prepared(x)
-            except RuntimeError as error:  # a shape or dtype the model cannot take, in torch's words
-                raise ValueError(f"the model cannot run calibration batch {i} of shape {list(x.shape)}: "
-                                 f"{one_line(error)}") from error
-            info.input_shape = info.input_shape or tuple(x.shape[1:])
-            seen += 1
-    finally:
-        for hook in hooks:
-            hook.remove()
+    for name, site in sites.items():  # named in the error about non-finite activations
+        site.observer.label = name or "<root>"
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = model_input(batch, device, dtype, f"calibration batch {i}")
+        try:
+            if info.input_shape is None and not info.traced:  # this first run also feeds the observers
+                info.unconverted = find_unconverted(prepared, x)
+            else:
+                prepared(x)
+        except RuntimeError as error:  # a shape or dtype the model cannot take, in torch's words
+            raise ValueError(f"the model cannot run calibration batch {i} of shape {list(x.shape)}: "
+                             f"{one_line(error)}") from error
+        info.input_shape = info.input_shape or tuple(x.shape[1:])
+        seen += 1
     if distributed.active():
         seen = _merge_ranks(sites, earlier, info, seen)
     if seen == 0:
@@ -154,16 +151,6 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
 
 def _empty_like(observer: ActivationObserver) -> ActivationObserver:
     return ActivationObserver(observer.signed, observer.hist).to(observer.count.device)
-
-
-def _refuse_nonfinite(name: str):
-    """A pre-hook for a site: NaN or inf reaching it would poison its statistics (and thresholds)
-    for good, so stop there and name it (the first such site in execution order)."""
-    def hook(module, args):
-        if not torch.isfinite(args[0]).all():
-            raise ValueError(f"NaN or inf in the activations entering {name or '<root>'} during calibration "
-                             f"(finite input images): a layer before it overflows or has non-finite weights")
-    return hook
 
 
 def _merge_ranks(sites: dict[str, ObservedActivation], earlier: dict[str, ActivationObserver],

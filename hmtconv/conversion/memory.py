@@ -8,7 +8,9 @@ The estimate, per sample, walks the traced graph in execution order (fx frees ea
 last use): at every node the live values are counted, temporal ones T times, plus the scratch of
 the time-aware op running there (a neuron keeps about 6 per-step tensors, a compensated op about
 3 full-length ones). Module-swapped models (no graph) count every leaf module's output (an upper
-bound). The figure is for activations only; weights and the data batch come on top.
+bound). Ops allocate temporaries this walk does not see: the live activation memory measured by
+benchmarks/memory.py (resnet18, 64x64, T = 16) was 1.19-1.27x the walk's figure, so the estimate is
+scaled by ``MARGIN``. The figure is for activations only; weights and the data batch come on top.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .sites import SpikingActivation
 
 NEURON_SCRATCH = 6  # per-step tensors a neuron allocates (membranes, outputs, levels, counts)
 COMPENSATED_SCRATCH = 3  # full-length tensors a compensated op allocates (running means, F, output)
+MARGIN = 1.3  # measured live memory / walk estimate was 1.19-1.27 (see above)
 
 
 def node_bytes(node: fx.Node) -> int:

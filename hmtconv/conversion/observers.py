@@ -65,6 +65,7 @@ class ActivationObserver(nn.Module):
         self.register_buffer("hist_channel", torch.zeros(0, hist.bins, dtype=torch.int64))
         self.max.fill_(-torch.inf)
         self.shape: tuple[int, ...] | None = None  # per-sample shape, for lam_shape and probes
+        self.label = "a site"  # its qualified name, for errors (calibrate sets it)
 
     # -- gathering ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -83,13 +84,23 @@ class ActivationObserver(nn.Module):
         elif tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"observer saw per-sample shape {tuple(x.shape[1:])} after {self.shape}; "
                              f"calibrate with inputs of one size")
-        xc = x.detach().movedim(channel_dim(x.dim()), -1).reshape(-1, x.shape[channel_dim(x.dim())])
-        xc = xc.to(device=self.count.device, dtype=torch.float64)
-        n = torch.tensor(float(xc.shape[0]), dtype=torch.float64, device=xc.device)
-        out = self._output(xc)
-        self._merge_moments("", n * xc.shape[1], xc.mean(), ((xc - xc.mean()) ** 2).sum(), out.max())
-        ch_mean = xc.mean(0)
-        self._merge_moments("ch_", n.expand_as(ch_mean), ch_mean, ((xc - ch_mean) ** 2).sum(0), out.amax(0))
+        channels = x.shape[channel_dim(x.dim())]
+        xc = x.detach().movedim(channel_dim(x.dim()), -1).reshape(-1, channels).to(self.count.device)
+        rows = float(xc.shape[0])
+        # Moments in float64 (one fused pass); the layer's follow from the channels' by Chan's
+        # merge (every channel has the same count), so the activation is read once for them.
+        ch_var, ch_mean = torch.var_mean(xc.to(torch.float64), dim=0, correction=0)
+        ch_m2 = ch_var * rows
+        if not torch.isfinite(ch_var).all():  # any NaN or inf makes its channel's variance NaN
+            # it would poison the statistics (and thresholds) for good: stop before merging it
+            raise ValueError(f"NaN or inf in the activations entering {self.label} during calibration (finite "
+                             f"input images): a layer before it overflows or has non-finite weights")
+        out = self._output(xc)  # in the activation's own dtype: max and log2 bins need no float64
+        layer_mean = ch_mean.mean()
+        layer_m2 = ch_m2.sum() + rows * ((ch_mean - layer_mean) ** 2).sum()
+        n = torch.tensor(rows, dtype=torch.float64, device=xc.device)
+        self._merge_moments("", n * channels, layer_mean, layer_m2, out.max().to(torch.float64))
+        self._merge_moments("ch_", n.expand_as(ch_mean), ch_mean, ch_m2, out.amax(0).to(torch.float64))
         self._add_histograms(out)
 
     def _merge_moments(self, prefix: str, n_b, mean_b, m2_b, max_b) -> None:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .memory import MARGIN, leaf_output_bytes
 from .multistep import TimeAware, unfold
 from .sites import SpikingActivation
 
@@ -77,12 +78,11 @@ class SNN(nn.Module):
         """Estimated peak activation memory of one sample simulated for ``steps`` steps (memory.py)."""
         steps = self.config.T if steps is None else steps
         if self.memory_profile is not None:
-            return (self.memory_profile[:, 0] + steps * self.memory_profile[:, 1]).max().item()
+            return MARGIN * (self.memory_profile[:, 0] + steps * self.memory_profile[:, 1]).max().item()
         if self._leaf_bytes is None:  # module-swapped model: every op sees T*B rows
-            from .memory import leaf_output_bytes
             self._set_steps(1)
             self._leaf_bytes = leaf_output_bytes(self.net, self.report.input_shape, next(iter(self.buffers())).device)
-        return steps * self._leaf_bytes
+        return MARGIN * steps * self._leaf_bytes
 
     def sites(self) -> dict[str, SpikingActivation]:
         """Spiking neurons by qualified name (as in the prepared model)."""
