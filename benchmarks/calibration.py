@@ -2,7 +2,7 @@
 (b) peak memory of calibrating on a small and a large set, each in a fresh process.
 
     .venv/bin/python benchmarks/calibration.py [--models vgg_small resnet18_small resnet18 vgg16_bn]
-        [--images 1024] [--batch 64] [--repeats 3]
+        [--images 1024] [--batch 64] [--repeats 3] [--threads N]
         [--memory-models vgg_small resnet18] [--memory-images 1000 10000] [--skip-time | --skip-memory]
 
 (a) Built-in models at MNIST size, torchvision models at 64 x 64, random weights; ``--images``
@@ -14,8 +14,9 @@ histogram; only the per-channel histogram (for per-channel percentiles) can be s
 ``prepare(model, histogram=HistogramConfig(per_channel=False))``: one row with it, one without.
 (b) Each set size runs in a fresh process whose batches are generated one at a time (the data set
 is never in memory); it reports its RSS after ``prepare``, its peak RSS during ``calibrate``
-(Linux VmHWM, reset before calibrating) and its RSS after. Target: no growth from the small to the
-large set beyond about one data batch (the peak varies by a few MiB from run to run: allocator).
+(Linux VmHWM, reset before calibrating) and its RSS after; freed tensors go straight back to the
+system (timing.in_fresh_process), so RSS follows the live tensors. Target: no growth from the
+small to the large set beyond about one data batch.
 """
 from __future__ import annotations
 
@@ -81,10 +82,10 @@ def memory_table(args) -> None:
     for name in args.memory_models:
         runs = [in_fresh_process(__file__, name, images, args.batch, "--threads", torch.get_num_threads())
                 for images in (small, large)]
-        print(f"| {name} | {'x'.join(map(str, runs[0]['shape']))} | {runs[0]['batch_mib']:.2f} | {runs[0]['before']:.0f} | "
-              f"{runs[0]['peak']:.0f} | {runs[1]['peak']:.0f} | {runs[1]['peak'] - runs[0]['peak']:+.1f} | "
-              f"{runs[0]['after']:.0f} / {runs[1]['after']:.0f} |",
-              flush=True)
+        first, second = runs
+        print(f"| {name} | {'x'.join(map(str, first['shape']))} | {first['batch_mib']:.2f} | {first['before']:.0f} | "
+              f"{first['peak']:.0f} | {second['peak']:.0f} | {second['peak'] - first['peak']:+.1f} | "
+              f"{first['after']:.0f} / {second['after']:.0f} |", flush=True)
 
 
 def main():

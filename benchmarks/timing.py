@@ -1,8 +1,10 @@
 """The measuring rules of every benchmark: time = a warm-up call, then the median of ``repeats``
-calls; memory = the peak resident size of a fresh process that did nothing else."""
+calls; memory = the peak resident size (Linux) of a fresh process, from a point it marks on."""
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -37,14 +39,25 @@ def peak_rss_mib() -> float:
 
 
 def reset_peak() -> None:
-    """Start the peak (VmHWM) again from the current resident size (Linux >= 4.0)."""
+    """Hand the allocator's free memory back to the system (glibc ``malloc_trim``), so that the
+    current resident size does not depend on what ran before, and start the peak (VmHWM) again
+    from it (Linux >= 4.0)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
-def in_fresh_process(script: str, *args) -> dict:
+def in_fresh_process(script: str, *args, exact_malloc: bool = True) -> dict:
     """Run ``python script --child *args`` and return the JSON object it prints on its last line
-    (its stderr passes through, so a failure shows its traceback)."""
+    (its stderr passes through, so a failure shows its traceback).
+
+    ``exact_malloc``: the child's glibc serves every block of 64 KiB or more with its own mmap,
+    returned to the system when freed (``MALLOC_MMAP_THRESHOLD_``), so its RSS follows the live
+    tensors (about a third slower). glibc's default keeps freed blocks resident: the RSS is what a
+    user sees, but its peak depends on fragmentation (a smaller evaluate chunk can peak higher)."""
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+    if exact_malloc:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run([sys.executable, script, "--child", *map(str, args)],
-                         stdout=subprocess.PIPE, text=True, check=True)
+                         stdout=subprocess.PIPE, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
