@@ -172,3 +172,22 @@ def test_mt_membrane_unbounded_where_hmt_stays_bounded():
     hmt_membrane = x.sum() + lam / 2 - hmt_out.sum()
     assert mt_membrane > 0.49 * T * theta  # grows linearly with T
     assert 0 <= hmt_membrane < lam  # bounded in [0, lam)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_level_is_the_exact_floor_of_the_rational_quotient(dtype):
+    """The level of one step against exact rational arithmetic (Fractions), on the values where a
+    rounded quotient fails: one ulp either side of every multiple j*lam, j = 0..16."""
+    from fractions import Fraction
+
+    from hmtconv.neurons.multilevel import fire_
+    g = torch.Generator().manual_seed(0)
+    lams = torch.cat([torch.tensor([0.1, 0.3, 1 / 3, 0.7, 1e-3, 123.456]), torch.rand(10, generator=g) * 5 + 1e-4])
+    for lam in lams.to(dtype):
+        multiples = torch.arange(0, 17, dtype=dtype) * lam
+        m = torch.cat([multiples, torch.nextafter(multiples, torch.full_like(multiples, -1e30)),
+                       torch.nextafter(multiples, torch.full_like(multiples, 1e30)),
+                       torch.randn(200, generator=g, dtype=dtype) * 10 * lam])
+        k = fire_(torch.zeros_like(m), m, lam, 15, torch.empty_like(m))
+        exact = [min(max(Fraction(x) // Fraction(lam.item()), 0), 15) for x in m.tolist()]
+        assert k.tolist() == exact
