@@ -13,15 +13,13 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from . import distributed
 from .conversion import calibrate, convert, evaluate, prepare
 from .conversion.policies import T_DEPENDENT
 from .errors import UserError
-from .report import (append_jsonl, atomic_write_text, curves_table, markdown_table, plot_curves, plot_tradeoff,
-                     provenance, read_jsonl)
+from .report import append_jsonl, provenance, read_jsonl, write_reports
 from .workload import DataOptions, load_workload
 
 GRID_KEYS = ("n", "T", "policy", "neuron", "identity", "communicate", "granularity")
@@ -151,86 +149,5 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
     bar.close()
     records = read_jsonl(results_path)
     if distributed.is_main() and records:
-        write_reports(records, out)
+        write_reports(records, out, GRID_KEYS)
     return records
-
-
-def _label(record: dict, varying: list[str]) -> str:
-    return " ".join(f"{k}={record[k]}" for k in varying) or "snn"
-
-
-def _by_T(records: list[dict], keys: list[str]) -> dict[str, dict]:
-    """One curve per setting of ``keys``: the final-step result of each T, in T order."""
-    curves: dict[str, dict] = {}
-    for r in sorted(records, key=lambda r: r["T"]):
-        curve = curves.setdefault(_label(r, keys), {"t": [], "snn_accuracy": [], "energy_ratio": [],
-                                                    "ann_accuracy": r["result"]["ann_accuracy"]})
-        curve["t"].append(r["T"])
-        curve["snn_accuracy"].append(r["result"]["snn_accuracy"][-1])
-        curve["energy_ratio"].append((r["result"]["energy_ratio"] or [float("nan")])[-1])
-    return curves
-
-
-def by_T_table(records: list[dict], keys: list[str]) -> str:
-    """The paper's table layout: one row per setting of ``keys`` and measure, one column per T."""
-    steps = sorted({r["T"] for r in records})
-    cells: dict[tuple[str, str], dict[int, float | None]] = {}
-    for r in records:
-        result, label = r["result"], _label(r, keys)
-        for measure, values in (("top-1", result["snn_accuracy"]), ("agreement", result.get("agreement")),
-                                ("energy", result["energy_ratio"])):
-            cells.setdefault((label, measure), {})[r["T"]] = None if values is None else values[-1]
-    ann = records[0]["result"]["ann_accuracy"]
-    rows = [[label, measure, *(by_step.get(t) for t in steps)] for (label, measure), by_step in cells.items()
-            if any(v is not None for v in by_step.values())]
-    return markdown_table([f"setting (ANN {ann:.2f}%)" if ann is not None else "setting", "measure",
-                           *(f"T={t}" for t in steps)], rows)
-
-
-def threshold_ratios(records: list[dict], keys: list[str]) -> str | None:
-    """Each policy's per-site lam over opt's at the same setting (how far from the converged
-    optimum the published fixed point or a percentile lands); None without opt in the grid."""
-    def lams(record):  # per-channel lam lists are flattened: the ratio is taken channel by channel
-        return torch.tensor([x for layer in record["result"]["per_layer"]
-                             for x in (layer["lam"] if isinstance(layer["lam"], list) else [layer["lam"]])])
-    opt = {_label(r, keys): lams(r) for r in records if r["policy"] == "opt"}
-    rows = []
-    for r in records:
-        reference = opt.get(_label(r, keys))
-        if r["policy"] == "opt" or reference is None:
-            continue
-        ratio = lams(r) / reference
-        rows.append([_label(r, keys), r["policy"], f"{ratio.median().item():.3g} [{ratio.min().item():.3g}, "
-                     f"{ratio.max().item():.3g}]"])
-    return markdown_table(["setting", "policy", "lam / lam_opt"], rows) if rows else None
-
-
-def write_reports(records: list[dict], out: Path) -> None:
-    """``table.md`` (final-step accuracy and energy of every point, and full curves) and PNG plots."""
-    varying = [k for k in GRID_KEYS if len({json.dumps(r[k]) for r in records}) > 1]
-    header = ["model", *GRID_KEYS, "ANN %", "SNN % at T", "agreement at T", "energy at T", "spikes/sample"]
-    rows = [[r["model"], *(r[k] for k in GRID_KEYS), r["result"]["ann_accuracy"], r["result"]["snn_accuracy"][-1],
-             (r["result"].get("agreement") or [None])[-1],
-             (r["result"]["energy_ratio"] or [None])[-1], r["result"]["spikes_per_sample"]] for r in records]
-    sections = ["# Sweep results", "", markdown_table(header, rows), ""]
-    for model in dict.fromkeys(r["model"] for r in records):
-        mine = [r for r in records if r["model"] == model]
-        if "T" in varying:
-            sections += [f"## {model}: by T (SNN top-1 %, agreement with the ANN %, energy ratio at t = T)", "",
-                         by_T_table(mine, [k for k in varying if k != "T"]), ""]
-        ratios = threshold_ratios(mine, [k for k in varying if k != "policy"])
-        if ratios:
-            sections += [f"## {model}: thresholds relative to opt (lam / lam_opt over sites: median [min, max])",
-                         "", ratios, ""]
-        # a run answers the smaller T of T-independent policies too: show each simulation once
-        runs = {_label(r, varying): r["result"] for r in mine if r.get("simulated_T", r["T"]) == r["T"]}
-        sections += [f"## {model}: accuracy and energy at every t", "", curves_table(runs), ""]
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
-        if "T" in varying:  # accuracy and energy at t = T of each conversion, vs T
-            plot_curves(_by_T(mine, [k for k in varying if k != "T"]), out / f"by-T-{safe}.png",
-                        title=f"{model}: accuracy and energy at t = T", xlabel="T (time steps of the conversion)")
-        plot_curves(runs, out / f"curves-{safe}.png", title=f"{model}: every t of every run")
-        plot_tradeoff([{"label": _label(r, [k for k in varying if k != "T"]), "accuracy": r["result"]["snn_accuracy"][-1],
-                        "energy_ratio": (r["result"]["energy_ratio"] or [0.0])[-1]} for r in mine],
-                      out / f"tradeoff-{safe}.png", title=f"{model}: accuracy vs energy at t = T")
-    atomic_write_text(out / "table.md", "\n".join(sections))
