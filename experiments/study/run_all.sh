@@ -9,7 +9,7 @@ mkdir -p runs
     --out runs/resnet18_small.pt
 [ -f runs/vit_small.pt ] || $H train --model vit_small --dataset mnist --optimizer adamw --lr 0.002 \
     --weight-decay 0.05 --epochs 3 --seed 0 --out runs/vit_small.pt
-for name in ${STUDY:-vgg-table1 vgg-table2 vit-table4 vit-linear resnet-table1 vgg-table3 resnet-table2 vgg-granularity vgg-neurons
-    vgg-table1-identity}; do
+for name in ${STUDY:-vgg-table1 vgg-table2 vit-table4 vit-linear resnet-table1 vgg-table3 vgg-granularity vgg-neurons
+    vgg-neurons-opt resnet-table2 vgg-table1-identity}; do
     $H sweep "experiments/study/$name.toml" --no-progress
 done
