@@ -47,12 +47,13 @@ def main():
         model, shape = build(name)
         x = torch.rand(args.batch, *shape)
         y = torch.randint(0, 10, (args.batch,))
-        prepared = hmtconv.calibrate(hmtconv.prepare(model), [(x, y)])
+        identity = "all" if "vit" in name else "none"  # a ViT has no ReLU: signed neurons before its layers
+        prepared = hmtconv.calibrate(hmtconv.prepare(model, identity=identity), [(x, y)])
         with torch.no_grad():
             t_ann = timed(lambda: model(x), args.repeats)[0]
         for n in args.n:
             for T in args.T:
-                snn = hmtconv.convert(prepared, n=n, T=T, policy="999")
+                snn = hmtconv.convert(prepared, n=n, T=T, policy="999", identity=identity)
                 t_snn, _ = timed(lambda: hmtconv.evaluate(snn, [(x, y)], diagnostics=False), args.repeats)
                 print(f"| {name} | {'x'.join(map(str, shape))} | {n} | {T} | {1000 * t_ann:.1f} | "
                       f"{1000 * t_snn:.1f} | {t_snn / (T * t_ann):.2f} |", flush=True)
