@@ -32,7 +32,39 @@ def test_large_T_matches_ann_logits():
     ref = model(x)
     err = (snn(x).mean(0) - ref).abs().max()
     assert err < 0.01 * ref.abs().max()
-    assert torch.equal(snn.ann_forward(x), ref)  # BatchNorm kept as an affine op: the ANN exactly
+    torch.testing.assert_close(snn.ann_forward(x), ref, rtol=1e-5, atol=1e-6)  # BatchNorm folded
+
+
+class SharedConvOutput(nn.Module):
+    """conv1's output feeds its BatchNorm and a shortcut, so it must not be folded; conv2's can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        y = F.relu(self.bn1(y)) + y
+        y = F.relu(self.bn2(self.conv2(y)))
+        return self.head(y.mean((2, 3)))
+
+
+def test_batchnorm_folded_only_where_the_conv_feeds_it_alone():
+    torch.manual_seed(0)
+    model = SharedConvOutput().eval()
+    for bn in (model.bn1, model.bn2):  # non-trivial statistics, so a wrong fold would show
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-1, 1)
+    data = loader()
+    snn = hc.convert(model, data, T=2, policy="max")
+    assert snn.report.folded_batchnorm == ["bn2"]
+    assert [type(m) for m in snn.net.modules()].count(nn.BatchNorm2d) == 1
+    x = data[0][0]
+    torch.testing.assert_close(snn.ann_forward(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_max_pool_moved_before_neuron_and_identity_sites():

@@ -188,6 +188,6 @@ def test_level_is_the_exact_floor_of_the_rational_quotient(dtype):
         m = torch.cat([multiples, torch.nextafter(multiples, torch.full_like(multiples, -1e30)),
                        torch.nextafter(multiples, torch.full_like(multiples, 1e30)),
                        torch.randn(200, generator=g, dtype=dtype) * 10 * lam])
-        k = fire_(torch.zeros_like(m), m, lam, 15, torch.empty_like(m))
+        k = fire_(torch.zeros_like(m), m, lam, 15, torch.empty_like(m), torch.empty_like(m))
         exact = [min(max(Fraction(x) // Fraction(lam.item()), 0), 15) for x in m.tolist()]
         assert k.tolist() == exact

@@ -1,6 +1,7 @@
 """``convert``'s fixed sequence on a calibrated, prepared model (already a private copy):
 
 1. every observed site -> :class:`SpikingActivation` with the policy's lam (sites.py, policies.py);
+   eval-mode BatchNorm folded into the convolution before it (fold.py);
 2. shapes of every node on a one-sample zero input (tells tensors from sizes);
 3. :class:`ToTime` at static -> temporal edges (multistep.py);
 4. expectation compensation for nonlinear ops whose input varies over time (compensated.py), and
@@ -18,6 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .compensated import COMPENSATED, Compensated
 from .energy import count_operations
+from .fold import fold_batchnorm
 from .memory import activation_profile
 from .graph import scope
 from .multistep import ToTime, insert_time_expansion, is_tensor
@@ -89,6 +91,7 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
             if type(module) in COMPENSATED:
                 net.set_submodule(name, Compensated(module))
         return SNN(net, config, report, output_temporal=True, macs=None)
+    report.folded_batchnorm = fold_batchnorm(net)
     device = next(iter(net.buffers())).device
     with torch.no_grad():
         ShapeProp(net).propagate(torch.zeros((1,) + tuple(report.input_shape), device=device))

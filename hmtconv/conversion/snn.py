@@ -45,12 +45,14 @@ class ConversionConfig:
 @dataclass
 class ConversionReport:
     """What conversion found: the input shape it was calibrated on, whether fx traced the model,
-    why not, and activations left in float (module qualified name, op) when it did not."""
+    why not, activations left in float (module qualified name, op) when it did not, and the
+    BatchNorm modules folded into the convolution before them."""
 
     input_shape: tuple[int, ...]
     traced: bool = True
     unconverted: list[tuple[str, str]] = field(default_factory=list)
     trace_error: str | None = None
+    folded_batchnorm: list[str] = field(default_factory=list)
 
 
 class SNN(nn.Module):

@@ -39,20 +39,54 @@ def as_threshold(value, name: str) -> torch.Tensor:
 
 
 def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
-          sign: float = 1.0) -> torch.Tensor:
-    """One step in place (eqs. 14-18 in closed form): ``m = v + sign*current``, returns the level
-    ``k = clamp(floor(m / lam), 0, levels)``, writes ``k * lam`` to ``out`` and leaves ``v = m - out``.
+          level: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """One step in place (eqs. 14-18 in closed form): ``m = v + sign*current``, writes the level
+    ``k = clamp(floor(m / lam), 0, levels)`` to ``level`` and ``k * lam`` to ``out``, leaves
+    ``v = m - out``, returns ``level``.
 
     ``floor(m / lam)`` computed as a rounded quotient is off by one when ``m`` lies within an ulp
     below a multiple of ``lam`` (the quotient rounds up). Floor division (``rounding_mode="floor"``)
     is exact: it subtracts ``fmod(m, lam)`` (exact in IEEE arithmetic) before dividing, as Python's
     ``//`` does, so the level equals the greedy largest-first firing of eqs. 15-16 bit for bit.
+    ``level`` and ``out`` are buffers reused across steps: a fresh activation-sized tensor per step
+    costs page faults that rival the step itself.
     """
     v.add_(current, alpha=sign)
-    k = torch.div(v, lam, rounding_mode="floor").clamp_(0, levels)
-    torch.mul(k, lam, out=out)
+    torch.div(v, lam, rounding_mode="floor", out=level).clamp_(0, levels)
+    torch.mul(level, lam, out=out)
     v.sub_(out)
-    return k
+    return level
+
+
+class SpikeCounter:
+    """Binary spikes of integer levels ``k``, counted in buffers allocated once per forward.
+
+    Without fan-outs a histogram of the levels suffices (one integer pass, exact); with them,
+    spikes are summed over the leading (batch) dims first and dotted with the fan-out map.
+    Calling it returns ``(total, total weighted by fanout or None)``.
+    """
+
+    def __init__(self, spike_lut: torch.Tensor, fanout: torch.Tensor | None, shape: torch.Size,
+                 device: torch.device):
+        self.spike_lut, self.fanout = spike_lut.to(device), fanout
+        if fanout is None:
+            index_dtype = torch.uint8 if len(spike_lut) <= 256 else torch.int32
+            self.index = torch.empty(shape, dtype=index_dtype, device=device)
+        else:
+            # index_select with int32 indices is ~3x faster than advanced indexing with int64 ones
+            self.index = torch.empty(shape, dtype=torch.int32, device=device)
+            self.count = torch.empty(shape, dtype=self.spike_lut.dtype, device=device)
+            self.batch_dims = tuple(range(len(shape) - fanout.dim()))
+
+    def __call__(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.index.copy_(k)
+        if self.fanout is None:
+            hist = torch.bincount(self.index.view(-1), minlength=len(self.spike_lut))
+            return (hist.to(torch.float64) * self.spike_lut.to(torch.float64)).sum(), None
+        torch.index_select(self.spike_lut, 0, self.index.view(-1), out=self.count.view(-1))
+        per_position = self.count.sum(self.batch_dims) if self.batch_dims else self.count
+        per_position = per_position.to(torch.float64)
+        return per_position.sum(), (per_position * self.fanout).sum()
 
 
 class MultiLevelNeuron(nn.Module):
@@ -97,43 +131,29 @@ class MultiLevelNeuron(nn.Module):
                              f"per-step input shape {step_shape} (input {tuple(x.shape)} must be [T, *shape]; "
                              f"did you forget the time dimension?)")
 
-    def _count(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Binary spikes of integer levels ``k``: ``(total, total weighted by fanout or None)``.
-
-        Without fan-outs a histogram of the levels suffices (one integer pass, exact); with them,
-        spikes are summed over the leading (batch) dims first and dotted with the fan-out map.
-        """
-        if self.fanout is None:
-            index_dtype = torch.uint8 if self.levels < 256 else torch.int32
-            hist = torch.bincount(k.to(index_dtype).flatten(), minlength=self.levels + 1)
-            return (hist.to(torch.float64) * self.spike_lut.to(torch.float64)).sum(), None
-        # index_select with int32 indices is ~3x faster than advanced indexing with int64 ones
-        count = self.spike_lut.index_select(0, k.to(torch.int32).flatten()).view_as(k)
-        per_position = count.sum(tuple(range(count.dim() - self.fanout.dim()))) if count.dim() > self.fanout.dim() else count
-        per_position = per_position.to(torch.float64)
-        return per_position.sum(), (per_position * self.fanout).sum()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         lam = self.lam.to(dtype=x.dtype, device=x.device)
-        steps = x.shape[0]
+        steps, shape = x.shape[0], x.shape[1:]
         out = torch.empty_like(x)
         spikes = torch.zeros(steps, dtype=torch.float64, device=x.device)
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
-        v_pos = (lam / 2).expand(x.shape[1:]).clone()  # eq. 13
+        count = SpikeCounter(self.spike_lut, self.fanout, shape, x.device)
+        level = torch.empty(shape, dtype=x.dtype, device=x.device)
+        v_pos = (lam / 2).expand(shape).clone()  # eq. 13
         if self.signed:
             v_neg = v_pos.clone()
             out_pos, out_neg = torch.empty_like(v_pos), torch.empty_like(v_pos)
         for t in range(steps):
             if self.signed:
-                counts = [self._count(fire_(v_pos, x[t], lam, self.levels, out_pos)),
-                          self._count(fire_(v_neg, x[t], lam, self.levels, out_neg, sign=-1.0))]
+                counts = [count(fire_(v_pos, x[t], lam, self.levels, out_pos, level)),
+                          count(fire_(v_neg, x[t], lam, self.levels, out_neg, level, sign=-1.0))]
                 if self.communicate:  # eq. 21
                     v_pos.add_(out_neg)
                     v_neg.add_(out_pos)
                 torch.sub(out_pos, out_neg, out=out[t])
             else:
-                counts = [self._count(fire_(v_pos, x[t], lam, self.levels, out[t]))]
+                counts = [count(fire_(v_pos, x[t], lam, self.levels, out[t], level))]
             spikes[t] = sum(c[0] for c in counts)
             if synops is not None:
                 synops[t] = sum(c[1] for c in counts)
