@@ -7,7 +7,8 @@ A dense simulation of T steps costs at least about T ANN forward passes, so the 
 overhead of simulating spikes (1.0 = as fast as running the ANN T times; below 1.0 is possible
 because the layers before the first spiking neuron run once). Built-in models at MNIST size,
 torchvision models at 64 x 64 (random weights: speed does not depend on them). Both timings are
-measured side by side in this process, median of repeats after a warm-up; diagnostics off.
+measured side by side in this process (ANN and SNN calls alternate, so the ANN is timed again
+for every row), median of repeats after a warm-up; diagnostics off.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torchvision
 
 import hmtconv
 from hmtconv.models import create_model, list_models
-from timing import timed
+from timing import timed_side_by_side
 
 
 def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -49,12 +50,12 @@ def main():
         y = torch.randint(0, 10, (args.batch,))
         identity = "all" if "vit" in name else "none"  # a ViT has no ReLU: signed neurons before its layers
         prepared = hmtconv.calibrate(hmtconv.prepare(model, identity=identity), [(x, y)])
-        with torch.no_grad():
-            t_ann = timed(lambda: model(x), args.repeats)[0]
         for n in args.n:
             for T in args.T:
                 snn = hmtconv.convert(prepared, n=n, T=T, policy="999", identity=identity)
-                t_snn, _ = timed(lambda: hmtconv.evaluate(snn, [(x, y)], diagnostics=False), args.repeats)
+                with torch.no_grad():
+                    t_ann, t_snn = timed_side_by_side(
+                        [lambda: model(x), lambda: hmtconv.evaluate(snn, [(x, y)], diagnostics=False)], args.repeats)
                 print(f"| {name} | {'x'.join(map(str, shape))} | {n} | {T} | {1000 * t_ann:.1f} | "
                       f"{1000 * t_snn:.1f} | {t_snn / (T * t_ann):.2f} |", flush=True)
 

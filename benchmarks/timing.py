@@ -23,6 +23,20 @@ def timed(fn, repeats: int):
     return statistics.median(times), result
 
 
+def timed_side_by_side(fns, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, called in turn in every repeat after one warm-up call
+    each, so that a change in the machine's load between repeats hits all of them alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
+
+
 def _status_mib(field: str) -> float:
     return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 

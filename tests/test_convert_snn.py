@@ -89,7 +89,9 @@ def test_first_layer_follows_eq20():
     site = snn.sites()["1"]
     x = data[0][0]
     seen = {}
-    site.register_forward_hook(lambda m, a, out: seen.update(z=a[0][: x.shape[0]], out=out))
+    # the input is read before the site runs: its neuron writes its output over it
+    site.register_forward_pre_hook(lambda m, a: seen.update(z=a[0][: x.shape[0]].clone()))
+    site.register_forward_hook(lambda m, a, out: seen.update(out=out))
     snn(x)
     lam, z = site.neuron.lam, seen["z"]
     eq20 = lam / T * torch.clamp(torch.floor((z * T + lam / 2) / lam), 0, (2**n - 1) * T)
@@ -169,3 +171,30 @@ def test_bad_arguments_are_clear():
         hc.convert(model, data, neuron="lif")
     with pytest.raises(ValueError, match="needs calibration data"):
         hc.convert(model)
+
+
+class SiteInputReadTwice(nn.Module):
+    """The ReLU's input is also read by the shortcut, so its neuron must not write over it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.conv1(x)))
+        y = F.relu(y) + 0.5 * y
+        return self.head(y.mean((2, 3)))
+
+
+def test_neurons_write_over_their_input_only_where_nothing_else_reads_it():
+    torch.manual_seed(0)
+    model, data = SiteInputReadTwice().eval(), loader()
+    snn = hc.convert(model, data, n=2, T=6, policy="max")
+    assert {name: site.overwrite_input for name, site in snn.sites().items()} == {"relu": True, "relu_1": False}
+    batches = [data[0][0], data[0][0][:1]]  # one sample: an expanded static input would alias it
+    outs = [snn(x, steps) for x in batches for steps in (1, 6)]
+    for site in snn.sites().values():
+        site.overwrite_input = False
+    for out, (x, steps) in zip(outs, [(x, steps) for x in batches for steps in (1, 6)]):
+        assert torch.equal(out, snn(x, steps))

@@ -6,7 +6,8 @@
 3. :class:`ToTime` at static -> temporal edges (multistep.py);
 4. expectation compensation for nonlinear ops whose input varies over time (compensated.py), and
    a clear error for any op of the spiking part that is neither structural nor compensable;
-5. operation counts for energy (energy.py) and the activation memory profile (memory.py).
+5. operation counts for energy (energy.py) and the activation memory profile (memory.py);
+6. sites whose input nothing else reads write their output over it.
 """
 from __future__ import annotations
 
@@ -84,6 +85,31 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
     gm.recompile()
 
 
+# Modules that return a tensor of their own (not a view or their input itself).
+FRESH_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, Compensated, ToTime,
+                SpikingActivation)
+
+
+def _owns_its_output(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when ``node``'s tensor is read by one node only and aliases no other node's tensor."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return False
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), FRESH_OUTPUT)
+    if node.op == "call_function" and node.target in (operator.add, torch.add):
+        return True
+    # torchvision's ``out += identity`` returns its first operand, updated in place
+    return node.op == "call_function" and node.target is operator.iadd and _owns_its_output(gm, node.args[0])
+
+
+def allow_overwrite(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(site := gm.get_submodule(node.target), SpikingActivation):
+            site.overwrite_input = _owns_its_output(gm, node.args[0])
+
+
 def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport) -> SNN:
     swap_sites(net, config)
     if not isinstance(net, fx.GraphModule):  # module-swap fallback: every op sees T*B rows
@@ -100,6 +126,7 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
     kinds = insert_time_expansion(net, lambda node: node in spiking)
     compensate_and_check(net, kinds)
     macs = count_operations(net, kinds)
+    allow_overwrite(net)
     output = next(n for n in net.graph.nodes if n.op == "output").args[0]
     return SNN(net, config, report, output_temporal=kinds.get(output) == "temporal", macs=macs,
                memory_profile=activation_profile(net, kinds).to(device))

@@ -76,12 +76,12 @@ def _first_nonfinite_site(snn: SNN, x: torch.Tensor, steps: int) -> str:
     found: list[str] = []
 
     def record(name: str):
-        def hook(module, args, out):
+        def hook(module, args):  # before the site runs: its neuron may write its output over its input
             if not found and not torch.isfinite(args[0]).all():
                 found.append(name)
         return hook
 
-    hooks = [site.register_forward_hook(record(name)) for name, site in snn.sites().items()]
+    hooks = [site.register_forward_pre_hook(record(name)) for name, site in snn.sites().items()]
     try:
         snn(x, steps)
     finally:

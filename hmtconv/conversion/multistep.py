@@ -40,10 +40,11 @@ def step_index(steps: int, like: torch.Tensor) -> torch.Tensor:
 
 
 class ToTime(TimeAware):
-    """Repeat a static ``[B, ...]`` activation at every step: ``[T*B, ...]``."""
+    """Repeat a static ``[B, ...]`` activation at every step: ``[T*B, ...]``, always a new tensor
+    (an expanded view would alias its input, and a neuron may write over its input)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(0).expand(self.steps, *x.shape).flatten(0, 1)
+        return x.repeat(self.steps, *([1] * (x.dim() - 1)))
 
 
 def is_tensor(node: fx.Node) -> bool:

@@ -44,7 +44,8 @@ class SpikingActivation(TimeAware):
     """Runs its neuron on ``[T*B, ...]`` (unfolded to ``[T, B, ...]``, the neuron loops over T).
 
     ``ann_mode`` makes it the float op again (ReLU or identity): the SNN then computes its ANN
-    exactly, which the per-layer diagnostics compare against.
+    exactly, which the per-layer diagnostics compare against. With ``overwrite_input`` the output
+    is written over the input tensor: a forward hook that needs the input must be a pre-hook.
     """
 
     def __init__(self, neuron: MultiLevelNeuron):
@@ -53,6 +54,8 @@ class SpikingActivation(TimeAware):
         self.ann_mode = False
         # Synapses driven by each element (energy.py), a buffer so .to(device) and state_dict see it.
         self.register_buffer("fanout", None)
+        # Set by convert where nothing else reads this site's input (build.py): output written over it.
+        self.overwrite_input = False
 
     @property
     def signed(self) -> bool:
@@ -62,4 +65,5 @@ class SpikingActivation(TimeAware):
         if self.ann_mode:
             return x if self.signed else torch.relu(x)
         self.neuron.fanout = self.fanout
-        return fold(self.neuron(unfold(x, self.steps)))
+        u = unfold(x, self.steps)
+        return fold(self.neuron(u, out=u if self.overwrite_input else None))

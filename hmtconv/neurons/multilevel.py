@@ -131,11 +131,13 @@ class MultiLevelNeuron(nn.Module):
                              f"per-step input shape {step_shape} (input {tuple(x.shape)} must be [T, *shape]; "
                              f"did you forget the time dimension?)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: where to write the output; may be ``x`` itself, whose step t is read before
+        step t of the output is written (saves an activation-sized allocation)."""
         self._check_input(x)
         lam = self.lam.to(dtype=x.dtype, device=x.device)
         steps, shape = x.shape[0], x.shape[1:]
-        out = torch.empty_like(x)
+        out = torch.empty_like(x) if out is None else out
         spikes = torch.zeros(steps, dtype=torch.float64, device=x.device)
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
         count = SpikeCounter(self.spike_lut, self.fanout, shape, x.device)
