@@ -5,11 +5,11 @@ set -euo pipefail
 H="${HMTCONV:-hmtconv}"
 mkdir -p runs
 [ -f runs/vgg_small.pt ] || $H train --model vgg_small --dataset mnist --epochs 3 --seed 0 --out runs/vgg_small.pt
-[ -f runs/resnet18_small.pt ] || $H train --model resnet18_small --dataset mnist --epochs 1 --limit 150 --seed 0 \
+[ -f runs/resnet18_small.pt ] || $H train --model resnet18_small --dataset mnist --epochs 1 --seed 0 \
     --out runs/resnet18_small.pt
 [ -f runs/vit_small.pt ] || $H train --model vit_small --dataset mnist --optimizer adamw --lr 0.002 \
     --weight-decay 0.05 --epochs 3 --seed 0 --out runs/vit_small.pt
 for name in ${STUDY:-vgg-table1 vgg-table2 vit-table4 vit-linear resnet-table1 vgg-table3 vgg-granularity vgg-neurons
-    vgg-neurons-opt resnet-table2 vgg-table1-identity}; do
+    vgg-neurons-opt resnet-table2 vgg-table1-identity resnet-table1-identity vit-table4-full}; do
     $H sweep "experiments/study/$name.toml" --no-progress
 done
