@@ -49,6 +49,31 @@ def test_quantile_of_whole_set_within_bin_precision(batches):
     assert torch.allclose(obs.quantile(0.99, True), exact_c, rtol=width)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("shape", [(6, 3, 5, 5), (6, 7, 4)])
+def test_histograms_equal_brute_force_binning(signed, shape):
+    """Every count against a value-by-value search of the bin edges ``2**(min_exp + k/32)`` in
+    float64, per channel (dim 1 of conv, the last dim of tokens) and for the layer; values include
+    zeros, values below the first edge and beyond the last."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g) * torch.logspace(-6, 6, shape[0] * 2, base=2.0).view(-1, *[1] * (len(shape) - 1))[::2]
+    x.view(-1)[::17] = 0.0
+    x.view(-1)[1] = 2.0**-20
+    x.view(-1)[2] = 2.0**20
+    obs = ActivationObserver(signed=signed)
+    obs(x)
+    dim = 1 if len(shape) == 4 else 2
+    out = (x.abs() if signed else x.clamp_min(0)).double().movedim(dim, 0).reshape(shape[dim], -1)
+    cfg = obs.hist
+    upper = torch.exp2(cfg.min_exp + torch.arange(cfg.bins - 1, dtype=torch.float64) / cfg.bins_per_octave)
+    expected = torch.zeros(shape[dim], cfg.bins, dtype=torch.int64)
+    for c, row in enumerate(out):
+        for value in row.tolist():
+            expected[c, int(torch.searchsorted(upper, torch.tensor(value, dtype=torch.float64), right=True))] += 1
+    assert torch.equal(obs.hist_channel, expected)
+    assert torch.equal(obs.hist_layer, expected.sum(0))
+
+
 def test_token_activations_use_last_dim_and_state_dict_roundtrip():
     obs = ActivationObserver(signed=True)
     obs(torch.randn(4, 7, 6))

@@ -84,24 +84,26 @@ class ActivationObserver(nn.Module):
         elif tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"observer saw per-sample shape {tuple(x.shape[1:])} after {self.shape}; "
                              f"calibrate with inputs of one size")
-        channels = x.shape[channel_dim(x.dim())]
-        xc = x.detach().movedim(channel_dim(x.dim()), -1).reshape(-1, channels).to(self.count.device)
-        rows = float(xc.shape[0])
-        # Moments in float64 (one fused pass); the layer's follow from the channels' by Chan's
-        # merge (every channel has the same count), so the activation is read once for them.
-        ch_var, ch_mean = torch.var_mean(xc.to(torch.float64), dim=0, correction=0)
+        dim = channel_dim(x.dim())
+        channels, others = x.shape[dim], tuple(d for d in range(x.dim()) if d != dim)
+        x = x.detach().to(self.count.device)
+        rows = float(x.numel() // channels)
+        # Moments in float64 (one fused pass, in the activation's own layout); the layer's follow
+        # from the channels' by Chan's merge (every channel has the same count).
+        ch_var, ch_mean = torch.var_mean(x.to(torch.float64), dim=others, correction=0)
         ch_m2 = ch_var * rows
         if not torch.isfinite(ch_var).all():  # any NaN or inf makes its channel's variance NaN
             # it would poison the statistics (and thresholds) for good: stop before merging it
             raise ValueError(f"NaN or inf in the activations entering {self.label} during calibration (finite "
                              f"input images): a layer before it overflows or has non-finite weights")
-        out = self._output(xc)  # in the activation's own dtype: max and log2 bins need no float64
+        out = self._output(x)  # in the activation's own dtype: max and log2 bins need no float64
+        ch_max = out.amax(others).to(torch.float64)
         layer_mean = ch_mean.mean()
         layer_m2 = ch_m2.sum() + rows * ((ch_mean - layer_mean) ** 2).sum()
-        n = torch.tensor(rows, dtype=torch.float64, device=xc.device)
-        self._merge_moments("", n * channels, layer_mean, layer_m2, out.max().to(torch.float64))
-        self._merge_moments("ch_", n.expand_as(ch_mean), ch_mean, ch_m2, out.amax(0).to(torch.float64))
-        self._add_histograms(out)
+        n = torch.tensor(rows, dtype=torch.float64, device=x.device)
+        self._merge_moments("", n * channels, layer_mean, layer_m2, ch_max.max())
+        self._merge_moments("ch_", n.expand_as(ch_mean), ch_mean, ch_m2, ch_max)
+        self._add_histograms(out, dim)
 
     def _merge_moments(self, prefix: str, n_b, mean_b, m2_b, max_b) -> None:
         """Chan et al.'s pairwise update of (count, mean, M2); exact in any merge order."""
@@ -116,19 +118,21 @@ class ActivationObserver(nn.Module):
     def _output(self, xc: torch.Tensor) -> torch.Tensor:
         return xc.abs() if self.signed else xc.clamp_min(0)
 
-    def _bin_index(self, a: torch.Tensor) -> torch.Tensor:
-        pos = (torch.log2(a) - self.hist.min_exp) * self.hist.bins_per_octave
+    def _add_histograms(self, out: torch.Tensor, dim: int) -> None:
+        """Bin ``out`` (consumed: binned in place) into the log2 histograms; the layer's is the
+        sum of the channels' when those are kept, so the activation is counted once."""
+        pos = out.log2_().sub_(self.hist.min_exp).mul_(self.hist.bins_per_octave)
         # log2(0) = -inf lands in bin 0; values past 2**max_exp land in the last bin.
-        return (pos.floor() + 1).clamp_(0, self.hist.bins - 1).to(torch.int64)
-
-    def _add_histograms(self, a: torch.Tensor) -> None:
-        idx = self._bin_index(a)
-        self.hist_layer += torch.bincount(idx.flatten(), minlength=self.hist.bins)
-        if self.hist.per_channel:
-            channels = a.shape[1]
-            offset = torch.arange(channels, device=idx.device) * self.hist.bins
-            flat = torch.bincount((idx + offset).flatten(), minlength=channels * self.hist.bins)
-            self.hist_channel += flat.view(channels, self.hist.bins)
+        idx = pos.floor_().clamp_(-1, self.hist.bins - 2).to(torch.int32).add_(1)
+        if not self.hist.per_channel:
+            self.hist_layer += torch.bincount(idx.flatten(), minlength=self.hist.bins)
+            return
+        channels = out.shape[dim]
+        offset = torch.arange(channels, dtype=torch.int32, device=idx.device) * self.hist.bins
+        idx += offset.view([channels if d == dim else 1 for d in range(idx.dim())])
+        per_channel = torch.bincount(idx.flatten(), minlength=channels * self.hist.bins).view(channels, -1)
+        self.hist_channel += per_channel
+        self.hist_layer += per_channel.sum(0)
 
     @torch.no_grad()
     def merge(self, other: "ActivationObserver") -> "ActivationObserver":
