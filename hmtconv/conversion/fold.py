@@ -2,7 +2,7 @@
 
 The published code applies BatchNorm as an affine op at every step; folded into the conv's weights
 it costs nothing, which saves one pass and one activation-sized tensor per step at every such layer.
-Exact up to float rounding (tests/test_convert.py checks the folded SNN against the ANN).
+Exact up to float rounding (tests/test_convert_snn.py checks the folded SNN against the ANN).
 """
 from __future__ import annotations
 
