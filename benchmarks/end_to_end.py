@@ -54,7 +54,7 @@ def main():
             for T in args.T:
                 snn = hmtconv.convert(prepared, n=n, T=T, policy="999", identity=identity)
                 with torch.no_grad():
-                    t_ann, t_snn = timed_side_by_side(
+                    (t_ann, t_snn), _ = timed_side_by_side(
                         [lambda: model(x), lambda: hmtconv.evaluate(snn, [(x, y)], diagnostics=False)], args.repeats)
                 print(f"| {name} | {'x'.join(map(str, shape))} | {n} | {T} | {1000 * t_ann:.1f} | "
                       f"{1000 * t_snn:.1f} | {t_snn / (T * t_ann):.2f} |", flush=True)

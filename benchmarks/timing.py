@@ -14,27 +14,22 @@ import time
 
 def timed(fn, repeats: int):
     """``(median seconds, result of the last call)``."""
-    fn()  # warm-up: allocator, caches, lazy initialisation
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    (seconds,), (result,) = timed_side_by_side([fn], repeats)
+    return seconds, result
 
 
-def timed_side_by_side(fns, repeats: int) -> list[float]:
-    """Median seconds of each of ``fns``, called in turn in every repeat after one warm-up call
-    each, so that a change in the machine's load between repeats hits all of them alike."""
-    for fn in fns:
-        fn()
+def timed_side_by_side(fns, repeats: int) -> tuple[list[float], list]:
+    """Median seconds of each of ``fns`` and the result of its last call; one warm-up call each
+    (allocator, caches, lazy initialisation), then all called in turn in every repeat, so that a
+    change in the machine's load between repeats hits all of them alike."""
+    results = [fn() for fn in fns]
     times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, spent in zip(fns, times):
+        for i, fn in enumerate(fns):
             start = time.perf_counter()
-            fn()
-            spent.append(time.perf_counter() - start)
-    return [statistics.median(spent) for spent in times]
+            results[i] = fn()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times], results
 
 
 def _status_mib(field: str) -> float:
