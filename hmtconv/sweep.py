@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .conversion import calibrate, convert, evaluate, prepare
-from .conversion.policies import T_DEPENDENT
+from .conversion.policies import depends_on_T
 from .errors import UserError
 from .report import append_jsonl, provenance, read_jsonl, write_reports
 from .workload import DataOptions, load_workload
@@ -110,7 +110,7 @@ def simulations(points: list[dict]) -> list[tuple[int, list[dict]]]:
     (eq. 24 has N = T) need a conversion per T."""
     groups: dict[str, list[dict]] = {}
     for p in points:
-        shared = p["policy"] not in T_DEPENDENT
+        shared = not depends_on_T(p["policy"])
         groups.setdefault(json.dumps({k: v for k, v in p.items() if k != "T" or not shared}, sort_keys=True),
                           []).append(p)
     return [(max(p["T"] for p in group), group) for group in groups.values()]

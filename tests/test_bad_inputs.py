@@ -119,7 +119,10 @@ def test_unknown_policy_or_neuron(capsys):
         hc.convert(cnn(), images(), policy="best")
     with pytest.raises(ValueError, match="neuron must be one of"):
         hc.convert(cnn(), images(), neuron="lif")
-    one_line_error(*cli(["evaluate", "--model", "vgg_small", "--policy", "best"], capsys), "unknown policy 'best'")
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", "--policy", "best"], capsys),
+                   "unknown threshold policy 'best'")
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", "--policy", "opt,*.mix_in0"], capsys),
+                   "'*.mix_in0' is not PATTERN=POLICY")
     one_line_error(*cli(["evaluate", "--model", "vgg_small", "--neuron", "lif"], capsys), "invalid choice: 'lif'")
 
 

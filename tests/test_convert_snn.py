@@ -198,3 +198,19 @@ def test_neurons_write_over_their_input_only_where_nothing_else_reads_it():
         site.overwrite_input = False
     for out, (x, steps) in zip(outs, [(x, steps) for x in batches for steps in (1, 6)]):
         assert torch.equal(out, snn(x, steps))
+
+
+def test_site_policy_overrides_equal_separate_conversions():
+    """Each site of a mixed-policy SNN has exactly the lam a single-policy conversion gives it."""
+    prepared = hc.calibrate(hc.prepare(small_cnn(), identity="maxpool"), loader())
+    kw = dict(n=4, T=4, identity="maxpool")
+    names = list(hc.convert(prepared, **kw).sites())
+    assert len(names) == 3  # two ReLUs and the y = x site of the max pooling moved before its neuron
+    mixed = hc.convert(prepared, policy=f"opt,{names[0]}=999,{names[2][:-1]}*=99.0", **kw)
+    single = {p: hc.convert(prepared, policy=p, **kw).sites() for p in ("opt", "999", 99.0)}
+    expected = {names[0]: "999", names[1]: "opt", names[2]: 99.0}
+    for name, site in mixed.sites().items():
+        assert torch.equal(site.neuron.lam, single[expected[name]][name].neuron.lam), name
+    assert not torch.equal(single["opt"][names[0]].neuron.lam, single["999"][names[0]].neuron.lam)
+    with pytest.raises(ValueError, match=r"'\*\.nowhere' match no spiking site"):
+        hc.convert(prepared, policy="opt,*.nowhere=999", **kw)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from hmtconv.conversion import ActivationObserver, NeuronSpec
-from hmtconv.conversion.policies import compute_lam
+from hmtconv.conversion.policies import (compute_lam, depends_on_T, parse_policy, policy_for_site,
+                                         unused_patterns)
 
 
 def _fill(obs, batches):
@@ -155,3 +156,22 @@ def test_opt_emp_minimizes_the_empirical_error():
     mine = _errors(lam[:, None], x, w, 4, 60).squeeze(1)
     assert (mine <= best * (1 + 1e-6)).all()
     assert not torch.equal(lam[0], lam[1])  # channels get their own thresholds
+
+
+def test_policy_with_site_overrides_parses_and_picks_the_last_match():
+    base, overrides = parse_policy("opt, *.mix_in0=999, layer1.*=99.5 ,layer1.0.relu=opt-emp")
+    assert base == "opt" and overrides == [("*.mix_in0", "999"), ("layer1.*", 99.5), ("layer1.0.relu", "opt-emp")]
+    assert policy_for_site("opt,layer1.*=99.5,layer1.0.relu=opt-emp", "layer1.0.relu") == "opt-emp"
+    assert policy_for_site("opt,layer1.*=99.5,layer1.0.relu=opt-emp", "layer1.1.relu") == 99.5
+    assert policy_for_site("opt,layer1.*=99.5", "layer2.0.relu") == "opt"
+    assert policy_for_site(99.9, "any") == 99.9 and parse_policy("999") == ("999", [])
+    assert not depends_on_T("999,*.x=max") and depends_on_T("999,*.x=opt") and depends_on_T("opt-emp")
+    assert unused_patterns("opt,a*=999,zz=max", ["ab", "b"]) == ["zz"]
+
+
+@pytest.mark.parametrize("text,message", [("opt,*x", "not PATTERN=POLICY"), ("opt,*x=best", "unknown threshold"),
+                                          ("best,*x=999", "unknown threshold"), ("opt,*x=150", r"\(0, 100\]"),
+                                          (True, "policy must be")])
+def test_policy_with_site_overrides_rejects_typos(text, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        parse_policy(text)

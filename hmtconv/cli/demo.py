@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..conversion import calibrate, convert, evaluate, prepare
-from ..conversion.policies import T_DEPENDENT
+from ..conversion.policies import depends_on_T
 from ..report import (atomic_write_json, curves_table, jsonable, layers_table, plot_curves, plot_layers,
                       plot_tradeoff, provenance)
 from ..train import trained_model
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def accuracy_by_T(prepared, work, n: int, policy: str, T_max: int, diagnostics: bool, progress: bool) -> dict:
     """Accuracy and energy at T = 1..T_max: one run of T_max steps for T-independent policies,
     one conversion per T (read at t = T) for policies optimized for a given T ("opt")."""
-    if policy not in T_DEPENDENT:
+    if not depends_on_T(policy):
         snn = convert(prepared, n=n, T=T_max, policy=policy)
         return evaluate(snn, work.eval_loader, ann=work.model, diagnostics=diagnostics, progress=progress).to_dict()
     per_T = [evaluate(convert(prepared, n=n, T=T, policy=policy), work.eval_loader, ann=work.model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..conversion import POLICIES
+from ..conversion.policies import parse_policy
 from ..conversion.snn import GRANULARITIES, IDENTITIES, NEURONS
 from ..data import list_datasets
 from ..errors import UserError
@@ -14,17 +15,20 @@ DEFAULT_T = 4
 
 
 def policy_value(text: str) -> str | float:
-    """A registered policy name ("opt", "999", ...) or a float percentile such as 99.99."""
-    if text in POLICIES:
-        return text
+    """A registered policy name ("opt", "999", ...), a percentile such as 99.99, or either followed
+    by per-site overrides: "opt,*.mix_in0=999" (see hmtconv.conversion.policies.parse_policy)."""
     try:
-        value = float(text)
+        base, overrides = parse_policy(text if text in POLICIES else _number_or_text(text))
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text if overrides else base
+
+
+def _number_or_text(text: str) -> str | float:
+    try:
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown policy {text!r}; choose one of {', '.join(POLICIES)} or a percentile in (0, 100]") from None
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"percentile policy must be in (0, 100], got {value}")
-    return value
+        return text
 
 
 def positive_int(name: str):
@@ -64,7 +68,8 @@ def add_conversion(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--T", type=positive_int("--T"), default=None,
                        help="time steps (default: 4, or the T of an --snn file)")
     group.add_argument("--policy", type=policy_value, default="opt",
-                       help=f"threshold policy: {', '.join(POLICIES)}, or a percentile such as 99.99")
+                       help=f"threshold policy: {', '.join(POLICIES)}, or a percentile such as 99.99; "
+                            f"per-site overrides after commas: 'opt,*.mix_in0=999' (fnmatch on site names)")
     group.add_argument("--neuron", default="hmt", choices=NEURONS, help="hmt, if (n = 1) or mt (prior work)")
     group.add_argument("--identity", default="none", choices=IDENTITIES,
                        help="none: only ReLUs spike; maxpool: also the y = x sites of moved max pooling; "

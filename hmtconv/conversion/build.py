@@ -24,7 +24,7 @@ from .fold import fold_batchnorm
 from .memory import activation_profile
 from .graph import scope
 from .multistep import ToTime, insert_time_expansion, is_tensor
-from .policies import NeuronSpec, compute_lam
+from .policies import NeuronSpec, compute_lam, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
 from .snn import SNN, ConversionConfig, ConversionReport
 
@@ -47,11 +47,16 @@ SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, tor
 
 
 def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
-    for name, site in list(net.named_modules()):
-        if isinstance(site, ObservedActivation):
-            spec = NeuronSpec(config.neuron, config.n, config.T, site.signed, config.granularity == "channel")
-            lam = compute_lam(site.observer, spec, config.policy).to(site.observer.count.device)
-            net.set_submodule(name, SpikingActivation(make_neuron(spec, lam, config.communicate)))
+    sites = {name: site for name, site in net.named_modules() if isinstance(site, ObservedActivation)}
+    unused = unused_patterns(config.policy, list(sites))
+    if unused:
+        raise ValueError(f"policy {config.policy!r}: pattern(s) {', '.join(map(repr, unused))} match no spiking "
+                         f"site; sites are named like {', '.join(list(sites)[:3])} (SNN.sites(), result.per_layer)")
+    for name, site in sites.items():
+        spec = NeuronSpec(config.neuron, config.n, config.T, site.signed, config.granularity == "channel")
+        policy = policy_for_site(config.policy, name)
+        lam = compute_lam(site.observer, spec, policy).to(site.observer.count.device)
+        net.set_submodule(name, SpikingActivation(make_neuron(spec, lam, config.communicate)))
 
 
 def _fail(node: fx.Node, what: str) -> None:

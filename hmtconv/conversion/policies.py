@@ -8,6 +8,7 @@ is ``theta/n``, so its ``theta = n * lam``), 1 for IF.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from typing import Callable
 
 import torch
@@ -96,6 +97,56 @@ register_policy("999x2")(percentile_policy(99.9, scale=2.0))
 @register_policy("max")
 def maximum(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
     return obs.maximum(spec.per_channel) / spec.levels
+
+
+def parse_policy(policy: str | float) -> tuple[str | float, list[tuple[str, str | float]]]:
+    """``"opt"``, ``99.99`` or ``"opt,*.mix_in0=999"`` -> (base policy, [(pattern, policy), ...]).
+
+    After the base policy, ``PATTERN=POLICY`` items give sites whose qualified name (as results
+    list it: ``SNN.sites()``, ``result.per_layer``) matches the fnmatch ``PATTERN`` another policy; the last
+    matching item wins. Every policy is checked here, so a typo fails before any work.
+    """
+    if isinstance(policy, bool) or not isinstance(policy, (str, int, float)):
+        raise TypeError(f"policy must be a name, a float percentile or 'BASE,PATTERN=POLICY,...', got {policy!r}")
+    if not isinstance(policy, str) or "," not in policy and "=" not in policy:
+        resolve_policy(policy)
+        return policy, []
+    base, *items = (part.strip() for part in policy.split(","))
+    overrides = []
+    for item in items:
+        pattern, sep, name = (part.strip() for part in item.partition("="))
+        if not sep or not pattern or not name:
+            raise ValueError(f"policy {policy!r}: {item!r} is not PATTERN=POLICY (e.g. '*.mix_in0=999')")
+        overrides.append((pattern, _one_policy(name)))
+    base = _one_policy(base)
+    return base, overrides
+
+
+def _one_policy(text: str) -> str | float:
+    """A registered name, or a percentile written as a number."""
+    try:
+        value = text if text in POLICIES else float(text)
+    except ValueError:
+        value = text  # resolve_policy names the registered choices
+    resolve_policy(value)
+    return value
+
+
+def policy_for_site(policy: str | float, name: str) -> str | float:
+    """The policy that applies to the site ``name`` (see :func:`parse_policy`)."""
+    base, overrides = parse_policy(policy)
+    return next((p for pattern, p in reversed(overrides) if fnmatchcase(name, pattern)), base)
+
+
+def unused_patterns(policy: str | float, names: list[str]) -> list[str]:
+    """Override patterns of ``policy`` that match none of ``names`` (a typo would silently do nothing)."""
+    return [pattern for pattern, _ in parse_policy(policy)[1] if not any(fnmatchcase(n, pattern) for n in names)]
+
+
+def depends_on_T(policy: str | float) -> bool:
+    """Whether any site's lam depends on T (one conversion per T is then needed)."""
+    base, overrides = parse_policy(policy)
+    return any(p in T_DEPENDENT for p in [base, *(p for _, p in overrides)])
 
 
 def resolve_policy(policy: str | float) -> Policy:

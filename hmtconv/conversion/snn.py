@@ -8,6 +8,7 @@ from torch import nn
 
 from .memory import MARGIN, leaf_output_bytes
 from .multistep import TimeAware, unfold
+from .policies import parse_policy
 from .sites import SpikingActivation
 
 NEURONS = ("hmt", "if", "mt")
@@ -35,6 +36,7 @@ class ConversionConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        parse_policy(self.policy)  # a typo in a policy or its per-site overrides fails here
         if self.neuron == "if":
             self.n = 1  # the classic IF neuron is the one-threshold H-MT
 
