@@ -191,3 +191,24 @@ def test_level_is_the_exact_floor_of_the_rational_quotient(dtype):
         k = fire_(torch.zeros_like(m), m, lam, 15, torch.empty_like(m), torch.empty_like(m))
         exact = [min(max(Fraction(x) // Fraction(lam.item()), 0), 15) for x in m.tolist()]
         assert k.tolist() == exact
+
+
+@pytest.mark.parametrize("communicate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_signed_neuron_over_sign_changes_with_fanout_equals_literal(communicate, dtype):
+    """64 steps whose input flips sign halfway (eq. 21's exchange matters most there), with a
+    fan-out map: output, spikes per step and fan-out-weighted spikes per step against the literal
+    sequential neuron, element by element, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    T, lam, n = 64, 0.3, 3
+    sign = torch.where(torch.arange(T) < T // 2, 1.0, -1.0).view(T, 1, 1)
+    x = ((torch.randn(5, 7, generator=g) * sign + 0.3 * torch.randn(T, 5, 7, generator=g)) * lam * 4).to(dtype)
+    fanout = torch.randint(1, 9, (7,), generator=g).to(torch.float32)
+    neuron = HMTNeuron(n, lam, signed=True, communicate=communicate)
+    neuron.fanout = fanout
+    out = neuron(x)
+    ref, ref_spikes = hmt_literal(x, lam, n, signed=True, communicate=communicate)
+    per_element = torch.stack([s_pos + s_neg for _, _, s_pos, s_neg in hmt_literal_membranes(x, lam, n, communicate)])
+    assert torch.equal(out, ref) and torch.equal(neuron.spikes, ref_spikes)
+    assert torch.equal(neuron.synops, (per_element.double() * fanout.double()).sum((1, 2)))
+    assert (per_element[T // 2:] > 0).any()  # the neuron does fire after the flip

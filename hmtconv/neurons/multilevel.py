@@ -38,11 +38,11 @@ def as_threshold(value, name: str) -> torch.Tensor:
     return t
 
 
-def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
-          level: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-    """One step in place (eqs. 14-18 in closed form): ``m = v + sign*current``, writes the level
-    ``k = clamp(floor(m / lam), 0, levels)`` to ``level`` and ``k * lam`` to ``out``, leaves
-    ``v = m - out``, returns ``level``.
+def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
+            level: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """One step in place (eqs. 14-18 in closed form) up to the reset: ``v += sign*current`` (now
+    ``m``), writes the level ``k = clamp(floor(m / lam), 0, levels)`` to ``level`` and ``k * lam``
+    to ``out``, returns ``level``. :func:`fire_` adds the reset.
 
     ``floor(m / lam)`` computed as a rounded quotient is off by one when ``m`` lies within an ulp
     below a multiple of ``lam`` (the quotient rounds up). Floor division (``rounding_mode="floor"``)
@@ -54,6 +54,13 @@ def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int
     v.add_(current, alpha=sign)
     torch.div(v, lam, rounding_mode="floor", out=level).clamp_(0, levels)
     torch.mul(level, lam, out=out)
+    return level
+
+
+def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
+          level: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """:func:`charge_`, then reset by subtraction: leaves ``v = m - out``; returns ``level``."""
+    charge_(v, current, lam, levels, out, level, sign)
     v.sub_(out)
     return level
 
@@ -146,13 +153,23 @@ class MultiLevelNeuron(nn.Module):
         if self.signed:
             v_neg = v_pos.clone()
             out_pos, out_neg = torch.empty_like(v_pos), torch.empty_like(v_pos)
+            level_neg = torch.empty_like(level)
         for t in range(steps):
-            if self.signed:
+            if self.signed and self.communicate:
+                # Eq. 21 with Lemma 4.1: v_P + v_N = lam, so at most one half fires per step
+                # (in floating point too while lam exceeds the membranes' rounding error, about
+                # 2^-24 of |v| in float32). Then resetting both halves and exchanging their outputs
+                # is v_P -= out, v_N += out (bit for bit: the other half's output is exactly 0),
+                # and the step's spikes are those of k_P + k_N: four passes fewer per step.
+                charge_(v_pos, x[t], lam, self.levels, out_pos, level)
+                charge_(v_neg, x[t], lam, self.levels, out_neg, level_neg, sign=-1.0)
+                torch.sub(out_pos, out_neg, out=out[t])
+                v_pos.sub_(out[t])
+                v_neg.add_(out[t])
+                counts = [count(level.add_(level_neg))]
+            elif self.signed:
                 counts = [count(fire_(v_pos, x[t], lam, self.levels, out_pos, level)),
                           count(fire_(v_neg, x[t], lam, self.levels, out_neg, level, sign=-1.0))]
-                if self.communicate:  # eq. 21
-                    v_pos.add_(out_neg)
-                    v_neg.add_(out_pos)
                 torch.sub(out_pos, out_neg, out=out[t])
             else:
                 counts = [count(fire_(v_pos, x[t], lam, self.levels, out[t], level))]
