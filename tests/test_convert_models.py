@@ -122,3 +122,35 @@ def test_full_size_torchvision_models_convert(name):
     snn = hc.convert(model, data, n=4, T=2, policy="999", identity="all" if name.startswith("vit") else "maxpool")
     result = hc.evaluate(snn, data, ann=model)
     assert len(result.snn_accuracy) == 2 and result.energy_ratio[1] > 0
+
+
+class _Broadcast(nn.Module):
+    """A static tensor broadcast to the spike train's shape: a view of an input, which
+    compensation must copy before scaling it in place."""
+
+    def forward(self, a, b):
+        return b.expand(a.shape)
+
+
+@pytest.mark.parametrize("module,args,temporal", [
+    (nn.GELU(), [(6 * 3, 5)], (True,)),
+    (nn.Softmax(dim=-1), [(6 * 3, 2, 7)], (True,)),
+    (nn.LayerNorm(5), [(6 * 3, 4, 5)], (True,)),
+    (hc.attention.MatMul(), [(6 * 3, 2, 4, 3), (6 * 3, 2, 3, 4)], (True, True)),
+    (_Broadcast(), [(6 * 3, 4), (4,)], (True, False)),
+])
+def test_compensation_running_sum_is_t_times_f_of_running_mean(module, args, temporal):
+    """Expectation compensation (method-facts.md): the outputs of steps 1..t add up to
+    t * F(mean of the inputs of steps 1..t), checked against a loop over t."""
+    steps, g = 6, torch.Generator().manual_seed(0)
+    inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in args]
+    module = module.double()
+    wrapped = hc.compensated.Compensated(module, temporal)
+    wrapped.steps = steps
+    given = [a.clone() for a in inputs]
+    out = wrapped(*given).unflatten(0, (steps, -1))
+    trains = [a.unflatten(0, (steps, -1)) if f else a for a, f in zip(inputs, temporal)]
+    for t in range(1, steps + 1):
+        means = [a[:t].mean(0) if f else a for a, f in zip(trains, temporal)]
+        assert torch.allclose(out[:t].sum(0), t * module(*means), rtol=1e-10, atol=1e-10), t
+    assert all(torch.equal(a, b) for a, b in zip(given, inputs))  # the inputs are left as they were

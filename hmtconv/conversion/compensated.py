@@ -32,11 +32,14 @@ def register_compensated(cls: type) -> type:
 
 
 def running_mean(x: torch.Tensor, steps: int) -> torch.Tensor:
-    """Mean of steps 1..t at every t. The prefix sum is a loop of T whole-step adds: on CPU,
-    ``cumsum`` along the leading dim walks the tensor element by element (about 30x slower)."""
-    u = unfold(x, steps).clone()
+    """Mean of steps 1..t at every t, in a new tensor. The prefix sum is a loop of T whole-step
+    adds: on CPU, ``cumsum`` along the leading dim walks the tensor element by element (about 30x
+    slower)."""
+    x = unfold(x, steps)
+    u = torch.empty_like(x)
+    u[0] = x[0]
     for t in range(1, steps):
-        u[t] += u[t - 1]
+        torch.add(u[t - 1], x[t], out=u[t])
     return fold(u.div_(step_index(steps, u)))
 
 
@@ -52,8 +55,11 @@ class Compensated(TimeAware):
     def forward(self, *args, **kwargs):
         flags = self.temporal or tuple(isinstance(a, torch.Tensor) for a in args)
         means = [running_mean(a, self.steps) if f else a for a, f in zip(args, flags)]
-        y = unfold(self.module(*means, **kwargs), self.steps)
-        t = step_index(self.steps, y)
-        out = y * t
-        out[1:] -= y[:-1] * t[:-1]
+        y = self.module(*means, **kwargs)
+        if y._base is not None or any(y is a for a in args):  # scaled in place below: only a tensor of its own
+            y = y.clone()
+        out = unfold(y, self.steps)
+        out.mul_(step_index(self.steps, out))  # t * F(mean of 1..t)
+        for t in range(self.steps - 1, 0, -1):  # minus (t-1) * F(mean of 1..t-1), latest step first
+            out[t] -= out[t - 1]
         return fold(out)
