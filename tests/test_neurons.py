@@ -212,3 +212,19 @@ def test_signed_neuron_over_sign_changes_with_fanout_equals_literal(communicate,
     assert torch.equal(out, ref) and torch.equal(neuron.spikes, ref_spikes)
     assert torch.equal(neuron.synops, (per_element.double() * fanout.double()).sum((1, 2)))
     assert (per_element[T // 2:] > 0).any()  # the neuron does fire after the flip
+
+
+def test_communication_cuts_the_unevenness_error_of_fluctuating_input():
+    """Eq. 21's purpose: with an input whose sign changes from step to step, the average output
+    tracks the average input several times better with communication; with a constant input it
+    changes nothing (one half never fires)."""
+    g = torch.Generator().manual_seed(0)
+    mean = (torch.rand(5000, generator=g, dtype=torch.float64) * 2 - 1) * 10
+
+    def err(x, communicate):
+        return (HMTNeuron(4, 1.0, signed=True, communicate=communicate)(x).mean(0) - x.mean(0)).abs().mean()
+
+    noisy = mean + 4 * torch.randn(16, mean.numel(), generator=g, dtype=torch.float64)
+    assert err(noisy, False) > 3 * err(noisy, True)
+    steady = mean.expand(16, -1)
+    assert torch.equal(HMTNeuron(4, 1.0, signed=True)(steady), HMTNeuron(4, 1.0, signed=True, communicate=False)(steady))
