@@ -60,8 +60,9 @@ def test_resnet_roundtrip_is_bit_identical(tmp_path):
     torch.manual_seed(1)  # other weights than the rebuilt model's: they must come from the file
     model = MODELS["resnet18_small"](in_channels=1, num_classes=10, image_size=8).eval()
     data = images(batches=1)
-    snn = hc.convert(model, data, T=2, policy="999")
-    loaded, _ = load_snn(save_snn(snn, tmp_path / "r.safetensors", model="resnet18_small", num_classes=10))
+    snn = hc.convert(model, data, T=2, policy="999,*layer1.*=opt")  # per-site policies travel too
+    loaded, meta = load_snn(save_snn(snn, tmp_path / "r.safetensors", model="resnet18_small", num_classes=10))
+    assert meta["config"]["policy"] == "999,*layer1.*=opt"
     assert torch.equal(loaded(data[0][0]), snn(data[0][0]))
 
 
