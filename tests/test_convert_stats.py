@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hmtconv.conversion import ActivationObserver, NeuronSpec
-from hmtconv.conversion.policies import (compute_lam, depends_on_T, parse_policy, policy_for_site,
+from hmtconv.conversion.policies import (compute_lam, compute_lams, depends_on_T, parse_policy, policy_for_site,
                                          unused_patterns)
 
 
@@ -101,6 +101,23 @@ def test_channel_lam_shape_and_opt_policies(batches):
     for policy in ("opt", "opt1500", "999"):
         lam = compute_lam(obs, spec, policy)
         assert lam.shape == (3, 1, 1) and bool((lam > 0).all())
+
+
+def test_many_sites_at_once_equal_one_at_a_time(batches):
+    """compute_lams solves the Gaussian policies of all sites in one call: every site's lam must
+    equal its own conversion's, with signed and unsigned, layer and channel, and mixed policies
+    (including a dead channel, which takes the layer's lam)."""
+    dead = [b.clone() for b in batches]
+    for b in dead:
+        b[:, 1] = -b[:, 1].abs() - 0.1
+    observers = [_fill(ActivationObserver(signed=signed), data) for signed in (False, True) for data in (batches, dead)]
+    requests = [(obs, NeuronSpec("hmt", 4, 16, obs.signed, per_channel), policy)
+                for obs in observers for per_channel in (False, True) for policy in ("opt", "999")]
+    requests += [(obs, NeuronSpec("hmt", 2, 1, obs.signed, True), "opt") for obs in observers]  # another batch
+    requests += [(observers[i], NeuronSpec("hmt", 4, 16, observers[i].signed, i == 3), "opt1500") for i in (1, 3)]
+    for (obs, spec, policy), lam in zip(requests, compute_lams(requests)):
+        assert torch.equal(lam, compute_lams([(obs, spec, policy)])[0]), (spec, policy)
+    assert compute_lams([]) == []
 
 
 def test_unknown_policy_is_a_clear_error(batches):

@@ -24,7 +24,7 @@ from .fold import fold_batchnorm
 from .memory import activation_profile
 from .graph import scope
 from .multistep import ToTime, insert_time_expansion, is_tensor
-from .policies import NeuronSpec, compute_lam, policy_for_site, unused_patterns
+from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
 from .snn import SNN, ConversionConfig, ConversionReport
 
@@ -52,11 +52,13 @@ def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
     if unused:
         raise ValueError(f"policy {config.policy!r}: pattern(s) {', '.join(map(repr, unused))} match no spiking "
                          f"site; sites are named like {', '.join(list(sites)[:3])} (SNN.sites(), result.per_layer)")
-    for name, site in sites.items():
-        spec = NeuronSpec(config.neuron, config.n, config.T, site.signed, config.granularity == "channel")
-        policy = policy_for_site(config.policy, name)
-        lam = compute_lam(site.observer, spec, policy).to(site.observer.count.device)
-        net.set_submodule(name, SpikingActivation(make_neuron(spec, lam, config.communicate)))
+    specs = {name: NeuronSpec(config.neuron, config.n, config.T, site.signed, config.granularity == "channel")
+             for name, site in sites.items()}
+    lams = compute_lams([(site.observer, specs[name], policy_for_site(config.policy, name))
+                         for name, site in sites.items()])
+    for (name, site), lam in zip(sites.items(), lams):
+        lam = lam.to(site.observer.count.device)
+        net.set_submodule(name, SpikingActivation(make_neuron(specs[name], lam, config.communicate)))
 
 
 def _fail(node: fx.Node, what: str) -> None:

@@ -7,12 +7,15 @@ is ``theta/n``, so its ``theta = n * lam``), 1 for IF.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
+from functools import partial
 from typing import Callable
 
 import torch
 
+from ..theory import fixed_point_lam, optimal_lam
 from .observers import ActivationObserver, lam_shape
 
 # Thresholds below this are treated as "dead unit": a channel that never fired in calibration.
@@ -53,21 +56,21 @@ def register_policy(name: str) -> Callable[[Policy], Policy]:
     return add
 
 
-@register_policy("opt")
-def optimal(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
-    """Converged optimum of eq. 23 (root of k(theta) = 1, eq. 29; Lemma 4.7)."""
-    from hmtconv import theory
-    mu, sigma = obs.moments(spec.per_channel)
-    return theory.optimal_lam(mu, sigma, spec.n, spec.T, spec.signed, levels=spec.theory_levels)
+def gaussian_policy(solver: Callable, doc: str) -> Policy:
+    """A policy that solves for the Gaussian fit (mu, sigma) of the site's input with ``solver``
+    (a ``hmtconv.theory`` function); ``compute_lams`` batches many sites into one call of it."""
+    def policy(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
+        mu, sigma = obs.moments(spec.per_channel)
+        return solver(mu, sigma, spec.n, spec.T, spec.signed, levels=spec.theory_levels)
+    policy.solver, policy.__doc__ = solver, doc
+    return policy
 
 
-@register_policy("opt1500")
-def fixed_point_1500(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
-    """Algorithm 1 run for exactly 1,500 steps from theta = 1, as the published code does."""
-    from hmtconv import theory
-    mu, sigma = obs.moments(spec.per_channel)
-    return theory.fixed_point_lam(mu, sigma, spec.n, spec.T, spec.signed, steps=1500,
-                                  levels=spec.theory_levels)
+register_policy("opt")(gaussian_policy(
+    optimal_lam, "Converged optimum of eq. 23 (root of k(theta) = 1, eq. 29; Lemma 4.7)."))
+register_policy("opt1500")(gaussian_policy(
+    partial(fixed_point_lam, steps=1500),
+    "Algorithm 1 run for exactly 1,500 steps from theta = 1, as the published code does."))
 
 
 @register_policy("opt-emp")
@@ -160,14 +163,41 @@ def resolve_policy(policy: str | float) -> Policy:
     return POLICIES[policy]
 
 
+def compute_lams(requests: list[tuple[ActivationObserver, NeuronSpec, str | float]]) -> list[torch.Tensor]:
+    """lam for each ``(observer, spec, policy)``, shaped to broadcast over one step (``[C, 1, 1]``,
+    ``[C]`` or scalar). Gaussian policies solve all sites of one kind in one call: their cost is
+    per-op overhead (1,500 iterations of a dozen ops for opt1500), the same for one site as for
+    hundreds, so a whole model takes the time of one site."""
+    raw: dict[tuple[int, bool], torch.Tensor] = {}  # (request, per channel) -> policy output
+    batches = defaultdict(list)  # (solver, n, T, signed, levels) -> [(key, mu, sigma)]
+    for i, (obs, spec, policy) in enumerate(requests):
+        rule = resolve_policy(policy)
+        # per channel also needs the layer's lam, for channels that never fired (see below)
+        for per_channel in {spec.per_channel, False}:
+            one = replace(spec, per_channel=per_channel)
+            if hasattr(rule, "solver"):
+                mu, sigma = obs.moments(per_channel)
+                batches[rule.solver, one.n, one.T, one.signed, one.theory_levels].append(((i, per_channel), mu, sigma))
+            else:
+                raw[i, per_channel] = torch.as_tensor(rule(obs, one), dtype=torch.float64)
+    for (solver, n, T, signed, levels), items in batches.items():
+        mu = torch.cat([m.reshape(-1) for _, m, _ in items])
+        sigma = torch.cat([s.reshape(-1) for _, _, s in items])
+        lams = solver(mu, sigma, n, T, signed, levels=levels).split([m.numel() for _, m, _ in items])
+        raw.update({key: lam.reshape(m.shape) for (key, m, _), lam in zip(items, lams)})
+    return [_finish(raw[i, spec.per_channel], raw[i, False], obs, spec) for i, (obs, spec, _) in enumerate(requests)]
+
+
 def compute_lam(obs: ActivationObserver, spec: NeuronSpec, policy: str | float) -> torch.Tensor:
-    """lam for one site, shaped to broadcast over one step (``[C, 1, 1]``, ``[C]`` or scalar)."""
-    rule = resolve_policy(policy)
-    lam = torch.nan_to_num(torch.as_tensor(rule(obs, spec), dtype=torch.float64), nan=0.0)
+    """:func:`compute_lams` for one site."""
+    return compute_lams([(obs, spec, policy)])[0]
+
+
+def _finish(lam: torch.Tensor, layer: torch.Tensor, obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
+    lam = torch.nan_to_num(lam, nan=0.0)
     if spec.per_channel:
         # A channel whose output was always 0 in calibration would get a vanishing threshold and
         # then fire at full rate on its first positive input: it takes the layer's lam instead.
-        layer = torch.as_tensor(rule(obs, replace(spec, per_channel=False)), dtype=torch.float64)
         silent = obs.maximum(True).to(lam.device) <= 0
         lam = torch.where(silent, layer.nan_to_num(nan=0.0), lam)
     # A layer that never went above 0 gets a tiny threshold: it still never fires on such inputs.
