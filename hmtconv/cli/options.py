@@ -18,17 +18,10 @@ def policy_value(text: str) -> str | float:
     """A registered policy name ("opt", "999", ...), a percentile such as 99.99, or either followed
     by per-site overrides: "opt,*.mix_in0=999" (see hmtconv.conversion.policies.parse_policy)."""
     try:
-        base, overrides = parse_policy(text if text in POLICIES else _number_or_text(text))
-    except (ValueError, TypeError) as error:
+        base, overrides = parse_policy(text)
+    except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text if overrides else base
-
-
-def _number_or_text(text: str) -> str | float:
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def positive_int(name: str):

@@ -111,7 +111,7 @@ def parse_policy(policy: str | float) -> tuple[str | float, list[tuple[str, str 
     """
     if isinstance(policy, bool) or not isinstance(policy, (str, int, float)):
         raise TypeError(f"policy must be a name, a float percentile or 'BASE,PATTERN=POLICY,...', got {policy!r}")
-    if not isinstance(policy, str) or "," not in policy and "=" not in policy:
+    if not isinstance(policy, str):
         resolve_policy(policy)
         return policy, []
     base, *items = (part.strip() for part in policy.split(","))
