@@ -153,7 +153,7 @@ class MultiLevelNeuron(nn.Module):
         if self.signed:
             v_neg = v_pos.clone()
             out_pos, out_neg = torch.empty_like(v_pos), torch.empty_like(v_pos)
-            level_neg = torch.empty_like(level)
+            level_neg = torch.empty_like(level) if self.communicate else None  # only the exchange path counts k_P + k_N
         for t in range(steps):
             if self.signed and self.communicate:
                 # Eq. 21 with Lemma 4.1: v_P + v_N = lam, so at most one half fires per step
