@@ -174,23 +174,34 @@ def test_mt_membrane_unbounded_where_hmt_stays_bounded():
     assert 0 <= hmt_membrane < lam  # bounded in [0, lam)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_level_is_the_exact_floor_of_the_rational_quotient(dtype):
+def test_level_is_the_exact_floor_of_the_rational_quotient(dtype, per_channel):
     """The level of one step against exact rational arithmetic (Fractions), on the values where a
-    rounded quotient fails: one ulp either side of every multiple j*lam, j = 0..16."""
+    rounded quotient fails: every rounded product j*lam, j = 0..16, one ulp either side, and a few
+    ulps above. One threshold per column when ``per_channel``, else one per call."""
     from fractions import Fraction
 
     from hmtconv.neurons.multilevel import fire_
     g = torch.Generator().manual_seed(0)
     lams = torch.cat([torch.tensor([0.1, 0.3, 1 / 3, 0.7, 1e-3, 123.456]), torch.rand(10, generator=g) * 5 + 1e-4])
-    for lam in lams.to(dtype):
-        multiples = torch.arange(0, 17, dtype=dtype) * lam
-        m = torch.cat([multiples, torch.nextafter(multiples, torch.full_like(multiples, -1e30)),
-                       torch.nextafter(multiples, torch.full_like(multiples, 1e30)),
-                       torch.randn(200, generator=g, dtype=dtype) * 10 * lam])
-        k = fire_(torch.zeros_like(m), m, lam, 15, torch.empty_like(m), torch.empty_like(m))
-        exact = [min(max(Fraction(x) // Fraction(lam.item()), 0), 15) for x in m.tolist()]
-        assert k.tolist() == exact
+    lams = lams.to(dtype)
+    multiples = torch.arange(0, 17, dtype=dtype).unsqueeze(1) * lams  # [17, lams]
+    eps = torch.finfo(dtype).eps
+    m = torch.cat([multiples, torch.nextafter(multiples, torch.full_like(multiples, -1e30)),
+                   torch.nextafter(multiples, torch.full_like(multiples, 1e30)), multiples * (1 + 4 * eps),
+                   multiples * (1 + 8 * eps), torch.randn(200, len(lams), generator=g, dtype=dtype) * 10 * lams])
+    columns = [(m, lams)] if per_channel else [(m[:, j], lams[j]) for j in range(len(lams))]
+    naive_wrong = 0
+    for mm, lam in columns:
+        k = fire_(torch.zeros_like(mm), mm, lam, 15, *(torch.empty_like(mm) for _ in range(2)))
+        lam_b = lam.expand_as(mm)
+        exact = [min(max(Fraction(x) // Fraction(step), 0), 15) for x, step in zip(mm.flatten().tolist(),
+                                                                                      lam_b.flatten().tolist())]
+        assert k.flatten().tolist() == exact
+        naive_wrong += (torch.div(mm, lam).floor().clamp(0, 15).flatten() != torch.tensor(exact, dtype=dtype)).sum()
+    if dtype == torch.float32:  # the data does hit the rounded quotient's off-by-one (float64 has no case here)
+        assert naive_wrong > 0
 
 
 @pytest.mark.parametrize("communicate", [True, False])
