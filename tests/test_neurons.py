@@ -194,7 +194,7 @@ def test_level_is_the_exact_floor_of_the_rational_quotient(dtype, per_channel):
     columns = [(m, lams)] if per_channel else [(m[:, j], lams[j]) for j in range(len(lams))]
     naive_wrong = 0
     for mm, lam in columns:
-        k = fire_(torch.zeros_like(mm), mm, lam, 15, *(torch.empty_like(mm) for _ in range(2)))
+        k = fire_(torch.zeros_like(mm), mm, lam, 15, *(torch.empty_like(mm) for _ in range(3)))
         lam_b = lam.expand_as(mm)
         exact = [min(max(Fraction(x) // Fraction(step), 0), 15) for x, step in zip(mm.flatten().tolist(),
                                                                                       lam_b.flatten().tolist())]

@@ -39,28 +39,35 @@ def as_threshold(value, name: str) -> torch.Tensor:
 
 
 def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
-            level: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+            level: torch.Tensor, scratch: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
     """One step in place (eqs. 14-18 in closed form) up to the reset: ``v += sign*current`` (now
     ``m``), writes the level ``k = clamp(floor(m / lam), 0, levels)`` to ``level`` and ``k * lam``
     to ``out``, returns ``level``. :func:`fire_` adds the reset.
 
-    ``floor(m / lam)`` computed as a rounded quotient is off by one when ``m`` lies within an ulp
-    below a multiple of ``lam`` (the quotient rounds up). Floor division (``rounding_mode="floor"``)
-    is exact: it subtracts ``fmod(m, lam)`` (exact in IEEE arithmetic) before dividing, as Python's
-    ``//`` does, so the level equals the greedy largest-first firing of eqs. 15-16 bit for bit.
-    ``level`` and ``out`` are buffers reused across steps: a fresh activation-sized tensor per step
-    costs page faults that rival the step itself.
+    ``k`` is the exact floor of the real quotient (the greedy largest-first firing of eqs. 15-16),
+    as ATen's floor division computes it, without its per-element ``fmod`` (about 8x a division):
+    the rounded quotient ``m / lam`` is off only where it rounds up to an integer ``q >= 1`` while
+    ``m < q*lam``, and there ``m <= out``. ``scratch`` gets ``(m - (1 + eps)*out) * k``, negative
+    exactly where ``k >= 1`` and ``m <= out`` (plus the rare ``m`` one ulp above ``out``); floor
+    division redoes those elements only. ``level``, ``out`` and ``scratch`` are buffers reused
+    across steps: a fresh activation-sized tensor per step costs page faults that rival the step.
     """
     v.add_(current, alpha=sign)
-    torch.div(v, lam, rounding_mode="floor", out=level).clamp_(0, levels)
+    torch.div(v, lam, out=level).floor_().clamp_(0, levels)
     torch.mul(level, lam, out=out)
+    torch.add(v, out, alpha=-(1 + torch.finfo(v.dtype).eps), out=scratch).mul_(level)
+    if scratch.amin() < 0:
+        suspect = torch.unravel_index(torch.nonzero(scratch.view(-1) < 0).squeeze(1), v.shape)
+        step = lam.expand_as(v)[suspect]
+        k = torch.div(v[suspect], step, rounding_mode="floor").clamp_(0, levels)
+        level[suspect], out[suspect] = k, k * step
     return level
 
 
 def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
-          level: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+          level: torch.Tensor, scratch: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
     """:func:`charge_`, then reset by subtraction: leaves ``v = m - out``; returns ``level``."""
-    charge_(v, current, lam, levels, out, level, sign)
+    charge_(v, current, lam, levels, out, level, scratch, sign)
     v.sub_(out)
     return level
 
@@ -149,6 +156,7 @@ class MultiLevelNeuron(nn.Module):
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
         count = SpikeCounter(self.spike_lut, self.fanout, shape, x.device)
         level = torch.empty(shape, dtype=x.dtype, device=x.device)
+        scratch = torch.empty_like(level)
         v_pos = (lam / 2).expand(shape).clone()  # eq. 13
         if self.signed:
             v_neg = v_pos.clone()
@@ -161,18 +169,18 @@ class MultiLevelNeuron(nn.Module):
                 # 2^-24 of |v| in float32). Then resetting both halves and exchanging their outputs
                 # is v_P -= out, v_N += out (bit for bit: the other half's output is exactly 0),
                 # and the step's spikes are those of k_P + k_N: four passes fewer per step.
-                charge_(v_pos, x[t], lam, self.levels, out_pos, level)
-                charge_(v_neg, x[t], lam, self.levels, out_neg, level_neg, sign=-1.0)
+                charge_(v_pos, x[t], lam, self.levels, out_pos, level, scratch)
+                charge_(v_neg, x[t], lam, self.levels, out_neg, level_neg, scratch, sign=-1.0)
                 torch.sub(out_pos, out_neg, out=out[t])
                 v_pos.sub_(out[t])
                 v_neg.add_(out[t])
                 counts = [count(level.add_(level_neg))]
             elif self.signed:
-                counts = [count(fire_(v_pos, x[t], lam, self.levels, out_pos, level)),
-                          count(fire_(v_neg, x[t], lam, self.levels, out_neg, level, sign=-1.0))]
+                counts = [count(fire_(v_pos, x[t], lam, self.levels, out_pos, level, scratch)),
+                          count(fire_(v_neg, x[t], lam, self.levels, out_neg, level, scratch, sign=-1.0))]
                 torch.sub(out_pos, out_neg, out=out[t])
             else:
-                counts = [count(fire_(v_pos, x[t], lam, self.levels, out[t], level))]
+                counts = [count(fire_(v_pos, x[t], lam, self.levels, out[t], level, scratch))]
             spikes[t] = sum(c[0] for c in counts)
             if synops is not None:
                 synops[t] = sum(c[1] for c in counts)
