@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim = parser.add_argument_group("memory (results do not depend on these)")
     chunks = sim.add_mutually_exclusive_group()
     chunks.add_argument("--max-batch", type=int, default=None,
-                        help="simulate each batch in chunks of at most this many samples (default: whole batches)")
+                        help="simulate each batch in chunks of at most this many samples (default: 32-64 on "
+                        "CPU, by T, which keeps a step in cache; whole batches on GPU)")
     chunks.add_argument("--memory-budget", default=None,
                         help="pick the chunk so the estimated activation memory stays under this, e.g. 4GB")
     out = parser.add_argument_group("output")

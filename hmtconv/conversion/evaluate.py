@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from .api import model_input, placement
 from .energy import E_AC, E_MAC
-from .memory import chunk_size, parse_bytes
+from .memory import chunk_size, cpu_chunk, parse_bytes
 from .multistep import step_index, unfold
 from .result import EvaluationResult, LayerStats
 from .snn import SNN
@@ -90,7 +90,8 @@ def _first_nonfinite_site(snn: SNN, x: torch.Tensor, steps: int) -> str:
     return f"the input of site {found[0]}" if found else "the layers after the last spiking site"
 
 
-def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int | str | None) -> int | None:
+def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int | str | None,
+                 device: torch.device) -> int | None:
     if max_batch is not None and memory_budget is not None:
         raise ValueError("give max_batch or memory_budget, not both")
     if max_batch is not None:
@@ -98,7 +99,7 @@ def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         return max_batch
     if memory_budget is None:
-        return None
+        return cpu_chunk(steps) if device.type == "cpu" else None
     budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
     per_sample = snn.activation_bytes(steps)
     if per_sample > budget:
@@ -147,8 +148,10 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     ``progress`` shows a bar over batches (on rank 0 only).
 
     Memory: each batch is simulated in chunks of at most ``max_batch`` samples, or of as many as
-    fit ``memory_budget`` (bytes or ``"4GB"``; estimated activation memory, see memory.py). Samples
-    are independent, so the results do not depend on the chunking."""
+    fit ``memory_budget`` (bytes or ``"4GB"``; estimated activation memory, see memory.py); with
+    neither, on CPU, in chunks of ``memory.cpu_chunk(T)`` samples (32-64: faster than whole
+    batches that outgrow the cache). Samples are independent, so the results do not depend on the
+    chunking."""
     if not isinstance(snn, SNN):
         raise TypeError(f"evaluate expects the SNN returned by hmtconv.convert(), got {type(snn).__name__}")
     steps = snn.config.T if T is None else T
@@ -162,7 +165,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         ann.eval()
     device, dtype = placement(snn)
     shape = tuple(snn.report.input_shape)
-    chunk = _chunk_limit(snn, steps, max_batch, memory_budget)
+    chunk = _chunk_limit(snn, steps, max_batch, memory_budget, device)
     monitor = _SiteMonitor(snn, steps, compare=diagnostics)
     sites = len(monitor.sites)
     rows = []

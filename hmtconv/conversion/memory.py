@@ -77,6 +77,17 @@ def leaf_output_bytes(net: nn.Module, input_shape: tuple[int, ...], device: torc
     return total[0]
 
 
+def cpu_chunk(steps: int) -> int:
+    """Samples per chunk when the user sets no bound, on CPU: ``512 // T`` clamped to 32..64.
+
+    A step's working set beyond the last-level cache makes every neuron and compensation pass
+    memory-bound; chunks too small pay per-op overhead T times over. Measured on the project's
+    machine (benchmarks/README.md, batches of 128-256): 1.2-1.6x faster for the ViT and for VGG at
+    T = 16 than whole batches, and never more than noise slower (T = 4 prefers ~64 samples, T = 16
+    ~32). Accelerators keep whole batches."""
+    return min(64, max(32, 512 // steps))
+
+
 def chunk_size(per_sample_bytes: float, budget_bytes: int, batch: int) -> int:
     """The largest number of samples (at least 1, at most ``batch``) whose activations fit the budget."""
     if budget_bytes <= 0:
