@@ -63,6 +63,20 @@ def test_memory_budget_sets_the_chunk(monkeypatch):
         hc.evaluate(snn, data, max_batch=0)
 
 
+@pytest.mark.parametrize("T, sizes", [(16, [32, 32, 32, 4]), (4, [64, 36]), (64, [32, 32, 32, 4])])
+def test_cpu_default_chunks_by_T_with_equal_results(monkeypatch, T, sizes):
+    """Without max_batch or memory_budget, a CPU batch runs in chunks of 512 // T samples clamped to
+    32..64 (memory.cpu_chunk), with results equal to whole batches."""
+    model, data = small_cnn(), loader(batch=100, batches=1)
+    snn = hc.convert(model, data, n=2, T=T, policy="999")
+    whole = hc.evaluate(snn, data, max_batch=100)
+    seen = []
+    real = type(snn).forward
+    monkeypatch.setattr(type(snn), "forward", lambda self, x, T=None: seen.append(x.shape[0]) or real(self, x, T))
+    _same(whole, hc.evaluate(snn, data))
+    assert seen == sizes
+
+
 def test_estimate_of_a_chain_by_hand():
     """conv(1->4) -> ReLU -> conv(4->2) -> ReLU on 6x6 images, float32. In a chain a value dies at
     its consumer, so at each node the live values are its input and its output; a neuron adds 6
