@@ -174,9 +174,10 @@ def test_mt_membrane_unbounded_where_hmt_stays_bounded():
     assert 0 <= hmt_membrane < lam  # bounded in [0, lam)
 
 
+@pytest.mark.parametrize("levels", [15, 255])  # the checked rounded quotient; ATen's floor division
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_level_is_the_exact_floor_of_the_rational_quotient(dtype, per_channel):
+def test_level_is_the_exact_floor_of_the_rational_quotient(dtype, per_channel, levels):
     """The level of one step against exact rational arithmetic (Fractions), on the values where a
     rounded quotient fails: every rounded product j*lam, j = 0..16, one ulp either side, and a few
     ulps above. One threshold per column when ``per_channel``, else one per call."""
@@ -194,12 +195,12 @@ def test_level_is_the_exact_floor_of_the_rational_quotient(dtype, per_channel):
     columns = [(m, lams)] if per_channel else [(m[:, j], lams[j]) for j in range(len(lams))]
     naive_wrong = 0
     for mm, lam in columns:
-        k = fire_(torch.zeros_like(mm), mm, lam, 15, *(torch.empty_like(mm) for _ in range(3)))
+        k = fire_(torch.zeros_like(mm), mm, lam, levels, *(torch.empty_like(mm) for _ in range(3)))
         lam_b = lam.expand_as(mm)
-        exact = [min(max(Fraction(x) // Fraction(step), 0), 15) for x, step in zip(mm.flatten().tolist(),
+        exact = [min(max(Fraction(x) // Fraction(step), 0), levels) for x, step in zip(mm.flatten().tolist(),
                                                                                       lam_b.flatten().tolist())]
         assert k.flatten().tolist() == exact
-        naive_wrong += (torch.div(mm, lam).floor().clamp(0, 15).flatten() != torch.tensor(exact, dtype=dtype)).sum()
+        naive_wrong += (torch.div(mm, lam).floor().clamp(0, levels).flatten() != torch.tensor(exact, dtype=dtype)).sum()
     if dtype == torch.float32:  # the data does hit the rounded quotient's off-by-one (float64 has no case here)
         assert naive_wrong > 0
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 MAX_N = 16
+CHECKED_LEVELS = 15  # up to this many levels (n <= 4 for H-MT) charge_ checks a rounded quotient
 
 
 def check_n(n) -> int:
@@ -45,18 +46,25 @@ def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: i
     to ``out``, returns ``level``. :func:`fire_` adds the reset.
 
     ``k`` is the exact floor of the real quotient (the greedy largest-first firing of eqs. 15-16),
-    as ATen's floor division computes it, without its per-element ``fmod`` (about 8x a division):
-    the rounded quotient ``m / lam`` is off only where it rounds up to an integer ``q >= 1`` while
+    as ATen's floor division computes it. That division takes an ``fmod`` per element (about 8x a
+    plain division), so up to ``CHECKED_LEVELS`` levels the neuron divides, floors and checks
+    instead: the rounded quotient is off only where it rounds up to an integer ``q >= 1`` while
     ``m < q*lam``, and there ``m <= out``. ``scratch`` gets ``(m - (1 + eps)*out) * k``, negative
-    exactly where ``k >= 1`` and ``m <= out`` (plus the rare ``m`` one ulp above ``out``); floor
-    division redoes those elements only. ``level``, ``out`` and ``scratch`` are buffers reused
-    across steps: a fresh activation-sized tensor per step costs page faults that rival the step.
+    wherever ``k >= 1`` and ``m <= out`` (and where ``m`` is one ulp above ``out``: a false alarm),
+    and floor division redoes those elements only. False alarms grow with the level (an ulp of
+    ``m`` is about ``k * 2**-23 * lam``): with 255 levels more than half the ViT's steps had one,
+    and the redo then costs more than it saves. ``level``, ``out`` and ``scratch`` are buffers
+    reused across steps: a fresh activation-sized tensor per step costs page faults that rival the
+    step itself.
     """
     v.add_(current, alpha=sign)
-    torch.div(v, lam, out=level).floor_().clamp_(0, levels)
-    torch.mul(level, lam, out=out)
-    torch.add(v, out, alpha=-(1 + torch.finfo(v.dtype).eps), out=scratch).mul_(level)
-    if scratch.amin() < 0:
+    checked = levels <= CHECKED_LEVELS
+    if checked:
+        torch.div(v, lam, out=level).floor_()
+    else:
+        torch.div(v, lam, rounding_mode="floor", out=level)
+    torch.mul(level.clamp_(0, levels), lam, out=out)
+    if checked and torch.add(v, out, alpha=-(1 + torch.finfo(v.dtype).eps), out=scratch).mul_(level).amin() < 0:
         suspect = torch.unravel_index(torch.nonzero(scratch.view(-1) < 0).squeeze(1), v.shape)
         step = lam.expand_as(v)[suspect]
         k = torch.div(v[suspect], step, rounding_mode="floor").clamp_(0, levels)
