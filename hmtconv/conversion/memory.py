@@ -82,9 +82,9 @@ def cpu_chunk(steps: int) -> int:
 
     A step's working set beyond the last-level cache makes every neuron and compensation pass
     memory-bound; chunks too small pay per-op overhead T times over. Measured on the project's
-    machine (benchmarks/README.md, batches of 128-256): 1.2-1.6x faster for the ViT and for VGG at
-    T = 16 than whole batches, and never more than noise slower (T = 4 prefers ~64 samples, T = 16
-    ~32). Accelerators keep whole batches."""
+    machine (benchmarks/README.md, batches of 128-256): 1.25-1.4x faster than whole batches for the
+    ViT and for VGG at T = 16, within the machine's noise elsewhere (T = 4 prefers ~64 samples,
+    T = 16 ~32). Accelerators keep whole batches."""
     return min(64, max(32, 512 // steps))
 
 

@@ -64,12 +64,21 @@ def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: i
     else:
         torch.div(v, lam, rounding_mode="floor", out=level)
     torch.mul(level.clamp_(0, levels), lam, out=out)
-    if checked and torch.add(v, out, alpha=-(1 + torch.finfo(v.dtype).eps), out=scratch).mul_(level).amin() < 0:
-        suspect = torch.unravel_index(torch.nonzero(scratch.view(-1) < 0).squeeze(1), v.shape)
-        step = lam.expand_as(v)[suspect]
-        k = torch.div(v[suspect], step, rounding_mode="floor").clamp_(0, levels)
-        level[suspect], out[suspect] = k, k * step
+    if checked:
+        _redo_rounded_up(v, lam, levels, out, level, scratch)
     return level
+
+
+def _redo_rounded_up(m: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor, level: torch.Tensor,
+                     scratch: torch.Tensor) -> None:
+    """Exact floor division for the elements whose rounded quotient may have rounded up (see
+    :func:`charge_`); one pass and a min when there are none."""
+    torch.add(m, out, alpha=-(1 + torch.finfo(m.dtype).eps), out=scratch).mul_(level)
+    if scratch.amin() < 0:
+        suspect = torch.unravel_index(torch.nonzero(scratch.view(-1) < 0).squeeze(1), m.shape)
+        step = lam.expand_as(m)[suspect]
+        k = torch.div(m[suspect], step, rounding_mode="floor").clamp_(0, levels)
+        level[suspect], out[suspect] = k, k * step
 
 
 def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
