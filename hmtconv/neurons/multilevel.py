@@ -40,7 +40,7 @@ def as_threshold(value, name: str) -> torch.Tensor:
 
 
 def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
-            level: torch.Tensor, scratch: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+            level: torch.Tensor, scratch: torch.Tensor | None, sign: float = 1.0) -> torch.Tensor:
     """One step in place (eqs. 14-18 in closed form) up to the reset: ``v += sign*current`` (now
     ``m``), writes the level ``k = clamp(floor(m / lam), 0, levels)`` to ``level`` and ``k * lam``
     to ``out``, returns ``level``. :func:`fire_` adds the reset.
@@ -53,9 +53,9 @@ def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: i
     wherever ``k >= 1`` and ``m <= out`` (and where ``m`` is one ulp above ``out``: a false alarm),
     and floor division redoes those elements only. False alarms grow with the level (an ulp of
     ``m`` is about ``k * 2**-23 * lam``): with 255 levels more than half the ViT's steps had one,
-    and the redo then costs more than it saves. ``level``, ``out`` and ``scratch`` are buffers
-    reused across steps: a fresh activation-sized tensor per step costs page faults that rival the
-    step itself.
+    and the redo then costs more than it saves (``scratch`` may then be None). ``level``, ``out``
+    and ``scratch`` are buffers reused across steps: a fresh activation-sized tensor per step
+    costs page faults that rival the step itself.
     """
     v.add_(current, alpha=sign)
     checked = levels <= CHECKED_LEVELS
@@ -82,7 +82,7 @@ def _redo_rounded_up(m: torch.Tensor, lam: torch.Tensor, levels: int, out: torch
 
 
 def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor,
-          level: torch.Tensor, scratch: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+          level: torch.Tensor, scratch: torch.Tensor | None, sign: float = 1.0) -> torch.Tensor:
     """:func:`charge_`, then reset by subtraction: leaves ``v = m - out``; returns ``level``."""
     charge_(v, current, lam, levels, out, level, scratch, sign)
     v.sub_(out)
@@ -173,7 +173,7 @@ class MultiLevelNeuron(nn.Module):
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
         count = SpikeCounter(self.spike_lut, self.fanout, shape, x.device)
         level = torch.empty(shape, dtype=x.dtype, device=x.device)
-        scratch = torch.empty_like(level)
+        scratch = torch.empty_like(level) if self.levels <= CHECKED_LEVELS else None  # only the checked quotient uses it
         v_pos = (lam / 2).expand(shape).clone()  # eq. 13
         if self.signed:
             v_neg = v_pos.clone()
