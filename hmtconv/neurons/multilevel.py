@@ -173,7 +173,7 @@ class MultiLevelNeuron(nn.Module):
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
         count = SpikeCounter(self.spike_lut, self.fanout, shape, x.device)
         level = torch.empty(shape, dtype=x.dtype, device=x.device)
-        scratch = torch.empty_like(level) if self.levels <= CHECKED_LEVELS else None  # only the checked quotient uses it
+        scratch = torch.empty_like(level) if self.levels <= CHECKED_LEVELS else None  # the checked quotient only
         v_pos = (lam / 2).expand(shape).clone()  # eq. 13
         if self.signed:
             v_neg = v_pos.clone()
