@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from . import cpu_kernel
+
 MAX_N = 16
 CHECKED_LEVELS = 15  # up to this many levels (n <= 4 for H-MT) charge_ checks a rounded quotient
 
@@ -162,15 +164,27 @@ class MultiLevelNeuron(nn.Module):
                              f"per-step input shape {step_shape} (input {tuple(x.shape)} must be [T, *shape]; "
                              f"did you forget the time dimension?)")
 
+    @property
+    def mode(self) -> str:
+        return ("communicate" if self.communicate else "signed") if self.signed else "unsigned"
+
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``out``: where to write the output; may be ``x`` itself, whose step t is read before
-        step t of the output is written (saves an activation-sized allocation)."""
+        step t of the output is written (saves an activation-sized allocation). Runs the compiled
+        CPU kernel where it applies (:func:`cpu_kernel.run`), else the equal tensor path."""
         self._check_input(x)
         lam = self.lam.to(dtype=x.dtype, device=x.device)
-        steps, shape = x.shape[0], x.shape[1:]
         out = torch.empty_like(x) if out is None else out
-        spikes = torch.zeros(steps, dtype=torch.float64, device=x.device)
+        spikes = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
+        if not cpu_kernel.run(x, out, lam, self.fanout, self.spike_lut, self.levels, self.mode, spikes, synops):
+            self._forward_tensors(x, out, lam, spikes, synops)
+        self.spikes, self.synops = spikes, synops
+        return out
+
+    def _forward_tensors(self, x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, spikes: torch.Tensor,
+                         synops: torch.Tensor | None) -> None:
+        steps, shape = x.shape[0], x.shape[1:]
         count = SpikeCounter(self.spike_lut, self.fanout, shape, x.device)
         level = torch.empty(shape, dtype=x.dtype, device=x.device)
         scratch = torch.empty_like(level) if self.levels <= CHECKED_LEVELS else None  # the checked quotient only
@@ -201,5 +215,3 @@ class MultiLevelNeuron(nn.Module):
             spikes[t] = sum(c[0] for c in counts)
             if synops is not None:
                 synops[t] = sum(c[1] for c in counts)
-        self.spikes, self.synops = spikes, synops
-        return out

@@ -1,0 +1,107 @@
+/* All T steps of a multi-level IF neuron in one pass over memory (float32, CPU).
+ *
+ * The same arithmetic as the tensor path of multilevel.py, operation for operation, so results
+ * are equal bit for bit: m = v + x (v - x for the Neg half), k = the exact floor of the real
+ * m / lam clamped to [0, levels], out = k * lam, reset by subtraction.  Build with
+ * -ffp-contract=off: a multiply-add fused where the source has none would round differently.
+ *
+ * x and out are [T, B, P] contiguous (out may be x: step t of x is read before it is written);
+ * lam and fanout are [P] (fanout may be NULL); spikes and synops are [T], added to.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define BLOCK 512
+
+enum { UNSIGNED = 0, SIGNED = 1, COMMUNICATE = 2 };
+
+typedef struct {
+    const float *x, *lam;
+    const int32_t *fanout, *lut;  /* lut: binary spikes of each level */
+    float *out;
+    int64_t T, B, P, levels;
+    int mode;
+} job_t;
+
+#ifdef __FMA__
+static inline int above(float k, float lam, float m) { return fmaf(k, lam, -m) > 0.0f; }
+#else  /* k * lam is exact in double: k has at most 16 significant bits, lam 24 */
+static inline int above(float k, float lam, float m) { return (double)k * (double)lam > (double)m; }
+#endif
+
+/* The exact floor of the real m / lam, clamped to [0, levels]; selects, not branches, so that
+ * the loops vectorize; NaN stays NaN.  m * (1 / lam) is within 2^-23 relative of m / lam and the
+ * quotient is below 2^16 where it matters, so its floor is off by at most one either way, and
+ * the exact sign of k * lam - m corrects it. */
+static inline float level_of(float m, float lam, float inv, float levels) {
+    float q = m * inv;
+    float c = q < 0.0f ? 0.0f : q;
+    float k = truncf(c > levels ? levels : c);
+    k = above(k, lam, m) & (k > 0.0f) ? k - 1.0f : k;
+    return !above(k + 1.0f, lam, m) & (k < levels) ? k + 1.0f : k;
+}
+
+static inline int32_t index_of(float k) { return k == k ? (int32_t)k : 0; }
+
+static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *spikes, double *synops) {
+    float vp[BLOCK], vn[BLOCK], inv[BLOCK];
+    int32_t kp[BLOCK], kn[BLOCK];
+    const float *lam = j->lam + p0;
+    const float levels = (float)j->levels;
+    for (int64_t i = 0; i < n; i++) {
+        vp[i] = vn[i] = lam[i] * 0.5f;  /* eq. 13 */
+        inv[i] = 1.0f / lam[i];
+    }
+    for (int64_t t = 0; t < j->T; t++) {
+        const int64_t row = (t * j->B + b) * j->P + p0;
+        const float *x = j->x + row;
+        float *out = j->out + row;
+        if (j->mode == UNSIGNED) {
+            for (int64_t i = 0; i < n; i++) {
+                float m = vp[i] + x[i], k = level_of(m, lam[i], inv[i], levels), o = k * lam[i];
+                vp[i] = m - o; out[i] = o; kp[i] = index_of(k); kn[i] = 0;
+            }
+        } else if (j->mode == SIGNED) {
+            for (int64_t i = 0; i < n; i++) {
+                float mp = vp[i] + x[i], k = level_of(mp, lam[i], inv[i], levels), op = k * lam[i];
+                float mn = vn[i] - x[i], l = level_of(mn, lam[i], inv[i], levels), on = l * lam[i];
+                vp[i] = mp - op; vn[i] = mn - on; out[i] = op - on; kp[i] = index_of(k); kn[i] = index_of(l);
+            }
+        } else {  /* eq. 21: both halves reset by the net output (see multilevel.py) */
+            for (int64_t i = 0; i < n; i++) {
+                float mp = vp[i] + x[i], k = level_of(mp, lam[i], inv[i], levels), op = k * lam[i];
+                float mn = vn[i] - x[i], l = level_of(mn, lam[i], inv[i], levels), on = l * lam[i];
+                float o = op - on;
+                vp[i] = mp - o; vn[i] = mn + o; out[i] = o; kp[i] = index_of(k); kn[i] = index_of(l);
+            }
+        }
+        int64_t s = 0, w = 0;  /* integers: exact in any order, so equal to the tensor path's sums */
+        if (j->fanout) {
+            const int32_t *f = j->fanout + p0;
+            for (int64_t i = 0; i < n; i++) {
+                int32_t c = j->lut[kp[i]] + j->lut[kn[i]];
+                s += c;
+                w += (int64_t)c * f[i];
+            }
+        } else {
+            for (int64_t i = 0; i < n; i++) s += j->lut[kp[i]] + j->lut[kn[i]];
+        }
+        spikes[t] += (double)s;
+        synops[t] += (double)w;
+    }
+}
+
+/* Work items are (sample, block of BLOCK positions), shared out by OpenMP: compiled with
+ * -fopenmp after torch is loaded, this is torch's own libgomp and thread pool, whose workers are
+ * still spinning from the last torch op (threads of our own would fight them for the cores). */
+void hmt_neuron_forward(const float *x, float *out, int64_t T, int64_t B, int64_t P, const float *lam,
+                        const int32_t *fanout, const int32_t *lut, int64_t levels, int mode, int threads,
+                        double *spikes, double *synops) {
+    const job_t j = {x, lam, fanout, lut, out, T, B, P, levels, mode};
+    const int64_t blocks = (P + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : spikes[:T], synops[:T])
+    for (int64_t item = 0; item < B * blocks; item++) {
+        const int64_t p0 = (item % blocks) * BLOCK;
+        run_block(&j, item / blocks, p0, P - p0 < BLOCK ? P - p0 : BLOCK, spikes, synops);
+    }
+}

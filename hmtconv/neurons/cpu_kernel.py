@@ -1,0 +1,131 @@
+"""The compiled CPU kernel of the multi-level neuron (``cpu_kernel.c``), built on first use.
+
+The tensor path of :class:`~hmtconv.neurons.multilevel.MultiLevelNeuron` makes about twenty
+passes over memory per step, each a separate ATen call; this kernel runs all T steps of a neuron
+in one call and one pass, equal to the tensor path bit for bit (outputs, spikes, synaptic
+operations). It is built once per machine with the system's C compiler (no torch headers: well
+under a second) into ``$HMTCONV_CACHE`` (default ``~/.cache/hmtconv``) and loaded with ctypes.
+Without a compiler the neuron keeps the tensor path and :func:`load` warns once;
+``HMTCONV_CPU_KERNEL=0`` turns the kernel off.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernel.c")
+MODES = {"unsigned": 0, "signed": 1, "communicate": 2}
+
+
+def enabled() -> bool:
+    return os.environ.get("HMTCONV_CPU_KERNEL", "1") != "0"
+
+
+def _flags() -> tuple[list[str], bytes]:
+    """Compiler flags, and what else the built library depends on (for its cache key)."""
+    # -ffp-contract=off: a fused multiply-add would round differently from the tensor path;
+    # -fno-trapping-math lets the selects of the level vectorize (results are unchanged).
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+    try:  # the CPU's own vector width (AVX2 runs the neuron about 1.4x faster than SSE)
+        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        return flags + ["-march=native"], cpu.encode()
+    except (OSError, StopIteration):
+        return flags, b""
+
+
+def _build(compiler: str, flags: list[str], cpu: bytes) -> Path:
+    """Compile into the cache, atomically (a concurrent process sees no file or the whole one)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, platform.machine()]).encode() + cpu)
+    target = Path(os.environ.get("HMTCONV_CACHE", Path.home() / ".cache" / "hmtconv")) / \
+        f"cpu_kernel-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+                           text=True, timeout=120)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The kernel's library, or None (with one warning saying why) where it cannot be built."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        warnings.warn("hmtconv: no C compiler found, so neurons run on the slower tensor path (install gcc "
+                      "or clang; HMTCONV_CPU_KERNEL=0 silences this)", stacklevel=2)
+        return None
+    flags, cpu = _flags()
+    try:
+        try:  # OpenMP where the compiler has it (clang often lacks it): else one thread
+            lib = ctypes.CDLL(str(_build(compiler, [*flags, "-fopenmp"], cpu)))
+        except (OSError, subprocess.SubprocessError):
+            lib = ctypes.CDLL(str(_build(compiler, flags, cpu)))
+    except (OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"hmtconv: building the CPU neuron kernel with {compiler} failed, so neurons run on the "
+                      f"slower tensor path (HMTCONV_CPU_KERNEL=0 silences this): {getattr(err, 'stderr', '') or err}",
+                      stacklevel=2)
+        return None
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.hmt_neuron_forward.argtypes = [p, p, i64, i64, i64, p, p, p, i64, c_int, c_int, p, p]
+    lib.hmt_neuron_forward.restype = None
+    return lib
+
+
+def _per_sample(value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    """``value`` broadcast to one sample of ``shape`` (``[B, *rest]``) as a flat contiguous tensor,
+    or None where it varies along the batch dim."""
+    full = value.expand(shape)
+    if len(shape) < 2:
+        return full.contiguous()
+    return full[0].contiguous().view(-1) if full.stride(0) == 0 or shape[0] == 1 else None
+
+
+def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None,
+        spike_lut: torch.Tensor, levels: int, mode: str, spikes: torch.Tensor,
+        synops: torch.Tensor | None) -> bool:
+    """All steps of ``x`` (``[T, *shape]``) into ``out``, adding to ``spikes`` and ``synops``
+    (``[T]`` float64); False, with nothing written, where the kernel does not apply: off, not
+    built, not a float32 CPU tensor, ``lam`` or ``fanout`` varying along the batch dim, or fan-outs
+    or spike counts that are not integers (their sums would then depend on order). Strided views
+    (attention's heads) go through contiguous copies: two passes, against twenty per step."""
+    if not (enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0):
+        return False
+    shape = x.shape[1:]
+    lam_flat = _per_sample(lam, shape)
+    fan_flat = None if fanout is None else _per_sample(fanout.to(torch.float64), shape)
+    lut = spike_lut.to(torch.int32)
+    if lam_flat is None or (fan_flat is not None and not _small_integers(fan_flat)) or \
+            not torch.equal(lut.to(spike_lut.dtype), spike_lut) or load() is None:
+        return False
+    batch = shape[0] if len(shape) > 1 else 1
+    src = x.contiguous()
+    dst = out if out.is_contiguous() else src if src is not x else torch.empty_like(src)
+    fan_flat = None if fan_flat is None else fan_flat.to(torch.int32)
+    sink = torch.zeros_like(spikes) if synops is None else synops
+    load().hmt_neuron_forward(
+        src.data_ptr(), dst.data_ptr(), x.shape[0], batch, x[0].numel() // batch, lam_flat.data_ptr(),
+        None if fan_flat is None else fan_flat.data_ptr(), lut.data_ptr(), levels, MODES[mode],
+        torch.get_num_threads(), spikes.data_ptr(), sink.data_ptr())
+    if dst is not out:
+        out.copy_(dst)
+    return True
+
+
+def _small_integers(values: torch.Tensor) -> bool:
+    return bool(((values == values.round()) & (values.abs() < 2**31)).all())

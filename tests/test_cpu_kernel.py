@@ -1,0 +1,140 @@
+"""The compiled CPU neuron kernel: equal to the tensor path bit for bit, exact by Fractions, and
+falling back cleanly where it does not apply."""
+from __future__ import annotations
+
+import shutil
+from fractions import Fraction
+
+import pytest
+import torch
+
+from hmtconv.neurons import HMTNeuron, MTNeuron, cpu_kernel
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler: the neurons run on the tensor path")
+
+
+@pytest.fixture(autouse=True)
+def kernel_on(monkeypatch):
+    monkeypatch.setenv("HMTCONV_CPU_KERNEL", "1")
+
+
+def both_paths(neuron, x):
+    """(out, spikes, synops) from the kernel (asserted to have run) and from the tensor path."""
+    lam = neuron.lam.to(x.dtype)
+    results = []
+    for use_kernel in (True, False):
+        out = torch.empty_like(x)
+        spikes = torch.zeros(x.shape[0], dtype=torch.float64)
+        synops = torch.zeros_like(spikes) if neuron.fanout is not None else None
+        if use_kernel:
+            assert cpu_kernel.run(x, out, lam, neuron.fanout, neuron.spike_lut, neuron.levels, neuron.mode,
+                                  spikes, synops)
+        else:
+            neuron._forward_tensors(x, out, lam, spikes, synops)
+        results.append((out, spikes, synops))
+    return results
+
+
+def with_ties(shape, lam, levels, g):
+    """Inputs whose first-step membrane lam/2 + x lands on rounded multiples j*lam and one ulp off."""
+    x = torch.randn(shape, generator=g) * lam * levels / 2
+    j = torch.randint(0, levels + 2, shape[1:], generator=g).to(torch.float32)
+    target = j * lam - lam / 2
+    x[0] = torch.where(torch.rand(shape[1:], generator=g) < 0.5, target, torch.nextafter(target, x[0]))
+    return x
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind,n", [("hmt", 1), ("hmt", 4), ("hmt", 8), ("hmt", 16), ("mt", 3)])
+@pytest.mark.parametrize("mode", ["unsigned", "signed", "communicate"])
+@pytest.mark.parametrize("shape,per_channel", [((5, 3, 6, 6), True), ((4, 9, 24), True), ((3, 700), False),
+                                               ((1, 2, 3), False), ((11,), False)])
+def test_kernel_equals_tensor_path(kind, n, mode, shape, per_channel):
+    """Outputs, spikes per step and fan-out-weighted spikes per step, bit for bit, over 7 steps
+    with ties; per-channel thresholds along dim 1 (conv) or the last dim (tokens), one block of
+    positions and several (700 > 512), a 1-D shape without a batch dim."""
+    g = torch.Generator().manual_seed(n)
+    channels = shape[1] if len(shape) == 4 else shape[-1]
+    lam = (torch.rand(channels, generator=g) * 0.5 + 0.05) if per_channel else torch.tensor(0.37)
+    if per_channel and len(shape) == 4:
+        lam = lam.view(-1, 1, 1)
+    signed, communicate = mode != "unsigned", mode == "communicate"
+    neuron = (HMTNeuron(n, lam, signed=signed, communicate=communicate) if kind == "hmt"
+              else MTNeuron(n, lam * n, signed=signed))
+    neuron.fanout = torch.randint(0, 9, shape[1:] if len(shape) > 1 else shape, generator=g).to(torch.float32)
+    x = with_ties((7, *shape), 0.37 if not per_channel else lam.flatten()[0].item(), neuron.levels, g)
+    (out, spikes, synops), (ref_out, ref_spikes, ref_synops) = both_paths(neuron, x)
+    assert torch.equal(out, ref_out) and torch.equal(spikes, ref_spikes) and torch.equal(synops, ref_synops)
+    assert spikes.sum() > 0
+
+
+@needs_compiler
+def test_kernel_level_is_the_exact_floor_by_fractions():
+    """One step from v = lam/2, against exact rational arithmetic on the membrane the kernel sees;
+    the data hits both ways a rounded quotient fails (m / lam and m * (1 / lam))."""
+    g = torch.Generator().manual_seed(0)
+    lams = torch.cat([torch.tensor([0.1, 0.3, 1 / 3, 0.7, 1e-3, 123.456]), torch.rand(10, generator=g) * 5 + 1e-4])
+    levels = 15
+    multiples = torch.arange(0, levels + 2, dtype=torch.float32).unsqueeze(1) * lams
+    members = [multiples, torch.nextafter(multiples, torch.zeros_like(multiples)),
+               torch.nextafter(multiples, multiples * 2 + 1), torch.randn(100, len(lams), generator=g) * 10 * lams]
+    wrong_div = wrong_mul = 0
+    for m_target in members:
+        for j, lam in enumerate(lams.tolist()):
+            neuron = HMTNeuron(4, lam)
+            lam32 = neuron.lam.to(torch.float32)
+            x = m_target[:, j] - lam32 / 2
+            m = lam32 / 2 + x  # the membrane of step 1, as the kernel computes it
+            out = neuron(x.unsqueeze(0))[0]
+            exact = torch.tensor([min(max(Fraction(v) // Fraction(lam32.item()), 0), levels) for v in m.tolist()])
+            assert torch.equal(out, exact.to(torch.float32) * lam32)
+            wrong_div += (torch.div(m, lam32).floor().clamp(0, levels) != exact).sum().item()
+            wrong_mul += ((m * (1 / lam32)).floor().clamp(0, levels) != exact).sum().item()
+    assert wrong_div > 0 and wrong_mul > 0
+
+
+@needs_compiler
+def test_kernel_strided_input_written_in_place_and_infinities():
+    """Attention's head views are strided; the sites pass ``out=x``; infinities saturate."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 4, 10, 3, generator=g)
+    base[2, 0, 0, 0], base[3, 1, 2, 1] = float("inf"), float("-inf")
+    neuron = HMTNeuron(4, 0.2, signed=True)
+    ref = both_paths(neuron, base.transpose(-1, -2).contiguous())[1]
+    strided = base.clone().transpose(-1, -2)
+    assert not strided.is_contiguous()
+    out = neuron(strided, out=strided)
+    assert out is strided and torch.equal(out, ref[0]) and torch.equal(neuron.spikes, ref[1])
+
+
+def test_kernel_declines_what_it_cannot_run_equal(monkeypatch):
+    """float64, thresholds that vary along the batch dim, fractional fan-outs, or switched off."""
+    def runs(x, lam, fanout=None):
+        spikes = torch.zeros(x.shape[0], dtype=torch.float64)
+        return cpu_kernel.run(x, torch.empty_like(x), lam, fanout, torch.tensor([0.0, 1.0]), 1, "unsigned",
+                              spikes, torch.zeros_like(spikes))
+    x = torch.randn(3, 4, 5)
+    assert not runs(x.double(), torch.tensor(0.5, dtype=torch.float64))
+    assert not runs(x, torch.rand(4, 1) + 0.1)
+    assert not runs(x, torch.tensor(0.5), fanout=torch.full((5,), 2.5))
+    monkeypatch.setenv("HMTCONV_CPU_KERNEL", "0")
+    assert not runs(x, torch.tensor(0.5))
+
+
+@needs_compiler
+def test_kernel_builds_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HMTCONV_CACHE", str(tmp_path))
+    flags, cpu = cpu_kernel._flags()
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    first = cpu_kernel._build(compiler, flags, cpu)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel._build(compiler, flags, cpu) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_without_a_compiler_the_neuron_warns_and_keeps_the_tensor_path(monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert cpu_kernel.load.__wrapped__() is None
