@@ -5,12 +5,15 @@
 (a) the literal greedy loop over steps and thresholds (the published neuron's algorithm, eqs. 14-18);
 (b) SpikingJelly's multi-step IFNode (soft reset), if installed (pip install -r benchmarks/requirements.txt),
     compared with our n = 1 neuron, the same model;
-(c) a stateless elementwise floor/clamp: the lower bound of any per-step quantizer.
-Median of repeats after a warm-up; the outputs of (a) and ours are checked equal.
+(c) a stateless elementwise floor/clamp: the lower bound of any per-step quantizer;
+(d) our own tensor path (HMTCONV_CPU_KERNEL=0: the path CUDA and float64 take) against the compiled
+    CPU kernel, for the ReLU neuron and for the signed neuron with communication (the ViT's).
+Median of repeats after a warm-up; the outputs of (a), (d) and ours are checked equal.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +24,15 @@ from reference import hmt_literal  # noqa: E402  (the tests' oracle is the faith
 
 from hmtconv import HMTNeuron  # noqa: E402
 from timing import timed  # noqa: E402
+
+
+def tensor_path(neuron, x):
+    """``neuron(x)`` with the compiled kernel switched off."""
+    os.environ["HMTCONV_CPU_KERNEL"] = "0"
+    try:
+        return neuron(x)
+    finally:
+        del os.environ["HMTCONV_CPU_KERNEL"]
 
 
 def spikingjelly_if():
@@ -53,6 +65,15 @@ def main():
     rows.append((f"literal loop over steps and {n} thresholds (published algorithm)", t_loop))
     t_floor, _ = timed(lambda: torch.floor(x / lam).clamp_(0, 2**n - 1).mul_(lam), args.repeats)
     rows.append(("stateless floor/clamp (lower bound)", t_floor))
+    t_tensor, out_tensor = timed(lambda: tensor_path(ours, x), args.repeats)
+    assert torch.equal(out, out_tensor), "the tensor path differs from the kernel"
+    rows.append((f"H-MT n = {n}, our tensor path (no compiled kernel)", t_tensor))
+    signed = HMTNeuron(n, lam, signed=True, communicate=True)
+    t_signed, out_signed = timed(lambda: signed(x), args.repeats)
+    t_signed_tensor, out_signed_tensor = timed(lambda: tensor_path(signed, x), args.repeats)
+    assert torch.equal(out_signed, out_signed_tensor), "the tensor path differs from the kernel (signed)"
+    rows.append((f"signed H-MT n = {n} with communication (ours)", t_signed))
+    rows.append((f"signed H-MT n = {n} with communication, our tensor path", t_signed_tensor))
     if_ours = HMTNeuron(1, 1.0)
     t_if, _ = timed(lambda: if_ours(x), args.repeats)
     rows.append(("IF: H-MT n = 1 (ours)", t_if))
