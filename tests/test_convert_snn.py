@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import hmtconv.conversion as hc
+from hmtconv.conversion.compensated import Compensated
 from hmtconv.conversion.sites import ObservedActivation, SpikingActivation
 
 
@@ -198,6 +199,30 @@ def test_neurons_write_over_their_input_only_where_nothing_else_reads_it():
         site.overwrite_input = False
     for out, (x, steps) in zip(outs, [(x, steps) for x in batches for steps in (1, 6)]):
         assert torch.equal(out, snn(x, steps))
+
+
+class CompensatedInputReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2, self.lin3, self.head = (nn.Linear(8, 8) for _ in range(4))
+        self.gelu_a, self.gelu_b = nn.GELU(), nn.GELU()
+
+    def forward(self, x):
+        h = F.relu(self.lin1(x.flatten(1)[:, :8]))
+        b = self.lin3(h)
+        return self.head(self.gelu_a(self.lin2(h)) + self.gelu_b(b) + b)
+
+
+def test_compensated_ops_take_running_means_in_place_only_where_nothing_else_reads_the_input():
+    torch.manual_seed(0)
+    model, data = CompensatedInputReadTwice().eval(), loader()
+    snn = hc.convert(model, data, n=2, T=6, policy="max")
+    flags = {name: m.overwrite_inputs for name, m in snn.net.named_modules() if isinstance(m, Compensated)}
+    assert flags == {"gelu_a": (True,), "gelu_b": (False,)}
+    outs = [snn(data[0][0], steps) for steps in (1, 6)]
+    for name in flags:
+        snn.net.get_submodule(name).overwrite_inputs = ()
+    assert all(torch.equal(out, snn(data[0][0], steps)) for out, steps in zip(outs, (1, 6)))
 
 
 def test_site_policy_overrides_equal_separate_conversions():

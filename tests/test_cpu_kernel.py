@@ -95,17 +95,27 @@ def test_kernel_level_is_the_exact_floor_by_fractions():
 
 
 @needs_compiler
-def test_kernel_strided_input_written_in_place_and_infinities():
-    """Attention's head views are strided; the sites pass ``out=x``; infinities saturate."""
+@pytest.mark.parametrize("view", ["transposed", "sliced"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_kernel_on_strided_views_written_in_place_and_infinities(view, per_channel):
+    """Attention's head views are permutations of a contiguous tensor (run in memory order, with
+    per-channel thresholds and fan-outs permuted alike); other strided inputs are copied. The sites
+    pass ``out=x``. Infinities saturate."""
     g = torch.Generator().manual_seed(1)
-    base = torch.randn(6, 4, 10, 3, generator=g)
-    base[2, 0, 0, 0], base[3, 1, 2, 1] = float("inf"), float("-inf")
-    neuron = HMTNeuron(4, 0.2, signed=True)
-    ref = both_paths(neuron, base.transpose(-1, -2).contiguous())[1]
-    strided = base.clone().transpose(-1, -2)
-    assert not strided.is_contiguous()
-    out = neuron(strided, out=strided)
-    assert out is strided and torch.equal(out, ref[0]) and torch.equal(neuron.spikes, ref[1])
+    base = torch.randn(6, 4, 10, 3, 8, generator=g)
+    base[2, 0, 0, 0, 0], base[3, 1, 2, 1, 1] = float("inf"), float("-inf")
+    def strided_view(t):
+        return t.transpose(-2, -3) if view == "transposed" else t[..., ::2]
+    strided = strided_view(base)
+    lam = torch.rand(strided.shape[-1], generator=g) + 0.1 if per_channel else torch.tensor(0.2)
+    neuron = HMTNeuron(4, lam, signed=True)
+    neuron.fanout = torch.randint(0, 5, strided.shape[2:], generator=g).to(torch.float32)
+    ref = both_paths(neuron, strided.contiguous())[1]
+    x = strided_view(base.clone())
+    assert not x.is_contiguous()
+    out = neuron(x, out=x)
+    assert out is x and torch.equal(out, ref[0]) and torch.equal(neuron.spikes, ref[1])
+    assert torch.equal(neuron.synops, ref[2])
 
 
 def test_kernel_declines_what_it_cannot_run_equal(monkeypatch):

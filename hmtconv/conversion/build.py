@@ -112,9 +112,16 @@ def _owns_its_output(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def allow_overwrite(gm: fx.GraphModule) -> None:
+    """Let neurons write their output, and compensated ops their running means, over inputs that
+    nothing else reads (a fresh activation-sized tensor costs page faults that rival the op)."""
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(site := gm.get_submodule(node.target), SpikingActivation):
-            site.overwrite_input = _owns_its_output(gm, node.args[0])
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, SpikingActivation):
+            module.overwrite_input = _owns_its_output(gm, node.args[0])
+        elif isinstance(module, Compensated):
+            module.overwrite_inputs = tuple(node.args.count(a) == 1 and _owns_its_output(gm, a) for a in node.args)
 
 
 def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport) -> SNN:

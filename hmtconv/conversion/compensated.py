@@ -31,13 +31,14 @@ def register_compensated(cls: type) -> type:
     return cls
 
 
-def running_mean(x: torch.Tensor, steps: int) -> torch.Tensor:
-    """Mean of steps 1..t at every t, in a new tensor. The prefix sum is a loop of T whole-step
-    adds: on CPU, ``cumsum`` along the leading dim walks the tensor element by element (about 30x
-    slower)."""
+def running_mean(x: torch.Tensor, steps: int, inplace: bool = False) -> torch.Tensor:
+    """Mean of steps 1..t at every t, in a new tensor or over ``x``. The prefix sum is a loop of T
+    whole-step adds: on CPU, ``cumsum`` along the leading dim walks the tensor element by element
+    (about 30x slower)."""
     x = unfold(x, steps)
-    u = torch.empty_like(x)
-    u[0] = x[0]
+    u = x if inplace else torch.empty_like(x)
+    if not inplace:
+        u[0] = x[0]
     for t in range(1, steps):
         torch.add(u[t - 1], x[t], out=u[t])
     return fold(u.div_(step_index(steps, u)))
@@ -45,16 +46,19 @@ def running_mean(x: torch.Tensor, steps: int) -> torch.Tensor:
 
 class Compensated(TimeAware):
     """``module`` under expectation compensation; ``temporal[i]`` says which positional args are
-    spike trains ``[T*B, ...]`` (the others, e.g. constants, pass through unchanged)."""
+    spike trains ``[T*B, ...]`` (the others, e.g. constants, pass through unchanged), and
+    ``overwrite_inputs[i]`` which ones nothing else reads (their running mean is taken in place)."""
 
     def __init__(self, module: nn.Module, temporal: tuple[bool, ...] | None = None):
         super().__init__()
         self.module = module
         self.temporal = temporal
+        self.overwrite_inputs: tuple[bool, ...] = ()
 
     def forward(self, *args, **kwargs):
         flags = self.temporal or tuple(isinstance(a, torch.Tensor) for a in args)
-        means = [running_mean(a, self.steps) if f else a for a, f in zip(args, flags)]
+        inplace = self.overwrite_inputs or (False,) * len(args)
+        means = [running_mean(a, self.steps, own) if f else a for a, f, own in zip(args, flags, inplace)]
         y = self.module(*means, **kwargs)
         if y._base is not None or any(y is a for a in args):  # scaled in place below: only a tensor of its own
             y = y.clone()

@@ -87,13 +87,24 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
-def _per_sample(value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-    """``value`` broadcast to one sample of ``shape`` (``[B, *rest]``) as a flat contiguous tensor,
-    or None where it varies along the batch dim."""
+def _memory_order(x: torch.Tensor) -> list[int] | None:
+    """A permutation of ``x``'s dims, time and batch first, under which ``x`` is contiguous (a
+    transposed or unflattened view of a contiguous tensor: attention's heads), or None."""
+    if x.dim() < 3:
+        return list(range(x.dim())) if x.is_contiguous() else None
+    order = [0, 1, *sorted(range(2, x.dim()), key=lambda d: -x.stride(d))]
+    return order if x.permute(order).is_contiguous() else None
+
+
+def _per_sample(value: torch.Tensor, shape: torch.Size, order: list[int]) -> torch.Tensor | None:
+    """``value`` broadcast to one sample of ``shape`` (``[B, *rest]``), its dims in ``order``
+    (``x``'s, less time), flat and contiguous; None where it varies along the batch dim."""
     full = value.expand(shape)
     if len(shape) < 2:
         return full.contiguous()
-    return full[0].contiguous().view(-1) if full.stride(0) == 0 or shape[0] == 1 else None
+    if full.stride(0) != 0 and shape[0] != 1:
+        return None
+    return full[0].permute([d - 2 for d in order[2:]]).contiguous().view(-1)
 
 
 def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None,
@@ -102,28 +113,32 @@ def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Ten
     """All steps of ``x`` (``[T, *shape]``) into ``out``, adding to ``spikes`` and ``synops``
     (``[T]`` float64); False, with nothing written, where the kernel does not apply: off, not
     built, not a float32 CPU tensor, ``lam`` or ``fanout`` varying along the batch dim, or fan-outs
-    or spike counts that are not integers (their sums would then depend on order). Strided views
-    (attention's heads) go through contiguous copies: two passes, against twenty per step."""
+    or spike counts that are not integers (their sums would then depend on order). The neuron is
+    elementwise, so a permuted view (attention's heads) runs in its memory order, thresholds and
+    fan-outs permuted alike; other strided inputs go through a contiguous copy."""
     if not (enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0):
         return False
+    order = _memory_order(x)
+    src, spare = (x.permute(order), None) if order is not None else (x.contiguous(), True)
+    order = order or list(range(x.dim()))
     shape = x.shape[1:]
-    lam_flat = _per_sample(lam, shape)
-    fan_flat = None if fanout is None else _per_sample(fanout.to(torch.float64), shape)
+    lam_flat = _per_sample(lam, shape, order)
+    fan_flat = None if fanout is None else _per_sample(fanout.to(torch.float64), shape, order)
     lut = spike_lut.to(torch.int32)
     if lam_flat is None or (fan_flat is not None and not _small_integers(fan_flat)) or \
             not torch.equal(lut.to(spike_lut.dtype), spike_lut) or load() is None:
         return False
+    target = out.permute(order)
+    dst = target if target.is_contiguous() else src if spare else torch.empty_like(src)
     batch = shape[0] if len(shape) > 1 else 1
-    src = x.contiguous()
-    dst = out if out.is_contiguous() else src if src is not x else torch.empty_like(src)
     fan_flat = None if fan_flat is None else fan_flat.to(torch.int32)
     sink = torch.zeros_like(spikes) if synops is None else synops
     load().hmt_neuron_forward(
         src.data_ptr(), dst.data_ptr(), x.shape[0], batch, x[0].numel() // batch, lam_flat.data_ptr(),
         None if fan_flat is None else fan_flat.data_ptr(), lut.data_ptr(), levels, MODES[mode],
         torch.get_num_threads(), spikes.data_ptr(), sink.data_ptr())
-    if dst is not out:
-        out.copy_(dst)
+    if dst is not target:
+        target.copy_(dst)
     return True
 
 
