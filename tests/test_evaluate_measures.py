@@ -24,6 +24,15 @@ def test_agreement_and_spikes_against_a_direct_computation():
     assert hc.evaluate(snn, data).agreement is None  # no ANN given
 
 
+def test_wall_clock_seconds_are_reported_but_not_a_result():
+    model, data = small_cnn(), loader()
+    snn = hc.convert(model, data, n=2, T=5, policy="999")
+    first, second = hc.evaluate(snn, data, ann=model), hc.evaluate(snn, data, ann=model)
+    assert first.seconds["ann"] > 0 and first.seconds["snn"] > 0
+    assert first.seconds != second.seconds and first == second  # the clock never decides equality
+    assert "seconds" not in first.to_dict()
+
+
 def test_first_t_steps_of_a_run_equal_a_run_of_t_steps():
     """Causality: with T-independent thresholds, steps 1..t of a long run are a run of t steps."""
     model, data = small_cnn(), loader()

@@ -68,7 +68,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     finished = time.perf_counter()
     record = result.to_dict()
     record.update(model=work.source, dataset=args.dataset, images=work.eval_images,
-                  seconds={"convert": converted - start, "evaluate": finished - converted},
+                  seconds={"convert": converted - start, "evaluate": finished - converted,
+                           "ann_forward": result.seconds["ann"], "simulation": result.seconds["snn"]},
                   provenance=provenance(jsonable(vars(args)), seed=args.seed, device=device))
     return record
 
@@ -87,8 +88,12 @@ def report(record: dict, args: argparse.Namespace, label: str) -> None:
     """Print the tables and write --json / --plot (rank 0 only)."""
     if not distributed.is_main():
         return
+    seconds = record["seconds"]
     print(f"{record['model']} on {record['dataset']} ({record['images']} images); "
           f"{record['spikes_per_sample']:.0f} spikes per sample")
+    print(f"simulation {seconds['simulation']:.2f} s = {seconds['simulation'] / max(record['T'] * seconds['ann_forward'], 1e-9):.2f}"
+          f" x T ANN forward passes (ANN {seconds['ann_forward']:.2f} s"
+          f"{'' if args.no_diagnostics else '; the simulation includes the diagnostics pass, off with --no-diagnostics'})")
     print(curves_table({label: record}))
     if record["per_layer"]:
         print()

@@ -7,6 +7,7 @@ the single-process batch order, so every number equals a single-process run's bi
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Iterable
 
@@ -168,7 +169,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     chunk = _chunk_limit(snn, steps, max_batch, memory_budget, device)
     monitor = _SiteMonitor(snn, steps, compare=diagnostics)
     sites = len(monitor.sites)
-    rows = []
+    rows, seconds = [], {"ann": 0.0, "snn": 0.0}
     try:
         # disable=None: a bar on terminals only, so logs and captured stderr stay clean
         bar = tqdm(loader, desc=f"evaluate T={steps}", unit="batch", leave=False,
@@ -180,11 +181,15 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
             if tuple(x.shape[1:]) != shape:
                 raise ValueError(f"evaluation batch {i} has images of shape {list(x.shape[1:])} but the SNN was "
                                  f"calibrated on {list(shape)}; use the same image size and channels")
+            started = _clock(device)
             ann_pred = ann(x).argmax(-1) if ann is not None else None
+            simulated = _clock(device)
+            out = _simulate(snn, x, steps, chunk, diagnostics)  # [T, B, classes]
+            seconds["ann"] += simulated - started
+            seconds["snn"] += _clock(device) - simulated
             counts = torch.tensor([0.0, y.shape[0]], dtype=torch.float64, device=device)
             if ann_pred is not None:
                 counts[0] = (ann_pred == y).sum()
-            out = _simulate(snn, x, steps, chunk, diagnostics)  # [T, B, classes]
             if not torch.isfinite(out).all():
                 raise ValueError(f"evaluation batch {i}: NaN or inf in the SNN, first at "
                                  f"{_first_nonfinite_site(snn, x, steps)} (finite input images)")
@@ -215,4 +220,10 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         energy_ratio=energy, spikes_per_sample=spikes.sum().item() / samples,
         spikes_cumulative=(step_spikes.cumsum(0) / samples).tolist(),
         per_layer=monitor.layers(spikes, elements, abs_err), config=snn.config.to_dict(),
-        unconverted=list(snn.report.unconverted))
+        unconverted=list(snn.report.unconverted), seconds=seconds)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them to be timed
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -20,7 +20,9 @@ class LayerStats:
 class EvaluationResult:
     """``snn_accuracy[t-1]``, ``agreement[t-1]`` (percent of samples whose SNN prediction equals the
     ANN's; None without ``ann``), ``energy_ratio[t-1]`` (eq. 31) and ``spikes_cumulative[t-1]``
-    (binary spikes per sample) use steps 1..t of one run."""
+    (binary spikes per sample) use steps 1..t of one run. ``seconds`` is wall-clock time, not a
+    result: ``ann`` (the ANN's forward passes) and ``snn`` (the simulation, with diagnostics' extra
+    pass if on); left out of ``to_dict`` and of equality, so runs compare by their results."""
 
     T: int
     samples: int
@@ -33,6 +35,7 @@ class EvaluationResult:
     per_layer: list[LayerStats] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     unconverted: list[tuple[str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
     def truncated(self, steps: int) -> "EvaluationResult":
         """The result of the first ``steps`` steps: equal to a run of ``steps`` steps when the
@@ -48,5 +51,6 @@ class EvaluationResult:
     def to_dict(self) -> dict:
         """JSON-serializable (plain floats, lists and strings)."""
         d = asdict(self)
+        del d["seconds"]
         d["unconverted"] = [list(u) for u in self.unconverted]
         return d
