@@ -119,7 +119,8 @@ def test_kernel_on_strided_views_written_in_place_and_infinities(view, per_chann
 
 
 def test_kernel_declines_what_it_cannot_run_equal(monkeypatch):
-    """float64, thresholds that vary along the batch dim, fractional fan-outs, or switched off."""
+    """float64, thresholds that vary along the batch dim or whose reciprocal is not a normal
+    float, fractional fan-outs, or switched off."""
     def runs(x, lam, fanout=None):
         spikes = torch.zeros(x.shape[0], dtype=torch.float64)
         return cpu_kernel.run(x, torch.empty_like(x), lam, fanout, torch.tensor([0.0, 1.0]), 1, "unsigned",
@@ -127,6 +128,7 @@ def test_kernel_declines_what_it_cannot_run_equal(monkeypatch):
     x = torch.randn(3, 4, 5)
     assert not runs(x.double(), torch.tensor(0.5, dtype=torch.float64))
     assert not runs(x, torch.rand(4, 1) + 0.1)
+    assert not runs(x, torch.tensor(1e-35)) and not runs(x, torch.tensor(1e35))
     assert not runs(x, torch.tensor(0.5), fanout=torch.full((5,), 2.5))
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "0")
     assert not runs(x, torch.tensor(0.5))

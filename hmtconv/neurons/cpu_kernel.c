@@ -1,9 +1,10 @@
 /* All T steps of a multi-level IF neuron in one pass over memory (float32, CPU).
  *
- * The same arithmetic as the tensor path of multilevel.py, operation for operation, so results
- * are equal bit for bit: m = v + x (v - x for the Neg half), k = the exact floor of the real
- * m / lam clamped to [0, levels], out = k * lam, reset by subtraction.  Build with
- * -ffp-contract=off: a multiply-add fused where the source has none would round differently.
+ * The membrane arithmetic of the tensor path of multilevel.py, operation for operation, and the
+ * same level (reached without a division, see level_of), so results are equal bit for bit:
+ * m = v + x (v - x for the Neg half), k = the exact floor of the real m / lam clamped to
+ * [0, levels], out = k * lam, reset by subtraction.  Build with -ffp-contract=off: a multiply-add
+ * fused where the source has none would round differently.
  *
  * x and out are [T, B, P] contiguous (out may be x: step t of x is read before it is written);
  * lam and fanout are [P] (fanout may be NULL); spikes and synops are [T], added to.
@@ -30,9 +31,10 @@ static inline int above(float k, float lam, float m) { return (double)k * (doubl
 #endif
 
 /* The exact floor of the real m / lam, clamped to [0, levels]; selects, not branches, so that
- * the loops vectorize; NaN stays NaN.  m * (1 / lam) is within 2^-23 relative of m / lam and the
- * quotient is below 2^16 where it matters, so its floor is off by at most one either way, and
- * the exact sign of k * lam - m corrects it. */
+ * the loops vectorize; NaN stays NaN.  With 1 / lam a normal float (the caller keeps lam within
+ * 2^-100..2^100), m * (1 / lam) is within 2^-23 relative of m / lam, and the quotient is at most
+ * 2^16 where the clamp does not decide, so the truncation is off by at most one either way; the
+ * exact sign of k * lam - m, then of (k + 1) * lam - m, corrects it. */
 static inline float level_of(float m, float lam, float inv, float levels) {
     float q = m * inv;
     float c = q < 0.0f ? 0.0f : q;

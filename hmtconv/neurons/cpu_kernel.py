@@ -112,8 +112,9 @@ def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Ten
         synops: torch.Tensor | None) -> bool:
     """All steps of ``x`` (``[T, *shape]``) into ``out``, adding to ``spikes`` and ``synops``
     (``[T]`` float64); False, with nothing written, where the kernel does not apply: off, not
-    built, not a float32 CPU tensor, ``lam`` or ``fanout`` varying along the batch dim, or fan-outs
-    or spike counts that are not integers (their sums would then depend on order). The neuron is
+    built, not a float32 CPU tensor, ``lam`` varying along the batch dim or outside
+    ``(2**-100, 2**100)``, or fan-outs or spike counts that are not integers (their sums would then
+    depend on order). The neuron is
     elementwise, so a permuted view (attention's heads) runs in its memory order, thresholds and
     fan-outs permuted alike; other strided inputs go through a contiguous copy."""
     if not (enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0):
@@ -125,7 +126,9 @@ def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Ten
     lam_flat = _per_sample(lam, shape, order)
     fan_flat = None if fanout is None else _per_sample(fanout.to(torch.float64), shape, order)
     lut = spike_lut.to(torch.int32)
-    if lam_flat is None or (fan_flat is not None and not _small_integers(fan_flat)) or \
+    # 1/lam must be a normal float for the level's one-step correction to suffice (see the C)
+    if lam_flat is None or not bool(((lam_flat > 2.0**-100) & (lam_flat < 2.0**100)).all()) or \
+            (fan_flat is not None and not _small_integers(fan_flat)) or \
             not torch.equal(lut.to(spike_lut.dtype), spike_lut) or load() is None:
         return False
     target = out.permute(order)
