@@ -6,6 +6,8 @@ import shutil
 from fractions import Fraction
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from hmtconv.neurons import HMTNeuron, MTNeuron, cpu_kernel
@@ -150,3 +152,16 @@ def test_without_a_compiler_the_neuron_warns_and_keeps_the_tensor_path(monkeypat
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.warns(UserWarning, match="no C compiler"):
         assert cpu_kernel.load.__wrapped__() is None
+
+
+@needs_compiler
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 8), mode=st.sampled_from(["unsigned", "signed", "communicate"]),
+       lam=st.floats(2.0**-20, 2.0**20, width=32),
+       values=st.lists(st.floats(-2.0**24, 2.0**24, width=32), min_size=4, max_size=48))
+def test_kernel_equals_tensor_path_on_arbitrary_floats(n, mode, lam, values):
+    """Any float32 inputs and threshold: steps of 4 elements, as many as the list gives."""
+    neuron = HMTNeuron(n, lam, signed=mode != "unsigned", communicate=mode == "communicate")
+    x = torch.tensor(values[: len(values) // 4 * 4], dtype=torch.float32).view(-1, 2, 2)
+    (out, spikes, _), (ref_out, ref_spikes, _) = both_paths(neuron, x)
+    assert torch.equal(out, ref_out) and torch.equal(spikes, ref_spikes)
