@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
-from hmtconv.neurons import HMTNeuron, MTNeuron, cpu_kernel
+from hmtconv.neurons import HMTNeuron, MTNeuron, MultiLevelNeuron, cpu_kernel
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="no C compiler: the neurons run on the tensor path")
@@ -134,6 +134,8 @@ def test_kernel_declines_what_it_cannot_run_equal(monkeypatch):
     assert not runs(x, torch.tensor(0.5), fanout=torch.full((5,), 2.5))
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "0")
     assert not runs(x, torch.tensor(0.5))
+    with pytest.raises(ValueError, match="non-negative integers"):  # so the kernel may count in int32
+        MultiLevelNeuron(0.5, signed=False, communicate=False, levels=1, spike_lut=torch.tensor([0.0, 0.5]))
 
 
 @needs_compiler

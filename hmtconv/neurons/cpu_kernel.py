@@ -113,37 +113,33 @@ def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Ten
     """All steps of ``x`` (``[T, *shape]``) into ``out``, adding to ``spikes`` and ``synops``
     (``[T]`` float64); False, with nothing written, where the kernel does not apply: off, not
     built, not a float32 CPU tensor, ``lam`` varying along the batch dim or outside
-    ``(2**-100, 2**100)``, or fan-outs or spike counts that are not integers (their sums would then
-    depend on order). The neuron is
-    elementwise, so a permuted view (attention's heads) runs in its memory order, thresholds and
-    fan-outs permuted alike; other strided inputs go through a contiguous copy."""
+    ``(2**-100, 2**100)``, or fan-outs that are not int32 integers (their weighted sums would then
+    depend on order; spike counts are integers by construction). The neuron is elementwise, so a
+    permuted view (attention's heads) runs in its memory order, thresholds and fan-outs permuted
+    alike; other strided inputs go through a contiguous copy."""
     if not (enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0):
+        return False
+    # 1/lam must be a normal float for the level's one-step correction to suffice (see the C)
+    if not 2.0**-100 < lam.amin().item() <= lam.amax().item() < 2.0**100 or load() is None:
         return False
     order = _memory_order(x)
     src, spare = (x.permute(order), None) if order is not None else (x.contiguous(), True)
     order = order or list(range(x.dim()))
     shape = x.shape[1:]
     lam_flat = _per_sample(lam, shape, order)
-    fan_flat = None if fanout is None else _per_sample(fanout.to(torch.float64), shape, order)
-    lut = spike_lut.to(torch.int32)
-    # 1/lam must be a normal float for the level's one-step correction to suffice (see the C)
-    if lam_flat is None or not bool(((lam_flat > 2.0**-100) & (lam_flat < 2.0**100)).all()) or \
-            (fan_flat is not None and not _small_integers(fan_flat)) or \
-            not torch.equal(lut.to(spike_lut.dtype), spike_lut) or load() is None:
+    fan_flat = None if fanout is None else _per_sample(fanout, shape, order)
+    fan_int = None if fan_flat is None else fan_flat.to(torch.int32)
+    if lam_flat is None or (fan_int is not None and not torch.equal(fan_int.to(fan_flat.dtype), fan_flat)):
         return False
     target = out.permute(order)
     dst = target if target.is_contiguous() else src if spare else torch.empty_like(src)
     batch = shape[0] if len(shape) > 1 else 1
-    fan_flat = None if fan_flat is None else fan_flat.to(torch.int32)
     sink = torch.zeros_like(spikes) if synops is None else synops
+    lut = spike_lut.to(torch.int32)  # named: a temporary's memory could be freed before the call reads it
     load().hmt_neuron_forward(
         src.data_ptr(), dst.data_ptr(), x.shape[0], batch, x[0].numel() // batch, lam_flat.data_ptr(),
-        None if fan_flat is None else fan_flat.data_ptr(), lut.data_ptr(), levels, MODES[mode],
+        None if fan_int is None else fan_int.data_ptr(), lut.data_ptr(), levels, MODES[mode],
         torch.get_num_threads(), spikes.data_ptr(), sink.data_ptr())
     if dst is not target:
         target.copy_(dst)
     return True
-
-
-def _small_integers(values: torch.Tensor) -> bool:
-    return bool(((values == values.round()) & (values.abs() < 2**31)).all())

@@ -139,6 +139,8 @@ class MultiLevelNeuron(nn.Module):
         self.communicate = bool(communicate) and self.signed
         self.levels = levels
         self.register_buffer("lam", as_threshold(step, "lam"))
+        if not torch.equal(spike_lut, spike_lut.round()) or spike_lut.min() < 0:
+            raise ValueError(f"spike_lut must hold binary spike counts (non-negative integers), got {spike_lut}")
         self.register_buffer("spike_lut", spike_lut, persistent=False)
         self.fanout: torch.Tensor | None = None
         self.spikes: torch.Tensor | None = None
@@ -155,11 +157,8 @@ class MultiLevelNeuron(nn.Module):
                              f"{tuple(x.shape)}")
         lam_shape = tuple(self.lam.shape)
         step_shape = tuple(x.shape[1:])
-        try:
-            ok = torch.broadcast_shapes(lam_shape, step_shape) == step_shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        # broadcasts to the step shape (in Python: torch.broadcast_shapes costs ~80 us a call)
+        if len(lam_shape) > len(step_shape) or any(l not in (1, s) for l, s in zip(lam_shape[::-1], step_shape[::-1])):
             raise ValueError(f"{type(self).__name__}: lam of shape {lam_shape} does not broadcast to the "
                              f"per-step input shape {step_shape} (input {tuple(x.shape)} must be [T, *shape]; "
                              f"did you forget the time dimension?)")
