@@ -31,16 +31,19 @@ def enabled() -> bool:
     return os.environ.get("HMTCONV_CPU_KERNEL", "1") != "0"
 
 
-def _flags() -> tuple[list[str], bytes]:
-    """Compiler flags, and what else the built library depends on (for its cache key)."""
+def _candidate_flags() -> list[tuple[list[str], bytes]]:
+    """Compiler flags to try, best first, each with what else its library depends on (its cache
+    key): OpenMP (clang often lacks it) and the CPU's own vector width (AVX2 runs the neuron about
+    1.4x faster than SSE; keyed by the CPU's flags), then less, down to the plain build."""
     # -ffp-contract=off: a fused multiply-add would round differently from the tensor path;
     # -fno-trapping-math lets the selects of the level vectorize (results are unchanged).
-    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
-    try:  # the CPU's own vector width (AVX2 runs the neuron about 1.4x faster than SSE)
+    base = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+    try:
         cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-        return flags + ["-march=native"], cpu.encode()
+        native = [([*base, "-march=native", "-fopenmp"], cpu.encode()), ([*base, "-march=native"], cpu.encode())]
     except (OSError, StopIteration):
-        return flags, b""
+        native = []
+    return [*native, ([*base, "-fopenmp"], b""), (base, b"")]
 
 
 def _build(compiler: str, flags: list[str], cpu: bytes) -> Path:
@@ -70,16 +73,15 @@ def load() -> ctypes.CDLL | None:
         warnings.warn("hmtconv: no C compiler found, so neurons run on the slower tensor path (install gcc "
                       "or clang; HMTCONV_CPU_KERNEL=0 silences this)", stacklevel=2)
         return None
-    flags, cpu = _flags()
-    try:
-        try:  # OpenMP where the compiler has it (clang often lacks it): else one thread
-            lib = ctypes.CDLL(str(_build(compiler, [*flags, "-fopenmp"], cpu)))
-        except (OSError, subprocess.SubprocessError):
+    for flags, cpu in _candidate_flags():
+        try:
             lib = ctypes.CDLL(str(_build(compiler, flags, cpu)))
-    except (OSError, subprocess.SubprocessError) as err:
+            break
+        except (OSError, subprocess.SubprocessError) as err:
+            error = getattr(err, "stderr", "") or err
+    else:
         warnings.warn(f"hmtconv: building the CPU neuron kernel with {compiler} failed, so neurons run on the "
-                      f"slower tensor path (HMTCONV_CPU_KERNEL=0 silences this): {getattr(err, 'stderr', '') or err}",
-                      stacklevel=2)
+                      f"slower tensor path (HMTCONV_CPU_KERNEL=0 silences this): {error}", stacklevel=2)
         return None
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hmt_neuron_forward.argtypes = [p, p, i64, i64, i64, p, p, p, i64, c_int, c_int, p, p]
