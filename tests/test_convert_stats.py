@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hmtconv.conversion import ActivationObserver, NeuronSpec
+from hmtconv.conversion.observers import HistogramConfig
 from hmtconv.conversion.policies import (compute_lam, compute_lams, depends_on_T, parse_policy, policy_for_site,
                                          unused_patterns)
 
@@ -13,13 +14,20 @@ def _fill(obs, batches):
     return obs
 
 
+@pytest.fixture(params=["kernel", "tensor"])
+def path(request, monkeypatch):
+    """Observers on the compiled CPU kernel (where a compiler exists) and on the tensor path."""
+    monkeypatch.setenv("HMTCONV_CPU_KERNEL", "1" if request.param == "kernel" else "0")
+    return request.param
+
+
 @pytest.fixture
 def batches():
     torch.manual_seed(0)
     return [torch.randn(8, 3, 5, 5) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 0.3 for _ in range(5)]
 
 
-def test_streaming_moments_equal_full_data(batches):
+def test_streaming_moments_equal_full_data(batches, path):
     obs = _fill(ActivationObserver(signed=False), batches)
     full = torch.cat(batches).double()
     mu, sigma = obs.moments(per_channel=False)
@@ -30,7 +38,7 @@ def test_streaming_moments_equal_full_data(batches):
     assert torch.allclose(obs.maximum(False), full.max()) and torch.allclose(obs.maximum(True), full.amax((0, 2, 3)))
 
 
-def test_merge_equals_single_pass(batches):
+def test_merge_equals_single_pass(batches, path):
     one = _fill(ActivationObserver(signed=True), batches)
     a = _fill(ActivationObserver(signed=True), batches[:2])
     b = _fill(ActivationObserver(signed=True), batches[2:])
@@ -51,8 +59,10 @@ def test_quantile_of_whole_set_within_bin_precision(batches):
 
 
 @pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("shape", [(6, 3, 5, 5), (6, 7, 4)])
-def test_histograms_equal_brute_force_binning(signed, shape):
+@pytest.mark.parametrize("shape", [(6, 3, 5, 5), (6, 7, 4), (6, 40)])
+@pytest.mark.parametrize("hist", [HistogramConfig(), HistogramConfig(min_exp=-4, max_exp=6, bins_per_octave=8)],
+                         ids=["default", "coarse"])
+def test_histograms_equal_brute_force_binning(signed, shape, hist, path):
     """Every count against a value-by-value search of the bin edges ``2**(min_exp + k/32)`` in
     float64, per channel (dim 1 of conv, the last dim of tokens) and for the layer; values include
     zeros, values below the first edge and beyond the last."""
@@ -61,9 +71,9 @@ def test_histograms_equal_brute_force_binning(signed, shape):
     x.view(-1)[::17] = 0.0
     x.view(-1)[1] = 2.0**-20
     x.view(-1)[2] = 2.0**20
-    obs = ActivationObserver(signed=signed)
+    obs = ActivationObserver(signed=signed, hist=hist)
     obs(x)
-    dim = 1 if len(shape) == 4 else 2
+    dim = 2 if len(shape) == 3 else 1
     out = (x.abs() if signed else x.clamp_min(0)).double().movedim(dim, 0).reshape(shape[dim], -1)
     cfg = obs.hist
     upper = torch.exp2(cfg.min_exp + torch.arange(cfg.bins - 1, dtype=torch.float64) / cfg.bins_per_octave)

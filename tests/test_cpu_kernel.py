@@ -139,32 +139,6 @@ def test_kernel_declines_what_it_cannot_run_equal(monkeypatch):
 
 
 @needs_compiler
-def test_kernel_builds_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HMTCONV_CACHE", str(tmp_path))
-    flags, cpu = cpu_kernel._candidate_flags()[0]
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    first = cpu_kernel._build(compiler, flags, cpu)
-    stamp = first.stat().st_mtime_ns
-    assert cpu_kernel._build(compiler, flags, cpu) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
-
-
-def test_a_compiler_that_fails_every_build_leaves_the_tensor_path_with_a_warning(tmp_path, monkeypatch):
-    monkeypatch.setenv("HMTCONV_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")  # exits 1 for every set of flags
-    with pytest.warns(UserWarning, match="building the CPU neuron kernel with false failed"):
-        assert cpu_kernel.load.__wrapped__() is None
-    assert list(tmp_path.iterdir()) == []  # no partial library left in the cache
-
-
-def test_without_a_compiler_the_neuron_warns_and_keeps_the_tensor_path(monkeypatch):
-    monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.warns(UserWarning, match="no C compiler"):
-        assert cpu_kernel.load.__wrapped__() is None
-
-
-@needs_compiler
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 8), mode=st.sampled_from(["unsigned", "signed", "communicate"]),
        lam=st.floats(2.0**-20, 2.0**20, width=32),

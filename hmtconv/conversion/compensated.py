@@ -18,11 +18,12 @@ from torch import nn
 
 from .attention import MatMul
 from .multistep import TimeAware, fold, step_index, unfold
+from .pooling import SlicedMaxPool2d
 
 # Module types that are wrapped when their input varies over time; extend with register_compensated.
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul,
-                          nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.GroupNorm}
+                          nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.GroupNorm, SlicedMaxPool2d}
 
 
 def register_compensated(cls: type) -> type:
