@@ -139,12 +139,14 @@ class _Broadcast(nn.Module):
     (hc.attention.MatMul(), [(6 * 3, 2, 4, 3), (6 * 3, 2, 3, 4)], (True, True)),
     (_Broadcast(), [(6 * 3, 4), (4,)], (True, False)),
 ])
-def test_compensation_running_sum_is_t_times_f_of_running_mean(module, args, temporal):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the compiled CPU kernel
+def test_compensation_running_sum_is_t_times_f_of_running_mean(module, args, temporal, dtype):
     """Expectation compensation (method-facts.md): the outputs of steps 1..t add up to
     t * F(mean of the inputs of steps 1..t), checked against a loop over t."""
     steps, g = 6, torch.Generator().manual_seed(0)
-    inputs = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in args]
-    module = module.double()
+    inputs = [torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype) for shape in args]
+    module = module.to(dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
     wrapped = hc.compensated.Compensated(module, temporal)
     wrapped.steps = steps
     given = [a.clone() for a in inputs]
@@ -152,5 +154,5 @@ def test_compensation_running_sum_is_t_times_f_of_running_mean(module, args, tem
     trains = [a.unflatten(0, (steps, -1)) if f else a for a, f in zip(inputs, temporal)]
     for t in range(1, steps + 1):
         means = [a[:t].mean(0) if f else a for a, f in zip(trains, temporal)]
-        assert torch.allclose(out[:t].sum(0), t * module(*means), rtol=1e-10, atol=1e-10), t
+        assert torch.allclose(out[:t].sum(0), t * module(*means), rtol=tol, atol=tol), t
     assert all(torch.equal(a, b) for a, b in zip(given, inputs))  # the inputs are left as they were

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import compensation_kernel
 from .attention import MatMul
 from .multistep import TimeAware, fold, step_index, unfold
 from .pooling import SlicedMaxPool2d
@@ -33,16 +34,29 @@ def register_compensated(cls: type) -> type:
 
 
 def running_mean(x: torch.Tensor, steps: int, inplace: bool = False) -> torch.Tensor:
-    """Mean of steps 1..t at every t, in a new tensor or over ``x``. The prefix sum is a loop of T
-    whole-step adds: on CPU, ``cumsum`` along the leading dim walks the tensor element by element
-    (about 30x slower)."""
-    x = unfold(x, steps)
+    """Mean of steps 1..t at every t, in a new tensor or over ``x``: one pass of the compiled
+    kernel, or a loop of T whole-step adds (on CPU, ``cumsum`` along the leading dim walks the
+    tensor element by element, about 30x slower) and a division."""
     u = x if inplace else torch.empty_like(x)
+    if compensation_kernel.running_mean(x, u, steps):
+        return u
+    x, u = unfold(x, steps), unfold(u, steps)
     if not inplace:
         u[0] = x[0]
     for t in range(1, steps):
         torch.add(u[t - 1], x[t], out=u[t])
     return fold(u.div_(step_index(steps, u)))
+
+
+def step_difference(y: torch.Tensor, steps: int) -> torch.Tensor:
+    """``t*y[t] - (t-1)*y[t-1]`` at every t (``y`` = F of the running means), over ``y``."""
+    if compensation_kernel.step_difference(y, y, steps):
+        return y
+    out = unfold(y, steps)
+    out.mul_(step_index(steps, out))  # t * F(mean of 1..t)
+    for t in range(steps - 1, 0, -1):  # minus (t-1) * F(mean of 1..t-1), latest step first
+        out[t] -= out[t - 1]
+    return fold(out)
 
 
 class Compensated(TimeAware):
@@ -61,10 +75,6 @@ class Compensated(TimeAware):
         inplace = self.overwrite_inputs or (False,) * len(args)
         means = [running_mean(a, self.steps, own) if f else a for a, f, own in zip(args, flags, inplace)]
         y = self.module(*means, **kwargs)
-        if y._base is not None or any(y is a for a in args):  # scaled in place below: only a tensor of its own
+        if y._base is not None or any(y is a for a in args):  # differenced in place: only a tensor of its own
             y = y.clone()
-        out = unfold(y, self.steps)
-        out.mul_(step_index(self.steps, out))  # t * F(mean of 1..t)
-        for t in range(self.steps - 1, 0, -1):  # minus (t-1) * F(mean of 1..t-1), latest step first
-            out[t] -= out[t - 1]
-        return fold(out)
+        return step_difference(y, self.steps)

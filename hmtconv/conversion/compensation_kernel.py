@@ -1,0 +1,58 @@
+"""The compiled CPU kernel of expectation compensation (``compensation_kernel.c``): the running
+mean of the inputs and the step difference of the outputs in one pass each, in place of T
+whole-step adds and a division, and of a multiplication and T subtractions (each a separate ATen
+call over memory, with Python indexing in between). Equal to the tensor path bit for bit."""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .. import native
+
+SOURCE = Path(__file__).with_name("compensation_kernel.c")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    lib = native.load(SOURCE, "compensated ops run")
+    if lib is not None:
+        p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        for name in ("hmt_running_mean", "hmt_step_difference"):
+            getattr(lib, name).argtypes = [p, p, i64, i64, c_int]
+            getattr(lib, name).restype = None
+    return lib
+
+
+def _time_major(x: torch.Tensor) -> bool:
+    """Whether ``x`` (``[T*B, ...]``) fills its memory densely with dim 0 outermost, so that each
+    step is one block of ``numel / T`` elements (contiguous tensors and their permutations that
+    keep dim 0 first: attention's transposed heads)."""
+    if x.dim() < 2:
+        return x.is_contiguous()
+    order = [0, *sorted(range(1, x.dim()), key=lambda d: -x.stride(d))]
+    return x.permute(order).is_contiguous()
+
+
+def _run(name: str, src: torch.Tensor, dst: torch.Tensor, steps: int) -> bool:
+    if not (native.enabled() and src.device.type == "cpu" and src.dtype == torch.float32 and src.numel() > 0
+            and dst.dtype == torch.float32 and src.stride() == dst.stride() and _time_major(src)):
+        return False
+    if library() is None:
+        return False
+    getattr(library(), name)(src.data_ptr(), dst.data_ptr(), steps, src.numel() // steps, torch.get_num_threads())
+    return True
+
+
+def running_mean(x: torch.Tensor, u: torch.Tensor, steps: int) -> bool:
+    """``u`` (``x`` itself, or a tensor laid out like it) = the mean of steps 1..t at every t;
+    False, with nothing written, where the kernel does not apply."""
+    return _run("hmt_running_mean", x, u, steps)
+
+
+def step_difference(y: torch.Tensor, out: torch.Tensor, steps: int) -> bool:
+    """``out`` (``y`` itself, or laid out like it) = ``t*y[t] - (t-1)*y[t-1]`` at every t; False,
+    with nothing written, where the kernel does not apply."""
+    return _run("hmt_step_difference", y, out, steps)
