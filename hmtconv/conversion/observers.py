@@ -90,17 +90,16 @@ class ActivationObserver(nn.Module):
         channels, others = x.shape[dim], tuple(d for d in range(x.dim()) if d != dim)
         x = x.detach().to(self.count.device)
         rows = float(x.numel() // channels)
-        out = self._output(x)  # in the activation's own dtype: max and log2 bins need no float64
         merged = observer_kernel.observe_batch(x, dim, self.signed, [self.count, self.mean, self.m2, self.max],
                                                [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max])
         if merged is None:  # the tensor path
-            merged = self._merge_batch(x, out, others, rows)
+            merged = self._merge_batch(x, others, rows)
         if not merged:  # any NaN or inf would poison the statistics (and thresholds) for good
             raise ValueError(f"NaN or inf in the activations entering {self.label} during calibration (finite "
                              f"input images): a layer before it overflows or has non-finite weights")
-        self._add_histograms(out, dim)
+        self._add_histograms(x, dim)
 
-    def _merge_batch(self, x: torch.Tensor, out: torch.Tensor, others: tuple[int, ...], rows: float) -> bool:
+    def _merge_batch(self, x: torch.Tensor, others: tuple[int, ...], rows: float) -> bool:
         """Moments in float64 (one fused pass, in the activation's own layout); the layer's follow
         from the channels' by Chan's merge (every channel has the same count). False, merging
         nothing, when ``x`` holds NaN or inf."""
@@ -108,7 +107,7 @@ class ActivationObserver(nn.Module):
         if not torch.isfinite(ch_var).all():  # any NaN or inf makes its channel's variance NaN
             return False
         ch_m2 = ch_var * rows
-        ch_max = out.amax(others).to(torch.float64)
+        ch_max = self._output(x).amax(others).to(torch.float64)  # max needs no float64
         layer_mean = ch_mean.mean()
         layer_m2 = ch_m2.sum() + rows * ((ch_mean - layer_mean) ** 2).sum()
         n = torch.tensor(rows, dtype=torch.float64, device=x.device)
@@ -129,13 +128,15 @@ class ActivationObserver(nn.Module):
     def _output(self, xc: torch.Tensor) -> torch.Tensor:
         return xc.abs() if self.signed else xc.clamp_min(0)
 
-    def _add_histograms(self, out: torch.Tensor, dim: int) -> None:
-        """Bin ``out`` (consumed: binned in place) into the log2 histograms; the layer's is the
-        sum of the channels' when those are kept, so the activation is counted once."""
+    def _add_histograms(self, x: torch.Tensor, dim: int) -> None:
+        """Bin the output activation of ``x`` into the log2 histograms; the layer's is the sum of
+        the channels' when those are kept, so the activation is counted once."""
         # Everything below 2**min_exp lands in bin 0, so raising it to 2**(min_exp - 1) changes no
-        # bin, and spares log2 its slow path: zeros (half of every ReLU's output) and subnormals
-        # cost it 10-25x a normal float here. Values past 2**max_exp land in the last bin.
-        log2v = out.clamp_min_(2.0 ** (self.hist.min_exp - 1)).log2_()
+        # bin (for a ReLU site it is the ReLU too), and spares log2 its slow path: zeros (half of
+        # every ReLU's output) and subnormals cost it 10-25x a normal float here. Values past
+        # 2**max_exp land in the last bin.
+        floor = 2.0 ** (self.hist.min_exp - 1)
+        log2v = (x.abs().clamp_min_(floor) if self.signed else x.clamp_min(floor)).log2_()
         if observer_kernel.add_histograms(log2v, dim, self.hist.min_exp, self.hist.bins_per_octave,
                                           self.hist_channel if self.hist.per_channel else None, self.hist_layer):
             return
@@ -144,7 +145,7 @@ class ActivationObserver(nn.Module):
         if not self.hist.per_channel:
             self.hist_layer += torch.bincount(idx.flatten(), minlength=self.hist.bins)
             return
-        channels = out.shape[dim]
+        channels = x.shape[dim]
         offset = torch.arange(channels, dtype=torch.int32, device=idx.device) * self.hist.bins
         idx += offset.view([channels if d == dim else 1 for d in range(idx.dim())])
         per_channel = torch.bincount(idx.flatten(), minlength=channels * self.hist.bins).view(channels, -1)
