@@ -75,3 +75,11 @@ def load(source: Path, fallback: str) -> ctypes.CDLL | None:
     warnings.warn(f"hmtconv: building {source.name} with {compiler} failed, so {fallback} on the slower "
                   f"tensor path (HMTCONV_CPU_KERNEL=0 silences this): {error}", stacklevel=3)
     return None
+
+
+def bind(source: Path, fallback: str, signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL | None:
+    """:func:`load`, with each function's ``(argtypes, restype)`` declared."""
+    lib = load(source, fallback)
+    for name, (argtypes, restype) in signatures.items() if lib is not None else ():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
+    return lib

@@ -13,17 +13,13 @@ import torch
 from .. import native
 
 SOURCE = Path(__file__).with_name("compensation_kernel.c")
+RUNNING_MEAN, STEP_DIFFERENCE = 0, 1
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    lib = native.load(SOURCE, "compensated ops run")
-    if lib is not None:
-        p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        for name in ("hmt_running_mean", "hmt_step_difference"):
-            getattr(lib, name).argtypes = [p, p, i64, i64, c_int]
-            getattr(lib, name).restype = None
-    return lib
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    return native.bind(SOURCE, "compensated ops run", {"hmt_compensate": ([p, p, i64, i64, c_int, c_int], None)})
 
 
 def _time_major(x: torch.Tensor) -> bool:
@@ -36,23 +32,23 @@ def _time_major(x: torch.Tensor) -> bool:
     return x.permute(order).is_contiguous()
 
 
-def _run(name: str, src: torch.Tensor, dst: torch.Tensor, steps: int) -> bool:
+def _run(mode: int, src: torch.Tensor, dst: torch.Tensor, steps: int) -> bool:
     if not (native.enabled() and src.device.type == "cpu" and src.dtype == torch.float32 and src.numel() > 0
             and dst.dtype == torch.float32 and src.stride() == dst.stride() and _time_major(src)):
         return False
     if library() is None:
         return False
-    getattr(library(), name)(src.data_ptr(), dst.data_ptr(), steps, src.numel() // steps, torch.get_num_threads())
+    library().hmt_compensate(src.data_ptr(), dst.data_ptr(), steps, src.numel() // steps, mode, torch.get_num_threads())
     return True
 
 
 def running_mean(x: torch.Tensor, u: torch.Tensor, steps: int) -> bool:
     """``u`` (``x`` itself, or a tensor laid out like it) = the mean of steps 1..t at every t;
     False, with nothing written, where the kernel does not apply."""
-    return _run("hmt_running_mean", x, u, steps)
+    return _run(RUNNING_MEAN, x, u, steps)
 
 
 def step_difference(y: torch.Tensor, out: torch.Tensor, steps: int) -> bool:
     """``out`` (``y`` itself, or laid out like it) = ``t*y[t] - (t-1)*y[t-1]`` at every t; False,
     with nothing written, where the kernel does not apply."""
-    return _run("hmt_step_difference", y, out, steps)
+    return _run(STEP_DIFFERENCE, y, out, steps)

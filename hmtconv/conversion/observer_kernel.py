@@ -18,14 +18,10 @@ SOURCE = Path(__file__).with_name("observer_kernel.c")
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    lib = native.load(SOURCE, "observers run")
-    if lib is not None:
-        p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.hmt_observe_batch.argtypes = [p, i64, i64, i64, c_int, c_int, p, p, p, p, p, p, p, p, p]
-        lib.hmt_observe_batch.restype = c_int
-        lib.hmt_histogram_add.argtypes = [p, i64, i64, i64, ctypes.c_float, ctypes.c_float, i64, c_int, p, p, p]
-        lib.hmt_histogram_add.restype = None
-    return lib
+    p, i64, c_int, c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    return native.bind(SOURCE, "observers run", {
+        "hmt_observe_batch": ([p, i64, i64, i64, c_int, c_int, p, p, p, p, p, p, p, p, p], c_int),
+        "hmt_histogram_add": ([p, i64, i64, i64, c_float, c_float, i64, c_int, p, p, p], None)})
 
 
 def _applies(x: torch.Tensor) -> bool:

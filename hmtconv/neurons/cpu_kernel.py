@@ -23,12 +23,9 @@ MODES = {"unsigned": 0, "signed": 1, "communicate": 2}
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The kernel's library (see :func:`hmtconv.native.load`), or None."""
-    lib = native.load(SOURCE, "neurons run")
-    if lib is not None:
-        p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.hmt_neuron_forward.argtypes = [p, p, i64, i64, i64, p, p, p, i64, c_int, c_int, p, p]
-        lib.hmt_neuron_forward.restype = None
-    return lib
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    return native.bind(SOURCE, "neurons run",
+                       {"hmt_neuron_forward": ([p, p, i64, i64, i64, p, p, p, i64, c_int, c_int, p, p], None)})
 
 
 def _memory_order(x: torch.Tensor) -> list[int] | None:
