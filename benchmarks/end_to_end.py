@@ -1,7 +1,7 @@
 """End-to-end simulation cost: ``evaluate`` time per batch over T x (ANN forward time per batch).
 
     .venv/bin/python benchmarks/end_to_end.py [--models vgg_small resnet18_small vgg16_bn resnet18]
-        [--T 4 16] [--n 4 8] [--batch 32] [--repeats 3]
+        [--T 4 16] [--n 4 8] [--batch 32] [--repeats 3] [--keep-memory]
 
 A dense simulation of T steps costs at least about T ANN forward passes, so the ratio is the
 overhead of simulating spikes (1.0 = as fast as running the ANN T times; below 1.0 is possible
@@ -43,7 +43,11 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--keep-memory", action="store_true",
+                        help="hmtconv.keep_freed_memory() first, as the CLI does (ANN and SNN both gain)")
     args = parser.parse_args()
+    if args.keep_memory:
+        hmtconv.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}; "

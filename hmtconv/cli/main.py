@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from .. import distributed
+from ..allocator import keep_freed_memory
 from ..errors import UserError
 from .registry import COMMANDS
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     hmtconv raises itself on bad arguments or data. Anything else is a bug and keeps its traceback;
     HMTCONV_DEBUG=1 prints the traceback of the one-line errors too."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # our own process: trade its peak memory for no page faults per tensor
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
