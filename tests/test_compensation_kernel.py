@@ -98,6 +98,7 @@ def test_permuted_views_run_in_memory_order_and_others_fall_back(monkeypatch):
 def test_the_kernel_declines_float64_and_when_switched_off(monkeypatch):
     x = torch.randn(8, 3)
     assert not compensation_kernel.running_mean(x.double(), x.double(), 2)
+    assert not compensation_kernel.running_mean(x, x.clone(), 3)  # 8 rows are not 3 steps of a batch
     assert compensation_kernel.step_difference(x, x.clone(), 2)
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "0")
     assert not compensation_kernel.step_difference(x, x.clone(), 2)

@@ -98,7 +98,7 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     except Exception as error:  # fx could not trace it: swap modules instead (fallback.py)
         prepared, traced = prepare_modules(model, identity, histogram), False
         trace_error = f"{type(error).__name__}: {error}"
-    slice_max_pools(prepared)  # same values, ~10x faster on CPU: calibration and the SNN both pool
+    slice_max_pools(prepared)  # same values, 3-9x faster on CPU: calibration and the SNN both pool
     if not any(isinstance(m, ObservedActivation) for m in prepared.modules()):
         raise ValueError(f"{type(model).__name__} has no ReLU to convert (and identity={identity!r} adds "
                          f"no y = x site); use identity='all' for networks without ReLU such as ViT")
