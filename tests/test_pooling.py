@@ -55,6 +55,8 @@ def test_unbatched_channels_last_and_fallbacks():
     ref_out, ref_idx = F.max_pool2d(x, 2, return_indices=True)
     assert same(out, ref_out) and torch.equal(idx, ref_idx)
     assert same(SlicedMaxPool2d(1)(x), x)  # a 1x1 window: ATen's kernel (ours would return a view)
+    ints = torch.randint(-9, 9, (1, 2, 5, 5))  # no -inf to pad with: ATen's kernel
+    assert torch.equal(SlicedMaxPool2d(2, padding=1)(ints), F.max_pool2d(ints, 2, padding=1))
     with pytest.raises(RuntimeError, match="pad should be at most half"):
         SlicedMaxPool2d(2, padding=2)(x)
 

@@ -46,8 +46,9 @@ class SlicedMaxPool2d(nn.MaxPool2d):
         (kh, kw), (sh, sw) = _pair(self.kernel_size), _pair(self.stride)
         (ph, pw), (dh, dw) = _pair(self.padding), _pair(self.dilation)
         size = x.shape[-2:]
-        if self.return_indices or x.dim() not in (3, 4) or kh < 2 or kw < 2 or ph > kh // 2 or pw > kw // 2:
-            return super().forward(x)  # ATen's kernel, and its checks and error messages
+        if (self.return_indices or x.dim() not in (3, 4) or not x.is_floating_point() or kh < 2 or kw < 2
+                or ph > kh // 2 or pw > kw // 2):
+            return super().forward(x)  # ATen's kernel (integer padding has no -inf), checks and errors
         oh = _output_size(size[0], kh, sh, ph, dh, self.ceil_mode)
         ow = _output_size(size[1], kw, sw, pw, dw, self.ceil_mode)
         if oh < 1 or ow < 1:
