@@ -1,5 +1,5 @@
-"""2-D max pooling as elementwise maxima of strided slices: the same values as ``nn.MaxPool2d``,
-3-9x faster on CPU (benchmarks/README.md).
+"""2-D max pooling as elementwise maxima of strided slices on CPU: the same values as
+``nn.MaxPool2d``, 3-9x faster (benchmarks/README.md); other devices keep ATen's kernel.
 
 ATen's CPU ``max_pool2d`` walks each window element by element and records argmax indices even
 under ``no_grad``; ``kernel_h + kernel_w - 2`` vectorized ``torch.maximum`` calls over strided
@@ -46,9 +46,11 @@ class SlicedMaxPool2d(nn.MaxPool2d):
         (kh, kw), (sh, sw) = _pair(self.kernel_size), _pair(self.stride)
         (ph, pw), (dh, dw) = _pair(self.padding), _pair(self.dilation)
         size = x.shape[-2:]
-        if (self.return_indices or x.dim() not in (3, 4) or not x.is_floating_point() or kh < 2 or kw < 2
-                or ph > kh // 2 or pw > kw // 2):
-            return super().forward(x)  # ATen's kernel (integer padding has no -inf), checks and errors
+        if (x.device.type != "cpu" or self.return_indices or x.dim() not in (3, 4) or not x.is_floating_point()
+                or kh < 2 or kw < 2 or ph > kh // 2 or pw > kw // 2):
+            # ATen's kernel: on GPUs one fused kernel beats several passes; integers have no -inf to
+            # pad with; and its own checks and errors
+            return super().forward(x)
         oh = _output_size(size[0], kh, sh, ph, dh, self.ceil_mode)
         ow = _output_size(size[1], kw, sw, pw, dw, self.ceil_mode)
         if oh < 1 or ow < 1:
