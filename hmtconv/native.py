@@ -23,6 +23,14 @@ def enabled() -> bool:
     return os.environ.get("HMTCONV_CPU_KERNEL", "1") != "0"
 
 
+def memory_order(x, leading: int) -> list[int] | None:
+    """A permutation of ``x``'s dims, its first ``leading`` dims kept first, under which ``x`` is
+    contiguous (a transposed or unflattened view of a contiguous tensor: attention's heads), so an
+    elementwise kernel can walk it in memory order; None where there is none."""
+    order = [*range(min(leading, x.dim())), *sorted(range(leading, x.dim()), key=lambda d: -x.stride(d))]
+    return order if x.permute(order).is_contiguous() else None
+
+
 def candidate_flags() -> list[tuple[list[str], bytes]]:
     """Compiler flags to try, best first, each with what else its library depends on (its cache
     key): OpenMP (clang often lacks it) and the CPU's own vector width (AVX2 runs the neuron about

@@ -22,21 +22,12 @@ def library() -> ctypes.CDLL | None:
     return native.bind(SOURCE, "compensated ops run", {"hmt_compensate": ([p, p, i64, i64, c_int, c_int], None)})
 
 
-def _time_major(x: torch.Tensor) -> bool:
-    """Whether ``x`` (``[T*B, ...]``) fills its memory densely with dim 0 outermost, so that each
-    step is one block of ``numel / T`` elements (contiguous tensors and their permutations that
-    keep dim 0 first: attention's transposed heads)."""
-    if x.dim() < 2:
-        return x.is_contiguous()
-    order = [0, *sorted(range(1, x.dim()), key=lambda d: -x.stride(d))]
-    return x.permute(order).is_contiguous()
-
-
 def _run(mode: int, src: torch.Tensor, dst: torch.Tensor, steps: int) -> bool:
     if not (native.enabled() and src.device.type == "cpu" and src.dtype == torch.float32 and src.numel() > 0
             and src.shape[0] % steps == 0 and dst.dtype == torch.float32 and src.stride() == dst.stride()
-            and _time_major(src)) or library() is None:
+            and native.memory_order(src, 1) is not None) or library() is None:
         return False  # (a batch that T does not divide: the tensor path's reshape says so)
+    # dim 0 (time-major T*B rows) outermost in memory: each step is one block of numel / T elements
     library().hmt_compensate(src.data_ptr(), dst.data_ptr(), steps, src.numel() // steps, mode, torch.get_num_threads())
     return True
 

@@ -28,15 +28,6 @@ def library() -> ctypes.CDLL | None:
                        {"hmt_neuron_forward": ([p, p, i64, i64, i64, p, p, p, i64, c_int, c_int, p, p], None)})
 
 
-def _memory_order(x: torch.Tensor) -> list[int] | None:
-    """A permutation of ``x``'s dims, time and batch first, under which ``x`` is contiguous (a
-    transposed or unflattened view of a contiguous tensor: attention's heads), or None."""
-    if x.dim() < 3:
-        return list(range(x.dim())) if x.is_contiguous() else None
-    order = [0, 1, *sorted(range(2, x.dim()), key=lambda d: -x.stride(d))]
-    return order if x.permute(order).is_contiguous() else None
-
-
 def _per_sample(value: torch.Tensor, shape: torch.Size, order: list[int]) -> torch.Tensor | None:
     """``value`` broadcast to one sample of ``shape`` (``[B, *rest]``), its dims in ``order``
     (``x``'s, less time), flat and contiguous; None where it varies along the batch dim."""
@@ -63,7 +54,7 @@ def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Ten
     # 1/lam must be a normal float for the level's one-step correction to suffice (see the C)
     if not 2.0**-100 < lam.amin().item() <= lam.amax().item() < 2.0**100 or library() is None:
         return False
-    order = _memory_order(x)
+    order = native.memory_order(x, 2)  # time and batch first
     src, spare = (x.permute(order), None) if order is not None else (x.contiguous(), True)
     order = order or list(range(x.dim()))
     shape = x.shape[1:]
