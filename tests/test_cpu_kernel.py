@@ -71,6 +71,33 @@ def test_kernel_equals_tensor_path(kind, n, mode, shape, per_channel):
     assert spikes.sum() > 0
 
 
+def nibble_table(levels: int) -> torch.Tensor:
+    """A spike table that splits as lo[k % 16] + hi[k // 16] (as H-MT's popcount does), not popcount."""
+    k = torch.arange(levels + 1)
+    return (k % 16 % 5 + 3 * (k // 16)).to(torch.float32)
+
+
+@needs_compiler
+@pytest.mark.parametrize("levels,lut", [
+    (200, nibble_table(200)),  # the kernel's byte-shuffle count; next, a table that does not split
+    (40, torch.cat([torch.zeros(1), torch.randint(0, 21, (40,), generator=torch.Generator().manual_seed(3))])),
+    (12, torch.arange(13, dtype=torch.float32) * 90),  # entries above a byte
+    (255, torch.cat([torch.zeros(1), torch.full((255,), 255.0)])),  # the largest byte, up to the last level
+])
+@pytest.mark.parametrize("mode", ["unsigned", "signed", "communicate"])
+def test_kernel_counts_any_spike_table_with_large_fanouts(levels, lut, mode):
+    """The count of binary spikes, plain and weighted by fan-outs up to 2**30 (64-bit products),
+    equals the tensor path's for spike tables that split into nibble tables and ones that do not."""
+    g = torch.Generator().manual_seed(levels)
+    neuron = MultiLevelNeuron(0.25, signed=mode != "unsigned", communicate=mode == "communicate",
+                              levels=levels, spike_lut=lut)
+    neuron.fanout = (torch.randint(0, 2**23, (3, 37), generator=g) * 128).to(torch.float32)  # 37: not 8 | n
+    x = torch.randn(5, 2, 3, 37, generator=g) * 0.25 * levels / 2
+    (out, spikes, synops), (ref_out, ref_spikes, ref_synops) = both_paths(neuron, x)
+    assert torch.equal(out, ref_out) and torch.equal(spikes, ref_spikes) and torch.equal(synops, ref_synops)
+    assert synops.max() > 2.0**31 and spikes.sum() > 0
+
+
 @needs_compiler
 def test_kernel_level_is_the_exact_floor_by_fractions():
     """One step from v = lam/2, against exact rational arithmetic on the membrane the kernel sees;
@@ -136,6 +163,9 @@ def test_kernel_declines_what_it_cannot_run_equal(monkeypatch):
     assert not runs(x, torch.tensor(0.5))
     with pytest.raises(ValueError, match="non-negative integers"):  # so the kernel may count in int32
         MultiLevelNeuron(0.5, signed=False, communicate=False, levels=1, spike_lut=torch.tensor([0.0, 0.5]))
+    for lut in ([1.0, 1.0], [0.0, 1.0, 2.0]):  # level 0 spikes; one entry too many
+        with pytest.raises(ValueError, match="levels 0..1"):
+            MultiLevelNeuron(0.5, signed=False, communicate=False, levels=1, spike_lut=torch.tensor(lut))
 
 
 @needs_compiler

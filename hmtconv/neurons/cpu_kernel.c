@@ -11,6 +11,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define BLOCK 512
 
@@ -21,7 +24,8 @@ typedef struct {
     const int32_t *fanout, *lut;  /* lut: binary spikes of each level */
     float *out;
     int64_t T, B, P, levels;
-    int mode;
+    int mode, nibbles;  /* nibbles: lut[k] = lo[k & 15] + hi[k >> 4] for every level */
+    uint8_t lo[16], hi[16];
 } job_t;
 
 #ifdef __FMA__
@@ -44,6 +48,48 @@ static inline float level_of(float m, float lam, float inv, float levels) {
 }
 
 static inline int32_t index_of(float k) { return k == k ? (int32_t)k : 0; }
+
+/* Adds the binary spikes of levels kp[i] and kn[i] to *s, and the same weighted by f[i] (if any) to
+ * *w.  Where the table splits into two 16-entry nibble tables, two in-register byte shuffles per 8
+ * positions replace the table gathers, which took 40 % of the kernel's time on an AMD EPYC. */
+static void count(const job_t *j, const int32_t *kp, const int32_t *kn, const int32_t *f, int64_t n,
+                  int64_t *s, int64_t *w) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    if (j->nibbles) {
+        const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->lo));
+        const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->hi));
+        const __m256i nibble = _mm256_set1_epi32(15), byte = _mm256_set1_epi32(255);
+        __m256i sv = _mm256_setzero_si256(), we = _mm256_setzero_si256(), wo = _mm256_setzero_si256();
+        for (; i + 8 <= n; i += 8) {
+            __m256i c = _mm256_setzero_si256();
+            for (int side = 0; side < 2; side++) {  /* levels are below 256: bytes 1-3 of each lane are 0 */
+                __m256i k = _mm256_loadu_si256((const __m256i *)((side ? kn : kp) + i));
+                __m256i bits = _mm256_add_epi32(_mm256_shuffle_epi8(lo, _mm256_and_si256(k, nibble)),
+                                                _mm256_shuffle_epi8(hi, _mm256_srli_epi32(k, 4)));
+                c = _mm256_add_epi32(c, _mm256_and_si256(bits, byte));
+            }
+            sv = _mm256_add_epi32(sv, c);  /* at most 2 * 255 * BLOCK / 8 per lane */
+            if (f) {  /* exact 64-bit products of the even, then the odd lanes */
+                __m256i fan = _mm256_loadu_si256((const __m256i *)(f + i));
+                we = _mm256_add_epi64(we, _mm256_mul_epi32(c, fan));
+                wo = _mm256_add_epi64(wo, _mm256_mul_epi32(_mm256_srli_epi64(c, 32), _mm256_srli_epi64(fan, 32)));
+            }
+        }
+        int32_t sl[8];
+        int64_t wl[8];
+        _mm256_storeu_si256((__m256i *)sl, sv);
+        _mm256_storeu_si256((__m256i *)wl, we);
+        _mm256_storeu_si256((__m256i *)(wl + 4), wo);
+        for (int q = 0; q < 8; q++) *s += sl[q], *w += wl[q];
+    }
+#endif
+    for (; i < n; i++) {
+        int32_t c = j->lut[kp[i]] + j->lut[kn[i]];
+        *s += c;
+        if (f) *w += (int64_t)c * f[i];
+    }
+}
 
 static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *spikes, double *synops) {
     float vp[BLOCK], vn[BLOCK], inv[BLOCK];
@@ -78,16 +124,7 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
             }
         }
         int64_t s = 0, w = 0;  /* integers: exact in any order, so equal to the tensor path's sums */
-        if (j->fanout) {
-            const int32_t *f = j->fanout + p0;
-            for (int64_t i = 0; i < n; i++) {
-                int32_t c = j->lut[kp[i]] + j->lut[kn[i]];
-                s += c;
-                w += (int64_t)c * f[i];
-            }
-        } else {
-            for (int64_t i = 0; i < n; i++) s += j->lut[kp[i]] + j->lut[kn[i]];
-        }
+        count(j, kp, kn, j->fanout ? j->fanout + p0 : NULL, n, &s, &w);
         spikes[t] += (double)s;
         synops[t] += (double)w;
     }
@@ -99,7 +136,13 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
 void hmt_neuron_forward(const float *x, float *out, int64_t T, int64_t B, int64_t P, const float *lam,
                         const int32_t *fanout, const int32_t *lut, int64_t levels, int mode, int threads,
                         double *spikes, double *synops) {
-    const job_t j = {x, lam, fanout, lut, out, T, B, P, levels, mode};
+    job_t j = {x, lam, fanout, lut, out, T, B, P, levels, mode, levels < 256};
+    for (int q = 0; q < 16 && j.nibbles; q++) {  /* the split, and bytes that hold it */
+        j.lo[q] = (uint8_t)(q <= levels ? lut[q] : 0);
+        j.hi[q] = (uint8_t)(16 * q <= levels ? lut[16 * q] - lut[0] : 0);
+    }
+    for (int64_t k = 0; k <= levels && j.nibbles; k++)
+        j.nibbles = lut[k] >= 0 && lut[k] < 256 && lut[k] == j.lo[k & 15] + j.hi[k >> 4];
     const int64_t blocks = (P + BLOCK - 1) / BLOCK;
     #pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : spikes[:T], synops[:T])
     for (int64_t item = 0; item < B * blocks; item++) {

@@ -141,6 +141,9 @@ class MultiLevelNeuron(nn.Module):
         self.register_buffer("lam", as_threshold(step, "lam"))
         if not torch.equal(spike_lut, spike_lut.round()) or spike_lut.min() < 0:
             raise ValueError(f"spike_lut must hold binary spike counts (non-negative integers), got {spike_lut}")
+        if spike_lut.shape != (levels + 1,) or spike_lut[0] != 0:
+            raise ValueError(f"spike_lut must give the spikes of levels 0..{levels} ({levels + 1} entries), level 0 "
+                             f"(no output) none; got {spike_lut}")
         self.register_buffer("spike_lut", spike_lut, persistent=False)
         self.fanout: torch.Tensor | None = None
         self.spikes: torch.Tensor | None = None
