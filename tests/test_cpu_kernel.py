@@ -179,3 +179,33 @@ def test_kernel_equals_tensor_path_on_arbitrary_floats(n, mode, lam, values):
     x = torch.tensor(values[: len(values) // 4 * 4], dtype=torch.float32).view(-1, 2, 2)
     (out, spikes, _), (ref_out, ref_spikes, _) = both_paths(neuron, x)
     assert torch.equal(out, ref_out) and torch.equal(spikes, ref_spikes)
+
+
+@needs_compiler
+def test_kernel_plan_is_reused_until_thresholds_fanouts_or_layout_change():
+    """A neuron keeps its kernel arguments between calls; changing lam in place, replacing the
+    fan-outs or feeding another layout gives results equal to a fresh neuron's, never stale ones."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 2, 6, 8, generator=g)
+
+    def fresh(lam, fanout):
+        neuron = HMTNeuron(4, lam, signed=True, communicate=True)
+        neuron.fanout = fanout
+        return neuron(x.clone()), neuron.spikes, neuron.synops
+
+    neuron = HMTNeuron(4, torch.full((8,), 0.2), signed=True, communicate=True)
+    neuron.fanout = torch.full((6, 8), 3.0)
+    neuron(x.clone())
+    first = neuron._kernel_plan
+    neuron(x.clone())
+    assert first is not None and neuron._kernel_plan is first
+    for change in ("lam", "fanout", "layout"):
+        if change == "lam":
+            neuron.lam.mul_(1.5)
+        elif change == "fanout":
+            neuron.fanout = torch.full((6, 8), 7.0)
+        out = neuron(x.clone()) if change != "layout" else neuron(x.clone().transpose(2, 3).contiguous().transpose(2, 3))
+        assert neuron._kernel_plan is not first
+        first = neuron._kernel_plan
+        ref = fresh(neuron.lam.clone(), neuron.fanout.clone())
+        assert torch.equal(out, ref[0]) and torch.equal(neuron.spikes, ref[1]) and torch.equal(neuron.synops, ref[2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,39 +40,79 @@ def _per_sample(value: torch.Tensor, shape: torch.Size, order: list[int]) -> tor
     return full[0].permute([d - 2 for d in order[2:]]).contiguous().view(-1)
 
 
-def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None,
-        spike_lut: torch.Tensor, levels: int, mode: str, spikes: torch.Tensor,
-        synops: torch.Tensor | None) -> bool:
-    """All steps of ``x`` (``[T, *shape]``) into ``out``, adding to ``spikes`` and ``synops``
-    (``[T]`` float64); False, with nothing written, where the kernel does not apply: off, not
-    built, not a float32 CPU tensor, ``lam`` varying along the batch dim or outside
-    ``(2**-100, 2**100)``, or fan-outs that are not int32 integers (their weighted sums would then
-    depend on order; spike counts are integers by construction). The neuron is elementwise, so a
-    permuted view (attention's heads) runs in its memory order, thresholds and fan-outs permuted
-    alike; other strided inputs go through a contiguous copy."""
-    if not (native.enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0):
-        return False
-    # 1/lam must be a normal float for the level's one-step correction to suffice (see the C)
-    if not 2.0**-100 < lam.amin().item() <= lam.amax().item() < 2.0**100 or library() is None:
-        return False
+@dataclass
+class Plan:
+    """The kernel's arguments besides the data, for one input layout and one set of thresholds,
+    fan-outs and spike table (``ok`` False where the kernel declines them). Building it costs
+    about ten small tensor ops, several times the kernel's own time on a small site, so a neuron
+    keeps it while the layout stays and its tensors are neither replaced nor changed in place."""
+    key: tuple
+    ok: bool
+    order: list[int] | None = None  # x's dims in memory order (time and batch first), or None: copy
+    lam: torch.Tensor | None = None
+    fanout: torch.Tensor | None = None
+    lut: torch.Tensor | None = None
+
+
+def _key(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> tuple:
+    # Tensors by identity and version; a plan holds them, so their ids cannot be reused meanwhile.
+    return x.shape, x.stride(), x.device, tensors, tuple(-1 if t is None else t._version for t in tensors)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[:3] == b[:3] and a[4] == b[4] and all(u is v for u, v in zip(a[3], b[3]))
+
+
+def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_lut: torch.Tensor,
+         previous: Plan | None = None) -> Plan:
+    """``previous`` where it still applies, else a new plan: the memory order of ``x``, ``lam``
+    (float32) and the fan-outs flattened in it, the spike table as int32. Declined: ``lam`` varying along
+    the batch dim or outside ``(2**-100, 2**100)`` (1/lam must be a normal float for the level's
+    one-step correction to suffice, see the C), fan-outs that are not int32 integers (their
+    weighted sums would then depend on order; spike counts are integers by construction)."""
+    key = _key(x, (lam, fanout, spike_lut))
+    if previous is not None and _same(previous.key, key):
+        return previous
+    lam = lam.to(dtype=torch.float32, device=x.device)  # the tensor path's cast
+    if not 2.0**-100 < lam.amin().item() <= lam.amax().item() < 2.0**100:
+        return Plan(key, False)
     order = native.memory_order(x, 2)  # time and batch first
-    src, spare = (x.permute(order), None) if order is not None else (x.contiguous(), True)
-    order = order or list(range(x.dim()))
     shape = x.shape[1:]
-    lam_flat = _per_sample(lam, shape, order)
-    fan_flat = None if fanout is None else _per_sample(fanout, shape, order)
+    lam_flat = _per_sample(lam, shape, order or list(range(x.dim())))
+    fan_flat = None if fanout is None else _per_sample(fanout, shape, order or list(range(x.dim())))
     fan_int = None if fan_flat is None else fan_flat.to(torch.int32)
     if lam_flat is None or (fan_int is not None and not torch.equal(fan_int.to(fan_flat.dtype), fan_flat)):
-        return False
-    target = out.permute(order)
+        return Plan(key, False)
+    return Plan(key, True, order, lam_flat, fan_int, spike_lut.to(torch.int32))
+
+
+def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None,
+        spike_lut: torch.Tensor, levels: int, mode: str, spikes: torch.Tensor,
+        synops: torch.Tensor | None, previous: Plan | None = None) -> Plan | None:
+    """All steps of ``x`` (``[T, *shape]``) into ``out``, adding to ``spikes`` and ``synops``
+    (``[T]`` float64); returns the plan it ran with (pass it back as ``previous`` next time), or
+    None, with nothing written, where the kernel does not apply: off, not built, not a float32
+    CPU tensor, or declined by :func:`plan`. ``lam`` may be the neuron's own (float64) threshold:
+    it is cast as the tensor path casts it. The neuron is elementwise, so a permuted view
+    (attention's heads) runs in its memory order, thresholds and fan-outs permuted alike; other
+    strided inputs go through a contiguous copy."""
+    if not (native.enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0):
+        return None
+    if library() is None:
+        return None
+    current = plan(x, lam, fanout, spike_lut, previous)
+    if not current.ok:
+        return None
+    order = current.order
+    src, spare = (x.permute(order), False) if order is not None else (x.contiguous(), True)
+    target = out.permute(order) if order is not None else out
     dst = target if target.is_contiguous() else src if spare else torch.empty_like(src)
-    batch = shape[0] if len(shape) > 1 else 1
+    batch = x.shape[1] if x.dim() > 2 else 1
     sink = torch.zeros_like(spikes) if synops is None else synops
-    lut = spike_lut.to(torch.int32)  # named: a temporary's memory could be freed before the call reads it
     library().hmt_neuron_forward(
-        src.data_ptr(), dst.data_ptr(), x.shape[0], batch, x[0].numel() // batch, lam_flat.data_ptr(),
-        None if fan_int is None else fan_int.data_ptr(), lut.data_ptr(), levels, MODES[mode],
+        src.data_ptr(), dst.data_ptr(), x.shape[0], batch, x[0].numel() // batch, current.lam.data_ptr(),
+        None if current.fanout is None else current.fanout.data_ptr(), current.lut.data_ptr(), levels, MODES[mode],
         torch.get_num_threads(), spikes.data_ptr(), sink.data_ptr())
     if dst is not target:
         target.copy_(dst)
-    return True
+    return current

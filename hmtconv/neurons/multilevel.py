@@ -148,6 +148,7 @@ class MultiLevelNeuron(nn.Module):
         self.fanout: torch.Tensor | None = None
         self.spikes: torch.Tensor | None = None
         self.synops: torch.Tensor | None = None
+        self._kernel_plan: cpu_kernel.Plan | None = None  # kept between calls (see cpu_kernel.Plan)
 
     def extra_repr(self) -> str:
         lam = self.lam
@@ -175,12 +176,13 @@ class MultiLevelNeuron(nn.Module):
         step t of the output is written (saves an activation-sized allocation). Runs the compiled
         CPU kernel where it applies (:func:`cpu_kernel.run`), else the equal tensor path."""
         self._check_input(x)
-        lam = self.lam.to(dtype=x.dtype, device=x.device)
         out = torch.empty_like(x) if out is None else out
         spikes = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
-        if not cpu_kernel.run(x, out, lam, self.fanout, self.spike_lut, self.levels, self.mode, spikes, synops):
-            self._forward_tensors(x, out, lam, spikes, synops)
+        self._kernel_plan = cpu_kernel.run(x, out, self.lam, self.fanout, self.spike_lut, self.levels, self.mode,
+                                           spikes, synops, self._kernel_plan)
+        if self._kernel_plan is None:
+            self._forward_tensors(x, out, self.lam.to(dtype=x.dtype, device=x.device), spikes, synops)
         self.spikes, self.synops = spikes, synops
         return out
 
