@@ -6,7 +6,7 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .data import get_datasets, make_loader
 from .device import resolve_device
 from .errors import UserError
-from .models import check_model_fits, create_model, save_checkpoint
+from .models import check_model_args, check_model_fits, create_model, save_checkpoint
 from .report.provenance import library_versions
 
 
@@ -49,6 +49,7 @@ SCHEDULES = {
 @dataclass
 class TrainConfig:
     model: str = "vgg_small"  # a built-in architecture
+    model_args: dict = field(default_factory=dict)  # its own keyword arguments, e.g. {"patch_size": 7}
     dataset: str = "mnist"
     data_root: str | None = None
     epochs: int = 3
@@ -85,6 +86,7 @@ def deterministic():
 
 
 def check_config(config: TrainConfig) -> None:
+    check_model_args(config.model, config.model_args)
     if config.optimizer not in OPTIMIZERS:
         raise UserError(f"optimizer {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if config.schedule not in SCHEDULES:
@@ -124,7 +126,7 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
     train_set, eval_set, info = get_datasets(config.dataset, config.data_root)
     kwargs = dict(
         in_channels=info.channels, num_classes=info.num_classes, image_size=info.image_size,
-        mean=list(info.mean), std=list(info.std),
+        mean=list(info.mean), std=list(info.std), **config.model_args,
     )
     with deterministic():
         torch.manual_seed(config.seed)  # the model's initialization; the loader has its own generator

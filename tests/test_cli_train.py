@@ -17,6 +17,18 @@ def test_train_writes_a_checkpoint(tmp_path, capsys):
     assert torch.load(out, weights_only=True)["meta"]["config"]["limit"] == 2
 
 
+def test_train_with_model_args_loads_back_as_that_variant(tmp_path, capsys):
+    """--model-arg reaches the builder and the checkpoint, so --model PATH rebuilds the variant."""
+    from hmtconv.models import load_model
+    out = tmp_path / "v.pt"
+    argv = ["train", "--model", "vit_small", "--model-arg", "patch_size=7", "--model-arg", "num_layers=1",
+            "--model-arg", "hidden_dim=16", "--epochs", "1", "--limit", "1", "--batch-size", "8", "--device", "cpu",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    vit = load_model(str(out), in_channels=1, image_size=28, num_classes=10).model.net
+    assert vit.patch_size == 7 and len(vit.encoder.layers) == 1 and vit.hidden_dim == 16
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -25,6 +37,11 @@ def test_train_writes_a_checkpoint(tmp_path, capsys):
         (["train", "--dataset", "mnist", "--model", "vit_small", "--epochs", "0"], "hmtconv: error: epochs must be"),
         (["train", "--epochs", "x"], "hmtconv train: error: argument --epochs: invalid int value: 'x'"),
         (["train", "--model", "nope"], "hmtconv train: error: argument --model: invalid choice: 'nope'"),
+        (["train", "--model", "vit_small", "--model-arg", "patch=7"],
+         "hmtconv: error: vit_small has no argument 'patch'; its own are patch_size, hidden_dim, num_layers, num_heads"),
+        (["train", "--model-arg", "num_classes=3"],
+         "hmtconv: error: model argument 'num_classes' of vgg_small comes from the dataset"),
+        (["train", "--model-arg", "7"], "hmtconv train: error: argument --model-arg: expected KEY=VALUE, got '7'"),
         ([], "hmtconv: error: the following arguments are required: COMMAND"),
     ],
 )
