@@ -9,7 +9,10 @@ mkdir -p runs
     --out runs/resnet18_small.pt
 [ -f runs/vit_small.pt ] || $H train --model vit_small --dataset mnist --optimizer adamw --lr 0.002 \
     --weight-decay 0.05 --epochs 3 --seed 0 --out runs/vit_small.pt
+[ -f runs/vit_p7.pt ] || $H train --model vit_small --model-arg patch_size=7 --model-arg hidden_dim=64 \
+    --model-arg num_layers=6 --dataset mnist --optimizer adamw --lr 0.002 --weight-decay 0.05 --epochs 3 --seed 0 \
+    --out runs/vit_p7.pt
 for name in ${STUDY:-vgg-table1 vgg-table2 vit-table4 vit-linear resnet-table1 vgg-table3 vgg-granularity vgg-neurons
-    vgg-neurons-opt resnet-table2 vgg-table1-identity resnet-table1-identity vit-table4-full}; do
+    vgg-neurons-opt resnet-table2 vgg-table1-identity resnet-table1-identity vit-table4-full vit-p7-table4}; do
     $H sweep "experiments/study/$name.toml" --no-progress
 done
