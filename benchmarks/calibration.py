@@ -1,11 +1,12 @@
 """Calibration cost: (a) one ``calibrate`` pass / the ANN forward pass over the same batches;
 (b) peak memory of calibrating on a small and a large set, each in a fresh process.
 
-    .venv/bin/python benchmarks/calibration.py [--models vgg_small resnet18_small resnet18 vgg16_bn]
+    .venv/bin/python benchmarks/calibration.py [--models vgg_small resnet18_small resnet18 vgg16_bn vit_small]
         [--images 1024] [--batch 64] [--repeats 3] [--threads N]
         [--memory-models vgg_small resnet18] [--memory-images 1000 10000] [--skip-time | --skip-memory]
 
-(a) Built-in models at MNIST size, torchvision models at 64 x 64, random weights; ``--images``
+(a) Built-in models at MNIST size, torchvision models at 64 x 64, random weights (a ViT prepared
+with identity = "all", the others with "none"); ``--images``
 random images in batches made once, so loading is not timed. The ANN runs in eval mode under
 no_grad; ``calibrate`` runs the same batches through one prepared model (statistics accumulate
 over the repeats, which does not change the cost of a pass), timed side by side with the ANN;
@@ -30,7 +31,7 @@ import json
 import torch
 
 import hmtconv
-from end_to_end import build
+from end_to_end import build, identity_for
 from hmtconv.conversion.observers import HistogramConfig
 from hmtconv.conversion.pooling import slice_max_pools
 from timing import in_fresh_process, peak_rss_mib, reset_peak, rss_mib, timed, timed_side_by_side
@@ -59,8 +60,9 @@ def time_table(args) -> None:
         slice_max_pools(sliced)
         batches = list(random_batches(args.images, args.batch, shape))
         for label, hist in HISTOGRAMS.items():
-            t_prep = timed(lambda: hmtconv.prepare(model, histogram=hist), args.repeats)[0]
-            prepared = hmtconv.prepare(model, histogram=hist)
+            identity = identity_for(name)
+            t_prep = timed(lambda: hmtconv.prepare(model, identity=identity, histogram=hist), args.repeats)[0]
+            prepared = hmtconv.prepare(model, identity=identity, histogram=hist)
             with torch.no_grad():
                 (t_ann, t_sliced, t_cal), _ = timed_side_by_side(
                     [lambda: [model(x) for x, _ in batches], lambda: [sliced(x) for x, _ in batches],
@@ -73,7 +75,7 @@ def child(name: str, images: int, batch: int) -> None:
     """One fresh process: prepare, then calibrate on ``images`` lazily generated images."""
     torch.manual_seed(0)
     model, shape = build(name)
-    prepared = hmtconv.prepare(model)
+    prepared = hmtconv.prepare(model, identity=identity_for(name))
     reset_peak()
     before = rss_mib()
     hmtconv.calibrate(prepared, random_batches(images, batch, shape))
@@ -99,7 +101,8 @@ def memory_table(args) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["vgg_small", "resnet18_small", "resnet18", "vgg16_bn"])
+    parser.add_argument("--models", nargs="+",
+                        default=["vgg_small", "resnet18_small", "resnet18", "vgg16_bn", "vit_small"])
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)

@@ -29,6 +29,11 @@ from hmtconv.models import create_model, list_models
 from timing import timed_side_by_side
 
 
+def identity_for(name: str) -> str:
+    """A ViT has no ReLU: signed neurons before its layers (the paper's ViT recipe)."""
+    return "all" if "vit" in name else "none"
+
+
 def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     if name in list_models():
         return create_model(name, in_channels=1, image_size=28, num_classes=10).eval(), (1, 28, 28)
@@ -60,7 +65,7 @@ def main():
         model, shape = build(name)
         x = torch.rand(args.batch, *shape)
         y = torch.randint(0, 10, (args.batch,))
-        identity = "all" if "vit" in name else "none"  # a ViT has no ReLU: signed neurons before its layers
+        identity = identity_for(name)
         prepared = hmtconv.calibrate(hmtconv.prepare(model, identity=identity), [(x, y)])
         sliced = copy.deepcopy(model)
         slice_max_pools(sliced)

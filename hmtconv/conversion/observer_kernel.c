@@ -12,9 +12,10 @@
  * hmt_histogram_add: bins of the log2 of the output activation, the tensor path's arithmetic
  * operation for operation (float32, no fused multiply-add: build with -ffp-contract=off), so the
  * counts are equal: bin = clamp(floor((log2v - min_exp) * bins_per_octave), -1, bins - 2) + 1,
- * added to hist_channel[c] (NULL: none) and to hist_layer; scratch is [threads, bins] zeros.
+ * added to hist_channel[c] (NULL: none) and to hist_layer; scratch is [threads * SUBS, bins] zeros.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -22,6 +23,9 @@
 
 #define LANES 8  /* independent partial sums: the adds pipeline without reassociation */
 #define WIDTH 16  /* channels of a block when rows are short: 16 floats, a cache line */
+/* The layer's counts are kept SUBS ways, by position: the increments of one bin (most of a layer's
+ * values share a few) then wait on each other only every SUBS values, not at every one. */
+#define SUBS 4
 
 /* Sums of (x - sh) and (x - sh)^2 and the largest output over one row of a channel. */
 static void channel_row(const float *v, int64_t n, float sh, int is_signed, double *s1, double *s2, float *mx) {
@@ -134,15 +138,11 @@ int hmt_observe_batch(const float *restrict x, int64_t outer, int64_t C, int64_t
 
 /* Selects, not branches (the tensors' zeros would make a branch a coin toss), and no fminf/fmaxf
  * (library calls for their NaN rules; the values here are finite). */
-static void bin_row(const float *v, int64_t n, float min_exp, float bpo, float top, int64_t *row, int64_t *layer) {
-    for (int64_t i = 0; i < n; i++) {
-        float p = floorf((v[i] - min_exp) * bpo);
-        p = p < -1.0f ? -1.0f : p;
-        p = p > top ? top : p;
-        const int32_t k = (int32_t)p + 1;
-        row[k]++;
-        if (layer != row) layer[k]++;
-    }
+static inline int32_t bin_of(float v, float min_exp, float bpo, float top) {
+    float p = floorf((v - min_exp) * bpo);
+    p = p < -1.0f ? -1.0f : p;
+    p = p > top ? top : p;
+    return (int32_t)p + 1;
 }
 
 void hmt_histogram_add(const float *restrict log2v, int64_t outer, int64_t C, int64_t inner, float min_exp,
@@ -153,19 +153,44 @@ void hmt_histogram_add(const float *restrict log2v, int64_t outer, int64_t C, in
     #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
-        int64_t *layer = scratch + omp_get_thread_num() * bins;  /* this thread's share of the layer's counts */
+        int64_t *layer = scratch + omp_get_thread_num() * SUBS * bins;  /* this thread's share of the layer's */
 #else
         int64_t *layer = scratch;
 #endif
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
             const int64_t c0 = blk * width, c1 = c0 + width < C ? c0 + width : C;
-            for (int64_t o = 0; o < outer; o++)
-                for (int64_t c = c0; c < c1; c++)
-                    bin_row(log2v + (o * C + c) * inner, inner, min_exp, bins_per_octave, top,
-                            hist_channel ? hist_channel + c * bins : layer, layer);
+            int32_t k[WIDTH * 64];  /* bins of up to 64 rows of the block, computed 8 at a time */
+            if (inner == 1) {  /* tokens: a row of the block is c1 - c0 channels */
+                const int64_t w = c1 - c0;
+                for (int64_t o0 = 0; o0 < outer; o0 += 64) {
+                    const int64_t rows = outer - o0 < 64 ? outer - o0 : 64;
+                    for (int64_t r = 0; r < rows; r++)
+                        for (int64_t c = 0; c < w; c++)
+                            k[r * w + c] = bin_of(log2v[(o0 + r) * C + c0 + c], min_exp, bins_per_octave, top);
+                    for (int64_t r = 0; r < rows; r++)
+                        for (int64_t c = 0; c < w; c++) {
+                            layer[(c & (SUBS - 1)) * bins + k[r * w + c]]++;
+                            if (hist_channel) hist_channel[(c0 + c) * bins + k[r * w + c]]++;
+                        }
+                }
+            } else {
+                for (int64_t o = 0; o < outer; o++)
+                    for (int64_t c = c0; c < c1; c++) {
+                        const float *v = log2v + (o * C + c) * inner;
+                        int64_t *channel = hist_channel ? hist_channel + c * bins : NULL;
+                        for (int64_t i0 = 0; i0 < inner; i0 += WIDTH * 64) {
+                            const int64_t n = inner - i0 < WIDTH * 64 ? inner - i0 : WIDTH * 64;
+                            for (int64_t i = 0; i < n; i++) k[i] = bin_of(v[i0 + i], min_exp, bins_per_octave, top);
+                            for (int64_t i = 0; i < n; i++) {  /* one of SUBS layer counts by position */
+                                layer[(i & (SUBS - 1)) * bins + k[i]]++;
+                                if (channel) channel[k[i]]++;
+                            }
+                        }
+                    }
+            }
         }
     }
-    for (int64_t t = 0; t < threads; t++)
-        for (int64_t k = 0; k < bins; k++) hist_layer[k] += scratch[t * bins + k];
+    for (int64_t s = 0; s < threads * SUBS; s++)
+        for (int64_t k = 0; k < bins; k++) hist_layer[k] += scratch[s * bins + k];
 }
