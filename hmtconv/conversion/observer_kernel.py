@@ -14,7 +14,6 @@ import torch
 from .. import native
 
 SOURCE = Path(__file__).with_name("observer_kernel.c")
-SUBS = 4  # the C file's: layer counts kept 4 ways, each thread's in scratch
 
 
 @functools.cache
@@ -63,7 +62,7 @@ def add_histograms(log2v: torch.Tensor, dim: int, min_exp: int, bins_per_octave:
     log2v = log2v.contiguous()
     outer, channels, inner = _layout(log2v, dim)
     bins, threads = hist_layer.numel(), torch.get_num_threads()
-    scratch = torch.zeros(threads * SUBS, bins, dtype=torch.int64)
+    scratch = torch.zeros(threads, bins, dtype=torch.int64)
     library().hmt_histogram_add(log2v.data_ptr(), outer, channels, inner, min_exp, bins_per_octave, bins, threads,
                                 None if hist_channel is None else hist_channel.data_ptr(), hist_layer.data_ptr(),
                                 scratch.data_ptr())
