@@ -28,7 +28,8 @@ def test_wall_clock_seconds_are_reported_but_not_a_result():
     model, data = small_cnn(), loader()
     snn = hc.convert(model, data, n=2, T=5, policy="999")
     first, second = hc.evaluate(snn, data, ann=model), hc.evaluate(snn, data, ann=model)
-    assert first.seconds["ann"] > 0 and first.seconds["snn"] > 0
+    assert first.seconds["ann"] > 0 and first.seconds["snn"] > 0 and first.seconds["diagnostics"] > 0
+    assert hc.evaluate(snn, data, diagnostics=False).seconds["diagnostics"] == 0  # timed apart from the SNN
     assert first.seconds != second.seconds and first == second  # the clock never decides equality
     assert "seconds" not in first.to_dict()
 

@@ -69,7 +69,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     record = result.to_dict()
     record.update(model=work.source, dataset=args.dataset, images=work.eval_images,
                   seconds={"convert": converted - start, "evaluate": finished - converted,
-                           "ann_forward": result.seconds["ann"], "simulation": result.seconds["snn"]},
+                           "ann_forward": result.seconds["ann"], "simulation": result.seconds["snn"],
+                           "diagnostics": result.seconds["diagnostics"]},
                   provenance=provenance(jsonable(vars(args)), seed=args.seed, device=device))
     return record
 
@@ -91,9 +92,11 @@ def report(record: dict, args: argparse.Namespace, label: str) -> None:
     seconds = record["seconds"]
     print(f"{record['model']} on {record['dataset']} ({record['images']} images); "
           f"{record['spikes_per_sample']:.0f} spikes per sample")
-    print(f"simulation {seconds['simulation']:.2f} s = {seconds['simulation'] / max(record['T'] * seconds['ann_forward'], 1e-9):.2f}"
-          f" x T ANN forward passes (ANN {seconds['ann_forward']:.2f} s"
-          f"{'' if args.no_diagnostics else '; the simulation includes the diagnostics pass, off with --no-diagnostics'})")
+    ratio = seconds["simulation"] / max(record["T"] * seconds["ann_forward"], 1e-9)
+    extra = "" if args.no_diagnostics else \
+        f"; diagnostics {seconds['diagnostics']:.2f} s more (one ANN-mode pass, off with --no-diagnostics)"
+    print(f"simulation {seconds['simulation']:.2f} s = {ratio:.2f} x T ANN forward passes "
+          f"(ANN {seconds['ann_forward']:.2f} s){extra}")
     print(curves_table({label: record}))
     if record["per_layer"]:
         print()

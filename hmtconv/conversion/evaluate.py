@@ -109,14 +109,20 @@ def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int
     return chunk_size(per_sample, budget, batch=2**62)
 
 
-def _simulate(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None, diagnostics: bool) -> torch.Tensor:
+def _simulate(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None, diagnostics: bool,
+              seconds: dict[str, float], device: torch.device) -> torch.Tensor:
     """``snn(x, steps)``, in chunks of at most ``chunk`` samples; the ANN-mode pass of the
-    diagnostics runs on the same chunk just before (the site hooks pair them up)."""
+    diagnostics runs on the same chunk just before (the site hooks pair them up). Adds the
+    wall-clock time of each to ``seconds["diagnostics"]`` and ``seconds["snn"]``."""
     outs = []
     for part in (x.split(chunk) if chunk else (x,)):
         if diagnostics:
+            started = _clock(device)
             snn.ann_forward(part)
+            seconds["diagnostics"] += _clock(device) - started
+        started = _clock(device)
         outs.append(snn(part, steps))
+        seconds["snn"] += _clock(device) - started
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
@@ -169,7 +175,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     chunk = _chunk_limit(snn, steps, max_batch, memory_budget, device)
     monitor = _SiteMonitor(snn, steps, compare=diagnostics)
     sites = len(monitor.sites)
-    rows, seconds = [], {"ann": 0.0, "snn": 0.0}
+    rows, seconds = [], {"ann": 0.0, "snn": 0.0, "diagnostics": 0.0}
     try:
         # disable=None: a bar on terminals only, so logs and captured stderr stay clean
         bar = tqdm(loader, desc=f"evaluate T={steps}", unit="batch", leave=False,
@@ -183,10 +189,8 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
                                  f"calibrated on {list(shape)}; use the same image size and channels")
             started = _clock(device)
             ann_pred = ann(x).argmax(-1) if ann is not None else None
-            simulated = _clock(device)
-            out = _simulate(snn, x, steps, chunk, diagnostics)  # [T, B, classes]
-            seconds["ann"] += simulated - started
-            seconds["snn"] += _clock(device) - simulated
+            seconds["ann"] += _clock(device) - started
+            out = _simulate(snn, x, steps, chunk, diagnostics, seconds, device)  # [T, B, classes]
             counts = torch.tensor([0.0, y.shape[0]], dtype=torch.float64, device=device)
             if ann_pred is not None:
                 counts[0] = (ann_pred == y).sum()

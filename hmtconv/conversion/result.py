@@ -21,8 +21,9 @@ class EvaluationResult:
     """``snn_accuracy[t-1]``, ``agreement[t-1]`` (percent of samples whose SNN prediction equals the
     ANN's; None without ``ann``), ``energy_ratio[t-1]`` (eq. 31) and ``spikes_cumulative[t-1]``
     (binary spikes per sample) use steps 1..t of one run. ``seconds`` is wall-clock time, not a
-    result: ``ann`` (the ANN's forward passes) and ``snn`` (the simulation, with diagnostics' extra
-    pass if on); left out of ``to_dict`` and of equality, so runs compare by their results."""
+    result: ``ann`` (the ANN's forward passes), ``snn`` (the simulation) and ``diagnostics`` (their
+    ANN-mode pass, 0 when off); left out of ``to_dict`` and of equality, so runs compare by their
+    results."""
 
     T: int
     samples: int
