@@ -25,11 +25,15 @@ def list_models() -> list[str]:
 DATA_ARGS = ("in_channels", "num_classes", "image_size", "mean", "std")  # set from the dataset
 
 
-def check_model_args(name: str, model_args: dict) -> None:
-    """``model_args`` are keyword arguments of builder ``name`` other than the dataset's own."""
+def builder(name: str) -> Callable[..., nn.Module]:
     if name not in MODELS:
         raise UserError(f"unknown built-in model {name!r}; choose one of {', '.join(list_models())}")
-    own = [p for p in inspect.signature(MODELS[name]).parameters if p not in DATA_ARGS]
+    return MODELS[name]
+
+
+def check_model_args(name: str, model_args: dict) -> None:
+    """``model_args`` are keyword arguments of builder ``name`` other than the dataset's own."""
+    own = [p for p in inspect.signature(builder(name)).parameters if p not in DATA_ARGS]
     for key in model_args:
         if key in DATA_ARGS:
             raise UserError(f"model argument {key!r} of {name} comes from the dataset; do not set it")
@@ -39,6 +43,4 @@ def check_model_args(name: str, model_args: dict) -> None:
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build the registered architecture ``name`` with freshly initialized weights."""
-    if name not in MODELS:
-        raise UserError(f"unknown built-in model {name!r}; choose one of {', '.join(list_models())}")
-    return MODELS[name](**kwargs)
+    return builder(name)(**kwargs)
