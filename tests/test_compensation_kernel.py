@@ -30,7 +30,9 @@ def train(steps, shape, seed):
 
 
 def both(fn, x, steps, monkeypatch, **kw):
-    """(kernel result, tensor-path result), each from its own copy of ``x``."""
+    """(kernel result, tensor-path result), each from its own copy of ``x``; the kernel must have
+    built (else both would be the tensor path's)."""
+    assert compensation_kernel.library() is not None, "compensation_kernel.c did not build"
     results = []
     for flag in ("1", "0"):
         monkeypatch.setenv("HMTCONV_CPU_KERNEL", flag)

@@ -33,6 +33,7 @@ def hard_batch(shape, seed):
 
 def observe(batches, signed, hist, kernel, monkeypatch):
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "1" if kernel else "0")
+    assert not kernel or observer_kernel.library() is not None, "observer_kernel.c did not build"
     obs = ActivationObserver(signed, hist)
     for x in batches:
         obs(x.clone())
