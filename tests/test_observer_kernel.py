@@ -54,6 +54,22 @@ def test_kernel_equals_tensor_path(shape, signed, per_channel, monkeypatch):
             assert torch.equal(fast.state_dict()[name], value), name
 
 
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_writes_the_clamped_output_the_histograms_take(shape, signed):
+    """max(|x|, floor) (signed) or max(x, floor), bit for bit torch's abs and clamp_min, contiguous,
+    also for a transposed view (attention's heads)."""
+    obs = ActivationObserver(signed)
+    for x in (hard_batch(shape, 7), hard_batch(shape, 8).transpose(0, 1).contiguous().transpose(0, 1)):
+        dim = x.dim() - 1 if x.dim() == 3 else 1
+        layer = [torch.zeros((), dtype=torch.float64) for _ in range(4)]
+        channel = [torch.zeros(x.shape[dim], dtype=torch.float64) for _ in range(4)]
+        merged, clamped = observer_kernel.observe_batch(x, dim, signed, layer, channel, obs.floor)
+        expected = (x.abs() if signed else x).clamp_min(obs.floor)
+        assert merged and clamped.is_contiguous() and torch.equal(clamped, expected)
+        assert torch.equal(clamped.view(torch.int32), expected.contiguous().view(torch.int32))  # -0.0 too
+
+
 def test_kernel_moments_against_float64_brute_force(monkeypatch):
     """Channels whose mean is 1e4 times their spread, in three batches: the shifted sums and
     Chan's merge keep the variance."""
@@ -86,13 +102,13 @@ def test_kernel_declines_what_it_cannot_run(monkeypatch):
     obs(x)  # sizes the per-channel buffers
     layer, channel = [obs.count, obs.mean, obs.m2, obs.max], [obs.ch_count, obs.ch_mean, obs.ch_m2, obs.ch_max]
     before = [t.clone() for t in layer + channel]
-    assert observer_kernel.observe_batch(x.double(), 2, False, layer, channel) is None
+    assert observer_kernel.observe_batch(x.double(), 2, False, layer, channel, obs.floor) is None
     hist = torch.zeros(10, dtype=torch.int64)
     assert not observer_kernel.add_histograms(x.double(), 2, -16, 32, None, hist)
     # float32 buffers (prepared.float() casts them): writing doubles there would corrupt memory
-    assert observer_kernel.observe_batch(x, 2, False, [t.float() for t in layer], channel) is None
+    assert observer_kernel.observe_batch(x, 2, False, [t.float() for t in layer], channel, obs.floor) is None
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "0")
-    assert observer_kernel.observe_batch(x, 2, False, layer, channel) is None
+    assert observer_kernel.observe_batch(x, 2, False, layer, channel, obs.floor) is None
     assert not observer_kernel.add_histograms(x, 2, -16, 32, None, hist) and not hist.any()
     assert all(torch.equal(a, b) for a, b in zip(before, layer + channel))
 

@@ -26,8 +26,10 @@
 #define LANES 8  /* independent partial sums: the adds pipeline without reassociation */
 #define WIDTH 16  /* channels of a block when rows are short: 16 floats, a cache line */
 
-/* Sums of (x - sh) and (x - sh)^2 and the largest output over one row of a channel. */
-static void channel_row(const float *v, int64_t n, float sh, int is_signed, double *s1, double *s2, float *mx) {
+/* Sums of (x - sh) and (x - sh)^2 and the largest output over one row of a channel; the output
+ * raised to at least floor written to clamped (the histograms' input). */
+static void channel_row(const float *v, int64_t n, float sh, int is_signed, float floor, float *restrict clamped,
+                        double *s1, double *s2, float *mx) {
     double a[LANES] = {0}, b[LANES] = {0};
     float m[LANES];
     for (int l = 0; l < LANES; l++) m[l] = -INFINITY;
@@ -39,6 +41,7 @@ static void channel_row(const float *v, int64_t n, float sh, int is_signed, doub
             a[l] += d;
             b[l] += d * d;
             m[l] = o > m[l] ? o : m[l];
+            clamped[i + l] = o > floor ? o : floor;
         }
     }
     for (; i < n; i++) {
@@ -47,6 +50,7 @@ static void channel_row(const float *v, int64_t n, float sh, int is_signed, doub
         a[0] += d;
         b[0] += d * d;
         m[0] = o > m[0] ? o : m[0];
+        clamped[i] = o > floor ? o : floor;
     }
     for (int l = 0; l < LANES; l++) {
         *s1 += a[l];
@@ -58,9 +62,11 @@ static void channel_row(const float *v, int64_t n, float sh, int is_signed, doub
 static inline int64_t block_width(int64_t inner) { return inner >= WIDTH ? 1 : (WIDTH + inner - 1) / inner; }
 
 /* This batch's count-free moments of each channel: mean, M2 and the largest output (clamped at
- * 0 for ReLU sites: the maximum of relu(x)). */
+ * 0 for ReLU sites: the maximum of relu(x)); and every output raised to at least floor, in clamped
+ * (x's layout). */
 static void batch_moments(const float *restrict x, int64_t outer, int64_t C, int64_t inner, int is_signed,
-                          int threads, double *restrict mean, double *restrict m2, double *restrict top) {
+                          float floor, float *restrict clamped, int threads, double *restrict mean,
+                          double *restrict m2, double *restrict top) {
     const int64_t width = block_width(inner), blocks = (C + width - 1) / width;
     const double rows = (double)(outer * inner);
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -75,17 +81,19 @@ static void batch_moments(const float *restrict x, int64_t outer, int64_t C, int
         for (int64_t o = 0; o < outer; o++) {
             if (inner == 1) {  /* tokens and [B, C]: the channels are the lanes */
                 const float *row = x + o * C + c0;
+                float *dst = clamped + o * C + c0;
                 for (int64_t c = 0; c < c1 - c0; c++) {
                     const float v = row[c], out = is_signed ? fabsf(v) : v;
                     const double d = (double)v - (double)sh[c];
                     s1[c] += d;
                     s2[c] += d * d;
                     mx[c] = out > mx[c] ? out : mx[c];
+                    dst[c] = out > floor ? out : floor;
                 }
             } else {
                 for (int64_t c = c0; c < c1; c++)
-                    channel_row(x + (o * C + c) * inner, inner, sh[c - c0], is_signed, s1 + (c - c0),
-                                s2 + (c - c0), mx + (c - c0));
+                    channel_row(x + (o * C + c) * inner, inner, sh[c - c0], is_signed, floor,
+                                clamped + (o * C + c) * inner, s1 + (c - c0), s2 + (c - c0), mx + (c - c0));
             }
         }
         for (int64_t c = c0; c < c1; c++) {
@@ -109,13 +117,16 @@ static void merge(double n_b, double mean_b, double m2_b, double max_b, double *
     *max = max_b > *max ? max_b : *max;
 }
 
-/* One batch merged into the per-channel and per-layer (count, mean, M2, max) of an observer;
- * returns 1, merging nothing, when x holds NaN or inf.  scratch is [3 * C] doubles. */
+/* One batch merged into the per-channel and per-layer (count, mean, M2, max) of an observer, and
+ * its outputs raised to at least floor written to clamped, [outer, C, inner] like x (the
+ * histograms take their log2: max(|x|, floor) or max(x, floor), exact, so equal to torch's abs and
+ * clamp); returns 1, merging nothing, when x holds NaN or inf.  scratch is [3 * C] doubles. */
 int hmt_observe_batch(const float *restrict x, int64_t outer, int64_t C, int64_t inner, int is_signed,
-                      int threads, double *restrict scratch, double *count, double *mean, double *m2,
-                      double *max, double *ch_count, double *ch_mean, double *ch_m2, double *ch_max) {
+                      float floor, float *restrict clamped, int threads, double *restrict scratch,
+                      double *count, double *mean, double *m2, double *max, double *ch_count, double *ch_mean,
+                      double *ch_m2, double *ch_max) {
     double *b_mean = scratch, *b_m2 = scratch + C, *b_max = scratch + 2 * C;
-    batch_moments(x, outer, C, inner, is_signed, threads, b_mean, b_m2, b_max);
+    batch_moments(x, outer, C, inner, is_signed, floor, clamped, threads, b_mean, b_m2, b_max);
     for (int64_t c = 0; c < C; c++)
         if (!isfinite(b_m2[c]) || !isfinite(b_mean[c])) return 1;
     /* the layer's moments follow from the channels' (every channel has the same count) */

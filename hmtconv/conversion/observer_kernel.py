@@ -20,7 +20,7 @@ SOURCE = Path(__file__).with_name("observer_kernel.c")
 def library() -> ctypes.CDLL | None:
     p, i64, c_int, c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     return native.bind(SOURCE, "observers run", {
-        "hmt_observe_batch": ([p, i64, i64, i64, c_int, c_int, p, p, p, p, p, p, p, p, p], c_int),
+        "hmt_observe_batch": ([p, i64, i64, i64, c_int, c_float, p, c_int, p, p, p, p, p, p, p, p, p], c_int),
         "hmt_histogram_add": ([p, i64, i64, i64, c_float, c_float, i64, c_int, p, p, p], None)})
 
 
@@ -34,12 +34,15 @@ def _layout(x: torch.Tensor, dim: int) -> tuple[int, int, int]:
 
 
 def observe_batch(x: torch.Tensor, dim: int, signed: bool, layer: list[torch.Tensor],
-                  channel: list[torch.Tensor]) -> bool | None:
+                  channel: list[torch.Tensor], floor: float) -> tuple[bool, torch.Tensor] | None:
     """Merge the batch ``x`` (channels along ``dim``) into the observer's float64 buffers
-    ``layer`` (four 0-d: count, mean, M2, max) and ``channel`` (four ``[C]``), in place; False,
-    merging nothing, when ``x`` holds NaN or inf; None where the kernel does not apply (off, not
-    built, not a float32 CPU tensor). Moments equal the tensor path's to float64 rounding (about
-    1e-15 relative), not bit for bit."""
+    ``layer`` (four 0-d: count, mean, M2, max) and ``channel`` (four ``[C]``), in place, and return
+    (True, the output activation raised to at least ``floor``: ``max(|x|, floor)`` for a signed
+    site, ``max(x, floor)`` else, contiguous, for the histograms; the same values as the tensor
+    path's ``abs`` and ``clamp_min``, in the same pass as the moments); (False, ...), merging
+    nothing, when ``x`` holds NaN or inf; None where the kernel does not apply (off, not built, not
+    a float32 CPU tensor). Moments equal the tensor path's to float64 rounding (about 1e-15
+    relative), not bit for bit."""
     buffers = (*layer, *channel)
     if not _applies(x) or any(t.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous()
                               for t in buffers):  # e.g. after prepared.float(), which casts them
@@ -47,9 +50,10 @@ def observe_batch(x: torch.Tensor, dim: int, signed: bool, layer: list[torch.Ten
     x = x.contiguous()
     outer, channels, inner = _layout(x, dim)
     scratch = torch.empty(3 * channels, dtype=torch.float64)
-    bad = library().hmt_observe_batch(x.data_ptr(), outer, channels, inner, int(signed), torch.get_num_threads(),
-                                      scratch.data_ptr(), *(t.data_ptr() for t in buffers))
-    return not bad
+    clamped = torch.empty_like(x)
+    bad = library().hmt_observe_batch(x.data_ptr(), outer, channels, inner, int(signed), floor, clamped.data_ptr(),
+                                      torch.get_num_threads(), scratch.data_ptr(), *(t.data_ptr() for t in buffers))
+    return not bad, clamped
 
 
 def add_histograms(log2v: torch.Tensor, dim: int, min_exp: int, bins_per_octave: int,

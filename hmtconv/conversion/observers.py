@@ -90,14 +90,13 @@ class ActivationObserver(nn.Module):
         channels, others = x.shape[dim], tuple(d for d in range(x.dim()) if d != dim)
         x = x.detach().to(self.count.device)
         rows = float(x.numel() // channels)
-        merged = observer_kernel.observe_batch(x, dim, self.signed, [self.count, self.mean, self.m2, self.max],
-                                               [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max])
-        if merged is None:  # the tensor path
-            merged = self._merge_batch(x, others, rows)
+        done = observer_kernel.observe_batch(x, dim, self.signed, [self.count, self.mean, self.m2, self.max],
+                                             [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max], self.floor)
+        merged, clamped = done if done is not None else (self._merge_batch(x, others, rows), None)  # the tensor path
         if not merged:  # any NaN or inf would poison the statistics (and thresholds) for good
             raise ValueError(f"NaN or inf in the activations entering {self.label} during calibration (finite "
                              f"input images): a layer before it overflows or has non-finite weights")
-        self._add_histograms(x, dim)
+        self._add_histograms(self._clamped(x) if clamped is None else clamped, dim)
 
     def _merge_batch(self, x: torch.Tensor, others: tuple[int, ...], rows: float) -> bool:
         """Moments in float64 (one fused pass, in the activation's own layout); the layer's follow
@@ -128,15 +127,23 @@ class ActivationObserver(nn.Module):
     def _output(self, xc: torch.Tensor) -> torch.Tensor:
         return xc.abs() if self.signed else xc.clamp_min(0)
 
-    def _add_histograms(self, x: torch.Tensor, dim: int) -> None:
-        """Bin the output activation of ``x`` into the log2 histograms; the layer's is the sum of
-        the channels' when those are kept, so the activation is counted once."""
+    @property
+    def floor(self) -> float:
         # Everything below 2**min_exp lands in bin 0, so raising it to 2**(min_exp - 1) changes no
         # bin (for a ReLU site it is the ReLU too), and spares log2 its slow path: zeros (half of
         # every ReLU's output) and subnormals cost it 10-25x a normal float here. Values past
         # 2**max_exp land in the last bin.
-        floor = 2.0 ** (self.hist.min_exp - 1)
-        log2v = (x.abs().clamp_min_(floor) if self.signed else x.clamp_min(floor)).log2_()
+        return 2.0 ** (self.hist.min_exp - 1)
+
+    def _clamped(self, x: torch.Tensor) -> torch.Tensor:
+        """The output activation raised to at least :attr:`floor`, in a new tensor."""
+        return x.abs().clamp_min_(self.floor) if self.signed else x.clamp_min(self.floor)
+
+    def _add_histograms(self, clamped: torch.Tensor, dim: int) -> None:
+        """Bin the output activation (raised to :attr:`floor`: ``clamped``, which this overwrites)
+        into the log2 histograms; the layer's is the sum of the channels' when those are kept, so
+        the activation is counted once."""
+        log2v = clamped.log2_()
         if observer_kernel.add_histograms(log2v, dim, self.hist.min_exp, self.hist.bins_per_octave,
                                           self.hist_channel if self.hist.per_channel else None, self.hist_layer):
             return
@@ -145,7 +152,7 @@ class ActivationObserver(nn.Module):
         if not self.hist.per_channel:
             self.hist_layer += torch.bincount(idx.flatten(), minlength=self.hist.bins)
             return
-        channels = x.shape[dim]
+        channels = clamped.shape[dim]
         offset = torch.arange(channels, dtype=torch.int32, device=idx.device) * self.hist.bins
         idx += offset.view([channels if d == dim else 1 for d in range(idx.dim())])
         per_channel = torch.bincount(idx.flatten(), minlength=channels * self.hist.bins).view(channels, -1)
