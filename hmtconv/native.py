@@ -18,9 +18,16 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+
 
 def enabled() -> bool:
     return os.environ.get("HMTCONV_CPU_KERNEL", "1") != "0"
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Kernels on, and ``x`` a non-empty float32 CPU tensor: what every kernel here takes."""
+    return enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
 
 
 def memory_order(x, leading: int) -> list[int] | None:

@@ -50,9 +50,8 @@ def run(args: argparse.Namespace) -> None:
     config = TrainConfig(
         model=args.model, model_args=dict(args.model_arg), dataset=args.dataset, data_root=args.data_root,
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule, label_smoothing=args.label_smoothing, seed=args.seed, device=args.device,
-        limit=args.limit, progress=not args.no_progress,
+        weight_decay=args.weight_decay, schedule=args.schedule, label_smoothing=args.label_smoothing,
+        seed=args.seed, device=args.device, limit=args.limit, progress=not args.no_progress,
     )
     variant = "".join(f"-{key}{value}" for key, value in config.model_args.items())
     out = args.out or Path("runs") / re.sub(r"[^\w.-]", "_", f"{args.model}{variant}-{args.dataset}-s{args.seed}.pt")

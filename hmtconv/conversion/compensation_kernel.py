@@ -23,9 +23,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def _run(mode: int, src: torch.Tensor, dst: torch.Tensor, steps: int) -> bool:
-    if not (native.enabled() and src.device.type == "cpu" and src.dtype == torch.float32 and src.numel() > 0
-            and src.shape[0] % steps == 0 and dst.dtype == torch.float32 and src.stride() == dst.stride()
-            and native.memory_order(src, 1) is not None) or library() is None:
+    if not (native.applies(src) and src.shape[0] % steps == 0 and dst.dtype == torch.float32
+            and src.stride() == dst.stride() and native.memory_order(src, 1) is not None) or library() is None:
         return False  # (a batch that T does not divide: the tensor path's reshape says so)
     # dim 0 (time-major T*B rows) outermost in memory: each step is one block of numel / T elements
     library().hmt_compensate(src.data_ptr(), dst.data_ptr(), steps, src.numel() // steps, mode, torch.get_num_threads())

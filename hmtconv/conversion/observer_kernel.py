@@ -25,7 +25,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _applies(x: torch.Tensor) -> bool:
-    return native.enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+    return native.applies(x) and library() is not None
 
 
 def _layout(x: torch.Tensor, dim: int) -> tuple[int, int, int]:

@@ -96,9 +96,7 @@ def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Ten
     it is cast as the tensor path casts it. The neuron is elementwise, so a permuted view
     (attention's heads) runs in its memory order, thresholds and fan-outs permuted alike; other
     strided inputs go through a contiguous copy."""
-    if not (native.enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0):
-        return None
-    if library() is None:
+    if not native.applies(x) or library() is None:
         return None
     current = plan(x, lam, fanout, spike_lut, previous)
     if not current.ok:
