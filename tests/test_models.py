@@ -158,3 +158,12 @@ def test_mismatch_names_the_problem(model, data, message):
     with pytest.raises(UserError, match=message):
         check_model_fits(net, data, "the model")
     assert net.training  # the check leaves the mode as it found it
+
+
+def test_fresh_timm_models_fit_the_data():
+    vit = load_model("timm:vit_tiny_patch16_224", in_channels=1, image_size=32, num_classes=10)
+    assert vit.model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)  # built for 32x32 (2x2 patches)
+    cnn = load_model("timm:resnet18", in_channels=1, image_size=32, num_classes=10)  # takes no img_size
+    assert cnn.model(torch.zeros(2, 1, 32, 32)).shape == (2, 10) and "untrained" in cnn.source
+    with pytest.raises(UserError, match="timm cannot create 'no_such_net'"):
+        load_model("timm:no_such_net", in_channels=1, image_size=32, num_classes=10)

@@ -36,10 +36,10 @@ STRUCTURAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d
 STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.neg,
                         operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
                         torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-                        torch.chunk, torch.split, torch.mean, torch.sum, torch._assert,
+                        torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
                         F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
-                      "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "add", "add_",
+                      "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add", "add_",
                       "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum"}
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
@@ -83,7 +83,8 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
                 _fail(node, f"{type(module).__name__} module {node.target!r}")
         elif node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-            temporal_args = sum(isinstance(a, fx.Node) and kinds[a] == "temporal" for a in node.args)
+            # (a size read from a spike train is temporal too, but the same at every step)
+            temporal_args = sum(isinstance(a, fx.Node) and kinds[a] == "temporal" and is_tensor(a) for a in node.args)
             if node.target in SCALING and temporal_args > 1:
                 _fail(node, f"product {name} of two time-varying tensors")
             ok = STRUCTURAL_FUNCTIONS if node.op == "call_function" else STRUCTURAL_METHODS

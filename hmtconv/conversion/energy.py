@@ -61,7 +61,8 @@ class _Probe(fx.Interpreter):
         return torch.zeros(node_meta.shape, dtype=torch.float64, device=self.device)
 
     def placeholder(self, target, args, kwargs):
-        return self._zeros(self.env_meta.meta["tensor_meta"])
+        meta = self.env_meta.meta.get("tensor_meta")
+        return args[0] if meta is None else self._zeros(meta)  # (args[0]: an optional argument's default)
 
     def run_node(self, n: fx.Node):
         self.env_meta = n

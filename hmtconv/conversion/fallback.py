@@ -21,7 +21,8 @@ _WATCHED = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", torch.Tens
             torch.Tensor.relu_: "relu_", F.gelu: "gelu", F.softmax: "softmax", torch.softmax: "softmax",
             torch.Tensor.softmax: "softmax", F.layer_norm: "layer_norm", torch.matmul: "matmul",
             torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul", torch.bmm: "bmm",
-            F.silu: "silu", torch.sigmoid: "sigmoid", torch.tanh: "tanh"}
+            F.silu: "silu", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
+            F.scaled_dot_product_attention: "scaled_dot_product_attention"}
 
 
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig) -> nn.Module:
@@ -49,7 +50,6 @@ def find_unconverted(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]
     """(qualified module name, op) of nonlinear functions that will run in float on spikes."""
     stack: list[str | None] = []
     found: set[tuple[str, str]] = set()
-    handled = (ObservedActivation, *COMPENSATED)
     hooks = []
 
     def enter(owner):
@@ -59,7 +59,9 @@ def find_unconverted(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]
         stack.pop()  # returns None, so the output is kept
 
     for name, module in model.named_modules():
-        owner = None if isinstance(module, handled) else (name or "<root>")
+        # the types convert wraps (exact: a subclass may compute otherwise), and the sites
+        handled = type(module) in COMPENSATED or isinstance(module, ObservedActivation)
+        owner = None if handled else (name or "<root>")
         hooks.append(module.register_forward_pre_hook(enter(owner)))
         hooks.append(module.register_forward_hook(leave))
     try:

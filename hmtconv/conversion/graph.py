@@ -2,8 +2,9 @@
 
 1. :func:`trace` (``nn.MultiheadAttention`` already decomposed, so attention is visible);
 2. :func:`normalize` turns functional ops (``F.relu``, ``torch.relu``, ``x.relu_()``, ``@``,
-   ``F.softmax``, ``F.gelu``, ``F.max_pool2d``) into modules, one module per call site, so a
-   ReLU module reused twice (torchvision's BasicBlock) gets two neurons;
+   ``F.softmax``, ``F.gelu``, ``F.layer_norm``, ``F.max_pool2d``) into modules, one module per
+   call site, so a ReLU module reused twice (torchvision's BasicBlock) gets two neurons, and
+   splits ``F.scaled_dot_product_attention`` into its matmuls and softmax (timm's ViTs);
 3. :func:`move_max_pools` rewrites ``relu -> maxpool`` into ``maxpool -> relu`` (max commutes with
    the monotone ReLU), the paper's reordering; with ``identity="maxpool"`` a y = x site is put
    where the ReLU was (``-> identity -> maxpool -> relu``, the "16^{y=x}" column);
@@ -13,13 +14,14 @@
 """
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .attention import DecomposedAttention, MatMul
+from .attention import DecomposedAttention, MatMul, decompose_sdpa
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 
@@ -37,7 +39,11 @@ class Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    return fx.GraphModule(model, Tracer().trace(model), class_name=type(model).__name__)
+    """The graph of ``model(images)``: the SNN is called with the images only, so optional
+    arguments of ``forward`` (timm's ``attn_mask=None, is_causal=False``) are fixed at their defaults."""
+    optional = list(inspect.signature(model.forward).parameters.values())[1:]
+    defaults = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}
+    return fx.GraphModule(model, Tracer().trace(model, concrete_args=defaults or None), class_name=type(model).__name__)
 
 
 def scope(node: fx.Node) -> str:
@@ -69,11 +75,28 @@ def _arg(node: fx.Node, index: int, key: str, default=None):
     return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
 
 
-def _softmax(n: fx.Node) -> nn.Module:
+def _softmax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return nn.Softmax(dim=_arg(n, 1, "dim"))
 
 
-def _max_pool2d(n: fx.Node) -> nn.Module:
+def _layer_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model)."""
+    module = nn.LayerNorm(_arg(n, 1, "normalized_shape"), eps=_arg(n, 4, "eps", 1e-5))
+    for index, key in ((2, "weight"), (3, "bias")):
+        source = _arg(n, index, key)
+        if isinstance(source, fx.Node) and source.op != "get_attr":
+            raise ValueError(f"cannot convert {scope(n) or '<root>'} (layer_norm, graph node {n.name!r}): its {key} "
+                             f"is computed in forward, not a parameter; use an nn.LayerNorm module")
+        if source is None:
+            setattr(module, key, None)
+            continue
+        owner, _, attr = source.target.rpartition(".")
+        tensor = getattr(gm.get_submodule(owner), attr)
+        setattr(module, key, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False))
+    return module
+
+
+def _max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return nn.MaxPool2d(_arg(n, 1, "kernel_size"), _arg(n, 2, "stride"), _arg(n, 3, "padding", 0),
                         _arg(n, 4, "dilation", 1), ceil_mode=_arg(n, 5, "ceil_mode", False))
 
@@ -81,18 +104,25 @@ def _max_pool2d(n: fx.Node) -> nn.Module:
 # Functional target -> (stem of the new module's name, factory, number of tensor inputs).
 _RELU_TARGETS = {F.relu: False, torch.relu: False, torch.relu_: True, "relu": False, "relu_": True}  # -> in-place?
 _FUNCTIONAL = {
-    torch.matmul: ("matmul", lambda n: MatMul(), 2), operator.matmul: ("matmul", lambda n: MatMul(), 2),
-    torch.bmm: ("matmul", lambda n: MatMul(), 2), "matmul": ("matmul", lambda n: MatMul(), 2),
-    F.gelu: ("gelu", lambda n: nn.GELU(approximate=n.kwargs.get("approximate", "none")), 1),
+    torch.matmul: ("matmul", lambda gm, n: MatMul(), 2), operator.matmul: ("matmul", lambda gm, n: MatMul(), 2),
+    torch.bmm: ("matmul", lambda gm, n: MatMul(), 2), "matmul": ("matmul", lambda gm, n: MatMul(), 2),
+    F.gelu: ("gelu", lambda gm, n: nn.GELU(approximate=n.kwargs.get("approximate", "none")), 1),
     F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
-    F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
+    F.layer_norm: ("layer_norm", _layer_norm, 1), F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
 }
 
 
-def _swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str, n_inputs: int) -> fx.Node:
+def _add_module(gm: fx.GraphModule, parent: str, stem: str, module: nn.Module) -> str:
+    """Register ``module`` under ``parent`` with a fresh name from ``stem``; returns the name."""
+    name = _child_name(gm, parent, stem)
     gm.add_submodule(name, module)
+    return name
+
+
+def _swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, parent: str, stem: str,
+                     n_inputs: int) -> fx.Node:
     with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, tuple(node.args[:n_inputs]))
+        new = gm.graph.call_module(_add_module(gm, parent, stem, module), tuple(node.args[:n_inputs]))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
@@ -117,16 +147,20 @@ def normalize(gm: fx.GraphModule) -> None:
             inplace = gm.get_submodule(target).inplace
             if target in seen:  # a reused ReLU module: this call site gets its own copy
                 parent, _, leaf = target.rpartition(".")
-                node = _swap_for_module(gm, node, nn.ReLU(), _child_name(gm, parent, leaf), 1)
+                node = _swap_for_module(gm, node, nn.ReLU(), parent, leaf, 1)
             else:
                 gm.get_submodule(target).inplace = False
             seen.add(target)
         elif node.op in ("call_function", "call_method") and target in _RELU_TARGETS:
             inplace = _RELU_TARGETS[target] or bool(node.kwargs.get("inplace", False))
-            node = _swap_for_module(gm, node, nn.ReLU(), _child_name(gm, scope(node), "relu"), 1)
+            node = _swap_for_module(gm, node, nn.ReLU(), scope(node), "relu", 1)
         elif node.op in ("call_function", "call_method") and target in _FUNCTIONAL:
             stem, factory, n_inputs = _FUNCTIONAL[target]
-            _swap_for_module(gm, node, factory(node), _child_name(gm, scope(node), stem), n_inputs)
+            _swap_for_module(gm, node, factory(gm, node), scope(node), stem, n_inputs)
+            continue
+        elif node.op == "call_function" and target is F.scaled_dot_product_attention:
+            where = scope(node)
+            decompose_sdpa(gm, node, where, lambda stem, module: _add_module(gm, where, stem, module))
             continue
         else:
             continue

@@ -103,18 +103,24 @@ def from_torchvision(name: str, weights: str | None, num_classes: int) -> Loaded
     return LoadedModel(model.eval(), chosen.transforms(), f"torchvision {name} with {chosen}")
 
 
-def from_timm(name: str, weights: str | None, in_channels: int, num_classes: int) -> LoadedModel:
-    """``DEFAULT``: timm's pretrained weights (their classes) and preprocessing; else a fresh model."""
+def from_timm(name: str, weights: str | None, in_channels: int, image_size: int, num_classes: int) -> LoadedModel:
+    """``DEFAULT``: timm's pretrained weights (their classes) and preprocessing; else a fresh model,
+    built for the data's image size where its constructor takes one (ViTs: ``img_size``)."""
     try:
         import timm
     except ImportError as error:
         hint = "pip install 'hmtconv[timm]'"
         raise UserError(f"--model timm:{name} needs timm, which is not installed: {hint}") from error
     pretrained = weights == "DEFAULT"
-    kwargs = {} if pretrained else {"num_classes": num_classes, "in_chans": in_channels}
+    kwargs = {} if pretrained else {"num_classes": num_classes, "in_chans": in_channels, "img_size": image_size}
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (RuntimeError, OSError) as error:  # unknown name, or no internet for the download
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as error:  # a model of any input size (CNNs) takes no img_size
+            if "img_size" not in str(error):
+                raise
+            model = timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if k != "img_size"})
+    except (RuntimeError, OSError, TypeError) as error:  # unknown name, no internet for the download, bad arguments
         raise UserError(f"timm cannot create {name!r}: {one_line(error)}") from error
     if weights is not None and not pretrained:
         load_weights_file(model, weights, f"timm {name}")
@@ -153,7 +159,7 @@ def load_model(
     ``weights``: None, ``DEFAULT`` or a weights enum name (torchvision), or a state_dict file.
     The data's shape is used to build fresh models; check the result with ``check_model_fits``."""
     if spec.startswith("timm:"):
-        return from_timm(spec.removeprefix("timm:"), weights, in_channels, num_classes)
+        return from_timm(spec.removeprefix("timm:"), weights, in_channels, image_size, num_classes)
     if spec in MODELS:
         return from_builtin(spec, weights, in_channels, image_size, num_classes)
     if spec in torchvision.models.list_models(module=torchvision.models):
