@@ -1,5 +1,6 @@
-"""torchvision models, ViT with expectation compensation, the fx fallback, and clear errors."""
+"""torchvision and timm models, ViT with expectation compensation, the fx fallback, and clear errors."""
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -122,6 +123,19 @@ def test_full_size_torchvision_models_convert(name):
     snn = hc.convert(model, data, n=4, T=2, policy="999", identity="all" if name.startswith("vit") else "maxpool")
     result = hc.evaluate(snn, data, ann=model)
     assert len(result.snn_accuracy) == 2 and result.energy_ratio[1] > 0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "deit_tiny_patch16_224", "convnext_atto"])
+def test_timm_models_trace_and_approach_their_ann(name):
+    torch.manual_seed(0)
+    vit_like = not name.startswith("resnet")
+    model = timm.create_model(name, num_classes=10, **({"img_size": 32} if name.startswith("deit") else {})).eval()
+    data = loader((3, 32, 32), batches=1, batch=4)
+    snn = hc.convert(model, data, n=4, T=32, policy="max", identity="all" if vit_like else "maxpool")
+    assert snn.report.traced and snn.report.unconverted == []
+    x, ref = data[0][0], model(data[0][0])
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
+    assert (snn(x).mean(0) - ref).abs().mean() < 0.05 * ref.abs().mean()
 
 
 class _Broadcast(nn.Module):

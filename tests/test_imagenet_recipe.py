@@ -5,7 +5,6 @@ Each config is read as written (unknown keys would fail), then run on torchvisio
 T = 2 (marked slow), and table1's first model through real torchrun with 2 processes (in CI).
 The full runs need ImageNet and a GPU.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -64,7 +63,6 @@ def test_cnn_recipe_runs_on_fake_data(path, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed (pip install 'hmtconv[timm]')")
 def test_vit_recipe_runs_on_fake_data(tmp_path):
     copy = tiny_copy(RECIPE / "table4.toml", tmp_path)
     copy.write_text(copy.read_text().replace('model = "timm:vit_base_patch16_224"',
