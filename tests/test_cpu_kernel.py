@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
+from hmtconv import native
 from hmtconv.neurons import HMTNeuron, MTNeuron, MultiLevelNeuron, cpu_kernel
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -69,6 +70,32 @@ def test_kernel_equals_tensor_path(kind, n, mode, shape, per_channel):
     (out, spikes, synops), (ref_out, ref_spikes, ref_synops) = both_paths(neuron, x)
     assert torch.equal(out, ref_out) and torch.equal(spikes, ref_spikes) and torch.equal(synops, ref_synops)
     assert spikes.sum() > 0
+
+
+@pytest.fixture
+def portable_build(monkeypatch, tmp_path):
+    """The kernel built without -march=native (what a CPU without AVX2 and FMA runs: the plain C
+    loops instead of the 8-lane ones), in a cache of its own; the usual build again afterwards."""
+    plain = [entry for entry in native.candidate_flags() if "-march=native" not in entry[0]]
+    monkeypatch.setattr(native, "candidate_flags", lambda: plain)
+    monkeypatch.setenv("HMTCONV_CACHE", str(tmp_path))
+    for cached in (native.load, cpu_kernel.library):
+        cached.cache_clear()
+    yield
+    for cached in (native.load, cpu_kernel.library):
+        cached.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", ["unsigned", "signed", "communicate"])
+def test_portable_build_equals_tensor_path(portable_build, mode):
+    g = torch.Generator().manual_seed(5)
+    lam = torch.rand(24, generator=g) * 0.5 + 0.05
+    neuron = HMTNeuron(4, lam, signed=mode != "unsigned", communicate=mode == "communicate")
+    neuron.fanout = torch.randint(0, 9, (9, 24), generator=g).to(torch.float32)
+    x = with_ties((7, 4, 9, 24), lam[0].item(), neuron.levels, g)
+    (out, spikes, synops), (ref_out, ref_spikes, ref_synops) = both_paths(neuron, x)
+    assert torch.equal(out, ref_out) and torch.equal(spikes, ref_spikes) and torch.equal(synops, ref_synops)
 
 
 def nibble_table(levels: int) -> torch.Tensor:
@@ -148,8 +175,8 @@ def test_kernel_on_strided_views_written_in_place_and_infinities(view, per_chann
 
 
 def test_kernel_declines_what_it_cannot_run_equal(monkeypatch):
-    """float64, thresholds that vary along the batch dim or whose reciprocal is not a normal
-    float, fractional fan-outs, or switched off."""
+    """float64, thresholds or fan-outs that vary along the batch dim, thresholds whose reciprocal
+    is not a normal float, fractional fan-outs, or switched off."""
     def runs(x, lam, fanout=None):
         spikes = torch.zeros(x.shape[0], dtype=torch.float64)
         return cpu_kernel.run(x, torch.empty_like(x), lam, fanout, torch.tensor([0.0, 1.0]), 1, "unsigned",
@@ -159,6 +186,7 @@ def test_kernel_declines_what_it_cannot_run_equal(monkeypatch):
     assert not runs(x, torch.rand(4, 1) + 0.1)
     assert not runs(x, torch.tensor(1e-35)) and not runs(x, torch.tensor(1e35))
     assert not runs(x, torch.tensor(0.5), fanout=torch.full((5,), 2.5))
+    assert not runs(x, torch.tensor(0.5), fanout=torch.randint(0, 3, (4, 5)).float())  # varies along the batch
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "0")
     assert not runs(x, torch.tensor(0.5))
     with pytest.raises(ValueError, match="non-negative integers"):  # so the kernel may count in int32

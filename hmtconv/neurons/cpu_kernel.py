@@ -66,8 +66,8 @@ def _same(a: tuple, b: tuple) -> bool:
 def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_lut: torch.Tensor,
          previous: Plan | None = None) -> Plan:
     """``previous`` where it still applies, else a new plan: the memory order of ``x``, ``lam``
-    (float32) and the fan-outs flattened in it, the spike table as int32. Declined: ``lam`` varying along
-    the batch dim or outside ``(2**-100, 2**100)`` (1/lam must be a normal float for the level's
+    (float32) and the fan-outs flattened in it, the spike table as int32. Declined: ``lam`` or
+    the fan-outs varying along the batch dim or outside ``(2**-100, 2**100)`` (1/lam must be a normal float for the level's
     one-step correction to suffice, see the C), fan-outs that are not int32 integers (their
     weighted sums would then depend on order; spike counts are integers by construction)."""
     key = _key(x, (lam, fanout, spike_lut))
@@ -81,7 +81,8 @@ def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_
     lam_flat = _per_sample(lam, shape, order or list(range(x.dim())))
     fan_flat = None if fanout is None else _per_sample(fanout, shape, order or list(range(x.dim())))
     fan_int = None if fan_flat is None else fan_flat.to(torch.int32)
-    if lam_flat is None or (fan_int is not None and not torch.equal(fan_int.to(fan_flat.dtype), fan_flat)):
+    if lam_flat is None or (fanout is not None and fan_flat is None) or \
+            (fan_int is not None and not torch.equal(fan_int.to(fan_flat.dtype), fan_flat)):
         return Plan(key, False)
     return Plan(key, True, order, lam_flat, fan_int, spike_lut.to(torch.int32))
 
