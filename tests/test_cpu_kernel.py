@@ -237,3 +237,29 @@ def test_kernel_plan_is_reused_until_thresholds_fanouts_or_layout_change():
         first = neuron._kernel_plan
         ref = fresh(neuron.lam.clone(), neuron.fanout.clone())
         assert torch.equal(out, ref[0]) and torch.equal(neuron.spikes, ref[1]) and torch.equal(neuron.synops, ref[2])
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", ["unsigned", "signed", "communicate"])
+@pytest.mark.parametrize("layout", ["contiguous", "heads transposed", "sliced"])
+def test_output_sum_equals_tensor_path_and_the_sequential_sum(monkeypatch, mode, layout):
+    """``sum_outputs``: the outputs summed over the steps from 0 in float32, by the kernel (in
+    its memory order, mapped back) and by the tensor path, bit for bit."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(6, 3, 10, 4, 8, generator=g)
+    view = {"contiguous": lambda t: t, "heads transposed": lambda t: t.transpose(-2, -3),
+            "sliced": lambda t: t[..., ::2]}[layout]
+    totals = []
+    for kernel in ("1", "0"):
+        monkeypatch.setenv("HMTCONV_CPU_KERNEL", kernel)
+        neuron = HMTNeuron(4, torch.rand(view(base).shape[-1], generator=g.manual_seed(3)) + 0.1,
+                           signed=mode != "unsigned", communicate=mode == "communicate")
+        neuron.sum_outputs = True
+        out = neuron(view(base.clone()))
+        assert (neuron._kernel_plan is not None) == (kernel == "1")
+        reference = torch.zeros_like(out[0])
+        for step in out:
+            reference += step
+        assert torch.equal(neuron.output_sum, reference) and neuron.output_sum.shape == out.shape[1:]
+        totals.append(neuron.output_sum)
+    assert torch.equal(*totals)

@@ -19,18 +19,21 @@ from .. import distributed
 from .api import model_input, placement
 from .energy import E_AC, E_MAC
 from .memory import chunk_size, cpu_chunk, parse_bytes
-from .multistep import step_index, unfold
+from .multistep import step_index
 from .result import EvaluationResult, LayerStats
 from .snn import SNN
 
 
 class _SiteMonitor:
     """Per-site spikes, element counts and |ANN - SNN mean|, and per-step spikes and synaptic
-    operations, of the current batch via forward hooks (cheap: one mean over T and one difference
-    per site, no extra layer calls). Hooks add up, so a batch may run as several chunks."""
+    operations, of the current batch via forward hooks (cheap: the neurons sum their outputs
+    over T as they run, so a comparison costs one difference per site at batch size, no extra
+    layer calls or passes over T). Hooks add up, so a batch may run as several chunks."""
 
     def __init__(self, snn: SNN, steps: int, compare: bool):
         self.sites, self.steps, self.compare = snn.sites(), steps, compare
+        for site in self.sites.values():
+            site.neuron.sum_outputs = compare
         self.device = next(iter(snn.buffers())).device
         self.batch = torch.zeros(3, len(self.sites), dtype=torch.float64, device=self.device)  # spikes, elements, |err|
         self.per_step = torch.zeros(2, steps, dtype=torch.float64, device=self.device)  # spikes, synops
@@ -48,7 +51,9 @@ class _SiteMonitor:
             if module.neuron.synops is not None:
                 self.per_step[1] += module.neuron.synops
             if self.compare:
-                self.batch[2, i] += (unfold(out, self.steps).mean(0) - self.ann.pop(i)).abs().sum(dtype=torch.float64)
+                mean = module.neuron.output_sum / self.steps
+                self.batch[2, i] += (mean - self.ann.pop(i)).abs().sum(dtype=torch.float64)
+                module.neuron.output_sum = None
         return hook
 
     def take(self) -> torch.Tensor:
@@ -61,6 +66,8 @@ class _SiteMonitor:
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
+        for site in self.sites.values():
+            site.neuron.sum_outputs, site.neuron.output_sum = False, None
 
     def layers(self, spikes: torch.Tensor, elements: torch.Tensor, abs_err: torch.Tensor) -> list[LayerStats]:
         rows = []

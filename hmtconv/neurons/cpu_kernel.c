@@ -7,7 +7,8 @@
  * fused where the source has none would round differently.
  *
  * x and out are [T, B, P] contiguous (out may be x: step t of x is read before it is written);
- * lam and fanout are [P] (fanout may be NULL); spikes and synops are [T], added to.
+ * lam and fanout are [P] (fanout may be NULL); spikes and synops are [T], added to; total (NULL:
+ * not wanted) is [B, P], the sum of the outputs over the steps, added in float32 from 0 step by step.
  */
 #include <math.h>
 #include <stddef.h>
@@ -23,7 +24,7 @@ enum { UNSIGNED = 0, SIGNED = 1, COMMUNICATE = 2 };
 typedef struct {
     const float *x, *lam;
     const int32_t *fanout, *lut;  /* lut: binary spikes of each level */
-    float *out;
+    float *out, *total;
     int64_t T, B, P, levels;
     int mode, nibbles;  /* nibbles: lut[k] = lo[k & 15] + hi[k >> 4] for every level */
     uint8_t lo[16], hi[16];
@@ -146,13 +147,14 @@ static void count(const job_t *j, const int32_t *kp, const int32_t *kn, const in
 }
 
 static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *spikes, double *synops) {
-    float vp[BLOCK], vn[BLOCK], inv[BLOCK];
+    float vp[BLOCK], vn[BLOCK], inv[BLOCK], sum[BLOCK];
     int32_t kp[BLOCK], kn[BLOCK];
     const float *lam = j->lam + p0;
     const float levels = (float)j->levels;
     for (int64_t i = 0; i < n; i++) {
         vp[i] = vn[i] = lam[i] * 0.5f;  /* eq. 13 */
         inv[i] = 1.0f / lam[i];
+        sum[i] = 0.0f;
     }
     for (int64_t t = 0; t < j->T; t++) {
         const int64_t row = (t * j->B + b) * j->P + p0;
@@ -181,20 +183,22 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
                 vp[i] = mp - o; vn[i] = mn + o; out[i] = o; kp[i] = index_of(k); kn[i] = index_of(l);
             }
         }
+        for (int64_t i = 0; i < n && j->total; i++) sum[i] += out[i];  /* (out is still in L1) */
         int64_t s = 0, w = 0;  /* integers: exact in any order, so equal to the tensor path's sums */
         count(j, kp, j->mode == UNSIGNED ? NULL : kn, j->fanout ? j->fanout + p0 : NULL, n, &s, &w);
         spikes[t] += (double)s;
         synops[t] += (double)w;
     }
+    for (int64_t i = 0; i < n && j->total; i++) j->total[b * j->P + p0 + i] = sum[i];
 }
 
 /* Work items are (sample, block of BLOCK positions), shared out by OpenMP: compiled with
  * -fopenmp after torch is loaded, this is torch's own libgomp and thread pool, whose workers are
  * still spinning from the last torch op (threads of our own would fight them for the cores). */
-void hmt_neuron_forward(const float *x, float *out, int64_t T, int64_t B, int64_t P, const float *lam,
-                        const int32_t *fanout, const int32_t *lut, int64_t levels, int mode, int threads,
-                        double *spikes, double *synops) {
-    job_t j = {x, lam, fanout, lut, out, T, B, P, levels, mode, levels < 256};
+void hmt_neuron_forward(const float *x, float *out, float *total, int64_t T, int64_t B, int64_t P,
+                        const float *lam, const int32_t *fanout, const int32_t *lut, int64_t levels, int mode,
+                        int threads, double *spikes, double *synops) {
+    job_t j = {x, lam, fanout, lut, out, total, T, B, P, levels, mode, levels < 256};
     for (int q = 0; q < 16 && j.nibbles; q++) {  /* the split, and bytes that hold it */
         j.lo[q] = (uint8_t)(q <= levels ? lut[q] : 0);
         j.hi[q] = (uint8_t)(16 * q <= levels ? lut[16 * q] - lut[0] : 0);

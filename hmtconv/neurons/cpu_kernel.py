@@ -26,7 +26,7 @@ def library() -> ctypes.CDLL | None:
     """The kernel's library (see :func:`hmtconv.native.load`), or None."""
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     return native.bind(SOURCE, "neurons run",
-                       {"hmt_neuron_forward": ([p, p, i64, i64, i64, p, p, p, i64, c_int, c_int, p, p], None)})
+                       {"hmt_neuron_forward": ([p, p, p, i64, i64, i64, p, p, p, i64, c_int, c_int, p, p], None)})
 
 
 def _per_sample(value: torch.Tensor, shape: torch.Size, order: list[int]) -> torch.Tensor | None:
@@ -89,9 +89,10 @@ def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_
 
 def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None,
         spike_lut: torch.Tensor, levels: int, mode: str, spikes: torch.Tensor,
-        synops: torch.Tensor | None, previous: Plan | None = None) -> Plan | None:
+        synops: torch.Tensor | None, previous: Plan | None = None, total: torch.Tensor | None = None) -> Plan | None:
     """All steps of ``x`` (``[T, *shape]``) into ``out``, adding to ``spikes`` and ``synops``
-    (``[T]`` float64); returns the plan it ran with (pass it back as ``previous`` next time), or
+    (``[T]`` float64), and the outputs' sum over the steps into ``total`` (``shape``; None: not
+    wanted); returns the plan it ran with (pass it back as ``previous`` next time), or
     None, with nothing written, where the kernel does not apply: off, not built, not a float32
     CPU tensor, or declined by :func:`plan`. ``lam`` may be the neuron's own (float64) threshold:
     it is cast as the tensor path casts it. The neuron is elementwise, so a permuted view
@@ -106,12 +107,16 @@ def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Ten
     src, spare = (x.permute(order), False) if order is not None else (x.contiguous(), True)
     target = out.permute(order) if order is not None else out
     dst = target if target.is_contiguous() else src if spare else torch.empty_like(src)
+    sum_target = None if total is None else total.permute([d - 1 for d in order[1:]]) if order is not None else total
+    sums = sum_target if sum_target is None or sum_target.is_contiguous() else torch.empty_like(src[0])
     batch = x.shape[1] if x.dim() > 2 else 1
     sink = torch.zeros_like(spikes) if synops is None else synops
     library().hmt_neuron_forward(
-        src.data_ptr(), dst.data_ptr(), x.shape[0], batch, x[0].numel() // batch, current.lam.data_ptr(),
-        None if current.fanout is None else current.fanout.data_ptr(), current.lut.data_ptr(), levels, MODES[mode],
-        torch.get_num_threads(), spikes.data_ptr(), sink.data_ptr())
+        src.data_ptr(), dst.data_ptr(), None if sums is None else sums.data_ptr(), x.shape[0], batch,
+        x[0].numel() // batch, current.lam.data_ptr(), None if current.fanout is None else current.fanout.data_ptr(),
+        current.lut.data_ptr(), levels, MODES[mode], torch.get_num_threads(), spikes.data_ptr(), sink.data_ptr())
     if dst is not target:
         target.copy_(dst)
+    if sums is not sum_target:
+        sum_target.copy_(sums)
     return current

@@ -126,8 +126,10 @@ class MultiLevelNeuron(nn.Module):
     """Multi-step multi-level IF neuron; input and output are ``[T, *shape]`` (time first).
 
     Attributes set by each call: ``spikes`` (``[T]``, binary spikes per step summed over all
-    elements, both halves for signed neurons) and, when ``fanout`` is set, ``synops``
-    (``[T]``, spikes weighted by the number of synapses each element drives: eq. 32's numerator).
+    elements, both halves for signed neurons), when ``fanout`` is set, ``synops`` (``[T]``,
+    spikes weighted by the number of synapses each element drives: eq. 32's numerator), and when
+    ``sum_outputs`` is set, ``output_sum`` (``shape``: the outputs summed over the steps, added
+    step by step from 0 in the input's dtype; the mean output without another pass over memory).
     """
 
     levels: int
@@ -148,6 +150,8 @@ class MultiLevelNeuron(nn.Module):
         self.fanout: torch.Tensor | None = None
         self.spikes: torch.Tensor | None = None
         self.synops: torch.Tensor | None = None
+        self.sum_outputs = False
+        self.output_sum: torch.Tensor | None = None
         self._kernel_plan: cpu_kernel.Plan | None = None  # kept between calls (see cpu_kernel.Plan)
 
     def extra_repr(self) -> str:
@@ -179,15 +183,16 @@ class MultiLevelNeuron(nn.Module):
         out = torch.empty_like(x) if out is None else out
         spikes = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
+        total = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device) if self.sum_outputs else None
         self._kernel_plan = cpu_kernel.run(x, out, self.lam, self.fanout, self.spike_lut, self.levels, self.mode,
-                                           spikes, synops, self._kernel_plan)
+                                           spikes, synops, self._kernel_plan, total)
         if self._kernel_plan is None:
-            self._forward_tensors(x, out, self.lam.to(dtype=x.dtype, device=x.device), spikes, synops)
-        self.spikes, self.synops = spikes, synops
+            self._forward_tensors(x, out, self.lam.to(dtype=x.dtype, device=x.device), spikes, synops, total)
+        self.spikes, self.synops, self.output_sum = spikes, synops, total
         return out
 
     def _forward_tensors(self, x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, spikes: torch.Tensor,
-                         synops: torch.Tensor | None) -> None:
+                         synops: torch.Tensor | None, total: torch.Tensor | None = None) -> None:
         steps, shape = x.shape[0], x.shape[1:]
         count = SpikeCounter(self.spike_lut, self.fanout, shape, x.device)
         level = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -197,6 +202,8 @@ class MultiLevelNeuron(nn.Module):
             v_neg = v_pos.clone()
             out_pos, out_neg = torch.empty_like(v_pos), torch.empty_like(v_pos)
             level_neg = torch.empty_like(level) if self.communicate else None  # only the exchange path counts k_P + k_N
+        if total is not None:
+            total.zero_()
         for t in range(steps):
             if self.signed and self.communicate:
                 # Eq. 21 with Lemma 4.1: v_P + v_N = lam, so at most one half fires per step
@@ -219,3 +226,5 @@ class MultiLevelNeuron(nn.Module):
             spikes[t] = sum(c[0] for c in counts)
             if synops is not None:
                 synops[t] = sum(c[1] for c in counts)
+            if total is not None:  # the kernel's order of additions: from 0, step by step
+                total.add_(out[t])
