@@ -1,6 +1,6 @@
 """Neuron speed: the closed-form H-MT step against the alternatives, on one input, in one process.
 
-    .venv/bin/python benchmarks/neuron.py [--shape 16 32 64 32 32] [--n 8] [--threads N]
+    .venv/bin/python benchmarks/neuron.py [--shape 16 32 64 32 32] [--n 8] [--threads N] [--keep-memory]
 
 (a) the literal greedy loop over steps and thresholds (the published neuron's algorithm, eqs. 14-18);
 (b) SpikingJelly's multi-step IFNode (soft reset), if installed (pip install -r benchmarks/requirements.txt),
@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import hmt_literal  # noqa: E402  (the tests' oracle is the faithful loop)
 
+import hmtconv  # noqa: E402
 from hmtconv import HMTNeuron  # noqa: E402
 from timing import timed  # noqa: E402
 
@@ -50,7 +51,12 @@ def main():
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--keep-memory", action="store_true",
+                        help="hmtconv.keep_freed_memory() first, as the CLI does: outputs then reuse freed memory "
+                             "instead of faulting in fresh pages, and the neurons' own cost shows")
     args = parser.parse_args()
+    if args.keep_memory:
+        hmtconv.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     n, shape = args.n, tuple(args.shape)
