@@ -35,8 +35,18 @@ def test_resnet18_residuals_shared_relu_and_maxpool():
     assert (snn(x).mean(0) - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-def test_vit_converges_with_T_and_runs_with_communication():
-    vit, data = small_vit(), loader((3, 16, 16))
+def timm_vit():
+    torch.manual_seed(0)
+    vit = timm.models.VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                                        mlp_ratio=2, num_classes=10).eval()
+    nn.init.normal_(vit.head.weight, std=0.3)
+    assert vit.blocks[0].attn.fused_attn  # timm's default: F.scaled_dot_product_attention, split by convert
+    return vit
+
+
+@pytest.mark.parametrize("build", [small_vit, timm_vit], ids=["torchvision", "timm"])
+def test_vit_converges_with_T_and_runs_with_communication(build):
+    vit, data = build(), loader((3, 16, 16))
     x = data[0][0]
     ref = vit(x)
     errors = {}
@@ -44,6 +54,8 @@ def test_vit_converges_with_T_and_runs_with_communication():
         snn = hc.convert(vit, data, n=4, T=T, policy="max", identity="all")
         errors[T] = (snn(x).mean(0) - ref).abs().mean().item()
     assert errors[64] < 0.5 * errors[4]
+    assert snn.report.traced and snn.report.unconverted == []
+    assert {"scores_in0", "scores_in1", "mix_in0", "mix_in1"} <= {name.rsplit(".", 1)[-1] for name in snn.sites()}
     assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
     kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
     assert {"LayerNorm", "GELU", "Softmax", "MatMul"} <= kinds
