@@ -125,6 +125,28 @@ def test_unsupported_function_after_a_neuron_is_a_clear_error():
         hc.convert(Exp().eval(), loader((4,)), policy="max")
 
 
+class Gate(nn.Module):
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.fc1, self.fc2, self.inplace = nn.Linear(4, 4), nn.Linear(4, 4), inplace
+
+    def forward(self, x):
+        a, b = torch.relu(self.fc1(x)), torch.relu(self.fc2(x))
+        return a.mul_(b) if self.inplace else a * b
+
+
+def test_product_of_two_spike_trains_is_compensated_or_a_clear_error_in_place():
+    torch.manual_seed(0)
+    model, data = Gate(False).eval(), loader((4,))
+    snn = hc.convert(model, data, n=8, T=64, policy="max")
+    product = [m for m in snn.modules() if isinstance(m, hc.compensated.Compensated)]
+    assert len(product) == 1 and isinstance(product[0].module, hc.compensated.Multiply)
+    x = data[0][0]
+    assert (snn(x).mean(0) - model(x)).abs().max() < 0.02 * model(x).abs().max()
+    with pytest.raises(ValueError, match=r"product mul_ of two time-varying tensors"):
+        hc.convert(Gate(True).eval(), data, policy="max")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet34", "vgg16_bn", "vit_b_16"])
 def test_full_size_torchvision_models_convert(name):
@@ -135,6 +157,30 @@ def test_full_size_torchvision_models_convert(name):
     snn = hc.convert(model, data, n=4, T=2, policy="999", identity="all" if name.startswith("vit") else "maxpool")
     result = hc.evaluate(snn, data, ann=model)
     assert len(result.snn_accuracy) == 2 and result.energy_ratio[1] > 0
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])
+def test_torchvision_models_beyond_relu_convert(name):
+    """ReLU6, Hardswish/Hardsigmoid and SiLU (compensated), squeeze-and-excitation gates (a product
+    of two spike trains: compensated), eval-mode stochastic depth (dropped), LayerNorm2d (F.layer_norm):
+    with a signed site before every Conv/Linear they trace, and approach the ANN as T grows."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10).eval()
+    for m in model.modules():  # He-initialized throughout: torchvision's own init leaves outputs near 1e-13
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, std=(2 / m.weight[0].numel()) ** 0.5)
+    data = loader((3, 64, 64), batches=1, batch=2)
+    x, ref = data[0][0], model(data[0][0])
+    errors = {}
+    for T in (4, 32):
+        snn = hc.convert(model, data, n=8, T=T, policy="max", identity="all")
+        errors[T] = ((snn(x).mean(0) - ref).abs().mean() / ref.abs().mean()).item()
+    assert snn.report.traced and snn.report.unconverted == []
+    assert torch.allclose(snn.ann_forward(x), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    assert errors[32] < 0.5 * errors[4] and errors[32] < 0.1
+    gates = any(isinstance(m, hc.compensated.Compensated) and isinstance(m.module, hc.compensated.Multiply)
+                for m in snn.modules())
+    assert gates == (name in ("mobilenet_v3_small", "efficientnet_b0"))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "deit_tiny_patch16_224", "convnext_atto"])
@@ -163,6 +209,7 @@ class _Broadcast(nn.Module):
     (nn.Softmax(dim=-1), [(6 * 3, 2, 7)], (True,)),
     (nn.LayerNorm(5), [(6 * 3, 4, 5)], (True,)),
     (hc.attention.MatMul(), [(6 * 3, 2, 4, 3), (6 * 3, 2, 3, 4)], (True, True)),
+    (hc.compensated.Multiply(), [(6 * 3, 4, 5, 5), (6 * 3, 4, 1, 1)], (True, True)),  # a squeeze-and-excitation gate
     (_Broadcast(), [(6 * 3, 4), (4,)], (True, False)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the compiled CPU kernel

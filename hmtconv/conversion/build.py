@@ -18,11 +18,11 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .compensated import COMPENSATED, Compensated
+from .compensated import COMPENSATED, Compensated, Multiply
 from .energy import count_operations
 from .fold import fold_batchnorm
 from .memory import activation_profile
-from .graph import scope
+from .graph import add_child, scope
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
@@ -44,6 +44,8 @@ STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "tra
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_"}
+# Out-of-place products of two time-varying tensors become a compensated Multiply.
+PRODUCTS = {operator.mul, torch.mul, "mul"}
 
 
 def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
@@ -70,8 +72,18 @@ def _fail(node: fx.Node, what: str) -> None:
                      f"hmtconv.register_compensated({what.split(' ')[0]}).")
 
 
+def _compensated_product(gm: fx.GraphModule, node: fx.Node, kinds: dict[fx.Node, str]) -> None:
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(add_child(gm, scope(node), "mul", Compensated(Multiply(), (True, True))),
+                                   tuple(node.args[:2]))
+    new.meta = dict(node.meta)
+    kinds[new] = "temporal"
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if kinds[node] != "temporal" or not is_tensor(node):
             continue  # sizes and shape checks (x.shape[0], torch._assert) are fine
         if node.op == "call_module":
@@ -85,6 +97,9 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             # (a size read from a spike train is temporal too, but the same at every step)
             temporal_args = sum(isinstance(a, fx.Node) and kinds[a] == "temporal" and is_tensor(a) for a in node.args)
+            if node.target in PRODUCTS and temporal_args == 2 and len(node.args) == 2 and not node.kwargs:
+                _compensated_product(gm, node, kinds)
+                continue
             if node.target in SCALING and temporal_args > 1:
                 _fail(node, f"product {name} of two time-varying tensors")
             ok = STRUCTURAL_FUNCTIONS if node.op == "call_function" else STRUCTURAL_METHODS

@@ -1,7 +1,8 @@
 """Expectation compensation for float ops that see spike trains (method-facts.md, ViT recipe).
 
 A nonlinear op F (GELU, LayerNorm, softmax, a product of two spike trains, max pooling that
-could not move before its neuron) cannot run per step on spikes. At step t the wrapper emits
+could not move before its neuron, the gates of squeeze-and-excitation blocks) cannot run per
+step on spikes. At step t the wrapper emits
 ``t*F(mean of inputs 1..t) - (t-1)*F(mean of inputs 1..t-1)``, so the running sum of its outputs
 is ``t*F(running mean)``: downstream layers integrate exactly F of the inputs seen so far.
 All T steps are computed in one call on ``[T*B, ...]``.
@@ -21,10 +22,21 @@ from .attention import MatMul
 from .multistep import TimeAware, fold, step_index, unfold
 from .pooling import SlicedMaxPool2d
 
+
+
+class Multiply(nn.Module):
+    """``a * b`` as a module: convert swaps it in where both operands vary over time (the gates of
+    squeeze-and-excitation blocks), so the product is taken of the running means."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
 # Module types that are wrapped when their input varies over time; extend with register_compensated.
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul,
-                          nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.GroupNorm, SlicedMaxPool2d}
+                          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Multiply,
+                          nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.GroupNorm,
+                          SlicedMaxPool2d}
 
 
 def register_compensated(cls: type) -> type:

@@ -4,7 +4,8 @@
 2. :func:`normalize` turns functional ops (``F.relu``, ``torch.relu``, ``x.relu_()``, ``@``,
    ``F.softmax``, ``F.gelu``, ``F.layer_norm``, ``F.max_pool2d``) into modules, one module per
    call site, so a ReLU module reused twice (torchvision's BasicBlock) gets two neurons, and
-   splits ``F.scaled_dot_product_attention`` into its matmuls and softmax (timm's ViTs);
+   splits ``F.scaled_dot_product_attention`` into its matmuls and softmax (timm's ViTs), and
+   drops eval-mode ``stochastic_depth`` (an identity then);
 3. :func:`move_max_pools` rewrites ``relu -> maxpool`` into ``maxpool -> relu`` (max commutes with
    the monotone ReLU), the paper's reordering; with ``identity="maxpool"`` a y = x site is put
    where the ReLU was (``-> identity -> maxpool -> relu``, the "16^{y=x}" column);
@@ -20,6 +21,7 @@ import operator
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
+from torchvision.ops import stochastic_depth
 
 from .attention import DecomposedAttention, MatMul, decompose_sdpa
 from .observers import HistogramConfig
@@ -112,8 +114,9 @@ _FUNCTIONAL = {
 }
 
 
-def _add_module(gm: fx.GraphModule, parent: str, stem: str, module: nn.Module) -> str:
-    """Register ``module`` under ``parent`` with a fresh name from ``stem``; returns the name."""
+def add_child(gm: fx.GraphModule, parent: str, stem: str, module: nn.Module) -> str:
+    """Register ``module`` under ``parent`` with a fresh name from ``stem`` (``stem_1``, ... if
+    taken); returns the name."""
     name = _child_name(gm, parent, stem)
     gm.add_submodule(name, module)
     return name
@@ -122,7 +125,7 @@ def _add_module(gm: fx.GraphModule, parent: str, stem: str, module: nn.Module) -
 def _swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, parent: str, stem: str,
                      n_inputs: int) -> fx.Node:
     with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(_add_module(gm, parent, stem, module), tuple(node.args[:n_inputs]))
+        new = gm.graph.call_module(add_child(gm, parent, stem, module), tuple(node.args[:n_inputs]))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
@@ -158,9 +161,13 @@ def normalize(gm: fx.GraphModule) -> None:
             stem, factory, n_inputs = _FUNCTIONAL[target]
             _swap_for_module(gm, node, factory(gm, node), scope(node), stem, n_inputs)
             continue
+        elif node.op == "call_function" and target is stochastic_depth and not _arg(node, 3, "training", True):
+            node.replace_all_uses_with(node.args[0])  # identity in eval mode (torchvision's ConvNeXt, EfficientNet)
+            gm.graph.erase_node(node)
+            continue
         elif node.op == "call_function" and target is F.scaled_dot_product_attention:
             where = scope(node)
-            decompose_sdpa(gm, node, where, lambda stem, module: _add_module(gm, where, stem, module))
+            decompose_sdpa(gm, node, where, lambda stem, module: add_child(gm, where, stem, module))
             continue
         else:
             continue
