@@ -183,13 +183,14 @@ def test_torchvision_models_beyond_relu_convert(name):
     assert gates == (name in ("mobilenet_v3_small", "efficientnet_b0"))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "deit_tiny_patch16_224", "convnext_atto"])
+@pytest.mark.parametrize("name", ["resnet18", "deit_tiny_patch16_224", "convnext_atto", "mobilenetv3_small_100",
+                                  "regnety_002"])
 def test_timm_models_trace_and_approach_their_ann(name):
     torch.manual_seed(0)
-    vit_like = not name.startswith("resnet")
+    relu_only = name.startswith("resnet")  # the others need a signed site before every Conv/Linear
     model = timm.create_model(name, num_classes=10, **({"img_size": 32} if name.startswith("deit") else {})).eval()
     data = loader((3, 32, 32), batches=1, batch=4)
-    snn = hc.convert(model, data, n=4, T=32, policy="max", identity="all" if vit_like else "maxpool")
+    snn = hc.convert(model, data, n=4, T=32, policy="max", identity="maxpool" if relu_only else "all")
     assert snn.report.traced and snn.report.unconverted == []
     x, ref = data[0][0], model(data[0][0])
     assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)

@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .compensated import COMPENSATED, Compensated, Multiply
 from .energy import count_operations
-from .fold import fold_batchnorm
+from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .graph import add_child, scope
 from .multistep import ToTime, insert_time_expansion, is_tensor
@@ -29,9 +29,8 @@ from .sites import ObservedActivation, SpikingActivation, make_neuron
 from .snn import SNN, ConversionConfig, ConversionReport
 
 # Ops that act the same on each row of the time-folded batch and are linear (or structural).
-STRUCTURAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
-                      nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-                      nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Dropout,
+STRUCTURAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
+                      nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Dropout,
                       nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, SpikingActivation, ToTime)
 STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.neg,
                         operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
@@ -109,7 +108,7 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
 
 
 # Modules that return a tensor of their own (not a view or their input itself).
-FRESH_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+FRESH_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *BATCHNORMS,
                 nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, Compensated, ToTime,
                 SpikingActivation)

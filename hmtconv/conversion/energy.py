@@ -27,12 +27,12 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from .fold import BATCHNORMS
 from .multistep import ToTime
 from .sites import SpikingActivation
 
 E_MAC, E_AC = 4.6, 0.9  # pJ (Horowitz 2014)
 SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, ToTime)
@@ -81,7 +81,7 @@ class _Probe(fx.Interpreter):
             self.layers.append((target, macs, x.requires_grad))
             if x.requires_grad:
                 self.ac = self.ac + connections(module, x).sum()
-        elif isinstance(module, _BATCHNORM):
+        elif isinstance(module, BATCHNORMS):
             return x
         elif isinstance(module, _PASS):
             return module(x)

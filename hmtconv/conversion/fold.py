@@ -6,9 +6,22 @@ Exact up to float rounding (tests/test_convert_snn.py checks the folded SNN agai
 """
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+
+class BatchNormAnyDim(_BatchNorm):
+    """A ``F.batch_norm(..., training=False)`` call as a module (timm's BatchNormAct2d calls the
+    function): the input's rank is unknown when the graph is edited, and eval mode needs none."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"BatchNorm expects [B, C, ...], got shape {tuple(input.shape)}")
+
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNormAnyDim)
 # (conv, BatchNorm over its channels): the pairs torch's fuse_conv_bn_eval handles.
 FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 
@@ -22,7 +35,8 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
         if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1):
             continue
         conv, bn = gm.get_submodule(source.target), gm.get_submodule(node.target)
-        if FOLDABLE.get(type(conv)) is not type(bn) or bn.training or bn.running_mean is None:
+        if type(bn) not in (FOLDABLE.get(type(conv)), BatchNormAnyDim) or type(conv) not in FOLDABLE \
+                or bn.training or bn.running_mean is None:
             continue
         gm.set_submodule(source.target, fuse_conv_bn_eval(conv, bn))
         node.replace_all_uses_with(source)

@@ -2,10 +2,10 @@
 
 1. :func:`trace` (``nn.MultiheadAttention`` already decomposed, so attention is visible);
 2. :func:`normalize` turns functional ops (``F.relu``, ``torch.relu``, ``x.relu_()``, ``@``,
-   ``F.softmax``, ``F.gelu``, ``F.layer_norm``, ``F.max_pool2d``) into modules, one module per
-   call site, so a ReLU module reused twice (torchvision's BasicBlock) gets two neurons, and
-   splits ``F.scaled_dot_product_attention`` into its matmuls and softmax (timm's ViTs), and
-   drops eval-mode ``stochastic_depth`` (an identity then);
+   ``F.softmax``, ``F.gelu``, ``F.layer_norm``, eval-mode ``F.batch_norm``, ``F.max_pool2d``) into
+   modules, one module per call site, so a ReLU module reused twice (torchvision's BasicBlock)
+   gets two neurons; splits ``F.scaled_dot_product_attention`` into its matmuls and softmax
+   (timm's ViTs) and drops eval-mode ``stochastic_depth`` (an identity then);
 3. :func:`move_max_pools` rewrites ``relu -> maxpool`` into ``maxpool -> relu`` (max commutes with
    the monotone ReLU), the paper's reordering; with ``identity="maxpool"`` a y = x site is put
    where the ReLU was (``-> identity -> maxpool -> relu``, the "16^{y=x}" column);
@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from torchvision.ops import stochastic_depth
 
 from .attention import DecomposedAttention, MatMul, decompose_sdpa
+from .fold import BatchNormAnyDim
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 
@@ -81,20 +82,48 @@ def _softmax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return nn.Softmax(dim=_arg(n, 1, "dim"))
 
 
+def _model_tensor(gm: fx.GraphModule, n: fx.Node, index: int, key: str) -> torch.Tensor | None:
+    """The parameter or buffer of the model that argument ``key`` of call ``n`` reads (or None)."""
+    source = _arg(n, index, key)
+    if source is None:
+        return None
+    if not (isinstance(source, fx.Node) and source.op == "get_attr"):
+        raise ValueError(f"cannot convert {scope(n) or '<root>'} ({n.target.__name__}, graph node {n.name!r}): "
+                         f"its {key} is computed in forward, not a parameter or buffer of the model; use the "
+                         f"torch.nn module instead of the function")
+    owner, _, attr = source.target.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr)
+
+
+def _as_parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return tensor if tensor is None or isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+
 def _layer_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model)."""
     module = nn.LayerNorm(_arg(n, 1, "normalized_shape"), eps=_arg(n, 4, "eps", 1e-5))
-    for index, key in ((2, "weight"), (3, "bias")):
-        source = _arg(n, index, key)
-        if isinstance(source, fx.Node) and source.op != "get_attr":
-            raise ValueError(f"cannot convert {scope(n) or '<root>'} (layer_norm, graph node {n.name!r}): its {key} "
-                             f"is computed in forward, not a parameter; use an nn.LayerNorm module")
-        if source is None:
-            setattr(module, key, None)
-            continue
-        owner, _, attr = source.target.rpartition(".")
-        tensor = getattr(gm.get_submodule(owner), attr)
-        setattr(module, key, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False))
+    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((2, "weight"), (3, "bias")))
+    return module
+
+
+def _linear(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An ``nn.Linear`` sharing the call's weight and bias (timm's Linear calls ``F.linear``), so
+    that it gets a site and its synapses are counted like any other."""
+    weight = _model_tensor(gm, n, 1, "weight")
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    module.weight, module.bias = _as_parameter(weight), _as_parameter(_model_tensor(gm, n, 2, "bias"))
+    return module
+
+
+def _batch_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An eval-mode ``F.batch_norm`` call as a module sharing its statistics, weight and bias."""
+    mean, var = _model_tensor(gm, n, 1, "running_mean"), _model_tensor(gm, n, 2, "running_var")
+    if mean is None or var is None:
+        raise ValueError(f"cannot convert {scope(n) or '<root>'} (batch_norm, graph node {n.name!r}): eval-mode "
+                         f"batch_norm without running statistics normalizes each batch by itself")
+    module = BatchNormAnyDim(mean.numel(), eps=_arg(n, 7, "eps", 1e-5)).eval()
+    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((3, "weight"), (4, "bias")))
+    module.running_mean, module.running_var = mean, var
     return module
 
 
@@ -109,6 +138,10 @@ _FUNCTIONAL = {
     torch.matmul: ("matmul", lambda gm, n: MatMul(), 2), operator.matmul: ("matmul", lambda gm, n: MatMul(), 2),
     torch.bmm: ("matmul", lambda gm, n: MatMul(), 2), "matmul": ("matmul", lambda gm, n: MatMul(), 2),
     F.gelu: ("gelu", lambda gm, n: nn.GELU(approximate=n.kwargs.get("approximate", "none")), 1),
+    F.silu: ("silu", lambda gm, n: nn.SiLU(), 1), "silu": ("silu", lambda gm, n: nn.SiLU(), 1),
+    torch.sigmoid: ("sigmoid", lambda gm, n: nn.Sigmoid(), 1), "sigmoid": ("sigmoid", lambda gm, n: nn.Sigmoid(), 1),
+    F.hardsigmoid: ("hardsigmoid", lambda gm, n: nn.Hardsigmoid(), 1),
+    F.hardswish: ("hardswish", lambda gm, n: nn.Hardswish(), 1), F.linear: ("linear", _linear, 1),
     F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
     F.layer_norm: ("layer_norm", _layer_norm, 1), F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
 }
@@ -159,7 +192,10 @@ def normalize(gm: fx.GraphModule) -> None:
             node = _swap_for_module(gm, node, nn.ReLU(), scope(node), "relu", 1)
         elif node.op in ("call_function", "call_method") and target in _FUNCTIONAL:
             stem, factory, n_inputs = _FUNCTIONAL[target]
-            _swap_for_module(gm, node, factory(gm, node), scope(node), stem, n_inputs)
+            inplace = bool(node.kwargs.get("inplace", False))  # F.silu(x, inplace=True), ...
+            node = _swap_for_module(gm, node, factory(gm, node), scope(node), stem, n_inputs)
+        elif node.op == "call_function" and target is F.batch_norm and _arg(node, 5, "training", False) is False:
+            _swap_for_module(gm, node, _batch_norm(gm, node), scope(node), "batch_norm", 1)
             continue
         elif node.op == "call_function" and target is stochastic_depth and not _arg(node, 3, "training", True):
             node.replace_all_uses_with(node.args[0])  # identity in eval mode (torchvision's ConvNeXt, EfficientNet)

@@ -1,6 +1,8 @@
-"""Attention written with ``F.scaled_dot_product_attention`` and ``F.layer_norm`` (as timm's ViTs
-and hand-written models do; timm's own ViT: test_convert_models.py): split into sites, matmuls and
-compensated softmax like torchvision's."""
+"""Models written with functions instead of modules (as timm's and hand-written models are):
+``F.scaled_dot_product_attention`` split into sites, matmuls and compensated softmax like
+torchvision's attention; ``F.layer_norm``, eval-mode ``F.batch_norm``, ``F.linear`` and
+functional activations become the modules they stand for (timm's own models:
+test_convert_models.py)."""
 import pytest
 import torch
 from torch import nn
@@ -62,3 +64,36 @@ def test_masked_attention_falls_back_and_says_so():
     snn = hc.convert(model, data, n=4, T=4, policy="max", identity="all")
     assert not snn.report.traced and "attn_mask=a tensor" in snn.report.trace_error
     assert ("<root>", "scaled_dot_product_attention") in snn.report.unconverted
+
+
+class FunctionalCNN(nn.Module):
+    """conv -> F.batch_norm (eval) -> F.silu -> pool -> F.linear, every tensor the model's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.w, self.b = nn.Parameter(torch.randn(5, 6) * 0.5), nn.Parameter(torch.randn(5) * 0.1)
+        self.register_buffer("mean", torch.randn(6) * 0.1)
+        self.register_buffer("var", torch.rand(6) + 0.5)
+        self.gamma, self.beta = nn.Parameter(torch.rand(6) + 0.5), nn.Parameter(torch.randn(6) * 0.1)
+
+    def forward(self, x):
+        h = F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5)
+        h = F.silu(F.relu(h) - 0.2, inplace=True)
+        return F.linear(F.adaptive_avg_pool2d(h, 1).flatten(1), self.w, self.b)
+
+
+def test_functional_batch_norm_linear_and_activations_become_modules():
+    torch.manual_seed(0)
+    model, data = FunctionalCNN().eval(), loader((3, 8, 8))
+    x = data[0][0]
+    snn = hc.convert(model, data, n=8, T=64, policy="max", identity="linear")
+    assert snn.report.traced and snn.report.folded_batchnorm  # the function's BatchNorm folds into the conv
+    assert "linear_in" in snn.sites()  # F.linear got its site like an nn.Linear
+    kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
+    assert "SiLU" in kinds
+    assert torch.allclose(snn.ann_forward(x), model(x), atol=1e-5)
+    assert (snn(x).mean(0) - model(x)).abs().max() < 0.05 * model(x).abs().max()
+    # the ANN's synapses, F.linear's counted like an nn.Linear's: a 3x3 conv with padding 1 on 8x8
+    # has 22 in-range (output, tap) pairs per axis, for 3 x 6 channel pairs; then 6 -> 5
+    assert snn.mac_ann == 22 * 22 * 3 * 6 + 6 * 5
