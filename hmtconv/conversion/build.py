@@ -30,16 +30,17 @@ from .snn import SNN, ConversionConfig, ConversionReport
 
 # Ops that act the same on each row of the time-folded batch and are linear (or structural).
 STRUCTURAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
-                      nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Dropout,
-                      nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, SpikingActivation, ToTime)
+                      nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten,
+                      nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
+                      SpikingActivation, ToTime)
 STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.neg,
                         operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
                         torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
                         F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
-                      "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add", "add_",
-                      "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum"}
+                      "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
+                      "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum"}
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_"}

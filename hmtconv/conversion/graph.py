@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -132,18 +133,23 @@ def _max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
                         _arg(n, 4, "dilation", 1), ceil_mode=_arg(n, 5, "ceil_mode", False))
 
 
+def _plain(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module]:
+    """The factory of a module that takes nothing from the call."""
+    return lambda gm, n: cls()
+
+
 # Functional target -> (stem of the new module's name, factory, number of tensor inputs).
 _RELU_TARGETS = {F.relu: False, torch.relu: False, torch.relu_: True, "relu": False, "relu_": True}  # -> in-place?
 _FUNCTIONAL = {
-    torch.matmul: ("matmul", lambda gm, n: MatMul(), 2), operator.matmul: ("matmul", lambda gm, n: MatMul(), 2),
-    torch.bmm: ("matmul", lambda gm, n: MatMul(), 2), "matmul": ("matmul", lambda gm, n: MatMul(), 2),
+    torch.matmul: ("matmul", _plain(MatMul), 2), operator.matmul: ("matmul", _plain(MatMul), 2),
+    torch.bmm: ("matmul", _plain(MatMul), 2), "matmul": ("matmul", _plain(MatMul), 2),
     F.gelu: ("gelu", lambda gm, n: nn.GELU(approximate=n.kwargs.get("approximate", "none")), 1),
-    F.silu: ("silu", lambda gm, n: nn.SiLU(), 1), "silu": ("silu", lambda gm, n: nn.SiLU(), 1),
-    torch.sigmoid: ("sigmoid", lambda gm, n: nn.Sigmoid(), 1), "sigmoid": ("sigmoid", lambda gm, n: nn.Sigmoid(), 1),
-    F.hardsigmoid: ("hardsigmoid", lambda gm, n: nn.Hardsigmoid(), 1),
-    F.hardswish: ("hardswish", lambda gm, n: nn.Hardswish(), 1), F.linear: ("linear", _linear, 1),
+    F.silu: ("silu", _plain(nn.SiLU), 1), "silu": ("silu", _plain(nn.SiLU), 1),
+    torch.sigmoid: ("sigmoid", _plain(nn.Sigmoid), 1), "sigmoid": ("sigmoid", _plain(nn.Sigmoid), 1),
+    F.hardsigmoid: ("hardsigmoid", _plain(nn.Hardsigmoid), 1), F.hardswish: ("hardswish", _plain(nn.Hardswish), 1),
     F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
-    F.layer_norm: ("layer_norm", _layer_norm, 1), F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
+    F.layer_norm: ("layer_norm", _layer_norm, 1), F.linear: ("linear", _linear, 1),
+    F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
 }
 
 
