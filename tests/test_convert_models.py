@@ -103,6 +103,28 @@ def test_untraceable_model_falls_back_and_reports_unconverted():
     assert hc.evaluate(snn, data).unconverted == [("<root>", "relu")]
 
 
+class WithOptions(nn.Module):
+    """forward takes more than the images: defaults, keyword-only, *args, **kwargs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x, scale=2.0, *args, mask=None, **kwargs):
+        h = torch.relu(x) if mask is None else torch.relu(x * mask)
+        return self.fc(h) * scale
+
+
+def test_forward_options_take_their_defaults():
+    torch.manual_seed(0)
+    model, data = WithOptions().eval(), loader((6,), classes=3)
+    snn = hc.convert(model, data, n=8, T=64, policy="max")
+    assert snn.report.traced
+    x = data[0][0]
+    assert torch.allclose(snn.ann_forward(x), model(x), atol=1e-6)
+    assert (snn(x).mean(0) - model(x)).abs().max() < 0.02 * model(x).abs().max()
+
+
 class BadActivation(nn.Module):
     def __init__(self):
         super().__init__()

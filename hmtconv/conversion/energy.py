@@ -62,7 +62,9 @@ class _Probe(fx.Interpreter):
 
     def placeholder(self, target, args, kwargs):
         meta = self.env_meta.meta.get("tensor_meta")
-        return args[0] if meta is None else self._zeros(meta)  # (args[0]: an optional argument's default)
+        if meta is None:  # forward's other arguments: their defaults, *args empty
+            return super().placeholder(target, args, kwargs)
+        return self._zeros(meta)
 
     def run_node(self, n: fx.Node):
         self.env_meta = n
