@@ -16,3 +16,6 @@ for name in ${STUDY:-vgg-table1 vgg-table2 vit-table4 vit-linear resnet-table1 v
     vgg-neurons-opt resnet-table2 vgg-table1-identity resnet-table1-identity vit-table4-full vit-p7-table4}; do
     $H sweep "experiments/study/$name.toml" --no-progress
 done
+mkdir -p runs/study
+[ -f runs/study/timm-vit.md ] || { ${PYTHON:-python} experiments/study/timm_vit.py > runs/study/timm-vit.md.tmp \
+    && mv runs/study/timm-vit.md.tmp runs/study/timm-vit.md; }
