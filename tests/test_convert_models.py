@@ -103,6 +103,16 @@ def test_untraceable_model_falls_back_and_reports_unconverted():
     assert hc.evaluate(snn, data).unconverted == [("<root>", "relu")]
 
 
+def test_a_bug_in_the_graph_passes_is_raised_not_hidden_by_the_fallback(monkeypatch):
+    """Only the model's own code under fx, or a call the passes cannot express, means module
+    swapping; an error of the passes themselves must surface (a typo once sent every model there)."""
+    def broken(*args):
+        raise AttributeError("'Node' object has no attribute 'updatearg'")
+    monkeypatch.setattr(hc.graph, "move_max_pools", broken)
+    with pytest.raises(AttributeError, match="updatearg"):
+        hc.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), loader((4,)), policy="max")
+
+
 class WithOptions(nn.Module):
     """forward takes more than the images: defaults, keyword-only, *args, **kwargs."""
 

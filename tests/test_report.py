@@ -57,6 +57,14 @@ def test_tables():
     assert "features.6" in layers_table(RESULT)
 
 
+def test_a_module_swapped_run_has_no_energy_row_or_line(tmp_path):
+    """Models fx cannot trace are simulated without operation counts: energy_ratio is None."""
+    uncounted = {**RESULT, "energy_ratio": None}
+    table = curves_table({"swapped": uncounted, "traced": RESULT})
+    assert "swapped energy" not in table and "traced energy" in table and "98.80" in table
+    assert plot_curves({"swapped": uncounted}, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_provenance_has_versions_and_config():
     record = provenance({"n": 4}, seed=3, device="cpu")
     assert record["config"] == {"n": 4} and record["seed"] == 3

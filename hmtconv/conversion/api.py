@@ -18,7 +18,7 @@ from .. import distributed
 from .attention import decompose_attention
 from .build import build_snn
 from .fallback import find_unconverted, prepare_modules
-from .graph import prepare_graph
+from .graph import NotTraceable, prepare_graph
 from .observers import ActivationObserver, HistogramConfig
 from .pooling import slice_max_pools
 from .sites import ObservedActivation
@@ -95,9 +95,8 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     decompose_attention(model)
     try:
         prepared, traced, trace_error = prepare_graph(model, identity, histogram), True, None
-    except Exception as error:  # fx could not trace it: swap modules instead (fallback.py)
-        prepared, traced = prepare_modules(model, identity, histogram), False
-        trace_error = f"{type(error).__name__}: {error}"
+    except NotTraceable as error:  # swap modules instead (fallback.py)
+        prepared, traced, trace_error = prepare_modules(model, identity, histogram), False, str(error)
     slice_max_pools(prepared)  # same values, 3-9x faster on CPU: calibration and the SNN both pool
     if not any(isinstance(m, ObservedActivation) for m in prepared.modules()):
         raise ValueError(f"{type(model).__name__} has no ReLU to convert (and identity={identity!r} adds "

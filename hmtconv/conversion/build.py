@@ -22,7 +22,8 @@ from .compensated import COMPENSATED, Compensated, Multiply
 from .energy import count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
-from .graph import add_child, scope
+from .functional import scope
+from .graph import add_child
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron

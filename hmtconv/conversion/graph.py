@@ -16,16 +16,13 @@
 from __future__ import annotations
 
 import inspect
-import operator
-from collections.abc import Callable
 
-import torch
 from torch import fx, nn
 from torch.nn import functional as F
 from torchvision.ops import stochastic_depth
 
 from .attention import DecomposedAttention, MatMul, decompose_sdpa
-from .fold import BatchNormAnyDim
+from .functional import FUNCTIONAL, RELU_TARGETS, arg, batch_norm, scope
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 
@@ -50,15 +47,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, Tracer().trace(model, concrete_args=defaults or None), class_name=type(model).__name__)
 
 
-def scope(node: fx.Node) -> str:
-    """Qualified name of the module whose forward created ``node`` ('' at the root); for a module
-    call, the module that calls it."""
-    if node.op == "call_module":
-        return node.target.rpartition(".")[0]
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
 def _child_name(gm: fx.GraphModule, parent: str, stem: str) -> str:
     prefix = f"{parent}.{stem}" if parent else stem
     name, i = prefix, 1
@@ -73,84 +61,6 @@ def _exists(gm: fx.GraphModule, name: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _arg(node: fx.Node, index: int, key: str, default=None):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
-
-
-def _softmax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
-    return nn.Softmax(dim=_arg(n, 1, "dim"))
-
-
-def _model_tensor(gm: fx.GraphModule, n: fx.Node, index: int, key: str) -> torch.Tensor | None:
-    """The parameter or buffer of the model that argument ``key`` of call ``n`` reads (or None)."""
-    source = _arg(n, index, key)
-    if source is None:
-        return None
-    if not (isinstance(source, fx.Node) and source.op == "get_attr"):
-        raise ValueError(f"cannot convert {scope(n) or '<root>'} ({n.target.__name__}, graph node {n.name!r}): "
-                         f"its {key} is computed in forward, not a parameter or buffer of the model; use the "
-                         f"torch.nn module instead of the function")
-    owner, _, attr = source.target.rpartition(".")
-    return getattr(gm.get_submodule(owner), attr)
-
-
-def _as_parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
-    return tensor if tensor is None or isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
-
-
-def _layer_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
-    """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model)."""
-    module = nn.LayerNorm(_arg(n, 1, "normalized_shape"), eps=_arg(n, 4, "eps", 1e-5))
-    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((2, "weight"), (3, "bias")))
-    return module
-
-
-def _linear(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
-    """An ``nn.Linear`` sharing the call's weight and bias (timm's Linear calls ``F.linear``), so
-    that it gets a site and its synapses are counted like any other."""
-    weight = _model_tensor(gm, n, 1, "weight")
-    module = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    module.weight, module.bias = _as_parameter(weight), _as_parameter(_model_tensor(gm, n, 2, "bias"))
-    return module
-
-
-def _batch_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
-    """An eval-mode ``F.batch_norm`` call as a module sharing its statistics, weight and bias."""
-    mean, var = _model_tensor(gm, n, 1, "running_mean"), _model_tensor(gm, n, 2, "running_var")
-    if mean is None or var is None:
-        raise ValueError(f"cannot convert {scope(n) or '<root>'} (batch_norm, graph node {n.name!r}): eval-mode "
-                         f"batch_norm without running statistics normalizes each batch by itself")
-    module = BatchNormAnyDim(mean.numel(), eps=_arg(n, 7, "eps", 1e-5)).eval()
-    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((3, "weight"), (4, "bias")))
-    module.running_mean, module.running_var = mean, var
-    return module
-
-
-def _max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
-    return nn.MaxPool2d(_arg(n, 1, "kernel_size"), _arg(n, 2, "stride"), _arg(n, 3, "padding", 0),
-                        _arg(n, 4, "dilation", 1), ceil_mode=_arg(n, 5, "ceil_mode", False))
-
-
-def _plain(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module]:
-    """The factory of a module that takes nothing from the call."""
-    return lambda gm, n: cls()
-
-
-# Functional target -> (stem of the new module's name, factory, number of tensor inputs).
-_RELU_TARGETS = {F.relu: False, torch.relu: False, torch.relu_: True, "relu": False, "relu_": True}  # -> in-place?
-_FUNCTIONAL = {
-    torch.matmul: ("matmul", _plain(MatMul), 2), operator.matmul: ("matmul", _plain(MatMul), 2),
-    torch.bmm: ("matmul", _plain(MatMul), 2), "matmul": ("matmul", _plain(MatMul), 2),
-    F.gelu: ("gelu", lambda gm, n: nn.GELU(approximate=n.kwargs.get("approximate", "none")), 1),
-    F.silu: ("silu", _plain(nn.SiLU), 1), "silu": ("silu", _plain(nn.SiLU), 1),
-    torch.sigmoid: ("sigmoid", _plain(nn.Sigmoid), 1), "sigmoid": ("sigmoid", _plain(nn.Sigmoid), 1),
-    F.hardsigmoid: ("hardsigmoid", _plain(nn.Hardsigmoid), 1), F.hardswish: ("hardswish", _plain(nn.Hardswish), 1),
-    F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
-    F.layer_norm: ("layer_norm", _layer_norm, 1), F.linear: ("linear", _linear, 1),
-    F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
-}
 
 
 def add_child(gm: fx.GraphModule, parent: str, stem: str, module: nn.Module) -> str:
@@ -193,17 +103,17 @@ def normalize(gm: fx.GraphModule) -> None:
             else:
                 gm.get_submodule(target).inplace = False
             seen.add(target)
-        elif node.op in ("call_function", "call_method") and target in _RELU_TARGETS:
-            inplace = _RELU_TARGETS[target] or bool(node.kwargs.get("inplace", False))
+        elif node.op in ("call_function", "call_method") and target in RELU_TARGETS:
+            inplace = RELU_TARGETS[target] or bool(node.kwargs.get("inplace", False))
             node = _swap_for_module(gm, node, nn.ReLU(), scope(node), "relu", 1)
-        elif node.op in ("call_function", "call_method") and target in _FUNCTIONAL:
-            stem, factory, n_inputs = _FUNCTIONAL[target]
+        elif node.op in ("call_function", "call_method") and target in FUNCTIONAL:
+            stem, factory, n_inputs = FUNCTIONAL[target]
             inplace = bool(node.kwargs.get("inplace", False))  # F.silu(x, inplace=True), ...
             node = _swap_for_module(gm, node, factory(gm, node), scope(node), stem, n_inputs)
-        elif node.op == "call_function" and target is F.batch_norm and _arg(node, 5, "training", False) is False:
-            _swap_for_module(gm, node, _batch_norm(gm, node), scope(node), "batch_norm", 1)
+        elif node.op == "call_function" and target is F.batch_norm and arg(node, 5, "training", False) is False:
+            _swap_for_module(gm, node, batch_norm(gm, node), scope(node), "batch_norm", 1)
             continue
-        elif node.op == "call_function" and target is stochastic_depth and not _arg(node, 3, "training", True):
+        elif node.op == "call_function" and target is stochastic_depth and not arg(node, 3, "training", True):
             node.replace_all_uses_with(node.args[0])  # identity in eval mode (torchvision's ConvNeXt, EfficientNet)
             gm.graph.erase_node(node)
             continue
@@ -275,9 +185,22 @@ def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ObservedActivation)
 
 
+class NotTraceable(Exception):
+    """The model has no graph these passes can edit: ``prepare`` swaps modules instead. Raised for
+    any error of the model's own code under fx, and for calls :func:`normalize` cannot express
+    as modules (masked attention, a LayerNorm weight computed in forward); errors of the passes
+    themselves are bugs and propagate."""
+
+
 def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig) -> fx.GraphModule:
-    gm = trace(model)
-    normalize(gm)
+    try:
+        gm = trace(model)
+    except Exception as error:  # the model's code run on proxies may raise anything
+        raise NotTraceable(f"{type(error).__name__}: {error}") from error
+    try:
+        normalize(gm)
+    except ValueError as error:
+        raise NotTraceable(f"{type(error).__name__}: {error}") from error
     move_max_pools(gm, identity == "maxpool", hist)
     insert_sites(gm, identity, hist)
     gm.graph.lint()

@@ -28,7 +28,8 @@ def plot_curves(runs: dict[str, dict], path, *, title: str = "", xlabel: str = "
     for label, result in runs.items():
         steps = result.get("t", range(1, len(result["snn_accuracy"]) + 1))
         acc_ax.plot(steps, result["snn_accuracy"], marker="o", ms=3, label=label)
-        energy_ax.plot(steps, result["energy_ratio"], marker="o", ms=3, label=label)
+        if result["energy_ratio"] is not None:  # (None: a module-swapped model, not counted)
+            energy_ax.plot(steps, result["energy_ratio"], marker="o", ms=3, label=label)
         ann = result.get("ann_accuracy") if ann is None else ann
     if ann is not None:
         acc_ax.axhline(ann, color="black", ls="--", lw=1, label=f"ANN {ann:.2f}%")
@@ -37,7 +38,8 @@ def plot_curves(runs: dict[str, dict], path, *, title: str = "", xlabel: str = "
     energy_ax.set(xlabel=xlabel, ylabel="E_SNN / E_ANN (eqs. 31-32)", title="Energy ratio")
     for ax in (acc_ax, energy_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

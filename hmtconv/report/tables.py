@@ -17,7 +17,8 @@ def _fmt(value) -> str:
 
 
 def curves_table(runs: dict[str, dict]) -> str:
-    """One row per run: ANN accuracy, SNN accuracy at every t, then the energy ratio at every t."""
+    """One row per run: ANN accuracy, SNN accuracy at every t, then the energy ratio at every t
+    (none for a module-swapped model, whose operations are not counted)."""
     steps = max(len(r["snn_accuracy"]) for r in runs.values())
     header = ["run", "ANN %"] + [f"t={t}" for t in range(1, steps + 1)]
     rows = []
@@ -25,6 +26,8 @@ def curves_table(runs: dict[str, dict]) -> str:
         acc = list(result["snn_accuracy"]) + [None] * (steps - len(result["snn_accuracy"]))
         rows.append([label, result.get("ann_accuracy")] + acc)
     for label, result in runs.items():
+        if result["energy_ratio"] is None:
+            continue
         energy = list(result["energy_ratio"]) + [None] * (steps - len(result["energy_ratio"]))
         rows.append([f"{label} energy", None] + energy)
     return markdown_table(header, rows)

@@ -1,0 +1,107 @@
+"""Functional calls as the modules they stand for, so graph editing sees one kind of op.
+
+``F.relu`` becomes ``nn.ReLU``, ``@`` a :class:`MatMul`, ``F.gelu``/``F.silu``/``torch.sigmoid``/...
+their activation modules, ``F.softmax`` an ``nn.Softmax``, ``F.max_pool2d`` an ``nn.MaxPool2d``;
+``F.layer_norm``, ``F.linear`` and eval-mode ``F.batch_norm`` become modules that share the
+model's own parameters and buffers (timm's layers call these functions), so a functional Linear
+gets its site and its synapses are counted like any other. :func:`graph.normalize` does the swap.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from .attention import MatMul
+from .fold import BatchNormAnyDim
+
+
+def scope(node: fx.Node) -> str:
+    """Qualified name of the module whose forward created ``node`` ('' at the root); for a module
+    call, the module that calls it."""
+    if node.op == "call_module":
+        return node.target.rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def arg(node: fx.Node, index: int, key: str, default=None):
+    """Argument ``index`` (positional) or ``key`` (keyword) of call ``node``, else ``default``."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
+
+
+def _softmax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    return nn.Softmax(dim=arg(n, 1, "dim"))
+
+
+def _model_tensor(gm: fx.GraphModule, n: fx.Node, index: int, key: str) -> torch.Tensor | None:
+    """The parameter or buffer of the model that argument ``key`` of call ``n`` reads (or None)."""
+    source = arg(n, index, key)
+    if source is None:
+        return None
+    if not (isinstance(source, fx.Node) and source.op == "get_attr"):
+        raise ValueError(f"cannot convert {scope(n) or '<root>'} ({n.target.__name__}, graph node {n.name!r}): "
+                         f"its {key} is computed in forward, not a parameter or buffer of the model; use the "
+                         f"torch.nn module instead of the function")
+    owner, _, attr = source.target.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr)
+
+
+def _as_parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return tensor if tensor is None or isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+
+def _layer_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model)."""
+    module = nn.LayerNorm(arg(n, 1, "normalized_shape"), eps=arg(n, 4, "eps", 1e-5))
+    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((2, "weight"), (3, "bias")))
+    return module
+
+
+def _linear(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An ``nn.Linear`` sharing the call's weight and bias (timm's Linear calls ``F.linear``), so
+    that it gets a site and its synapses are counted like any other."""
+    weight = _model_tensor(gm, n, 1, "weight")
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    module.weight, module.bias = _as_parameter(weight), _as_parameter(_model_tensor(gm, n, 2, "bias"))
+    return module
+
+
+def batch_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An eval-mode ``F.batch_norm`` call as a module sharing its statistics, weight and bias."""
+    mean, var = _model_tensor(gm, n, 1, "running_mean"), _model_tensor(gm, n, 2, "running_var")
+    if mean is None or var is None:
+        raise ValueError(f"cannot convert {scope(n) or '<root>'} (batch_norm, graph node {n.name!r}): eval-mode "
+                         f"batch_norm without running statistics normalizes each batch by itself")
+    module = BatchNormAnyDim(mean.numel(), eps=arg(n, 7, "eps", 1e-5)).eval()
+    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((3, "weight"), (4, "bias")))
+    module.running_mean, module.running_var = mean, var
+    return module
+
+
+def _max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    return nn.MaxPool2d(arg(n, 1, "kernel_size"), arg(n, 2, "stride"), arg(n, 3, "padding", 0),
+                        arg(n, 4, "dilation", 1), ceil_mode=arg(n, 5, "ceil_mode", False))
+
+
+def _plain(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module]:
+    """The factory of a module that takes nothing from the call."""
+    return lambda gm, n: cls()
+
+
+# Functional target -> (stem of the new module's name, factory, number of tensor inputs).
+RELU_TARGETS = {F.relu: False, torch.relu: False, torch.relu_: True, "relu": False, "relu_": True}  # -> in-place?
+FUNCTIONAL = {
+    torch.matmul: ("matmul", _plain(MatMul), 2), operator.matmul: ("matmul", _plain(MatMul), 2),
+    torch.bmm: ("matmul", _plain(MatMul), 2), "matmul": ("matmul", _plain(MatMul), 2),
+    F.gelu: ("gelu", lambda gm, n: nn.GELU(approximate=n.kwargs.get("approximate", "none")), 1),
+    F.silu: ("silu", _plain(nn.SiLU), 1), "silu": ("silu", _plain(nn.SiLU), 1),
+    torch.sigmoid: ("sigmoid", _plain(nn.Sigmoid), 1), "sigmoid": ("sigmoid", _plain(nn.Sigmoid), 1),
+    F.hardsigmoid: ("hardsigmoid", _plain(nn.Hardsigmoid), 1), F.hardswish: ("hardswish", _plain(nn.Hardswish), 1),
+    F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
+    F.layer_norm: ("layer_norm", _layer_norm, 1), F.linear: ("linear", _linear, 1),
+    F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
+}
