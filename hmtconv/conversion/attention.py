@@ -4,15 +4,14 @@ torchvision's ViT calls ``nn.MultiheadAttention``, whose fused kernel hides the 
 replaced (numerically equal in eval mode) by :class:`DecomposedAttention`, which fx traces
 through, so the projections receive spikes from signed H-MT sites and the matmuls and softmax
 get expectation compensation like any other op. ``F.scaled_dot_product_attention`` (timm's ViTs,
-hand-written attention) is split the same way in the traced graph by :func:`decompose_sdpa`.
+hand-written attention) is split the same way in the traced graph (functional.py).
 """
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 
 class MatMul(nn.Module):
@@ -70,41 +69,3 @@ def decompose_attention(model: nn.Module) -> None:
             if type(child) is nn.MultiheadAttention:
                 qualified = f"{name}.{child_name}" if name else child_name
                 setattr(module, child_name, DecomposedAttention(child, qualified).to(child.out_proj.weight))
-
-
-def _sdpa_arg(node: fx.Node, index: int, key: str, default):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
-
-
-def decompose_sdpa(gm: fx.GraphModule, node: fx.Node, where: str, add_module) -> fx.Node:
-    """Replace a ``F.scaled_dot_product_attention(q, k, v)`` node (called in module ``where``) by
-    ``q * scale``, :class:`MatMul` with ``k`` transposed, ``Softmax(-1)`` and :class:`MatMul` with
-    ``v`` (the scale on q, as :class:`DecomposedAttention` does); ``add_module(stem, module)``
-    registers a module and returns its name. Masks, causal attention and dropout have no spiking
-    form here: a clear error."""
-    q, k, v = node.args[:3]
-    mask, dropout = _sdpa_arg(node, 3, "attn_mask", None), _sdpa_arg(node, 4, "dropout_p", 0.0)
-    causal, scale = _sdpa_arg(node, 5, "is_causal", False), _sdpa_arg(node, 6, "scale", None)
-    if mask is not None or causal or dropout != 0.0 or _sdpa_arg(node, 7, "enable_gqa", False):
-        raise ValueError(f"cannot convert {where or '<root>'} (scaled_dot_product_attention, graph node {node.name!r}): "
-                         f"only unmasked, non-causal attention without dropout or grouped queries converts "
-                         f"(got attn_mask={'a tensor' if mask is not None else None}, is_causal={causal}, "
-                         f"dropout_p={dropout}); evaluate in eval mode without masks")
-    graph, made = gm.graph, []
-
-    def emit(op: str, target, *args) -> fx.Node:
-        made.append(getattr(graph, op)(target, args))
-        return made[-1]
-
-    with graph.inserting_before(node):
-        if scale is None:  # F's default, 1 / sqrt(head dim), read from q at run time
-            scale = emit("call_function", operator.pow, emit("call_method", "size", q, -1), -0.5)
-        scores = emit("call_module", add_module("scores", MatMul()), emit("call_function", operator.mul, q, scale),
-                      emit("call_method", "transpose", k, -2, -1))
-        attn = emit("call_module", add_module("softmax", nn.Softmax(dim=-1)), scores)
-        out = emit("call_module", add_module("mix", MatMul()), attn, v)
-    for new in made:  # error messages name the attention module these came from
-        new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
-    return out

@@ -35,7 +35,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
         if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1):
             continue
         conv, bn = gm.get_submodule(source.target), gm.get_submodule(node.target)
-        if type(bn) not in (FOLDABLE.get(type(conv)), BatchNormAnyDim) or type(conv) not in FOLDABLE \
+        if type(conv) not in FOLDABLE or type(bn) not in (FOLDABLE[type(conv)], BatchNormAnyDim) \
                 or bn.training or bn.running_mean is None:
             continue
         gm.set_submodule(source.target, fuse_conv_bn_eval(conv, bn))

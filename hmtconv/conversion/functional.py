@@ -4,7 +4,9 @@
 their activation modules, ``F.softmax`` an ``nn.Softmax``, ``F.max_pool2d`` an ``nn.MaxPool2d``;
 ``F.layer_norm``, ``F.linear`` and eval-mode ``F.batch_norm`` become modules that share the
 model's own parameters and buffers (timm's layers call these functions), so a functional Linear
-gets its site and its synapses are counted like any other. :func:`graph.normalize` does the swap.
+gets its site and its synapses are counted like any other; ``F.scaled_dot_product_attention`` is
+split into the matmuls and softmax torchvision's attention is decomposed into (attention.py).
+:func:`graph.normalize` does the swaps.
 """
 from __future__ import annotations
 
@@ -105,3 +107,37 @@ FUNCTIONAL = {
     F.layer_norm: ("layer_norm", _layer_norm, 1), F.linear: ("linear", _linear, 1),
     F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
 }
+
+
+def decompose_sdpa(gm: fx.GraphModule, node: fx.Node, where: str, add_module) -> fx.Node:
+    """Replace a ``F.scaled_dot_product_attention(q, k, v)`` node (called in module ``where``) by
+    ``q * scale``, :class:`MatMul` with ``k`` transposed, ``Softmax(-1)`` and :class:`MatMul` with
+    ``v`` (the scale on q, as :class:`DecomposedAttention` does); ``add_module(stem, module)``
+    registers a module and returns its name. Masks, causal attention and dropout have no spiking
+    form here: a clear error."""
+    q, k, v = node.args[:3]
+    mask, dropout = arg(node, 3, "attn_mask", None), arg(node, 4, "dropout_p", 0.0)
+    causal, scale = arg(node, 5, "is_causal", False), arg(node, 6, "scale", None)
+    if mask is not None or causal or dropout != 0.0 or arg(node, 7, "enable_gqa", False):
+        raise ValueError(f"cannot convert {where or '<root>'} (scaled_dot_product_attention, graph node {node.name!r}): "
+                         f"only unmasked, non-causal attention without dropout or grouped queries converts "
+                         f"(got attn_mask={'a tensor' if mask is not None else None}, is_causal={causal}, "
+                         f"dropout_p={dropout}); evaluate in eval mode without masks")
+    graph, made = gm.graph, []
+
+    def emit(op: str, target, *args) -> fx.Node:
+        made.append(getattr(graph, op)(target, args))
+        return made[-1]
+
+    with graph.inserting_before(node):
+        if scale is None:  # F's default, 1 / sqrt(head dim), read from q at run time
+            scale = emit("call_function", operator.pow, emit("call_method", "size", q, -1), -0.5)
+        scores = emit("call_module", add_module("scores", MatMul()), emit("call_function", operator.mul, q, scale),
+                      emit("call_method", "transpose", k, -2, -1))
+        attn = emit("call_module", add_module("softmax", nn.Softmax(dim=-1)), scores)
+        out = emit("call_module", add_module("mix", MatMul()), attn, v)
+    for new in made:  # error messages name the attention module these came from
+        new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return out

@@ -21,8 +21,8 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torchvision.ops import stochastic_depth
 
-from .attention import DecomposedAttention, MatMul, decompose_sdpa
-from .functional import FUNCTIONAL, RELU_TARGETS, arg, batch_norm, scope
+from .attention import DecomposedAttention, MatMul
+from .functional import FUNCTIONAL, RELU_TARGETS, arg, batch_norm, decompose_sdpa, scope
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 
