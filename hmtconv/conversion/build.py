@@ -23,7 +23,7 @@ from .energy import count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import scope
-from .graph import add_child
+from .graph import swap_for_module
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
@@ -74,13 +74,8 @@ def _fail(node: fx.Node, what: str) -> None:
 
 
 def _compensated_product(gm: fx.GraphModule, node: fx.Node, kinds: dict[fx.Node, str]) -> None:
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(add_child(gm, scope(node), "mul", Compensated(Multiply(), (True, True))),
-                                   tuple(node.args[:2]))
-    new.meta = dict(node.meta)
+    new = swap_for_module(gm, node, Compensated(Multiply(), (True, True)), scope(node), "mul", 2)
     kinds[new] = "temporal"
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
 
 
 def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:

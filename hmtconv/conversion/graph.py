@@ -71,8 +71,10 @@ def add_child(gm: fx.GraphModule, parent: str, stem: str, module: nn.Module) -> 
     return name
 
 
-def _swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, parent: str, stem: str,
-                     n_inputs: int) -> fx.Node:
+def swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, parent: str, stem: str,
+                    n_inputs: int) -> fx.Node:
+    """Replace call ``node`` by a call of ``module`` (registered under ``parent`` from ``stem``) on
+    its first ``n_inputs`` arguments; returns the new node."""
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(add_child(gm, parent, stem, module), tuple(node.args[:n_inputs]))
     new.meta = dict(node.meta)
@@ -99,19 +101,19 @@ def normalize(gm: fx.GraphModule) -> None:
             inplace = gm.get_submodule(target).inplace
             if target in seen:  # a reused ReLU module: this call site gets its own copy
                 parent, _, leaf = target.rpartition(".")
-                node = _swap_for_module(gm, node, nn.ReLU(), parent, leaf, 1)
+                node = swap_for_module(gm, node, nn.ReLU(), parent, leaf, 1)
             else:
                 gm.get_submodule(target).inplace = False
             seen.add(target)
         elif node.op in ("call_function", "call_method") and target in RELU_TARGETS:
             inplace = RELU_TARGETS[target] or bool(node.kwargs.get("inplace", False))
-            node = _swap_for_module(gm, node, nn.ReLU(), scope(node), "relu", 1)
+            node = swap_for_module(gm, node, nn.ReLU(), scope(node), "relu", 1)
         elif node.op in ("call_function", "call_method") and target in FUNCTIONAL:
             stem, factory, n_inputs = FUNCTIONAL[target]
             inplace = bool(node.kwargs.get("inplace", False))  # F.silu(x, inplace=True), ...
-            node = _swap_for_module(gm, node, factory(gm, node), scope(node), stem, n_inputs)
+            node = swap_for_module(gm, node, factory(gm, node), scope(node), stem, n_inputs)
         elif node.op == "call_function" and target is F.batch_norm and arg(node, 5, "training", False) is False:
-            _swap_for_module(gm, node, batch_norm(gm, node), scope(node), "batch_norm", 1)
+            swap_for_module(gm, node, batch_norm(gm, node), scope(node), "batch_norm", 1)
             continue
         elif node.op == "call_function" and target is stochastic_depth and not arg(node, 3, "training", True):
             node.replace_all_uses_with(node.args[0])  # identity in eval mode (torchvision's ConvNeXt, EfficientNet)
