@@ -202,3 +202,22 @@ def test_policy_with_site_overrides_parses_and_picks_the_last_match():
 def test_policy_with_site_overrides_rejects_typos(text, message):
     with pytest.raises((ValueError, TypeError), match=message):
         parse_policy(text)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(min_exp=-126), "min_exp"), (dict(min_exp=4, max_exp=4), "min_exp"),
+                                          (dict(max_exp=128), "max_exp"), (dict(bins_per_octave=0), "bins_per_octave"),
+                                          (dict(bins_per_octave=2048), "bins_per_octave")])
+def test_histogram_config_rejects_edges_it_cannot_bin_exactly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HistogramConfig(**kwargs)
+
+
+def test_half_precision_activations_bin_like_their_float32_values(path):
+    """Half and bfloat16 values are exact in float32: the same counts as the float32 batch."""
+    x = torch.randn(6, 3, 5, 5) * 100
+    for dtype in (torch.float16, torch.bfloat16):
+        low = x.to(dtype)
+        a, b = ActivationObserver(signed=True), ActivationObserver(signed=True)
+        a(low)
+        b(low.float())
+        assert torch.equal(a.hist_channel, b.hist_channel) and torch.equal(a.hist_layer, b.hist_layer)

@@ -1,5 +1,6 @@
 """The observers' compiled CPU kernel against their tensor path: equal histograms and maxima,
-moments equal to float64 rounding, the same errors, and the tensor path where it does not apply."""
+moments equal to float64 rounding, the same errors, and the tensor path where it does not apply;
+the exact bin edges both use."""
 from __future__ import annotations
 
 import shutil
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from hmtconv.conversion import ActivationObserver
-from hmtconv.conversion.observers import HistogramConfig
 from hmtconv.conversion import observer_kernel
+from hmtconv.conversion.histograms import HistogramConfig, ceil_to, octave_tables
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: the observers run on the tensor path")
@@ -55,19 +56,55 @@ def test_kernel_equals_tensor_path(shape, signed, per_channel, monkeypatch):
 
 
 @pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_writes_the_clamped_output_the_histograms_take(shape, signed):
-    """max(|x|, floor) (signed) or max(x, floor), bit for bit torch's abs and clamp_min, contiguous,
-    also for a transposed view (attention's heads)."""
-    obs = ActivationObserver(signed)
-    for x in (hard_batch(shape, 7), hard_batch(shape, 8).transpose(0, 1).contiguous().transpose(0, 1)):
-        dim = x.dim() - 1 if x.dim() == 3 else 1
-        layer = [torch.zeros((), dtype=torch.float64) for _ in range(4)]
-        channel = [torch.zeros(x.shape[dim], dtype=torch.float64) for _ in range(4)]
-        merged, clamped = observer_kernel.observe_batch(x, dim, signed, layer, channel, obs.floor)
-        expected = (x.abs() if signed else x).clamp_min(obs.floor)
-        assert merged and clamped.is_contiguous() and torch.equal(clamped, expected)
-        assert torch.equal(clamped.view(torch.int32), expected.contiguous().view(torch.int32))  # -0.0 too
+def test_values_at_and_just_below_every_edge_take_their_bins(signed, monkeypatch):
+    """Every edge's smallest float32 at or above it, and the float32 just below that, on both paths
+    and against a float64 search of the edges 2**(min_exp + k/32): the bins come from exact edges,
+    not from a log2 whose rounding could put such values in either bin."""
+    cfg = HistogramConfig()
+    exact = torch.exp2(cfg.min_exp + torch.arange(cfg.bins - 1, dtype=torch.float64) / cfg.bins_per_octave)
+    at = ceil_to(exact, torch.float32)
+    below = torch.nextafter(at, torch.zeros_like(at))
+    values = torch.cat((at, below, at * 2**-30, at * 2**30))  # and far below the first edge, past the last
+    x = (-values if signed else values).view(-1, 1)  # a signed site bins |x|
+    expected = torch.searchsorted(exact, values.double(), right=True)
+    assert torch.equal(expected[:cfg.bins - 1], torch.arange(1, cfg.bins))  # each edge opens its bin
+    assert torch.equal(expected[cfg.bins - 1:2 * cfg.bins - 2], torch.arange(cfg.bins - 1))  # ... and closes the last
+    for kernel in (True, False):
+        obs = observe([x], signed, cfg, kernel, monkeypatch)
+        assert torch.equal(obs.hist_channel[0], torch.bincount(expected, minlength=cfg.bins)), kernel
+
+
+@pytest.mark.parametrize("bins_per_octave", [3, 32, 1024])
+def test_kernel_bins_every_float32_of_two_octaves_exactly(bins_per_octave, monkeypatch):
+    """All 2**23 mantissas of the octave [1, 2) and of the one just below the first edge: the
+    kernel's fast place in the octave (a polynomial log2, exact lookups near edges) against the
+    edge table's own counts, for coarse, default and the finest allowed bins."""
+    cfg = HistogramConfig(bins_per_octave=bins_per_octave)
+    edge, _ = octave_tables(bins_per_octave)
+    mantissas = torch.arange(1 << 23, dtype=torch.int32)
+    one = (mantissas | 0x3F800000).view(torch.float32)
+    below = one * 2.0 ** (cfg.min_exp - 1)  # [2**(min_exp - 1), 2**min_exp): bin 0
+    for x, first in ((one, -cfg.min_exp * bins_per_octave + 1), (below, 0)):
+        obs = observe([x.view(1, 1, 2048, 4096)], False, cfg, True, monkeypatch)
+        expected = torch.zeros(cfg.bins, dtype=torch.int64)
+        if first:
+            expected[first:first + bins_per_octave] = (edge[1:] - edge[:-1]).long()
+        else:
+            expected[0] = 1 << 23
+        assert torch.equal(obs.hist_layer, expected)
+
+
+@pytest.mark.parametrize("bins_per_octave", [1, 3, 32, 100, 1024])
+def test_octave_tables_against_a_search_of_every_mantissa_prefix(bins_per_octave):
+    """The kernel's lookup (lut, then one comparison) equals a search of the edges for mantissas at,
+    just below and just above every edge and at every 1/4096 of the octave."""
+    edge, lut = octave_tables(bins_per_octave)
+    m = torch.cat((edge[:-1], edge[1:-1] - 1, edge[:-1] + 1, torch.arange(4096, dtype=torch.int32) << 11,
+                   torch.tensor([(1 << 23) - 1], dtype=torch.int32)))
+    j = lut[m >> 11].long()
+    j += (m >= edge[j + 1]).long()
+    assert torch.equal(j, torch.searchsorted(edge[1:-1], m, right=True))
+    assert torch.equal(edge[:-1], edge[:-1].sort().values) and int(edge[0]) == 0
 
 
 def test_kernel_moments_against_float64_brute_force(monkeypatch):
@@ -87,13 +124,20 @@ def test_kernel_moments_against_float64_brute_force(monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_activations_are_an_error_on_both_paths(bad, monkeypatch):
+def test_non_finite_activations_are_an_error_on_both_paths_and_count_nothing(bad, monkeypatch):
+    """The kernel counts as it goes: a bad batch is counted back out, so the observer keeps the
+    statistics of the batches before it."""
     for kernel in ("1", "0"):
         monkeypatch.setenv("HMTCONV_CPU_KERNEL", kernel)
-        x = torch.randn(4, 3, 5, 5)
-        x[2, 1, 3, 3] = bad
-        with pytest.raises(ValueError, match="NaN or inf in the activations entering a site"):
-            ActivationObserver(signed=False)(x)
+        for shape in ((4, 3, 5, 5), (4, 6, 20)):
+            obs = ActivationObserver(signed=False)
+            obs(torch.randn(shape))
+            before = {k: v.clone() for k, v in obs.state_dict().items()}
+            x = torch.randn(shape)
+            x.view(-1)[x.numel() // 2 + 3] = bad
+            with pytest.raises(ValueError, match="NaN or inf in the activations entering a site"):
+                obs(x)
+            assert all(torch.equal(v, obs.state_dict()[k]) for k, v in before.items()), (kernel, shape)
 
 
 def test_kernel_declines_what_it_cannot_run(monkeypatch):
@@ -101,16 +145,18 @@ def test_kernel_declines_what_it_cannot_run(monkeypatch):
     obs = ActivationObserver(signed=False)
     obs(x)  # sizes the per-channel buffers
     layer, channel = [obs.count, obs.mean, obs.m2, obs.max], [obs.ch_count, obs.ch_mean, obs.ch_m2, obs.ch_max]
-    before = [t.clone() for t in layer + channel]
-    assert observer_kernel.observe_batch(x.double(), 2, False, layer, channel, obs.floor) is None
-    hist = torch.zeros(10, dtype=torch.int64)
-    assert not observer_kernel.add_histograms(x.double(), 2, -16, 32, None, hist)
-    # float32 buffers (prepared.float() casts them): writing doubles there would corrupt memory
-    assert observer_kernel.observe_batch(x, 2, False, [t.float() for t in layer], channel, obs.floor) is None
+    hists = [obs.hist_channel, obs.hist_layer]
+    before = [t.clone() for t in layer + channel + hists]
+
+    def run(x, layer=layer, hists=hists):
+        return observer_kernel.observe_batch(x, 2, False, obs.hist, layer, channel, *hists)
+    assert run(x.double()) is None
+    # buffers cast by prepared.float(): writing doubles or int64 there would corrupt memory
+    assert run(x, layer=[t.float() for t in layer]) is None
+    assert run(x, hists=[h.float() for h in hists]) is None
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "0")
-    assert observer_kernel.observe_batch(x, 2, False, layer, channel, obs.floor) is None
-    assert not observer_kernel.add_histograms(x, 2, -16, 32, None, hist) and not hist.any()
-    assert all(torch.equal(a, b) for a, b in zip(before, layer + channel))
+    assert run(x) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, layer + channel + hists))
 
 
 def test_an_observer_cast_to_float32_still_gathers_correctly():

@@ -2,7 +2,8 @@
 from .api import calibrate, convert, is_prepared, prepare
 from .compensated import register_compensated
 from .evaluate import evaluate
-from .observers import ActivationObserver, HistogramConfig
+from .histograms import HistogramConfig
+from .observers import ActivationObserver
 from .policies import POLICIES, NeuronSpec, register_policy
 from .result import EvaluationResult, LayerStats
 from .snn import SNN, ConversionConfig, ConversionReport

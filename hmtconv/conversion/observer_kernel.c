@@ -1,56 +1,121 @@
-/* One calibration batch into ActivationObserver's statistics (float32 in, CPU), in two passes.
+/* One calibration batch into ActivationObserver's statistics (float32 in, CPU), in one pass over x.
  *
  * x is [outer, C, inner] contiguous (channel dim 1 of conv activations, the last dim of tokens).
  * Channels are shared out in blocks of about 16 floats of one row (a cache line) by OpenMP
- * (torch's own pool, see cpu_kernel.c); each block walks the rows in memory order.
+ * (torch's own pool, see cpu_kernel.c); each block walks the rows in memory order, a chunk of up to
+ * 1,024 values at a time, and runs three tight loops over the chunk while it sits in L1:
  *
- * hmt_observe_batch: per channel, the sums of (x - shift) and (x - shift)^2 in double, shift being
- * one of the channel's own values (so M2 = s2 - s1^2 / n cancels little), and the largest
- * output (|x| or relu(x)); then Chan's merge into the observer's float64 buffers, per channel and
- * for the layer.  Equal to the tensor path's float64 var_mean to rounding, not bit for bit.
+ * - moments: per channel, the sums of (x - shift) and (x - shift)^2 in double, shift being one of
+ *   the channel's own values (so M2 = s2 - s1^2 / n cancels little), and the largest output (|x|
+ *   or relu(x)); after the pass, Chan's merge into the observer's float64 buffers, per channel and
+ *   for the layer. Equal to the tensor path's float64 var_mean to rounding, not bit for bit.
+ * - bins of the output: the number of bin edges 2**(min_exp + k / bpo) at or below it, read from
+ *   its bits (no log2 library call): its octave from the exponent field, then its place among the
+ *   octave's edges from the mantissa (see bins_of; exact: edge[j], the mantissa of the smallest
+ *   float32 at or above 2**(j / bpo), the same in every octave, and lut[m >> 11], how many of them
+ *   lie at or below the start of m's 1/4096 of the octave, which holds at most one more). Exactly
+ *   the tensor path's bucketize against the float32 edges (histograms.py), on every CPU.
+ * - counts: into hist_channel[c] (NULL: none) and this thread's share of the layer's histogram.
  *
- * hmt_histogram_add: bins of the log2 of the output activation, the tensor path's arithmetic
- * operation for operation (float32, no fused multiply-add: build with -ffp-contract=off), so the
- * counts are equal: bin = clamp(floor((log2v - min_exp) * bins_per_octave), -1, bins - 2) + 1,
- * added to hist_channel[c] (NULL: none) and to hist_layer; scratch is [threads, bins] zeros.
- * Bins are computed for up to 64 rows of a block first (the loop vectorizes), then counted: in
- * one loop the counts' read-modify-writes held up the arithmetic (2.3-3.4 ns a value, now 1-1.7).
+ * A batch holding NaN or inf is counted out again and merges nothing.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define LANES 8  /* independent partial sums: the adds pipeline without reassociation */
 #define WIDTH 16  /* channels of a block when rows are short: 16 floats, a cache line */
+#define CHUNK (WIDTH * 64)  /* values binned before they are counted */
 
-/* Sums of (x - sh) and (x - sh)^2 and the largest output over one row of a channel; the output
- * raised to at least floor written to clamped (the histograms' input). */
-static void channel_row(const float *v, int64_t n, float sh, int is_signed, float floor, float *restrict clamped,
-                        double *s1, double *s2, float *mx) {
+typedef struct {
+    int64_t outer, C, inner;
+    int is_signed;
+    int32_t octave0, bpo, last;  /* 127 + min_exp: the exponent field of bin 1; bins per octave; bins - 1 */
+    const int32_t *edge, *lut;  /* [bpo + 1], edge[bpo] = 2**23; [4096] */
+} Layout;
+
+static inline float output_of(float x, int is_signed) { return is_signed ? fabsf(x) : (x > 0.0f ? x : 0.0f); }
+
+/* The bin's place in its octave from the mantissa m, exactly: how many of the octave's edges lie
+ * at or below it (edge[j] and lut as in the header). */
+static inline int32_t place_in_octave(int32_t m, const int32_t *restrict edge, const int32_t *restrict lut) {
+    const int32_t j = lut[m >> 11];
+    return j + (m >= edge[j + 1]);
+}
+
+/* log2 of a mantissa value m = 1 + f in [1, 2), a degree-7 polynomial of f fitted by least squares:
+ * within 4e-7 of log2 in float32 (the test runs every mantissa through the kernel). */
+static inline float log2_mantissa(float f) {
+    return f * (1.4426640272f + f * (-0.7205154896f + f * (0.4731133580f + f * (-0.3246163726f + f * (
+        0.1923850477f + f * (-0.0781582072f + f * 0.0151279159f))))));
+}
+
+/* Bins of n outputs of v into k. The place in the octave comes from log2_mantissa (a loop that
+ * vectorizes) wherever that is more than 1/256 of a bin from an edge, which its error (at most
+ * 4e-7 * 1024 bins an octave) cannot cross, and from the exact lookup (edge, lut) for the few
+ * values nearer than that (about 1 in 128) and exact powers of 2. */
+static void bins_of(const float *restrict v, int64_t n, const Layout *L, int32_t *restrict k) {
+    const int32_t *restrict edge = L->edge, *restrict lut = L->lut;
+    const int32_t octave0 = L->octave0, bpo = L->bpo, last = L->last;
+    const int is_signed = L->is_signed;
+    const float per_octave = (float)bpo, eps = 1.0f / 256;
+    uint8_t near[CHUNK + 8];
+    for (int64_t i = 0; i < n; i++) {
+        const float o = output_of(v[i], is_signed);
+        uint32_t bits, mb;
+        float m;
+        memcpy(&bits, &o, sizeof bits);
+        mb = (bits & 0x7fffff) | 0x3f800000;  /* the mantissa as a float in [1, 2) */
+        memcpy(&m, &mb, sizeof m);
+        const float s = log2_mantissa(m - 1.0f) * per_octave;
+        const int32_t j = (int32_t)s, octave = (int32_t)(bits >> 23) - octave0;
+        const float frac = s - (float)j;
+        near[i] = ((frac < eps) | (frac > 1.0f - eps)) & (octave >= -1);  /* below 2**(min_exp - 1): bin 0 anyway */
+        k[i] = octave * bpo + j + 1;
+    }
+    memset(near + n, 0, 8);
+    for (int64_t i0 = 0; i0 < n; i0 += 8) {
+        uint64_t any;
+        memcpy(&any, near + i0, sizeof any);
+        if (!any) continue;
+        for (int64_t i = i0; i < i0 + 8 && i < n; i++)
+            if (near[i]) {
+                const float o = output_of(v[i], is_signed);
+                uint32_t bits;
+                memcpy(&bits, &o, sizeof bits);
+                k[i] = ((int32_t)(bits >> 23) - octave0) * bpo + place_in_octave(bits & 0x7fffff, edge, lut) + 1;
+            }
+    }
+    for (int64_t i = 0; i < n; i++) {  /* <= 0 below 2**min_exp (zeros and subnormals too) */
+        const int32_t b = k[i] < 0 ? 0 : k[i];
+        k[i] = b > last ? last : b;
+    }
+}
+
+/* Sums of (x - sh) and (x - sh)^2 and the largest output over n values of one channel. */
+static void channel_moments(const float *v, int64_t n, float sh, int is_signed, double *s1, double *s2, float *mx) {
     double a[LANES] = {0}, b[LANES] = {0};
     float m[LANES];
     for (int l = 0; l < LANES; l++) m[l] = -INFINITY;
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
+    for (; i + LANES <= n; i += LANES)
         for (int l = 0; l < LANES; l++) {
-            const float x = v[i + l], o = is_signed ? fabsf(x) : x;
-            const double d = (double)x - (double)sh;
+            const float o = output_of(v[i + l], is_signed);
+            const double d = (double)v[i + l] - (double)sh;
             a[l] += d;
             b[l] += d * d;
             m[l] = o > m[l] ? o : m[l];
-            clamped[i + l] = o > floor ? o : floor;
         }
-    }
     for (; i < n; i++) {
-        const float x = v[i], o = is_signed ? fabsf(x) : x;
-        const double d = (double)x - (double)sh;
+        const float o = output_of(v[i], is_signed);
+        const double d = (double)v[i] - (double)sh;
         a[0] += d;
         b[0] += d * d;
         m[0] = o > m[0] ? o : m[0];
-        clamped[i] = o > floor ? o : floor;
     }
     for (int l = 0; l < LANES; l++) {
         *s1 += a[l];
@@ -61,49 +126,92 @@ static void channel_row(const float *v, int64_t n, float sh, int is_signed, floa
 
 static inline int64_t block_width(int64_t inner) { return inner >= WIDTH ? 1 : (WIDTH + inner - 1) / inner; }
 
-/* This batch's count-free moments of each channel: mean, M2 and the largest output (clamped at
- * 0 for ReLU sites: the maximum of relu(x)); and every output raised to at least floor, in clamped
- * (x's layout). */
-static void batch_moments(const float *restrict x, int64_t outer, int64_t C, int64_t inner, int is_signed,
-                          float floor, float *restrict clamped, int threads, double *restrict mean,
-                          double *restrict m2, double *restrict top) {
-    const int64_t width = block_width(inner), blocks = (C + width - 1) / width;
-    const double rows = (double)(outer * inner);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const int64_t c0 = blk * width, c1 = c0 + width < C ? c0 + width : C;
-        double s1[WIDTH] = {0}, s2[WIDTH] = {0};
-        float sh[WIDTH], mx[WIDTH];
-        for (int64_t c = c0; c < c1; c++) {
-            sh[c - c0] = x[c * inner];  /* one of the channel's own values */
-            mx[c - c0] = -INFINITY;
-        }
-        for (int64_t o = 0; o < outer; o++) {
-            if (inner == 1) {  /* tokens and [B, C]: the channels are the lanes */
-                const float *row = x + o * C + c0;
-                float *dst = clamped + o * C + c0;
-                for (int64_t c = 0; c < c1 - c0; c++) {
-                    const float v = row[c], out = is_signed ? fabsf(v) : v;
-                    const double d = (double)v - (double)sh[c];
+/* Channels c0..c1 of x: moments into s1, s2, mx (indexed from c0) and counts times step (+1, or -1
+ * to take a batch back out) into hist_channel and layer. */
+static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int64_t c1, int64_t step, double *s1,
+                       double *s2, float *sh, float *mx, int64_t *hist_channel, int64_t *restrict layer) {
+    const int64_t C = L->C, inner = L->inner, bins = L->last + 1;
+    int32_t k[CHUNK];
+    if (inner == 1) {  /* tokens and [B, C]: the channels are the lanes of a row */
+        const int64_t w = c1 - c0;
+        float tile[CHUNK];  /* the block's rows side by side, binned in one call */
+        for (int64_t o0 = 0; o0 < L->outer; o0 += 64) {
+            const int64_t rows = L->outer - o0 < 64 ? L->outer - o0 : 64;
+            for (int64_t r = 0; r < rows; r++) {
+                const float *row = x + (o0 + r) * C + c0;
+                for (int64_t c = 0; c < w; c++) {
+                    const float o = output_of(row[c], L->is_signed);
+                    const double d = (double)row[c] - (double)sh[c];
                     s1[c] += d;
                     s2[c] += d * d;
-                    mx[c] = out > mx[c] ? out : mx[c];
-                    dst[c] = out > floor ? out : floor;
+                    mx[c] = o > mx[c] ? o : mx[c];
+                    tile[r * w + c] = row[c];
                 }
-            } else {
-                for (int64_t c = c0; c < c1; c++)
-                    channel_row(x + (o * C + c) * inner, inner, sh[c - c0], is_signed, floor,
-                                clamped + (o * C + c) * inner, s1 + (c - c0), s2 + (c - c0), mx + (c - c0));
+            }
+            bins_of(tile, rows * w, L, k);
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t c = 0; c < w; c++) {
+                    layer[k[r * w + c]] += step;
+                    if (hist_channel) hist_channel[(c0 + c) * bins + k[r * w + c]] += step;
+                }
+        }
+        return;
+    }
+    for (int64_t o = 0; o < L->outer; o++)
+        for (int64_t c = c0; c < c1; c++) {
+            const float *v = x + (o * C + c) * inner;
+            int64_t *channel = hist_channel ? hist_channel + c * bins : NULL;
+            for (int64_t i0 = 0; i0 < inner; i0 += CHUNK) {
+                const int64_t n = inner - i0 < CHUNK ? inner - i0 : CHUNK;
+                channel_moments(v + i0, n, sh[c - c0], L->is_signed, s1 + (c - c0), s2 + (c - c0), mx + (c - c0));
+                bins_of(v + i0, n, L, k);
+                for (int64_t i = 0; i < n; i++) {
+                    layer[k[i]] += step;
+                    if (channel) channel[k[i]] += step;
+                }
             }
         }
-        for (int64_t c = c0; c < c1; c++) {
-            const int64_t k = c - c0;
-            const double spread = s2[k] - s1[k] * s1[k] / rows;
-            mean[c] = (double)sh[k] + s1[k] / rows;
-            m2[c] = spread < 0.0 ? 0.0 : spread;  /* NaN stays NaN */
-            top[c] = is_signed || mx[k] > 0.0f ? (double)mx[k] : 0.0;
+}
+
+/* The whole batch: this batch's count-free moments of each channel (mean, M2, and the largest
+ * output, clamped at 0 for ReLU sites: the maximum of relu(x)) into mean, m2, top, and its counts
+ * times step into the histograms; scratch is [threads, bins] zeros. */
+static void batch_pass(const float *restrict x, const Layout *L, int64_t step, int threads, double *restrict mean,
+                       double *restrict m2, double *restrict top, int64_t *hist_channel, int64_t *restrict hist_layer,
+                       int64_t *restrict scratch) {
+    const int64_t bins = L->last + 1, width = block_width(L->inner), blocks = (L->C + width - 1) / width;
+    const double rows = (double)(L->outer * L->inner);
+    #pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        int64_t *layer = scratch + omp_get_thread_num() * bins;  /* this thread's share of the layer's counts */
+#else
+        int64_t *layer = scratch;
+#endif
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t c0 = blk * width, c1 = c0 + width < L->C ? c0 + width : L->C;
+            double s1[WIDTH] = {0}, s2[WIDTH] = {0};
+            float sh[WIDTH], mx[WIDTH];
+            for (int64_t c = c0; c < c1; c++) {
+                sh[c - c0] = x[c * L->inner];  /* one of the channel's own values */
+                mx[c - c0] = -INFINITY;
+            }
+            block_pass(x, L, c0, c1, step, s1, s2, sh, mx, hist_channel, layer);
+            for (int64_t c = c0; c < c1; c++) {
+                const int64_t i = c - c0;
+                const double spread = s2[i] - s1[i] * s1[i] / rows;
+                mean[c] = (double)sh[i] + s1[i] / rows;
+                m2[c] = spread < 0.0 ? 0.0 : spread;  /* NaN stays NaN */
+                top[c] = L->is_signed || mx[i] > 0.0f ? (double)mx[i] : 0.0;
+            }
         }
     }
+    for (int64_t t = 0; t < threads; t++)
+        for (int64_t b = 0; b < bins; b++) {
+            hist_layer[b] += scratch[t * bins + b];
+            scratch[t * bins + b] = 0;
+        }
 }
 
 /* Chan et al.'s pairwise update of (count, mean, M2) and the running maximum, as
@@ -117,18 +225,23 @@ static void merge(double n_b, double mean_b, double m2_b, double max_b, double *
     *max = max_b > *max ? max_b : *max;
 }
 
-/* One batch merged into the per-channel and per-layer (count, mean, M2, max) of an observer, and
- * its outputs raised to at least floor written to clamped, [outer, C, inner] like x (the
- * histograms take their log2: max(|x|, floor) or max(x, floor), exact, so equal to torch's abs and
- * clamp); returns 1, merging nothing, when x holds NaN or inf.  scratch is [3 * C] doubles. */
-int hmt_observe_batch(const float *restrict x, int64_t outer, int64_t C, int64_t inner, int is_signed,
-                      float floor, float *restrict clamped, int threads, double *restrict scratch,
-                      double *count, double *mean, double *m2, double *max, double *ch_count, double *ch_mean,
-                      double *ch_m2, double *ch_max) {
+/* One batch merged into the per-channel and per-layer (count, mean, M2, max) of an observer and
+ * counted into its histograms (hist_channel [C, bins] or NULL, hist_layer [bins]); returns 1,
+ * with nothing merged or counted, when x holds NaN or inf. scratch is [3 * C] doubles and
+ * [threads, bins] int64 zeros (left zero). */
+int hmt_observe_batch(const float *restrict x, int64_t outer, int64_t C, int64_t inner, int is_signed, int min_exp,
+                      int bpo, int64_t bins, const int32_t *edge, const int32_t *lut, int threads,
+                      double *restrict scratch, int64_t *restrict counts_scratch, double *count, double *mean,
+                      double *m2, double *max, double *ch_count, double *ch_mean, double *ch_m2, double *ch_max,
+                      int64_t *hist_channel, int64_t *hist_layer) {
+    const Layout L = {outer, C, inner, is_signed, 127 + min_exp, bpo, (int32_t)(bins - 1), edge, lut};
     double *b_mean = scratch, *b_m2 = scratch + C, *b_max = scratch + 2 * C;
-    batch_moments(x, outer, C, inner, is_signed, floor, clamped, threads, b_mean, b_m2, b_max);
+    batch_pass(x, &L, 1, threads, b_mean, b_m2, b_max, hist_channel, hist_layer, counts_scratch);
     for (int64_t c = 0; c < C; c++)
-        if (!isfinite(b_m2[c]) || !isfinite(b_mean[c])) return 1;
+        if (!isfinite(b_m2[c]) || !isfinite(b_mean[c])) {
+            batch_pass(x, &L, -1, threads, b_mean, b_m2, b_max, hist_channel, hist_layer, counts_scratch);
+            return 1;
+        }
     /* the layer's moments follow from the channels' (every channel has the same count) */
     const double rows = (double)(outer * inner);
     double sum = 0.0, within = 0.0, between = 0.0, top = -INFINITY;
@@ -144,63 +257,4 @@ int hmt_observe_batch(const float *restrict x, int64_t outer, int64_t C, int64_t
     for (int64_t c = 0; c < C; c++)
         merge(rows, b_mean[c], b_m2[c], b_max[c], ch_count + c, ch_mean + c, ch_m2 + c, ch_max + c);
     return 0;
-}
-
-/* Selects, not branches (the tensors' zeros would make a branch a coin toss), and no fminf/fmaxf
- * (library calls for their NaN rules; the values here are finite). */
-static inline int32_t bin_of(float v, float min_exp, float bpo, float top) {
-    float p = floorf((v - min_exp) * bpo);
-    p = p < -1.0f ? -1.0f : p;
-    p = p > top ? top : p;
-    return (int32_t)p + 1;
-}
-
-void hmt_histogram_add(const float *restrict log2v, int64_t outer, int64_t C, int64_t inner, float min_exp,
-                       float bins_per_octave, int64_t bins, int threads, int64_t *hist_channel,
-                       int64_t *restrict hist_layer, int64_t *restrict scratch) {
-    const float top = (float)(bins - 2);
-    const int64_t width = block_width(inner), blocks = (C + width - 1) / width;
-    #pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        int64_t *layer = scratch + omp_get_thread_num() * bins;  /* this thread's share of the layer's counts */
-#else
-        int64_t *layer = scratch;
-#endif
-        #pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            const int64_t c0 = blk * width, c1 = c0 + width < C ? c0 + width : C;
-            int32_t k[WIDTH * 64];  /* bins of up to 64 rows of the block, computed 8 at a time */
-            if (inner == 1) {  /* tokens: a row of the block is c1 - c0 channels */
-                const int64_t w = c1 - c0;
-                for (int64_t o0 = 0; o0 < outer; o0 += 64) {
-                    const int64_t rows = outer - o0 < 64 ? outer - o0 : 64;
-                    for (int64_t r = 0; r < rows; r++)
-                        for (int64_t c = 0; c < w; c++)
-                            k[r * w + c] = bin_of(log2v[(o0 + r) * C + c0 + c], min_exp, bins_per_octave, top);
-                    for (int64_t r = 0; r < rows; r++)
-                        for (int64_t c = 0; c < w; c++) {
-                            layer[k[r * w + c]]++;
-                            if (hist_channel) hist_channel[(c0 + c) * bins + k[r * w + c]]++;
-                        }
-                }
-            } else {
-                for (int64_t o = 0; o < outer; o++)
-                    for (int64_t c = c0; c < c1; c++) {
-                        const float *v = log2v + (o * C + c) * inner;
-                        int64_t *channel = hist_channel ? hist_channel + c * bins : NULL;
-                        for (int64_t i0 = 0; i0 < inner; i0 += WIDTH * 64) {
-                            const int64_t n = inner - i0 < WIDTH * 64 ? inner - i0 : WIDTH * 64;
-                            for (int64_t i = 0; i < n; i++) k[i] = bin_of(v[i0 + i], min_exp, bins_per_octave, top);
-                            for (int64_t i = 0; i < n; i++) {
-                                layer[k[i]]++;
-                                if (channel) channel[k[i]]++;
-                            }
-                        }
-                    }
-            }
-        }
-    }
-    for (int64_t t = 0; t < threads; t++)
-        for (int64_t k = 0; k < bins; k++) hist_layer[k] += scratch[t * bins + k];
 }

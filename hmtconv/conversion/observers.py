@@ -3,36 +3,16 @@
 Everything lives in float64/int64 buffers, so ``state_dict`` carries the calibration and two
 observers (two data shards, two processes) combine exactly with :meth:`ActivationObserver.merge`
 (Chan et al.'s parallel variance; histograms add). Memory is independent of the calibration
-set's size. Quantiles come from one fixed-range log2 histogram of the whole calibration set,
-never from an average of per-batch quantiles.
+set's size. Quantiles come from one fixed-range log2 histogram of the whole calibration set
+(histograms.py), never from an average of per-batch quantiles.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import observer_kernel
-
-
-@dataclass(frozen=True)
-class HistogramConfig:
-    """Log2-spaced bins on ``[2**min_exp, 2**max_exp)``; bin 0 holds ``[0, 2**min_exp)``.
-
-    32 bins per octave is a 2.2 % relative bin width; quantiles interpolate inside a bin.
-    ``per_channel=False`` drops the per-channel histograms (the largest buffers) when only
-    layer-wise percentile thresholds are needed.
-    """
-
-    min_exp: int = -16
-    max_exp: int = 16
-    bins_per_octave: int = 32
-    per_channel: bool = True
-
-    @property
-    def bins(self) -> int:
-        return (self.max_exp - self.min_exp) * self.bins_per_octave + 1
+from .histograms import HistogramConfig
 
 
 def channel_dim(ndim: int) -> int:
@@ -89,14 +69,17 @@ class ActivationObserver(nn.Module):
         dim = channel_dim(x.dim())
         channels, others = x.shape[dim], tuple(d for d in range(x.dim()) if d != dim)
         x = x.detach().to(self.count.device)
-        rows = float(x.numel() // channels)
-        done = observer_kernel.observe_batch(x, dim, self.signed, [self.count, self.mean, self.m2, self.max],
-                                             [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max], self.floor)
-        merged, clamped = done if done is not None else (self._merge_batch(x, others, rows), None)  # the tensor path
+        hist_channel = self.hist_channel if self.hist.per_channel else None
+        merged = observer_kernel.observe_batch(x, dim, self.signed, self.hist, [self.count, self.mean, self.m2, self.max],
+                                               [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max], hist_channel,
+                                               self.hist_layer)
+        if merged is None:  # the tensor path
+            merged = self._merge_batch(x, others, float(x.numel() // channels))
+            if merged:
+                self._add_histograms(self._output(x), dim)
         if not merged:  # any NaN or inf would poison the statistics (and thresholds) for good
             raise ValueError(f"NaN or inf in the activations entering {self.label} during calibration (finite "
                              f"input images): a layer before it overflows or has non-finite weights")
-        self._add_histograms(self._clamped(x) if clamped is None else clamped, dim)
 
     def _merge_batch(self, x: torch.Tensor, others: tuple[int, ...], rows: float) -> bool:
         """Moments in float64 (one fused pass, in the activation's own layout); the layer's follow
@@ -127,33 +110,15 @@ class ActivationObserver(nn.Module):
     def _output(self, xc: torch.Tensor) -> torch.Tensor:
         return xc.abs() if self.signed else xc.clamp_min(0)
 
-    @property
-    def floor(self) -> float:
-        # Everything below 2**min_exp lands in bin 0, so raising it to 2**(min_exp - 1) changes no
-        # bin (for a ReLU site it is the ReLU too), and spares log2 its slow path: zeros (half of
-        # every ReLU's output) and subnormals cost it 10-25x a normal float here. Values past
-        # 2**max_exp land in the last bin.
-        return 2.0 ** (self.hist.min_exp - 1)
-
-    def _clamped(self, x: torch.Tensor) -> torch.Tensor:
-        """The output activation raised to at least :attr:`floor`, in a new tensor."""
-        return x.abs().clamp_min_(self.floor) if self.signed else x.clamp_min(self.floor)
-
-    def _add_histograms(self, clamped: torch.Tensor, dim: int) -> None:
-        """Bin the output activation (raised to :attr:`floor`: ``clamped``, which this overwrites)
-        into the log2 histograms; the layer's is the sum of the channels' when those are kept, so
-        the activation is counted once."""
-        log2v = clamped.log2_()
-        if observer_kernel.add_histograms(log2v, dim, self.hist.min_exp, self.hist.bins_per_octave,
-                                          self.hist_channel if self.hist.per_channel else None, self.hist_layer):
-            return
-        pos = log2v.sub_(self.hist.min_exp).mul_(self.hist.bins_per_octave)
-        idx = pos.floor_().clamp_(-1, self.hist.bins - 2).to(torch.int32).add_(1)
+    def _add_histograms(self, out: torch.Tensor, dim: int) -> None:
+        """Count the output activation ``out`` into the histograms; the layer's is the sum of the
+        channels' when those are kept, so each value is binned once."""
+        idx = self.hist.bin_index(out)
         if not self.hist.per_channel:
             self.hist_layer += torch.bincount(idx.flatten(), minlength=self.hist.bins)
             return
-        channels = clamped.shape[dim]
-        offset = torch.arange(channels, dtype=torch.int32, device=idx.device) * self.hist.bins
+        channels = out.shape[dim]
+        offset = torch.arange(channels, device=idx.device) * self.hist.bins
         idx += offset.view([channels if d == dim else 1 for d in range(idx.dim())])
         per_channel = torch.bincount(idx.flatten(), minlength=channels * self.hist.bins).view(channels, -1)
         self.hist_channel += per_channel
