@@ -153,7 +153,7 @@ def test_unsupported_function_after_a_neuron_is_a_clear_error():
     class Exp(nn.Module):
         def forward(self, x):
             return torch.exp(torch.relu(x))
-    with pytest.raises(ValueError, match="exp function"):
+    with pytest.raises(ValueError, match="exp function.*call it from a small nn.Module and register that"):
         hc.convert(Exp().eval(), loader((4,)), policy="max")
 
 
@@ -213,6 +213,107 @@ def test_torchvision_models_beyond_relu_convert(name):
     gates = any(isinstance(m, hc.compensated.Compensated) and isinstance(m.module, hc.compensated.Multiply)
                 for m in snn.modules())
     assert gates == (name in ("mobilenet_v3_small", "efficientnet_b0"))
+
+
+def test_maxvit_attention_einsums_are_compensated_matmuls():
+    """torchvision's MaxViT takes q k^T and attn v with torch.einsum and swaps axes for its grid
+    partition: each einsum of two activations becomes an Einsum module with a site on both
+    operands and expectation compensation, and the model approaches its ANN."""
+    torch.manual_seed(0)
+    model = torchvision.models.MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16],
+                                      block_layers=[1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+    data = loader((3, 32, 32), batches=1, batch=2)
+    x, ref = data[0][0], model(data[0][0])
+    errors = {}
+    for T in (4, 32):
+        snn = hc.convert(model, data, n=8, T=T, policy="max", identity="all")
+        errors[T] = ((snn(x).mean(0) - ref).abs().mean() / ref.abs().mean()).item()
+    assert snn.report.traced and snn.report.unconverted == []
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5 * ref.abs().max().item())
+    assert errors[32] < 0.5 * errors[4] and errors[32] < 0.1
+    einsums = [m for m in snn.modules() if isinstance(m, hc.compensated.Compensated)
+               and isinstance(m.module, hc.attention.Einsum)]
+    assert len(einsums) == 4  # q k^T and attn v in the block and the grid attention
+    assert sum(name.rsplit(".", 1)[-1].startswith("einsum") for name in snn.sites()) == 8
+
+
+class _EinsumNet(nn.Module):
+    """Attention written with einsum in both call forms, and a Linear as an einsum with its weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk, self.weight, self.head = nn.Linear(4, 8), nn.Parameter(torch.randn(4, 4) / 2), nn.Linear(4, 3)
+
+    def forward(self, x):  # x [B, tokens, 4]
+        x = torch.relu(x)
+        q, k = self.qk(x).chunk(2, -1)
+        attn = torch.einsum("bic,bjc->bij", q, k).softmax(-1)
+        mixed = torch.einsum("bij,bjc->bic", [attn, x])  # list form
+        return self.head(torch.einsum("bnc,dc->bnd", torch.relu(mixed), self.weight).mean(1))
+
+
+def test_einsum_of_two_activations_is_a_compensated_module_with_a_weight_linear():
+    torch.manual_seed(0)
+    model, data = _EinsumNet().eval(), loader((5, 4), batches=1, batch=4)
+    x, ref = data[0][0], model(data[0][0])
+    errors = {}
+    for T in (4, 64):
+        snn = hc.convert(model, data, n=4, T=T, policy="max")
+        errors[T] = (snn(x).mean(0) - ref).abs().mean().item()
+    assert errors[64] < 0.5 * errors[4]
+    equations = sorted(m.module.equation for m in snn.modules() if isinstance(m, hc.compensated.Compensated)
+                       and isinstance(m.module, hc.attention.Einsum))
+    assert equations == ["bic,bjc->bij", "bij,bjc->bic"]  # the weight's einsum is linear: not compensated
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-6)
+
+
+class _ThreeWay(nn.Module):
+    def __init__(self, activations: int):
+        super().__init__()
+        self.activations, self.a, self.b = activations, nn.Parameter(torch.randn(6, 6)), nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        x = torch.relu(x)
+        if self.activations == 1:
+            return torch.einsum("bi,ij,jk->bk", x, self.a, self.b)
+        return torch.einsum("bi,bi,bi->b", x, x, x).unsqueeze(1)
+
+
+def test_einsum_of_three_operands_is_linear_in_one_activation_and_an_error_for_more():
+    data = loader((6,), batches=1, batch=8)
+    torch.manual_seed(0)
+    model = _ThreeWay(1).eval()
+    snn = hc.convert(model, data, n=8, T=32, policy="max")
+    x, ref = data[0][0], model(data[0][0])
+    assert (snn(x).mean(0) - ref).abs().mean() < 0.05 * ref.abs().mean()
+    with pytest.raises(ValueError, match="einsum"):
+        hc.convert(_ThreeWay(3).eval(), data, n=4, T=4, policy="max")
+
+
+class _PositionBiasMLP(nn.Module):
+    """Swin V2's continuous position bias: an MLP with a ReLU applied to a constant table, whose
+    output (a function of the weights only) is added to the activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.linspace(-1, 1, 12).view(6, 2))
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        bias = self.mlp(self.table).flatten()
+        return self.head(torch.relu(self.fc(torch.relu(x)) + bias))
+
+
+@pytest.mark.parametrize("identity", ["none", "all"])
+def test_activations_computed_from_weights_alone_do_not_spike(identity):
+    torch.manual_seed(0)
+    model, data = _PositionBiasMLP().eval(), loader((6,), batches=1, batch=8)
+    snn = hc.convert(model, data, n=4, T=64, policy="max", identity=identity)
+    assert list(snn.sites()) == ["relu", "relu_1"]  # fc and head read the ReLUs' spikes; mlp gets no site
+    x, ref = data[0][0], model(data[0][0])
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-6)
+    assert (snn(x).mean(0) - ref).abs().mean() < 0.05 * ref.abs().mean()
 
 
 @pytest.mark.parametrize("name", ["resnet18", "deit_tiny_patch16_224", "convnext_atto", "mobilenetv3_small_100",

@@ -21,6 +21,20 @@ class MatMul(nn.Module):
         return torch.matmul(a, b)
 
 
+class Einsum(MatMul):
+    """``torch.einsum(equation, a, b)`` as a module: a matmul with named dims (MaxViT's attention)."""
+
+    def __init__(self, equation: str):
+        super().__init__()
+        self.equation = equation
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(self.equation, a, b)
+
+    def extra_repr(self) -> str:
+        return repr(self.equation)
+
+
 class DecomposedAttention(nn.Module):
     """``nn.MultiheadAttention`` (batch_first, no masks, eval) built from Linear, MatMul, Softmax."""
 

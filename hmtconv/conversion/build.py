@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .attention import MatMul
 from .compensated import COMPENSATED, Compensated, Multiply
 from .energy import count_operations
 from .fold import BATCHNORMS, fold_batchnorm
@@ -37,14 +38,16 @@ STRUCTURAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *BATCHNORMS, n
 STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.neg,
                         operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
                         torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+                        torch.swapaxes, torch.swapdims, torch.movedim,
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
                         F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
                       "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
-                      "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum"}
+                      "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",
+                      "swapaxes", "swapdims", "movedim"}
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
-           "mul", "mul_", "div", "div_"}
+           "mul", "mul_", "div", "div_", torch.einsum}
 # Out-of-place products of two time-varying tensors become a compensated Multiply.
 PRODUCTS = {operator.mul, torch.mul, "mul"}
 
@@ -66,11 +69,14 @@ def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
 
 def _fail(node: fx.Node, what: str) -> None:
     where = scope(node) or "<root>"
+    kind = what.split(" ")[0]
+    register = (f"if it is a stateless module, call hmtconv.register_compensated({kind})" if " module " in what else
+                "if it is a stateless function of its inputs, call it from a small nn.Module and register that "
+                "with hmtconv.register_compensated")
     raise ValueError(f"cannot convert {where} ({what}, graph node {node.name!r}): its input varies over "
                      f"time (it is after a spiking neuron) but it is neither linear nor registered for "
                      f"expectation compensation. Replace it with a ReLU, move it before the first "
-                     f"ReLU, or, if it is a stateless module, call "
-                     f"hmtconv.register_compensated({what.split(' ')[0]}).")
+                     f"ReLU, or, {register}.")
 
 
 def _compensated_product(gm: fx.GraphModule, node: fx.Node, kinds: dict[fx.Node, str]) -> None:
@@ -86,6 +92,8 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
             module = gm.get_submodule(node.target)
             if type(module) in COMPENSATED:
                 flags = tuple(isinstance(a, fx.Node) and kinds[a] == "temporal" for a in node.args)
+                if isinstance(module, MatMul) and sum(flags) < 2:
+                    continue  # a product with a constant or static operand is linear in the other
                 gm.set_submodule(node.target, Compensated(module, flags))
             elif not isinstance(module, STRUCTURAL_MODULES):
                 _fail(node, f"{type(module).__name__} module {node.target!r}")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import compensation_kernel
-from .attention import MatMul
+from .attention import Einsum, MatMul
 from .multistep import TimeAware, fold, step_index, unfold
 from .pooling import SlicedMaxPool2d
 
@@ -34,7 +34,7 @@ class Multiply(nn.Module):
 
 # Module types that are wrapped when their input varies over time; extend with register_compensated.
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Multiply,
+                          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Einsum, Multiply,
                           nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.GroupNorm,
                           SlicedMaxPool2d}
 

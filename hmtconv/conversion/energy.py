@@ -70,6 +70,11 @@ class _Probe(fx.Interpreter):
         self.env_meta = n
         return super().run_node(n)
 
+    def get_attr(self, target, args, kwargs):
+        # float64 like the probe's activations, for functions that do not promote (torch.einsum)
+        value = super().get_attr(target, args, kwargs)
+        return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
     def call_module(self, target, args, kwargs):
         module = self.submodules[target]
         meta = self.env_meta.meta["tensor_meta"]

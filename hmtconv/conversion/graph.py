@@ -11,18 +11,22 @@
    where the ReLU was (``-> identity -> maxpool -> relu``, the "16^{y=x}" column);
 4. :func:`insert_sites` turns every ReLU into an observed site, and with ``identity="all"`` puts a
    y = x site before the input of every Conv/Linear and both operands of every MatMul (with
-   ``"linear"`` before Conv/Linear inputs only: the matmuls then see compensated float operands).
+   ``"linear"`` before Conv/Linear inputs only: the matmuls then see compensated float operands);
+   only activations of the input spike: a ReLU or a Linear computed from weights alone (Swin V2's
+   position-bias MLP) stays a float op, run once like the layers before the first neuron.
 """
 from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import fx, nn
 from torch.nn import functional as F
 from torchvision.ops import stochastic_depth
 
-from .attention import DecomposedAttention, MatMul
+from .attention import DecomposedAttention, Einsum, MatMul
 from .functional import FUNCTIONAL, RELU_TARGETS, arg, batch_norm, decompose_sdpa, scope
+from .multistep import classify
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 
@@ -72,11 +76,12 @@ def add_child(gm: fx.GraphModule, parent: str, stem: str, module: nn.Module) -> 
 
 
 def swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, parent: str, stem: str,
-                    n_inputs: int) -> fx.Node:
+                    n_inputs: int, inputs: tuple | None = None) -> fx.Node:
     """Replace call ``node`` by a call of ``module`` (registered under ``parent`` from ``stem``) on
-    its first ``n_inputs`` arguments; returns the new node."""
+    its first ``n_inputs`` arguments, or on ``inputs``; returns the new node."""
     with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(add_child(gm, parent, stem, module), tuple(node.args[:n_inputs]))
+        new = gm.graph.call_module(add_child(gm, parent, stem, module),
+                                   tuple(node.args[:n_inputs]) if inputs is None else inputs)
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
@@ -118,6 +123,14 @@ def normalize(gm: fx.GraphModule) -> None:
         elif node.op == "call_function" and target is stochastic_depth and not arg(node, 3, "training", True):
             node.replace_all_uses_with(node.args[0])  # identity in eval mode (torchvision's ConvNeXt, EfficientNet)
             gm.graph.erase_node(node)
+            continue
+        elif node.op == "call_function" and target is torch.einsum:
+            equation, *operands = node.args[0], *(node.args[1] if len(node.args) == 2 and isinstance(
+                node.args[1], (list, tuple)) else node.args[1:])
+            if len(operands) == 2:  # a product of two activations: a matmul with named dims
+                swap_for_module(gm, node, Einsum(equation), scope(node), "einsum", 2, tuple(operands))
+            else:  # operands listed flat, so convert sees which of them vary over time
+                node.args = (equation, *operands)
             continue
         elif node.op == "call_function" and target is F.scaled_dot_product_attention:
             where = scope(node)
@@ -161,9 +174,11 @@ def _add_site(gm, source: fx.Node, signed: bool, name: str, hist: HistogramConfi
 
 def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> None:
     """ReLU modules -> unsigned sites; with ``identity="all"`` a shared y = x site per input of every
-    Conv/Linear and both operands of every MatMul, with ``"linear"`` only per Conv/Linear input."""
+    Conv/Linear and both operands of every MatMul, with ``"linear"`` only per Conv/Linear input;
+    each only where the activation depends on the model's input."""
+    of_input = {node for node, kind in classify(gm.graph, lambda node: False).items() if kind == "static"}
     for node in list(gm.graph.nodes):
-        if _is_relu(gm, node):
+        if _is_relu(gm, node) and node in of_input:
             gm.add_submodule(node.target, ObservedActivation(False, hist))
     if identity not in ("all", "linear"):
         return
@@ -175,8 +190,8 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> No
         operands = (2 if identity == "all" else 0) if isinstance(module, MatMul) \
             else 1 if isinstance(module, SYNAPTIC) else 0
         for i, source in enumerate(node.args[:operands]):
-            if not isinstance(source, fx.Node) or _is_site(gm, source):
-                continue  # already spikes (a ReLU neuron or a shared site)
+            if source not in of_input or _is_site(gm, source):
+                continue  # computed from weights alone, or already spikes (a ReLU neuron or a shared site)
             if source not in sites:
                 stem = f"{node.target.rsplit('.', 1)[-1]}_in{i if operands == 2 else ''}"
                 sites[source] = _add_site(gm, source, True, _child_name(gm, scope(node), stem), hist, before=node)
