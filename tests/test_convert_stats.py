@@ -170,7 +170,7 @@ def test_opt_emp_minimizes_the_empirical_error():
     from hmtconv.conversion.empirical import POINTS, _errors, empirical_lam
 
     obs = ActivationObserver(signed=False)
-    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
     obs(torch.distributions.Exponential(1.0).sample((20_000, 3)) * torch.tensor([1.0, 3.0, 0.2]))
     counts, lo, hi = obs.histogram(per_channel=True)
     lam = empirical_lam(counts, lo, hi, obs.maximum(True), levels=15, T=4)

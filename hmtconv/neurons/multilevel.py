@@ -7,8 +7,6 @@ binary spikes a level costs, which each subclass states through ``levels`` and `
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
