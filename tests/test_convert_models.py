@@ -180,13 +180,14 @@ def test_product_of_two_spike_trains_is_compensated_or_a_clear_error_in_place():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet34", "vgg16_bn", "vit_b_16"])
+@pytest.mark.parametrize("name", ["resnet34", "vgg16_bn", "vit_b_16", "swin_t", "swin_v2_t", "maxvit_t"])
 def test_full_size_torchvision_models_convert(name):
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10).eval()
-    size = 224 if name.startswith("vit") else 64
+    attention = name.startswith(("vit", "swin", "maxvit"))
+    size = 224 if attention else 64
     data = loader((3, size, size), batches=1, batch=2)
-    snn = hc.convert(model, data, n=4, T=2, policy="999", identity="all" if name.startswith("vit") else "maxpool")
+    snn = hc.convert(model, data, n=4, T=2, policy="999", identity="all" if attention else "maxpool")
     result = hc.evaluate(snn, data, ann=model)
     assert len(result.snn_accuracy) == 2 and result.energy_ratio[1] > 0
 
@@ -235,6 +236,40 @@ def test_maxvit_attention_einsums_are_compensated_matmuls():
                and isinstance(m.module, hc.attention.Einsum)]
     assert len(einsums) == 4  # q k^T and attn v in the block and the grid attention
     assert sum(name.rsplit(".", 1)[-1].startswith("einsum") for name in snn.sites()) == 8
+
+
+def small_swin(v2: bool):
+    """Two stages: shifted windows with the mask on 8 x 8 tokens (9 x 9 at 36 px: padded), then a
+    stage one window covers (no shift)."""
+    from torchvision.models import swin_transformer as swin
+    torch.manual_seed(0)
+    extra = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if v2 else {}
+    model = swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                                 stochastic_depth_prob=0.0, num_classes=10, **extra).eval()
+    for m in model.modules():  # torchvision's init leaves the outputs tiny
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=(2 / m.weight.shape[1]) ** 0.5)
+    return model
+
+
+@pytest.mark.parametrize("size", [32, 36])
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_window_attention_is_decomposed_and_approaches_its_ann(v2, size):
+    """torchvision's shifted-window attention (one fx leaf) becomes Linear, MatMul, softmax (and
+    V2's cosine normalization) modules around size-dependent rearrangements; equal to the model
+    in ANN mode, and the SNN approaches it."""
+    model, data = small_swin(v2), loader((3, size, size), batches=1, batch=2)
+    x, ref = data[0][0], model(data[0][0])
+    errors = {}
+    for T in (4, 32):
+        snn = hc.convert(model, data, n=8, T=T, policy="max", identity="all")
+        errors[T] = ((snn(x).mean(0) - ref).abs().mean() / ref.abs().mean()).item()
+    assert snn.report.traced and snn.report.unconverted == []
+    assert torch.allclose(snn.ann_forward(x), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    assert errors[32] < 0.5 * errors[4] and errors[32] < 0.1
+    kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
+    assert {"MatMul", "Softmax", "LayerNorm", "GELU"} <= kinds and ("Normalize" in kinds) == v2
+    assert not any(".cpb_mlp." in name for name in snn.sites())  # V2's position-bias MLP: weights only
 
 
 class _EinsumNet(nn.Module):

@@ -23,6 +23,7 @@ from .observers import ActivationObserver, HistogramConfig
 from .pooling import slice_max_pools
 from .sites import ObservedActivation
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
+from .windows import decompose_window_attention
 
 
 def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -93,6 +94,7 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
                       f"running statistics, no dropout)", stacklevel=2)
     model = (model if inplace else copy.deepcopy(model)).eval()
     decompose_attention(model)
+    decompose_window_attention(model)
     try:
         prepared, traced, trace_error = prepare_graph(model, identity, histogram), True, None
     except NotTraceable as error:  # swap modules instead (fallback.py)

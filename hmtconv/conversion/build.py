@@ -29,6 +29,7 @@ from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
 from .snn import SNN, ConversionConfig, ConversionReport
+from .windows import STRUCTURAL as WINDOW_REARRANGEMENTS
 
 # Ops that act the same on each row of the time-folded batch and are linear (or structural).
 STRUCTURAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
@@ -40,7 +41,7 @@ STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub
                         torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
                         torch.swapaxes, torch.swapdims, torch.movedim,
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
-                        F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d}
+                        F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d, *WINDOW_REARRANGEMENTS}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
                       "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
                       "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",

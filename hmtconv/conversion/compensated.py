@@ -21,6 +21,7 @@ from . import compensation_kernel
 from .attention import Einsum, MatMul
 from .multistep import TimeAware, fold, step_index, unfold
 from .pooling import SlicedMaxPool2d
+from .windows import Normalize
 
 
 
@@ -36,7 +37,7 @@ class Multiply(nn.Module):
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Einsum, Multiply,
                           nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.GroupNorm,
-                          SlicedMaxPool2d}
+                          SlicedMaxPool2d, Normalize}
 
 
 def register_compensated(cls: type) -> type:

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from .attention import MatMul
 from .fold import BatchNormAnyDim
+from .windows import Normalize
 
 
 def scope(node: fx.Node) -> str:
@@ -106,6 +107,7 @@ FUNCTIONAL = {
     F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
     F.layer_norm: ("layer_norm", _layer_norm, 1), F.linear: ("linear", _linear, 1),
     F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
+    F.normalize: ("normalize", lambda gm, n: Normalize(arg(n, 1, "p", 2.0), arg(n, 2, "dim", 1), arg(n, 3, "eps", 1e-12)), 1),
 }
 
 

@@ -1,6 +1,7 @@
 """Graph editing with torch.fx: one fixed sequence of passes run by ``prepare``.
 
-1. :func:`trace` (``nn.MultiheadAttention`` already decomposed, so attention is visible);
+1. :func:`trace` (``nn.MultiheadAttention`` and Swin's window attention already decomposed, so
+   attention is visible: attention.py, windows.py);
 2. :func:`normalize` turns functional ops (``F.relu``, ``torch.relu``, ``x.relu_()``, ``@``,
    ``F.softmax``, ``F.gelu``, ``F.layer_norm``, eval-mode ``F.batch_norm``, ``F.max_pool2d``) into
    modules, one module per call site, so a ReLU module reused twice (torchvision's BasicBlock)
