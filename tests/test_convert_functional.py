@@ -18,13 +18,16 @@ def loader(shape, batches=2, batch=4, seed=0):
 
 
 class HandAttention(nn.Module):
-    """Single-head attention with F.scaled_dot_product_attention and F.layer_norm on buffers."""
+    """Single-head attention with F.scaled_dot_product_attention and F.layer_norm on buffers; mask:
+    None, "bool" (causal, as a buffer), "float" (a bias buffer), "causal" (is_causal=True) or
+    "spikes" (a bias computed from the activations, which cannot convert)."""
 
-    def __init__(self, scale=None, mask=False, affine=True, explicit=False):
+    def __init__(self, scale=None, mask=None, affine=True, explicit=False):
         super().__init__()
         self.qkv, self.out = nn.Linear(6, 18), nn.Linear(6, 3)
-        self.scale, self.explicit = scale, explicit
-        self.register_buffer("mask", torch.ones(5, 5, dtype=torch.bool).tril() if mask else None)
+        self.scale, self.explicit, self.kind = scale, explicit, mask
+        causal = torch.ones(5, 5, dtype=torch.bool).tril()
+        self.register_buffer("mask", causal if mask == "bool" else torch.randn(5, 5) if mask == "float" else None)
         self.register_buffer("w", torch.linspace(0.5, 1.5, 6) if affine else None)
         self.b = nn.Parameter(torch.linspace(-0.2, 0.2, 6)) if affine else None
 
@@ -33,7 +36,9 @@ class HandAttention(nn.Module):
         if self.explicit:  # what the split should compute
             y = ((q * (self.scale or q.size(-1) ** -0.5)) @ k.transpose(-2, -1)).softmax(-1) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=self.scale)
+            mask = q @ k.transpose(-2, -1) if self.kind == "spikes" else self.mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               is_causal=self.kind == "causal")
         return self.out(F.layer_norm(y, (6,), self.w, self.b, 1e-6)).mean(1)
 
 
@@ -58,12 +63,25 @@ def test_hand_written_sdpa_and_layer_norm_convert(scale, affine):
     assert torch.equal(explicit(x, 16), snn(x, 16))  # the split computes the explicit path's bits
 
 
-def test_masked_attention_falls_back_and_says_so():
+@pytest.mark.parametrize("mask", ["bool", "float", "causal"])
+def test_masked_attention_converts_with_the_mask_at_every_step(mask):
+    """A boolean mask or is_causal fills -inf where attention is not allowed, a float mask is
+    added: the same at every step, so the softmax sees its running mean plus the mask."""
     torch.manual_seed(0)
-    model, data = HandAttention(mask=True).eval(), loader((5, 6))
-    snn = hc.convert(model, data, n=4, T=4, policy="max", identity="all")
-    assert not snn.report.traced and "attn_mask=a tensor" in snn.report.trace_error
-    assert ("<root>", "scaled_dot_product_attention") in snn.report.unconverted
+    model, data = HandAttention(mask=mask).eval(), loader((5, 6))
+    x, ref = data[0][0], model(data[0][0])
+    errors = {}
+    for T in (4, 64):
+        snn = hc.convert(model, data, n=8, T=T, policy="max", identity="all")
+        errors[T] = (snn(x).mean(0) - ref).abs().mean().item()
+    assert snn.report.traced and snn.report.unconverted == []
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
+    assert errors[64] < 0.5 * errors[4] and errors[64] < 0.05 * ref.abs().mean()
+
+
+def test_a_mask_computed_from_spikes_is_a_clear_error():
+    with pytest.raises(ValueError, match="add_attention_mask with a mask computed from spikes"):
+        hc.convert(HandAttention(mask="spikes").eval(), loader((5, 6)), n=4, T=4, policy="max", identity="all")
 
 
 class FunctionalCNN(nn.Module):
@@ -97,3 +115,46 @@ def test_functional_batch_norm_linear_and_activations_become_modules():
     # the ANN's synapses, F.linear's counted like an nn.Linear's: a 3x3 conv with padding 1 on 8x8
     # has 22 in-range (output, tap) pairs per axis, for 3 x 6 channel pairs; then 6 -> 5
     assert snn.mac_ann == 22 * 22 * 3 * 6 + 6 * 5
+
+
+class TimmStyleOps(nn.Module):
+    """What timm's PoolFormer, ResMLP, XCiT, CoaT and BEiT do with functions: F.group_norm,
+    torch.addcmul with weights, F.pad / roll / flip / stack / reshape_as on spikes, a position
+    embedding built from the input's size, and a Linear whose bias is concatenated in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(3) / 4), nn.Parameter(torch.randn(3) / 4)
+        self.gn_w, self.gn_b = nn.Parameter(torch.rand(6) + 0.5), nn.Parameter(torch.randn(6) / 4)
+        self.alpha, self.beta = nn.Parameter(torch.rand(6) + 0.5), nn.Parameter(torch.randn(6) / 4)
+        self.pos = nn.Linear(1, 6)
+        self.head = nn.Linear(6 * 7, 3)
+
+    def forward(self, x):  # [B, 5 tokens, 6]
+        x = torch.relu(x)
+        x = F.linear(x, self.fc.weight, torch.cat((self.q_bias, self.v_bias)))
+        x = F.group_norm(x.transpose(1, 2), 2, self.gn_w, self.gn_b, 1e-5).transpose(1, 2)
+        x = torch.addcmul(self.beta, self.alpha, x)
+        x = torch.relu(x)
+        x = torch.stack((x.roll(1, 1), x.flip(2)), 0).sum(0).reshape_as(x)
+        x = F.pad(x, (0, 0, 1, 1))  # 7 tokens
+        pos = self.pos(torch.arange(x.size(1), dtype=x.dtype, device=x.device).unsqueeze(-1) / x.size(1))
+        return self.head((x + pos).flatten(1))
+
+
+def test_timm_style_functions_convert():
+    torch.manual_seed(0)
+    model, data = TimmStyleOps().eval(), loader((5, 6))
+    x, ref = data[0][0], model(data[0][0])
+    errors = {}
+    for T in (4, 64):
+        snn = hc.convert(model, data, n=8, T=T, policy="max", identity="all")
+        errors[T] = (snn(x).mean(0) - ref).abs().mean().item()
+    assert snn.report.traced and snn.report.unconverted == []
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
+    assert errors[64] < 0.5 * errors[4] and errors[64] < 0.05 * ref.abs().mean()
+    assert not any(name.startswith("pos") for name in snn.sites())  # built from sizes: no spikes
+    norms = [m.module for m in snn.modules() if isinstance(m, hc.compensated.Compensated)
+             and isinstance(m.module, nn.GroupNorm)]
+    assert len(norms) == 1 and norms[0].weight is snn.net.gn_w

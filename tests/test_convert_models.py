@@ -103,6 +103,27 @@ def test_untraceable_model_falls_back_and_reports_unconverted():
     assert hc.evaluate(snn, data).unconverted == [("<root>", "relu")]
 
 
+class UntraceableFunctionalHead(Untraceable):
+    """Untraceable, and its last layer called through its weights (as timm's BEiT does)."""
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if h.sum() > -1e9:
+            h = h - 0.1
+        return F.linear(h, self.fc2.weight, self.fc2.bias)
+
+
+def test_the_fallback_keeps_layer_attributes_and_drops_sites_never_reached():
+    torch.manual_seed(0)
+    model, data = UntraceableFunctionalHead().eval(), loader((6,), classes=3)
+    snn = hc.convert(model, data, n=8, T=64, policy="max", identity="all")
+    assert not snn.report.traced
+    assert [name for name, _ in snn.report.unconverted] == ["fc2.0"]  # fc1's input site and the ReLU stay
+    assert set(snn.sites()) == {"fc1.0", "act"}
+    x = data[0][0]
+    assert (snn(x).mean(0) - model(x)).abs().max() < 0.05 * model(x).abs().max()
+
+
 def test_a_bug_in_the_graph_passes_is_raised_not_hidden_by_the_fallback(monkeypatch):
     """Only the model's own code under fx, or a call the passes cannot express, means module
     swapping; an error of the passes themselves must surface (a typo once sent every model there)."""
@@ -363,6 +384,25 @@ def test_timm_models_trace_and_approach_their_ann(name):
     x, ref = data[0][0], model(data[0][0])
     assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
     assert (snn(x).mean(0) - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["beit_base_patch16_224", "eva02_tiny_patch14_224", "swin_tiny_patch4_window7_224",
+                                  "levit_128s", "xcit_nano_12_p16_224", "coat_lite_tiny", "poolformer_s12",
+                                  "resmlp_12_224", "edgenext_xx_small", "cait_xxs24_224", "pvt_v2_b0"])
+def test_timm_transformer_families_trace_and_convert(name):
+    """Masked attention (relative position biases, shifted windows), biases concatenated in
+    forward, position embeddings built from sizes, group norm and affine layers as functions."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    data = loader((3, size, size), batches=1, batch=2)
+    snn = hc.convert(model, data, n=4, T=2, policy="999", identity="all")
+    assert snn.report.traced and snn.report.unconverted == []
+    x = data[0][0]
+    ref = model(x)
+    assert torch.allclose(snn.ann_forward(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert hc.evaluate(snn, data, ann=model).energy_ratio[1] > 0
 
 
 class _Broadcast(nn.Module):

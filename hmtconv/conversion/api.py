@@ -17,7 +17,7 @@ from torch import fx, nn
 from .. import distributed
 from .attention import decompose_attention
 from .build import build_snn
-from .fallback import find_unconverted, prepare_modules
+from .fallback import drop_unreached_sites, find_unconverted, prepare_modules
 from .graph import NotTraceable, prepare_graph
 from .observers import ActivationObserver, HistogramConfig
 from .pooling import slice_max_pools
@@ -202,8 +202,9 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
     info = _info(prepared)
     if info.input_shape is None:
         raise ValueError("the prepared model has no calibration data: run calibrate(prepared, loader) first")
+    unreached = [] if info.traced else drop_unreached_sites(prepared, observed_sites(prepared))
     _warn_constant(observed_sites(prepared), per_channel=config.granularity == "channel")
-    report = ConversionReport(info.input_shape, info.traced, list(info.unconverted), info.trace_error)
+    report = ConversionReport(info.input_shape, info.traced, [*info.unconverted, *unreached], info.trace_error)
     if info.traced:
         del prepared.meta[_KEY]
     else:

@@ -23,7 +23,7 @@ from .compensated import COMPENSATED, Compensated, Multiply
 from .energy import count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
-from .functional import scope
+from .functional import add_attention_mask, scope
 from .graph import swap_for_module
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
@@ -41,16 +41,19 @@ STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub
                         torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
                         torch.swapaxes, torch.swapdims, torch.movedim,
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
-                        F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d, *WINDOW_REARRANGEMENTS}
+                        F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d, F.pad, torch.stack, torch.roll,
+                        torch.flip, *WINDOW_REARRANGEMENTS}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
                       "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
                       "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",
-                      "swapaxes", "swapdims", "movedim"}
+                      "swapaxes", "swapdims", "movedim", "reshape_as", "view_as", "expand_as", "roll", "flip"}
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
-           "mul", "mul_", "div", "div_", torch.einsum}
+           "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}
 # Out-of-place products of two time-varying tensors become a compensated Multiply.
 PRODUCTS = {operator.mul, torch.mul, "mul"}
+# The same at every step as long as the mask (the second argument) does not vary over time.
+MASKING = {add_attention_mask, "masked_fill"}
 
 
 def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
@@ -80,33 +83,51 @@ def _fail(node: fx.Node, what: str) -> None:
                      f"ReLU, or, {register}.")
 
 
-def _compensated_product(gm: fx.GraphModule, node: fx.Node, kinds: dict[fx.Node, str]) -> None:
+def _compensated_product(gm: fx.GraphModule, node: fx.Node, kinds: dict[fx.Node, str]) -> fx.Node:
     new = swap_for_module(gm, node, Compensated(Multiply(), (True, True)), scope(node), "mul", 2)
     kinds[new] = "temporal"
+    return new
+
+
+def reads_spikes(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[fx.Node, bool]:
+    """Which tensors are computed from spike trains' values: a neuron's output and whatever reads
+    one. A tensor made from sizes alone (``torch.ones(x.size(1), ...)``, a causal mask) or from a
+    static tensor repeated at every step is laid out over ``T*B`` rows (temporal) but the same
+    at every step, so any op may run on it per step."""
+    spiky: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        site = node.op == "call_module" and isinstance(gm.get_submodule(node.target), SpikingActivation)
+        # (tensor_meta is there for tensors and tuples of them, as unbind returns; not for sizes)
+        spiky[node] = kinds[node] == "temporal" and (site or any(spiky[i] and i.meta.get("tensor_meta") is not None
+                                                                 for i in node.all_input_nodes))
+    return spiky
 
 
 def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
+    spiky = reads_spikes(gm, kinds)
     for node in list(gm.graph.nodes):
-        if kinds[node] != "temporal" or not is_tensor(node):
-            continue  # sizes and shape checks (x.shape[0], torch._assert) are fine
+        if not spiky[node] or not is_tensor(node):
+            continue  # sizes, shape checks (x.shape[0], torch._assert) and tensors made from sizes are fine
+        varying = [isinstance(a, fx.Node) and spiky[a] and is_tensor(a) for a in node.args]
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if type(module) in COMPENSATED:
-                flags = tuple(isinstance(a, fx.Node) and kinds[a] == "temporal" for a in node.args)
-                if isinstance(module, MatMul) and sum(flags) < 2:
+                if isinstance(module, MatMul) and sum(varying) < 2:
                     continue  # a product with a constant or static operand is linear in the other
-                gm.set_submodule(node.target, Compensated(module, flags))
+                gm.set_submodule(node.target, Compensated(module, tuple(varying)))
             elif not isinstance(module, STRUCTURAL_MODULES):
                 _fail(node, f"{type(module).__name__} module {node.target!r}")
         elif node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-            # (a size read from a spike train is temporal too, but the same at every step)
-            temporal_args = sum(isinstance(a, fx.Node) and kinds[a] == "temporal" and is_tensor(a) for a in node.args)
-            if node.target in PRODUCTS and temporal_args == 2 and len(node.args) == 2 and not node.kwargs:
-                _compensated_product(gm, node, kinds)
+            if node.target in PRODUCTS and sum(varying) == 2 and len(node.args) == 2 and not node.kwargs:
+                spiky[_compensated_product(gm, node, kinds)] = True
                 continue
-            if node.target in SCALING and temporal_args > 1:
+            if node.target in SCALING and sum(varying) > 1:
                 _fail(node, f"product {name} of two time-varying tensors")
+            if node.target in MASKING:
+                if varying[1]:
+                    _fail(node, f"{name} with a mask computed from spikes")
+                continue
             ok = STRUCTURAL_FUNCTIONS if node.op == "call_function" else STRUCTURAL_METHODS
             if node.target not in ok and node.target not in SCALING:
                 _fail(node, f"{name} function")

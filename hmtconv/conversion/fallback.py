@@ -25,13 +25,39 @@ _WATCHED = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", torch.Tens
             F.scaled_dot_product_attention: "scaled_dot_product_attention"}
 
 
+class InputSite(nn.Sequential):
+    """``(site, layer)``: the layer's input spikes first. Attributes it does not have come from the
+    layer, so a model that reads ``self.fc.weight`` keeps working (its functional calls bypass
+    the site, which then never sees data: convert drops it and reports it)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layers = list(self.__dict__.get("_modules", {}).values())  # (none yet while copying or loading)
+            if len(layers) != 2:
+                raise
+            return getattr(layers[1], name)
+
+
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
         if type(module) is nn.ReLU:
             model.set_submodule(name, ObservedActivation(False, hist))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
-            model.set_submodule(name, nn.Sequential(ObservedActivation(True, hist), module))
+            model.set_submodule(name, InputSite(ObservedActivation(True, hist), module))
     return model
+
+
+def drop_unreached_sites(model: nn.Module, sites: dict[str, ObservedActivation]) -> list[tuple[str, str]]:
+    """Sites calibration never reached (a layer called through its weights, a module the forward
+    does not use) become identities; returns them as (name, why) for the report."""
+    dropped = []
+    for name, site in sites.items():
+        if site.observer.count == 0:
+            model.set_submodule(name, nn.Identity())
+            dropped.append((name, "site never reached in calibration (a layer used through its weights?)"))
+    return dropped
 
 
 class _Recorder(TorchFunctionMode):

@@ -41,16 +41,56 @@ def _softmax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
 
 
 def _model_tensor(gm: fx.GraphModule, n: fx.Node, index: int, key: str) -> torch.Tensor | None:
-    """The parameter or buffer of the model that argument ``key`` of call ``n`` reads (or None)."""
+    """The parameter or buffer of the model that argument ``key`` of call ``n`` reads, or the value
+    it computes from them alone (BEiT concatenates its q, k and v biases in forward), or None."""
     source = arg(n, index, key)
     if source is None:
         return None
-    if not (isinstance(source, fx.Node) and source.op == "get_attr"):
+    if isinstance(source, fx.Node) and source.op == "get_attr":
+        owner, _, attr = source.target.rpartition(".")
+        return getattr(gm.get_submodule(owner), attr)
+    value = _constant(gm, source, {})
+    if not isinstance(value, torch.Tensor):
         raise ValueError(f"cannot convert {scope(n) or '<root>'} ({n.target.__name__}, graph node {n.name!r}): "
-                         f"its {key} is computed in forward, not a parameter or buffer of the model; use the "
-                         f"torch.nn module instead of the function")
-    owner, _, attr = source.target.rpartition(".")
-    return getattr(gm.get_submodule(owner), attr)
+                         f"its {key} is computed in forward from the input, not from the model's parameters or "
+                         f"buffers alone; use the torch.nn module instead of the function")
+    return value.detach()
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def _constant(gm: fx.GraphModule, value, done: dict):
+    """``value`` (an argument of a call) evaluated now, where it depends on parameters and buffers
+    only; None where it reads the model's input."""
+    try:
+        return _evaluate(gm, value, done)
+    except _NotConstant:
+        return None
+
+
+def _evaluate(gm: fx.GraphModule, value, done: dict):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_evaluate(gm, v, done) for v in value)
+    if isinstance(value, dict):
+        return {k: _evaluate(gm, v, done) for k, v in value.items()}
+    if not isinstance(value, fx.Node):
+        return value
+    if value not in done:
+        args, kwargs = _evaluate(gm, value.args, done), _evaluate(gm, value.kwargs, done)
+        if value.op == "get_attr":
+            owner, _, attr = value.target.rpartition(".")
+            done[value] = getattr(gm.get_submodule(owner), attr)
+        elif value.op == "call_function":
+            done[value] = value.target(*args, **kwargs)
+        elif value.op == "call_method":
+            done[value] = getattr(args[0], value.target)(*args[1:], **kwargs)
+        elif value.op == "call_module":
+            done[value] = gm.get_submodule(value.target)(*args, **kwargs)
+        else:  # the model's input
+            raise _NotConstant
+    return done[value]
 
 
 def _as_parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
@@ -61,6 +101,15 @@ def _layer_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model)."""
     module = nn.LayerNorm(arg(n, 1, "normalized_shape"), eps=arg(n, 4, "eps", 1e-5))
     module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((2, "weight"), (3, "bias")))
+    return module
+
+
+def _group_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An ``nn.GroupNorm`` sharing the call's weight and bias (timm's GroupNorm1 calls ``F.group_norm``)."""
+    weight, bias = _model_tensor(gm, n, 2, "weight"), _model_tensor(gm, n, 3, "bias")
+    module = nn.GroupNorm(arg(n, 1, "num_groups"), 1 if weight is None else weight.numel(), eps=arg(n, 4, "eps", 1e-5),
+                          affine=False)
+    module.weight, module.bias = _as_parameter(weight), _as_parameter(bias)
     return module
 
 
@@ -105,7 +154,8 @@ FUNCTIONAL = {
     torch.sigmoid: ("sigmoid", _plain(nn.Sigmoid), 1), "sigmoid": ("sigmoid", _plain(nn.Sigmoid), 1),
     F.hardsigmoid: ("hardsigmoid", _plain(nn.Hardsigmoid), 1), F.hardswish: ("hardswish", _plain(nn.Hardswish), 1),
     F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
-    F.layer_norm: ("layer_norm", _layer_norm, 1), F.linear: ("linear", _linear, 1),
+    F.layer_norm: ("layer_norm", _layer_norm, 1), F.group_norm: ("group_norm", _group_norm, 1),
+    F.linear: ("linear", _linear, 1),
     F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
     F.normalize: ("normalize", lambda gm, n: Normalize(arg(n, 1, "p", 2.0), arg(n, 2, "dim", 1), arg(n, 3, "eps", 1e-12)), 1),
 }
@@ -113,22 +163,23 @@ FUNCTIONAL = {
 
 def decompose_sdpa(gm: fx.GraphModule, node: fx.Node, where: str, add_module) -> fx.Node:
     """Replace a ``F.scaled_dot_product_attention(q, k, v)`` node (called in module ``where``) by
-    ``q * scale``, :class:`MatMul` with ``k`` transposed, ``Softmax(-1)`` and :class:`MatMul` with
-    ``v`` (the scale on q, as :class:`DecomposedAttention` does); ``add_module(stem, module)``
-    registers a module and returns its name. Masks, causal attention and dropout have no spiking
-    form here: a clear error."""
+    ``q * scale``, :class:`MatMul` with ``k`` transposed, the mask (a float mask added, a boolean
+    one or ``is_causal`` filling -inf where attention is not allowed), ``Softmax(-1)`` and
+    :class:`MatMul` with ``v`` (the scale on q, as :class:`DecomposedAttention` does);
+    ``add_module(stem, module)`` registers a module and returns its name. A mask is the same at
+    every step (convert checks that it does not come from spikes). Dropout and grouped queries
+    have no spiking form here: a clear error."""
     q, k, v = node.args[:3]
     mask, dropout = arg(node, 3, "attn_mask", None), arg(node, 4, "dropout_p", 0.0)
     causal, scale = arg(node, 5, "is_causal", False), arg(node, 6, "scale", None)
-    if mask is not None or causal or dropout != 0.0 or arg(node, 7, "enable_gqa", False):
+    if dropout != 0.0 or arg(node, 7, "enable_gqa", False):
         raise ValueError(f"cannot convert {where or '<root>'} (scaled_dot_product_attention, graph node {node.name!r}): "
-                         f"only unmasked, non-causal attention without dropout or grouped queries converts "
-                         f"(got attn_mask={'a tensor' if mask is not None else None}, is_causal={causal}, "
-                         f"dropout_p={dropout}); evaluate in eval mode without masks")
+                         f"attention with dropout or grouped queries does not convert (got dropout_p={dropout}); "
+                         f"evaluate in eval mode with as many key/value heads as query heads")
     graph, made = gm.graph, []
 
-    def emit(op: str, target, *args) -> fx.Node:
-        made.append(getattr(graph, op)(target, args))
+    def emit(op: str, target, *args, **kwargs) -> fx.Node:
+        made.append(getattr(graph, op)(target, args, kwargs))
         return made[-1]
 
     with graph.inserting_before(node):
@@ -136,6 +187,14 @@ def decompose_sdpa(gm: fx.GraphModule, node: fx.Node, where: str, add_module) ->
             scale = emit("call_function", operator.pow, emit("call_method", "size", q, -1), -0.5)
         scores = emit("call_module", add_module("scores", MatMul()), emit("call_function", operator.mul, q, scale),
                       emit("call_method", "transpose", k, -2, -1))
+        if causal:  # torch's is_causal: query i attends to keys 0..i
+            sizes = (emit("call_method", "size", q, -2), emit("call_method", "size", k, -2))
+            allowed = emit("call_method", "tril", emit("call_function", torch.ones, sizes, dtype=torch.bool,
+                                                       device=emit("call_function", getattr, q, "device")))
+            scores = emit("call_method", "masked_fill", scores, emit("call_method", "logical_not", allowed),
+                          float("-inf"))
+        if mask is not None:
+            scores = emit("call_function", add_attention_mask, scores, mask)
         attn = emit("call_module", add_module("softmax", nn.Softmax(dim=-1)), scores)
         out = emit("call_module", add_module("mix", MatMul()), attn, v)
     for new in made:  # error messages name the attention module these came from
@@ -143,3 +202,10 @@ def decompose_sdpa(gm: fx.GraphModule, node: fx.Node, where: str, add_module) ->
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return out
+
+
+def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's ``attn_mask``: a boolean mask fills -inf where it is False, a float one is added."""
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(mask.logical_not(), float("-inf"))
+    return scores + mask

@@ -27,7 +27,6 @@ from torchvision.ops import stochastic_depth
 
 from .attention import DecomposedAttention, Einsum, MatMul
 from .functional import FUNCTIONAL, RELU_TARGETS, arg, batch_norm, decompose_sdpa, scope
-from .multistep import classify
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 
@@ -177,7 +176,7 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> No
     """ReLU modules -> unsigned sites; with ``identity="all"`` a shared y = x site per input of every
     Conv/Linear and both operands of every MatMul, with ``"linear"`` only per Conv/Linear input;
     each only where the activation depends on the model's input."""
-    of_input = {node for node, kind in classify(gm.graph, lambda node: False).items() if kind == "static"}
+    of_input = reads_input(gm.graph)
     for node in list(gm.graph.nodes):
         if _is_relu(gm, node) and node in of_input:
             gm.add_submodule(node.target, ObservedActivation(False, hist))
@@ -197,6 +196,22 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> No
                 stem = f"{node.target.rsplit('.', 1)[-1]}_in{i if operands == 2 else ''}"
                 sites[source] = _add_site(gm, source, True, _child_name(gm, scope(node), stem), hist, before=node)
             node.update_arg(i, sites[source])
+
+
+# Reads of a tensor's metadata, not its values (a position embedding built from the input's size
+# is the same for every image).
+METADATA_METHODS, METADATA_ATTRIBUTES = {"size", "dim", "numel"}, {"shape", "device", "dtype", "ndim"}
+
+
+def reads_input(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from the values of the model's input (its sizes, device and dtype aside)."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        metadata = (node.op == "call_method" and node.target in METADATA_METHODS) or (
+            node.op == "call_function" and node.target is getattr and node.args[1] in METADATA_ATTRIBUTES)
+        if node.op == "placeholder" or (not metadata and any(i in found for i in node.all_input_nodes)):
+            found.add(node)
+    return found
 
 
 def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:
