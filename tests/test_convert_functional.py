@@ -158,3 +158,39 @@ def test_timm_style_functions_convert():
     norms = [m.module for m in snn.modules() if isinstance(m, hc.compensated.Compensated)
              and isinstance(m.module, nn.GroupNorm)]
     assert len(norms) == 1 and norms[0].weight is snn.net.gn_w
+
+
+class TimmStyleCNN(nn.Module):
+    """A weight-standardized F.conv2d (NFNet), LeakyReLU (CSPNet, DarkNet) and F.leaky_relu,
+    nearest upsampling (HRNet) and repeat_interleave (GCViT) after spiking neurons."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.act, self.up = nn.LeakyReLU(0.1), nn.Upsample(scale_factor=2)
+        self.head = nn.Linear(4 * 8 * 8 * 2, 3)
+
+    def forward(self, x):  # [B, 2, 8, 8]
+        x = torch.relu(self.stem(x))
+        w = self.conv.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        x = self.act(F.conv2d(x, w, self.conv.bias, 2, 1))
+        x = self.up(F.leaky_relu(x, 0.2))
+        return self.head(x.repeat_interleave(2, dim=1).flatten(1))
+
+
+def test_timm_style_cnn_functions_convert():
+    torch.manual_seed(0)
+    model, data = TimmStyleCNN().eval(), loader((2, 8, 8))
+    x, ref = data[0][0], model(data[0][0])
+    errors = {}
+    for T in (4, 64):
+        snn = hc.convert(model, data, n=8, T=T, policy="max", identity="all")
+        errors[T] = (snn(x).mean(0) - ref).abs().mean().item()
+    assert snn.report.traced and snn.report.unconverted == []
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
+    assert errors[64] < 0.5 * errors[4] and errors[64] < 0.05 * ref.abs().mean()
+    convs = [m for m in snn.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2 and convs[1].stride == (2, 2)  # the functional one, standardized weight held
+    kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
+    assert kinds == {"LeakyReLU"}

@@ -159,14 +159,14 @@ def test_forward_options_take_their_defaults():
 class BadActivation(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc, self.block = nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.ELU())
+        self.fc, self.block = nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Threshold(0.1, 20.0))
 
     def forward(self, x):
         return self.block(self.fc(x))
 
 
 def test_unsupported_module_after_a_neuron_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"block \(ELU module 'block.1'.*register_compensated"):
+    with pytest.raises(ValueError, match=r"block \(Threshold module 'block.1'.*register_compensated"):
         hc.convert(BadActivation().eval(), loader((4,)), policy="max")
 
 
@@ -389,10 +389,12 @@ def test_timm_models_trace_and_approach_their_ann(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["beit_base_patch16_224", "eva02_tiny_patch14_224", "swin_tiny_patch4_window7_224",
                                   "levit_128s", "xcit_nano_12_p16_224", "coat_lite_tiny", "poolformer_s12",
-                                  "resmlp_12_224", "edgenext_xx_small", "cait_xxs24_224", "pvt_v2_b0"])
-def test_timm_transformer_families_trace_and_convert(name):
+                                  "resmlp_12_224", "edgenext_xx_small", "cait_xxs24_224", "pvt_v2_b0", "gcvit_xxtiny",
+                                  "nfnet_l0", "cspresnet50", "hrnet_w18_small"])
+def test_timm_families_trace_and_convert(name):
     """Masked attention (relative position biases, shifted windows), biases concatenated in
-    forward, position embeddings built from sizes, group norm and affine layers as functions."""
+    forward, position embeddings built from sizes, group norm and affine layers as functions,
+    weight-standardized F.conv2d, LeakyReLU, upsampling."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).eval()
     size = model.pretrained_cfg["input_size"][-1]

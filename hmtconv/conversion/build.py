@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .attention import MatMul
 from .compensated import COMPENSATED, Compensated, Multiply
-from .energy import count_operations
+from .energy import REARRANGING, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import add_attention_mask, scope
@@ -35,18 +35,20 @@ from .windows import STRUCTURAL as WINDOW_REARRANGEMENTS
 STRUCTURAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
                       nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten,
                       nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
-                      SpikingActivation, ToTime)
+                      SpikingActivation, ToTime, *REARRANGING)
 STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.neg,
                         operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
                         torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
                         torch.swapaxes, torch.swapdims, torch.movedim,
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
                         F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d, F.pad, torch.stack, torch.roll,
-                        torch.flip, *WINDOW_REARRANGEMENTS}
+                        torch.flip, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.repeat_interleave,
+                        *WINDOW_REARRANGEMENTS}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
                       "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
                       "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",
-                      "swapaxes", "swapdims", "movedim", "reshape_as", "view_as", "expand_as", "roll", "flip"}
+                      "swapaxes", "swapdims", "movedim", "reshape_as", "view_as", "expand_as", "roll", "flip",
+                      "repeat_interleave"}
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}

@@ -37,7 +37,8 @@ class Multiply(nn.Module):
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Einsum, Multiply,
                           nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.GroupNorm,
-                          SlicedMaxPool2d, Normalize}
+                          SlicedMaxPool2d, Normalize, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+                          nn.Softplus, nn.Hardtanh}
 
 
 def register_compensated(cls: type) -> type:

@@ -35,7 +35,14 @@ E_MAC, E_AC = 4.6, 0.9  # pJ (Horowitz 2014)
 SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, ToTime)
+# Linear rearrangements: a spike reaches what they route it to (nearest upsampling: several
+# positions; a bilinear one spreads it over its interpolation weights).
+REARRANGING = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle,
+               nn.ChannelShuffle, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+               nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+               nn.ReplicationPad2d, nn.ReplicationPad3d)
+_PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, ToTime,
+         *REARRANGING)
 
 
 def connections(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

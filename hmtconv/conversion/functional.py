@@ -134,6 +134,17 @@ def batch_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return module
 
 
+def _conv2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An ``nn.Conv2d`` sharing the call's weight and bias, or holding their values where forward
+    computes them from the weights alone (timm's weight-standardized convolutions in NFNets)."""
+    weight = _model_tensor(gm, n, 1, "weight")
+    module = nn.Conv2d(weight.shape[1] * arg(n, 6, "groups", 1), weight.shape[0], weight.shape[2:],
+                       arg(n, 3, "stride", 1), arg(n, 4, "padding", 0), arg(n, 5, "dilation", 1),
+                       arg(n, 6, "groups", 1), bias=False)
+    module.weight, module.bias = _as_parameter(weight), _as_parameter(_model_tensor(gm, n, 2, "bias"))
+    return module
+
+
 def _max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return nn.MaxPool2d(arg(n, 1, "kernel_size"), arg(n, 2, "stride"), arg(n, 3, "padding", 0),
                         arg(n, 4, "dilation", 1), ceil_mode=arg(n, 5, "ceil_mode", False))
@@ -156,7 +167,10 @@ FUNCTIONAL = {
     F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
     F.layer_norm: ("layer_norm", _layer_norm, 1), F.group_norm: ("group_norm", _group_norm, 1),
     F.linear: ("linear", _linear, 1),
-    F.max_pool2d: ("max_pool2d", _max_pool2d, 1),
+    F.max_pool2d: ("max_pool2d", _max_pool2d, 1), F.conv2d: ("conv2d", _conv2d, 1),
+    F.leaky_relu: ("leaky_relu", lambda gm, n: nn.LeakyReLU(arg(n, 1, "negative_slope", 0.01)), 1),
+    F.elu: ("elu", lambda gm, n: nn.ELU(arg(n, 1, "alpha", 1.0)), 1), F.mish: ("mish", _plain(nn.Mish), 1),
+    torch.tanh: ("tanh", _plain(nn.Tanh), 1), "tanh": ("tanh", _plain(nn.Tanh), 1),
     F.normalize: ("normalize", lambda gm, n: Normalize(arg(n, 1, "p", 2.0), arg(n, 2, "dim", 1), arg(n, 3, "eps", 1e-12)), 1),
 }
 
