@@ -113,6 +113,25 @@ class UntraceableFunctionalHead(Untraceable):
         return F.linear(h, self.fc2.weight, self.fc2.bias)
 
 
+class UntraceableSharedReLU(Untraceable):
+    """Untraceable, with one ReLU module called twice (one neuron, one set of statistics)."""
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if h.sum() > -1e9:
+            h = self.act(h - 0.1)
+        return self.fc2(h)
+
+
+def test_the_fallback_compares_a_site_called_twice_call_by_call():
+    torch.manual_seed(0)
+    model, data = UntraceableSharedReLU().eval(), loader((6,), classes=3)
+    snn = hc.convert(model, data, n=8, T=32, policy="max")
+    assert not snn.report.traced and list(snn.sites()) == ["act"]
+    result = hc.evaluate(snn, data, ann=model)  # the diagnostics pair each call with its own ANN output
+    assert 0 <= result.per_layer[0].mean_abs_error < 0.05
+
+
 def test_the_fallback_keeps_layer_attributes_and_drops_sites_never_reached():
     torch.manual_seed(0)
     model, data = UntraceableFunctionalHead().eval(), loader((6,), classes=3)

@@ -37,13 +37,13 @@ class _SiteMonitor:
         self.device = next(iter(snn.buffers())).device
         self.batch = torch.zeros(3, len(self.sites), dtype=torch.float64, device=self.device)  # spikes, elements, |err|
         self.per_step = torch.zeros(2, steps, dtype=torch.float64, device=self.device)  # spikes, synops
-        self.ann: dict[int, torch.Tensor] = {}
+        self.ann: dict[int, list[torch.Tensor]] = {}  # per site, its ANN-mode outputs in call order
         self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.sites.values())]
 
     def _hook(self, i: int):
         def hook(module, args, out):
-            if module.ann_mode:
-                self.ann[i] = out
+            if module.ann_mode:  # (a module-swapped site may be called more than once per forward)
+                self.ann.setdefault(i, []).append(out)
                 return
             self.batch[0, i] += module.neuron.spikes.sum()
             self.batch[1, i] += out.numel() / self.steps
@@ -52,7 +52,7 @@ class _SiteMonitor:
                 self.per_step[1] += module.neuron.synops
             if self.compare:
                 mean = module.neuron.output_sum / self.steps
-                self.batch[2, i] += (mean - self.ann.pop(i)).abs().sum(dtype=torch.float64)
+                self.batch[2, i] += (mean - self.ann[i].pop(0)).abs().sum(dtype=torch.float64)
                 module.neuron.output_sum = None
         return hook
 
