@@ -189,6 +189,20 @@ def test_unsupported_module_after_a_neuron_is_a_clear_error():
         hc.convert(BadActivation().eval(), loader((4,)), policy="max")
 
 
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.rnn = nn.Linear(4, 4), nn.LSTM(4, 3, batch_first=True)
+
+    def forward(self, x):  # [B, steps, 4]
+        return self.rnn(torch.relu(self.fc(x)))[0].mean(1)
+
+
+def test_a_module_returning_a_tuple_after_a_neuron_is_checked_too():
+    with pytest.raises(ValueError, match=r"LSTM module 'rnn'"):
+        hc.convert(Recurrent().eval(), loader((5, 4)), policy="max")
+
+
 def test_unsupported_function_after_a_neuron_is_a_clear_error():
     class Exp(nn.Module):
         def forward(self, x):

@@ -108,7 +108,7 @@ def reads_spikes(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[fx.Node,
 def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
     spiky = reads_spikes(gm, kinds)
     for node in list(gm.graph.nodes):
-        if not spiky[node] or not is_tensor(node):
+        if not spiky[node] or node.meta.get("tensor_meta") is None:
             continue  # sizes, shape checks (x.shape[0], torch._assert) and tensors made from sizes are fine
         varying = [isinstance(a, fx.Node) and spiky[a] and is_tensor(a) for a in node.args]
         if node.op == "call_module":
