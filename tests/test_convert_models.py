@@ -122,6 +122,15 @@ def test_untraceable_model_falls_back_and_reports_unconverted():
     assert hc.evaluate(snn, data).unconverted == [("<root>", "relu")]
 
 
+def test_the_fallback_compares_a_site_called_twice_call_by_call():
+    torch.manual_seed(0)
+    model, data = Untraceable(shared=True).eval(), loader((6,), classes=3)
+    snn = hc.convert(model, data, n=8, T=32, policy="max")
+    assert not snn.report.traced and list(snn.sites()) == ["act"]
+    result = hc.evaluate(snn, data, ann=model)  # the diagnostics pair each call with its own ANN output
+    assert 0 <= result.per_layer[0].mean_abs_error < 0.05
+
+
 def test_the_fallback_keeps_layer_attributes_and_drops_sites_never_reached():
     torch.manual_seed(0)
     model, data = Untraceable(functional_head=True).eval(), loader((6,), classes=3)
