@@ -221,7 +221,7 @@ def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:
 class NotTraceable(Exception):
     """The model has no graph these passes can edit: ``prepare`` swaps modules instead. Raised for
     any error of the model's own code under fx, and for calls :func:`normalize` cannot express
-    as modules (masked attention, a LayerNorm weight computed in forward); errors of the passes
+    as modules (attention dropout, a LayerNorm weight computed from the input); errors of the passes
     themselves are bugs and propagate."""
 
 
