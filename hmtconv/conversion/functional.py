@@ -49,7 +49,7 @@ def _model_tensor(gm: fx.GraphModule, n: fx.Node, index: int, key: str) -> torch
     if isinstance(source, fx.Node) and source.op == "get_attr":
         owner, _, attr = source.target.rpartition(".")
         return getattr(gm.get_submodule(owner), attr)
-    value = _constant(gm, source, {})
+    value = _constant(gm, source)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"cannot convert {scope(n) or '<root>'} ({n.target.__name__}, graph node {n.name!r}): "
                          f"its {key} is computed in forward from the input, not from the model's parameters or "
@@ -61,11 +61,11 @@ class _NotConstant(Exception):
     pass
 
 
-def _constant(gm: fx.GraphModule, value, done: dict):
+def _constant(gm: fx.GraphModule, value):
     """``value`` (an argument of a call) evaluated now, where it depends on parameters and buffers
     only; None where it reads the model's input."""
     try:
-        return _evaluate(gm, value, done)
+        return _evaluate(gm, value, {})
     except _NotConstant:
         return None
 
@@ -205,8 +205,7 @@ def decompose_sdpa(gm: fx.GraphModule, node: fx.Node, where: str, add_module) ->
             sizes = (emit("call_method", "size", q, -2), emit("call_method", "size", k, -2))
             allowed = emit("call_method", "tril", emit("call_function", torch.ones, sizes, dtype=torch.bool,
                                                        device=emit("call_function", getattr, q, "device")))
-            scores = emit("call_method", "masked_fill", scores, emit("call_method", "logical_not", allowed),
-                          float("-inf"))
+            scores = emit("call_function", add_attention_mask, scores, allowed)
         if mask is not None:
             scores = emit("call_function", add_attention_mask, scores, mask)
         attn = emit("call_module", add_module("softmax", nn.Softmax(dim=-1)), scores)
