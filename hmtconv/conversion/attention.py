@@ -76,10 +76,15 @@ class DecomposedAttention(nn.Module):
         return self.out_proj(out), None
 
 
-def decompose_attention(model: nn.Module) -> None:
-    """Swap every ``nn.MultiheadAttention`` in ``model`` (in place) for :class:`DecomposedAttention`."""
+def swap_children(model: nn.Module, types: tuple[type, ...], build) -> None:
+    """Replace (in place) every submodule of exactly one of ``types`` by ``build(module, qualified name)``."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.MultiheadAttention:
-                qualified = f"{name}.{child_name}" if name else child_name
-                setattr(module, child_name, DecomposedAttention(child, qualified).to(child.out_proj.weight))
+            if type(child) in types:
+                setattr(module, child_name, build(child, f"{name}.{child_name}" if name else child_name))
+
+
+def decompose_attention(model: nn.Module) -> None:
+    """Swap every ``nn.MultiheadAttention`` in ``model`` (in place) for :class:`DecomposedAttention`."""
+    swap_children(model, (nn.MultiheadAttention,),
+                  lambda mha, name: DecomposedAttention(mha, name).to(mha.out_proj.weight))

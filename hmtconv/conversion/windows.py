@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2, _patch_merging_pad
 
-from .attention import MatMul
+from .attention import MatMul, swap_children
 
 
 def _geometry(x: torch.Tensor, window: list[int], shift: list[int]) -> tuple[int, int, int, int, list[int]]:
@@ -109,7 +109,8 @@ class WindowAttention(nn.Module):
             bias[bias.numel() // 3:2 * bias.numel() // 3] = 0
             self.qkv.bias = nn.Parameter(bias, requires_grad=False)
         self.scale = (attn.qkv.in_features // self.heads) ** -0.5
-        self.normalize_q, self.normalize_k = Normalize(dim=-1), Normalize(dim=-1)
+        if self.cosine:
+            self.normalize_q, self.normalize_k = Normalize(dim=-1), Normalize(dim=-1)
         self.scores, self.mix, self.softmax = MatMul(), MatMul(), nn.Softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +129,4 @@ class WindowAttention(nn.Module):
 
 def decompose_window_attention(model: nn.Module) -> None:
     """Swap every torchvision ``ShiftedWindowAttention`` (and V2) in ``model``, in place."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) in (ShiftedWindowAttention, ShiftedWindowAttentionV2):
-                setattr(module, name, WindowAttention(child))
+    swap_children(model, (ShiftedWindowAttention, ShiftedWindowAttentionV2), lambda attn, name: WindowAttention(attn))
