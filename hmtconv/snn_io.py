@@ -99,7 +99,7 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, device: str =
     with warnings.catch_warnings():  # the zero batch is constant by design: no sigma = 0 warning
         warnings.simplefilter("ignore")
         try:
-            snn = convert(calibrate(prepare(loaded.model, identity=config["identity"]), zero_batch), **config)
+            snn = convert(calibrate(prepare(loaded.model, identity=config["identity"], example_inputs=zero_batch[0]), zero_batch), **config)
         except (ValueError, TypeError) as error:
             raise UserError(f"{path} cannot be rebuilt from the model {spec!r}: {error}") from error
     own = snn.state_dict()

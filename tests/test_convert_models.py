@@ -212,25 +212,29 @@ def test_unsupported_function_after_a_neuron_is_a_clear_error():
 
 
 class Gate(nn.Module):
-    def __init__(self, inplace: bool):
+    def __init__(self, op: str):
         super().__init__()
-        self.fc1, self.fc2, self.inplace = nn.Linear(4, 4), nn.Linear(4, 4), inplace
+        self.fc1, self.fc2, self.op = nn.Linear(4, 4), nn.Linear(4, 4), op
 
     def forward(self, x):
         a, b = torch.relu(self.fc1(x)), torch.relu(self.fc2(x))
-        return a.mul_(b) if self.inplace else a * b
+        return a.mul_(b) if self.op == "mul_" else a * b if self.op == "mul" else a / (1 + b)
 
 
-def test_product_of_two_spike_trains_is_compensated_or_a_clear_error_in_place():
+@pytest.mark.parametrize("op,module", [("mul", hc.compensated.Multiply), ("div", hc.compensated.Divide)])
+def test_product_or_quotient_of_two_spike_trains_is_compensated(op, module):
     torch.manual_seed(0)
-    model, data = Gate(False).eval(), loader((4,))
+    model, data = Gate(op).eval(), loader((4,))
     snn = hc.convert(model, data, n=8, T=64, policy="max")
-    product = [m for m in snn.modules() if isinstance(m, hc.compensated.Compensated)]
-    assert len(product) == 1 and isinstance(product[0].module, hc.compensated.Multiply)
+    compensated = [m for m in snn.modules() if isinstance(m, hc.compensated.Compensated)]
+    assert len(compensated) == 1 and isinstance(compensated[0].module, module)
     x = data[0][0]
     assert (snn(x).mean(0) - model(x)).abs().max() < 0.02 * model(x).abs().max()
+
+
+def test_an_in_place_product_of_two_spike_trains_is_a_clear_error():
     with pytest.raises(ValueError, match=r"product mul_ of two time-varying tensors"):
-        hc.convert(Gate(True).eval(), data, policy="max")
+        hc.convert(Gate("mul_").eval(), loader((4,)), policy="max")
 
 
 @pytest.mark.slow
@@ -402,11 +406,13 @@ def test_timm_models_trace_and_approach_their_ann(name):
 @pytest.mark.parametrize("name", ["beit_base_patch16_224", "eva02_tiny_patch14_224", "swin_tiny_patch4_window7_224",
                                   "levit_128s", "xcit_nano_12_p16_224", "coat_lite_tiny", "poolformer_s12",
                                   "resmlp_12_224", "edgenext_xx_small", "cait_xxs24_224", "pvt_v2_b0", "gcvit_xxtiny",
-                                  "nfnet_l0", "cspresnet50", "hrnet_w18_small"])
+                                  "nfnet_l0", "cspresnet50", "hrnet_w18_small", "mobilevit_xxs", "twins_svt_small",
+                                  "convit_tiny", "crossvit_tiny_240", "nest_tiny", "vgg11", "efficientvit_m0"])
 def test_timm_families_trace_and_convert(name):
     """Masked attention (relative position biases, shifted windows), biases concatenated in
     forward, position embeddings built from sizes, group norm and affine layers as functions,
-    weight-standardized F.conv2d, LeakyReLU, upsampling."""
+    weight-standardized F.conv2d, LeakyReLU, upsampling, attention normalized by its row sums;
+    Python branches on sizes (the last seven: traced at the calibration size)."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).eval()
     size = model.pretrained_cfg["input_size"][-1]
@@ -433,6 +439,7 @@ class _Broadcast(nn.Module):
     (nn.LayerNorm(5), [(6 * 3, 4, 5)], (True,)),
     (hc.attention.MatMul(), [(6 * 3, 2, 4, 3), (6 * 3, 2, 3, 4)], (True, True)),
     (hc.compensated.Multiply(), [(6 * 3, 4, 5, 5), (6 * 3, 4, 1, 1)], (True, True)),  # a squeeze-and-excitation gate
+    (hc.compensated.Divide(), [(6 * 3, 2, 7), (6 * 3, 2, 1)], (True, True)),  # ConViT's attention row sums
     (_Broadcast(), [(6 * 3, 4), (4,)], (True, False)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the compiled CPU kernel

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 import hmtconv.conversion as hc
@@ -60,6 +61,22 @@ def dataset(size: int, seed: int) -> TensorDataset:
     return TensorDataset(torch.rand(size, 1, 8, 8, generator=g), torch.randint(0, 10, (size,), generator=g))
 
 
+class Padded(nn.Module):
+    """Pads to a multiple of 3 only when needed: traced at the calibration size (shape_tracer.py),
+    on every rank, the one without data included."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(36, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        if x.shape[-1] % 3:
+            x = F.pad(x, (0, -x.shape[-1] % 3, 0, -x.shape[-2] % 3))
+        return self.fc(F.relu(F.avg_pool2d(x, 3).flatten(1)))
+
+
 # (calibration images, evaluation images): uneven shards (3 and 7 batches over 2 ranks), and runs
 # with one batch where rank 1 has no data at all.
 CASES = [(40, 100), (16, 10)]
@@ -79,6 +96,10 @@ def run_cases() -> list[dict]:
             snn = hc.convert(prepared, T=3, **config)
             result = hc.evaluate(snn, test, ann=small_cnn()).to_dict()
             out.append({"stats": stats, "lam": {k: s.neuron.lam for k, s in snn.sites().items()}, "result": result})
+        snn = hc.convert(Padded().eval(), calib, T=3)
+        assert snn.report.traced, snn.report.trace_error
+        out.append({"stats": {}, "lam": {k: s.neuron.lam for k, s in snn.sites().items()},
+                    "result": hc.evaluate(snn, test).to_dict()})
     return out
 
 

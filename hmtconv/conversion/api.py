@@ -7,6 +7,7 @@ unless ``inplace=True``; one calibration serves any n, T, policy, neuron and gra
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -68,6 +69,7 @@ class PrepareInfo:
     traced: bool
     trace_error: str | None = None
     input_shape: tuple[int, ...] | None = None
+    sized_to: tuple[int, ...] | None = None  # the image shape a graph traced at one size takes (shape_tracer.py)
     unconverted: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -83,8 +85,12 @@ def is_prepared(model: nn.Module) -> bool:
 
 
 def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
-            histogram: HistogramConfig = HistogramConfig()) -> nn.Module:
-    """Insert observed sites (ReLUs, and the y = x sites that ``identity`` asks for)."""
+            histogram: HistogramConfig = HistogramConfig(), example_inputs=None) -> nn.Module:
+    """Insert observed sites (ReLUs, and the y = x sites that ``identity`` asks for).
+
+    ``example_inputs`` (a batch of images, or ``(images, labels)``) lets fx trace a model whose
+    forward branches on sizes (timm's MobileViT, Twins, NesT...) at that image size; without it,
+    or where even that fails, such a model falls back to module swapping."""
     if identity not in IDENTITIES:
         raise ValueError(f"identity must be one of {IDENTITIES}, got {identity!r}")
     if isinstance(model, SNN) or is_prepared(model):
@@ -95,15 +101,16 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     model = (model if inplace else copy.deepcopy(model)).eval()
     decompose_attention(model)
     decompose_window_attention(model)
+    example = None if example_inputs is None else model_input(example_inputs, *placement(model), "example_inputs")
     try:
-        prepared, traced, trace_error = prepare_graph(model, identity, histogram), True, None
+        (prepared, sized), traced, trace_error = prepare_graph(model, identity, histogram, example), True, None
     except NotTraceable as error:  # swap modules instead (fallback.py)
-        prepared, traced, trace_error = prepare_modules(model, identity, histogram), False, str(error)
+        prepared, sized, traced, trace_error = prepare_modules(model, identity, histogram), False, False, str(error)
     slice_max_pools(prepared)  # same values, 3-9x faster on CPU: calibration and the SNN both pool
     if not any(isinstance(m, ObservedActivation) for m in prepared.modules()):
         raise ValueError(f"{type(model).__name__} has no ReLU to convert (and identity={identity!r} adds "
                          f"no y = x site); use identity='all' for networks without ReLU such as ViT")
-    info = PrepareInfo(identity, traced, trace_error)
+    info = PrepareInfo(identity, traced, trace_error, sized_to=tuple(example.shape[1:]) if sized else None)
     if traced:
         prepared.meta[_KEY] = info
     else:
@@ -135,6 +142,10 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
         if max_batches is not None and i >= max_batches:
             break
         x = model_input(batch, device, dtype, f"calibration batch {i}")
+        if info.sized_to is not None and tuple(x.shape[1:]) != info.sized_to:
+            raise ValueError(f"calibration batch {i} has images of shape {list(x.shape[1:])} but "
+                             f"{type(prepared).__name__} was traced at {list(info.sized_to)} (its forward branches "
+                             f"on sizes); prepare it with example_inputs of the calibration size")
         try:
             if info.input_shape is None and not info.traced:  # this first run also feeds the observers
                 info.unconverted = find_unconverted(prepared, x)
@@ -196,7 +207,8 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
         raise ValueError("convert(model, calib_loader, ...) needs calibration data for a float model "
                          "(or pass the output of prepare() and calibrate())")
     else:
-        prepared = prepare(model, identity=identity, inplace=inplace)
+        first, calib_loader = _peek(calib_loader)
+        prepared = prepare(model, identity=identity, inplace=inplace, example_inputs=_example_of_any_rank(first, model))
     if calib_loader is not None:
         calibrate(prepared, calib_loader)
     info = _info(prepared)
@@ -210,6 +222,25 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
     else:
         delattr(prepared, _KEY)
     return build_snn(prepared, config, report)
+
+
+def _peek(loader: Iterable) -> tuple[object | None, Iterable]:
+    """The first batch of ``loader`` and an iterable that still yields every batch (one pass over
+    the loader, so a generator works and a DataLoader's workers start once)."""
+    batches = iter(loader)
+    first = next(batches, None)
+    return first, ([] if first is None else itertools.chain([first], batches))
+
+
+def _example_of_any_rank(batch, model: nn.Module) -> torch.Tensor | None:
+    """The images of ``batch`` (None: no data); under torchrun a rank without data gets zeros of
+    the size another rank's images have, so every rank traces the same graph (shape_tracer.py)."""
+    images = None if batch is None else model_input(batch, *placement(model), "calibration batch 0")
+    if not distributed.active():
+        return images
+    shapes = distributed.all_gather_objects(None if images is None else tuple(images.shape[1:]))
+    shape = next((s for s in shapes if s is not None), None)
+    return images if images is not None or shape is None else torch.zeros((1, *shape), device=placement(model)[0])
 
 
 def _warn_constant(sites: dict[str, ObservedActivation], per_channel: bool) -> None:

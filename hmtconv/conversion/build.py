@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .attention import MatMul
-from .compensated import COMPENSATED, Compensated, Multiply
+from .compensated import COMPENSATED, Compensated, Divide, Multiply
 from .energy import REARRANGING, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
@@ -52,8 +52,9 @@ STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "tra
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}
-# Out-of-place products of two time-varying tensors become a compensated Multiply.
-PRODUCTS = {operator.mul, torch.mul, "mul"}
+# Out-of-place products and quotients of two time-varying tensors become compensated modules.
+BINARY = {operator.mul: Multiply, torch.mul: Multiply, "mul": Multiply,
+          operator.truediv: Divide, torch.div: Divide, "div": Divide}
 # The same at every step as long as the mask (the second argument) does not vary over time.
 MASKING = {add_attention_mask, "masked_fill"}
 
@@ -85,8 +86,9 @@ def _fail(node: fx.Node, what: str) -> None:
                      f"ReLU, or, {register}.")
 
 
-def _compensated_product(gm: fx.GraphModule, node: fx.Node, kinds: dict[fx.Node, str]) -> fx.Node:
-    new = swap_for_module(gm, node, Compensated(Multiply(), (True, True)), scope(node), "mul", 2)
+def _compensated_binary(gm: fx.GraphModule, node: fx.Node, kinds: dict[fx.Node, str]) -> fx.Node:
+    op = BINARY[node.target]
+    new = swap_for_module(gm, node, Compensated(op(), (True, True)), scope(node), op.__name__.lower(), 2)
     kinds[new] = "temporal"
     return new
 
@@ -121,8 +123,8 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
                 _fail(node, f"{type(module).__name__} module {node.target!r}")
         elif node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-            if node.target in PRODUCTS and sum(varying) == 2 and len(node.args) == 2 and not node.kwargs:
-                spiky[_compensated_product(gm, node, kinds)] = True
+            if node.target in BINARY and sum(varying) == 2 and len(node.args) == 2 and not node.kwargs:
+                spiky[_compensated_binary(gm, node, kinds)] = True
                 continue
             if node.target in SCALING and sum(varying) > 1:
                 _fail(node, f"product {name} of two time-varying tensors")

@@ -24,7 +24,6 @@ from .pooling import SlicedMaxPool2d
 from .windows import Normalize
 
 
-
 class Multiply(nn.Module):
     """``a * b`` as a module: convert swaps it in where both operands vary over time (the gates of
     squeeze-and-excitation blocks), so the product is taken of the running means."""
@@ -33,10 +32,17 @@ class Multiply(nn.Module):
         return a * b
 
 
+class Divide(nn.Module):
+    """``a / b`` as a module, for the same reason (ConViT normalizes attention by its row sums)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a / b
+
+
 # Module types that are wrapped when their input varies over time; extend with register_compensated.
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Einsum, Multiply,
-                          nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.GroupNorm,
+                          Divide, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.GroupNorm,
                           SlicedMaxPool2d, Normalize, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
                           nn.Softplus, nn.Hardtanh}
 

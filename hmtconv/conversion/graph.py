@@ -28,6 +28,7 @@ from torchvision.ops import stochastic_depth
 from .attention import DecomposedAttention, Einsum, MatMul
 from .functional import FUNCTIONAL, RELU_TARGETS, arg, batch_norm, decompose_sdpa, scope
 from .observers import HistogramConfig
+from .shape_tracer import ShapeTracer
 from .sites import ObservedActivation
 
 SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -43,12 +44,27 @@ class Tracer(fx.Tracer):
         return isinstance(m, MatMul) or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """The graph of ``model(images)``: the SNN is called with the images only, so optional
+class SizedTracer(ShapeTracer, Tracer):
+    """:class:`Tracer` at the example's image size (shape_tracer.py)."""
+
+
+def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.GraphModule, bool]:
+    """The graph of ``model(images)`` and whether it is specialized to ``example``'s image size
+    (tried only where plain tracing fails). The SNN is called with the images only, so optional
     arguments of ``forward`` (timm's ``attn_mask=None, is_causal=False``) are fixed at their defaults."""
     optional = list(inspect.signature(model.forward).parameters.values())[1:]
-    defaults = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}
-    return fx.GraphModule(model, Tracer().trace(model, concrete_args=defaults or None), class_name=type(model).__name__)
+    defaults = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty} or None
+    try:
+        graph, sized = Tracer().trace(model, concrete_args=defaults), False
+    except Exception as error:  # the model's code run on proxies may raise anything
+        if example is None:
+            raise NotTraceable(f"{type(error).__name__}: {error}") from error
+        try:
+            graph, sized = SizedTracer(example).trace(model, concrete_args=defaults), True
+        except Exception as sized_error:
+            raise NotTraceable(f"{type(error).__name__}: {error}; at the example's image size: "
+                               f"{type(sized_error).__name__}: {sized_error}") from sized_error
+    return fx.GraphModule(model, graph, class_name=type(model).__name__), sized
 
 
 def _child_name(gm: fx.GraphModule, parent: str, stem: str) -> str:
@@ -225,11 +241,10 @@ class NotTraceable(Exception):
     themselves are bugs and propagate."""
 
 
-def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig) -> fx.GraphModule:
-    try:
-        gm = trace(model)
-    except Exception as error:  # the model's code run on proxies may raise anything
-        raise NotTraceable(f"{type(error).__name__}: {error}") from error
+def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig,
+                  example: torch.Tensor | None = None) -> tuple[fx.GraphModule, bool]:
+    """The prepared graph, and whether it is specialized to ``example``'s image size."""
+    gm, sized = trace(model, example)
     try:
         normalize(gm)
     except ValueError as error:
@@ -238,4 +253,4 @@ def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig) -> fx.
     insert_sites(gm, identity, hist)
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return gm, sized
