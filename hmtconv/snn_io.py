@@ -32,7 +32,11 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
              num_classes: int, extra: dict | None = None) -> Path:
     """Write ``snn`` atomically; ``model``/``weights`` say how to rebuild its architecture."""
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in snn.state_dict().items()}
+    tensors, stored = {}, set()
+    for k, v in snn.state_dict().items():  # a parameter under two names (timm's F.layer_norm weights) stored twice
+        v = v.detach().cpu().contiguous()
+        tensors[k] = v.clone() if v.untyped_storage().data_ptr() in stored else v
+        stored.add(v.untyped_storage().data_ptr())
     model, weights = (str(Path(p).resolve()) if p is not None and Path(p).is_file() else p for p in (model, weights))
     meta = {"format": FORMAT, "version": VERSION, "hmtconv": __version__, "config": snn.config.to_dict(),
             "input_shape": list(snn.report.input_shape), "num_classes": num_classes,

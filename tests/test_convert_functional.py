@@ -162,7 +162,8 @@ def test_timm_style_functions_convert():
 
 class TimmStyleCNN(nn.Module):
     """A weight-standardized F.conv2d (NFNet), LeakyReLU (CSPNet, DarkNet) and F.leaky_relu,
-    nearest upsampling (HRNet) and repeat_interleave (GCViT) after spiking neurons."""
+    nearest upsampling (HRNet), sliding windows (HaloNet's Tensor.unfold, F.unfold) and
+    repeat_interleave (GCViT) after spiking neurons."""
 
     def __init__(self):
         super().__init__()
@@ -175,7 +176,8 @@ class TimmStyleCNN(nn.Module):
         w = self.conv.weight
         w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
         x = self.act(F.conv2d(x, w, self.conv.bias, 2, 1))
-        x = self.up(F.leaky_relu(x, 0.2))
+        x = self.up(F.leaky_relu(x, 0.2)).unfold(3, 2, 2).flatten(3)  # windows of a row (HaloNet)
+        x = F.unfold(x, 2, stride=2)  # im2col: [B, 4 * 2 * 2, 16]
         return self.head(x.repeat_interleave(2, dim=1).flatten(1))
 
 

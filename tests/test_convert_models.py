@@ -425,6 +425,32 @@ def test_timm_families_trace_and_convert(name):
     assert hc.evaluate(snn, data, ann=model).energy_ratio[1] > 0
 
 
+class _SharedNonlinearity(nn.Module):
+    """One GELU and one LayerNorm module, each called at two places (timm's CoaT calls its
+    parallel blocks' MLP for several scales)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.act, self.norm = nn.Linear(6, 6), nn.Linear(6, 10), nn.GELU(), nn.LayerNorm(6)
+
+    def forward(self, x):
+        a = self.norm(self.act(self.fc1(x)))
+        return self.fc2(self.norm(self.act(a)))
+
+
+def test_a_nonlinear_module_called_twice_gets_a_wrapper_per_call_site():
+    torch.manual_seed(0)
+    model, data = _SharedNonlinearity().eval(), loader((6,), batches=1, batch=8)
+    errors = {}
+    for T in (4, 64):
+        snn = hc.convert(model, data, n=8, T=T, policy="max", identity="all")
+        x, ref = data[0][0], model(data[0][0])
+        errors[T] = ((snn(x).mean(0) - ref).abs().mean() / ref.abs().mean()).item()
+    wrappers = [m for m in snn.net.modules() if isinstance(m, hc.compensated.Compensated)]
+    assert len(wrappers) == 4 and len({id(w.module) for w in wrappers}) == 2  # 4 call sites, 2 modules
+    assert errors[64] < 0.5 * errors[4] and errors[64] < 0.05
+
+
 class _Broadcast(nn.Module):
     """A static tensor broadcast to the spike train's shape: a view of an input, which
     compensation must copy before scaling it in place."""

@@ -12,6 +12,7 @@ import hmtconv.conversion as hc
 from hmtconv.cli import main
 from hmtconv.errors import UserError
 from hmtconv.models import MODELS
+from hmtconv.models.loading import load_model
 from hmtconv.snn_io import FORMAT, load_snn, save_snn
 
 
@@ -64,6 +65,18 @@ def test_resnet_roundtrip_is_bit_identical(tmp_path):
     loaded, meta = load_snn(save_snn(snn, tmp_path / "r.safetensors", model="resnet18_small", num_classes=10))
     assert meta["config"]["policy"] == "999,*layer1.*=opt"
     assert torch.equal(loaded(data[0][0]), snn(data[0][0]))
+
+
+@pytest.mark.filterwarnings("ignore:constant activations")
+@pytest.mark.parametrize("spec,size", [("timm:deit_tiny_patch16_224", 32), ("timm:mobilevit_xxs", 64)])
+def test_timm_roundtrip_with_shared_parameters_and_a_graph_traced_at_one_size(spec, size, tmp_path):
+    """DeiT's LayerNorms call F.layer_norm, whose modules share the model's weights (two names,
+    one tensor); MobileViT branches on sizes, so it is rebuilt by tracing at the saved size."""
+    model = load_model(spec, None, in_channels=3, image_size=size, num_classes=10).model.eval()
+    data = images((3, size, size), batches=1, batch=2)
+    snn = hc.convert(model, data, T=2, identity="all")
+    loaded, _ = load_snn(save_snn(snn, tmp_path / "t.safetensors", model=spec, num_classes=10))
+    assert loaded.report.traced and torch.equal(loaded(data[0][0]), snn(data[0][0]))
 
 
 def test_truncated_file_is_a_clear_error(saved, tmp_path):

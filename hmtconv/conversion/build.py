@@ -24,7 +24,7 @@ from .energy import REARRANGING, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import add_attention_mask, scope
-from .graph import swap_for_module
+from .graph import add_child, swap_for_module
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
@@ -43,12 +43,13 @@ STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
                         F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d, F.pad, torch.stack, torch.roll,
                         torch.flip, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.repeat_interleave,
+                        F.unfold, F.fold,
                         *WINDOW_REARRANGEMENTS}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
                       "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
                       "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",
                       "swapaxes", "swapdims", "movedim", "reshape_as", "view_as", "expand_as", "roll", "flip",
-                      "repeat_interleave"}
+                      "repeat_interleave", "unfold"}
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}
@@ -115,10 +116,16 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
         varying = [isinstance(a, fx.Node) and spiky[a] and is_tensor(a) for a in node.args]
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if type(module) in COMPENSATED:
-                if isinstance(module, MatMul) and sum(varying) < 2:
+            shared = isinstance(module, Compensated)  # a module called at several sites, wrapped at an earlier one
+            inner = module.module if shared else module
+            if type(inner) in COMPENSATED:
+                if isinstance(inner, MatMul) and sum(varying) < 2:
                     continue  # a product with a constant or static operand is linear in the other
-                gm.set_submodule(node.target, Compensated(module, tuple(varying)))
+                if shared:  # each call site its own wrapper (flags, step count) around the one module
+                    parent, _, leaf = node.target.rpartition(".")
+                    node.target = add_child(gm, parent, leaf, Compensated(inner, tuple(varying)))
+                else:
+                    gm.set_submodule(node.target, Compensated(inner, tuple(varying)))
             elif not isinstance(module, STRUCTURAL_MODULES):
                 _fail(node, f"{type(module).__name__} module {node.target!r}")
         elif node.op in ("call_function", "call_method"):
