@@ -62,7 +62,7 @@ def dataset(size: int, seed: int) -> TensorDataset:
 
 
 class Padded(nn.Module):
-    """Pads to a multiple of 3 only when needed: traced at the calibration size (shape_tracer.py),
+    """Pads to a multiple of 3 only when needed: traced at the calibration size (tracing.py),
     on every rank, the one without data included."""
 
     def __init__(self):

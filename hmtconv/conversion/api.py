@@ -69,7 +69,7 @@ class PrepareInfo:
     traced: bool
     trace_error: str | None = None
     input_shape: tuple[int, ...] | None = None
-    sized_to: tuple[int, ...] | None = None  # the image shape a graph traced at one size takes (shape_tracer.py)
+    sized_to: tuple[int, ...] | None = None  # the image shape a graph traced at one size takes (tracing.py)
     unconverted: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -234,7 +234,7 @@ def _peek(loader: Iterable) -> tuple[object | None, Iterable]:
 
 def _example_of_any_rank(batch, model: nn.Module) -> torch.Tensor | None:
     """The images of ``batch`` (None: no data); under torchrun a rank without data gets zeros of
-    the size another rank's images have, so every rank traces the same graph (shape_tracer.py)."""
+    the size another rank's images have, so every rank traces the same graph (tracing.py)."""
     images = None if batch is None else model_input(batch, *placement(model), "calibration batch 0")
     if not distributed.active():
         return images

@@ -23,8 +23,8 @@ from .compensated import COMPENSATED, Compensated, Divide, Multiply
 from .energy import REARRANGING, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
-from .functional import add_attention_mask, scope
-from .graph import add_child, swap_for_module
+from .functional import add_attention_mask, assign, scope
+from .graph import SHAPE_ONLY, add_child, swap_for_module
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
@@ -43,7 +43,7 @@ STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
                         F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d, F.pad, torch.stack, torch.roll,
                         torch.flip, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.repeat_interleave,
-                        F.unfold, F.fold,
+                        F.unfold, F.fold, assign,
                         *WINDOW_REARRANGEMENTS}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
                       "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
@@ -96,15 +96,15 @@ def _compensated_binary(gm: fx.GraphModule, node: fx.Node, kinds: dict[fx.Node, 
 
 def reads_spikes(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[fx.Node, bool]:
     """Which tensors are computed from spike trains' values: a neuron's output and whatever reads
-    one. A tensor made from sizes alone (``torch.ones(x.size(1), ...)``, a causal mask) or from a
-    static tensor repeated at every step is laid out over ``T*B`` rows (temporal) but the same
+    one. A tensor made from sizes alone (``torch.ones(x.size(1), ...)``, a causal mask,
+    ``zeros_like``) or from a static tensor repeated at every step is laid out over ``T*B`` rows (temporal) but the same
     at every step, so any op may run on it per step."""
     spiky: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         site = node.op == "call_module" and isinstance(gm.get_submodule(node.target), SpikingActivation)
         # (tensor_meta is there for tensors and tuples of them, as unbind returns; not for sizes)
-        spiky[node] = kinds[node] == "temporal" and (site or any(spiky[i] and i.meta.get("tensor_meta") is not None
-                                                                 for i in node.all_input_nodes))
+        spiky[node] = kinds[node] == "temporal" and node.target not in SHAPE_ONLY and (
+            site or any(spiky[i] and i.meta.get("tensor_meta") is not None for i in node.all_input_nodes))
     return spiky
 
 

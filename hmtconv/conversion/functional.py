@@ -222,3 +222,11 @@ def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     if mask.dtype == torch.bool:
         return scores.masked_fill(mask.logical_not(), float("-inf"))
     return scores + mask
+
+
+def assign(x: torch.Tensor, key, value) -> torch.Tensor:
+    """``x[key] = value`` as a new tensor (graph.normalize reroutes later readers of ``x`` to it),
+    so the graph's data flow shows the write; linear in ``x`` and ``value`` together."""
+    out = x.clone()
+    out[key] = value
+    return out

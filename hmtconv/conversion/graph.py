@@ -1,11 +1,13 @@
 """Graph editing with torch.fx: one fixed sequence of passes run by ``prepare``.
 
-1. :func:`trace` (``nn.MultiheadAttention`` and Swin's window attention already decomposed, so
-   attention is visible: attention.py, windows.py);
+1. :func:`tracing.trace` (``nn.MultiheadAttention`` and Swin's window attention already
+   decomposed, so attention is visible: attention.py, windows.py; at the example's image size
+   where the forward branches on sizes);
 2. :func:`normalize` turns functional ops (``F.relu``, ``torch.relu``, ``x.relu_()``, ``@``,
    ``F.softmax``, ``F.gelu``, ``F.layer_norm``, eval-mode ``F.batch_norm``, ``F.max_pool2d``) into
    modules, one module per call site, so a ReLU module reused twice (torchvision's BasicBlock)
-   gets two neurons; splits ``F.scaled_dot_product_attention`` into its matmuls and softmax
+   gets two neurons; ``x[key] = v`` becomes a new tensor (:func:`functional.assign`) that later
+   readers of ``x`` read; splits ``F.scaled_dot_product_attention`` into its matmuls and softmax
    (timm's ViTs) and drops eval-mode ``stochastic_depth`` (an identity then);
 3. :func:`move_max_pools` rewrites ``relu -> maxpool`` into ``maxpool -> relu`` (max commutes with
    the monotone ReLU), the paper's reordering; with ``identity="maxpool"`` a y = x site is put
@@ -18,53 +20,21 @@
 """
 from __future__ import annotations
 
-import inspect
+import operator
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 from torchvision.ops import stochastic_depth
 
-from .attention import DecomposedAttention, Einsum, MatMul
-from .functional import FUNCTIONAL, RELU_TARGETS, arg, batch_norm, decompose_sdpa, scope
+from .attention import Einsum, MatMul
+from .functional import FUNCTIONAL, RELU_TARGETS, arg, assign, batch_norm, decompose_sdpa, scope
 from .observers import HistogramConfig
-from .shape_tracer import ShapeTracer
 from .sites import ObservedActivation
+from .tracing import NotTraceable, trace
 
 SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-
-
-class Tracer(fx.Tracer):
-    """Default leaves (torch.nn modules) plus :class:`MatMul`; traces through decomposed attention."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, DecomposedAttention):
-            return False
-        return isinstance(m, MatMul) or super().is_leaf_module(m, qualname)
-
-
-class SizedTracer(ShapeTracer, Tracer):
-    """:class:`Tracer` at the example's image size (shape_tracer.py)."""
-
-
-def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.GraphModule, bool]:
-    """The graph of ``model(images)`` and whether it is specialized to ``example``'s image size
-    (tried only where plain tracing fails). The SNN is called with the images only, so optional
-    arguments of ``forward`` (timm's ``attn_mask=None, is_causal=False``) are fixed at their defaults."""
-    optional = list(inspect.signature(model.forward).parameters.values())[1:]
-    defaults = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty} or None
-    try:
-        graph, sized = Tracer().trace(model, concrete_args=defaults), False
-    except Exception as error:  # the model's code run on proxies may raise anything
-        if example is None:
-            raise NotTraceable(f"{type(error).__name__}: {error}") from error
-        try:
-            graph, sized = SizedTracer(example).trace(model, concrete_args=defaults), True
-        except Exception as sized_error:
-            raise NotTraceable(f"{type(error).__name__}: {error}; at the example's image size: "
-                               f"{type(sized_error).__name__}: {sized_error}") from sized_error
-    return fx.GraphModule(model, graph, class_name=type(model).__name__), sized
 
 
 def _child_name(gm: fx.GraphModule, parent: str, stem: str) -> str:
@@ -135,6 +105,10 @@ def normalize(gm: fx.GraphModule) -> None:
             node = swap_for_module(gm, node, factory(gm, node), scope(node), stem, n_inputs)
         elif node.op == "call_function" and target is F.batch_norm and arg(node, 5, "training", False) is False:
             swap_for_module(gm, node, batch_norm(gm, node), scope(node), "batch_norm", 1)
+            continue
+        elif node.op == "call_function" and target is operator.setitem:
+            node.target = assign
+            _reroute_inplace(gm, node)
             continue
         elif node.op == "call_function" and target is stochastic_depth and not arg(node, 3, "training", True):
             node.replace_all_uses_with(node.args[0])  # identity in eval mode (torchvision's ConvNeXt, EfficientNet)
@@ -215,8 +189,10 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> No
 
 
 # Reads of a tensor's metadata, not its values (a position embedding built from the input's size
-# is the same for every image).
+# is the same for every image), and tensors made from it alone (a zero buffer filled later).
 METADATA_METHODS, METADATA_ATTRIBUTES = {"size", "dim", "numel"}, {"shape", "device", "dtype", "ndim"}
+SHAPE_ONLY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+              "new_zeros", "new_ones", "new_empty", "new_full"}
 
 
 def reads_input(graph: fx.Graph) -> set[fx.Node]:
@@ -224,7 +200,8 @@ def reads_input(graph: fx.Graph) -> set[fx.Node]:
     found: set[fx.Node] = set()
     for node in graph.nodes:
         metadata = (node.op == "call_method" and node.target in METADATA_METHODS) or (
-            node.op == "call_function" and node.target is getattr and node.args[1] in METADATA_ATTRIBUTES)
+            node.op == "call_function" and node.target is getattr and node.args[1] in METADATA_ATTRIBUTES) or (
+            node.op in ("call_function", "call_method") and node.target in SHAPE_ONLY)
         if node.op == "placeholder" or (not metadata and any(i in found for i in node.all_input_nodes)):
             found.add(node)
     return found
@@ -232,13 +209,6 @@ def reads_input(graph: fx.Graph) -> set[fx.Node]:
 
 def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ObservedActivation)
-
-
-class NotTraceable(Exception):
-    """The model has no graph these passes can edit: ``prepare`` swaps modules instead. Raised for
-    any error of the model's own code under fx, and for calls :func:`normalize` cannot express
-    as modules (attention dropout, a LayerNorm weight computed from the input); errors of the passes
-    themselves are bugs and propagate."""
 
 
 def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig,

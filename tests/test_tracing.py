@@ -1,4 +1,4 @@
-"""Tracing at the example's image size (shape_tracer.py): models whose forward branches on sizes
+"""Tracing at the example's image size (tracing.py): models whose forward branches on sizes
 in Python trace, still take any batch size, convert like any traced model, and refuse another
 image size; branches on the batch size or on values still fall back to module swapping."""
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import hmtconv.conversion as hc
-from hmtconv.conversion.graph import trace
+from hmtconv.conversion.tracing import NotTraceable, trace
 
 
 def loader(shape, batches=2, batch=4, seed=0):
@@ -54,7 +54,7 @@ class BranchOnValues(Patches):
 def test_plain_fx_fails_and_the_example_makes_it_trace_for_any_batch():
     torch.manual_seed(0)
     model, x = Patches().eval(), torch.randn(4, 3, 7, 9)  # odd sizes: the padding branch is taken
-    with pytest.raises(hc.graph.NotTraceable, match="control flow"):
+    with pytest.raises(NotTraceable, match="control flow"):
         trace(model)
     gm, sized = trace(model, x)
     assert sized
@@ -126,3 +126,35 @@ def test_timm_mobilevit_traces_at_its_size_and_approaches_its_ann():
     assert snn.report.traced and snn.report.unconverted == []
     assert torch.allclose(snn.ann_forward(x), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
     assert errors[32] < 0.5 * errors[4]
+
+
+class AssignedScores(nn.Module):
+    """MViTv2-style item assignment after spiking neurons: a relative-position term added to part
+    of the attention scores in place, and half of a zero buffer filled from an activation."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.q, self.k, self.rel = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+        self.head = nn.Linear(5 * 6, 10)
+
+    def forward(self, x):  # [B, 5, 6]
+        h = torch.relu(self.fc(x))
+        scores = self.q(h) @ self.k(h).transpose(1, 2)
+        scores[:, 1:, 1:] = scores[:, 1:, 1:] + self.rel(h[:, 1:])
+        out = scores.softmax(-1) @ h
+        half = torch.zeros_like(out)
+        half[..., :3] = out[..., :3]
+        return self.head((out + half).flatten(1))
+
+
+def test_item_assignment_after_neurons_traces_and_converges():
+    model, data = AssignedScores().eval(), loader((5, 6), batches=1, batch=8)
+    x, ref = data[0][0], model(data[0][0])
+    errors = {}
+    for T in (4, 64):
+        snn = hc.convert(model, data, n=8, T=T, policy="max", identity="all")
+        errors[T] = ((snn(x).mean(0) - ref).abs().mean() / ref.abs().mean()).item()
+    assert snn.report.traced and snn.report.trace_error is None and snn.report.unconverted == []
+    assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
+    assert errors[64] < 0.5 * errors[4] and errors[64] < 0.05

@@ -1,0 +1,152 @@
+"""The fx tracers ``prepare`` uses (graph.py edits what they return).
+
+:class:`Tracer` is fx's, with :class:`MatMul` a leaf, decomposed attention traced through, and
+item assignment recorded (``attn[:, :, 1:, 1:] = ...``, timm's MViTv2), which fx refuses.
+
+:class:`SizedTracer` is for models whose forward branches on sizes in Python, which plain fx
+cannot trace (``if H % self.patch: x = F.pad(...)``, ``range(x.shape[1] // 4)``: timm's MobileViT,
+Twins, NesT...): it runs the model on an example image alongside the trace, at two batch sizes,
+so every node has a value; a size that is the same at both batch sizes (channels, height, width,
+tokens) becomes a plain int and the Python around it runs as usual, while a size that depends on
+the batch (B, B * windows) stays symbolic, so the graph still takes any batch, T folded into it
+included. Only sizes are specialized: a branch on tensor values, or on the batch size, still
+fails to trace (then prepare swaps modules instead). The graph is valid at the example's image
+size only; calibrate and evaluate check that.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+
+import torch
+from torch import fx, nn
+from torch.fx import _symbolic_trace
+
+from .attention import DecomposedAttention, MatMul
+
+
+class NotTraceable(Exception):
+    """The model has no graph these passes can edit: ``prepare`` swaps modules instead. Raised for
+    any error of the model's own code under fx, and for calls :func:`normalize` cannot express
+    as modules (attention dropout, a LayerNorm weight computed from the input); errors of the passes
+    themselves are bugs and propagate."""
+
+
+class Proxy(fx.Proxy):
+    """fx's proxy, plus ``x[key] = value`` as an ``operator.setitem`` node (graph.normalize makes
+    it a new tensor that later readers of ``x`` read)."""
+
+    def __setitem__(self, key, value) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+class Tracer(fx.Tracer):
+    """Default leaves (torch.nn modules) plus :class:`MatMul`; traces through decomposed attention."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, DecomposedAttention):
+            return False
+        return isinstance(m, MatMul) or super().is_leaf_module(m, qualname)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return Proxy(node, self)
+
+
+BATCHES = (2, 3)  # two batch sizes tell batch-dependent sizes from fixed ones; 1 could hit squeeze-like special cases
+SIZE_METHODS, SIZE_ATTRIBUTES = {"size", "dim"}, {"shape", "ndim"}
+
+
+class _SizedProxy(Proxy):
+    """A proxy whose ``.shape`` and ``len()`` go through :class:`SizedTracer`'s specialization."""
+
+    def __getattr__(self, k: str):
+        if k in SIZE_ATTRIBUTES:
+            return self.tracer.create_proxy("call_function", getattr, (self, k), {})
+        return super().__getattr__(k)
+
+    def __len__(self) -> int:
+        sizes = {len(v) for v in self.tracer.values[self.node]}
+        if len(sizes) != 1:
+            raise fx.proxy.TraceError(f"len() of {self.node.name} depends on the batch size")
+        return sizes.pop()
+
+
+class SizedTracer(Tracer):
+    """:class:`Tracer` with example values (``examples``: one per batch size) at every node."""
+
+    def __init__(self, example: torch.Tensor, **kwargs):
+        super().__init__(**kwargs)
+        one = example[:1]
+        self.examples = tuple(one.expand(b, *one.shape[1:]).clone() for b in BATCHES)
+        self.values: dict[fx.Node, tuple] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SizedProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "placeholder":  # the images, then arguments fixed at their defaults
+            first = not any(n.op == "placeholder" for n in self.values)
+            self.values[node] = self.examples if first else ((node.args or (None,))[0],) * len(BATCHES)
+        elif kind != "output":
+            with _symbolic_trace._maybe_revert_all_patches(), torch.no_grad():  # run the modules, do not trace them
+                self.values[node] = tuple(self._run(node, i) for i in range(len(BATCHES)))
+        return node
+
+    def _run(self, node: fx.Node, i: int):
+        """The value of ``node`` in example run ``i`` (nodes are created in execution order)."""
+        if node.op == "get_attr":
+            return operator.attrgetter(node.target)(self.root)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.values[n][i])
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return self.root.get_submodule(node.target)(*args, **kwargs)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        sizes = (kind == "call_method" and target in SIZE_METHODS) or (
+            kind == "call_function" and target is getattr and args[1] in SIZE_ATTRIBUTES)
+        return self._specialize(proxy) if sizes else proxy
+
+    def _specialize(self, proxy: fx.Proxy):
+        """A size (or tuple of sizes) as plain ints where the batch does not change it."""
+        node = proxy.node
+        first, *others = self.values[node]
+        if isinstance(first, int):
+            fixed = all(o == first for o in others)
+            if fixed:
+                self.graph.erase_node(node)
+            return first if fixed else proxy
+        sizes = tuple(s if all(o[j] == s for o in others) else proxy[j] for j, s in enumerate(first))
+        if not node.users:
+            self.graph.erase_node(node)
+        return sizes
+
+    def iter(self, obj: fx.Proxy):
+        """``for part in x.split(...)`` and the like: as many items as the example has."""
+        lengths = {len(v) for v in self.values.get(obj.node, ())
+                   if isinstance(v, (tuple, list)) or (isinstance(v, torch.Tensor) and v.dim() > 0)}
+        if len(lengths) == 1:
+            return iter([obj[j] for j in range(lengths.pop())])
+        return super().iter(obj)
+
+
+def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.GraphModule, bool]:
+    """The graph of ``model(images)`` and whether it is specialized to ``example``'s image size
+    (tried only where plain tracing fails). The SNN is called with the images only, so optional
+    arguments of ``forward`` (timm's ``attn_mask=None, is_causal=False``) are fixed at their defaults."""
+    optional = list(inspect.signature(model.forward).parameters.values())[1:]
+    defaults = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty} or None
+    try:
+        graph, sized = Tracer().trace(model, concrete_args=defaults), False
+    except Exception as error:  # the model's code run on proxies may raise anything
+        if example is None:
+            raise NotTraceable(f"{type(error).__name__}: {error}") from error
+        try:
+            graph, sized = SizedTracer(example).trace(model, concrete_args=defaults), True
+        except Exception as sized_error:
+            raise NotTraceable(f"{type(error).__name__}: {error}; at the example's image size: "
+                               f"{type(sized_error).__name__}: {sized_error}") from sized_error
+    return fx.GraphModule(model, graph, class_name=type(model).__name__), sized
