@@ -127,7 +127,8 @@ def test_functional_batch_norm_linear_and_activations_become_modules():
 class TimmStyleOps(nn.Module):
     """What timm's PoolFormer, ResMLP, XCiT, CoaT and BEiT do with functions: F.group_norm,
     torch.addcmul with weights, F.pad / roll / flip / stack / reshape_as on spikes, a position
-    embedding built from the input's size, and a Linear whose bias is concatenated in forward."""
+    embedding built from the input's size, a Linear whose bias is concatenated in forward, and
+    Hiera's amax over a dim (compensated)."""
 
     def __init__(self):
         super().__init__()
@@ -136,7 +137,7 @@ class TimmStyleOps(nn.Module):
         self.gn_w, self.gn_b = nn.Parameter(torch.rand(6) + 0.5), nn.Parameter(torch.randn(6) / 4)
         self.alpha, self.beta = nn.Parameter(torch.rand(6) + 0.5), nn.Parameter(torch.randn(6) / 4)
         self.pos = nn.Linear(1, 6)
-        self.head = nn.Linear(6 * 7, 3)
+        self.head = nn.Linear(9 * 7, 3)
 
     def forward(self, x):  # [B, 5 tokens, 6]
         x = torch.relu(x)
@@ -147,7 +148,8 @@ class TimmStyleOps(nn.Module):
         x = torch.stack((x.roll(1, 1), x.flip(2)), 0).sum(0).reshape_as(x)
         x = F.pad(x, (0, 0, 1, 1))  # 7 tokens
         pos = self.pos(torch.arange(x.size(1), dtype=x.dtype, device=x.device).unsqueeze(-1) / x.size(1))
-        return self.head((x + pos).flatten(1))
+        x = x + pos
+        return self.head(torch.cat((x, x.view(x.shape[0], 7, 2, 3).amax(2)), 2).flatten(1))  # Hiera's max over tokens
 
 
 def test_timm_style_functions_convert():
@@ -158,6 +160,8 @@ def test_timm_style_functions_convert():
     norms = [m.module for m in snn.modules() if isinstance(m, hc.compensated.Compensated)
              and isinstance(m.module, nn.GroupNorm)]
     assert len(norms) == 1 and norms[0].weight is snn.net.gn_w
+    assert sum(isinstance(m, hc.compensated.Compensated) and isinstance(m.module, hc.compensated.Amax)
+               for m in snn.modules()) == 1
 
 
 class TimmStyleCNN(nn.Module):

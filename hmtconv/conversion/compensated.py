@@ -39,12 +39,24 @@ class Divide(nn.Module):
         return a / b
 
 
+class Amax(nn.Module):
+    """``x.amax(dim, keepdim)`` as a module (Hiera max-pools tokens this way): after a neuron, the
+    max of the running means, like max pooling that could not move before its neuron."""
+
+    def __init__(self, dim, keepdim: bool = False):
+        super().__init__()
+        self.dim, self.keepdim = dim, keepdim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(self.dim, self.keepdim)
+
+
 # Module types that are wrapped when their input varies over time; extend with register_compensated.
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Einsum, Multiply,
-                          Divide, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.GroupNorm,
-                          SlicedMaxPool2d, Normalize, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
-                          nn.Softplus, nn.Hardtanh}
+                          Divide, Amax, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6,
+                          nn.GroupNorm, SlicedMaxPool2d, Normalize, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
+                          nn.Mish, nn.Softplus, nn.Hardtanh}
 
 
 def register_compensated(cls: type) -> type:

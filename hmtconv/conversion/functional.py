@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .attention import MatMul
+from .compensated import Amax
 from .fold import BatchNormAnyDim
 from .windows import Normalize
 
@@ -150,6 +151,10 @@ def _max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
                         arg(n, 4, "dilation", 1), ceil_mode=arg(n, 5, "ceil_mode", False))
 
 
+def _amax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    return Amax(arg(n, 1, "dim", ()), arg(n, 2, "keepdim", False))
+
+
 def _plain(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module]:
     """The factory of a module that takes nothing from the call."""
     return lambda gm, n: cls()
@@ -172,6 +177,7 @@ FUNCTIONAL = {
     F.elu: ("elu", lambda gm, n: nn.ELU(arg(n, 1, "alpha", 1.0)), 1), F.mish: ("mish", _plain(nn.Mish), 1),
     torch.tanh: ("tanh", _plain(nn.Tanh), 1), "tanh": ("tanh", _plain(nn.Tanh), 1),
     F.normalize: ("normalize", lambda gm, n: Normalize(arg(n, 1, "p", 2.0), arg(n, 2, "dim", 1), arg(n, 3, "eps", 1e-12)), 1),
+    torch.amax: ("amax", _amax, 1), "amax": ("amax", _amax, 1),
 }
 
 
