@@ -23,7 +23,8 @@ def brute_force_fanout(layer, shape):
 
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
-                                  nn.Conv2d(4, 4, (3, 2), stride=(1, 2), padding=(2, 0))])
+                                  nn.Conv2d(4, 4, (3, 2), stride=(1, 2), padding=(2, 0)),
+                                  nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1, groups=2)])
 def test_fanout_and_macs_match_brute_force(conv):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), conv, nn.ReLU(),

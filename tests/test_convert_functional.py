@@ -166,7 +166,7 @@ def test_timm_style_functions_convert():
 
 class TimmStyleCNN(nn.Module):
     """A weight-standardized F.conv2d (NFNet), LeakyReLU (CSPNet, DarkNet) and F.leaky_relu,
-    nearest upsampling (HRNet), sliding windows (HaloNet's Tensor.unfold, F.unfold) and
+    powers of spikes (MetaFormer), nearest upsampling (HRNet), sliding windows (HaloNet's Tensor.unfold, F.unfold) and
     repeat_interleave (GCViT) after spiking neurons."""
 
     def __init__(self):
@@ -180,6 +180,7 @@ class TimmStyleCNN(nn.Module):
         w = self.conv.weight
         w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
         x = self.act(F.conv2d(x, w, self.conv.bias, 2, 1))
+        x = 0.5 * torch.relu(x) ** 2 + torch.square(x)  # MetaFormer's StarReLU and SquaredReLU
         x = self.up(F.leaky_relu(x, 0.2)).unfold(3, 2, 2).flatten(3)  # windows of a row (HaloNet)
         x = F.unfold(x, 2, stride=2)  # im2col: [B, 4 * 2 * 2, 16]
         return self.head(x.repeat_interleave(2, dim=1).flatten(1))
@@ -192,4 +193,4 @@ def test_timm_style_cnn_functions_convert():
     convs = [m for m in snn.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 2 and convs[1].stride == (2, 2)  # the functional one, standardized weight held
     kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
-    assert kinds == {"LeakyReLU"}
+    assert kinds == {"LeakyReLU", "Power"}

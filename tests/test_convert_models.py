@@ -408,13 +408,14 @@ def test_timm_models_trace_and_approach_their_ann(name):
                                   "resmlp_12_224", "edgenext_xx_small", "cait_xxs24_224", "pvt_v2_b0", "gcvit_xxtiny",
                                   "nfnet_l0", "cspresnet50", "hrnet_w18_small", "mobilevit_xxs", "twins_svt_small",
                                   "convit_tiny", "crossvit_tiny_240", "nest_tiny", "vgg11", "efficientvit_m0",
-                                  "mvitv2_tiny", "hiera_tiny_224", "halonet26t"])
+                                  "mvitv2_tiny", "hiera_tiny_224", "halonet26t", "caformer_s18"])
 def test_timm_families_trace_and_convert(name):
     """Masked attention (relative position biases, shifted windows), biases concatenated in
     forward, position embeddings built from sizes, group norm and affine layers as functions,
     weight-standardized F.conv2d, LeakyReLU, upsampling, attention normalized by its row sums;
     Python branches on sizes (MobileViT to EfficientViT-M: traced at the calibration size);
-    item assignment into attention (MViTv2), amax over tokens (Hiera), Tensor.unfold (HaloNet)."""
+    item assignment into attention (MViTv2), amax over tokens (Hiera), Tensor.unfold (HaloNet),
+    powers of spikes (CAFormer's StarReLU)."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).eval()
     size = model.pretrained_cfg["input_size"][-1]
@@ -469,6 +470,7 @@ class _Broadcast(nn.Module):
     (hc.compensated.Multiply(), [(6 * 3, 4, 5, 5), (6 * 3, 4, 1, 1)], (True, True)),  # a squeeze-and-excitation gate
     (hc.compensated.Divide(), [(6 * 3, 2, 7), (6 * 3, 2, 1)], (True, True)),  # ConViT's attention row sums
     (hc.compensated.Amax(2), [(6 * 3, 4, 5, 3)], (True,)),  # Hiera's max over tokens
+    (hc.compensated.Power(2), [(6 * 3, 5)], (True,)),  # StarReLU
     (_Broadcast(), [(6 * 3, 4), (4,)], (True, False)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the compiled CPU kernel

@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .attention import MatMul
 from .compensated import COMPENSATED, Compensated, Divide, Multiply
-from .energy import REARRANGING, count_operations
+from .energy import REARRANGING, SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import add_attention_mask, assign, scope
@@ -32,7 +32,7 @@ from .snn import SNN, ConversionConfig, ConversionReport
 from .windows import STRUCTURAL as WINDOW_REARRANGEMENTS
 
 # Ops that act the same on each row of the time-folded batch and are linear (or structural).
-STRUCTURAL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
+STRUCTURAL_MODULES = (*SYNAPTIC, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
                       nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten,
                       nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
                       SpikingActivation, ToTime, *REARRANGING)
@@ -146,7 +146,7 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
 
 
 # Modules that return a tensor of their own (not a view or their input itself).
-FRESH_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *BATCHNORMS,
+FRESH_OUTPUT = (*SYNAPTIC, *BATCHNORMS,
                 nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, Compensated, ToTime,
                 SpikingActivation)

@@ -2,7 +2,7 @@
 
 What is counted, per sample:
 
-- **Synaptic layers** are Conv1d/2d/3d and Linear. The matmuls and float ops of attention are not
+- **Synaptic layers** are Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear. The matmuls and float ops of attention are not
   counted (the paper's eq. 32 covers neuron -> layer connections only).
 - **ANN cost** ``mac_ann``: exact connections of every synaptic layer, i.e. ``sum_i c_i`` over its
   input elements, where ``c_i`` is how many (output, weight) pairs element ``i`` feeds. Padding,
@@ -32,7 +32,9 @@ from .multistep import ToTime
 from .sites import SpikingActivation
 
 E_MAC, E_AC = 4.6, 0.9  # pJ (Horowitz 2014)
-SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Layers whose inputs meet weights: a site goes before them (identity="all") and spikes into them
+# cost accumulates. (A transposed convolution scatters each input over its kernel: LowFormer.)
+SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 # Linear rearrangements: a spike reaches what they route it to (nearest upsampling: several
@@ -47,10 +49,10 @@ _PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dr
 
 def connections(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer with an all-ones kernel and no bias: linear in x, ``d/dx sum(.) = c``."""
-    ones = torch.ones_like(layer.weight, dtype=x.dtype)
-    if isinstance(layer, nn.Linear):
-        return nn.functional.linear(x, ones)
-    return layer._conv_forward(x, ones, None)
+    tensors = {"weight": torch.ones_like(layer.weight, dtype=x.dtype)}
+    if layer.bias is not None:
+        tensors["bias"] = torch.zeros_like(layer.bias, dtype=x.dtype)
+    return torch.func.functional_call(layer, tensors, (x,))
 
 
 class _Probe(fx.Interpreter):

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .compensated import COMPENSATED
-from .graph import SYNAPTIC
+from .energy import SYNAPTIC
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 

@@ -28,12 +28,12 @@ from torch.nn import functional as F
 from torchvision.ops import stochastic_depth
 
 from .attention import Einsum, MatMul
+from .energy import SYNAPTIC
 from .functional import FUNCTIONAL, RELU_TARGETS, arg, assign, batch_norm, decompose_sdpa, scope
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 from .tracing import NotTraceable, trace
 
-SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
@@ -101,8 +101,11 @@ def normalize(gm: fx.GraphModule) -> None:
             node = swap_for_module(gm, node, nn.ReLU(), scope(node), "relu", 1)
         elif node.op in ("call_function", "call_method") and target in FUNCTIONAL:
             stem, factory, n_inputs = FUNCTIONAL[target]
+            module = factory(gm, node)
+            if module is None:
+                continue
             inplace = bool(node.kwargs.get("inplace", False))  # F.silu(x, inplace=True), ...
-            node = swap_for_module(gm, node, factory(gm, node), scope(node), stem, n_inputs)
+            node = swap_for_module(gm, node, module, scope(node), stem, n_inputs)
         elif node.op == "call_function" and target is F.batch_norm and arg(node, 5, "training", False) is False:
             swap_for_module(gm, node, batch_norm(gm, node), scope(node), "batch_norm", 1)
             continue
