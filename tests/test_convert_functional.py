@@ -166,13 +166,15 @@ def test_timm_style_functions_convert():
 
 class TimmStyleCNN(nn.Module):
     """A weight-standardized F.conv2d (NFNet), LeakyReLU (CSPNet, DarkNet) and F.leaky_relu,
-    powers of spikes (MetaFormer), nearest upsampling (HRNet), sliding windows (HaloNet's Tensor.unfold, F.unfold) and
-    repeat_interleave (GCViT) after spiking neurons."""
+    powers of spikes (MetaFormer), nearest upsampling (HRNet), sliding windows (HaloNet's
+    Tensor.unfold, F.unfold; VOLO's nn.Unfold and nn.Fold) and repeat_interleave (GCViT) after
+    spiking neurons."""
 
     def __init__(self):
         super().__init__()
         self.stem, self.conv = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1)
         self.act, self.up = nn.LeakyReLU(0.1), nn.Upsample(scale_factor=2)
+        self.unfold, self.fold = nn.Unfold(3, padding=1), nn.Fold((8, 8), 3, padding=1)
         self.head = nn.Linear(4 * 8 * 8 * 2, 3)
 
     def forward(self, x):  # [B, 2, 8, 8]
@@ -182,6 +184,7 @@ class TimmStyleCNN(nn.Module):
         x = self.act(F.conv2d(x, w, self.conv.bias, 2, 1))
         x = 0.5 * torch.relu(x) ** 2 + torch.square(x)  # MetaFormer's StarReLU and SquaredReLU
         x = self.up(F.leaky_relu(x, 0.2)).unfold(3, 2, 2).flatten(3)  # windows of a row (HaloNet)
+        x = self.fold(self.unfold(x))  # overlapping windows summed back (VOLO)
         x = F.unfold(x, 2, stride=2)  # im2col: [B, 4 * 2 * 2, 16]
         return self.head(x.repeat_interleave(2, dim=1).flatten(1))
 

@@ -38,11 +38,12 @@ SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.C
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 # Linear rearrangements: a spike reaches what they route it to (nearest upsampling: several
-# positions; a bilinear one spreads it over its interpolation weights).
+# positions; a bilinear one spreads it over its interpolation weights; Unfold copies it into
+# every window that holds it, Fold sums overlapping windows: VOLO's outlook attention).
 REARRANGING = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle,
                nn.ChannelShuffle, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
                nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
-               nn.ReplicationPad2d, nn.ReplicationPad3d)
+               nn.ReplicationPad2d, nn.ReplicationPad3d, nn.Unfold, nn.Fold)
 _PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, ToTime,
          *REARRANGING)
 

@@ -122,6 +122,7 @@ class SizedTracer(Tracer):
         sizes = tuple(s if all(o[j] == s for o in others) else proxy[j] for j, s in enumerate(first))
         if not node.users:
             self.graph.erase_node(node)
+            return type(first)(sizes)  # a torch.Size stays one (x.shape.numel())
         return sizes
 
     def iter(self, obj: fx.Proxy):
