@@ -20,7 +20,8 @@ def loader(shape, batches=2, batch=4, seed=0):
 class Patches(nn.Module):
     """MobileViT-style: pads to a multiple of the patch size only when needed, folds patches with
     sizes read from ``x.shape`` (batch-dependent ``B`` included), loops over groups of channels
-    (``range`` of a size, iterating a ``split``) and measures a tuple with ``len``."""
+    (``range`` of a size, iterating a ``split``), measures a tuple with ``len`` and branches on
+    the kind of device."""
 
     def __init__(self, patch=2, channels=4):
         super().__init__()
@@ -38,6 +39,8 @@ class Patches(nn.Module):
         mixed = torch.cat([g.relu() for g in groups], -1) if len(groups) > 1 else groups[0]
         for _ in range(tokens.shape[1] // tokens.shape[1]):  # once, counted from sizes
             mixed = F.relu(self.fc(mixed))
+        if x.device.type != "meta":  # EfficientViT-MIT asks for the kind of device in Python
+            mixed = mixed + torch.zeros(mixed.shape[-1], device=x.device)
         return self.head(mixed.mean(1))
 
 
@@ -63,6 +66,8 @@ def test_plain_fx_fails_and_the_example_makes_it_trace_for_any_batch():
         assert torch.equal(gm(y), model(y))
     with pytest.raises(RuntimeError):  # the graph is the one of 7 x 9 images
         gm(torch.randn(2, 3, 8, 8))
+    devices = [n for n in gm.graph.nodes if n.target is getattr and n.args[1] == "device" and n.users]
+    assert devices  # torch.zeros(..., device=x.device) reads the device at run time: the SNN can move
 
 
 def test_a_plainly_traceable_model_is_not_specialized():

@@ -57,11 +57,16 @@ SIZE_METHODS, SIZE_ATTRIBUTES = {"size", "dim"}, {"shape", "ndim"}
 
 
 class _SizedProxy(Proxy):
-    """A proxy whose ``.shape`` and ``len()`` go through :class:`SizedTracer`'s specialization."""
+    """A proxy whose ``.shape``, ``len()`` and ``.device.type`` go through :class:`SizedTracer`'s
+    specialization."""
 
     def __getattr__(self, k: str):
-        if k in SIZE_ATTRIBUTES:
+        if k in SIZE_ATTRIBUTES or k == "device":
             return self.tracer.create_proxy("call_function", getattr, (self, k), {})
+        if k == "type" and self.node.target is getattr and self.node.args[1] == "device":
+            # the kind of device, for Python (EfficientViT: ``torch.autocast(x.device.type, ...)``); the
+            # device itself stays symbolic, so the SNN still moves to another device
+            return self.tracer.values[self.node][0].type
         return super().__getattr__(k)
 
     def __len__(self) -> int:
