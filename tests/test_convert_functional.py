@@ -128,7 +128,7 @@ class TimmStyleOps(nn.Module):
     """What timm's PoolFormer, ResMLP, XCiT, CoaT and BEiT do with functions: F.group_norm,
     torch.addcmul with weights, F.pad / roll / flip / stack / reshape_as on spikes, a position
     embedding built from the input's size, a Linear whose bias is concatenated in forward, and
-    Hiera's amax over a dim (compensated)."""
+    Hiera's amax and VOLO's max over a dim (compensated)."""
 
     def __init__(self):
         super().__init__()
@@ -149,7 +149,8 @@ class TimmStyleOps(nn.Module):
         x = F.pad(x, (0, 0, 1, 1))  # 7 tokens
         pos = self.pos(torch.arange(x.size(1), dtype=x.dtype, device=x.device).unsqueeze(-1) / x.size(1))
         x = x + pos
-        return self.head(torch.cat((x, x.view(x.shape[0], 7, 2, 3).amax(2)), 2).flatten(1))  # Hiera's max over tokens
+        x = torch.cat((x, x.view(x.shape[0], 7, 2, 3).amax(2)), 2)  # Hiera's max over tokens
+        return self.head(x.flatten(1)) + x.max(1)[0].sum(-1, keepdim=True) + torch.max(x, 1).values[:, :3]  # VOLO
 
 
 def test_timm_style_functions_convert():
@@ -161,7 +162,7 @@ def test_timm_style_functions_convert():
              and isinstance(m.module, nn.GroupNorm)]
     assert len(norms) == 1 and norms[0].weight is snn.net.gn_w
     assert sum(isinstance(m, hc.compensated.Compensated) and isinstance(m.module, hc.compensated.Amax)
-               for m in snn.modules()) == 1
+               for m in snn.modules()) == 3
 
 
 class TimmStyleCNN(nn.Module):

@@ -155,6 +155,19 @@ def _amax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return Amax(arg(n, 1, "dim", ()), arg(n, 2, "keepdim", False))
 
 
+def _max_values(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    """``x.max(dim)`` read only for its values (VOLO's ``x.max(1)[0]``) as an :class:`Amax`, its
+    ``[0]`` and ``.values`` readers rerouted to the call (None, left as it is: no dim, or indices read)."""
+    values = [u for u in n.users if (u.target is operator.getitem and u.args[1] == 0)
+              or (u.target is getattr and u.args[1] == "values")]
+    if not isinstance(arg(n, 1, "dim"), int) or len(values) != len(n.users):
+        return None
+    for user in values:
+        user.replace_all_uses_with(n)
+        gm.graph.erase_node(user)
+    return Amax(arg(n, 1, "dim"), arg(n, 2, "keepdim", False))
+
+
 def _power(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
     """A module for ``x ** c`` with a number ``c`` (None, left as it is, for any other power)."""
     base, exponent = n.args[0], arg(n, 1, "exponent")
@@ -184,6 +197,7 @@ FUNCTIONAL = {
     torch.tanh: ("tanh", _plain(nn.Tanh), 1), "tanh": ("tanh", _plain(nn.Tanh), 1),
     F.normalize: ("normalize", lambda gm, n: Normalize(arg(n, 1, "p", 2.0), arg(n, 2, "dim", 1), arg(n, 3, "eps", 1e-12)), 1),
     torch.amax: ("amax", _amax, 1), "amax": ("amax", _amax, 1),
+    torch.max: ("max", _max_values, 1), "max": ("max", _max_values, 1),
     operator.pow: ("pow", _power, 1), torch.pow: ("pow", _power, 1), "pow": ("pow", _power, 1),
     torch.square: ("square", lambda gm, n: Power(2), 1), "square": ("square", lambda gm, n: Power(2), 1),
 }
