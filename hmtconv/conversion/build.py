@@ -19,11 +19,11 @@ from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .attention import MatMul
-from .compensated import COMPENSATED, Compensated, Divide, Multiply
+from .compensated import COMPENSATED, Compensated, Divide, Multiply, Power
 from .energy import REARRANGING, SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
-from .functional import add_attention_mask, assign, scope
+from .functional import add_attention_mask, arg, assign, scope
 from .graph import SHAPE_ONLY, add_child, swap_for_module
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
@@ -53,9 +53,26 @@ STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "tra
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}
-# Out-of-place products and quotients of two time-varying tensors become compensated modules.
-BINARY = {operator.mul: Multiply, torch.mul: Multiply, "mul": Multiply,
-          operator.truediv: Divide, torch.div: Divide, "div": Divide}
+
+
+def _binary(op: type):
+    return lambda node, varying: op() if sum(varying) == 2 and len(node.args) == 2 and not node.kwargs else None
+
+
+def _power(node: fx.Node, varying: list[bool]) -> nn.Module | None:
+    exponent = 2 if node.target in (torch.square, "square") else arg(node, 1, "exponent")
+    number = isinstance(exponent, (int, float)) and not isinstance(exponent, bool)
+    return Power(exponent) if varying[0] and number else None
+
+
+# Nonlinear elementwise calls on time-varying tensors that become compensated modules: target ->
+# the module for this call, of its time-varying tensor arguments (None: not for this call). Out of
+# place products and quotients of two spike trains (squeeze-and-excitation gates, ConViT), constant
+# powers (MetaFormer's StarReLU). Done here, not in graph.normalize, because only here is it known
+# which arguments are tensors (``q.size(-1) ** -0.5`` is a number).
+ELEMENTWISE = {operator.mul: _binary(Multiply), torch.mul: _binary(Multiply), "mul": _binary(Multiply),
+               operator.truediv: _binary(Divide), torch.div: _binary(Divide), "div": _binary(Divide),
+               operator.pow: _power, torch.pow: _power, "pow": _power, torch.square: _power, "square": _power}
 # The same at every step as long as the mask (the second argument) does not vary over time.
 MASKING = {add_attention_mask, "masked_fill"}
 
@@ -87,9 +104,10 @@ def _fail(node: fx.Node, what: str) -> None:
                      f"ReLU, or, {register}.")
 
 
-def _compensated_binary(gm: fx.GraphModule, node: fx.Node, kinds: dict[fx.Node, str]) -> fx.Node:
-    op = BINARY[node.target]
-    new = swap_for_module(gm, node, Compensated(op(), (True, True)), scope(node), op.__name__.lower(), 2)
+def _compensated_call(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kinds: dict[fx.Node, str]) -> fx.Node:
+    inputs = 2 if isinstance(module, (Multiply, Divide)) else 1
+    new = swap_for_module(gm, node, Compensated(module, (True,) * inputs), scope(node), type(module).__name__.lower(),
+                          inputs)
     kinds[new] = "temporal"
     return new
 
@@ -130,8 +148,9 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
                 _fail(node, f"{type(module).__name__} module {node.target!r}")
         elif node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-            if node.target in BINARY and sum(varying) == 2 and len(node.args) == 2 and not node.kwargs:
-                spiky[_compensated_binary(gm, node, kinds)] = True
+            module = ELEMENTWISE[node.target](node, varying) if node.target in ELEMENTWISE else None
+            if module is not None:
+                spiky[_compensated_call(gm, node, module, kinds)] = True
                 continue
             if node.target in SCALING and sum(varying) > 1:
                 _fail(node, f"product {name} of two time-varying tensors")

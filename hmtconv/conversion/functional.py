@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .attention import MatMul
-from .compensated import Amax, Power
+from .compensated import Amax
 from .fold import BatchNormAnyDim
 from .windows import Normalize
 
@@ -168,12 +168,6 @@ def _max_values(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
     return Amax(arg(n, 1, "dim"), arg(n, 2, "keepdim", False))
 
 
-def _power(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
-    """A module for ``x ** c`` with a number ``c`` (None, left as it is, for any other power)."""
-    base, exponent = n.args[0], arg(n, 1, "exponent")
-    return Power(exponent) if isinstance(base, fx.Node) and isinstance(exponent, (int, float)) else None
-
-
 def _plain(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module]:
     """The factory of a module that takes nothing from the call."""
     return lambda gm, n: cls()
@@ -198,8 +192,6 @@ FUNCTIONAL = {
     F.normalize: ("normalize", lambda gm, n: Normalize(arg(n, 1, "p", 2.0), arg(n, 2, "dim", 1), arg(n, 3, "eps", 1e-12)), 1),
     torch.amax: ("amax", _amax, 1), "amax": ("amax", _amax, 1),
     torch.max: ("max", _max_values, 1), "max": ("max", _max_values, 1),
-    operator.pow: ("pow", _power, 1), torch.pow: ("pow", _power, 1), "pow": ("pow", _power, 1),
-    torch.square: ("square", lambda gm, n: Power(2), 1), "square": ("square", lambda gm, n: Power(2), 1),
 }
 
 
