@@ -66,8 +66,8 @@ def _power(node: fx.Node, varying: list[bool]) -> nn.Module | None:
 
 
 # Nonlinear elementwise calls on time-varying tensors that become compensated modules: target ->
-# the module for this call, of its time-varying tensor arguments (None: not for this call). Out of
-# place products and quotients of two spike trains (squeeze-and-excitation gates, ConViT), constant
+# f(node, which arguments vary) giving the module for this call (None: not this call). Out-of-place
+# products and quotients of two spike trains (squeeze-and-excitation gates, ConViT) and constant
 # powers (MetaFormer's StarReLU). Done here, not in graph.normalize, because only here is it known
 # which arguments are tensors (``q.size(-1) ** -0.5`` is a number).
 ELEMENTWISE = {operator.mul: _binary(Multiply), torch.mul: _binary(Multiply), "mul": _binary(Multiply),
@@ -115,8 +115,8 @@ def _compensated_call(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kind
 def reads_spikes(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[fx.Node, bool]:
     """Which tensors are computed from spike trains' values: a neuron's output and whatever reads
     one. A tensor made from sizes alone (``torch.ones(x.size(1), ...)``, a causal mask,
-    ``zeros_like``) or from a static tensor repeated at every step is laid out over ``T*B`` rows (temporal) but the same
-    at every step, so any op may run on it per step."""
+    ``zeros_like``) or from a static tensor repeated at every step is laid out over ``T*B`` rows
+    (temporal) but the same at every step, so any op may run on it per step."""
     spiky: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         site = node.op == "call_module" and isinstance(gm.get_submodule(node.target), SpikingActivation)

@@ -2,8 +2,8 @@
 
 What is counted, per sample:
 
-- **Synaptic layers** are Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear. The matmuls and float ops of attention are not
-  counted (the paper's eq. 32 covers neuron -> layer connections only).
+- **Synaptic layers** are Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear. The matmuls and float
+  ops of attention are not counted (the paper's eq. 32 covers neuron -> layer connections only).
 - **ANN cost** ``mac_ann``: exact connections of every synaptic layer, i.e. ``sum_i c_i`` over its
   input elements, where ``c_i`` is how many (output, weight) pairs element ``i`` feeds. Padding,
   stride, dilation and groups are exact because ``c`` is the gradient of the layer run with an
