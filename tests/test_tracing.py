@@ -20,13 +20,13 @@ def loader(shape, batches=2, batch=4, seed=0):
 class Patches(nn.Module):
     """MobileViT-style: pads to a multiple of the patch size only when needed, folds patches with
     sizes read from ``x.shape`` (batch-dependent ``B`` included), loops over groups of channels
-    (``range`` of a size, iterating a ``split``), measures a tuple with ``len`` and branches on
-    the kind of device."""
+    (``range`` of a size, iterating a ``split``), measures a tuple with ``len``, branches on
+    the kind of device and reads a number with ``.item()``."""
 
     def __init__(self, patch=2, channels=4):
         super().__init__()
         self.patch, self.conv, self.fc = patch, nn.Conv2d(3, channels, 3, padding=1), nn.Linear(channels, channels)
-        self.head = nn.Linear(channels, 10)
+        self.head, self.gain = nn.Linear(channels, 10), nn.Parameter(torch.tensor(1.5))
 
     def forward(self, x):
         x = F.relu(self.conv(x))
@@ -41,7 +41,7 @@ class Patches(nn.Module):
             mixed = F.relu(self.fc(mixed))
         if x.device.type != "meta":  # EfficientViT-MIT asks for the kind of device in Python
             mixed = mixed + torch.zeros(mixed.shape[-1], device=x.device)
-        return self.head(mixed.mean(1))
+        return self.head(mixed.mean(1)) * self.gain.item()  # no value on meta tensors: left symbolic
 
 
 class BranchOnBatch(Patches):

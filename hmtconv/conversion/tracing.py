@@ -5,8 +5,8 @@ item assignment recorded (``attn[:, :, 1:, 1:] = ...``, timm's MViTv2), which fx
 
 :class:`SizedTracer` is for models whose forward branches on sizes in Python, which plain fx
 cannot trace (``if H % self.patch: x = F.pad(...)``, ``range(x.shape[1] // 4)``: timm's MobileViT,
-Twins, NesT...): it runs the model on an example image alongside the trace, at two batch sizes,
-so every node has a value; a size that is the same at both batch sizes (channels, height, width,
+Twins, NesT...): it runs the model alongside the trace on meta tensors (shapes, no data) of the
+example's image size, at two batch sizes, so every node has a shape; a size that is the same at both batch sizes (channels, height, width,
 tokens) becomes a plain int and the Python around it runs as usual, while a size that depends on
 the batch (B, B * windows) stays symbolic, so the graph still takes any batch, T folded into it
 included. Only sizes are specialized: a branch on tensor values, or on the batch size, still
@@ -66,13 +66,14 @@ class _SizedProxy(Proxy):
         if k == "type" and self.node.target is getattr and self.node.args[1] == "device":
             # the kind of device, for Python (EfficientViT: ``torch.autocast(x.device.type, ...)``); the
             # device itself stays symbolic, so the SNN still moves to another device
-            return self.tracer.values[self.node][0].type
+            return self.tracer.device_type
         return super().__getattr__(k)
 
     def __len__(self) -> int:
-        sizes = {len(v) for v in self.tracer.values[self.node]}
+        values = self.tracer.values[self.node]
+        sizes = {len(v) for v in values} if values is not None else set()
         if len(sizes) != 1:
-            raise fx.proxy.TraceError(f"len() of {self.node.name} depends on the batch size")
+            raise fx.proxy.TraceError(f"len() of {self.node.name} depends on the batch size (or is unknown)")
         return sizes.pop()
 
 
@@ -81,9 +82,11 @@ class SizedTracer(Tracer):
 
     def __init__(self, example: torch.Tensor, **kwargs):
         super().__init__(**kwargs)
-        one = example[:1]
-        self.examples = tuple(one.expand(b, *one.shape[1:]).clone() for b in BATCHES)
-        self.values: dict[fx.Node, tuple] = {}
+        # on the meta device: shapes and dtypes without data or arithmetic (a SAM ViT at 1,024 px
+        # traces in seconds, in no memory)
+        self.examples = tuple(torch.empty((b, *example.shape[1:]), dtype=example.dtype, device="meta") for b in BATCHES)
+        self.device_type = example.device.type
+        self.values: dict[fx.Node, tuple | None] = {}  # None: not computable on meta tensors
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _SizedProxy(node, self)
@@ -94,20 +97,25 @@ class SizedTracer(Tracer):
             first = not any(n.op == "placeholder" for n in self.values)
             self.values[node] = self.examples if first else ((node.args or (None,))[0],) * len(BATCHES)
         elif kind != "output":
-            with _symbolic_trace._maybe_revert_all_patches(), torch.no_grad():  # run the modules, do not trace them
-                self.values[node] = tuple(self._run(node, i) for i in range(len(BATCHES)))
+            try:
+                with _symbolic_trace._maybe_revert_all_patches():  # run the modules, do not trace them
+                    self.values[node] = tuple(self._run(node, i) for i in range(len(BATCHES)))
+            except Exception:  # .item(), an op without a meta kernel: sizes read from it stay symbolic
+                self.values[node] = None
         return node
 
     def _run(self, node: fx.Node, i: int):
         """The value of ``node`` in example run ``i`` (nodes are created in execution order)."""
         if node.op == "get_attr":
-            return operator.attrgetter(node.target)(self.root)
+            return _on_meta(operator.attrgetter(node.target)(self.root))
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.values[n][i])
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return self.root.get_submodule(node.target)(*args, **kwargs)
+        module = self.root.get_submodule(node.target)
+        tensors = {name: t.to("meta") for name, t in (*module.named_parameters(), *module.named_buffers())}
+        return torch.func.functional_call(module, tensors, args, kwargs)
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **more) -> fx.Proxy:
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
@@ -118,6 +126,8 @@ class SizedTracer(Tracer):
     def _specialize(self, proxy: fx.Proxy):
         """A size (or tuple of sizes) as plain ints where the batch does not change it."""
         node = proxy.node
+        if self.values[node] is None:
+            return proxy
         first, *others = self.values[node]
         if isinstance(first, int):
             fixed = all(o == first for o in others)
@@ -132,7 +142,7 @@ class SizedTracer(Tracer):
 
     def iter(self, obj: fx.Proxy):
         """``for part in x.split(...)`` and the like: as many items as the example has."""
-        lengths = {len(v) for v in self.values.get(obj.node, ())
+        lengths = {len(v) for v in self.values.get(obj.node) or ()
                    if isinstance(v, (tuple, list)) or (isinstance(v, torch.Tensor) and v.dim() > 0)}
         if len(lengths) == 1:
             return iter([obj[j] for j in range(lengths.pop())])
@@ -156,3 +166,7 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.Gra
             raise NotTraceable(f"{type(error).__name__}: {error}; at the example's image size: "
                                f"{type(sized_error).__name__}: {sized_error}") from sized_error
     return fx.GraphModule(model, graph, class_name=type(model).__name__), sized
+
+
+def _on_meta(value):
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
