@@ -1,6 +1,7 @@
-"""Tracing at the example's image size (tracing.py): models whose forward branches on sizes
-in Python trace, still take any batch size, convert like any traced model, and refuse another
-image size; branches on the batch size or on values still fall back to module swapping."""
+"""The tracers (tracing.py): models whose forward branches on sizes in Python trace at the
+example's image size, still take any batch size, convert like any traced model, and refuse
+another image size; branches on the batch size or on values still fall back to module swapping;
+item assignment traces."""
 import pytest
 import timm
 import torch

@@ -27,7 +27,7 @@ from .attention import DecomposedAttention, MatMul
 
 class NotTraceable(Exception):
     """The model has no graph these passes can edit: ``prepare`` swaps modules instead. Raised for
-    any error of the model's own code under fx, and for calls :func:`normalize` cannot express
+    any error of the model's own code under fx, and for calls :func:`graph.normalize` cannot express
     as modules (attention dropout, a LayerNorm weight computed from the input); errors of the passes
     themselves are bugs and propagate."""
 
