@@ -12,7 +12,8 @@ no_grad; ``calibrate`` runs the same batches through one prepared model (statist
 over the repeats, which does not change the cost of a pass), timed side by side with the ANN;
 ``prepare`` is timed on its own. The prepared model pools with ``SlicedMaxPool2d`` (same values,
 several times faster than ``nn.MaxPool2d`` on CPU): the last column divides by an ANN given the
-same max pooling, so that gain is shown apart.
+same max pooling, so that gain is shown apart. The last column runs the prepared model with every
+observer switched off: what the edited graph costs apart from the statistics.
 Observers always gather per-layer and per-channel count, mean, M2 and maximum and the per-layer
 histogram; only the per-channel histogram (for per-channel percentiles) can be switched off, with
 ``prepare(model, histogram=HistogramConfig(per_channel=False))``: one row with it, one without.
@@ -32,7 +33,7 @@ import torch
 
 import hmtconv
 from end_to_end import build, identity_for
-from hmtconv.conversion.observers import HistogramConfig
+from hmtconv.conversion.observers import ActivationObserver, HistogramConfig
 from hmtconv.conversion.pooling import slice_max_pools
 from timing import in_fresh_process, peak_rss_mib, reset_peak, rss_mib, timed, timed_side_by_side
 
@@ -51,8 +52,8 @@ def time_table(args) -> None:
     print(f"\n{args.images} images in batches of {args.batch}, {torch.get_num_threads()} threads, median of "
           f"{args.repeats}, timed side by side; ratio = calibrate time / ANN forward time over the same batches")
     print("| model | input | histograms | prepare ms | ANN forward ms | calibrate ms | ratio "
-          "| ratio, ANN with our max pool |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ratio, ANN with our max pool | graph without observers / ANN |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)
         model, shape = build(name)
@@ -64,11 +65,27 @@ def time_table(args) -> None:
             t_prep = timed(lambda: hmtconv.prepare(model, identity=identity, histogram=hist), args.repeats)[0]
             prepared = hmtconv.prepare(model, identity=identity, histogram=hist)
             with torch.no_grad():
-                (t_ann, t_sliced, t_cal), _ = timed_side_by_side(
+                (t_ann, t_sliced, t_cal, t_graph), _ = timed_side_by_side(
                     [lambda: [model(x) for x, _ in batches], lambda: [sliced(x) for x, _ in batches],
-                     lambda: hmtconv.calibrate(prepared, batches)], args.repeats)
+                     lambda: hmtconv.calibrate(prepared, batches), lambda: graph_alone(prepared, batches)],
+                    args.repeats)
             print(f"| {name} | {'x'.join(map(str, shape))} | {label} | {1000 * t_prep:.1f} | {1000 * t_ann:.1f} | "
-                  f"{1000 * t_cal:.1f} | {t_cal / t_ann:.2f} | {t_cal / t_sliced:.2f} |", flush=True)
+                  f"{1000 * t_cal:.1f} | {t_cal / t_ann:.2f} | {t_cal / t_sliced:.2f} | {t_graph / t_ann:.2f} |",
+                  flush=True)
+
+
+def graph_alone(prepared, batches) -> None:
+    """The prepared model on the batches with every observer's forward a no-op: what the edited
+    graph (decomposed attention, sites, sliced max pooling) costs apart from the statistics."""
+    observers = [m for m in prepared.modules() if isinstance(m, ActivationObserver)]
+    for observer in observers:
+        observer.forward = lambda x: None
+    try:
+        for x, _ in batches:
+            prepared(x)
+    finally:
+        for observer in observers:
+            del observer.forward
 
 
 def child(name: str, images: int, batch: int) -> None:
