@@ -33,7 +33,7 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
     """Write ``snn`` atomically; ``model``/``weights`` say how to rebuild its architecture."""
     path = Path(path)
     tensors, stored = {}, set()
-    for k, v in snn.state_dict().items():  # a parameter under two names (timm's F.layer_norm weights) stored twice
+    for k, v in snn.state_dict().items():  # a tensor under two names (timm's F.layer_norm weights) stored twice
         v = v.detach().cpu().contiguous()
         tensors[k] = v.clone() if v.untyped_storage().data_ptr() in stored else v
         stored.add(v.untyped_storage().data_ptr())
@@ -103,7 +103,8 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, device: str =
     with warnings.catch_warnings():  # the zero batch is constant by design: no sigma = 0 warning
         warnings.simplefilter("ignore")
         try:
-            snn = convert(calibrate(prepare(loaded.model, identity=config["identity"], example_inputs=zero_batch[0]), zero_batch), **config)
+            prepared = prepare(loaded.model, identity=config["identity"], example_inputs=zero_batch[0])
+            snn = convert(calibrate(prepared, zero_batch), **config)
         except (ValueError, TypeError) as error:
             raise UserError(f"{path} cannot be rebuilt from the model {spec!r}: {error}") from error
     own = snn.state_dict()

@@ -13,7 +13,6 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -131,7 +130,8 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
             continue
         work = load_workload(entry.model, config.data, weights=entry.weights, device=config.device)
         for identity in sorted({p["identity"] for p in mine}):
-            prepared = calibrate(prepare(work.model, identity=identity, example_inputs=torch.zeros(1, *work.info.shape)), work.calib_loader)
+            prepared = calibrate(prepare(work.model, identity=identity, example_inputs=work.example_inputs()),
+                                 work.calib_loader)
             for steps, group in simulations([p for p in mine if p["identity"] == identity]):
                 bar.set_postfix_str(f"{entry.name} " + " ".join(f"{k}={group[0][k]}" for k in GRID_KEYS if k != "T")
                                     + f" T={steps}")

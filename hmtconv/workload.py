@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -38,6 +39,11 @@ class Workload:
     info: DataInfo
     source: str  # what model was loaded, for logs and JSON
     eval_images: int  # over all ranks
+
+    def example_inputs(self) -> torch.Tensor:
+        """One zero image of the data's size: what prepare traces a model whose forward branches on
+        sizes with (the same on every rank, with or without data)."""
+        return torch.zeros(1, *self.info.shape)
 
 
 def shard_batches(dataset, batch_size: int):

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> None:
     checkpoint = trained_model("vgg_small", "mnist", epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     data = DataOptions(dataset="mnist", limit=args.limit, seed=args.seed)
     work = load_workload(str(checkpoint), data)
-    prepared = calibrate(prepare(work.model, example_inputs=torch.zeros(1, *work.info.shape)), work.calib_loader)  # one calibration serves every conversion
+    # one calibration serves every conversion
+    prepared = calibrate(prepare(work.model, example_inputs=work.example_inputs()), work.calib_loader)
     runs, records = {}, []
     for n in args.n:
         for policy in args.policy:

@@ -232,12 +232,12 @@ def _peek(loader: Iterable) -> tuple[object | None, Iterable]:
     return first, ([] if first is None else itertools.chain([first], batches))
 
 
-def _example_of_any_rank(batch, model: nn.Module) -> torch.Tensor | None:
-    """The images of ``batch`` (None: no data); under torchrun a rank without data gets zeros of
-    the size another rank's images have, so every rank traces the same graph (tracing.py)."""
-    images = None if batch is None else model_input(batch, *placement(model), "calibration batch 0")
+def _example_of_any_rank(batch, model: nn.Module):
+    """``batch`` (None: no data); under torchrun a rank without data gets zeros of the size another
+    rank's images have, so every rank traces the same graph (tracing.py)."""
     if not distributed.active():
-        return images
+        return batch
+    images = None if batch is None else model_input(batch, *placement(model), "calibration batch 0")
     shapes = distributed.all_gather_objects(None if images is None else tuple(images.shape[1:]))
     shape = next((s for s in shapes if s is not None), None)
     return images if images is not None or shape is None else torch.zeros((1, *shape), device=placement(model)[0])

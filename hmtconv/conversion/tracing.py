@@ -6,12 +6,13 @@ item assignment recorded (``attn[:, :, 1:, 1:] = ...``, timm's MViTv2), which fx
 :class:`SizedTracer` is for models whose forward branches on sizes in Python, which plain fx
 cannot trace (``if H % self.patch: x = F.pad(...)``, ``range(x.shape[1] // 4)``: timm's MobileViT,
 Twins, NesT...): it runs the model alongside the trace on meta tensors (shapes, no data) of the
-example's image size, at two batch sizes, so every node has a shape; a size that is the same at both batch sizes (channels, height, width,
-tokens) becomes a plain int and the Python around it runs as usual, while a size that depends on
-the batch (B, B * windows) stays symbolic, so the graph still takes any batch, T folded into it
-included. Only sizes are specialized: a branch on tensor values, or on the batch size, still
-fails to trace (then prepare swaps modules instead). The graph is valid at the example's image
-size only; calibrate and evaluate check that.
+example's image size, at two batch sizes, so every node has a shape; a size that is the same at
+both batch sizes (channels, height, width, tokens) becomes a plain int and the Python around it
+runs as usual, while a size that depends on the batch (B, B * windows) stays symbolic, so the
+graph still takes any batch, T folded into it included. Only sizes (and the kind of device) are
+specialized: a branch on tensor values, or on the batch size, still fails to trace (then prepare
+swaps modules instead). The graph is valid at the example's image size only; calibrate and
+evaluate check that.
 """
 from __future__ import annotations
 
@@ -78,12 +79,11 @@ class _SizedProxy(Proxy):
 
 
 class SizedTracer(Tracer):
-    """:class:`Tracer` with example values (``examples``: one per batch size) at every node."""
+    """:class:`Tracer` with example values (meta tensors, one per batch size) at every node."""
 
     def __init__(self, example: torch.Tensor, **kwargs):
         super().__init__(**kwargs)
-        # on the meta device: shapes and dtypes without data or arithmetic (a SAM ViT at 1,024 px
-        # traces in seconds, in no memory)
+        # on the meta device: shapes and dtypes, no data, no arithmetic, no memory for activations
         self.examples = tuple(torch.empty((b, *example.shape[1:]), dtype=example.dtype, device="meta") for b in BATCHES)
         self.device_type = example.device.type
         self.values: dict[fx.Node, tuple | None] = {}  # None: not computable on meta tensors
@@ -107,7 +107,8 @@ class SizedTracer(Tracer):
     def _run(self, node: fx.Node, i: int):
         """The value of ``node`` in example run ``i`` (nodes are created in execution order)."""
         if node.op == "get_attr":
-            return _on_meta(operator.attrgetter(node.target)(self.root))
+            value = operator.attrgetter(node.target)(self.root)
+            return value.to("meta") if isinstance(value, torch.Tensor) else value
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.values[n][i])
         if node.op == "call_function":
             return node.target(*args, **kwargs)
@@ -166,7 +167,3 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.Gra
             raise NotTraceable(f"{type(error).__name__}: {error}; at the example's image size: "
                                f"{type(sized_error).__name__}: {sized_error}") from sized_error
     return fx.GraphModule(model, graph, class_name=type(model).__name__), sized
-
-
-def _on_meta(value):
-    return value.to("meta") if isinstance(value, torch.Tensor) else value
