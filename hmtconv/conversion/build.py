@@ -24,7 +24,7 @@ from .energy import REARRANGING, SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import add_attention_mask, arg, assign, scope
-from .graph import SHAPE_ONLY, add_child, swap_for_module
+from .graph import add_child, made_from_shape, swap_for_module
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
@@ -121,7 +121,7 @@ def reads_spikes(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[fx.Node,
     for node in gm.graph.nodes:
         site = node.op == "call_module" and isinstance(gm.get_submodule(node.target), SpikingActivation)
         # (tensor_meta is there for tensors and tuples of them, as unbind returns; not for sizes)
-        spiky[node] = kinds[node] == "temporal" and node.target not in SHAPE_ONLY and (
+        spiky[node] = kinds[node] == "temporal" and not made_from_shape(node) and (
             site or any(spiky[i] and i.meta.get("tensor_meta") is not None for i in node.all_input_nodes))
     return spiky
 

@@ -198,13 +198,18 @@ SHAPE_ONLY = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_li
               "new_zeros", "new_ones", "new_empty", "new_full"}
 
 
+def made_from_shape(node: fx.Node) -> bool:
+    """A tensor made from another one's size and dtype alone (``zeros_like``, ``x.new_zeros``)."""
+    return node.op in ("call_function", "call_method") and node.target in SHAPE_ONLY
+
+
 def reads_input(graph: fx.Graph) -> set[fx.Node]:
     """The nodes computed from the values of the model's input (its sizes, device and dtype aside)."""
     found: set[fx.Node] = set()
     for node in graph.nodes:
         metadata = (node.op == "call_method" and node.target in METADATA_METHODS) or (
-            node.op == "call_function" and node.target is getattr and node.args[1] in METADATA_ATTRIBUTES) or (
-            node.op in ("call_function", "call_method") and node.target in SHAPE_ONLY)
+            node.op == "call_function" and node.target is getattr and node.args[1] in METADATA_ATTRIBUTES) or \
+            made_from_shape(node)
         if node.op == "placeholder" or (not metadata and any(i in found for i in node.all_input_nodes)):
             found.add(node)
     return found
