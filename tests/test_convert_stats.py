@@ -82,7 +82,27 @@ def test_histograms_equal_brute_force_binning(signed, shape, hist, path):
         for value in row.tolist():
             expected[c, int(torch.searchsorted(upper, torch.tensor(value, dtype=torch.float64), right=True))] += 1
     assert torch.equal(obs.hist_channel, expected)
-    assert torch.equal(obs.hist_layer, expected.sum(0))
+    assert torch.equal(obs.histogram(per_channel=False)[0][0], expected.sum(0))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_layer_histogram_is_the_sum_of_the_channels_or_kept_alone(signed, path):
+    """With per-channel histograms the layer's counts are their sum (not stored twice); without
+    them the layer's own histogram gives the same counts and percentiles; per-channel ones then
+    name the setting they need."""
+    g = torch.Generator().manual_seed(1)
+    both, alone = ActivationObserver(signed), ActivationObserver(signed, HistogramConfig(per_channel=False))
+    for _ in range(2):
+        x = torch.randn(5, 4, 6, 6, generator=g) * torch.tensor([0.1, 1.0, 10.0, 100.0]).view(4, 1, 1)
+        both(x)
+        alone(x)
+    assert both.hist_layer.numel() == 0 and alone.hist_channel.numel() == 0
+    assert torch.equal(both.histogram(False)[0], both.hist_channel.sum(0, keepdim=True))
+    assert torch.equal(both.histogram(False)[0], alone.histogram(False)[0])
+    assert torch.equal(both.quantile(0.999, False), alone.quantile(0.999, False))
+    for read in (alone.histogram, lambda per_channel: alone.quantile(0.99, per_channel)):
+        with pytest.raises(ValueError, match=r"HistogramConfig\(per_channel=True\)"):
+            read(True)
 
 
 def test_token_activations_use_last_dim_and_state_dict_roundtrip():
@@ -220,4 +240,4 @@ def test_half_precision_activations_bin_like_their_float32_values(path):
         a, b = ActivationObserver(signed=True), ActivationObserver(signed=True)
         a(low)
         b(low.float())
-        assert torch.equal(a.hist_channel, b.hist_channel) and torch.equal(a.hist_layer, b.hist_layer)
+        assert torch.equal(a.hist_channel, b.hist_channel)

@@ -55,6 +55,38 @@ def test_kernel_equals_tensor_path(shape, signed, per_channel, monkeypatch):
             assert torch.equal(fast.state_dict()[name], value), name
 
 
+def strided_views():
+    """Activations that are views: the heads of attention (permuted slices of one projection),
+    channels last, and layouts the kernel must copy first (an expanded dim, a strided slice)."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(6, 10, 3, 4, 24, generator=g)  # [B, N, q/k/v, heads, d]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, heads, N, d], channels = heads
+    conv = torch.randn(5, 6, 7, 7, generator=g)
+    tokens = torch.randn(4, 9, 12, generator=g)
+    in_place = {"q": q, "k^T": k.transpose(-2, -1), "v": v, "channels last": conv.contiguous(
+        memory_format=torch.channels_last), "channel major": conv.transpose(0, 1).contiguous().transpose(0, 1)}
+    copied = {"expanded": conv[:, :, :1].expand(5, 6, 4, 7), "every other row": conv[:, :, ::2],
+              "tokens after the first": tokens[:, 1:]}
+    return in_place, copied
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_views_are_read_in_place_and_equal_their_contiguous_copy(signed, monkeypatch):
+    in_place, copied = strided_views()
+    for name, x in {**in_place, **copied}.items():
+        dim = 2 if x.dim() == 3 else 1
+        assert (observer_kernel._layout(x, dim) is None) == (name in copied), name
+        ref = observe([x.contiguous()], signed, HistogramConfig(), False, monkeypatch)
+        monkeypatch.setenv("HMTCONV_CPU_KERNEL", "1")
+        fast = ActivationObserver(signed)
+        fast(x)  # as it is (observe() clones, which closes the gaps between heads)
+        for key, value in ref.state_dict().items():
+            if key.endswith(("mean", "m2")):
+                assert torch.allclose(fast.state_dict()[key], value, rtol=1e-12, atol=0), (name, key)
+            else:
+                assert torch.equal(fast.state_dict()[key], value), (name, key)
+
+
 @pytest.mark.parametrize("signed", [False, True])
 def test_values_at_and_just_below_every_edge_take_their_bins(signed, monkeypatch):
     """Every edge's smallest float32 at or above it, and the float32 just below that, on both paths
@@ -91,7 +123,7 @@ def test_kernel_bins_every_float32_of_two_octaves_exactly(bins_per_octave, monke
             expected[first:first + bins_per_octave] = (edge[1:] - edge[:-1]).long()
         else:
             expected[0] = 1 << 23
-        assert torch.equal(obs.hist_layer, expected)
+        assert torch.equal(obs.histogram(per_channel=False)[0][0], expected)
 
 
 @pytest.mark.parametrize("bins_per_octave", [1, 3, 32, 100, 1024])
@@ -145,18 +177,17 @@ def test_kernel_declines_what_it_cannot_run(monkeypatch):
     obs = ActivationObserver(signed=False)
     obs(x)  # sizes the per-channel buffers
     layer, channel = [obs.count, obs.mean, obs.m2, obs.max], [obs.ch_count, obs.ch_mean, obs.ch_m2, obs.ch_max]
-    hists = [obs.hist_channel, obs.hist_layer]
-    before = [t.clone() for t in layer + channel + hists]
+    before = [t.clone() for t in layer + channel + [obs.hist_channel]]
 
-    def run(x, layer=layer, hists=hists):
-        return observer_kernel.observe_batch(x, 2, False, obs.hist, layer, channel, *hists)
+    def run(x, layer=layer, counts=obs.hist_channel):
+        return observer_kernel.observe_batch(x, 2, False, obs.hist, layer, channel, counts)
     assert run(x.double()) is None
     # buffers cast by prepared.float(): writing doubles or int64 there would corrupt memory
     assert run(x, layer=[t.float() for t in layer]) is None
-    assert run(x, hists=[h.float() for h in hists]) is None
+    assert run(x, counts=obs.hist_channel.float()) is None
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "0")
     assert run(x) is None
-    assert all(torch.equal(a, b) for a, b in zip(before, layer + channel + hists))
+    assert all(torch.equal(a, b) for a, b in zip(before, layer + channel + [obs.hist_channel]))
 
 
 def test_an_observer_cast_to_float32_still_gathers_correctly():

@@ -1,9 +1,11 @@
 /* One calibration batch into ActivationObserver's statistics (float32 in, CPU), in one pass over x.
  *
- * x is [outer, C, inner] contiguous (channel dim 1 of conv activations, the last dim of tokens).
- * Channels are shared out in blocks of about 16 floats of one row (a cache line) by OpenMP
- * (torch's own pool, see cpu_kernel.c); each block walks the rows in memory order, a chunk of up to
- * 1,024 values at a time, and runs three tight loops over the chunk while it sits in L1:
+ * x is [outer, C, inner] (channel dim 1 of conv activations, the last dim of tokens): runs of inner
+ * values, channels inner apart, rows stride apart (more than C * inner for the heads of attention:
+ * views of a projection that holds several, read in place). Channels are shared out in blocks of
+ * about 16 floats of one row (a cache line) by OpenMP (torch's own pool, see cpu_kernel.c); a block
+ * gathers a chunk of up to 1,024 values (64 rows of 16 token channels, or runs of one channel)
+ * and runs three tight loops over the chunk while it sits in L1:
  *
  * - moments: per channel, the sums of (x - shift) and (x - shift)^2 in double, shift being one of
  *   the channel's own values (so M2 = s2 - s1^2 / n cancels little), and the largest output (|x|
@@ -15,7 +17,9 @@
  *   float32 at or above 2**(j / bpo), the same in every octave, and lut[m >> 11], how many of them
  *   lie at or below the start of m's 1/4096 of the octave, which holds at most one more). Exactly
  *   the tensor path's bucketize against the float32 edges (histograms.py), on every CPU.
- * - counts: into hist_channel[c] (NULL: none) and this thread's share of the layer's histogram.
+ * - counts: into hist_channel[c], or, without per-channel histograms (NULL), into this thread's
+ *   share of the layer's histogram (with them, the layer's counts are their sum: each value is
+ *   counted once).
  *
  * A batch holding NaN or inf is counted out again and merges nothing.
  */
@@ -27,12 +31,11 @@
 #include <omp.h>
 #endif
 
-#define LANES 8  /* independent partial sums: the adds pipeline without reassociation */
 #define WIDTH 16  /* channels of a block when rows are short: 16 floats, a cache line */
 #define CHUNK (WIDTH * 64)  /* values binned before they are counted */
 
 typedef struct {
-    int64_t outer, C, inner;
+    int64_t outer, C, inner, stride;  /* x[o * stride + c * inner + i] */
     int is_signed;
     int32_t octave0, bpo, last;  /* 127 + min_exp: the exponent field of bin 1; bins per octave; bins - 1 */
     const int32_t *edge, *lut;  /* [bpo + 1], edge[bpo] = 2**23; [4096] */
@@ -47,16 +50,16 @@ static inline int32_t place_in_octave(int32_t m, const int32_t *restrict edge, c
     return j + (m >= edge[j + 1]);
 }
 
-/* log2 of a mantissa value m = 1 + f in [1, 2), a degree-7 polynomial of f fitted by least squares:
- * within 4e-7 of log2 in float32 (the test runs every mantissa through the kernel). */
+/* log2 of a mantissa value m = 1 + f in [1, 2), a degree-6 polynomial of f fitted for the smallest
+ * largest error: within 2.2e-6 of log2 in float32 (the test runs every mantissa through the kernel). */
 static inline float log2_mantissa(float f) {
-    return f * (1.4426640272f + f * (-0.7205154896f + f * (0.4731133580f + f * (-0.3246163726f + f * (
-        0.1923850477f + f * (-0.0781582072f + f * 0.0151279159f))))));
+    return f * (1.4425531626f + f * (-0.7182822824f + f * (0.4582728744f + f * (-0.2795429528f + f * (
+        0.1234564409f + f * -0.0264593214f)))));
 }
 
 /* Bins of n outputs of v into k. The place in the octave comes from log2_mantissa (a loop that
  * vectorizes) wherever that is more than 1/256 of a bin from an edge, which its error (at most
- * 4e-7 * 1024 bins an octave) cannot cross, and from the exact lookup (edge, lut) for the few
+ * 2.2e-6 * 1024 bins an octave) cannot cross, and from the exact lookup (edge, lut) for the few
  * values nearer than that (about 1 in 128) and exact powers of 2. */
 static void bins_of(const float *restrict v, int64_t n, const Layout *L, int32_t *restrict k) {
     const int32_t *restrict edge = L->edge, *restrict lut = L->lut;
@@ -96,28 +99,38 @@ static void bins_of(const float *restrict v, int64_t n, const Layout *L, int32_t
     }
 }
 
-/* Sums of (x - sh) and (x - sh)^2 and the largest output over n values of one channel. */
-static void channel_moments(const float *v, int64_t n, float sh, int is_signed, double *s1, double *s2, float *mx) {
-    double a[LANES] = {0}, b[LANES] = {0};
-    float m[LANES];
-    for (int l = 0; l < LANES; l++) m[l] = -INFINITY;
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) {
-            const float o = output_of(v[i + l], is_signed);
-            const double d = (double)v[i + l] - (double)sh;
-            a[l] += d;
-            b[l] += d * d;
-            m[l] = o > m[l] ? o : m[l];
+/* Per lane c < w, over rows r: the sums of (x - sh[c]) and (x - sh[c])^2 and the largest output
+ * of the values x[r * stride + c], each copied to copy[r * w + c] unless copy is NULL. Lanes are a
+ * block's channels (tokens), or a stretch of one channel read as rows of WIDTH (the loop over
+ * lanes vectorizes, with no reassociation). */
+static inline __attribute__((always_inline)) void lane_moments(const float *restrict x, int64_t rows, int64_t stride,
+                                                               int64_t w, const float *restrict sh, int is_signed,
+                                                               double *restrict s1, double *restrict s2,
+                                                               float *restrict mx, float *restrict copy) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict row = x + r * stride;
+        for (int64_t c = 0; c < w; c++) {
+            const float o = output_of(row[c], is_signed);
+            const double d = (double)row[c] - (double)sh[c];
+            s1[c] += d;
+            s2[c] += d * d;
+            mx[c] = o > mx[c] ? o : mx[c];
+            if (copy) copy[r * w + c] = row[c];
         }
-    for (; i < n; i++) {
-        const float o = output_of(v[i], is_signed);
-        const double d = (double)v[i] - (double)sh;
-        a[0] += d;
-        b[0] += d * d;
-        m[0] = o > m[0] ? o : m[0];
     }
-    for (int l = 0; l < LANES; l++) {
+}
+
+/* The same sums over n values v of one channel (shift sh), added into s1, s2, mx. */
+static void channel_moments(const float *v, int64_t n, float sh, int is_signed, double *s1, double *s2, float *mx) {
+    double a[WIDTH] = {0}, b[WIDTH] = {0};
+    float m[WIDTH], shift[WIDTH];
+    for (int l = 0; l < WIDTH; l++) {
+        m[l] = -INFINITY;
+        shift[l] = sh;
+    }
+    lane_moments(v, n / WIDTH, WIDTH, WIDTH, shift, is_signed, a, b, m, NULL);
+    lane_moments(v + n / WIDTH * WIDTH, 1, 0, n % WIDTH, shift, is_signed, a, b, m, NULL);
+    for (int l = 0; l < WIDTH; l++) {
         *s1 += a[l];
         *s2 += b[l];
         *mx = m[l] > *mx ? m[l] : *mx;
@@ -127,55 +140,56 @@ static void channel_moments(const float *v, int64_t n, float sh, int is_signed, 
 static inline int64_t block_width(int64_t inner) { return inner >= WIDTH ? 1 : (WIDTH + inner - 1) / inner; }
 
 /* Channels c0..c1 of x: moments into s1, s2, mx (indexed from c0) and counts times step (+1, or -1
- * to take a batch back out) into hist_channel and layer. */
+ * to take a batch back out) into hist_channel, or layer where that is NULL. */
 static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int64_t c1, int64_t step, double *s1,
                        double *s2, float *sh, float *mx, int64_t *hist_channel, int64_t *restrict layer) {
-    const int64_t C = L->C, inner = L->inner, bins = L->last + 1;
+    const int64_t inner = L->inner, stride = L->stride, bins = L->last + 1;
     int32_t k[CHUNK];
+    float tile[CHUNK];  /* the values binned next, side by side */
     if (inner == 1) {  /* tokens and [B, C]: the channels are the lanes of a row */
         const int64_t w = c1 - c0;
-        float tile[CHUNK];  /* the block's rows side by side, binned in one call */
         for (int64_t o0 = 0; o0 < L->outer; o0 += 64) {
             const int64_t rows = L->outer - o0 < 64 ? L->outer - o0 : 64;
-            for (int64_t r = 0; r < rows; r++) {
-                const float *row = x + (o0 + r) * C + c0;
-                for (int64_t c = 0; c < w; c++) {
-                    const float o = output_of(row[c], L->is_signed);
-                    const double d = (double)row[c] - (double)sh[c];
-                    s1[c] += d;
-                    s2[c] += d * d;
-                    mx[c] = o > mx[c] ? o : mx[c];
-                    tile[r * w + c] = row[c];
-                }
-            }
+            if (w == WIDTH)  /* a constant width: the sums stay in registers */
+                lane_moments(x + o0 * stride + c0, rows, stride, WIDTH, sh, L->is_signed, s1, s2, mx, tile);
+            else
+                lane_moments(x + o0 * stride + c0, rows, stride, w, sh, L->is_signed, s1, s2, mx, tile);
             bins_of(tile, rows * w, L, k);
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t c = 0; c < w; c++) {
-                    layer[k[r * w + c]] += step;
-                    if (hist_channel) hist_channel[(c0 + c) * bins + k[r * w + c]] += step;
-                }
+            if (hist_channel) {
+                int64_t *h[WIDTH];
+                for (int64_t c = 0; c < w; c++) h[c] = hist_channel + (c0 + c) * bins;
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t c = 0; c < w; c++) h[c][k[r * w + c]] += step;
+            } else
+                for (int64_t i = 0; i < rows * w; i++) layer[k[i]] += step;
         }
         return;
     }
-    for (int64_t o = 0; o < L->outer; o++)
-        for (int64_t c = c0; c < c1; c++) {
-            const float *v = x + (o * C + c) * inner;
-            int64_t *channel = hist_channel ? hist_channel + c * bins : NULL;
-            for (int64_t i0 = 0; i0 < inner; i0 += CHUNK) {
-                const int64_t n = inner - i0 < CHUNK ? inner - i0 : CHUNK;
-                channel_moments(v + i0, n, sh[c - c0], L->is_signed, s1 + (c - c0), s2 + (c - c0), mx + (c - c0));
-                bins_of(v + i0, n, L, k);
-                for (int64_t i = 0; i < n; i++) {
-                    layer[k[i]] += step;
-                    if (channel) channel[k[i]] += step;
-                }
+    for (int64_t c = c0; c < c1; c++) {  /* a channel's runs of inner values, gathered CHUNK at a time */
+        int64_t *channel = hist_channel ? hist_channel + c * bins : NULL;
+        int64_t n = 0;
+        for (int64_t o = 0; o < L->outer; o++)
+            for (int64_t i = 0; i < inner;) {
+                const int64_t take = inner - i < CHUNK - n ? inner - i : CHUNK - n;
+                memcpy(tile + n, x + o * stride + c * inner + i, (size_t)take * sizeof *tile);
+                n += take;
+                i += take;
+                if (n < CHUNK && (i < inner || o + 1 < L->outer)) continue;
+                channel_moments(tile, n, sh[c - c0], L->is_signed, s1 + (c - c0), s2 + (c - c0), mx + (c - c0));
+                bins_of(tile, n, L, k);
+                if (channel)
+                    for (int64_t j = 0; j < n; j++) channel[k[j]] += step;
+                else
+                    for (int64_t j = 0; j < n; j++) layer[k[j]] += step;
+                n = 0;
             }
-        }
+    }
 }
 
 /* The whole batch: this batch's count-free moments of each channel (mean, M2, and the largest
  * output, clamped at 0 for ReLU sites: the maximum of relu(x)) into mean, m2, top, and its counts
- * times step into the histograms; scratch is [threads, bins] zeros. */
+ * times step into the histograms (hist_layer: through scratch, [threads, bins] zeros, when
+ * hist_channel is NULL). */
 static void batch_pass(const float *restrict x, const Layout *L, int64_t step, int threads, double *restrict mean,
                        double *restrict m2, double *restrict top, int64_t *hist_channel, int64_t *restrict hist_layer,
                        int64_t *restrict scratch) {
@@ -184,9 +198,9 @@ static void batch_pass(const float *restrict x, const Layout *L, int64_t step, i
     #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
-        int64_t *layer = scratch + omp_get_thread_num() * bins;  /* this thread's share of the layer's counts */
+        int64_t *layer = hist_channel ? NULL : scratch + omp_get_thread_num() * bins;  /* this thread's share */
 #else
-        int64_t *layer = scratch;
+        int64_t *layer = hist_channel ? NULL : scratch;
 #endif
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
@@ -207,7 +221,7 @@ static void batch_pass(const float *restrict x, const Layout *L, int64_t step, i
             }
         }
     }
-    for (int64_t t = 0; t < threads; t++)
+    for (int64_t t = 0; t < threads && !hist_channel; t++)
         for (int64_t b = 0; b < bins; b++) {
             hist_layer[b] += scratch[t * bins + b];
             scratch[t * bins + b] = 0;
@@ -226,15 +240,15 @@ static void merge(double n_b, double mean_b, double m2_b, double max_b, double *
 }
 
 /* One batch merged into the per-channel and per-layer (count, mean, M2, max) of an observer and
- * counted into its histograms (hist_channel [C, bins] or NULL, hist_layer [bins]); returns 1,
- * with nothing merged or counted, when x holds NaN or inf. scratch is [3 * C] doubles and
- * [threads, bins] int64 zeros (left zero). */
-int hmt_observe_batch(const float *restrict x, int64_t outer, int64_t C, int64_t inner, int is_signed, int min_exp,
-                      int bpo, int64_t bins, const int32_t *edge, const int32_t *lut, int threads,
+ * counted into its histogram: hist_channel [C, bins], or, where that is NULL, hist_layer [bins];
+ * returns 1, with nothing merged or counted, when x holds NaN or inf. scratch is [3 * C] doubles
+ * and (hist_layer only) [threads, bins] int64 zeros (left zero). */
+int hmt_observe_batch(const float *restrict x, int64_t outer, int64_t C, int64_t inner, int64_t stride, int is_signed,
+                      int min_exp, int bpo, int64_t bins, const int32_t *edge, const int32_t *lut, int threads,
                       double *restrict scratch, int64_t *restrict counts_scratch, double *count, double *mean,
                       double *m2, double *max, double *ch_count, double *ch_mean, double *ch_m2, double *ch_max,
                       int64_t *hist_channel, int64_t *hist_layer) {
-    const Layout L = {outer, C, inner, is_signed, 127 + min_exp, bpo, (int32_t)(bins - 1), edge, lut};
+    const Layout L = {outer, C, inner, stride, is_signed, 127 + min_exp, bpo, (int32_t)(bins - 1), edge, lut};
     double *b_mean = scratch, *b_m2 = scratch + C, *b_max = scratch + 2 * C;
     batch_pass(x, &L, 1, threads, b_mean, b_m2, b_max, hist_channel, hist_layer, counts_scratch);
     for (int64_t c = 0; c < C; c++)

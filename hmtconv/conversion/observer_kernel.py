@@ -20,39 +20,58 @@ SOURCE = Path(__file__).with_name("observer_kernel.c")
 def library() -> ctypes.CDLL | None:
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     return native.bind(SOURCE, "observers run", {
-        "hmt_observe_batch": ([p, i64, i64, i64, c_int, c_int, c_int, i64, p, p, c_int, p, p, *[p] * 10], c_int)})
+        "hmt_observe_batch": ([p, i64, i64, i64, i64, c_int, c_int, c_int, i64, p, p, c_int, p, p, *[p] * 10], c_int)})
 
 
-def _layout(x: torch.Tensor, dim: int) -> tuple[int, int, int]:
-    """``x`` (contiguous) as ``[outer, channels, inner]``."""
-    return x.shape[:dim].numel(), x.shape[dim], x.shape[dim + 1:].numel()
+def _layout(x: torch.Tensor, dim: int) -> tuple[int, int, int, int] | None:
+    """``(outer, C, inner, stride)`` such that channel ``c`` of ``x`` (along ``dim``) holds the
+    values ``x.data_ptr()[o * stride + c * inner + i]``, read from its strides (a contiguous
+    tensor, channels last, or the heads of attention: permuted views of one projection); None
+    where they do not allow it (expanded or overlapping dims)."""
+    channels = x.shape[dim]
+    dims = sorted((d for d in range(x.dim()) if d != dim and x.shape[d] > 1), key=x.stride)
+    inner = 1
+    while dims and x.stride(dims[0]) == inner:  # dense below the channels
+        inner *= x.shape[dims.pop(0)]
+    if channels > 1 and x.stride(dim) != inner:
+        return None
+    outer, stride = 1, channels * inner
+    if dims:
+        stride = x.stride(dims[0])
+        for d in dims:  # the rest must be one run of rows
+            if x.stride(d) != stride * outer:
+                return None
+            outer *= x.shape[d]
+    return (outer, channels, inner, stride) if stride >= channels * inner else None
 
 
 def observe_batch(x: torch.Tensor, dim: int, signed: bool, hist, layer: list[torch.Tensor],
-                  channel: list[torch.Tensor], hist_channel: torch.Tensor | None, hist_layer: torch.Tensor) -> bool | None:
+                  channel: list[torch.Tensor], counts: torch.Tensor) -> bool | None:
     """Merge the batch ``x`` (channels along ``dim``) into the observer's float64 buffers
     ``layer`` (four 0-d: count, mean, M2, max) and ``channel`` (four ``[C]``) and count its output
-    activation into the int64 histograms (``hist``, a HistogramConfig, gives the bins;
-    ``hist_channel`` None: the layer's only), in place; return True, or False, with nothing
-    merged or counted, when ``x`` holds NaN or inf; None where the kernel does not apply (off, not
-    built, not a float32 CPU tensor, buffers cast by ``prepared.float()``). Counts equal the
-    tensor path's; moments equal them to float64 rounding (about 1e-15 relative), not bit for bit."""
+    activation into the int64 histogram ``counts``, ``[C, bins]`` per channel or ``[bins]`` for
+    the layer (``hist``, a HistogramConfig, gives the bins), in place; return True, or False, with
+    nothing merged or counted, when ``x`` holds NaN or inf; None where the kernel does not apply
+    (off, not built, not a float32 CPU tensor, buffers cast by ``prepared.float()``). Counts equal
+    the tensor path's; moments equal them to float64 rounding (about 1e-15 relative), not bit for
+    bit."""
     moments = (*layer, *channel)
     if not (native.applies(x) and library() is not None) or any(
-            t.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous() for t in moments) or any(
-            t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous()
-            for t in (hist_layer, *([] if hist_channel is None else [hist_channel]))):
+            t.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous() for t in moments) or (
+            counts.dtype != torch.int64 or counts.device.type != "cpu" or not counts.is_contiguous()):
         return None
-    x = x.contiguous()
-    outer, channels, inner = _layout(x, dim)
-    threads, bins = torch.get_num_threads(), hist_layer.numel()
+    layout = _layout(x, dim)
+    if layout is None:
+        x = x.contiguous()
+        layout = _layout(x, dim)
+    outer, channels, inner, stride = layout
+    threads, per_channel = torch.get_num_threads(), counts.dim() == 2
     edge, lut = octave_tables(hist.bins_per_octave)
     scratch = torch.empty(3 * channels, dtype=torch.float64)
-    counts = torch.zeros(threads, bins, dtype=torch.int64)
+    shares = None if per_channel else torch.zeros(threads, hist.bins, dtype=torch.int64)  # each thread's counts
     bad = library().hmt_observe_batch(
-        x.data_ptr(), outer, channels, inner, int(signed), hist.min_exp, hist.bins_per_octave, bins,
-        edge.data_ptr(), lut.data_ptr(), threads, scratch.data_ptr(), counts.data_ptr(),
-        *(t.data_ptr() for t in moments), None if hist_channel is None else hist_channel.data_ptr(),
-        hist_layer.data_ptr())
+        x.data_ptr(), outer, channels, inner, stride, int(signed), hist.min_exp, hist.bins_per_octave, hist.bins,
+        edge.data_ptr(), lut.data_ptr(), threads, scratch.data_ptr(), None if per_channel else shares.data_ptr(),
+        *(t.data_ptr() for t in moments), counts.data_ptr() if per_channel else None,
+        None if per_channel else counts.data_ptr())
     return not bad
-

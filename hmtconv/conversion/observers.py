@@ -40,7 +40,9 @@ class ActivationObserver(nn.Module):
         f64 = dict(dtype=torch.float64)
         for name in ("count", "mean", "m2", "max"):  # per layer
             self.register_buffer(name, torch.zeros((), **f64))
-        self.register_buffer("hist_layer", torch.zeros(hist.bins, dtype=torch.int64))
+        # With per-channel histograms the layer's counts are their sum (each value is counted once),
+        # so the layer's own histogram is kept only without them.
+        self.register_buffer("hist_layer", torch.zeros(0 if hist.per_channel else hist.bins, dtype=torch.int64))
         # Per-channel buffers are sized on the first batch (the channel count is unknown before).
         for name in ("ch_count", "ch_mean", "ch_m2", "ch_max"):
             self.register_buffer(name, torch.zeros(0, **f64))
@@ -67,14 +69,13 @@ class ActivationObserver(nn.Module):
             raise ValueError(f"observer saw per-sample shape {tuple(x.shape[1:])} after {self.shape}; "
                              f"calibrate with inputs of one size")
         dim = channel_dim(x.dim())
-        channels, others = x.shape[dim], tuple(d for d in range(x.dim()) if d != dim)
         x = x.detach().to(self.count.device)
-        hist_channel = self.hist_channel if self.hist.per_channel else None
+        counts = self.hist_channel if self.hist.per_channel else self.hist_layer
         merged = observer_kernel.observe_batch(x, dim, self.signed, self.hist, [self.count, self.mean, self.m2, self.max],
-                                               [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max], hist_channel,
-                                               self.hist_layer)
+                                               [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max], counts)
         if merged is None:  # the tensor path
-            merged = self._merge_batch(x, others, float(x.numel() // channels))
+            others = tuple(d for d in range(x.dim()) if d != dim)
+            merged = self._merge_batch(x, others, float(x.numel() // x.shape[dim]))
             if merged:
                 self._add_histograms(self._output(x), dim)
         if not merged:  # any NaN or inf would poison the statistics (and thresholds) for good
@@ -111,8 +112,8 @@ class ActivationObserver(nn.Module):
         return xc.abs() if self.signed else xc.clamp_min(0)
 
     def _add_histograms(self, out: torch.Tensor, dim: int) -> None:
-        """Count the output activation ``out`` into the histograms; the layer's is the sum of the
-        channels' when those are kept, so each value is binned once."""
+        """Count the output activation ``out`` into the per-channel histograms, or the layer's
+        where those are not kept."""
         idx = self.hist.bin_index(out)
         if not self.hist.per_channel:
             self.hist_layer += torch.bincount(idx.flatten(), minlength=self.hist.bins)
@@ -120,9 +121,7 @@ class ActivationObserver(nn.Module):
         channels = out.shape[dim]
         offset = torch.arange(channels, device=idx.device) * self.hist.bins
         idx += offset.view([channels if d == dim else 1 for d in range(idx.dim())])
-        per_channel = torch.bincount(idx.flatten(), minlength=channels * self.hist.bins).view(channels, -1)
-        self.hist_channel += per_channel
-        self.hist_layer += per_channel.sum(0)
+        self.hist_channel += torch.bincount(idx.flatten(), minlength=channels * self.hist.bins).view(channels, -1)
 
     @torch.no_grad()
     def merge(self, other: "ActivationObserver") -> "ActivationObserver":
@@ -141,7 +140,7 @@ class ActivationObserver(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Lazily sized buffers take the saved shape, so a fresh observer loads a calibrated one.
-        for name in ("ch_count", "ch_mean", "ch_m2", "ch_max", "hist_channel"):
+        for name in ("ch_count", "ch_mean", "ch_m2", "ch_max", "hist_channel", "hist_layer"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -166,22 +165,26 @@ class ActivationObserver(nn.Module):
     def histogram(self, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(counts [C or 1, bins], lower edges, upper edges)`` of the output activation; bin 0 is
         ``[0, 2**min_exp)`` and the open last bin is closed at the largest value seen."""
-        self._check()
-        if per_channel and not self.hist.per_channel:
-            raise ValueError("per-channel histograms need prepare(..., histogram=HistogramConfig(per_channel=True))")
+        counts = self._counts(per_channel)
         k = torch.arange(self.hist.bins, dtype=torch.float64)
         hi = torch.exp2(self.hist.min_exp + k / self.hist.bins_per_octave)
         lo = torch.cat((torch.zeros(1, dtype=torch.float64), hi[:-1]))
         hi[-1] = max(float(self.max), float(lo[-1]))
-        counts = self.hist_channel if per_channel else self.hist_layer.unsqueeze(0)
-        return counts.cpu(), lo, hi
+        return (counts if per_channel else counts.unsqueeze(0)).cpu(), lo, hi
+
+    def _counts(self, per_channel: bool) -> torch.Tensor:
+        """The histogram counts: ``[C, bins]`` per channel, ``[bins]`` for the layer."""
+        self._check()
+        if per_channel and not self.hist.per_channel:
+            raise ValueError("per-channel histograms and percentiles need "
+                             "prepare(..., histogram=HistogramConfig(per_channel=True))")
+        if per_channel:
+            return self.hist_channel
+        return self.hist_channel.sum(0) if self.hist.per_channel else self.hist_layer
 
     def quantile(self, q: float, per_channel: bool) -> torch.Tensor:
         """``q``-quantile of the site's output activation over the whole calibration set."""
-        self._check()
-        if per_channel and not self.hist.per_channel:
-            raise ValueError("per-channel percentiles need prepare(..., histogram=HistogramConfig(per_channel=True))")
-        hist = (self.hist_channel if per_channel else self.hist_layer).to(torch.float64)
+        hist = self._counts(per_channel).to(torch.float64)
         cdf = hist.cumsum(-1)
         target = (q * cdf[..., -1:]).clamp_min(0.5)  # at least one sample below the quantile
         b = torch.searchsorted(cdf, target).clamp_max(self.hist.bins - 1)
