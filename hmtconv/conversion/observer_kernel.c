@@ -57,6 +57,13 @@ static inline float log2_mantissa(float f) {
         0.1234564409f + f * -0.0264593214f)))));
 }
 
+/* A bin from its octave and place: <= 0 below 2**min_exp (zeros and subnormals too), the last
+ * bin from its edge up. */
+static inline int32_t clamp_bin(int32_t b, int32_t last) {
+    b = b < 0 ? 0 : b;
+    return b > last ? last : b;
+}
+
 /* Bins of n outputs of v into k. The place in the octave comes from log2_mantissa (a loop that
  * vectorizes) wherever that is more than 1/256 of a bin from an edge, which its error (at most
  * 2.2e-6 * 1024 bins an octave) cannot cross, and from the exact lookup (edge, lut) for the few
@@ -78,7 +85,7 @@ static void bins_of(const float *restrict v, int64_t n, const Layout *L, int32_t
         const int32_t j = (int32_t)s, octave = (int32_t)(bits >> 23) - octave0;
         const float frac = s - (float)j;
         near[i] = ((frac < eps) | (frac > 1.0f - eps)) & (octave >= -1);  /* below 2**(min_exp - 1): bin 0 anyway */
-        k[i] = octave * bpo + j + 1;
+        k[i] = clamp_bin(octave * bpo + j + 1, last);
     }
     memset(near + n, 0, 8);
     for (int64_t i0 = 0; i0 < n; i0 += 8) {
@@ -90,12 +97,9 @@ static void bins_of(const float *restrict v, int64_t n, const Layout *L, int32_t
                 const float o = output_of(v[i], is_signed);
                 uint32_t bits;
                 memcpy(&bits, &o, sizeof bits);
-                k[i] = ((int32_t)(bits >> 23) - octave0) * bpo + place_in_octave(bits & 0x7fffff, edge, lut) + 1;
+                k[i] = clamp_bin(((int32_t)(bits >> 23) - octave0) * bpo + place_in_octave(bits & 0x7fffff, edge, lut) + 1,
+                                 last);
             }
-    }
-    for (int64_t i = 0; i < n; i++) {  /* <= 0 below 2**min_exp (zeros and subnormals too) */
-        const int32_t b = k[i] < 0 ? 0 : k[i];
-        k[i] = b > last ? last : b;
     }
 }
 
