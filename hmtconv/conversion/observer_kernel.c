@@ -154,6 +154,8 @@ static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int
         const int64_t w = c1 - c0;
         for (int64_t o0 = 0; o0 < L->outer; o0 += 64) {
             const int64_t rows = L->outer - o0 < 64 ? L->outer - o0 : 64;
+            for (int64_t r = o0 + 64; r < o0 + 128 && r < L->outer; r++)  /* the next rows: one line each, stride apart */
+                __builtin_prefetch(x + r * stride + c0);
             if (w == WIDTH)  /* a constant width: the sums stay in registers */
                 lane_moments(x + o0 * stride + c0, rows, stride, WIDTH, sh, L->is_signed, s1, s2, mx, tile);
             else
