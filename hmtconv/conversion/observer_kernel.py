@@ -27,7 +27,7 @@ def _layout(x: torch.Tensor, dim: int) -> tuple[int, int, int, int] | None:
     """``(outer, C, inner, stride)`` such that channel ``c`` of ``x`` (along ``dim``) holds the
     values ``x.data_ptr()[o * stride + c * inner + i]``, read from its strides (a contiguous
     tensor, channels last, or the heads of attention: permuted views of one projection); None
-    where they do not allow it (expanded or overlapping dims)."""
+    where they do not allow it (an expanded dim, gaps inside a channel's runs)."""
     channels = x.shape[dim]
     dims = sorted((d for d in range(x.dim()) if d != dim and x.shape[d] > 1), key=x.stride)
     inner = 1
