@@ -3,8 +3,10 @@
  * The membrane arithmetic of the tensor path of multilevel.py, operation for operation, and the
  * same level (reached without a division, see level_of), so results are equal bit for bit:
  * m = v + x (v - x for the Neg half), k = the exact floor of the real m / lam clamped to
- * [0, levels], out = k * lam, reset by subtraction.  Build with -ffp-contract=off: a multiply-add
- * fused where the source has none would round differently.
+ * [0, levels], out = k * lam, reset by subtraction. With communication only the larger half's
+ * level is computed: the other's is 0 (Lemma 4.1, which the tensor path's exchange relies on too).
+ * Build with -ffp-contract=off: a multiply-add fused where the source has none would round
+ * differently.
  *
  * x and out are [T, B, P] contiguous (out may be x: step t of x is read before it is written);
  * lam and fanout are [P] (fanout may be NULL); spikes and synops are [T], added to; total (NULL:
@@ -80,7 +82,18 @@ static int64_t step8(int mode, const float *x, const float *lam, const float *in
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 xi = _mm256_loadu_ps(x + i), l8 = _mm256_loadu_ps(lam + i), v8 = _mm256_loadu_ps(inv + i);
-        const __m256 mp = _mm256_add_ps(_mm256_loadu_ps(vp + i), xi), k = level8(mp, l8, v8, lv);
+        const __m256 mp = _mm256_add_ps(_mm256_loadu_ps(vp + i), xi);
+        if (mode == COMMUNICATE) {  /* only the larger half can fire (see run_block) */
+            const __m256 mn = _mm256_sub_ps(_mm256_loadu_ps(vn + i), xi), pos = _mm256_cmp_ps(mp, mn, _CMP_GE_OQ);
+            const __m256 k = level8(_mm256_blendv_ps(mn, mp, pos), l8, v8, lv), mag = _mm256_mul_ps(k, l8);
+            const __m256 o = _mm256_blendv_ps(_mm256_sub_ps(_mm256_setzero_ps(), mag), mag, pos);
+            store_index8(kp + i, k);
+            _mm256_storeu_ps(out + i, o);
+            _mm256_storeu_ps(vp + i, _mm256_sub_ps(mp, o));
+            _mm256_storeu_ps(vn + i, _mm256_add_ps(mn, o));
+            continue;
+        }
+        const __m256 k = level8(mp, l8, v8, lv);
         const __m256 op = _mm256_mul_ps(k, l8);
         store_index8(kp + i, k);
         if (mode == UNSIGNED) {
@@ -92,13 +105,8 @@ static int64_t step8(int mode, const float *x, const float *lam, const float *in
         const __m256 on = _mm256_mul_ps(l, l8), o = _mm256_sub_ps(op, on);
         store_index8(kn + i, l);
         _mm256_storeu_ps(out + i, o);
-        if (mode == SIGNED) {
-            _mm256_storeu_ps(vp + i, _mm256_sub_ps(mp, op));
-            _mm256_storeu_ps(vn + i, _mm256_sub_ps(mn, on));
-        } else {
-            _mm256_storeu_ps(vp + i, _mm256_sub_ps(mp, o));
-            _mm256_storeu_ps(vn + i, _mm256_add_ps(mn, o));
-        }
+        _mm256_storeu_ps(vp + i, _mm256_sub_ps(mp, op));
+        _mm256_storeu_ps(vn + i, _mm256_sub_ps(mn, on));
     }
     return i;
 }
@@ -175,17 +183,20 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
                 float mn = vn[i] - x[i], l = level_of(mn, lam[i], inv[i], levels), on = l * lam[i];
                 vp[i] = mp - op; vn[i] = mn - on; out[i] = op - on; kp[i] = index_of(k); kn[i] = index_of(l);
             }
-        } else {  /* eq. 21: both halves reset by the net output (see multilevel.py) */
+        } else {  /* eq. 21: both halves reset by the net output (see multilevel.py). With it
+                   * v_P + v_N = lam (Lemma 4.1), so m_P + m_N = lam and the smaller half is below lam:
+                   * its level is 0, and only the larger half's is computed (out = 0 - its output on
+                   * the Neg side, as op - on gives it; the spikes are that level's). */
             for (int64_t i = i0; i < n; i++) {
-                float mp = vp[i] + x[i], k = level_of(mp, lam[i], inv[i], levels), op = k * lam[i];
-                float mn = vn[i] - x[i], l = level_of(mn, lam[i], inv[i], levels), on = l * lam[i];
-                float o = op - on;
-                vp[i] = mp - o; vn[i] = mn + o; out[i] = o; kp[i] = index_of(k); kn[i] = index_of(l);
+                float mp = vp[i] + x[i], mn = vn[i] - x[i];
+                int pos = mp >= mn;
+                float k = level_of(pos ? mp : mn, lam[i], inv[i], levels), mag = k * lam[i], o = pos ? mag : 0.0f - mag;
+                vp[i] = mp - o; vn[i] = mn + o; out[i] = o; kp[i] = index_of(k);
             }
         }
         for (int64_t i = 0; i < n && j->total; i++) sum[i] += out[i];  /* (out is still in L1) */
         int64_t s = 0, w = 0;  /* integers: exact in any order, so equal to the tensor path's sums */
-        count(j, kp, j->mode == UNSIGNED ? NULL : kn, j->fanout ? j->fanout + p0 : NULL, n, &s, &w);
+        count(j, kp, j->mode == SIGNED ? kn : NULL, j->fanout ? j->fanout + p0 : NULL, n, &s, &w);
         spikes[t] += (double)s;
         synops[t] += (double)w;
     }
