@@ -168,6 +168,8 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
         const int64_t row = (t * j->B + b) * j->P + p0;
         const float *x = j->x + row;
         float *out = j->out + row;
+        for (int64_t i = 0; i < n && t + 1 < j->T; i += 16)  /* the next step's inputs: far away */
+            __builtin_prefetch(x + j->B * j->P + i);
         int64_t i0 = 0;  /* positions done 8 at a time; the loops below do the rest */
 #if defined(__AVX2__) && defined(__FMA__)
         i0 = step8(j->mode, x, lam, inv, levels, vp, vn, out, kp, kn, n);
