@@ -24,6 +24,7 @@ void hmt_compensate(const float *src, float *dst, int64_t T, int64_t P, int mode
             const float steps = (float)(t + 1);
             const float *in = src + t * P + p0;
             float *out = dst + t * P + p0;
+            for (int64_t i = 0; i < n && t + 1 < T; i += 16) __builtin_prefetch(in + P + i);  /* far away */
             if (mode == RUNNING_MEAN) {
                 for (int64_t i = 0; i < n; i++) {
                     acc[i] = acc[i] + in[i];
