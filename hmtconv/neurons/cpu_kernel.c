@@ -39,10 +39,11 @@ static inline int above(float k, float lam, float m) { return (double)k * (doubl
 #endif
 
 /* The exact floor of the real m / lam, clamped to [0, levels]; selects, not branches, so that
- * the loops vectorize; NaN stays NaN.  With 1 / lam a normal float (the caller keeps lam within
- * 2^-100..2^100), m * (1 / lam) is within 2^-23 relative of m / lam, and the quotient is at most
- * 2^16 where the clamp does not decide, so the truncation is off by at most one either way; the
- * exact sign of k * lam - m, then of (k + 1) * lam - m, corrects it. */
+ * the loops vectorize; NaN stays NaN.  inv is 1 / lam shrunk by 2^-21 (see run_block), a normal
+ * float (the caller keeps lam within 2^-100..2^100): m * inv is below m / lam for m > 0, by less
+ * than 2^-20 relative, and the quotient is at most 2^16 where the clamp does not decide, so the
+ * truncation is at most one too small, never too large; the exact sign of (k + 1) * lam - m
+ * corrects it. (The scalar form also checks k * lam - m, which then never steps down.) */
 static inline float level_of(float m, float lam, float inv, float levels) {
     float q = m * inv;
     float c = q < 0.0f ? 0.0f : q;
@@ -54,19 +55,15 @@ static inline float level_of(float m, float lam, float inv, float levels) {
 static inline int32_t index_of(float k) { return k == k ? (int32_t)k : 0; }
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* level_of on 8 lanes, select for select (NaN stays NaN); both corrections start from the
- * truncated k, so their fused multiply-adds run side by side: a step down means k * lam > m,
- * hence (k + 1) * lam - m >= lam > 0 and no step up, as in level_of.  (GCC's vectorizer gave up
- * on that form; the sequential one it vectorized ran 1.6x slower.) */
+/* level_of on 8 lanes, select for select (NaN stays NaN), with the step up only: the truncated
+ * quotient is never too large (see level_of). */
 static inline __m256 level8(__m256 m, __m256 lam, __m256 inv, __m256 levels) {
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
     const __m256 c = _mm256_min_ps(levels, _mm256_max_ps(zero, _mm256_mul_ps(m, inv)));
     const __m256 k = _mm256_round_ps(c, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC), k1 = _mm256_add_ps(k, one);
-    const __m256 down = _mm256_and_ps(_mm256_cmp_ps(_mm256_fmsub_ps(k, lam, m), zero, _CMP_GT_OQ),
-                                      _mm256_cmp_ps(k, zero, _CMP_GT_OQ));
     const __m256 up = _mm256_andnot_ps(_mm256_cmp_ps(_mm256_fmsub_ps(k1, lam, m), zero, _CMP_GT_OQ),
                                        _mm256_cmp_ps(k, levels, _CMP_LT_OQ));
-    return _mm256_blendv_ps(_mm256_blendv_ps(k, _mm256_sub_ps(k, one), down), k1, up);
+    return _mm256_blendv_ps(k, k1, up);
 }
 
 static inline void store_index8(int32_t *dst, __m256 k) {  /* index_of */
@@ -161,7 +158,7 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
     const float levels = (float)j->levels;
     for (int64_t i = 0; i < n; i++) {
         vp[i] = vn[i] = lam[i] * 0.5f;  /* eq. 13 */
-        inv[i] = 1.0f / lam[i];
+        inv[i] = 1.0f / lam[i] * (1.0f - 0x1p-21f);  /* below 1 / lam: see level_of */
         sum[i] = 0.0f;
     }
     for (int64_t t = 0; t < j->T; t++) {
