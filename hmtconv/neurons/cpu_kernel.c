@@ -189,7 +189,8 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
             for (int64_t i = i0; i < n; i++) {
                 float mp = vp[i] + x[i], mn = vn[i] - x[i];
                 int pos = mp >= mn;
-                float k = level_of(pos ? mp : mn, lam[i], inv[i], levels), mag = k * lam[i], o = pos ? mag : 0.0f - mag;
+                float k = level_of(pos ? mp : mn, lam[i], inv[i], levels), mag = k * lam[i];
+                float o = pos ? mag : 0.0f - mag;
                 vp[i] = mp - o; vn[i] = mn + o; out[i] = o; kp[i] = index_of(k);
             }
         }
