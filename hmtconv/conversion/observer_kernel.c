@@ -97,8 +97,8 @@ static void bins_of(const float *restrict v, int64_t n, const Layout *L, int32_t
                 const float o = output_of(v[i], is_signed);
                 uint32_t bits;
                 memcpy(&bits, &o, sizeof bits);
-                k[i] = clamp_bin(((int32_t)(bits >> 23) - octave0) * bpo + place_in_octave(bits & 0x7fffff, edge, lut) + 1,
-                                 last);
+                const int32_t octave = (int32_t)(bits >> 23) - octave0;
+                k[i] = clamp_bin(octave * bpo + place_in_octave(bits & 0x7fffff, edge, lut) + 1, last);
             }
     }
 }
@@ -154,7 +154,7 @@ static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int
         const int64_t w = c1 - c0;
         for (int64_t o0 = 0; o0 < L->outer; o0 += 64) {
             const int64_t rows = L->outer - o0 < 64 ? L->outer - o0 : 64;
-            for (int64_t r = o0 + 64; r < o0 + 128 && r < L->outer; r++)  /* the next rows: one line each, stride apart */
+            for (int64_t r = o0 + 64; r < o0 + 128 && r < L->outer; r++)  /* the next rows: a line each */
                 __builtin_prefetch(x + r * stride + c0);
             if (w == WIDTH)  /* a constant width: the sums stay in registers */
                 lane_moments(x + o0 * stride + c0, rows, stride, WIDTH, sh, L->is_signed, s1, s2, mx, tile);
