@@ -63,9 +63,10 @@ def strided_views():
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, heads, N, d], channels = heads
     conv = torch.randn(5, 6, 7, 7, generator=g)
     tokens = torch.randn(4, 9, 12, generator=g)
-    small_heads = torch.randn(4, 9, 3, 6, 5, generator=g).permute(2, 0, 3, 1, 4)[0]  # runs of 5: several heads a block
     small_heads = torch.randn(4, 9, 3, 6, 5, generator=g).permute(2, 0, 3, 1, 4)[0]  # runs of 5 values
-        memory_format=torch.channels_last), "channel major": conv.transpose(0, 1).contiguous().transpose(0, 1)}
+    in_place = {"q": q, "k^T": k.transpose(-2, -1), "v": v, "small heads": small_heads,
+                "channels last": conv.contiguous(memory_format=torch.channels_last),
+                "channel major": conv.transpose(0, 1).contiguous().transpose(0, 1)}
     copied = {"expanded": conv[:, :, :1].expand(5, 6, 4, 7), "every other row": conv[:, :, ::2],
               "tokens after the first": tokens[:, 1:]}
     return in_place, copied
