@@ -31,7 +31,11 @@ def lam_shape(shape: torch.Size) -> tuple[int, ...]:
 class ActivationObserver(nn.Module):
     """Count, mean and M2 (Welford/Chan) of the input ``x``, per layer and per channel; maximum and
     histograms of the output activation ``relu(x)`` (unsigned site: the ReLU's output) or ``|x|``
-    (signed site: both halves of y = x share one threshold) for the percentile policies."""
+    (signed site: both halves of y = x share one threshold) for the percentile policies.
+
+    The histograms are ``hist_channel`` ``[C, bins]`` or, with ``HistogramConfig(per_channel=False)``,
+    ``hist_layer`` ``[bins]`` (the other buffer empty); read them with :meth:`histogram`, which
+    gives the layer's counts either way (the sum of the channels')."""
 
     def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig()):
         super().__init__()
