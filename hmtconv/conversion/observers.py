@@ -75,7 +75,8 @@ class ActivationObserver(nn.Module):
         dim = channel_dim(x.dim())
         x = x.detach().to(self.count.device)
         counts = self.hist_channel if self.hist.per_channel else self.hist_layer
-        layer, channel = [self.count, self.mean, self.m2, self.max], [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max]
+        layer = [self.count, self.mean, self.m2, self.max]
+        channel = [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max]
         merged = observer_kernel.observe_batch(x, dim, self.signed, self.hist, layer, channel, counts)
         if merged is None:  # the tensor path
             others = tuple(d for d in range(x.dim()) if d != dim)
