@@ -24,7 +24,7 @@ from .energy import REARRANGING, SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import add_attention_mask, arg, assign, scope
-from .graph import add_child, made_from_shape, swap_for_module
+from .graph import add_child, computed_from, made_from_shape, swap_for_module
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
@@ -112,26 +112,27 @@ def _compensated_call(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kind
     return new
 
 
-def reads_spikes(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[fx.Node, bool]:
-    """Which tensors are computed from spike trains' values: a neuron's output and whatever reads
-    one. A tensor made from sizes alone (``torch.ones(x.size(1), ...)``, a causal mask,
-    ``zeros_like``) or from a static tensor repeated at every step is laid out over ``T*B`` rows
-    (temporal) but the same at every step, so any op may run on it per step."""
-    spiky: dict[fx.Node, bool] = {}
-    for node in gm.graph.nodes:
-        site = node.op == "call_module" and isinstance(gm.get_submodule(node.target), SpikingActivation)
+def reads_spikes(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> set[fx.Node]:
+    """The tensors computed from spike trains' values: a neuron's output and whatever reads one.
+    A tensor made from sizes alone (``torch.ones(x.size(1), ...)``, a causal mask, ``zeros_like``)
+    or from a static tensor repeated at every step is laid out over ``T*B`` rows (temporal) but the
+    same at every step, so any op may run on it per step."""
+    def is_site(node: fx.Node) -> bool:
+        return kinds[node] == "temporal" and node.op == "call_module" and \
+            isinstance(gm.get_submodule(node.target), SpikingActivation)
+
+    def reads_values(node: fx.Node, source: fx.Node) -> bool:
         # (tensor_meta is there for tensors and tuples of them, as unbind returns; not for sizes)
-        spiky[node] = kinds[node] == "temporal" and not made_from_shape(node) and (
-            site or any(spiky[i] and i.meta.get("tensor_meta") is not None for i in node.all_input_nodes))
-    return spiky
+        return kinds[node] == "temporal" and not made_from_shape(node) and source.meta.get("tensor_meta") is not None
+    return computed_from(gm.graph, is_site, reads_values)
 
 
 def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
     spiky = reads_spikes(gm, kinds)
     for node in list(gm.graph.nodes):
-        if not spiky[node] or node.meta.get("tensor_meta") is None:
+        if node not in spiky or node.meta.get("tensor_meta") is None:
             continue  # sizes, shape checks (x.shape[0], torch._assert) and tensors made from sizes are fine
-        varying = [isinstance(a, fx.Node) and spiky[a] and is_tensor(a) for a in node.args]
+        varying = [isinstance(a, fx.Node) and a in spiky and is_tensor(a) for a in node.args]
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             shared = isinstance(module, Compensated)  # a module called at several sites, wrapped at an earlier one
@@ -150,7 +151,7 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             module = ELEMENTWISE[node.target](node, varying) if node.target in ELEMENTWISE else None
             if module is not None:
-                spiky[_compensated_call(gm, node, module, kinds)] = True
+                spiky.add(_compensated_call(gm, node, module, kinds))
                 continue
             if node.target in SCALING and sum(varying) > 1:
                 _fail(node, f"product {name} of two time-varying tensors")

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -203,16 +204,24 @@ def made_from_shape(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in SHAPE_ONLY
 
 
-def reads_input(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes computed from the values of the model's input (its sizes, device and dtype aside)."""
+def computed_from(graph: fx.Graph, is_source: Callable[[fx.Node], bool],
+                  reads_values: Callable[[fx.Node, fx.Node], bool]) -> set[fx.Node]:
+    """The sources and the nodes computed from their values: a node is when it reads the values
+    (``reads_values(node, input)``), not only the sizes, of an input that is."""
     found: set[fx.Node] = set()
     for node in graph.nodes:
-        metadata = (node.op == "call_method" and node.target in METADATA_METHODS) or (
-            node.op == "call_function" and node.target is getattr and node.args[1] in METADATA_ATTRIBUTES) or \
-            made_from_shape(node)
-        if node.op == "placeholder" or (not metadata and any(i in found for i in node.all_input_nodes)):
+        if is_source(node) or any(i in found and reads_values(node, i) for i in node.all_input_nodes):
             found.add(node)
     return found
+
+
+def reads_input(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from the values of the model's input (its sizes, device and dtype aside)."""
+    def reads_values(node: fx.Node, _) -> bool:
+        metadata = (node.op == "call_method" and node.target in METADATA_METHODS) or (
+            node.op == "call_function" and node.target is getattr and node.args[1] in METADATA_ATTRIBUTES)
+        return not metadata and not made_from_shape(node)
+    return computed_from(graph, lambda node: node.op == "placeholder", reads_values)
 
 
 def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:
