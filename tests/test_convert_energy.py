@@ -1,6 +1,7 @@
 """Energy counts (eqs. 31-32) against brute force on tiny networks."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hmtconv.conversion as hc
@@ -55,3 +56,78 @@ def test_energy_ratio_from_spike_counts():
     macs_ann = 5 * 7 + 7 * 4 + 4 * 2
     expected = (E_MAC * 5 * 7 + E_AC * acs) / (E_MAC * macs_ann)
     assert torch.allclose(torch.tensor(result.energy_ratio, dtype=torch.float64), expected)
+
+
+class Between(nn.Module):
+    """conv -> ReLU -> op -> flatten -> Linear: spikes reach the Linear through the op."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.conv, self.fc = op, nn.Conv2d(1, 4, 3, padding=1), nn.LazyLinear(3)
+        self.gain = nn.Parameter(torch.tensor([0.5, -2.0, 0.0, 3.0]).view(4, 1, 1))
+        self.avg, self.adaptive = nn.AvgPool2d(3, 1, 1), nn.AdaptiveAvgPool2d((2, 3))
+        self.avg1d = nn.AvgPool1d(4, 3, 1)
+
+    def forward(self, x):
+        return self.fc(self.op(self, torch.relu(self.conv(x))).flatten(1))
+
+
+OPS = {  # ops between the neurons and the Linear; overlapping windows on 5 x 5 included
+    "scale": lambda m, h: h * 0.5,
+    "gain with a zero channel": lambda m, h: h * m.gain,
+    "addcmul": lambda m, h: torch.addcmul(m.gain, m.gain, h),
+    "divide": lambda m, h: h / 4.0,
+    "negate": lambda m, h: torch.sub(-h, 1.0),
+    "subtract from": lambda m, h: 1.0 - h,
+    "in place": lambda m, h: h.mul_(0.5).sub_(0.1),
+    "mean": lambda m, h: h.mean((2, 3)),
+    "F.adaptive_avg_pool2d": lambda m, h: F.adaptive_avg_pool2d(h, 3),
+    "F.avg_pool2d without padding counted": lambda m, h: F.avg_pool2d(h, 3, 2, 1, count_include_pad=False),
+    "nn.AvgPool2d": lambda m, h: m.avg(h),
+    "nn.AdaptiveAvgPool2d": lambda m, h: m.adaptive(h),
+    "nn.AvgPool1d": lambda m, h: m.avg1d(h.flatten(2)),
+}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_fanout_counts_connections_through_ops(name):
+    """Eq. 32 counts synapses, not weights: a spike of ReLU output i costs, per element of the
+    op's output that it changes (brute force), the Linear's 3 synapses."""
+    torch.manual_seed(0)
+    model = Between(OPS[name]).eval()
+    model(torch.zeros(1, 1, 5, 5))
+    data = [(torch.randn(4, 1, 5, 5), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(model, data, n=2, T=3, policy="999")
+    base = torch.rand(1, 4, 5, 5) + 0.5
+    with torch.no_grad():
+        ref = model.op(model, base.clone()).flatten()
+        expected = torch.zeros(4, 5, 5)
+        for i in range(base.numel()):
+            h = base.clone()
+            h.view(-1)[i] += 1.0
+            changed = (model.op(model, h).flatten() - ref).abs() > 1e-9
+            expected.view(-1)[i] = changed.sum() * 3
+    assert torch.equal(snn.sites()["relu"].fanout, expected)
+
+
+@pytest.mark.parametrize("einsum", [False, True])
+def test_product_with_a_weight_is_a_synaptic_layer(einsum):
+    """``h @ w`` (or its einsum) with a parameter w: each spike reaches a row of w (5 synapses),
+    and its MACs are the ANN's."""
+    class WeightProduct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.w, self.fc = nn.Linear(6, 8), nn.Parameter(torch.randn(8, 5)), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = torch.einsum("bi,ij->bj", h, self.w) if einsum else h @ self.w
+            return self.fc(torch.relu(h))
+
+    torch.manual_seed(0)
+    model = WeightProduct().eval()
+    data = [(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(model, data, n=2, T=3, policy="999")
+    fanouts = [site.fanout for site in snn.sites().values()]
+    assert torch.all(fanouts[0] == 5) and torch.all(fanouts[1] == 3)
+    assert snn.mac_ann == 6 * 8 + 8 * 5 + 5 * 3 and snn.mac_static == 6 * 8

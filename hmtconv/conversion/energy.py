@@ -2,18 +2,24 @@
 
 What is counted, per sample:
 
-- **Synaptic layers** are Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear. The matmuls and float
-  ops of attention are not counted (the paper's eq. 32 covers neuron -> layer connections only).
+- **Synaptic layers** are Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, and matmuls and two-operand
+  einsums with one constant operand (a weight: ``x @ self.w``). The matmuls of two activations and
+  the float ops of attention are not counted (the paper's eq. 32 covers neuron -> layer
+  connections only).
 - **ANN cost** ``mac_ann``: exact connections of every synaptic layer, i.e. ``sum_i c_i`` over its
   input elements, where ``c_i`` is how many (output, weight) pairs element ``i`` feeds. Padding,
   stride, dilation and groups are exact because ``c`` is the gradient of the layer run with an
   all-ones kernel on an all-ones input (padded positions feed nothing).
 - **Spike-driven layers** (input reaches it from spiking neurons through structural ops only: add,
-  reshape, flatten, cat, dropout, BatchNorm and average pooling): each binary spike of neuron i costs
-  ``c_i`` accumulates (eq. 32), ``c_i`` summed over every layer the neuron reaches (a ResNet neuron
-  feeding the next block's conv and its shortcut conv counts both). BatchNorm counts as folded into
-  the next layer and average pooling as summation, so they do not change ``c``. The neurons count
-  their own spikes and ``spikes * c`` (``neuron.fanout``); nothing is recomputed per step.
+  reshape, flatten, cat, dropout, BatchNorm, average pooling, means, and sums, differences and
+  products with constants): each binary spike of neuron i costs ``c_i`` accumulates (eq. 32),
+  ``c_i`` summed over every layer the neuron reaches (a ResNet neuron feeding the next block's conv
+  and its shortcut conv counts both). Connections are counted, not weighted: BatchNorm and constant
+  factors count as folded into the next layer (a factor of 0 cuts the connection), a difference as
+  a sum, and average pooling and means as summation (each window that holds the spike passes it
+  on), so none of them scales ``c`` (bilinear upsampling spreads a spike over its interpolation
+  weights). The neurons count their own spikes and ``spikes * c`` (``neuron.fanout``); nothing
+  is recomputed per step.
 - **Analog-fed layers** cost MACs: a layer before the first neuron (the image enters as the same
   analog value at every step, so it runs once: ``mac_static``, counted once per inference), and a
   layer fed by float values that change over time (e.g. after a compensated op, ``mac_step``,
@@ -24,9 +30,13 @@ with ``E_MAC = 4.6 pJ`` and ``E_AC = 0.9 pJ`` (eq. 31).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
+from .attention import MatMul
 from .fold import BATCHNORMS
 from .multistep import ToTime
 from .sites import SpikingActivation
@@ -46,6 +56,58 @@ REARRANGING = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.
                nn.ReplicationPad2d, nn.ReplicationPad3d, nn.Unfold, nn.Fold)
 _PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, ToTime,
          *REARRANGING)
+# Calls the probe runs by the connections they route, not by their values (see the module docstring).
+_FACTORS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.addcmul, "addcmul", "addcmul_"}
+_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+_AS_ADDITION = {operator.sub: operator.add, operator.isub: operator.iadd, torch.sub: torch.add, "sub": "add",
+                "sub_": "add_"}
+_NEGATIONS = {operator.neg, torch.neg, "neg"}
+_MEANS = {torch.mean, "mean"}
+
+
+def _window_sizes(size_in: int, size_out: int) -> torch.Tensor:
+    """Window lengths of adaptive pooling along one dim: output i averages inputs
+    floor(i * size_in / size_out) .. ceil((i + 1) * size_in / size_out) - 1."""
+    i = torch.arange(size_out)
+    return (((i + 1) * size_in + size_out - 1) // size_out - i * size_in // size_out).double()
+
+
+def _adaptive_sum(out: torch.Tensor, x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Adaptive average pooling ``out`` of ``x`` over its last ``dims`` dims, times each window's size."""
+    area = torch.ones((), dtype=torch.float64)
+    for d in range(-dims, 0):
+        sizes = _window_sizes(x.shape[d], out.shape[d]).to(out.device)
+        area = area.unsqueeze(-1) * sizes
+    return out * area
+
+
+def _window_sum(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Average pooling as the sum of each window (padding adds nothing)."""
+    if isinstance(pool, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        return _adaptive_sum(pool(x), x, int(type(pool).__name__[-2]))
+    if isinstance(pool, nn.AvgPool1d):  # avg_pool1d has no divisor_override: the 2-d pool on a row
+        return F.avg_pool2d(x.unsqueeze(-2), (1, *pool.kernel_size), (1, *pool.stride), (0, *pool.padding),
+                            pool.ceil_mode, divisor_override=1).squeeze(-2)
+    avg_pool = F.avg_pool2d if isinstance(pool, nn.AvgPool2d) else F.avg_pool3d
+    return avg_pool(x, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, divisor_override=1)
+
+
+def _connections_only(target, args: tuple, kwargs: dict) -> tuple:
+    """The call as the probe runs it where a spike-derived tensor enters it: constant factors
+    as 1 (0 stays 0), divisors as 1, differences as sums."""
+    def nonzero(a):
+        if isinstance(a, torch.Tensor):
+            return a if a.requires_grad else (a != 0).to(torch.float64)
+        return float(a != 0) if isinstance(a, (int, float)) and not isinstance(a, bool) else a
+    if target in _FACTORS:
+        return target, tuple(nonzero(a) for a in args), {k: nonzero(v) for k, v in kwargs.items()}
+    if target in _DIVISIONS:
+        divisor = args[1]
+        one = torch.ones_like(divisor) if isinstance(divisor, torch.Tensor) else 1.0
+        return target, (args[0], one, *args[2:]), {k: v for k, v in kwargs.items() if k != "rounding_mode"}
+    if target in _AS_ADDITION:
+        return _AS_ADDITION[target], args, {k: v for k, v in kwargs.items() if k != "alpha"}
+    return target, args, kwargs
 
 
 def connections(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,11 +119,13 @@ def connections(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Probe(fx.Interpreter):
-    """One structural pass (B = 1, T = 1, float64): neuron outputs are leaves, every other
-    non-structural op a constant, so ``autograd`` routes exactly the synapse counts."""
+    """One structural pass (B = 1, T = 1, float64): neuron outputs are leaves, the ops between
+    them and the layers run by their connections (see the module docstring), every other op is a
+    constant, so ``autograd`` routes exactly the synapse counts."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, kinds: dict[fx.Node, str]):
         super().__init__(gm)
+        self.kinds = kinds
         self.device = next(iter(gm.buffers())).device
         self.leaves: dict[str, torch.Tensor] = {}
         self.ac = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -81,9 +145,37 @@ class _Probe(fx.Interpreter):
         return super().run_node(n)
 
     def get_attr(self, target, args, kwargs):
-        # float64 like the probe's activations, for functions that do not promote (torch.einsum)
+        # float64 like the probe's activations, for functions that do not promote (torch.einsum);
+        # detached: a parameter is a constant here, and requires_grad marks what spikes reach
         value = super().get_attr(target, args, kwargs)
-        return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    def _call(self, target, args: tuple, kwargs: dict, run):
+        """A function or method call, by its connections where spikes reach it."""
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
+            return run(target, args, kwargs)
+        if target in _NEGATIONS:
+            return args[0]
+        if target is F.avg_pool2d:
+            return F.avg_pool2d(*args[:6], **{k: v for k, v in kwargs.items() if k != "divisor_override"},
+                                divisor_override=1)
+        out = run(*_connections_only(target, args, kwargs))
+        if target in _MEANS:
+            return out * (args[0].numel() / out.numel())  # (B = 1) the sum of what is averaged
+        return _adaptive_sum(out, args[0], 2) if target is F.adaptive_avg_pool2d else out
+
+    def call_function(self, target, args, kwargs):
+        return self._call(target, args, kwargs, super().call_function)
+
+    def call_method(self, target, args, kwargs):
+        return self._call(target, args, kwargs, super().call_method)
+
+    def _layer(self, target: str, layer, x: torch.Tensor) -> None:
+        """A synaptic layer ``layer(x)`` (linear in x, all-ones weights): its MACs, and the
+        accumulates of spikes that reach it."""
+        self.layers.append((target, layer(torch.ones_like(x)).sum().item(), x.requires_grad))
+        if x.requires_grad:
+            self.ac = self.ac + layer(x).sum()
 
     def call_module(self, target, args, kwargs):
         module = self.submodules[target]
@@ -91,25 +183,28 @@ class _Probe(fx.Interpreter):
         if isinstance(module, SpikingActivation):
             self.leaves[target] = leaf = torch.ones(meta.shape, dtype=torch.float64, device=self.device,
                                                   requires_grad=True)
-            return leaf
+            return leaf.clone()  # (not the leaf itself: a method may scale it in place)
         x = args[0] if args else None
         if isinstance(module, SYNAPTIC):
-            macs = connections(module, torch.ones_like(x)).sum().item()
-            self.layers.append((target, macs, x.requires_grad))
-            if x.requires_grad:
-                self.ac = self.ac + connections(module, x).sum()
+            self._layer(target, lambda v: connections(module, v), x)
+        elif isinstance(module, MatMul):  # Einsum too; the product of two activations is Compensated
+            constant = [self.kinds.get(a) == "const" for a in self.env_meta.args]
+            if constant.count(True) == 1:  # x @ weight
+                ones = [torch.ones_like(a) for a in args]
+                at = constant.index(False)
+                self._layer(target, lambda v: module(*ones[:at], v, *ones[at + 1:]), args[at])
         elif isinstance(module, BATCHNORMS):
             return x
         elif isinstance(module, _PASS):
             return module(x)
         elif isinstance(module, _AVGPOOL):
-            return module(x) * (x[0].numel() / module(x)[0].numel())  # sum, not mean, of the window
+            return _window_sum(module, x)
         return self._zeros(meta)
 
 
 def count_operations(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[str, float]:
     """Set ``fanout`` on every neuron and return per-sample ``mac_ann``, ``mac_static``, ``mac_step``."""
-    probe = _Probe(gm)
+    probe = _Probe(gm, kinds)
     with torch.enable_grad():
         probe.run()
         if probe.ac.requires_grad:
