@@ -1,6 +1,7 @@
 """Agreement with the ANN, spikes through step t, and answering a smaller T from one run."""
 import pytest
 import torch
+from torch import nn
 
 import hmtconv.conversion as hc
 from hmtconv.sweep import simulations
@@ -22,6 +23,49 @@ def test_agreement_and_spikes_against_a_direct_computation():
     assert result.spikes_cumulative == pytest.approx((spikes.cumsum(0) / 24).tolist())
     assert result.spikes_cumulative[-1] == pytest.approx(result.spikes_per_sample)
     assert hc.evaluate(snn, data).agreement is None  # no ANN given
+
+
+class WritesOverActivations(nn.Module):
+    """In-place ops after the neurons: on a ReLU's output, and on a signed site's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h.mul_(0.5)
+        g = self.b(h)
+        out = self.fc(g)
+        g.add_(1.0)
+        return out
+
+
+def test_per_layer_error_against_a_direct_computation():
+    """Mean |ANN activation - SNN mean output| of each site: the ANN's activations computed apart,
+    the SNN's outputs caught by hooks, in-place ops after the sites included."""
+    torch.manual_seed(0)
+    model = WritesOverActivations().eval()
+    data = [(torch.randn(16, 6), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    snn = hc.convert(model, data, n=2, T=6, policy="999", identity="all")
+    sites = snn.sites()
+    assert {name: site.output_mutated for name, site in sites.items()} == {"relu": True, "a_in": False, "fc_in": True}
+    outputs = {}
+    hooks = [site.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out.clone()))
+             for name, site in sites.items()]
+    errors = {name: 0.0 for name in sites}
+    for x, _ in data:
+        snn(x)
+        with torch.no_grad():
+            relu = torch.relu(model.a(x))
+            ann = {"relu": relu, "a_in": x, "fc_in": model.b(relu * 0.5)}
+        for name in sites:
+            errors[name] += (outputs[name].view(6, *x.shape[:1], -1).mean(0) - ann[name]).abs().sum().item()
+    for h in hooks:
+        h.remove()
+    result = hc.evaluate(snn, data)
+    assert [layer.mean_abs_error for layer in result.per_layer] == pytest.approx(
+        [errors[name] / (32 * ann[name].shape[1]) for name in sites], rel=1e-5)
 
 
 def test_wall_clock_seconds_are_reported_but_not_a_result():

@@ -184,15 +184,41 @@ def _owns_its_output(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.iadd and _owns_its_output(gm, node.args[0])
 
 
+# Calls whose result may share memory with their first operand.
+VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+         "expand", "chunk", "split", "unbind", "swapaxes", "swapdims", "movedim", "reshape_as", "view_as",
+         "expand_as", "narrow", "select", operator.getitem, torch.flatten, torch.reshape, torch.transpose,
+         torch.permute, torch.squeeze, torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim, torch.chunk,
+         torch.split, torch.unbind, torch.narrow, torch.select}
+
+
+def _written_in_place(node: fx.Node) -> bool:
+    """True when a call writes over ``node``'s tensor (``x.mul_(2)``, ``x += y``, ``x[i] = v``),
+    itself or through a view of it."""
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        if user.op == "call_method" and user.target.endswith("_") and not user.target.endswith("__"):
+            return True
+        if user.op == "call_function" and user.target in (operator.iadd, operator.isub, operator.imul,
+                                                          operator.itruediv, assign):
+            return True
+        if user.op in ("call_function", "call_method") and user.target in VIEWS and _written_in_place(user):
+            return True
+    return False
+
+
 def allow_overwrite(gm: fx.GraphModule) -> None:
     """Let neurons write their output, and compensated ops their running means, over inputs that
-    nothing else reads (a fresh activation-sized tensor costs page faults that rival the op)."""
+    nothing else reads (a fresh activation-sized tensor costs page faults that rival the op); mark
+    sites whose ANN-mode output (a signed site's is its input) is later written over in place."""
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
         if isinstance(module, SpikingActivation):
             module.overwrite_input = _owns_its_output(gm, node.args[0])
+            module.output_mutated = _written_in_place(node) or (module.signed and _written_in_place(node.args[0]))
         elif isinstance(module, Compensated):
             module.overwrite_inputs = tuple(node.args.count(a) == 1 and _owns_its_output(gm, a) for a in node.args)
 

@@ -43,7 +43,7 @@ class _SiteMonitor:
     def _hook(self, i: int):
         def hook(module, args, out):
             if module.ann_mode:  # (a module-swapped site may be called more than once per forward)
-                self.ann.setdefault(i, []).append(out)
+                self.ann.setdefault(i, []).append(out.clone() if module.output_mutated else out)
                 return
             self.batch[0, i] += module.neuron.spikes.sum()
             self.batch[1, i] += out.numel() / self.steps

@@ -56,6 +56,9 @@ class SpikingActivation(TimeAware):
         self.register_buffer("fanout", None)
         # Set by convert where nothing else reads this site's input (build.py): output written over it.
         self.overwrite_input = False
+        # Set by convert where a later in-place op writes over this site's ANN-mode output (build.py):
+        # the diagnostics then keep a copy of it.
+        self.output_mutated = False
 
     @property
     def signed(self) -> bool:
