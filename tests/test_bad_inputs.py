@@ -97,6 +97,28 @@ def test_labels_out_of_range(snn, label):
         hc.evaluate(snn, data)
 
 
+def test_evaluation_batches_of_other_forms(snn):
+    data = images()
+    expected = hc.evaluate(snn, data).to_dict()
+    assert hc.evaluate(snn, [(x, y.tolist()) for x, y in data]).to_dict() == expected  # labels as a list
+    assert hc.evaluate(snn, [[x, y, "path"] for x, y in data]).to_dict() == expected  # (images, labels, extra)
+    for batches, error, text in [([x for x, _ in data], TypeError, r"accuracy needs \(images, labels\) batches, "
+                                   r"got images only"),
+                                  ([(x, nn.functional.one_hot(y, 10)) for x, y in data], ValueError, "one-hot"),
+                                  ([(x, y[:-1]) for x, y in data], ValueError, "has 4 images but 3 labels"),
+                                  ([{"image": x, "label": y} for x, y in data], TypeError, "got dict")]:
+        with pytest.raises(error, match=text):
+            hc.evaluate(snn, batches)
+
+
+def test_max_batches_takes_no_more_from_the_loader(snn):
+    batches = iter(images(batches=3))
+    assert hc.evaluate(snn, batches, max_batches=2).samples == 8
+    assert next(batches)[0].shape[0] == 4 and next(batches, None) is None  # the third batch is still there
+    with pytest.raises(ValueError, match="max_batches must be a positive integer"):
+        hc.evaluate(snn, images(), max_batches=0)
+
+
 @pytest.mark.parametrize("T", [0, -3])
 def test_T_zero_or_negative(snn, T, capsys):
     with pytest.raises(ValueError, match="T must be a positive integer"):
@@ -151,6 +173,7 @@ def test_model_in_training_mode_is_converted_in_eval_mode_with_a_note():
     assert model.training  # the user's model is left as it was
     with pytest.warns(UserWarning, match="evaluating it in eval mode"):
         hc.evaluate(snn, images(), ann=model)
+    assert model.training  # and left so again
 
 
 def test_inputs_of_another_dtype_or_device_are_moved_to_the_model(snn):

@@ -48,6 +48,38 @@ def model_input(batch, device: torch.device, dtype: torch.dtype, where: str) -> 
     return x
 
 
+def first_batches(loader: Iterable, max_batches: int | None, what: str) -> Iterable:
+    """``loader`` stopped after ``max_batches`` batches, without pulling one more (a generator
+    keeps it)."""
+    if max_batches is None:
+        return loader
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+        raise ValueError(f"{what}: max_batches must be a positive integer or None, got {max_batches!r}")
+    return itertools.islice(loader, max_batches)
+
+
+def batch_labels(batch, images: torch.Tensor, where: str) -> torch.Tensor:
+    """The class labels of an ``(inputs, labels, ...)`` batch: a 1-D integer tensor (a list of
+    ints is taken), one per image."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise TypeError(f"{where}: accuracy needs (images, labels) batches, got "
+                        f"{'images only' if isinstance(batch, torch.Tensor) else type(batch).__name__}")
+    y = batch[1]
+    if not isinstance(y, torch.Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{where}: labels must be a tensor of class indices, got {type(batch[1]).__name__}") \
+                from error
+    if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+        hint = "; one-hot labels? pass labels.argmax(1)" if y.dim() == 2 else ""
+        raise ValueError(f"{where}: labels must be a 1-D integer tensor of class indices, got {y.dtype} of shape "
+                         f"{list(y.shape)}{hint}")
+    if len(y) != len(images):
+        raise ValueError(f"{where} has {len(images)} images but {len(y)} labels")
+    return y
+
+
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
@@ -138,9 +170,7 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
     seen = 0
     for name, site in sites.items():  # named in the error about non-finite activations
         site.observer.label = name or "<root>"
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
+    for i, batch in enumerate(first_batches(loader, max_batches, "calibrate")):
         x = model_input(batch, device, dtype, f"calibration batch {i}")
         if info.sized_to is not None and tuple(x.shape[1:]) != info.sized_to:
             raise ValueError(f"calibration batch {i} has images of shape {list(x.shape[1:])} but "

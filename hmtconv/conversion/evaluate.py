@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from .api import model_input, placement
+from .api import batch_labels, first_batches, model_input, placement
 from .energy import E_AC, E_MAC
 from .memory import chunk_size, cpu_chunk, parse_bytes
 from .multistep import step_index
@@ -134,9 +134,6 @@ def _simulate(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None, diagnost
 
 
 def _check_labels(y: torch.Tensor, classes: int, batch: int) -> None:
-    if y.dim() != 1 or y.is_floating_point():
-        raise ValueError(f"evaluation batch {batch}: labels must be a 1-D integer tensor of class indices, "
-                         f"got {y.dtype} of shape {list(y.shape)}")
     bad = (y < 0) | (y >= classes)
     if bad.any():
         raise ValueError(f"evaluation batch {batch}: label {y[bad][0].item()} is outside 0..{classes - 1} (the model "
@@ -172,10 +169,10 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
     snn.eval()
-    if ann is not None:
-        if ann.training:
-            warnings.warn(f"the ANN {type(ann).__name__} was in training mode; evaluating it in eval mode",
-                          stacklevel=3)
+    ann_training = ann is not None and ann.training
+    if ann_training:
+        warnings.warn(f"the ANN {type(ann).__name__} is in training mode; evaluating it in eval mode (restored "
+                      f"after)", stacklevel=3)
         ann.eval()
     device, dtype = placement(snn)
     shape = tuple(snn.report.input_shape)
@@ -185,12 +182,11 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     rows, seconds = [], {"ann": 0.0, "snn": 0.0, "diagnostics": 0.0}
     try:
         # disable=None: a bar on terminals only, so logs and captured stderr stay clean
-        bar = tqdm(loader, desc=f"evaluate T={steps}", unit="batch", leave=False,
+        bar = tqdm(first_batches(loader, max_batches, "evaluate"), desc=f"evaluate T={steps}", unit="batch", leave=False,
                    disable=True if not progress or not distributed.is_main() else None)
-        for i, (x, y) in enumerate(bar):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = model_input(x, device, dtype, f"evaluation batch {i}"), y.to(device)
+        for i, batch in enumerate(bar):
+            x = model_input(batch, device, dtype, f"evaluation batch {i}")
+            y = batch_labels(batch, x, f"evaluation batch {i}").to(device)
             if tuple(x.shape[1:]) != shape:
                 raise ValueError(f"evaluation batch {i} has images of shape {list(x.shape[1:])} but the SNN was "
                                  f"calibrated on {list(shape)}; use the same image size and channels")
@@ -212,6 +208,8 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
             rows.append(torch.cat([correct.to(torch.float64), agree.to(torch.float64), monitor.take(), counts]))
     finally:
         monitor.close()
+        if ann_training:
+            ann.train()
     total = _sum_batches(rows, 4 * steps + 3 * sites + 2, device)
     correct, agree, step_spikes, synops, spikes, elements, abs_err, (ann_correct, samples) = \
         total.split([steps] * 4 + [sites] * 3 + [2])
