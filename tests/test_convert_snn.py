@@ -134,6 +134,34 @@ def test_functional_relus_convert():
     assert (snn(x).mean(0) - ref).abs().max() < 0.01 * ref.abs().max()
 
 
+class SizesReadAfterNeurons(nn.Module):
+    """LeNet's ``h.view(x.size(0), -1)``, with the size also read by a static op."""
+
+    def __init__(self, flatten: bool):
+        super().__init__()
+        self.flatten = flatten
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        batch = x.size(0)
+        h = F.relu(self.conv(x.reshape(batch, 1, 8, 8)))
+        return self.fc(torch.flatten(h, 1) if self.flatten else h.view(batch, -1))
+
+
+def test_sizes_read_after_neurons_leave_the_analog_prefix_static():
+    torch.manual_seed(0)
+    model = SizesReadAfterNeurons(flatten=False).eval()
+    flat = SizesReadAfterNeurons(flatten=True).eval()
+    flat.load_state_dict(model.state_dict())
+    data = loader()
+    snn, reference = hc.convert(model, data, n=4, T=3), hc.convert(flat, data, n=4, T=3)
+    rows = []
+    snn.net.conv.register_forward_hook(lambda m, a, out: rows.append(out.shape[0]))
+    x = data[0][0]
+    assert torch.equal(snn(x), reference(x)) and rows == [8]  # the conv ran once, on the batch
+    assert (snn.mac_static, snn.mac_step) == (reference.mac_static, reference.mac_step) and snn.mac_step == 0
+
+
 def test_prepare_calibrate_convert_reuses_statistics():
     model, data = small_cnn(), loader()
     prepared = hc.calibrate(hc.prepare(model), data)

@@ -8,7 +8,8 @@ Nodes of the graph fall in three classes: ``const`` (parameters and buffers), ``
 the input image but not on any spike: identical at every step, so computed once on ``[B, ...]``)
 and ``temporal``. :func:`insert_time_expansion` inserts a :class:`ToTime` wherever a static tensor
 meets a temporal op. A static *size* (``x.shape[0]``) read by a temporal op would be B instead of
-T*B, so the tensor whose shape was read is expanded at its source instead.
+T*B, so that op reads it from a copy of the size computation on the time-expanded tensor (the
+static ops keep theirs: ``h.view(x.size(0), -1)`` after a neuron leaves the first conv static).
 """
 from __future__ import annotations
 
@@ -65,13 +66,6 @@ def classify(graph: fx.Graph, starts_time) -> dict[fx.Node, str]:
     return kind
 
 
-def _tensor_sources(node: fx.Node) -> set[fx.Node]:
-    """The tensors a non-tensor value (a size, a shape tuple) was computed from."""
-    if is_tensor(node):
-        return {node}
-    return set().union(*(_tensor_sources(i) for i in node.all_input_nodes)) if node.all_input_nodes else set()
-
-
 def _add_to_time(gm: fx.GraphModule, source: fx.Node) -> fx.Node:
     name = f"to_time_{source.name}"
     gm.add_submodule(name, ToTime())
@@ -92,18 +86,28 @@ def insert_time_expansion(gm: fx.GraphModule, starts_time) -> dict[fx.Node, str]
     def marks_time(node: fx.Node) -> bool:
         return is_to_time(node) or starts_time(node)
 
-    while True:  # sizes first: each round expands the tensors whose sizes temporal ops read
-        kind = classify(gm.graph, marks_time)
-        shape_sources = {src for node in gm.graph.nodes if kind[node] == "temporal"
-                         for inp in node.all_input_nodes
-                         if kind[inp] == "static" and not is_tensor(inp)
-                         for src in _tensor_sources(inp)}
-        if not shape_sources:
-            break
-        for src in shape_sources:
-            expanded = _add_to_time(gm, src)
-            src.replace_all_uses_with(expanded, delete_user_cb=lambda user: user is not expanded)
-    shared: dict[fx.Node, fx.Node] = {}
+    kind = classify(gm.graph, marks_time)
+    shared: dict[fx.Node, fx.Node] = {}  # static tensor -> its ToTime
+    copies: dict[fx.Node, fx.Node] = {}  # static size -> the same computed on time-expanded tensors
+
+    def over_time(node: fx.Node) -> fx.Node:
+        if node not in copies:
+            if is_tensor(node):
+                if node not in shared:
+                    shared[node] = _add_to_time(gm, node)
+                copies[node] = shared[node]
+            else:
+                with gm.graph.inserting_after(node):
+                    copies[node] = gm.graph.node_copy(
+                        node, lambda a: over_time(a) if kind.get(a) == "static" else a)
+        return copies[node]
+
+    for node in list(gm.graph.nodes):  # sizes first
+        if kind.get(node) == "temporal":
+            for inp in node.all_input_nodes:
+                if kind[inp] == "static" and not is_tensor(inp):
+                    node.replace_input_with(inp, over_time(inp))
+    kind = classify(gm.graph, marks_time)
     for node in list(gm.graph.nodes):
         if kind[node] != "temporal" or node.op == "output" or is_to_time(node):
             continue
