@@ -179,6 +179,8 @@ def test_model_in_training_mode_is_converted_in_eval_mode_with_a_note():
 def test_inputs_of_another_dtype_or_device_are_moved_to_the_model(snn):
     as_double = [(x.double(), y) for x, y in images()]
     assert hc.evaluate(snn, as_double).to_dict() == hc.evaluate(snn, images()).to_dict()
+    double = hc.convert(cnn().double(), images(), T=2)  # a float64 model: float32 images are moved to it
+    assert double(images()[0][0].double()).dtype == torch.float64 and hc.evaluate(double, images()).samples == 8
     with pytest.raises(TypeError, match="torch.uint8 images; convert them to float"):
         hc.evaluate(snn, [((x * 255).to(torch.uint8), y) for x, y in images()])
     if torch.cuda.is_available():

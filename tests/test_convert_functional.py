@@ -91,6 +91,25 @@ def test_a_mask_computed_from_spikes_is_a_clear_error():
         hc.convert(HandAttention(mask="spikes").eval(), loader((5, 6)), n=4, T=4, policy="max", identity="all")
 
 
+class TorchTransformer(nn.Module):
+    """torch.nn's own encoder: its fused fast path is traced through to the attention it calls."""
+
+    def __init__(self, stack: bool):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False) if stack else layer
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_torch_transformer_encoder_converts(stack):
+    torch.manual_seed(0)
+    converges(TorchTransformer(stack).eval(), loader((5, 6)))
+
+
 class FunctionalCNN(nn.Module):
     """conv -> F.batch_norm (eval) -> F.silu -> pool -> F.linear, every tensor the model's own."""
 

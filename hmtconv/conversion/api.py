@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from .. import distributed
+from ..device import placement
 from .attention import decompose_attention
 from .build import build_snn
 from .fallback import drop_unreached_sites, find_unconverted, prepare_modules
@@ -25,12 +26,6 @@ from .pooling import slice_max_pools
 from .sites import ObservedActivation
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
 from .windows import decompose_window_attention
-
-
-def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's parameters (inputs are moved to them)."""
-    tensor = next(iter(model.parameters()), None)
-    return (tensor.device, tensor.dtype) if tensor is not None else (torch.device("cpu"), torch.float32)
 
 
 def model_input(batch, device: torch.device, dtype: torch.dtype, where: str) -> torch.Tensor:
@@ -267,10 +262,11 @@ def _example_of_any_rank(batch, model: nn.Module):
     rank's images have, so every rank traces the same graph (tracing.py)."""
     if not distributed.active():
         return batch
-    images = None if batch is None else model_input(batch, *placement(model), "calibration batch 0")
+    device, dtype = placement(model)
+    images = None if batch is None else model_input(batch, device, dtype, "calibration batch 0")
     shapes = distributed.all_gather_objects(None if images is None else tuple(images.shape[1:]))
     shape = next((s for s in shapes if s is not None), None)
-    return images if images is not None or shape is None else torch.zeros((1, *shape), device=placement(model)[0])
+    return images if images is not None or shape is None else torch.zeros((1, *shape), device=device, dtype=dtype)
 
 
 def _warn_constant(sites: dict[str, ObservedActivation], per_channel: bool) -> None:

@@ -38,6 +38,10 @@ class Einsum(MatMul):
 class DecomposedAttention(nn.Module):
     """``nn.MultiheadAttention`` (batch_first, no masks, eval) built from Linear, MatMul, Softmax."""
 
+    # Read by nn.TransformerEncoder(Layer)'s fused fast path, which these send to the plain path
+    # (the one that calls this module).
+    batch_first, _qkv_same_embed_dim, in_proj_bias = True, False, None
+
     def __init__(self, mha: nn.MultiheadAttention, name: str = ""):
         super().__init__()
         if not mha.batch_first:

@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..device import placement
 from .attention import MatMul
 from .compensated import COMPENSATED, Compensated, Divide, Multiply, Power
 from .energy import REARRANGING, SYNAPTIC, count_operations
@@ -231,9 +232,9 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
                 net.set_submodule(name, Compensated(module))
         return SNN(net, config, report, output_temporal=True, macs=None)
     report.folded_batchnorm = fold_batchnorm(net)
-    device = next(iter(net.buffers())).device
+    device, dtype = placement(net)
     with torch.no_grad():
-        ShapeProp(net).propagate(torch.zeros((1,) + tuple(report.input_shape), device=device))
+        ShapeProp(net).propagate(torch.zeros((1,) + tuple(report.input_shape), device=device, dtype=dtype))
     spiking = {n for n in net.graph.nodes
                if n.op == "call_module" and isinstance(net.get_submodule(n.target), SpikingActivation)}
     kinds = insert_time_expansion(net, lambda node: node in spiking)

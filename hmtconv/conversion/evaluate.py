@@ -16,7 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from .api import batch_labels, first_batches, model_input, placement
+from ..device import placement
+from .api import batch_labels, first_batches, model_input
 from .energy import E_AC, E_MAC
 from .memory import chunk_size, cpu_chunk, parse_bytes
 from .multistep import step_index

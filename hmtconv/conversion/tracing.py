@@ -35,17 +35,23 @@ class NotTraceable(Exception):
 
 class Proxy(fx.Proxy):
     """fx's proxy, plus ``x[key] = value`` as an ``operator.setitem`` node (graph.normalize makes
-    it a new tensor that later readers of ``x`` read)."""
+    it a new tensor that later readers of ``x`` read), and ``x.is_nested`` False."""
 
     def __setitem__(self, key, value) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
+    def __getattr__(self, k: str):
+        if k == "is_nested":  # images are plain tensors (nn.TransformerEncoder asks)
+            return False
+        return super().__getattr__(k)
+
 
 class Tracer(fx.Tracer):
-    """Default leaves (torch.nn modules) plus :class:`MatMul`; traces through decomposed attention."""
+    """Default leaves (torch.nn modules) plus :class:`MatMul`; traces through decomposed attention
+    and the Transformer encoder (layers) that hold it."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, DecomposedAttention):
+        if isinstance(m, (DecomposedAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             return False
         return isinstance(m, MatMul) or super().is_leaf_module(m, qualname)
 
