@@ -111,6 +111,21 @@ def test_evaluation_batches_of_other_forms(snn):
             hc.evaluate(snn, batches)
 
 
+def test_max_pooling_with_indices_after_neurons_is_a_clear_error():
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2, return_indices=True), \
+                nn.Linear(4, 10)
+
+        def forward(self, x):
+            pooled, indices = self.pool(torch.relu(self.conv(x)))
+            return self.fc(pooled.mean((2, 3)))
+
+    with pytest.raises(ValueError, match=r"cannot convert <root> \(SlicedMaxPool2d module 'pool'.*it returns indices"):
+        hc.convert(Pooled().eval(), images())
+
+
 def test_max_batches_takes_no_more_from_the_loader(snn):
     batches = iter(images(batches=3))
     assert hc.evaluate(snn, batches, max_batches=2).samples == 8

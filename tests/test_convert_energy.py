@@ -86,6 +86,11 @@ OPS = {  # ops between the neurons and the Linear; overlapping windows on 5 x 5 
     "nn.AvgPool2d": lambda m, h: m.avg(h),
     "nn.AdaptiveAvgPool2d": lambda m, h: m.adaptive(h),
     "nn.AvgPool1d": lambda m, h: m.avg1d(h.flatten(2)),
+    "F.avg_pool1d": lambda m, h: F.avg_pool1d(h.flatten(2), 3, 2, 1),
+    "F.adaptive_avg_pool1d": lambda m, h: F.adaptive_avg_pool1d(h.flatten(2), 4),
+    "F.avg_pool3d": lambda m, h: F.avg_pool3d(h.unsqueeze(1), 2, 1),
+    "narrow, select, index_select": lambda m, h: h.narrow(2, 1, 3).select(3, 2).index_select(1, torch.tensor([0, 3])),
+    "repeat, tile, detach": lambda m, h: torch.tile(h.repeat(1, 2, 1, 1).detach(), (1, 1, 2)),
 }
 
 

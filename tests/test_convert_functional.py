@@ -110,6 +110,25 @@ def test_torch_transformer_encoder_converts(stack):
     converges(TorchTransformer(stack).eval(), loader((5, 6)))
 
 
+class FunctionalActivations(nn.Module):
+    """The pytorch/examples MNIST net's ending (log_softmax) and clamping activations as functions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = F.softplus(F.hardtanh(F.relu6(F.relu(self.conv(x)) * 4), -1.0, 3.0), beta=2.0)
+        return F.log_softmax(self.fc(F.adaptive_max_pool2d(h, 2).flatten(1)), dim=1)
+
+
+def test_functional_activations_and_log_softmax_convert():
+    torch.manual_seed(0)
+    snn = converges(FunctionalActivations().eval(), loader((1, 6, 6)))
+    kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
+    assert {"ReLU6", "Hardtanh", "Softplus", "AdaptiveMaxPool2d", "LogSoftmax"} <= kinds
+
+
 class FunctionalCNN(nn.Module):
     """conv -> F.batch_norm (eval) -> F.silu -> pool -> F.linear, every tensor the model's own."""
 

@@ -42,7 +42,9 @@ STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub
                         torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
                         torch.swapaxes, torch.swapdims, torch.movedim,
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
-                        F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d, F.pad, torch.stack, torch.roll,
+                        F.dropout, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                        F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pad, torch.stack, torch.roll, torch.narrow,
+                        torch.select, torch.index_select, torch.tile, torch.detach,
                         torch.flip, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.repeat_interleave,
                         F.unfold, F.fold, assign,
                         *WINDOW_REARRANGEMENTS}
@@ -50,7 +52,7 @@ STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "tra
                       "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
                       "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",
                       "swapaxes", "swapdims", "movedim", "reshape_as", "view_as", "expand_as", "roll", "flip",
-                      "repeat_interleave", "unfold"}
+                      "repeat_interleave", "unfold", "narrow", "select", "index_select", "repeat", "tile", "detach"}
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}
@@ -93,16 +95,16 @@ def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
         net.set_submodule(name, SpikingActivation(make_neuron(specs[name], lam, config.communicate)))
 
 
-def _fail(node: fx.Node, what: str) -> None:
+def _fail(node: fx.Node, what: str, why: str | None = None) -> None:
     where = scope(node) or "<root>"
     kind = what.split(" ")[0]
     register = (f"if it is a stateless module, call hmtconv.register_compensated({kind})" if " module " in what else
                 "if it is a stateless function of its inputs, call it from a small nn.Module and register that "
                 "with hmtconv.register_compensated")
+    why = why or (f"it is neither linear nor registered for expectation compensation. Replace it with a ReLU, move "
+                  f"it before the first ReLU, or, {register}")
     raise ValueError(f"cannot convert {where} ({what}, graph node {node.name!r}): its input varies over "
-                     f"time (it is after a spiking neuron) but it is neither linear nor registered for "
-                     f"expectation compensation. Replace it with a ReLU, move it before the first "
-                     f"ReLU, or, {register}.")
+                     f"time (it is after a spiking neuron), and {why}.")
 
 
 def _compensated_call(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kinds: dict[fx.Node, str]) -> fx.Node:
@@ -141,6 +143,9 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
             if type(inner) in COMPENSATED:
                 if isinstance(inner, MatMul) and sum(varying) < 2:
                     continue  # a product with a constant or static operand is linear in the other
+                if getattr(inner, "return_indices", False):
+                    _fail(node, f"{type(inner).__name__} module {node.target!r}", "it returns indices: where the maximum "
+                          "is changes from step to step. Pool without return_indices after the neurons")
                 if shared:  # each call site its own wrapper (flags, step count) around the one module
                     parent, _, leaf = node.target.rpartition(".")
                     node.target = add_child(gm, parent, leaf, Compensated(inner, tuple(varying)))

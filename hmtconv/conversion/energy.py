@@ -61,8 +61,11 @@ _FACTORS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.addcmul
 _DIVISIONS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 _AS_ADDITION = {operator.sub: operator.add, operator.isub: operator.iadd, torch.sub: torch.add, "sub": "add",
                 "sub_": "add_"}
-_NEGATIONS = {operator.neg, torch.neg, "neg"}
+_AS_INPUT = {operator.neg, torch.neg, "neg", torch.detach, "detach"}  # negated or detached: the same routes
 _MEANS = {torch.mean, "mean"}
+_POOL_FUNCTIONS = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg_pool3d: nn.AvgPool3d,
+                   F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+                   F.adaptive_avg_pool3d: nn.AdaptiveAvgPool3d}
 
 
 def _window_sizes(size_in: int, size_out: int) -> torch.Tensor:
@@ -154,15 +157,12 @@ class _Probe(fx.Interpreter):
         """A function or method call, by its connections where spikes reach it."""
         if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
             return run(target, args, kwargs)
-        if target in _NEGATIONS:
+        if target in _AS_INPUT:
             return args[0]
-        if target is F.avg_pool2d:
-            return F.avg_pool2d(*args[:6], **{k: v for k, v in kwargs.items() if k != "divisor_override"},
-                                divisor_override=1)
+        if target in _POOL_FUNCTIONS:  # as the module, whose arguments come in the same order
+            return _window_sum(_POOL_FUNCTIONS[target](*args[1:], **kwargs), args[0])
         out = run(*_connections_only(target, args, kwargs))
-        if target in _MEANS:
-            return out * (args[0].numel() / out.numel())  # (B = 1) the sum of what is averaged
-        return _adaptive_sum(out, args[0], 2) if target is F.adaptive_avg_pool2d else out
+        return out * (args[0].numel() / out.numel()) if target in _MEANS else out  # (B = 1) a sum
 
     def call_function(self, target, args, kwargs):
         return self._call(target, args, kwargs, super().call_function)

@@ -146,9 +146,19 @@ def _conv2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return module
 
 
-def _max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+def _max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    if arg(n, 6, "return_indices", False):
+        return None
     return nn.MaxPool2d(arg(n, 1, "kernel_size"), arg(n, 2, "stride"), arg(n, 3, "padding", 0),
                         arg(n, 4, "dilation", 1), ceil_mode=arg(n, 5, "ceil_mode", False))
+
+
+def _log_softmax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    return nn.LogSoftmax(dim=arg(n, 1, "dim"))
+
+
+def _adaptive_max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    return None if arg(n, 2, "return_indices", False) else nn.AdaptiveMaxPool2d(arg(n, 1, "output_size"))
 
 
 def _amax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
@@ -183,6 +193,12 @@ FUNCTIONAL = {
     torch.sigmoid: ("sigmoid", _plain(nn.Sigmoid), 1), "sigmoid": ("sigmoid", _plain(nn.Sigmoid), 1),
     F.hardsigmoid: ("hardsigmoid", _plain(nn.Hardsigmoid), 1), F.hardswish: ("hardswish", _plain(nn.Hardswish), 1),
     F.softmax: ("softmax", _softmax, 1), torch.softmax: ("softmax", _softmax, 1), "softmax": ("softmax", _softmax, 1),
+    F.log_softmax: ("log_softmax", _log_softmax, 1), torch.log_softmax: ("log_softmax", _log_softmax, 1),
+    "log_softmax": ("log_softmax", _log_softmax, 1),
+    F.relu6: ("relu6", _plain(nn.ReLU6), 1),
+    F.hardtanh: ("hardtanh", lambda gm, n: nn.Hardtanh(arg(n, 1, "min_val", -1.0), arg(n, 2, "max_val", 1.0)), 1),
+    F.softplus: ("softplus", lambda gm, n: nn.Softplus(arg(n, 1, "beta", 1.0), arg(n, 2, "threshold", 20.0)), 1),
+    F.adaptive_max_pool2d: ("adaptive_max_pool2d", _adaptive_max_pool2d, 1),
     F.layer_norm: ("layer_norm", _layer_norm, 1), F.group_norm: ("group_norm", _group_norm, 1),
     F.linear: ("linear", _linear, 1),
     F.max_pool2d: ("max_pool2d", _max_pool2d, 1), F.conv2d: ("conv2d", _conv2d, 1),

@@ -146,8 +146,8 @@ def move_max_pools(gm: fx.GraphModule, identity_site: bool, hist: HistogramConfi
         if not (pool.op == "call_module" and isinstance(gm.get_submodule(pool.target), MAX_POOLS)):
             continue
         relu = pool.args[0]
-        if not _is_relu(gm, relu) or len(relu.users) != 1:
-            continue  # stays after the neuron; convert wraps it with expectation compensation
+        if not _is_relu(gm, relu) or len(relu.users) != 1 or gm.get_submodule(pool.target).return_indices:
+            continue  # stays after the neuron; convert wraps it with expectation compensation (or refuses it)
         pre = relu.args[0]
         if identity_site:
             pre = _add_site(gm, pre, signed=True, name=_child_name(gm, scope(relu), "identity"), hist=hist,
