@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,9 +12,10 @@ from ..conversion import convert, evaluate
 from ..errors import UserError
 from ..report import (atomic_write_json, curves_table, jsonable, layers_table, plot_curves, plot_layers,
                       provenance)
+from ..report.plots import plot_format
 from ..device import resolve_device
 from ..workload import load_workload
-from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options
+from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options, ensure_writable
 from .registry import register_command
 
 
@@ -45,9 +45,12 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     device = str(resolve_device(args.device))
     distributed.init_from_env(device)
     torch.manual_seed(args.seed)
-    for path in (args.json, args.plot):  # fail now, not after a long run
-        if path is not None and distributed.is_main():
-            ensure_writable(path)
+    if distributed.is_main():  # fail now, not after a long run
+        for path in (args.json, args.plot):
+            if path is not None:
+                ensure_writable(path)
+        if args.plot is not None:
+            plot_format(args.plot)
     if args.snn is not None:
         from ..snn_io import load_snn
 
@@ -73,16 +76,6 @@ def run_evaluation(args: argparse.Namespace) -> dict:
                            "diagnostics": result.seconds["diagnostics"]},
                   provenance=provenance(jsonable(vars(args)), seed=args.seed, device=device))
     return record
-
-
-def ensure_writable(path: Path) -> None:
-    """Raise a UserError now if ``path``'s directory cannot be created or written."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def report(record: dict, args: argparse.Namespace, label: str) -> None:

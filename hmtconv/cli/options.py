@@ -1,7 +1,9 @@
-"""Options shared by ``evaluate``, ``convert`` and ``demo``: model, data and conversion."""
+"""Options shared by ``evaluate``, ``convert`` and ``demo``: model, data, conversion and output files."""
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 from ..conversion import POLICIES
 from ..conversion.policies import parse_policy
@@ -83,3 +85,16 @@ def conversion_kwargs(args: argparse.Namespace) -> dict:
         raise UserError(f"--n must be in 1..16, got {args.n}")
     return dict(n=args.n, T=args.T or DEFAULT_T, policy=args.policy, neuron=args.neuron, identity=args.identity,
                 communicate=args.communicate, granularity=args.granularity)
+
+
+def ensure_writable(path: Path) -> None:
+    """Raise a UserError now, not after a long run, if ``path`` is a directory or its directory
+    cannot be created or written."""
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from error
