@@ -63,6 +63,19 @@ def test_convert_then_evaluate_snn_reproduces_the_numbers(checkpoint, tmp_path):
         assert a[key] == b[key], key
 
 
+def test_evaluate_snn_of_a_random_network_compares_with_the_ann_it_was_converted_from(tmp_path, capsys):
+    """Rebuilding vgg_small without weights gives another random network: the SNN's ANN mode stands in."""
+    snn_file, direct, loaded = tmp_path / "snn.safetensors", tmp_path / "direct.json", tmp_path / "loaded.json"
+    args = [*SMALL, "--T", "2"]
+    assert main(["convert", "--model", "vgg_small", *args, "--out", str(snn_file)]) == 0
+    assert main(["evaluate", "--model", "vgg_small", *args, "--json", str(direct)]) == 0
+    assert main(["evaluate", "--snn", str(snn_file), *args, "--json", str(loaded)]) == 0
+    a, b = json.loads(direct.read_text()), json.loads(loaded.read_text())
+    for key in ("ann_accuracy", "agreement", "snn_accuracy", "per_layer"):
+        assert a[key] == b[key], key
+    assert "(its ANN mode)" in capsys.readouterr().err
+
+
 def test_sweep_runs_the_grid_once_and_resumes(checkpoint, tmp_path):
     config = tmp_path / "sweep.toml"
     config.write_text(f"""

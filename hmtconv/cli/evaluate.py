@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import distributed
-from ..conversion import convert, evaluate
+from ..conversion import SNN, convert, evaluate
 from ..errors import UserError
+from ..models.loading import builds_random_weights
 from ..report import (atomic_write_json, curves_table, jsonable, layers_table, plot_curves, plot_layers,
                       provenance)
 from ..report.plots import plot_format
@@ -40,6 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="skip the per-layer |ANN - SNN| comparison (one ANN pass per batch)")
 
 
+class AnnMode(nn.Module):
+    """The ANN an SNN was converted from, run from the SNN's own tensors (``SNN.ann_forward``) on a
+    copy of it, so that evaluate's hooks on the SNN's sites see only the SNN's own passes."""
+
+    def __init__(self, snn: SNN):
+        super().__init__()
+        self.snn = copy.deepcopy(snn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.snn.ann_forward(x)
+
+
 def run_evaluation(args: argparse.Namespace) -> dict:
     """Convert and evaluate as the options say; returns the JSON record (also used by `demo`)."""
     device = str(resolve_device(args.device))
@@ -61,11 +77,17 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         raise UserError("--model is required (or --snn FILE from `hmtconv convert`)")
     work = load_workload(args.model, data_options(args), weights=args.weights, device=device,
                          allow_pickle=not args.no_pickle)
+    ann = work.model
+    if args.snn is not None and builds_random_weights(args.model, args.weights):
+        if distributed.is_main():
+            print(f"hmtconv: note: {args.model} without --weights is a new random network each time it is built, "
+                  f"so the ANN compared with is the one {args.snn} was converted from (its ANN mode)", file=sys.stderr)
+        ann = AnnMode(snn).eval()
     start = time.perf_counter()
     if args.snn is None:
         snn = convert(work.model, work.calib_loader, **conversion_kwargs(args))
     converted = time.perf_counter()
-    result = evaluate(snn, work.eval_loader, T=args.T, ann=work.model,
+    result = evaluate(snn, work.eval_loader, T=args.T, ann=ann,
                       diagnostics=not args.no_diagnostics, progress=not args.no_progress,
                       max_batch=args.max_batch, memory_budget=args.memory_budget)
     finished = time.perf_counter()
