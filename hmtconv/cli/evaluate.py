@@ -5,6 +5,7 @@ import argparse
 import copy
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from ..report import (atomic_write_json, curves_table, jsonable, layers_table, p
 from ..report.plots import plot_format
 from ..device import resolve_device
 from ..workload import load_workload
-from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options, ensure_writable
+from .options import (FIXED_BY_SNN, add_conversion, add_model_and_data, changed_conversion_options, conversion_kwargs,
+                      data_options, ensure_writable)
 from .registry import register_command
 
 
@@ -73,6 +75,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         snn, meta = load_snn(args.snn, model=args.model, device=device, allow_pickle=not args.no_pickle)
         args.model = args.model or meta["model"]["spec"]
         args.weights = args.weights or meta["model"].get("weights")
+        use_snn_config(args, snn.config.to_dict())
     elif args.model is None:
         raise UserError("--model is required (or --snn FILE from `hmtconv convert`)")
     work = load_workload(args.model, data_options(args), weights=args.weights, device=device,
@@ -98,6 +101,16 @@ def run_evaluation(args: argparse.Namespace) -> dict:
                            "diagnostics": result.seconds["diagnostics"]},
                   provenance=provenance(jsonable(vars(args)), seed=args.seed, device=device))
     return record
+
+
+def use_snn_config(args: argparse.Namespace, config: dict) -> None:
+    """Warn about conversion options given with --snn (the file fixes them) and put the file's
+    values in ``args``, which the JSON provenance records."""
+    ignored = changed_conversion_options(args)
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} ignored: the SNN file fixes the conversion ({config_label(config)}); "
+                      f"convert again to change it")
+    vars(args).update({name: config[name] for name in FIXED_BY_SNN})
 
 
 def report(record: dict, args: argparse.Namespace, label: str) -> None:
