@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .atomic import atomic_path
 from .conversion import SNN, calibrate, convert, prepare
 from .errors import UserError
 from .models import load_model
@@ -41,15 +41,8 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
     meta = {"format": FORMAT, "version": VERSION, "hmtconv": __version__, "config": snn.config.to_dict(),
             "input_shape": list(snn.report.input_shape), "num_classes": num_classes,
             "model": {"spec": model, "weights": weights}, "sha256": digest(tensors), "extra": extra or {}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={FORMAT: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(meta)})
     return path
 
 

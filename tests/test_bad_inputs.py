@@ -1,6 +1,7 @@
 """The bad-input catalogue: each mistake gives a clear error (one line and exit 2 from the CLI) or,
 where the input is usable, a warning; nothing already written is lost. Plus determinism."""
 import errno
+import importlib
 import json
 
 import pytest
@@ -213,6 +214,21 @@ def test_unwritable_output_path(model_file, tmp_path, capsys):
     blocker.write_text("not a directory")
     one_line_error(*cli(["evaluate", "--model", model_file, *QUICK, "--json", str(blocker / "r.json")], capsys),
                    "error: cannot write")
+
+
+@pytest.mark.parametrize("command, option, name, text", [
+    ("evaluate", "--plot", "out.txt", "matplotlib cannot write .txt files"),
+    ("evaluate", "--json", "adir", "adir: it is a directory"),
+    ("evaluate", "--plot", "adir", "adir: it is a directory"),
+    ("convert", "--out", "adir", "adir: it is a directory"),
+])
+def test_bad_output_paths_fail_before_the_run(command, option, name, text, tmp_path, capsys, monkeypatch):
+    def run_started(*args, **kwargs):
+        raise AssertionError("the run started before the output path was checked")
+
+    monkeypatch.setattr(importlib.import_module(f"hmtconv.cli.{command}"), "load_workload", run_started)
+    (tmp_path / "adir").mkdir()
+    one_line_error(*cli([command, "--model", "vgg_small", *QUICK, option, str(tmp_path / name)], capsys), text)
 
 
 def test_disk_full_keeps_the_previous_results_file(model_file, tmp_path, capsys, monkeypatch):

@@ -63,6 +63,36 @@ def test_convert_then_evaluate_snn_reproduces_the_numbers(checkpoint, tmp_path):
         assert a[key] == b[key], key
 
 
+@pytest.fixture(scope="module")
+def random_snn(tmp_path_factory):
+    """vgg_small without weights (a random network), converted at T = 2."""
+    path = tmp_path_factory.mktemp("snn") / "snn.safetensors"
+    assert main(["convert", "--model", "vgg_small", *SMALL, "--T", "2", "--out", str(path)]) == 0
+    return path
+
+
+def test_evaluate_snn_of_a_random_network_compares_with_the_ann_it_was_converted_from(random_snn, tmp_path, capsys):
+    """Rebuilding vgg_small without weights gives another random network: the SNN's ANN mode stands in."""
+    direct, loaded = tmp_path / "direct.json", tmp_path / "loaded.json"
+    assert main(["evaluate", "--model", "vgg_small", *SMALL, "--T", "2", "--json", str(direct)]) == 0
+    assert main(["evaluate", "--snn", str(random_snn), *SMALL, "--json", str(loaded)]) == 0
+    a, b = json.loads(direct.read_text()), json.loads(loaded.read_text())
+    for key in ("ann_accuracy", "agreement", "snn_accuracy", "per_layer"):
+        assert a[key] == b[key], key
+    assert "(its ANN mode)" in capsys.readouterr().err
+
+
+def test_evaluate_snn_warns_of_conversion_options_and_records_the_files(random_snn, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--snn", str(random_snn), *SMALL, "--n", "8", "--policy", "999", "--no-communicate",
+                 "--granularity", "layer", "--json", str(out)]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hmtconv: warning:")]
+    assert warning == ["hmtconv: warning: --n 8, --policy 999, --no-communicate ignored: the SNN file fixes the "
+                       "conversion (hmt n=4 T=2 opt); convert again to change it"]
+    config = json.loads(out.read_text())["provenance"]["config"]
+    assert (config["n"], config["policy"], config["communicate"]) == (4, "opt", True)
+
+
 def test_sweep_runs_the_grid_once_and_resumes(checkpoint, tmp_path):
     config = tmp_path / "sweep.toml"
     config.write_text(f"""

@@ -13,7 +13,7 @@ from ..report import markdown_table
 from ..snn_io import save_snn
 from ..device import resolve_device
 from ..workload import load_workload
-from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options
+from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options, ensure_writable
 from .registry import register_command
 
 
@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--model is required")
     device = str(resolve_device(args.device))
     distributed.init_from_env(device)
+    if distributed.is_main():
+        ensure_writable(args.out)  # fail now, not after calibrating
     torch.manual_seed(args.seed)
     work = load_workload(args.model, data_options(args), weights=args.weights, device=device,
                          allow_pickle=not args.no_pickle)

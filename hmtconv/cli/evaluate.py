@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
+import copy
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import distributed
-from ..conversion import convert, evaluate
+from ..conversion import SNN, convert, evaluate
 from ..errors import UserError
+from ..models.loading import builds_random_weights
 from ..report import (atomic_write_json, curves_table, jsonable, layers_table, plot_curves, plot_layers,
                       provenance)
+from ..report.plots import plot_format
 from ..device import resolve_device
 from ..workload import load_workload
-from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options
+from .options import (FIXED_BY_SNN, add_conversion, add_model_and_data, changed_conversion_options, conversion_kwargs,
+                      data_options, ensure_writable)
 from .registry import register_command
 
 
@@ -40,29 +46,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="skip the per-layer |ANN - SNN| comparison (one ANN pass per batch)")
 
 
+class AnnMode(nn.Module):
+    """The ANN an SNN was converted from, run from the SNN's own tensors (``SNN.ann_forward``) on a
+    copy of it, so that evaluate's hooks on the SNN's sites see only the SNN's own passes."""
+
+    def __init__(self, snn: SNN):
+        super().__init__()
+        self.snn = copy.deepcopy(snn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.snn.ann_forward(x)
+
+
 def run_evaluation(args: argparse.Namespace) -> dict:
     """Convert and evaluate as the options say; returns the JSON record (also used by `demo`)."""
     device = str(resolve_device(args.device))
     distributed.init_from_env(device)
     torch.manual_seed(args.seed)
-    for path in (args.json, args.plot):  # fail now, not after a long run
-        if path is not None and distributed.is_main():
-            ensure_writable(path)
+    if distributed.is_main():  # fail now, not after a long run
+        for path in (args.json, args.plot):
+            if path is not None:
+                ensure_writable(path)
+        if args.plot is not None:
+            plot_format(args.plot)
     if args.snn is not None:
         from ..snn_io import load_snn
 
         snn, meta = load_snn(args.snn, model=args.model, device=device, allow_pickle=not args.no_pickle)
         args.model = args.model or meta["model"]["spec"]
         args.weights = args.weights or meta["model"].get("weights")
+        use_snn_config(args, snn.config.to_dict())
     elif args.model is None:
         raise UserError("--model is required (or --snn FILE from `hmtconv convert`)")
     work = load_workload(args.model, data_options(args), weights=args.weights, device=device,
                          allow_pickle=not args.no_pickle)
+    ann = work.model
+    if args.snn is not None and builds_random_weights(args.model, args.weights):
+        if distributed.is_main():
+            print(f"hmtconv: note: {args.model} without --weights is a new random network each time it is built, "
+                  f"so the ANN compared with is the one {args.snn} was converted from (its ANN mode)", file=sys.stderr)
+        ann = AnnMode(snn).eval()
     start = time.perf_counter()
     if args.snn is None:
         snn = convert(work.model, work.calib_loader, **conversion_kwargs(args))
     converted = time.perf_counter()
-    result = evaluate(snn, work.eval_loader, T=args.T, ann=work.model,
+    result = evaluate(snn, work.eval_loader, T=args.T, ann=ann,
                       diagnostics=not args.no_diagnostics, progress=not args.no_progress,
                       max_batch=args.max_batch, memory_budget=args.memory_budget)
     finished = time.perf_counter()
@@ -75,14 +103,14 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     return record
 
 
-def ensure_writable(path: Path) -> None:
-    """Raise a UserError now if ``path``'s directory cannot be created or written."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from error
+def use_snn_config(args: argparse.Namespace, config: dict) -> None:
+    """Warn about conversion options given with --snn (the file fixes them) and put the file's
+    values in ``args``, which the JSON provenance records."""
+    ignored = changed_conversion_options(args)
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} ignored: the SNN file fixes the conversion ({config_label(config)}); "
+                      f"convert again to change it")
+    vars(args).update({name: config[name] for name in FIXED_BY_SNN})
 
 
 def report(record: dict, args: argparse.Namespace, label: str) -> None:

@@ -1,17 +1,20 @@
-"""Options shared by ``evaluate``, ``convert`` and ``demo``: model, data and conversion."""
+"""Options shared by ``evaluate``, ``convert`` and ``demo``: model, data, conversion and output files."""
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 from ..conversion import POLICIES
 from ..conversion.policies import parse_policy
-from ..conversion.snn import GRANULARITIES, IDENTITIES, NEURONS
+from ..conversion.snn import GRANULARITIES, IDENTITIES, NEURONS, ConversionConfig
 from ..data import list_datasets
 from ..errors import UserError
 from ..workload import DataOptions
 
 
 DEFAULT_T = 4
+FIXED_BY_SNN = ("n", "policy", "neuron", "identity", "communicate", "granularity")  # all but T
 
 
 def policy_value(text: str) -> str | float:
@@ -56,21 +59,22 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
 
 
 def add_conversion(parser: argparse.ArgumentParser) -> None:
+    c = ConversionConfig()
     group = parser.add_argument_group("conversion")
-    group.add_argument("--n", type=positive_int("--n"), default=4, help="thresholds per neuron (1..16)")
+    group.add_argument("--n", type=positive_int("--n"), default=c.n, help="thresholds per neuron (1..16)")
     group.add_argument("--T", type=positive_int("--T"), default=None,
                        help="time steps (default: 4, or the T of an --snn file)")
-    group.add_argument("--policy", type=policy_value, default="opt",
+    group.add_argument("--policy", type=policy_value, default=c.policy,
                        help=f"threshold policy: {', '.join(POLICIES)}, or a percentile such as 99.99; "
                             f"per-site overrides after commas: 'opt,*.mix_in0=999' (fnmatch on site names)")
-    group.add_argument("--neuron", default="hmt", choices=NEURONS, help="hmt, if (n = 1) or mt (prior work)")
-    group.add_argument("--identity", default="none", choices=IDENTITIES,
+    group.add_argument("--neuron", default=c.neuron, choices=NEURONS, help="hmt, if (n = 1) or mt (prior work)")
+    group.add_argument("--identity", default=c.identity, choices=IDENTITIES,
                        help="none: only ReLUs spike; maxpool: also the y = x sites of moved max pooling; "
                             "all: a signed neuron before every Conv/Linear and attention matmul (ViT); "
                             "linear: before every Conv/Linear only")
-    group.add_argument("--communicate", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--communicate", action=argparse.BooleanOptionalAction, default=c.communicate,
                        help="eq. 21 communication between the Pos and Neg halves of signed neurons")
-    group.add_argument("--granularity", default="layer", choices=GRANULARITIES, help="one threshold per layer or per channel")
+    group.add_argument("--granularity", default=c.granularity, choices=GRANULARITIES, help="one threshold per layer or per channel")
 
 
 def data_options(args: argparse.Namespace) -> DataOptions:
@@ -83,3 +87,23 @@ def conversion_kwargs(args: argparse.Namespace) -> dict:
         raise UserError(f"--n must be in 1..16, got {args.n}")
     return dict(n=args.n, T=args.T or DEFAULT_T, policy=args.policy, neuron=args.neuron, identity=args.identity,
                 communicate=args.communicate, granularity=args.granularity)
+
+
+def changed_conversion_options(args: argparse.Namespace) -> list[str]:
+    """The conversion options other than --T that differ from their defaults, as typed ("--n 8")."""
+    default = ConversionConfig()
+    return ["--no-communicate" if name == "communicate" else f"--{name} {getattr(args, name)}"
+            for name in FIXED_BY_SNN if getattr(args, name) != getattr(default, name)]
+
+
+def ensure_writable(path: Path) -> None:
+    """Raise a UserError now, not after a long run, if ``path`` is a directory or its directory
+    cannot be created or written."""
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from error

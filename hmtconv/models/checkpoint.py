@@ -7,12 +7,12 @@ Loading it never runs code from the file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from ..errors import UserError
 from .registry import create_model
 
@@ -20,19 +20,12 @@ FORMAT = "hmtconv-checkpoint-v1"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, kwargs: dict, meta: dict) -> Path:
-    """Write atomically (temporary file in the same directory, then ``os.replace``) so a crash or
-    a concurrent reader never sees half a file."""
+    """Write atomically (see ``atomic_path``) so a crash or a concurrent reader never sees half a file."""
     json.dumps({"kwargs": kwargs, "meta": meta})  # fail here, not at load time, on non-JSON-able values
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"format": FORMAT, "arch": arch, "kwargs": kwargs, "meta": meta, "state_dict": model.state_dict()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(record, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def is_checkpoint(obj) -> bool:

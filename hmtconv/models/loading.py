@@ -170,3 +170,10 @@ def load_model(
         f"--model {spec!r} is not a file, a built-in model ({', '.join(sorted(MODELS))}), "
         "a torchvision classification model name, or timm:NAME"
     )
+
+
+def builds_random_weights(spec: str, weights: str | None) -> bool:
+    """Whether ``load_model(spec, weights)`` initialises a network at random (a built-in,
+    torchvision or timm name without weights): a different network each time it is built."""
+    return weights is None and (spec.startswith("timm:") or spec in MODELS
+                                or spec in torchvision.models.list_models(module=torchvision.models))

@@ -1,23 +1,38 @@
-"""PNG plots of evaluation results (matplotlib, Agg backend: no display needed)."""
+"""Plots of evaluation results, PNG unless the file name says otherwise (matplotlib, Agg backend: no
+display needed)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
+
+from ..atomic import atomic_path  # noqa: E402
+from ..errors import UserError  # noqa: E402
+
+
+def plot_format(path) -> str:
+    """The image format ``path`` names by its suffix, ``png`` if it has none; a UserError for a
+    suffix matplotlib cannot write."""
+    suffix = Path(path).suffix
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix[1:].lower() not in formats:
+        raise UserError(f"cannot plot to {path}: matplotlib cannot write {suffix} files; name it .png "
+                        f"(or {', '.join(sorted(formats))})")
+    return suffix[1:].lower() or "png"
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        image_format = plot_format(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=image_format, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_curves(runs: dict[str, dict], path, *, title: str = "", xlabel: str = "time step t") -> Path:
