@@ -72,6 +72,12 @@ class Between(nn.Module):
         return self.fc(self.op(self, torch.relu(self.conv(x))).flatten(1))
 
 
+def scaled_after_a_read(h):
+    before = torch.flatten(h, 1)  # (a layer that read h first would keep what it read)
+    h *= 2.0
+    return torch.cat((before, torch.flatten(h, 1), torch.flatten(h.sub_(1.0), 1)), 1)
+
+
 OPS = {  # ops between the neurons and the Linear; overlapping windows on 5 x 5 included
     "scale": lambda m, h: h * 0.5,
     "gain with a zero channel": lambda m, h: h * m.gain,
@@ -80,6 +86,7 @@ OPS = {  # ops between the neurons and the Linear; overlapping windows on 5 x 5 
     "negate": lambda m, h: torch.sub(-h, 1.0),
     "subtract from": lambda m, h: 1.0 - h,
     "in place": lambda m, h: h.mul_(0.5).sub_(0.1),
+    "in place, after a read": lambda m, h: scaled_after_a_read(h),
     "mean": lambda m, h: h.mean((2, 3)),
     "F.adaptive_avg_pool2d": lambda m, h: F.adaptive_avg_pool2d(h, 3),
     "F.avg_pool2d without padding counted": lambda m, h: F.avg_pool2d(h, 3, 2, 1, count_include_pad=False),
@@ -113,6 +120,31 @@ def test_fanout_counts_connections_through_ops(name):
             changed = (model.op(model, h).flatten() - ref).abs() > 1e-9
             expected.view(-1)[i] = changed.sum() * 3
     assert torch.equal(snn.sites()["relu"].fanout, expected)
+
+
+class ReadThenScaled(nn.Module):
+    """A conv reads the ReLU's output, which is then scaled in place (or out of place) for another."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place, self.conv, self.a, self.b = in_place, nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 2, 1), \
+            nn.Conv2d(4, 3, 3)
+
+    def forward(self, x):
+        r = torch.relu(self.conv(x))
+        a = self.a(r)
+        if self.in_place:
+            r.mul_(2.0)
+        else:
+            r = r * 2.0
+        return self.b(r).sum((2, 3)) + a.sum((2, 3, 1), keepdim=True)
+
+
+def test_in_place_op_after_a_layer_read_the_tensor():
+    data = [(torch.randn(4, 1, 5, 5), torch.zeros(4, dtype=torch.long))]
+    snns = [hc.convert(ReadThenScaled(in_place).eval(), data, n=2, T=3, policy="999") for in_place in (True, False)]
+    assert torch.equal(snns[0].sites()["relu"].fanout, snns[1].sites()["relu"].fanout)
+    assert snns[0].mac_ann == snns[1].mac_ann
 
 
 @pytest.mark.parametrize("einsum", [False, True])

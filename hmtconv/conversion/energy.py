@@ -57,10 +57,11 @@ REARRANGING = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.
 _PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, ToTime,
          *REARRANGING)
 # Calls the probe runs by the connections they route, not by their values (see the module docstring).
-_FACTORS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", torch.addcmul, "addcmul", "addcmul_"}
-_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
-_AS_ADDITION = {operator.sub: operator.add, operator.isub: operator.iadd, torch.sub: torch.add, "sub": "add",
-                "sub_": "add_"}
+_FACTORS = {operator.mul, torch.mul, "mul", torch.addcmul, "addcmul"}
+_DIVISIONS = {operator.truediv, torch.div, "div"}
+_AS_ADDITION = {operator.sub: operator.add, torch.sub: torch.add, "sub": "add"}
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}
 _AS_INPUT = {operator.neg, torch.neg, "neg", torch.detach, "detach"}  # negated or detached: the same routes
 _MEANS = {torch.mean, "mean"}
 _POOL_FUNCTIONS = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg_pool3d: nn.AvgPool3d,
@@ -154,7 +155,19 @@ class _Probe(fx.Interpreter):
         return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
     def _call(self, target, args: tuple, kwargs: dict, run):
-        """A function or method call, by its connections where spikes reach it."""
+        """A function or method call, by its connections where spikes reach it. In-place calls
+        (``x.mul_(2)``, ``x += y``) run out of place, their result then read as ``x`` by later
+        nodes: autograd keeps what layers that read ``x`` before saved."""
+        in_place = target in _OUT_OF_PLACE or (isinstance(target, str) and target.endswith("_")
+                                                and not target.endswith("__"))
+        if in_place:
+            target = _OUT_OF_PLACE[target] if target in _OUT_OF_PLACE else target[:-1]
+        out = self._routed(target, args, kwargs, run)
+        if in_place and isinstance(self.env_meta.args[0], fx.Node):
+            self.env[self.env_meta.args[0]] = out
+        return out
+
+    def _routed(self, target, args: tuple, kwargs: dict, run):
         if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
             return run(target, args, kwargs)
         if target in _AS_INPUT:
