@@ -1,4 +1,5 @@
 """Conversion and multi-step simulation of small CNNs and MLPs."""
+import io
 import json
 
 import pytest
@@ -172,6 +173,30 @@ def test_prepare_calibrate_convert_reuses_statistics():
     assert a.config.n == 4 and b.config.neuron == "mt"
     assert all(isinstance(m, SpikingActivation) for m in a.sites().values())
     assert any(isinstance(m, nn.ReLU) for m in model.modules())  # the float model is untouched
+
+
+def test_a_prepared_models_state_dict_carries_its_calibration():
+    """Loaded into prepare() of the same model it converts alike and calibrates further; a
+    prepared graph saved whole (which loses prepare's record) is a clear error."""
+    model, data = small_cnn(), loader()
+    half = hc.calibrate(hc.prepare(model), data[:2])
+    loaded = hc.prepare(model)
+    loaded.load_state_dict(half.state_dict())
+    x = data[0][0]
+    for granularity in ("layer", "channel"):
+        kwargs = dict(n=4, T=3, policy="99.9", granularity=granularity)
+        assert torch.equal(hc.convert(loaded, **kwargs)(x), hc.convert(half, **kwargs)(x))
+    whole = hc.calibrate(hc.prepare(model), data)
+    hc.calibrate(loaded, data[2:])
+    ours, reference = loaded.state_dict(), whole.state_dict()
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-12, atol=1e-12, msg=key)
+    buffer = io.BytesIO()
+    torch.save(whole, buffer)
+    buffer.seek(0)
+    with pytest.raises(TypeError, match=r"save prepared.state_dict\(\) instead"):
+        hc.convert(torch.load(buffer, weights_only=False))
 
 
 def test_evaluate_result_and_json():

@@ -21,7 +21,7 @@ from .attention import decompose_attention
 from .build import build_snn
 from .fallback import drop_unreached_sites, find_unconverted, prepare_modules
 from .graph import NotTraceable, prepare_graph
-from .observers import ActivationObserver, HistogramConfig
+from .observers import ActivationObserver, HistogramConfig, ShapeObserver
 from .pooling import slice_max_pools
 from .sites import ObservedActivation
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
@@ -95,12 +95,13 @@ class PrepareInfo:
     identity: str
     traced: bool
     trace_error: str | None = None
-    input_shape: tuple[int, ...] | None = None
     sized_to: tuple[int, ...] | None = None  # the image shape a graph traced at one size takes (tracing.py)
     unconverted: list[tuple[str, str]] = field(default_factory=list)
+    probed: bool = False  # a module-swapped model's first batch looked for unconverted functions
 
 
 _KEY = "hmtconv_prepare"
+INPUT_SHAPE = "hmtconv_input_shape"  # a ShapeObserver of the images (its state_dict carries their shape)
 
 
 def _info(model: nn.Module) -> PrepareInfo | None:
@@ -108,7 +109,16 @@ def _info(model: nn.Module) -> PrepareInfo | None:
 
 
 def is_prepared(model: nn.Module) -> bool:
+    if _info(model) is None and any(isinstance(m, ObservedActivation) for m in model.modules()):
+        raise TypeError(f"{type(model).__name__} has observers but not the record prepare() keeps beside them (a "
+                        f"prepared GraphModule saved whole loses it): save prepared.state_dict() instead, and load "
+                        f"it into prepare(model) of the same model and arguments")
     return _info(model) is not None
+
+
+def input_shape(prepared: nn.Module) -> tuple[int, ...] | None:
+    """The image shape calibration saw (None before any batch)."""
+    return getattr(prepared, INPUT_SHAPE).shape
 
 
 def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
@@ -138,6 +148,7 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
         raise ValueError(f"{type(model).__name__} has no ReLU to convert (and identity={identity!r} adds "
                          f"no y = x site); use identity='all' for networks without ReLU such as ViT")
     info = PrepareInfo(identity, traced, trace_error, sized_to=tuple(example.shape[1:]) if sized else None)
+    prepared.add_module(INPUT_SHAPE, ShapeObserver().to(placement(prepared)[0]))
     if traced:
         prepared.meta[_KEY] = info
     else:
@@ -172,17 +183,17 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
                              f"{type(prepared).__name__} was traced at {list(info.sized_to)} (its forward branches "
                              f"on sizes); prepare it with example_inputs of the calibration size")
         try:
-            if info.input_shape is None and not info.traced:  # this first run also feeds the observers
-                info.unconverted = find_unconverted(prepared, x)
+            if not info.traced and not info.probed:  # this first run also feeds the observers
+                info.unconverted, info.probed = find_unconverted(prepared, x), True
             else:
                 prepared(x)
         except RuntimeError as error:  # a shape or dtype the model cannot take, in torch's words
             raise ValueError(f"the model cannot run calibration batch {i} of shape {list(x.shape)}: "
                              f"{one_line(error)}") from error
-        info.input_shape = info.input_shape or tuple(x.shape[1:])
+        getattr(prepared, INPUT_SHAPE)(x)
         seen += 1
     if distributed.active():
-        seen = _merge_ranks(sites, earlier, info, seen)
+        seen = _merge_ranks(prepared, sites, earlier, info, seen)
     if seen == 0:
         raise ValueError("calibration loader yielded no batches (is the calibration set empty?)")
     return prepared
@@ -192,28 +203,28 @@ def _empty_like(observer: ActivationObserver) -> ActivationObserver:
     return ActivationObserver(observer.signed, observer.hist).to(observer.count.device)
 
 
-def _merge_ranks(sites: dict[str, ObservedActivation], earlier: dict[str, ActivationObserver],
+def _merge_ranks(prepared: nn.Module, sites: dict[str, ObservedActivation], earlier: dict[str, ActivationObserver],
                  info: PrepareInfo, seen: int) -> int:
     """Fold every rank's statistics of this call into ``earlier`` in rank order, identically on every
     rank (Chan's merge for count/mean/M2, max of maxima, summed histograms); returns the batches
     seen by all ranks. A rank with no data contributes nothing."""
-    mine = {"seen": seen, "input_shape": info.input_shape, "unconverted": info.unconverted,
-            "observers": {name: (site.observer.shape, {k: v.cpu() for k, v in site.observer.state_dict().items()})
+    mine = {"seen": seen, "input_shape": input_shape(prepared), "unconverted": info.unconverted,
+            "observers": {name: {k: v.cpu() for k, v in site.observer.state_dict().items()}
                           for name, site in sites.items()}}
     ranks = distributed.all_gather_objects(mine)
     for name, site in sites.items():
         merged = earlier[name]
         for rank in ranks:
-            shape, state = rank["observers"][name]
+            state = rank["observers"][name]
             part = ActivationObserver(merged.signed, merged.hist)
             part.load_state_dict(state)
-            part.shape = shape
             merged.merge(part.to(merged.count.device))
         site.observer = merged
-    if info.input_shape is None:  # this rank had no data: take the shape (and fallback report) of one that had
+    if input_shape(prepared) is None:  # this rank had no data: take the shape (and fallback report) of one that had
         first = next((rank for rank in ranks if rank["input_shape"] is not None), None)
         if first is not None:
-            info.input_shape, info.unconverted = first["input_shape"], first["unconverted"]
+            getattr(prepared, INPUT_SHAPE)(torch.empty(0, *first["input_shape"]))
+            info.unconverted = first["unconverted"]
     return sum(rank["seen"] for rank in ranks)
 
 
@@ -236,12 +247,13 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
         prepared = prepare(model, identity=identity, inplace=inplace, example_inputs=_example_of_any_rank(first, model))
     if calib_loader is not None:
         calibrate(prepared, calib_loader)
-    info = _info(prepared)
-    if info.input_shape is None:
+    info, shape = _info(prepared), input_shape(prepared)
+    if shape is None:
         raise ValueError("the prepared model has no calibration data: run calibrate(prepared, loader) first")
     unreached = [] if info.traced else drop_unreached_sites(prepared, observed_sites(prepared))
     _warn_constant(observed_sites(prepared), per_channel=config.granularity == "channel")
-    report = ConversionReport(info.input_shape, info.traced, [*info.unconverted, *unreached], info.trace_error)
+    report = ConversionReport(shape, info.traced, [*info.unconverted, *unreached], info.trace_error)
+    delattr(prepared, INPUT_SHAPE)
     if info.traced:
         del prepared.meta[_KEY]
     else:

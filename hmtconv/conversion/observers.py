@@ -28,7 +28,35 @@ def lam_shape(shape: torch.Size) -> tuple[int, ...]:
     return (shape[dim],) + (1,) * (len(shape) - 1 - dim)
 
 
-class ActivationObserver(nn.Module):
+class ShapeObserver(nn.Module):
+    """The per-sample shape of what it is called on, in a buffer (empty before the first call), so
+    that a prepared model's ``state_dict`` carries it; the images' shape as such, and the base of
+    :class:`ActivationObserver`. Buffers named in ``LAZY`` are sized by the first batch and take
+    the saved size on loading."""
+
+    LAZY: tuple[str, ...] = ("sample_shape",)
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("sample_shape", torch.zeros(0, dtype=torch.int64))
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The per-sample shape seen (None before any)."""
+        return tuple(self.sample_shape.tolist()) if self.sample_shape.numel() else None
+
+    def forward(self, x: torch.Tensor) -> None:
+        if self.shape is None:
+            self.sample_shape = torch.tensor(x.shape[1:], dtype=torch.int64, device=self.sample_shape.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.LAZY:
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ActivationObserver(ShapeObserver):
     """Count, mean and M2 (Welford/Chan) of the input ``x``, per layer and per channel; maximum and
     histograms of the output activation ``relu(x)`` (unsigned site: the ReLU's output) or ``|x|``
     (signed site: both halves of y = x share one threshold) for the percentile policies.
@@ -36,6 +64,8 @@ class ActivationObserver(nn.Module):
     The histograms are ``hist_channel`` ``[C, bins]`` or, with ``HistogramConfig(per_channel=False)``,
     ``hist_layer`` ``[bins]`` (the other buffer empty); read them with :meth:`histogram`, which
     gives the layer's counts either way (the sum of the channels')."""
+
+    LAZY = ("ch_count", "ch_mean", "ch_m2", "ch_max", "hist_channel", "hist_layer", "sample_shape")
 
     def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig()):
         super().__init__()
@@ -52,7 +82,6 @@ class ActivationObserver(nn.Module):
             self.register_buffer(name, torch.zeros(0, **f64))
         self.register_buffer("hist_channel", torch.zeros(0, hist.bins, dtype=torch.int64))
         self.max.fill_(-torch.inf)
-        self.shape: tuple[int, ...] | None = None  # per-sample shape, for lam_shape and probes
         self.label = "a site"  # its qualified name, for errors (calibrate sets it)
 
     # -- gathering ---------------------------------------------------------------------------
@@ -61,9 +90,9 @@ class ActivationObserver(nn.Module):
         if x.dim() < 2:
             raise ValueError(f"observer expects a batched activation [B, ...], got shape {tuple(x.shape)}")
         if self.shape is None:
-            self.shape = tuple(x.shape[1:])
-            channels = x.shape[channel_dim(x.dim())]
+            super().forward(x)
             dev = self.count.device
+            channels = x.shape[channel_dim(x.dim())]
             self.ch_count = torch.zeros(channels, dtype=torch.float64, device=dev)
             self.ch_mean, self.ch_m2 = torch.zeros_like(self.ch_count), torch.zeros_like(self.ch_count)
             self.ch_max = torch.full_like(self.ch_count, -torch.inf)
@@ -135,20 +164,12 @@ class ActivationObserver(nn.Module):
             return self
         if self.shape is None:
             self.load_state_dict(other.state_dict())
-            self.shape = other.shape
             return self
         self._merge_moments("", other.count, other.mean, other.m2, other.max)
         self._merge_moments("ch_", other.ch_count, other.ch_mean, other.ch_m2, other.ch_max)
         self.hist_layer += other.hist_layer
         self.hist_channel += other.hist_channel
         return self
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Lazily sized buffers take the saved shape, so a fresh observer loads a calibrated one.
-        for name in ("ch_count", "ch_mean", "ch_m2", "ch_max", "hist_channel", "hist_layer"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- reading -----------------------------------------------------------------------------
     def _check(self) -> None:
@@ -201,3 +222,4 @@ class ActivationObserver(nn.Module):
         value = torch.exp2(lo + frac / self.hist.bins_per_octave)
         value = torch.where(b == 0, frac * 2.0**self.hist.min_exp, value)
         return value.squeeze(-1)
+
