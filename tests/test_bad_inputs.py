@@ -61,6 +61,8 @@ def test_nan_or_inf_in_input_images(snn):
     bad[1][0][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="calibration batch 1 has NaN or inf in its input images"):
         hc.convert(cnn(), bad)
+    with pytest.raises(ValueError, match="calibration batch 0 has NaN or inf in its input images"):
+        hc.convert(cnn(), bad[1:])
     bad[1][0][0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="evaluation batch 1 has NaN or inf"):
         hc.evaluate(snn, bad)
@@ -110,6 +112,27 @@ def test_evaluation_batches_of_other_forms(snn):
                                   ([{"image": x, "label": y} for x, y in data], TypeError, "got dict")]:
         with pytest.raises(error, match=text):
             hc.evaluate(snn, batches)
+
+
+def test_models_returning_more_than_logits_or_untraceable_without_relu_modules():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 10)
+
+        def forward(self, x):
+            features = torch.relu(self.conv(x)).mean((2, 3))
+            return self.fc(features), features
+
+    class Branching(Pair):
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.fc((h if x.mean() > -100 else -h).mean((2, 3)))  # a branch on values: fx cannot trace
+
+    with pytest.raises(TypeError, match="Pair returns tuple, not a tensor of logits"):
+        hc.convert(Pair().eval(), images())
+    with pytest.raises(ValueError, match="has no ReLU to convert .fx could not trace it.*TraceError"):
+        hc.convert(Branching().eval(), images())
 
 
 def test_max_pooling_with_indices_after_neurons_is_a_clear_error():

@@ -110,6 +110,21 @@ def test_torch_transformer_encoder_converts(stack):
     converges(TorchTransformer(stack).eval(), loader((5, 6)))
 
 
+def test_decomposed_attention_returns_what_multihead_attention_does():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(6, 2, batch_first=True).eval()
+    split = hc.attention.DecomposedAttention(mha, "block.attn")
+    x = torch.randn(3, 5, 6)
+    for kwargs in ({}, {"average_attn_weights": False}, {"need_weights": False}):
+        ours, reference = split(x, x, x, **kwargs), mha(x, x, x, **kwargs)
+        torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-6)
+        assert (ours[1] is None) == (reference[1] is None)
+        if ours[1] is not None:
+            torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"block.attn \(nn.MultiheadAttention\): attention masks"):
+        split(x, x, x, attn_mask=torch.zeros(5, 5))
+
+
 class FunctionalActivations(nn.Module):
     """The pytorch/examples MNIST net's ending (log_softmax) and clamping activations as functions."""
 

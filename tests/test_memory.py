@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import hmtconv.conversion as hc
-from hmtconv.conversion.memory import MARGIN, chunk_size, parse_bytes
+from hmtconv.conversion.memory import MARGIN, chunk_size, format_bytes, parse_bytes
 
 from test_convert_snn import loader, small_cnn
 
@@ -54,7 +54,7 @@ def test_memory_budget_sets_the_chunk(monkeypatch):
     hc.evaluate(snn, data[:1], diagnostics=False, memory_budget=int(snn.activation_bytes(5) * 3.5))
     assert sizes == [3, 3, 3, 1]
     sizes.clear()
-    with pytest.warns(UserWarning, match="one sample at a time"):
+    with pytest.warns(UserWarning, match="budget of 1 B; simulating one sample at a time"):
         hc.evaluate(snn, data[:1], diagnostics=False, memory_budget=1)
     assert sizes == [1] * 10
     with pytest.raises(ValueError, match="not both"):
@@ -100,6 +100,7 @@ def test_estimate_of_a_chain_by_hand():
 def test_parse_bytes_and_chunk_size():
     assert parse_bytes("512MB") == 512 * 2**20 and parse_bytes("1.5GiB") == int(1.5 * 2**30)
     assert parse_bytes("1000") == 1000 and parse_bytes(" 2 k ") == 2048
+    assert [format_bytes(b) for b in (1, 1536, 5 * 2**20, 3 * 2**40)] == ["1 B", "1.5 KiB", "5 MiB", "3 TiB"]
     for bad in ("", "-1GB", "4 parsecs", "GB", "0"):
         with pytest.raises(ValueError, match="cannot read memory size"):
             parse_bytes(bad)

@@ -145,7 +145,8 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
         prepared, sized, traced, trace_error = prepare_modules(model, identity, histogram), False, False, str(error)
     slice_max_pools(prepared)  # same values, 3-9x faster on CPU: calibration and the SNN both pool
     if not any(isinstance(m, ObservedActivation) for m in prepared.modules()):
-        raise ValueError(f"{type(model).__name__} has no ReLU to convert (and identity={identity!r} adds "
+        untraced = "" if traced else f" (fx could not trace it, so only ReLU modules count: {trace_error})"
+        raise ValueError(f"{type(model).__name__} has no ReLU to convert{untraced} (and identity={identity!r} adds "
                          f"no y = x site); use identity='all' for networks without ReLU such as ViT")
     info = PrepareInfo(identity, traced, trace_error, sized_to=tuple(example.shape[1:]) if sized else None)
     prepared.add_module(INPUT_SHAPE, ShapeObserver().to(placement(prepared)[0]))
@@ -185,8 +186,9 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
         try:
             if not info.traced and not info.probed:  # this first run also feeds the observers
                 info.unconverted, info.probed = find_unconverted(prepared, x), True
-            else:
-                prepared(x)
+            elif not isinstance(out := prepared(x), torch.Tensor):
+                raise TypeError(f"{type(prepared).__name__} returns {type(out).__name__}, not a tensor of logits; "
+                                f"convert a module whose forward returns the logits alone (e.g. model(x)[0])")
         except RuntimeError as error:  # a shape or dtype the model cannot take, in torch's words
             raise ValueError(f"the model cannot run calibration batch {i} of shape {list(x.shape)}: "
                              f"{one_line(error)}") from error
@@ -270,12 +272,13 @@ def _peek(loader: Iterable) -> tuple[object | None, Iterable]:
 
 
 def _example_of_any_rank(batch, model: nn.Module):
-    """``batch`` (None: no data); under torchrun a rank without data gets zeros of the size another
-    rank's images have, so every rank traces the same graph (tracing.py)."""
-    if not distributed.active():
-        return batch
+    """The images of ``batch`` (None: no data), checked as calibration batch 0; under torchrun a
+    rank without data gets zeros of the size another rank's images have, so every rank traces
+    the same graph (tracing.py)."""
     device, dtype = placement(model)
     images = None if batch is None else model_input(batch, device, dtype, "calibration batch 0")
+    if not distributed.active():
+        return images
     shapes = distributed.all_gather_objects(None if images is None else tuple(images.shape[1:]))
     shape = next((s for s in shapes if s is not None), None)
     return images if images is not None or shape is None else torch.zeros((1, *shape), device=device, dtype=dtype)

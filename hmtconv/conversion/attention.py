@@ -36,7 +36,8 @@ class Einsum(MatMul):
 
 
 class DecomposedAttention(nn.Module):
-    """``nn.MultiheadAttention`` (batch_first, no masks, eval) built from Linear, MatMul, Softmax."""
+    """``nn.MultiheadAttention`` (batch_first, no masks, eval) built from Linear, MatMul, Softmax;
+    it returns the attention weights as the original does (averaged over heads by default)."""
 
     # Read by nn.TransformerEncoder(Layer)'s fused fast path, which these send to the plain path
     # (the one that calls this module).
@@ -63,21 +64,23 @@ class DecomposedAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = projs
         self.out_proj = nn.Linear(e, e, mha.out_proj.bias is not None)
         self.out_proj.load_state_dict(mha.out_proj.state_dict())
-        self.scale = 1.0 / math.sqrt(e // self.heads)
+        self.scale, self.name = 1.0 / math.sqrt(e // self.heads), name
         self.scores, self.mix = MatMul(), MatMul()
         self.softmax = nn.Softmax(dim=-1)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise ValueError("DecomposedAttention does not support attention masks")
+            raise ValueError(f"{self.name} (nn.MultiheadAttention): attention masks are not supported here; "
+                             f"F.scaled_dot_product_attention with attn_mask or is_causal converts")
         # [B, L, E] -> [B, heads, L, d]; no batch size is read, so the time-folded batch passes through.
         q = self.q_proj(query).unflatten(-1, (self.heads, -1)).transpose(-3, -2) * self.scale
         k = self.k_proj(key).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
         v = self.v_proj(value).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
         attn = self.softmax(self.scores(q, k.transpose(-2, -1)))
         out = self.mix(attn, v).transpose(-3, -2).flatten(-2)
-        return self.out_proj(out), None
+        weights = (attn.mean(-3) if average_attn_weights else attn) if need_weights else None
+        return self.out_proj(out), weights
 
 
 def swap_children(model: nn.Module, types: tuple[type, ...], build) -> None:

@@ -19,7 +19,7 @@ from .. import distributed
 from ..device import placement
 from .api import batch_labels, first_batches, model_input
 from .energy import E_AC, E_MAC
-from .memory import chunk_size, cpu_chunk, parse_bytes
+from .memory import chunk_size, cpu_chunk, format_bytes, parse_bytes
 from .multistep import step_index
 from .result import EvaluationResult, LayerStats
 from .snn import SNN
@@ -112,8 +112,8 @@ def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int
     budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
     per_sample = snn.activation_bytes(steps)
     if per_sample > budget:
-        warnings.warn(f"one sample at T={steps} needs about {per_sample / 2**20:.0f} MiB of activations, more than "
-                      f"the budget of {budget / 2**20:.0f} MiB; simulating one sample at a time", stacklevel=3)
+        warnings.warn(f"one sample at T={steps} needs about {format_bytes(per_sample)} of activations, more than "
+                      f"the budget of {format_bytes(budget)}; simulating one sample at a time", stacklevel=3)
     return chunk_size(per_sample, budget, batch=2**62)
 
 

@@ -99,6 +99,14 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB"
           "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
 
 
+def format_bytes(size: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: three significant digits in the largest unit that fits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.3g} {unit}"
+        size /= 1024
+
+
 def parse_bytes(text: str) -> int:
     """``"512MB"``, ``"4G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (binary units)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
