@@ -135,6 +135,21 @@ def test_models_returning_more_than_logits_or_untraceable_without_relu_modules()
         hc.convert(Branching().eval(), images())
 
 
+def test_in_place_relu_on_a_view_of_a_tensor_read_later_is_a_clear_error():
+    class HalfRectified(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 10), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.conv(x)
+            self.relu(h[:, :2])  # rectifies half of h's channels, in h
+            return self.fc(torch.relu(h).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="an in-place ReLU .* writes into getitem, a view of conv, which is read"):
+        hc.convert(HalfRectified().eval(), images())
+
+
 def test_max_pooling_with_indices_after_neurons_is_a_clear_error():
     class Pooled(nn.Module):
         def __init__(self):

@@ -25,7 +25,7 @@ from .energy import REARRANGING, SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import add_attention_mask, arg, assign, scope
-from .graph import add_child, computed_from, made_from_shape, swap_for_module
+from .graph import VIEWS, add_child, computed_from, made_from_shape, swap_for_module
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
@@ -188,14 +188,6 @@ def _owns_its_output(gm: fx.GraphModule, node: fx.Node) -> bool:
         return True
     # torchvision's ``out += identity`` returns its first operand, updated in place
     return node.op == "call_function" and node.target is operator.iadd and _owns_its_output(gm, node.args[0])
-
-
-# Calls whose result may share memory with their first operand.
-VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-         "expand", "chunk", "split", "unbind", "swapaxes", "swapdims", "movedim", "reshape_as", "view_as",
-         "expand_as", "narrow", "select", operator.getitem, torch.flatten, torch.reshape, torch.transpose,
-         torch.permute, torch.squeeze, torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim, torch.chunk,
-         torch.split, torch.unbind, torch.narrow, torch.select}
 
 
 def _written_in_place(node: fx.Node) -> bool:

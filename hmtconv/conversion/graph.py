@@ -75,10 +75,31 @@ def swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, parent
     return new
 
 
+# Calls whose result may share memory with their first operand.
+VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+         "expand", "chunk", "split", "unbind", "swapaxes", "swapdims", "movedim", "reshape_as", "view_as",
+         "expand_as", "narrow", "select", operator.getitem, torch.flatten, torch.reshape, torch.transpose,
+         torch.permute, torch.squeeze, torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim, torch.chunk,
+         torch.split, torch.unbind, torch.narrow, torch.select}
+
+
+class LostWrite(ValueError):
+    """An in-place write the SNN cannot keep (module swapping could not either: not a fallback)."""
+
+
 def _reroute_inplace(gm: fx.GraphModule, node: fx.Node) -> None:
-    """After ``x.relu_()``, later readers of ``x`` read the ReLU's output instead."""
+    """After ``x.relu_()``, later readers of ``x`` read the ReLU's output instead. Where ``x`` is a
+    view of a tensor read later too (``h[:, :2].relu_()``), that write cannot be rerouted: an error."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     source = node.args[0]
+    chain = [source]
+    while chain[-1].op in ("call_function", "call_method") and chain[-1].target in VIEWS:
+        chain.append(chain[-1].args[0])
+    if any(order[user] > order[node] and user not in chain for base in chain[1:] for user in base.users):
+        what = "item assignment" if node.target is assign else "ReLU"
+        raise LostWrite(f"cannot convert {scope(node) or '<root>'}: an in-place {what} (graph node {node.name!r}) "
+                         f"writes into {source.name}, a view of {chain[-1].name}, which is read afterwards; the "
+                         f"SNN cannot keep that write: use an out-of-place ReLU there (x = F.relu(x))")
     for user in list(source.users):
         if user is not node and order[user] > order[node]:
             user.replace_input_with(source, node)
@@ -234,6 +255,8 @@ def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig,
     gm, sized = trace(model, example)
     try:
         normalize(gm)
+    except LostWrite:
+        raise
     except ValueError as error:
         raise NotTraceable(f"{type(error).__name__}: {error}") from error
     move_max_pools(gm, identity == "maxpool", hist)
