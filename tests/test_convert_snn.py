@@ -163,6 +163,27 @@ def test_sizes_read_after_neurons_leave_the_analog_prefix_static():
     assert (snn.mac_static, snn.mac_step) == (reference.mac_static, reference.mac_step) and snn.mac_step == 0
 
 
+class MadeInForward(nn.Module):
+    """Tensors made in forward from sizes and the device alone, without a batch dim, meet spikes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)) * torch.linspace(0.5, 1.5, 4, device=x.device).view(1, 4, 1, 1)
+        rows = h.mean(3) + torch.arange(x.shape[3], device=x.device, dtype=x.dtype) / 8  # [B, 4, 8] + [8]
+        return self.fc(F.relu(rows).amax(1))
+
+
+def test_tensors_made_in_forward_without_a_batch_dim_broadcast_over_steps():
+    torch.manual_seed(0)
+    model, data = MadeInForward().eval(), loader()
+    snn = hc.convert(model, data, n=8, T=64, policy="max")
+    x = data[0][0]
+    assert snn.report.traced and (snn(x).mean(0) - model(x)).abs().max() < 0.02 * model(x).abs().max()
+
+
 def test_prepare_calibrate_convert_reuses_statistics():
     model, data = small_cnn(), loader()
     prepared = hc.calibrate(hc.prepare(model), data)

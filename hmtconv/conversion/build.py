@@ -230,11 +230,15 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
         return SNN(net, config, report, output_temporal=True, macs=None)
     report.folded_batchnorm = fold_batchnorm(net)
     device, dtype = placement(net)
-    with torch.no_grad():
-        ShapeProp(net).propagate(torch.zeros((1,) + tuple(report.input_shape), device=device, dtype=dtype))
+    shapes = []
+    with torch.no_grad():  # at two batch sizes: tensors made in forward without a batch dim keep their shape
+        for batch in (2, 1):  # (the metadata kept is batch 1's)
+            ShapeProp(net).propagate(torch.zeros((batch, *report.input_shape), device=device, dtype=dtype))
+            shapes.append({n: n.meta["tensor_meta"].shape for n in net.graph.nodes if is_tensor(n)})
     spiking = {n for n in net.graph.nodes
                if n.op == "call_module" and isinstance(net.get_submodule(n.target), SpikingActivation)}
-    kinds = insert_time_expansion(net, lambda node: node in spiking)
+    kinds = insert_time_expansion(net, lambda node: node in spiking,
+                                  has_batch=lambda node: node not in shapes[1] or shapes[0][node] != shapes[1][node])
     compensate_and_check(net, kinds)
     macs = count_operations(net, kinds)
     allow_overwrite(net)

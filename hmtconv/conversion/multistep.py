@@ -75,8 +75,10 @@ def _add_to_time(gm: fx.GraphModule, source: fx.Node) -> fx.Node:
     return node
 
 
-def insert_time_expansion(gm: fx.GraphModule, starts_time) -> dict[fx.Node, str]:
-    """Insert :class:`ToTime` at every static -> temporal edge; returns the final classification.
+def insert_time_expansion(gm: fx.GraphModule, starts_time, has_batch=lambda node: True) -> dict[fx.Node, str]:
+    """Insert :class:`ToTime` at every static -> temporal edge where the static tensor has a batch
+    dim (``has_batch``; one made in forward from sizes and devices alone, as ``torch.arange(N,
+    device=x.device)``, broadcasts over the steps as it is); returns the final classification.
 
     Needs ``node.meta["tensor_meta"]`` (run ``ShapeProp`` first) to tell tensors from sizes.
     """
@@ -112,7 +114,7 @@ def insert_time_expansion(gm: fx.GraphModule, starts_time) -> dict[fx.Node, str]
         if kind[node] != "temporal" or node.op == "output" or is_to_time(node):
             continue
         for inp in node.all_input_nodes:
-            if kind[inp] == "static":  # a static tensor: sizes were handled above
+            if kind[inp] == "static" and has_batch(inp):  # a static tensor: sizes were handled above
                 if inp not in shared:
                     shared[inp] = _add_to_time(gm, inp)
                 node.replace_input_with(inp, shared[inp])
