@@ -150,6 +150,20 @@ def test_in_place_relu_on_a_view_of_a_tensor_read_later_is_a_clear_error():
         hc.convert(HalfRectified().eval(), images())
 
 
+def test_reduction_over_the_batch_after_the_neurons_is_a_clear_error():
+    class BatchCentred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.fc((h - h.mean(0, keepdim=True)).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="graph node 'mean'.*reduces over the batch dim .* folds the time steps"):
+        hc.convert(BatchCentred().eval(), images())
+
+
 def test_max_pooling_with_indices_after_neurons_is_a_clear_error():
     class Pooled(nn.Module):
         def __init__(self):

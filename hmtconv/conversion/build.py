@@ -130,6 +130,17 @@ def reads_spikes(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> set[fx.Node]:
     return computed_from(gm.graph, is_site, reads_values)
 
 
+def check_batch_kept(gm: fx.GraphModule, kinds: dict[fx.Node, str], has_batch) -> None:
+    """A reduction over the batch dim (``a.mean(0)``) after the neurons would mix the time steps,
+    which the SNN folds into that dim: a clear error."""
+    for node in gm.graph.nodes:
+        if kinds.get(node) == "temporal" and is_tensor(node) and not has_batch(node) and any(
+                kinds.get(i) == "temporal" and is_tensor(i) and has_batch(i) for i in node.all_input_nodes):
+            raise ValueError(f"cannot convert {scope(node) or '<root>'} (graph node {node.name!r}): it reduces over "
+                             f"the batch dim of an activation after the neurons, and the SNN folds the time steps "
+                             f"into that dim; keep statistics per sample (or move this before the first ReLU)")
+
+
 def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
     spiky = reads_spikes(gm, kinds)
     for node in list(gm.graph.nodes):
@@ -237,8 +248,11 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
             shapes.append({n: n.meta["tensor_meta"].shape for n in net.graph.nodes if is_tensor(n)})
     spiking = {n for n in net.graph.nodes
                if n.op == "call_module" and isinstance(net.get_submodule(n.target), SpikingActivation)}
-    kinds = insert_time_expansion(net, lambda node: node in spiking,
-                                  has_batch=lambda node: node not in shapes[1] or shapes[0][node] != shapes[1][node])
+
+    def has_batch(node: fx.Node) -> bool:
+        return node not in shapes[1] or shapes[0][node] != shapes[1][node]
+    kinds = insert_time_expansion(net, lambda node: node in spiking, has_batch)
+    check_batch_kept(net, kinds, has_batch)
     compensate_and_check(net, kinds)
     macs = count_operations(net, kinds)
     allow_overwrite(net)
