@@ -144,6 +144,16 @@ def test_functional_activations_and_log_softmax_convert():
     assert {"ReLU6", "Hardtanh", "Softplus", "AdaptiveMaxPool2d", "LogSoftmax"} <= kinds
 
 
+@pytest.mark.parametrize("norm", [nn.InstanceNorm2d(4), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)])
+def test_instance_norm_after_neurons_is_compensated(norm):
+    torch.manual_seed(0)
+    if norm.track_running_stats:
+        norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), norm, nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 3)).eval()
+    converges(model, loader((1, 6, 6)))
+
+
 class FunctionalCNN(nn.Module):
     """conv -> F.batch_norm (eval) -> F.silu -> pool -> F.linear, every tensor the model's own."""
 

@@ -67,7 +67,7 @@ COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.LogSoftmax, nn.M
                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Einsum, Multiply,
                           Divide, Amax, Power, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6,
                           nn.GroupNorm, SlicedMaxPool2d, Normalize, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
-                          nn.Mish, nn.Softplus, nn.Hardtanh}
+                          nn.Mish, nn.Softplus, nn.Hardtanh, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d}
 
 
 def register_compensated(cls: type) -> type:

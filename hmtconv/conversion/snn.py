@@ -98,6 +98,9 @@ class SNN(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, T: int | None = None) -> torch.Tensor:
+        if tuple(x.shape[1:]) != tuple(self.report.input_shape):  # (synapse counts are per position)
+            raise ValueError(f"images of shape {list(x.shape[1:])}, but the SNN was calibrated on "
+                             f"{list(self.report.input_shape)}; convert again for this size")
         steps = self.config.T if T is None else T
         self._set_steps(steps)
         if not self.report.traced:  # module-swapped model: no static prefix, every op sees T*B rows
