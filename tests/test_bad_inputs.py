@@ -164,6 +164,22 @@ def test_reduction_over_the_batch_after_the_neurons_is_a_clear_error():
         hc.convert(BatchCentred().eval(), images())
 
 
+def test_weight_norm_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 4, 3, padding=1)), nn.BatchNorm2d(4),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)).eval()
+    x = images()[0][0]
+    before = model(x)
+    snn = hc.convert(model, images(), n=8, T=64, policy="max")
+    assert torch.equal(model(x), before) and nn.utils.parametrize.is_parametrized(model[0])  # untouched
+    assert (snn(x).mean(0) - before).abs().max() < 0.02 * before.abs().max()
+    with pytest.warns(FutureWarning):
+        legacy = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(1, 4, 3, padding=1)), nn.ReLU(), nn.Flatten(),
+                               nn.Linear(256, 10)).eval()
+    with pytest.raises(ValueError, match="call torch.nn.utils.remove_weight_norm on its layers first"):
+        hc.convert(legacy, images())
+
+
 def test_max_pooling_with_indices_after_neurons_is_a_clear_error():
     class Pooled(nn.Module):
         def __init__(self):

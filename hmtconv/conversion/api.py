@@ -14,6 +14,7 @@ from typing import Iterable
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .. import distributed
 from ..device import placement
@@ -135,7 +136,14 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     if model.training:
         warnings.warn(f"{type(model).__name__} was in training mode; converting it in eval mode (BatchNorm "
                       f"running statistics, no dropout)", stacklevel=2)
-    model = (model if inplace else copy.deepcopy(model)).eval()
+    model = (model if inplace else _copy(model)).eval()
+    for module in model.modules():  # weight_norm and the like: the weights they compute, fixed
+        if parametrize.is_parametrized(module):
+            # (removing edits the module's class, which a deep copy shares with the original's)
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name)
     decompose_attention(model)
     decompose_window_attention(model)
     example = None if example_inputs is None else model_input(example_inputs, *placement(model), "example_inputs")
@@ -155,6 +163,15 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     else:
         setattr(prepared, _KEY, info)
     return prepared
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as error:  # torch's deepcopy of non-leaf tensors, e.g. nn.utils.weight_norm's
+        raise ValueError(f"{type(model).__name__} cannot be copied ({one_line(error)[:120]}...); with "
+                         f"torch.nn.utils.weight_norm, call torch.nn.utils.remove_weight_norm on its layers first (or "
+                         f"use torch.nn.utils.parametrizations.weight_norm)") from error
 
 
 @torch.no_grad()
