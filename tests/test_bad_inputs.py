@@ -24,6 +24,14 @@ def images(batches=2, batch=4, shape=(1, 8, 8), seed=0):
     return [(torch.rand(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(batches)]
 
 
+class ConvHead(nn.Module):
+    """A conv and a Linear head; each test's forward puts something of its own between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 10)
+
+
 @pytest.fixture(scope="module")
 def snn():
     return hc.convert(cnn(), images(), T=2)
@@ -115,11 +123,7 @@ def test_evaluation_batches_of_other_forms(snn):
 
 
 def test_models_returning_more_than_logits_or_untraceable_without_relu_modules():
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 10)
-
+    class Pair(ConvHead):
         def forward(self, x):
             features = torch.relu(self.conv(x)).mean((2, 3))
             return self.fc(features), features
@@ -136,14 +140,10 @@ def test_models_returning_more_than_logits_or_untraceable_without_relu_modules()
 
 
 def test_in_place_relu_on_a_view_of_a_tensor_read_later_is_a_clear_error():
-    class HalfRectified(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fc, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 10), nn.ReLU(inplace=True)
-
+    class HalfRectified(ConvHead):
         def forward(self, x):
             h = self.conv(x)
-            self.relu(h[:, :2])  # rectifies half of h's channels, in h
+            h[:, :2].relu_()  # rectifies half of h's channels, in h
             return self.fc(torch.relu(h).mean((2, 3)))
 
     with pytest.raises(ValueError, match="an in-place ReLU .* writes into getitem, a view of conv, which is read"):
@@ -151,11 +151,7 @@ def test_in_place_relu_on_a_view_of_a_tensor_read_later_is_a_clear_error():
 
 
 def test_reduction_over_the_batch_after_the_neurons_is_a_clear_error():
-    class BatchCentred(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 10)
-
+    class BatchCentred(ConvHead):
         def forward(self, x):
             h = torch.relu(self.conv(x))
             return self.fc((h - h.mean(0, keepdim=True)).mean((2, 3)))
@@ -181,11 +177,10 @@ def test_weight_norm_layers():
 
 
 def test_max_pooling_with_indices_after_neurons_is_a_clear_error():
-    class Pooled(nn.Module):
+    class Pooled(ConvHead):
         def __init__(self):
             super().__init__()
-            self.conv, self.pool, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2, return_indices=True), \
-                nn.Linear(4, 10)
+            self.pool = nn.MaxPool2d(2, return_indices=True)
 
         def forward(self, x):
             pooled, indices = self.pool(torch.relu(self.conv(x)))
