@@ -257,6 +257,13 @@ def test_model_in_training_mode_is_converted_in_eval_mode_with_a_note():
     assert model.training  # and left so again
 
 
+def test_a_model_with_forward_hooks_gets_a_note():
+    model = cnn()
+    model[1].register_forward_hook(lambda m, a, out: None)
+    with pytest.warns(UserWarning, match=r"forward hooks on 1 are copied with the model.*\(ReLU, attention"):
+        hc.convert(model, images())
+
+
 def test_inputs_of_another_dtype_or_device_are_moved_to_the_model(snn):
     as_double = [(x.double(), y) for x, y in images()]
     assert hc.evaluate(snn, as_double).to_dict() == hc.evaluate(snn, images()).to_dict()

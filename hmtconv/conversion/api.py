@@ -137,6 +137,11 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
         warnings.warn(f"{type(model).__name__} was in training mode; converting it in eval mode (BatchNorm "
                       f"running statistics, no dropout)", stacklevel=2)
     model = (model if inplace else _copy(model)).eval()
+    hooked = [name or "<root>" for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    if hooked:
+        warnings.warn(f"forward hooks on {', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''} are copied with "
+                      f"the model: they see calibration batches and the SNN's [T*B, ...] activations, and those on "
+                      f"modules the conversion replaces (ReLU, attention, max pooling) are dropped", stacklevel=2)
     for module in model.modules():  # weight_norm and the like: the weights they compute, fixed
         if parametrize.is_parametrized(module):
             # (removing edits the module's class, which a deep copy shares with the original's)
