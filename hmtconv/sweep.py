@@ -7,6 +7,7 @@ which sites are observed). Accuracy at every t <= T comes from the same run of T
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import tomllib
@@ -99,8 +100,23 @@ def _no_unknown(table: dict, allowed: set, where: str) -> None:
         raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
 
 
-def point_key(model: str, point: dict) -> str:
-    return json.dumps({"model": model, **point}, sort_keys=True)
+def fingerprint(config: SweepConfig, entry: ModelEntry) -> str:
+    """A hash of every setting besides the grid that changes a model's results: its entry and the
+    contents of its model and weights files, the data options, the device and diagnostics. Left
+    out: data_root (where the same data lies) and memory_budget (chunking, same results)."""
+    settings = {"entry": asdict(entry), "data": {k: v for k, v in asdict(config.data).items() if k != "data_root"},
+                "device": config.device, "diagnostics": config.diagnostics}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name in (entry.model, entry.weights):
+        if name is not None and Path(name).is_file():
+            with open(name, "rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def point_key(model: str, point: dict, settings: str) -> str:
+    """A record's resume key: the model's name, the grid point and the ``fingerprint`` of the rest."""
+    return json.dumps({"model": model, **point, "fingerprint": settings}, sort_keys=True)
 
 
 def simulations(points: list[dict]) -> list[tuple[int, list[dict]]]:
@@ -117,12 +133,14 @@ def simulations(points: list[dict]) -> list[tuple[int, list[dict]]]:
 
 
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
-    """Run every point not yet in ``OUT/results.jsonl``; return all records (old and new)."""
+    """Run every point not yet in ``OUT/results.jsonl`` with the same settings; return the records
+    of this config's grid, in grid order (stored records of other settings or points are set aside)."""
     out = Path(config.out)
     results_path = out / "results.jsonl"
     done = {r["key"] for r in read_jsonl(results_path)}
     points = config.points()
-    todo = [(m, p) for m in config.models for p in points if point_key(m.name, p) not in done]
+    keys = {m.name: fingerprint(config, m) for m in config.models}
+    todo = [(m, p) for m in config.models for p in points if point_key(m.name, p, keys[m.name]) not in done]
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress or not distributed.is_main())
     for entry in config.models:
         mine = [p for m, p in todo if m is entry]
@@ -140,7 +158,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
                                   memory_budget=config.memory_budget)
                 for point in group:
                     part = result if point["T"] == steps else result.truncated(point["T"])
-                    record = {"key": point_key(entry.name, point), "model": entry.name, **point,
+                    record = {"key": point_key(entry.name, point, keys[entry.name]), "model": entry.name, **point,
                               "simulated_T": steps, "result": part.to_dict(),
                               "provenance": provenance({"model": asdict(entry), "data": asdict(config.data), **point},
                                                        seed=config.data.seed, device=config.device)}
@@ -148,7 +166,14 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
                         append_jsonl(results_path, record)
                 bar.update(len(group))
     bar.close()
-    records = read_jsonl(results_path)
-    if distributed.is_main() and records:
-        write_reports(records, out, GRID_KEYS)
+    stored = {r["key"]: r for r in read_jsonl(results_path)}  # the last record of a key wins
+    records = [stored[key] for key in (point_key(m.name, p, keys[m.name]) for m in config.models for p in points)
+               if key in stored]
+    if distributed.is_main():
+        aside = len(stored) - len(records)
+        if aside:
+            print(f"set aside {aside} stored record(s) of {results_path} made with other settings or grid points "
+                  "(kept in the file, not reported)")
+        if records:
+            write_reports(records, out, GRID_KEYS)
     return records

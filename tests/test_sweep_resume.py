@@ -52,3 +52,25 @@ def test_T_independent_policy_is_simulated_once_for_every_T(tmp_path, monkeypatc
     assert "by T" in table
     ratio = long["result"]["per_layer"][0]["lam"] / records[("opt", 3)]["result"]["per_layer"][0]["lam"]
     assert f"| T=3     | 999    | {ratio:.3g} [{ratio:.3g}, {ratio:.3g}] |" in table  # one site: median = min = max
+
+
+def test_changed_settings_rerun_points_and_set_old_records_aside(tmp_path, monkeypatch, capsys):
+    model = tmp_path / "cnn.pt"
+    torch.save(nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 144, 10)).eval(),
+               model)
+    config = SweepConfig(models=[ModelEntry("cnn", str(model))], T=[1, 2], policy=["999"], out=str(tmp_path / "out"),
+                         data=DataOptions(dataset="mnist", limit=16, calib_size=16, batch_size=16))
+    real, calls = sweep.evaluate, []
+    monkeypatch.setattr(sweep, "evaluate", lambda snn, *a, **k: calls.append(snn.config.T) or real(snn, *a, **k))
+    run_sweep(config, progress=False)
+    config.data.seed = 1  # a changed data setting re-runs the point
+    assert [r["provenance"]["config"]["data"]["seed"] for r in run_sweep(config, progress=False)] == [1, 1]
+    assert "set aside 2 stored record(s)" in capsys.readouterr().out
+    torch.save(nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 144, 10)).eval(),
+               model)  # new weights in the same file
+    config.T = [1]
+    records = run_sweep(config, progress=False)
+    assert calls == [2, 2, 1] and [r["T"] for r in records] == [1]
+    assert "set aside 4 stored record(s)" in capsys.readouterr().out
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| cnn" in table and table.count("| cnn") == 1  # only the current grid's point
