@@ -42,6 +42,8 @@ def test_jsonl_skips_torn_last_line(tmp_path):
         handle.write('{"a": 3')  # interrupted mid-write
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
     assert read_jsonl(tmp_path / "missing.jsonl") == []
+    append_jsonl(path, {"a": 4})  # a resumed run: its record starts a new line, not the torn one
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 4}]
 
 
 def test_plots_are_png(tmp_path):

@@ -21,11 +21,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one record as a single line; a torn last line (crash mid-write) is skipped on read."""
+    """Append one record as a single line; a torn last line (crash mid-write) is ended first, so it
+    stays one unreadable line that read skips and the record stays whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
+    line = json.dumps(record, sort_keys=True).encode() + b"\n"
+    with open(path, "a+b") as handle:
+        if handle.tell() > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                line = b"\n" + line
         handle.write(line)
         handle.flush()
         os.fsync(handle.fileno())
