@@ -24,6 +24,16 @@ from .report import append_jsonl, provenance, read_jsonl, write_reports
 from .workload import DataOptions, load_workload
 
 GRID_KEYS = ("n", "T", "policy", "neuron", "identity", "communicate", "granularity")
+_NONE = type(None)
+TYPES = {  # what each config value may be (grid keys: each value of the list)
+    "grid": {"n": int, "T": int, "policy": (str, int, float), "neuron": str, "identity": str, "communicate": bool,
+             "granularity": str},
+    "data": {"dataset": str, "data_root": (str, _NONE), "calib_size": int, "calib_split": str, "limit": (int, _NONE),
+             "batch_size": int, "seed": int},
+    "[[models]]": {"name": str, "model": str, "weights": (str, _NONE)},
+    "top": {"device": str, "out": str, "diagnostics": bool, "memory_budget": (str, _NONE)},
+}
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", _NONE: "absent"}
 
 
 @dataclass
@@ -48,6 +58,18 @@ class SweepConfig:
     out: str = "runs/sweep"
     diagnostics: bool = False  # per-layer |ANN - SNN| costs one ANN pass per batch
     memory_budget: str | None = None  # e.g. "4GB": simulate batches in chunks that fit (evaluate)
+
+    def __post_init__(self):
+        for key in GRID_KEYS:
+            for value in getattr(self, key):
+                _check_type(f"[grid] {key}", value, TYPES["grid"][key])
+        for key, value in asdict(self.data).items():
+            _check_type(f"[data] {key}", value, TYPES["data"][key])
+        for entry in self.models:
+            for key, value in asdict(entry).items():
+                _check_type(f"[[models]] {key}", value, TYPES["[[models]]"][key])
+        for key in TYPES["top"]:
+            _check_type(key, getattr(self, key), TYPES["top"][key])
 
     def points(self) -> list[dict]:
         """The grid, with duplicates removed: the IF neuron has n = 1 whatever n says."""
@@ -76,6 +98,11 @@ def load_config(path: str | Path) -> SweepConfig:
         raise UserError(f"sweep config {path} is not valid TOML: {error}") from error
     allowed = {"data", "grid", "models", "device", "out", "diagnostics", "memory_budget"}
     _no_unknown(raw, allowed, str(path))
+    for key, shape, kind in (("data", dict, "a [data] table"), ("grid", dict, "a [grid] table of lists"),
+                             ("models", list, "[[models]] tables")):
+        value = raw.get(key, shape())
+        if not isinstance(value, shape) or key == "models" and not all(isinstance(entry, dict) for entry in value):
+            raise UserError(f"{path}: {key} = {json.dumps(value, default=str)} must be {kind}")
     data = raw.get("data", {})
     _no_unknown(data, {f.name for f in fields(DataOptions)}, f"{path} [data]")
     grid = raw.get("grid", {})
@@ -91,7 +118,19 @@ def load_config(path: str | Path) -> SweepConfig:
         entries.append(ModelEntry(entry.get("name", entry["model"]), entry["model"], entry.get("weights")))
     grid = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
     top = {k: raw[k] for k in ("device", "out", "diagnostics", "memory_budget") if k in raw}
-    return SweepConfig(models=entries, data=DataOptions(**data), **grid, **top)
+    try:
+        return SweepConfig(models=entries, data=DataOptions(**data), **grid, **top)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+
+
+def _check_type(name: str, value, types: type | tuple) -> None:
+    """A UserError naming ``name``, ``value`` and the expected type unless ``value`` is one of ``types``
+    (a bool is not taken for an integer, nor a string such as "false" for a bool)."""
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        expected = " or ".join(TYPE_NAMES[t] for t in types if t is not _NONE)
+        raise UserError(f"{name} = {json.dumps(value, default=str)} must be {expected}")
 
 
 def _no_unknown(table: dict, allowed: set, where: str) -> None:

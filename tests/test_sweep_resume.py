@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import hmtconv.sweep as sweep
+from hmtconv.errors import UserError
 from hmtconv.report import read_jsonl
 from hmtconv.sweep import ModelEntry, SweepConfig, run_sweep
 from hmtconv.workload import DataOptions
@@ -74,3 +75,19 @@ def test_changed_settings_rerun_points_and_set_old_records_aside(tmp_path, monke
     assert "set aside 4 stored record(s)" in capsys.readouterr().out
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| cnn" in table and table.count("| cnn") == 1  # only the current grid's point
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[grid]\ncommunicate = [true, "false"]', '[grid] communicate = "false" must be true or false'),
+    ('diagnostics = "false"', 'diagnostics = "false" must be true or false'),
+    ('[data]\ncalib_size = "64"', '[data] calib_size = "64" must be an integer'),
+    ('[grid]\nn = [true]', '[grid] n = true must be an integer'),
+    ('grid = [1]', 'grid = [1] must be a [grid] table of lists'),
+    ('[[models]]\nname = 1\nmodel = "y"', '[[models]] name = 1 must be a string'),
+])
+def test_config_values_of_the_wrong_type_are_errors(tmp_path, text, message):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text + '\n[[models]]\nname = "x"\nmodel = "x"\n' if "[[models]]" not in text else text + "\n")
+    with pytest.raises(UserError) as error:
+        sweep.load_config(path)
+    assert str(error.value) == f"{path}: {message}"
