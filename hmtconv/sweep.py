@@ -70,6 +70,10 @@ class SweepConfig:
                 _check_type(f"[[models]] {key}", value, TYPES["[[models]]"][key])
         for key in TYPES["top"]:
             _check_type(key, getattr(self, key), TYPES["top"][key])
+        names = [entry.name for entry in self.models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise UserError(f"two [[models]] are named {duplicates[0]!r}; give each a different name")
 
     def points(self) -> list[dict]:
         """The grid, with duplicates removed: the IF neuron has n = 1 whatever n says."""

@@ -91,3 +91,8 @@ def test_config_values_of_the_wrong_type_are_errors(tmp_path, text, message):
     with pytest.raises(UserError) as error:
         sweep.load_config(path)
     assert str(error.value) == f"{path}: {message}"
+
+
+def test_duplicate_model_names_are_an_error():
+    with pytest.raises(UserError, match="two \\[\\[models\\]\\] are named 'net'; give each a different name"):
+        SweepConfig(models=[ModelEntry("net", "a.pt"), ModelEntry("net", "b.pt")])
