@@ -61,6 +61,8 @@ class SweepConfig:
 
     def __post_init__(self):
         for key in GRID_KEYS:
+            if not getattr(self, key):
+                raise UserError(f"[grid] {key} is empty; give at least one value or leave it out for the default")
             for value in getattr(self, key):
                 _check_type(f"[grid] {key}", value, TYPES["grid"][key])
         for key, value in asdict(self.data).items():

@@ -96,3 +96,8 @@ def test_config_values_of_the_wrong_type_are_errors(tmp_path, text, message):
 def test_duplicate_model_names_are_an_error():
     with pytest.raises(UserError, match="two \\[\\[models\\]\\] are named 'net'; give each a different name"):
         SweepConfig(models=[ModelEntry("net", "a.pt"), ModelEntry("net", "b.pt")])
+
+
+def test_an_empty_grid_list_is_an_error():
+    with pytest.raises(UserError, match=r"\[grid\] n is empty"):
+        SweepConfig(models=[ModelEntry("net", "a.pt")], n=[])
