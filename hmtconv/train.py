@@ -1,6 +1,7 @@
 """Train the built-in models (``hmtconv train``): seeded, deterministic on CPU, checkpointed atomically."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -95,8 +96,26 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"epochs must be at least 1, got {config.epochs}")
     if config.limit is not None and config.limit < 1:
         raise UserError(f"limit must be at least 1 batch, got {config.limit}")
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+        raise UserError(f"learning rate must be a positive finite number, got {config.lr}")
+    if config.weight_decay is not None and not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise UserError(f"weight decay must be a finite number >= 0, got {config.weight_decay}")
     if not 0 <= config.label_smoothing < 1:
         raise UserError(f"label smoothing must be in [0, 1), got {config.label_smoothing}")
+
+
+def build_model(name: str, kwargs: dict, model_args: dict) -> nn.Module:
+    """``create_model(name, **kwargs)``; an error the constructor raises on the user's ``model_args``
+    is a UserError naming them."""
+    try:
+        return create_model(name, **kwargs)
+    except UserError:
+        raise
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as error:
+        if not model_args:
+            raise
+        values = " ".join(f"{key}={value!r}" for key, value in model_args.items())
+        raise UserError(f"{name} rejects --model-arg {values}: {error}") from error
 
 
 def evaluate_accuracy(
@@ -130,7 +149,7 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
     )
     with deterministic():
         torch.manual_seed(config.seed)  # the model's initialization; the loader has its own generator
-        model = create_model(config.model, **kwargs)
+        model = build_model(config.model, kwargs, config.model_args)
         check_model_fits(model, info, f"built-in {config.model}")
         model.to(device)
         loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)

@@ -43,6 +43,12 @@ def test_train_with_model_args_loads_back_as_that_variant(tmp_path, capsys):
          "hmtconv: error: model argument 'num_classes' of vgg_small comes from the dataset"),
         (["train", "--model-arg", "7"], "hmtconv train: error: argument --model-arg: expected KEY=VALUE, got '7'"),
         ([], "hmtconv: error: the following arguments are required: COMMAND"),
+        (["train", "--lr", "-1"], "hmtconv: error: learning rate must be a positive finite number, got -1.0"),
+        (["train", "--lr", "nan"], "hmtconv: error: learning rate must be a positive finite number, got nan"),
+        (["train", "--weight-decay", "-1"], "hmtconv: error: weight decay must be a finite number >= 0, got -1.0"),
+        (["train", "--model", "vit_small", "--model-arg", "patch_size=0", "--limit", "1"],
+         "hmtconv: error: vit_small rejects --model-arg patch_size=0: "),
+        (["train", "--out", "/tmp"], "hmtconv: error: cannot write /tmp: it is a directory; give a file name"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(argv, message, capsys):

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..data import list_datasets
 from ..models import list_models
 from ..train import OPTIMIZERS, SCHEDULES, TrainConfig, train
+from .options import ensure_writable
 from .registry import register_command
 
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> None:
     )
     variant = "".join(f"-{key}{value}" for key, value in config.model_args.items())
     out = args.out or Path("runs") / re.sub(r"[^\w.-]", "_", f"{args.model}{variant}-{args.dataset}-s{args.seed}.pt")
+    ensure_writable(out)
     result = train(config, out)
     print(f"test accuracy {result.test_accuracy:.2%} on {result.meta['test_images']} images, "
           f"{result.seconds:.0f} s; checkpoint {result.path}")
