@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .conversion import calibrate, convert, evaluate, prepare
 from .conversion.policies import depends_on_T
+from .conversion.snn import ConversionConfig
 from .errors import UserError
 from .report import append_jsonl, provenance, read_jsonl, write_reports
 from .workload import DataOptions, load_workload
@@ -65,6 +66,7 @@ class SweepConfig:
                 raise UserError(f"[grid] {key} is empty; give at least one value or leave it out for the default")
             for value in getattr(self, key):
                 _check_type(f"[grid] {key}", value, TYPES["grid"][key])
+                _check_conversion_value(key, value)
         for key, value in asdict(self.data).items():
             _check_type(f"[data] {key}", value, TYPES["data"][key])
         for entry in self.models:
@@ -137,6 +139,16 @@ def _check_type(name: str, value, types: type | tuple) -> None:
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         expected = " or ".join(TYPE_NAMES[t] for t in types if t is not _NONE)
         raise UserError(f"{name} = {json.dumps(value, default=str)} must be {expected}")
+
+
+def _check_conversion_value(key: str, value) -> None:
+    """The checks convert makes (ConversionConfig; n in 1..16 as --n), before any point runs."""
+    if key == "n" and not 1 <= value <= 16:
+        raise UserError(f"[grid] n = {value} must be in 1..16")
+    try:
+        ConversionConfig(**{key: value})
+    except ValueError as error:
+        raise UserError(f"[grid] {key} = {json.dumps(value)}: {error}") from None
 
 
 def _no_unknown(table: dict, allowed: set, where: str) -> None:

@@ -101,3 +101,11 @@ def test_duplicate_model_names_are_an_error():
 def test_an_empty_grid_list_is_an_error():
     with pytest.raises(UserError, match=r"\[grid\] n is empty"):
         SweepConfig(models=[ModelEntry("net", "a.pt")], n=[])
+
+
+@pytest.mark.parametrize("grid, message", [({"n": [4, 17]}, r"\[grid\] n = 17 must be in 1..16"),
+                                           ({"policy": ["opt", "nope"]}, r"\[grid\] policy = \"nope\""),
+                                           ({"neuron": ["lif"]}, r"\[grid\] neuron = \"lif\": neuron must be one of")])
+def test_bad_grid_values_are_errors_before_any_point_runs(grid, message):
+    with pytest.raises(UserError, match=message):
+        SweepConfig(models=[ModelEntry("net", "a.pt")], **grid)
