@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import hmtconv.conversion as hc
 from hmtconv.conversion import ActivationObserver, NeuronSpec
 from hmtconv.conversion.observers import HistogramConfig
 from hmtconv.conversion.policies import (compute_lam, compute_lams, depends_on_T, parse_policy, policy_for_site,
@@ -56,6 +57,27 @@ def test_quantile_of_whole_set_within_bin_precision(batches):
         assert abs(obs.quantile(q, False) / exact - 1) < width
     exact_c = torch.quantile(out.transpose(0, 1).reshape(3, -1), 0.99, dim=1)
     assert torch.allclose(obs.quantile(0.99, True), exact_c, rtol=width)
+
+
+def test_quantile_in_the_open_last_bin_ends_at_the_largest_value():
+    """Values beyond the histograms' range share the last bin, closed at the maximum: a quantile
+    there lies between its lower edge and the maximum (it was capped at the edge), and convert says
+    that precision is lost and how to widen the range."""
+    torch.manual_seed(0)
+    hist = HistogramConfig(min_exp=-4, max_exp=4, bins_per_octave=8)
+    x = 1000.0 + torch.rand(64, 3, 4)
+    obs = ActivationObserver(signed=False, hist=hist)
+    obs(x)
+    for per_channel in (False, True):
+        value = obs.quantile(0.999, per_channel)
+        assert torch.all(value > 2.0**4) and torch.all(value <= obs.maximum(per_channel))
+        assert torch.all(value > 0.99 * 1000)  # geometric from 16 to about 1001: 0.999 of the way
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.normal_(0.0, 100.0), model[0].bias.fill_(70000.0)
+    with pytest.warns(UserWarning, match=r"activations up to 7[.0-9]*e\+04 at 1, beyond the histograms' range \(2\*\*16\).*"
+                                         r"HistogramConfig\(max_exp=18\)"):
+        hc.convert(model, [(torch.rand(8, 4) + 0.5, torch.zeros(8, dtype=torch.long))], policy="999")
 
 
 @pytest.mark.parametrize("signed", [False, True])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -276,6 +277,7 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
         raise ValueError("the prepared model has no calibration data: run calibrate(prepared, loader) first")
     unreached = [] if info.traced else drop_unreached_sites(prepared, observed_sites(prepared))
     _warn_constant(observed_sites(prepared), per_channel=config.granularity == "channel")
+    _warn_beyond_histograms(observed_sites(prepared))
     report = ConversionReport(shape, info.traced, [*info.unconverted, *unreached], info.trace_error)
     delattr(prepared, INPUT_SHAPE)
     if info.traced:
@@ -304,6 +306,19 @@ def _example_of_any_rank(batch, model: nn.Module):
     shapes = distributed.all_gather_objects(None if images is None else tuple(images.shape[1:]))
     shape = next((s for s in shapes if s is not None), None)
     return images if images is not None or shape is None else torch.zeros((1, *shape), device=device, dtype=dtype)
+
+
+def _warn_beyond_histograms(sites: dict[str, ObservedActivation]) -> None:
+    """Activations at or above the histograms' top edge share one open bin: percentiles are
+    interpolated inside it and opt-emp is coarse there; say where, and how to widen the range."""
+    found = [(name, site.observer) for name, site in sites.items()
+             if float(site.observer.max) >= 2.0 ** site.observer.hist.max_exp]
+    if found:
+        top = max(float(observer.max) for _, observer in found)
+        warnings.warn(f"activations up to {top:.3g} at {', '.join(name for name, _ in found)}, beyond the histograms' "
+                      f"range (2**{found[0][1].hist.max_exp}): percentile policies and opt-emp lose precision there; "
+                      f"prepare(model, histogram=HistogramConfig(max_exp={math.ceil(math.log2(top)) + 1})) widens it",
+                      stacklevel=3)
 
 
 def _warn_constant(sites: dict[str, ObservedActivation], per_channel: bool) -> None:

@@ -221,5 +221,9 @@ class ActivationObserver(ShapeObserver):
         lo = self.hist.min_exp + (b.to(torch.float64) - 1) / self.hist.bins_per_octave
         value = torch.exp2(lo + frac / self.hist.bins_per_octave)
         value = torch.where(b == 0, frac * 2.0**self.hist.min_exp, value)
+        # The open last bin [2**lo, ...) ends at the largest value seen (geometric in between too).
+        top = self.maximum(per_channel).to(torch.float64).reshape(b.shape)
+        beyond = torch.exp2(lo) * (top / torch.exp2(lo)).clamp_min(1.0) ** frac
+        value = torch.where(b == self.hist.bins - 1, beyond, value)
         return value.squeeze(-1)
 
