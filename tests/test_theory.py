@@ -74,6 +74,23 @@ def test_optimal_lam_is_the_brute_force_minimizer(mu, sigma, n, T, signed):
     assert k_factor(lam * 0.97, mu, sigma, n, T, signed) > 1 > k_factor(lam * 1.03, mu, sigma, n, T, signed)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_optimal_lam_is_the_global_minimizer_for_inputs_narrow_against_the_levels(signed):
+    """Few levels and |mu| >> sigma: the error has a local minimum per level the mean can sit on.
+    optimal_lam must reach the least error of a dense log grid (brute force over 1e-4..1e4 x
+    the scale of the input), within 0.5 % (one valley in the scan is narrower than our grid)."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.rand(48, generator=g, dtype=torch.float64) * 30 - (0 if signed else 5)
+    n = torch.randint(1, 5, (48,), generator=g)
+    T = torch.tensor([1, 2, 4, 8])[torch.randint(0, 4, (48,), generator=g)]
+    lam = optimal_lam(mu, 1.0, n, T, signed)
+    grid = (mu.abs()[:, None] + 3) * torch.logspace(-4, 4, 4001, dtype=torch.float64)
+    brute = quantization_error(grid, mu[:, None], 1.0, n[:, None], T[:, None], signed).amin(1)
+    ours = quantization_error(lam, mu, 1.0, n, T, signed)
+    assert torch.all(ours <= brute * (1 + 5e-3) + 1e-12), (ours / brute).max()  # (one valley narrower than the grid)
+    assert optimal_lam(16.0, 1.0, 4, 1, False).item() == pytest.approx(1.197, rel=1e-3)  # not the root at 5.33
+
+
 def test_optimal_lam_broadcasts_and_handles_extremes():
     mu = torch.tensor([[0.0], [40.0], [-40.0], [1e4]], dtype=torch.float64)
     sigma = torch.tensor([1.0, 1e-3], dtype=torch.float64)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .error import _check, broadcast64, levels_for, moments
+from .error import _check, broadcast64, levels_for, moments, quantization_error
 
 _GTOL = 1e-14
 DEAD_UNIT_LAM = 1.0
@@ -31,9 +31,10 @@ def _point_mass_lam(mu, b, T, signed):
 
 
 def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12, max_iter: int = 200):
-    """The lam (lambda_min) minimizing the expected error of eqs. 9/23: the unique root of k = 1.
+    """The lam (lambda_min) minimizing the expected error of eqs. 9/23: a root of k = 1 (the
+    unique one of Lemma 4.7 for wide inputs; the global minimum's among several for narrow ones).
 
-    Bracketed in log lam, then refined by the Anderson-Bjorck variant of regula falsi on log k,
+    Bracketed in log lam (around the best point of a grid of the error), then refined by the Anderson-Bjorck variant of regula falsi on log k,
     which converges superlinearly and never leaves the bracket. Returns float64 with the broadcast shape.
     ``sigma = 0`` is solved exactly (see ``_point_mass_lam``).
     """
@@ -54,14 +55,46 @@ def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12,
     return lam.reshape(shape)
 
 
+COARSE = 0.25  # levels this many sigma apart at the first guess: k = 1 may have several roots
+POINTS = 4096  # the most points of the grid that finds the global minimum's valley
+
+
+def _grid_bracket(guess, mu, sigma, T, b, signed):
+    """``guess -+ 0.7``, or where the levels at ``guess`` are coarse against the input's spread
+    (more than COARSE sigma apart) the neighbours of the least error on a log lam grid: the error
+    of an input narrow against the levels has a local minimum wherever its mean or its tail meets
+    a level, valleys about sigma / |mu| wide in log lam, and k = 1 a root in each (Lemma 4.7's
+    single root holds for inputs wide against the levels). The grid spans every lam that puts
+    the mean on a level, and beyond, in steps of a third of that width."""
+    lo, hi = guess - 0.7, guess + 0.7
+    narrow = torch.nonzero(torch.exp(guess) / T > COARSE * sigma).flatten()
+    if narrow.numel() == 0:
+        return lo, hi
+    m, s, t, levels = mu[narrow].abs(), sigma[narrow], T[narrow], b[narrow]
+    start = torch.log((m + 3 * s) * t / levels) - 1.0  # the top level 3 sigma beyond the mean, and below
+    stop = torch.log((m + 3 * s) * t) + 1.0  # the first level there, and beyond
+    step = (s / (3 * m.clamp(min=s))).clamp(min=((stop - start) / (POINTS - 1)).max().item(), max=0.125)
+    count = int(((stop - start) / step).ceil().max().item()) + 1
+    u = start[:, None] + step[:, None] * torch.arange(count, dtype=torch.float64, device=mu.device)
+    error = quantization_error(torch.exp(u), mu[narrow, None], s[:, None], None, t[:, None], signed,
+                               levels=(levels / t)[:, None])
+    error = torch.where(u <= stop[:, None], error, torch.inf)
+    best = error.argmin(1)
+    inside = (best > 0) & (best < count - 1)
+    lo[narrow[inside]] = u[inside].gather(1, (best[inside] - 1)[:, None]).squeeze(1)
+    hi[narrow[inside]] = u[inside].gather(1, (best[inside] + 1)[:, None]).squeeze(1)
+    return lo, hi
+
+
 def _solve(mu, sigma, T, b, signed, rtol, max_iter):
     def log_k(u, idx):
         return _log_k(u, mu[idx], sigma[idx], T[idx], b[idx], signed)
 
     every = torch.arange(mu.numel(), device=mu.device)
-    # start where the top level sits 3 sigma beyond the mean, then widen by 4x until bracketed
+    # around the lam whose top level sits 3 sigma beyond the mean, the global minimum's bracket;
+    # widened by 4x until k = 1 is bracketed
     guess = torch.log((mu.abs() + 3 * sigma) * T / b)
-    lo, hi = guess - 0.7, guess + 0.7
+    lo, hi = _grid_bracket(guess, mu, sigma, T, b, signed)
     g_lo, g_hi = log_k(lo, every), log_k(hi, every)
     for _ in range(200):
         need_lo, need_hi = g_lo <= 0, g_hi >= 0
