@@ -143,13 +143,7 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
         warnings.warn(f"forward hooks on {', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''} are copied with "
                       f"the model: they see calibration batches and the SNN's [T*B, ...] activations, and those on "
                       f"modules the conversion replaces (ReLU, attention, max pooling) are dropped", stacklevel=2)
-    for module in model.modules():  # weight_norm and the like: the weights they compute, fixed
-        if parametrize.is_parametrized(module):
-            # (removing edits the module's class, which a deep copy shares with the original's)
-            cls = type(module)
-            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-            for name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, name)
+    fix_parametrizations(model)
     decompose_attention(model)
     decompose_window_attention(model)
     example = None if example_inputs is None else model_input(example_inputs, *placement(model), "example_inputs")
@@ -169,6 +163,17 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     else:
         setattr(prepared, _KEY, info)
     return prepared
+
+
+def fix_parametrizations(model: nn.Module) -> None:
+    """Parametrized weights (weight_norm and the like) become the plain tensors they compute."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            # (removal edits the module's class, which a deep copy shares with the original's)
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name)
 
 
 def _copy(model: nn.Module) -> nn.Module:
