@@ -26,6 +26,7 @@ from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import add_attention_mask, arg, assign, scope
 from .graph import VIEWS, add_child, computed_from, made_from_shape, swap_for_module
+from .inplace import in_place
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
@@ -207,10 +208,7 @@ def _written_in_place(node: fx.Node) -> bool:
     for user in node.users:
         if not user.args or user.args[0] is not node:
             continue
-        if user.op == "call_method" and user.target.endswith("_") and not user.target.endswith("__"):
-            return True
-        if user.op == "call_function" and user.target in (operator.iadd, operator.isub, operator.imul,
-                                                          operator.itruediv, assign):
+        if user.op in ("call_function", "call_method") and (in_place(user.target) or user.target is assign):
             return True
         if user.op in ("call_function", "call_method") and user.target in VIEWS and _written_in_place(user):
             return True

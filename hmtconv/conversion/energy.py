@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from .attention import MatMul
 from .fold import BATCHNORMS
+from .inplace import in_place, out_of_place
 from .multistep import ToTime
 from .sites import SpikingActivation
 
@@ -60,8 +61,6 @@ _PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dr
 _FACTORS = {operator.mul, torch.mul, "mul", torch.addcmul, "addcmul"}
 _DIVISIONS = {operator.truediv, torch.div, "div"}
 _AS_ADDITION = {operator.sub: operator.add, torch.sub: torch.add, "sub": "add"}
-_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                 operator.itruediv: operator.truediv}
 _AS_INPUT = {operator.neg, torch.neg, "neg", torch.detach, "detach"}  # negated or detached: the same routes
 _MEANS = {torch.mean, "mean"}
 _POOL_FUNCTIONS = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg_pool3d: nn.AvgPool3d,
@@ -158,12 +157,9 @@ class _Probe(fx.Interpreter):
         """A function or method call, by its connections where spikes reach it. In-place calls
         (``x.mul_(2)``, ``x += y``) run out of place, their result then read as ``x`` by later
         nodes: autograd keeps what layers that read ``x`` before saved."""
-        in_place = target in _OUT_OF_PLACE or (isinstance(target, str) and target.endswith("_")
-                                                and not target.endswith("__"))
-        if in_place:
-            target = _OUT_OF_PLACE[target] if target in _OUT_OF_PLACE else target[:-1]
-        out = self._routed(target, args, kwargs, run)
-        if in_place and isinstance(self.env_meta.args[0], fx.Node):
+        writes = in_place(target)
+        out = self._routed(out_of_place(target) if writes else target, args, kwargs, run)
+        if writes and isinstance(self.env_meta.args[0], fx.Node):
             self.env[self.env_meta.args[0]] = out
         return out
 
