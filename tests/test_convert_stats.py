@@ -75,8 +75,8 @@ def test_quantile_in_the_open_last_bin_ends_at_the_largest_value():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
     with torch.no_grad():
         model[0].weight.normal_(0.0, 100.0), model[0].bias.fill_(70000.0)
-    with pytest.warns(UserWarning, match=r"activations up to 7[.0-9]*e\+04 at 1, beyond the histograms' range \(2\*\*16\).*"
-                                         r"HistogramConfig\(max_exp=18\)"):
+    with pytest.warns(UserWarning, match=r"activations up to 7[.0-9]*e\+04 at 1, beyond the histograms' range "
+                                         r"\(2\*\*16\).*HistogramConfig\(max_exp=18\)"):
         hc.convert(model, [(torch.rand(8, 4) + 0.5, torch.zeros(8, dtype=torch.long))], policy="999")
 
 

@@ -156,8 +156,9 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
                 if isinstance(inner, MatMul) and sum(varying) < 2:
                     continue  # a product with a constant or static operand is linear in the other
                 if getattr(inner, "return_indices", False):
-                    _fail(node, f"{type(inner).__name__} module {node.target!r}", "it returns indices: where the maximum "
-                          "is changes from step to step. Pool without return_indices after the neurons")
+                    _fail(node, f"{type(inner).__name__} module {node.target!r}",
+                          "it returns indices: where the maximum is changes from step to step. Pool without "
+                          "return_indices after the neurons")
                 if shared:  # each call site its own wrapper (flags, step count) around the one module
                     parent, _, leaf = node.target.rpartition(".")
                     node.target = add_child(gm, parent, leaf, Compensated(inner, tuple(varying)))

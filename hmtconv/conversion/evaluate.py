@@ -183,8 +183,8 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     rows, seconds = [], {"ann": 0.0, "snn": 0.0, "diagnostics": 0.0}
     try:
         # disable=None: a bar on terminals only, so logs and captured stderr stay clean
-        bar = tqdm(first_batches(loader, max_batches, "evaluate"), desc=f"evaluate T={steps}", unit="batch", leave=False,
-                   disable=True if not progress or not distributed.is_main() else None)
+        bar = tqdm(first_batches(loader, max_batches, "evaluate"), desc=f"evaluate T={steps}", unit="batch",
+                   leave=False, disable=True if not progress or not distributed.is_main() else None)
         for i, batch in enumerate(bar):
             x = model_input(batch, device, dtype, f"evaluation batch {i}")
             y = batch_labels(batch, x, f"evaluation batch {i}").to(device)

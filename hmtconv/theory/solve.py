@@ -34,8 +34,9 @@ def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12,
     """The lam (lambda_min) minimizing the expected error of eqs. 9/23: a root of k = 1 (the
     unique one of Lemma 4.7 for wide inputs; the global minimum's among several for narrow ones).
 
-    Bracketed in log lam (around the best point of a grid of the error), then refined by the Anderson-Bjorck variant of regula falsi on log k,
-    which converges superlinearly and never leaves the bracket. Returns float64 with the broadcast shape.
+    Bracketed in log lam (for narrow inputs, around the least error of a grid: ``_grid_bracket``),
+    then refined by the Anderson-Bjorck variant of regula falsi on log k, which converges
+    superlinearly and never leaves the bracket. Returns float64 with the broadcast shape.
     ``sigma = 0`` is solved exactly (see ``_point_mass_lam``).
     """
     mu, sigma, T = broadcast64(mu, sigma, T)
@@ -71,8 +72,8 @@ def _grid_bracket(guess, mu, sigma, T, b, signed):
     if narrow.numel() == 0:
         return lo, hi
     m, s, t, levels = mu[narrow].abs(), sigma[narrow], T[narrow], b[narrow]
-    start = torch.log((m + 3 * s) * t / levels) - 1.0  # the top level 3 sigma beyond the mean, and below
-    stop = torch.log((m + 3 * s) * t) + 1.0  # the first level there, and beyond
+    start = guess[narrow] - 1.0  # the top level 3 sigma beyond the mean, and below
+    stop = guess[narrow] + torch.log(levels) + 1.0  # the first level there, and beyond
     step = (s / (3 * m.clamp(min=s))).clamp(min=((stop - start) / (POINTS - 1)).max().item(), max=0.125)
     count = int(((stop - start) / step).ceil().max().item()) + 1
     u = start[:, None] + step[:, None] * torch.arange(count, dtype=torch.float64, device=mu.device)
