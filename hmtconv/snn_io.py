@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .atomic import atomic_path
 from .conversion import SNN, calibrate, convert, prepare
+from .device import placement
 from .errors import UserError
 from .models import load_model
 
@@ -40,6 +41,7 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
     model, weights = (str(Path(p).resolve()) if p is not None and Path(p).is_file() else p for p in (model, weights))
     meta = {"format": FORMAT, "version": VERSION, "hmtconv": __version__, "config": snn.config.to_dict(),
             "input_shape": list(snn.report.input_shape), "num_classes": num_classes,
+            "dtype": str(placement(snn)[1]).removeprefix("torch."),
             "model": {"spec": model, "weights": weights}, "sha256": digest(tensors), "extra": extra or {}}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(meta)})
@@ -92,6 +94,8 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, device: str =
     spec = model or meta["model"]["spec"]
     loaded = load_model(spec, meta["model"]["weights"], in_channels=shape[0], image_size=shape[-1],
                         num_classes=meta["num_classes"], allow_pickle=allow_pickle)
+    if "dtype" in meta:  # a float64 SNN of a model that is built in float32 (a built-in or torchvision name)
+        loaded.model.to(getattr(torch, meta["dtype"]))
     zero_batch = [torch.zeros(1, *shape)]
     with warnings.catch_warnings():  # the zero batch is constant by design: no sigma = 0 warning
         warnings.simplefilter("ignore")
@@ -101,7 +105,8 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, device: str =
         except (ValueError, TypeError) as error:
             raise UserError(f"{path} cannot be rebuilt from the model {spec!r}: {error}") from error
     own = snn.state_dict()
-    mismatched = sorted(set(own) ^ set(tensors)) or [k for k in own if own[k].shape != tensors[k].shape]
+    mismatched = (sorted(set(own) ^ set(tensors))
+                  or [k for k in own if (own[k].shape, own[k].dtype) != (tensors[k].shape, tensors[k].dtype)])
     if mismatched:
         raise UserError(f"{path} was saved from a different model than {spec!r} "
                         f"(first mismatching tensor: {mismatched[0]}); pass the model it was converted from")

@@ -67,6 +67,18 @@ def test_resnet_roundtrip_is_bit_identical(tmp_path):
     assert torch.equal(loaded(data[0][0]), snn(data[0][0]))
 
 
+def test_float64_snn_of_a_model_built_in_float32_roundtrips_in_float64(tmp_path):
+    """A built-in name rebuilds a float32 model: the file's float64 tensors must not be cast into it."""
+    torch.manual_seed(2)
+    model = MODELS["vgg_small"](in_channels=1, num_classes=10, image_size=8).eval().double()
+    data = [(x.double(), y) for x, y in images(batches=1)]
+    snn = hc.convert(model, data, T=2)
+    loaded, meta = load_snn(save_snn(snn, tmp_path / "d.safetensors", model="vgg_small", num_classes=10))
+    assert meta["dtype"] == "float64"
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in snn.state_dict().items()}
+    assert torch.equal(loaded(data[0][0]), snn(data[0][0]))
+
+
 @pytest.mark.filterwarnings("ignore:constant activations")
 @pytest.mark.parametrize("spec,size", [("timm:deit_tiny_patch16_224", 32), ("timm:mobilevit_xxs", 64)])
 def test_timm_roundtrip_with_shared_parameters_and_a_graph_traced_at_one_size(spec, size, tmp_path):
