@@ -138,6 +138,29 @@ def test_file_errors(tmp_path):
         load_model("nope.pt", **SHAPE)
 
 
+def test_unreadable_weights_and_checkpoints_are_clear_errors(tmp_path):
+    """A cut .safetensors, bytes torch.save never wrote, a whole module as --weights (which never
+    unpickles: no --no-pickle hint) and a checkpoint whose architecture changed since it was written."""
+    model = create_model("vgg_small", **SHAPE)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:1000])
+    with pytest.raises(UserError, match="cannot read .*cut.safetensors as a safetensors file"):
+        load_model("vgg_small", str(tmp_path / "cut.safetensors"), **SHAPE)
+    (tmp_path / "junk.pt").write_bytes(b"garbage" * 10)
+    for spec, weights in (("vgg_small", str(tmp_path / "junk.pt")), (str(tmp_path / "junk.pt"), None)):
+        with pytest.raises(UserError, match="cannot read .*junk.pt as a PyTorch file \\(not written by torch.save"):
+            load_model(spec, weights, **SHAPE)
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(UserError, match="weights are read without pickle: save model.state_dict"):
+        load_model("vgg_small", str(tmp_path / "whole.pt"), **SHAPE)
+    record = torch.load(save_checkpoint(tmp_path / "c.pt", model, "vgg_small", SHAPE, {}), weights_only=True)
+    for change in ({"kwargs": {**SHAPE, "width": 3}}, {"state_dict": dict(list(record["state_dict"].items())[:-1])}):
+        torch.save({**record, **change}, tmp_path / "old.pt")
+        for load in (lambda: load_model(str(tmp_path / "old.pt"), **SHAPE), lambda: load_checkpoint(tmp_path / "old.pt")):
+            with pytest.raises(UserError, match="checkpoint .*old.pt: its vgg_small does not match this hmtconv's"):
+                load()
+
+
 def test_timm_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail as if not installed
     with pytest.raises(UserError, match=r"timm:vit_base_patch16_224 needs timm.*hmtconv\[timm\]"):

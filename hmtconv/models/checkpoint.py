@@ -32,10 +32,15 @@ def is_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def model_from_checkpoint(record: dict) -> nn.Module:
+def model_from_checkpoint(record: dict, path: str | Path) -> nn.Module:
     """Rebuild the architecture from a loaded checkpoint dict and load its weights."""
-    model = create_model(record["arch"], **record["kwargs"])
-    model.load_state_dict(record["state_dict"])
+    try:
+        model = create_model(record["arch"], **record["kwargs"])
+        model.load_state_dict(record["state_dict"])
+    except (TypeError, RuntimeError) as error:  # written by a version whose architecture differs
+        reason = " ".join(str(error).split())
+        raise UserError(f"checkpoint {path}: its {record['arch']} does not match this hmtconv's ({reason}); "
+                        f"train it again with this version") from error
     return model.eval()
 
 
@@ -46,4 +51,4 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     record = torch.load(path, map_location="cpu", weights_only=True)
     if not is_checkpoint(record):
         raise UserError(f"{path} is not an hmtconv checkpoint (written by `hmtconv train`)")
-    return model_from_checkpoint(record), record["meta"]
+    return model_from_checkpoint(record, path), record["meta"]

@@ -20,6 +20,8 @@ PICKLE_HINT = (
     "--no-pickle is given, Python callers pass allow_pickle=True"
 )
 
+WEIGHTS_HINT = "weights are read without pickle: save model.state_dict(), or pass a whole pickled model as --model"
+
 
 @dataclass
 class LoadedModel:
@@ -37,15 +39,19 @@ def describe(weights: str | None) -> str:
     return f" with weights {weights}" if weights else " (untrained)"
 
 
-def read_file(path: str | Path, allow_pickle: bool = False):
-    """``torch.load`` on the CPU, weights-only unless ``allow_pickle``; failures become UserErrors."""
+def read_file(path: str | Path, allow_pickle: bool = False, hint: str = PICKLE_HINT):
+    """``torch.load`` on the CPU, weights-only unless ``allow_pickle``; failures become UserErrors,
+    ``hint`` saying what to do with a file that holds Python objects other than tensors."""
     if not Path(path).is_file():
         raise UserError(f"file {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):
-            raise UserError(f"{path} is not weights-only (likely a whole pickled nn.Module): {PICKLE_HINT}") from error
+        if "Unsupported global" in str(error):  # the weights-only unpickler met a class: a module, an object
+            raise UserError(f"{path} is not weights-only (likely a whole pickled nn.Module): {hint}") from error
+        if "Weights only load failed" in str(error):  # (torch's text would suggest weights_only=False)
+            raise UserError(f"cannot read {path} as a PyTorch file (not written by torch.save, or corrupted)") \
+                from error
         raise UserError(f"cannot read {path} as a PyTorch file: {one_line(error)}") from error
     except Exception as error:  # torch.load's failures on a foreign file are of many types
         raise UserError(f"cannot read {path} as a PyTorch file: {error!r}") from error
@@ -54,10 +60,14 @@ def read_file(path: str | Path, allow_pickle: bool = False):
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict from a ``.safetensors`` file, a ``torch.save``d state_dict, or a train checkpoint."""
     if str(path).endswith(".safetensors") and Path(path).is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
-    obj = read_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"cannot read {path} as a safetensors file (truncated or corrupted?): {error}") from error
+    obj = read_file(path, hint=WEIGHTS_HINT)
     if is_checkpoint(obj):
         return obj["state_dict"]
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -137,7 +147,7 @@ def from_file(path: str, weights: str | None, allow_pickle: bool) -> LoadedModel
         raise UserError(f"--weights {weights} cannot be combined with the model file {path}")
     obj = read_file(path, allow_pickle)
     if is_checkpoint(obj):
-        return LoadedModel(model_from_checkpoint(obj), None, f"checkpoint {path} ({obj['arch']})")
+        return LoadedModel(model_from_checkpoint(obj, path), None, f"checkpoint {path} ({obj['arch']})")
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), None, f"pickled module {path} ({type(obj).__name__})")
     if isinstance(obj, dict):
