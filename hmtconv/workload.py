@@ -81,8 +81,9 @@ def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = N
         if data.limit < 1:
             raise UserError(f"--limit must be at least 1, got {data.limit}")
         eval_set = Subset(eval_set, range(min(data.limit, len(eval_set))))
+    # a random choice: the first images of a class-sorted split (ImageFolder's) are all of one class
     calib = calibration_subset(train_set, eval_set, split=data.calib_split, size=min(data.calib_size, len(
-        train_set if data.calib_split == "train" else eval_set)))
+        train_set if data.calib_split == "train" else eval_set)), seed=data.seed)
     return Workload(
         model=model,
         calib_loader=make_loader(shard_batches(calib, data.batch_size), data.batch_size, seed=data.seed),

@@ -135,3 +135,18 @@ def test_calibration_subset():
         calibration_subset(train, test, split="test", size=3)
     with pytest.raises(UserError, match="calibration size 51"):
         calibration_subset(train, test, split="val", size=51)
+
+
+def test_calibration_images_are_drawn_from_every_class_of_a_class_sorted_split(monkeypatch):
+    """ImageFolder lists its images class by class: the first 1,024 ImageNet training images are
+    all tenches, so the workload calibrates on a random choice (by its seed), not the first ones."""
+    from hmtconv.data.registry import DATASETS, Splits
+    from hmtconv.workload import DataOptions, load_workload
+
+    labels = torch.arange(4).repeat_interleave(25)  # 4 classes, sorted
+    sorted_set = torch.utils.data.TensorDataset(torch.rand(100, 1, 8, 8), labels)
+    monkeypatch.setitem(DATASETS, "sorted", lambda root, transform: Splits(sorted_set, sorted_set, 4, (0.5,), (0.5,), "t"))
+    work = load_workload("vgg_small", DataOptions(dataset="sorted", calib_size=20, batch_size=8, seed=3))
+    seen = torch.cat([y for _, y in work.calib_loader])
+    chosen = calibration_subset(sorted_set, sorted_set, size=20, seed=3).indices
+    assert seen.tolist() == labels[chosen].tolist() and len(seen.unique()) > 1

@@ -49,7 +49,7 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(list_datasets())}, or folder:PATH")
     group.add_argument("--data-root", default=None, help="directory with the dataset's files (mnist: optional)")
     group.add_argument("--calib-size", type=positive_int("--calib-size"), default=d.calib_size,
-                       help="calibration images")
+                       help="calibration images (a random choice, by --seed)")
     group.add_argument("--calib-split", default=d.calib_split, choices=["train", "val"],
                        help="calibrate on the training split, or (flattering) on the evaluation images")
     group.add_argument("--limit", type=positive_int("--limit"), default=None, help="evaluate on the first N images")
