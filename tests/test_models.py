@@ -138,6 +138,20 @@ def test_file_errors(tmp_path):
         load_model("nope.pt", **SHAPE)
 
 
+def test_weights_saved_by_training_scripts_load(tmp_path):
+    """{"state_dict": ...} / {"model": ...} with other entries, and DataParallel's module. prefix."""
+    model = create_model("vgg_small", **SHAPE, mean=[0.1307], std=[0.3081])
+    state = model.state_dict()
+    saved = {"wrapped": {"state_dict": state, "epoch": torch.tensor(3)}, "model": {"model": state, "best_acc": 0.9},
+             "parallel": {"module." + k: v for k, v in state.items()}}
+    for name, obj in saved.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        assert same_weights(load_model("vgg_small", str(tmp_path / f"{name}.pt"), **SHAPE).model, model), name
+    torch.save({"weights": [1, 2]}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="does not hold a state_dict .* but a dict with keys weights"):
+        load_model("vgg_small", str(tmp_path / "other.pt"), **SHAPE)
+
+
 def test_unreadable_weights_and_checkpoints_are_clear_errors(tmp_path):
     """A cut .safetensors, bytes torch.save never wrote, a whole module as --weights (which never
     unpickles: no --no-pickle hint) and a checkpoint whose architecture changed since it was written."""

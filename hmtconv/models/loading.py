@@ -20,6 +20,7 @@ PICKLE_HINT = (
     "--no-pickle is given, Python callers pass allow_pickle=True"
 )
 
+WRAPPERS = ("state_dict", "model", "model_state_dict")  # where training scripts keep the weights
 WEIGHTS_HINT = "weights are read without pickle: save model.state_dict(), or pass a whole pickled model as --model"
 
 
@@ -58,7 +59,8 @@ def read_file(path: str | Path, allow_pickle: bool = False, hint: str = PICKLE_H
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from a ``.safetensors`` file, a ``torch.save``d state_dict, or a train checkpoint."""
+    """A state_dict from a ``.safetensors`` file, a ``torch.save``d state_dict (bare or under one of
+    ``WRAPPERS``), or a train checkpoint."""
     if str(path).endswith(".safetensors") and Path(path).is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -70,14 +72,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     obj = read_file(path, hint=WEIGHTS_HINT)
     if is_checkpoint(obj):
         return obj["state_dict"]
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise UserError(f"weights file {path} does not hold a state_dict (a dict of tensors) but a {type(obj).__name__}")
+    if isinstance(obj, dict) and not is_state_dict(obj):  # a training script's {"state_dict": ..., "epoch": ...}
+        obj = next((obj[key] for key in WRAPPERS if is_state_dict(obj.get(key))), obj)
+    if not is_state_dict(obj):
+        found = f"a dict with keys {', '.join(map(str, list(obj)[:8]))}" if isinstance(obj, dict) \
+            else f"a {type(obj).__name__}"
+        raise UserError(f"weights file {path} does not hold a state_dict (a dict of tensors) but {found}")
+    return obj
+
+
+def is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def load_weights_file(model: nn.Module, path: str, label: str) -> None:
+    """``path``'s state_dict into ``model``; the ``module.`` prefix of a (Distributed)DataParallel
+    model's weights is dropped."""
+    state_dict = read_state_dict(path)
+    if all(k.startswith("module.") for k in state_dict) and not any(k.startswith("module.") for k in model.state_dict()):
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     try:
-        model.load_state_dict(read_state_dict(path))
+        model.load_state_dict(state_dict)
     except RuntimeError as error:
         raise UserError(f"weights {path} do not fit {label}: {one_line(error)}") from error
 
