@@ -85,14 +85,14 @@ def read_snn_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     return meta, tensors
 
 
-def load_snn(path: str | os.PathLike, *, model: str | None = None, device: str = "cpu",
-             allow_pickle: bool = True) -> tuple[SNN, dict]:
-    """Rebuild the saved SNN (same graph, same tensors); returns ``(snn, metadata)``. ``model``
-    replaces the saved model reference (e.g. the model file has moved)."""
+def load_snn(path: str | os.PathLike, *, model: str | None = None, weights: str | None = None,
+             device: str = "cpu", allow_pickle: bool = True) -> tuple[SNN, dict]:
+    """Rebuild the saved SNN (same graph, same tensors); returns ``(snn, metadata)``. ``model`` and
+    ``weights`` replace the saved model reference (e.g. the model file has moved)."""
     meta, tensors = read_snn_file(path)
     shape, config = meta["input_shape"], meta["config"]
     spec = model or meta["model"]["spec"]
-    loaded = load_model(spec, meta["model"]["weights"], in_channels=shape[0], image_size=shape[-1],
+    loaded = load_model(spec, weights or meta["model"]["weights"], in_channels=shape[0], image_size=shape[-1],
                         num_classes=meta["num_classes"], allow_pickle=allow_pickle)
     if "dtype" in meta:  # a float64 SNN of a model that is built in float32 (a built-in or torchvision name)
         loaded.model.to(getattr(torch, meta["dtype"]))

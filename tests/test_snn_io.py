@@ -91,6 +91,22 @@ def test_timm_roundtrip_with_shared_parameters_and_a_graph_traced_at_one_size(sp
     assert loaded.report.traced and torch.equal(loaded(data[0][0]), snn(data[0][0]))
 
 
+def test_moved_weights_file_is_given_again_with_weights(tmp_path):
+    """The rebuild reads the saved --weights path; `evaluate --snn FILE --weights NEW` must use NEW."""
+    torch.manual_seed(4)
+    model = MODELS["vgg_small"](in_channels=1, num_classes=10, image_size=28).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    snn = hc.convert(model, images((1, 28, 28), batches=1), T=2)
+    path = save_snn(snn, tmp_path / "s.safetensors", model="vgg_small", weights=str(tmp_path / "w.pt"), num_classes=10)
+    (tmp_path / "w.pt").rename(tmp_path / "moved.pt")
+    with pytest.raises(UserError, match="w.pt: no such file"):
+        load_snn(path)
+    x = images((1, 28, 28), seed=3)[0][0]
+    assert torch.equal(load_snn(path, weights=str(tmp_path / "moved.pt"))[0](x), snn(x))
+    data = ["--dataset", "mnist", "--limit", "4", "--calib-size", "4", "--batch-size", "4", "--no-diagnostics"]
+    assert main(["evaluate", "--snn", str(path), "--weights", str(tmp_path / "moved.pt"), *data]) == 0
+
+
 def test_truncated_file_is_a_clear_error(saved, tmp_path):
     data = saved[1].read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])

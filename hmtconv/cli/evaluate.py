@@ -72,7 +72,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     if args.snn is not None:
         from ..snn_io import load_snn
 
-        snn, meta = load_snn(args.snn, model=args.model, device=device, allow_pickle=not args.no_pickle)
+        snn, meta = load_snn(args.snn, model=args.model, weights=args.weights, device=device,
+                             allow_pickle=not args.no_pickle)
         args.model = args.model or meta["model"]["spec"]
         args.weights = args.weights or meta["model"].get("weights")
         use_snn_config(args, snn.config.to_dict())
