@@ -80,6 +80,29 @@ def test_quantile_in_the_open_last_bin_ends_at_the_largest_value():
         hc.convert(model, [(torch.rand(8, 4) + 0.5, torch.zeros(8, dtype=torch.long))], policy="999")
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1.0])
+def test_quantiles_never_exceed_the_largest_value(scale, path):
+    """The bin holding the maximum ends at it: no quantile of a channel (a constant one included)
+    exceeds its largest value, the 100th percentile is that value, and values below the
+    histograms' first edge (bin 0, here up to 2**-20 against 2**-16) get quantiles near
+    torch.quantile's, not near 2**-16."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 4, 4) * scale
+    x[:, 1] = 0.7 * scale
+    obs = ActivationObserver(signed=False)
+    obs(x)
+    exact = torch.quantile(x.double().transpose(0, 1).reshape(3, -1), 0.999, dim=1)
+    width = 2 ** (1 / obs.hist.bins_per_octave) - 1
+    for per_channel in (False, True):
+        top = obs.maximum(per_channel)
+        for q in (0.5, 0.999, 1.0):
+            assert torch.all(obs.quantile(q, per_channel) <= top)
+        torch.testing.assert_close(obs.quantile(1.0, per_channel), top, rtol=1e-12, atol=0)
+    torch.testing.assert_close(obs.quantile(0.999, True), exact, rtol=width, atol=0)
+    spec = NeuronSpec("hmt", 4, T=4, signed=False, per_channel=True)
+    assert torch.equal(compute_lam(obs, spec, 100.0), compute_lam(obs, spec, "max"))
+
+
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("shape", [(6, 3, 5, 5), (6, 7, 4), (6, 40)])
 @pytest.mark.parametrize("hist", [HistogramConfig(), HistogramConfig(min_exp=-4, max_exp=6, bins_per_octave=8)],

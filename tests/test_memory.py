@@ -45,6 +45,28 @@ def test_chunked_evaluation_of_a_module_swapped_model():
     _same(hc.evaluate(snn, data, ann=model), hc.evaluate(snn, data, ann=model, max_batch=4))
 
 
+def test_memory_budget_of_a_module_swapped_float64_model():
+    """The leaf-output estimate runs the SNN on a zero image of the model's dtype: float64 twice
+    float32's bytes, and the budget's chunks give the whole batches' results."""
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = small_cnn()
+
+        def forward(self, x):
+            return self.body(x) if x.sum() > -1e9 else -self.body(x)
+
+    data = loader(batch=10)
+    single = hc.convert(Untraceable().eval(), data, n=4, T=4, policy="999")
+    model = Untraceable().double().eval()
+    data = [(x.double(), y) for x, y in data]
+    snn = hc.convert(model, data, n=4, T=4, policy="999")
+    assert not snn.report.traced
+    assert snn.activation_bytes(4) == pytest.approx(2 * single.activation_bytes(4))
+    _same(hc.evaluate(snn, data, ann=model, max_batch=10),
+          hc.evaluate(snn, data, ann=model, memory_budget=int(snn.activation_bytes(4) * 3.5)))
+
+
 def test_memory_budget_sets_the_chunk(monkeypatch):
     model, data = small_cnn(), loader(batch=10)
     snn = hc.convert(model, data, n=2, T=5, policy="999")

@@ -59,8 +59,10 @@ def activation_profile(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> torch.T
 
 
 @torch.no_grad()
-def leaf_output_bytes(net: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> float:
-    """Bytes of every leaf module's output for one sample and one step (module-swapped models)."""
+def leaf_output_bytes(net: nn.Module, input_shape: tuple[int, ...], device: torch.device,
+                      dtype: torch.dtype) -> float:
+    """Bytes of every leaf module's output for one sample and one step (module-swapped models), run
+    on a zero image of the model's ``device`` and ``dtype``."""
     total = [0.0]
 
     def hook(module, args, out):
@@ -70,7 +72,7 @@ def leaf_output_bytes(net: nn.Module, input_shape: tuple[int, ...], device: torc
     leaves = [m for m in net.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        net(torch.zeros((1,) + tuple(input_shape), device=device))
+        net(torch.zeros((1,) + tuple(input_shape), device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()

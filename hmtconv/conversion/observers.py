@@ -217,13 +217,14 @@ class ActivationObserver(ShapeObserver):
         below = torch.where(b > 0, cdf.gather(-1, (b - 1).clamp_min(0)), torch.zeros_like(target))
         inside = hist.gather(-1, b).clamp_min(1)
         frac = ((target - below) / inside).clamp(0, 1)
-        # Geometric interpolation inside bin b = [2**(lo), 2**(lo + 1/bpo)); bin 0 is [0, 2**min_exp).
+        # Geometric interpolation inside bin b = [2**(lo), 2**(lo + 1/bpo)); bin 0 is [0, 2**min_exp),
+        # linear. A bin ends at the largest value seen where that lies inside it (the open last bin
+        # always), so no quantile exceeds the maximum.
         lo = self.hist.min_exp + (b.to(torch.float64) - 1) / self.hist.bins_per_octave
-        value = torch.exp2(lo + frac / self.hist.bins_per_octave)
-        value = torch.where(b == 0, frac * 2.0**self.hist.min_exp, value)
-        # The open last bin [2**lo, ...) ends at the largest value seen (geometric in between too).
         top = self.maximum(per_channel).to(torch.float64).reshape(b.shape)
-        beyond = torch.exp2(lo) * (top / torch.exp2(lo)).clamp_min(1.0) ** frac
-        value = torch.where(b == self.hist.bins - 1, beyond, value)
+        hi = torch.where(b == self.hist.bins - 1, top,
+                         torch.minimum(torch.exp2(lo + 1 / self.hist.bins_per_octave), top))
+        value = torch.exp2(lo) * (hi / torch.exp2(lo)).clamp_min(1.0) ** frac
+        value = torch.where(b == 0, frac * hi, value)
         return value.squeeze(-1)
 

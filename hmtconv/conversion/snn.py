@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..device import placement
 from .memory import MARGIN, leaf_output_bytes
 from .multistep import TimeAware, unfold
 from .policies import parse_policy
@@ -85,7 +86,7 @@ class SNN(nn.Module):
             return MARGIN * (self.memory_profile[:, 0] + steps * self.memory_profile[:, 1]).max().item()
         if self._leaf_bytes is None:  # module-swapped model: every op sees T*B rows
             self._set_steps(1)
-            self._leaf_bytes = leaf_output_bytes(self.net, self.report.input_shape, next(iter(self.buffers())).device)
+            self._leaf_bytes = leaf_output_bytes(self.net, self.report.input_shape, *placement(self.net))
         return MARGIN * steps * self._leaf_bytes
 
     def sites(self) -> dict[str, SpikingActivation]:
