@@ -108,7 +108,11 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, weights: str 
     mismatched = (sorted(set(own) ^ set(tensors))
                   or [k for k in own if (own[k].shape, own[k].dtype) != (tensors[k].shape, tensors[k].dtype)])
     if mismatched:
+        untraced = "" if snn.report.traced else (
+            "; or, since torch.fx cannot trace this model, its forward may branch on the data, which the "
+            "rebuild (on a zero image) cannot follow: keep such an SNN with torch.save(snn) instead")
         raise UserError(f"{path} was saved from a different model than {spec!r} "
-                        f"(first mismatching tensor: {mismatched[0]}); pass the model it was converted from")
+                        f"(first mismatching tensor: {mismatched[0]}); pass the model it was converted from"
+                        + untraced)
     snn.load_state_dict(tensors, strict=True)
     return snn.to(device).eval(), meta

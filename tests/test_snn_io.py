@@ -141,6 +141,28 @@ def test_file_for_another_model_is_refused(saved, tmp_path):
         load_snn(saved[1], model=str(other))
 
 
+class BranchesOnTheImage(nn.Module):
+    """Not traceable by fx: the ReLU taken depends on the image (``r2`` never, for positive images)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.r, self.r2, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.ReLU(), nn.Linear(256, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc((self.r(h) if x.sum() > 0 else self.r2(h)).flatten(1))
+
+
+def test_untraceable_model_branching_on_the_data_names_torch_save(tmp_path):
+    torch.manual_seed(0)
+    model, spec = BranchesOnTheImage().eval(), str(tmp_path / "branchy.pt")
+    torch.save(model, spec)
+    snn = hc.convert(model, [(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))])
+    path = save_snn(snn, tmp_path / "branchy.safetensors", model=spec, num_classes=10)
+    with pytest.raises(UserError, match=r"cannot trace this model.*torch\.save\(snn\)"):
+        load_snn(path)
+
+
 def test_cli_convert_then_evaluate_snn_reproduces_direct_evaluate(tmp_path, capsys):
     model = str(tmp_path / "mnist_cnn.pt")
     torch.save(nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
