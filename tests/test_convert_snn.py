@@ -220,6 +220,53 @@ def test_a_prepared_models_state_dict_carries_its_calibration():
         hc.convert(torch.load(buffer, weights_only=False))
 
 
+class Conv1dNet(nn.Module):
+    """Channels first ([B, C, L]) through a BatchNorm1d, functional ReLUs and a residual add, then
+    tokens ([B, L, C]) after a transpose and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv1d(2, 6, 5, padding=2), nn.BatchNorm1d(6)
+        self.conv2, self.proj, self.fc = nn.Conv1d(6, 6, 3, padding=1), nn.Linear(6, 5), nn.Linear(12 * 5, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv1(x)))
+        h = torch.relu(self.conv2(h) + h)
+        return self.fc(self.proj(h.transpose(1, 2)).relu().flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:constant activations")  # (fc's input: ReLU outputs always 0)
+def test_per_channel_thresholds_of_1d_convs_are_per_channel_not_per_position():
+    torch.manual_seed(0)
+    model, data = Conv1dNet().eval(), [(torch.randn(8, 2, 12), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    x = torch.cat([images for images, _ in data])
+    with torch.no_grad():  # the ReLUs' inputs, computed directly, and their channels' maxima
+        a = model.bn(model.conv1(x))
+        b = model.conv2(a.relu()) + a.relu()
+        c = model.proj(b.relu().transpose(1, 2))
+    expected = {"relu": a.amax((0, 2)).unsqueeze(1), "relu_1": b.amax((0, 2)).unsqueeze(1), "relu_2": c.amax((0, 1)),
+                "conv1_in": x.abs().amax((0, 2)).unsqueeze(1), "proj_in": b.relu().amax((0, 2))}
+    snn = hc.convert(model, data, n=4, policy="max", granularity="channel", identity="all")
+    lams = {name: site.neuron.lam for name, site in snn.sites().items()}
+    for name, top in expected.items():
+        torch.testing.assert_close(lams[name], top / 15, msg=name)
+    swapped = hc.convert(BranchesOnTheData(model.conv1).eval(), data, n=4, policy="max", granularity="channel",
+                         identity="all")  # the module-swap path
+    assert not swapped.report.traced
+    torch.testing.assert_close(swapped.sites()["conv.0"].neuron.lam, expected["conv1_in"] / 15)
+
+
+class BranchesOnTheData(nn.Module):
+    """Not traceable by torch.fx."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > -1e9 else x
+
+
 def test_evaluate_result_and_json():
     model, data = small_cnn(), loader()
     snn = hc.convert(model, data, n=4, T=4, policy="999", granularity="channel")

@@ -230,7 +230,7 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
 
 
 def _empty_like(observer: ActivationObserver) -> ActivationObserver:
-    return ActivationObserver(observer.signed, observer.hist).to(observer.count.device)
+    return ActivationObserver(observer.signed, observer.hist, observer.channels_first).to(observer.count.device)
 
 
 def _merge_ranks(prepared: nn.Module, sites: dict[str, ObservedActivation], earlier: dict[str, ActivationObserver],
@@ -246,7 +246,7 @@ def _merge_ranks(prepared: nn.Module, sites: dict[str, ObservedActivation], earl
         merged = earlier[name]
         for rank in ranks:
             state = rank["observers"][name]
-            part = ActivationObserver(merged.signed, merged.hist)
+            part = ActivationObserver(merged.signed, merged.hist, merged.channels_first)
             part.load_state_dict(state)
             merged.merge(part.to(merged.count.device))
         site.observer = merged

@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from .compensated import COMPENSATED
 from .energy import SYNAPTIC
+from .layout import read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 
@@ -45,7 +46,7 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig) -> n
         if type(module) is nn.ReLU:
             model.set_submodule(name, ObservedActivation(False, hist))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
-            model.set_submodule(name, InputSite(ObservedActivation(True, hist), module))
+            model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))
     return model
 
 

@@ -31,6 +31,7 @@ from torchvision.ops import stochastic_depth
 from .attention import Einsum, MatMul
 from .energy import SYNAPTIC
 from .functional import FUNCTIONAL, RELU_TARGETS, arg, assign, batch_norm, decompose_sdpa, scope
+from .layout import made_channels_first, read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation
 from .tracing import NotTraceable, trace
@@ -172,15 +173,16 @@ def move_max_pools(gm: fx.GraphModule, identity_site: bool, hist: HistogramConfi
         pre = relu.args[0]
         if identity_site:
             pre = _add_site(gm, pre, signed=True, name=_child_name(gm, scope(relu), "identity"), hist=hist,
-                            before=relu)
+                            before=relu, channels_first=made_channels_first(gm, pre))
         pool.replace_all_uses_with(relu)
         pool.update_arg(0, pre)
         relu.update_arg(0, pool)
         pool.append(relu)  # keep topological order: relu now runs after the pool
 
 
-def _add_site(gm, source: fx.Node, signed: bool, name: str, hist: HistogramConfig, before: fx.Node) -> fx.Node:
-    gm.add_submodule(name, ObservedActivation(signed, hist))
+def _add_site(gm, source: fx.Node, signed: bool, name: str, hist: HistogramConfig, before: fx.Node,
+              channels_first: bool) -> fx.Node:
+    gm.add_submodule(name, ObservedActivation(signed, hist, channels_first))
     with gm.graph.inserting_before(before):
         node = gm.graph.call_module(name, (source,))
     node.meta = dict(source.meta)
@@ -194,7 +196,7 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> No
     of_input = reads_input(gm.graph)
     for node in list(gm.graph.nodes):
         if _is_relu(gm, node) and node in of_input:
-            gm.add_submodule(node.target, ObservedActivation(False, hist))
+            gm.add_submodule(node.target, ObservedActivation(False, hist, made_channels_first(gm, node.args[0])))
     if identity not in ("all", "linear"):
         return
     sites: dict[fx.Node, fx.Node] = {}
@@ -209,7 +211,8 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> No
                 continue  # computed from weights alone, or already spikes (a ReLU neuron or a shared site)
             if source not in sites:
                 stem = f"{node.target.rsplit('.', 1)[-1]}_in{i if operands == 2 else ''}"
-                sites[source] = _add_site(gm, source, True, _child_name(gm, scope(node), stem), hist, before=node)
+                sites[source] = _add_site(gm, source, True, _child_name(gm, scope(node), stem), hist, before=node,
+                                          channels_first=read_channels_first(module))
             node.update_arg(i, sites[source])
 
 

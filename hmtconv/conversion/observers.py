@@ -15,16 +15,17 @@ from . import observer_kernel
 from .histograms import HistogramConfig
 
 
-def channel_dim(ndim: int) -> int:
+def channel_dim(ndim: int, channels_first: bool = False) -> int:
     """Channel axis: dim 1 of conv activations ``[B, C, *spatial]`` and ``[B, C]``, the last dim of
-    token activations ``[B, tokens, C]``."""
-    return ndim - 1 if ndim == 3 else 1
+    token activations ``[B, tokens, C]``; 3-d activations are tokens unless ``channels_first``
+    (``[B, C, L]``: prepare finds it from the layer that made them, see layout.py)."""
+    return ndim - 1 if ndim == 3 and not channels_first else 1
 
 
-def lam_shape(shape: torch.Size) -> tuple[int, ...]:
+def lam_shape(shape: torch.Size, channels_first: bool = False) -> tuple[int, ...]:
     """Shape of a per-channel threshold that broadcasts to one step of activations ``shape``
     (``shape`` includes the batch dim)."""
-    dim = channel_dim(len(shape))
+    dim = channel_dim(len(shape), channels_first)
     return (shape[dim],) + (1,) * (len(shape) - 1 - dim)
 
 
@@ -67,10 +68,11 @@ class ActivationObserver(ShapeObserver):
 
     LAZY = ("ch_count", "ch_mean", "ch_m2", "ch_max", "hist_channel", "hist_layer", "sample_shape")
 
-    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig()):
+    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig(), channels_first: bool = False):
         super().__init__()
         self.signed = signed
         self.hist = hist
+        self.channels_first = channels_first  # of 3-d activations (see channel_dim)
         f64 = dict(dtype=torch.float64)
         for name in ("count", "mean", "m2", "max"):  # per layer
             self.register_buffer(name, torch.zeros((), **f64))
@@ -92,7 +94,7 @@ class ActivationObserver(ShapeObserver):
         if self.shape is None:
             super().forward(x)
             dev = self.count.device
-            channels = x.shape[channel_dim(x.dim())]
+            channels = x.shape[channel_dim(x.dim(), self.channels_first)]
             self.ch_count = torch.zeros(channels, dtype=torch.float64, device=dev)
             self.ch_mean, self.ch_m2 = torch.zeros_like(self.ch_count), torch.zeros_like(self.ch_count)
             self.ch_max = torch.full_like(self.ch_count, -torch.inf)
@@ -101,7 +103,7 @@ class ActivationObserver(ShapeObserver):
         elif tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"observer saw per-sample shape {tuple(x.shape[1:])} after {self.shape}; "
                              f"calibrate with inputs of one size")
-        dim = channel_dim(x.dim())
+        dim = channel_dim(x.dim(), self.channels_first)
         x = x.detach().to(self.count.device)
         counts = self.hist_channel if self.hist.per_channel else self.hist_layer
         layer = [self.count, self.mean, self.m2, self.max]

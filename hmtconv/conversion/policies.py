@@ -203,5 +203,5 @@ def _finish(lam: torch.Tensor, layer: torch.Tensor, obs: ActivationObserver, spe
     # A layer that never went above 0 gets a tiny threshold: it still never fires on such inputs.
     lam = lam.clamp_min(MIN_LAM)
     if spec.per_channel:
-        lam = lam.reshape(lam_shape(torch.Size((1,) + obs.shape)))
+        lam = lam.reshape(lam_shape(torch.Size((1,) + obs.shape), obs.channels_first))
     return lam.to(torch.float32)

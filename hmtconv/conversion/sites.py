@@ -20,10 +20,10 @@ from .policies import NeuronSpec
 class ObservedActivation(nn.Module):
     """ReLU (``signed=False``) or identity (``signed=True``) that records its input's statistics."""
 
-    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig()):
+    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig(), channels_first: bool = False):
         super().__init__()
         self.signed = signed
-        self.observer = ActivationObserver(signed, hist)
+        self.observer = ActivationObserver(signed, hist, channels_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observer(x)
