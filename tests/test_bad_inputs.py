@@ -225,6 +225,10 @@ def test_unknown_policy_or_neuron(capsys):
     one_line_error(*cli(["evaluate", "--model", "vgg_small", "--policy", "opt,*.mix_in0"], capsys),
                    "'*.mix_in0' is not PATTERN=POLICY")
     one_line_error(*cli(["evaluate", "--model", "vgg_small", "--neuron", "lif"], capsys), "invalid choice: 'lif'")
+    with pytest.raises(ValueError, match=r"starts with the override '\*=999'; .* e\.g\. 'opt,\*=999'"):
+        hc.convert(cnn(), images(), policy="*=999")
+    with pytest.raises(ValueError, match="the policy \"999\", a string"):
+        hc.convert(cnn(), images(), policy=999)
 
 
 def test_mismatched_image_size_or_channels(snn, tmp_path, capsys):

@@ -86,7 +86,8 @@ def empirical_optimum(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor
 def percentile_policy(percent: float, scale: float = 1.0) -> Policy:
     """``lam = scale * q_percent(output activation) / levels`` (the paper's "999" with 99.9)."""
     if not 0 < percent <= 100:
-        raise ValueError(f"percentile policy needs a percent in (0, 100], got {percent!r}")
+        hint = " (the paper's 99.9 % percentile is the policy \"999\", a string)" if percent == 999 else ""
+        raise ValueError(f"percentile policy needs a percent in (0, 100], got {percent!r}{hint}")
 
     def policy(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
         return scale * obs.quantile(percent / 100, spec.per_channel) / spec.levels
@@ -115,6 +116,9 @@ def parse_policy(policy: str | float) -> tuple[str | float, list[tuple[str, str 
         resolve_policy(policy)
         return policy, []
     base, *items = (part.strip() for part in policy.split(","))
+    if "=" in base:
+        raise ValueError(f"policy {policy!r}: starts with the override {base!r}; give the policy of every other "
+                         f"site first, e.g. 'opt,{base}'")
     overrides = []
     for item in items:
         pattern, sep, name = (part.strip() for part in item.partition("="))
