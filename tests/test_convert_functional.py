@@ -141,7 +141,8 @@ def test_functional_activations_and_log_softmax_convert():
     torch.manual_seed(0)
     snn = converges(FunctionalActivations().eval(), loader((1, 6, 6)))
     kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
-    assert {"ReLU6", "Hardtanh", "Softplus", "AdaptiveMaxPool2d", "LogSoftmax"} <= kinds
+    assert {"Hardtanh", "Softplus", "AdaptiveMaxPool2d", "LogSoftmax"} <= kinds
+    assert [s.ceiling for s in snn.sites().values() if not s.signed] == [None, 6.0]  # F.relu6: a neuron that saturates
 
 
 @pytest.mark.parametrize("norm", [nn.InstanceNorm2d(4), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)])

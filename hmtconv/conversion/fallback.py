@@ -1,6 +1,6 @@
 """Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
 
-Only modules can be swapped: ``nn.ReLU`` modules become sites (a ReLU module called twice shares
+Only modules can be swapped: ``nn.ReLU`` (and ``nn.ReLU6``) modules become sites (a ReLU module called twice shares
 one neuron and one set of statistics), max pooling stays after its neuron (compensated), and
 functional activations stay float. :func:`find_unconverted` reports those by running one batch
 and recording nonlinear torch functions called outside the sites and compensable modules.
@@ -16,7 +16,7 @@ from .compensated import COMPENSATED
 from .energy import SYNAPTIC
 from .layout import read_channels_first
 from .observers import HistogramConfig
-from .sites import ObservedActivation
+from .sites import RELU_CEILINGS, ObservedActivation
 
 _WATCHED = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", torch.Tensor.relu: "relu",
             torch.Tensor.relu_: "relu_", F.gelu: "gelu", F.softmax: "softmax", torch.softmax: "softmax",
@@ -43,8 +43,8 @@ class InputSite(nn.Sequential):
 
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
-        if type(module) is nn.ReLU:
-            model.set_submodule(name, ObservedActivation(False, hist))
+        if type(module) in RELU_CEILINGS:
+            model.set_submodule(name, ObservedActivation(False, hist, ceiling=RELU_CEILINGS[type(module)]))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
             model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))
     return model

@@ -33,7 +33,7 @@ from .energy import SYNAPTIC
 from .functional import FUNCTIONAL, RELU_TARGETS, arg, assign, batch_norm, decompose_sdpa, scope
 from .layout import made_channels_first, read_channels_first
 from .observers import HistogramConfig
-from .sites import ObservedActivation
+from .sites import RELU_CEILINGS, ObservedActivation
 from .tracing import NotTraceable, trace
 
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -107,15 +107,15 @@ def _reroute_inplace(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def normalize(gm: fx.GraphModule) -> None:
-    """Functional activations -> modules; every ReLU call site gets its own ``nn.ReLU``."""
+    """Functional activations -> modules; every ReLU (ReLU6) call site gets its own ``nn.ReLU``."""
     seen: set[str] = set()
     for node in list(gm.graph.nodes):
         target = node.target
-        if node.op == "call_module" and type(gm.get_submodule(target)) is nn.ReLU:
+        if node.op == "call_module" and type(gm.get_submodule(target)) in RELU_CEILINGS:
             inplace = gm.get_submodule(target).inplace
             if target in seen:  # a reused ReLU module: this call site gets its own copy
                 parent, _, leaf = target.rpartition(".")
-                node = swap_for_module(gm, node, nn.ReLU(), parent, leaf, 1)
+                node = swap_for_module(gm, node, type(gm.get_submodule(target))(), parent, leaf, 1)
             else:
                 gm.get_submodule(target).inplace = False
             seen.add(target)
@@ -159,7 +159,7 @@ def normalize(gm: fx.GraphModule) -> None:
 
 
 def _is_relu(gm: fx.GraphModule, node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU
+    return isinstance(node, fx.Node) and node.op == "call_module" and type(gm.get_submodule(node.target)) in RELU_CEILINGS
 
 
 def move_max_pools(gm: fx.GraphModule, identity_site: bool, hist: HistogramConfig) -> None:
@@ -196,7 +196,8 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> No
     of_input = reads_input(gm.graph)
     for node in list(gm.graph.nodes):
         if _is_relu(gm, node) and node in of_input:
-            gm.add_submodule(node.target, ObservedActivation(False, hist, made_channels_first(gm, node.args[0])))
+            ceiling = RELU_CEILINGS[type(gm.get_submodule(node.target))]
+            gm.add_submodule(node.target, ObservedActivation(False, hist, made_channels_first(gm, node.args[0]), ceiling))
     if identity not in ("all", "linear"):
         return
     sites: dict[fx.Node, fx.Node] = {}

@@ -1,4 +1,4 @@
-"""Activation sites: where a spiking neuron goes (a ReLU, or a y = x identity).
+"""Activation sites: where a spiking neuron goes (a ReLU or ReLU6, or a y = x identity).
 
 In a prepared model a site is an :class:`ObservedActivation` (the float op plus an observer);
 ``convert`` swaps it for a :class:`SpikingActivation` holding the neuron that :func:`make_neuron`
@@ -16,21 +16,32 @@ from .multistep import TimeAware, fold, unfold
 from .observers import ActivationObserver, HistogramConfig
 from .policies import NeuronSpec
 
+# Modules that become unsigned sites, with the ceiling their neuron clips at (at most levels * lam
+# = the ceiling: a ReLU6's average output then saturates at 6, as the ReLU6 does).
+RELU_CEILINGS: dict[type[nn.Module], float | None] = {nn.ReLU: None, nn.ReLU6: 6.0}
+
+
+def unsigned_output(x: torch.Tensor, ceiling: float | None) -> torch.Tensor:
+    """The float op of an unsigned site: ReLU, or ReLU6 where ``ceiling`` is 6."""
+    return torch.relu(x) if ceiling is None else x.clamp(0.0, ceiling)
+
 
 class ObservedActivation(nn.Module):
-    """ReLU (``signed=False``) or identity (``signed=True``) that records its input's statistics."""
+    """ReLU (``signed=False``; ReLU6 with ``ceiling=6``) or identity (``signed=True``) that records
+    its input's statistics."""
 
-    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig(), channels_first: bool = False):
+    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig(), channels_first: bool = False,
+                 ceiling: float | None = None):
         super().__init__()
-        self.signed = signed
+        self.signed, self.ceiling = signed, ceiling
         self.observer = ActivationObserver(signed, hist, channels_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observer(x)
-        return x if self.signed else torch.relu(x)
+        return x if self.signed else unsigned_output(x, self.ceiling)
 
     def extra_repr(self) -> str:
-        return "y = x" if self.signed else "ReLU"
+        return "y = x" if self.signed else "ReLU" if self.ceiling is None else f"ReLU, at most {self.ceiling:g}"
 
 
 def make_neuron(spec: NeuronSpec, lam: torch.Tensor, communicate: bool) -> MultiLevelNeuron:
@@ -48,9 +59,9 @@ class SpikingActivation(TimeAware):
     is written over the input tensor: a forward hook that needs the input must be a pre-hook.
     """
 
-    def __init__(self, neuron: MultiLevelNeuron):
+    def __init__(self, neuron: MultiLevelNeuron, ceiling: float | None = None):
         super().__init__()
-        self.neuron = neuron
+        self.neuron, self.ceiling = neuron, ceiling  # (the ReLU6's 6, for ANN mode)
         self.ann_mode = False
         # Synapses driven by each element (energy.py), a buffer so .to(device) and state_dict see it.
         self.register_buffer("fanout", None)
@@ -66,7 +77,7 @@ class SpikingActivation(TimeAware):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ann_mode:
-            return x if self.signed else torch.relu(x)
+            return x if self.signed else unsigned_output(x, self.ceiling)
         self.neuron.fanout = self.fanout
         u = unfold(x, self.steps)
         return fold(self.neuron(u, out=u if self.overwrite_input else None))
