@@ -262,3 +262,33 @@ def test_timm_style_cnn_functions_convert():
     assert len(convs) == 2 and convs[1].stride == (2, 2)  # the functional one, standardized weight held
     kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
     assert kinds == {"LeakyReLU", "Power"}
+
+
+class FunctionalConv1dNet(nn.Module):
+    """A 1-d CNN written with functions: F.conv1d on its own weights (dilated), F.max_pool1d
+    after a ReLU (moved before it) and after a conv on spikes (compensated), F.adaptive_max_pool1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(6, 2, 3) / 2), nn.Parameter(torch.randn(6, 6, 3) / 3)
+        self.b2, self.fc = nn.Parameter(torch.randn(6) / 4), nn.Linear(6 * 3, 4)
+
+    def forward(self, x):  # [B, 2, 24]
+        h = F.max_pool1d(F.relu(F.conv1d(x, self.w1, padding=1)), 2)
+        h = F.relu(F.max_pool1d(F.conv1d(h, self.w2, self.b2, padding=2, dilation=2), 2, ceil_mode=True))
+        return self.fc(F.adaptive_max_pool1d(h, 3).flatten(1))
+
+
+def test_functional_1d_convolutions_and_max_pools_become_modules():
+    torch.manual_seed(0)
+    model, data = FunctionalConv1dNet().eval(), loader((2, 24))
+    snn = converges(model, data)
+    assert "conv1d_in" in snn.sites()  # the first functional conv got its y = x site (the second reads a ReLU)
+    assert [m.dilation for m in snn.modules() if isinstance(m, nn.Conv1d)] == [(1,), (2,)]
+    x = torch.cat([images for images, _ in data])
+    with torch.no_grad():  # the first ReLU's input (after the moved pool), per channel
+        top = F.max_pool1d(F.conv1d(x, model.w1, padding=1), 2).amax((0, 2))
+    snn = hc.convert(model, data, n=4, T=4, policy="max", granularity="channel")
+    assert [type(m.module) for m in snn.modules() if isinstance(m, hc.compensated.Compensated)] == \
+        [nn.MaxPool1d, nn.AdaptiveMaxPool1d]
+    torch.testing.assert_close(snn.sites()["relu"].neuron.lam, top.unsqueeze(1) / 15)

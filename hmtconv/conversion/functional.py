@@ -1,7 +1,7 @@
 """Functional calls as the modules they stand for, so graph editing sees one kind of op.
 
 ``F.relu`` becomes ``nn.ReLU``, ``@`` a :class:`MatMul`, ``F.gelu``/``F.silu``/``torch.sigmoid``/...
-their activation modules, ``F.softmax`` an ``nn.Softmax``, ``F.max_pool2d`` an ``nn.MaxPool2d``;
+their activation modules, ``F.softmax`` an ``nn.Softmax``, ``F.max_pool1d/2d/3d`` an ``nn.MaxPool1d/2d/3d``;
 ``F.layer_norm``, ``F.linear`` and eval-mode ``F.batch_norm`` become modules that share the
 model's own parameters and buffers (timm's layers call these functions), so a functional Linear
 gets its site and its synapses are counted like any other; ``F.scaled_dot_product_attention`` is
@@ -135,30 +135,37 @@ def batch_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return module
 
 
-def _conv2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
-    """An ``nn.Conv2d`` sharing the call's weight and bias, or holding their values where forward
-    computes them from the weights alone (timm's weight-standardized convolutions in NFNets)."""
-    weight = _model_tensor(gm, n, 1, "weight")
-    module = nn.Conv2d(weight.shape[1] * arg(n, 6, "groups", 1), weight.shape[0], weight.shape[2:],
-                       arg(n, 3, "stride", 1), arg(n, 4, "padding", 0), arg(n, 5, "dilation", 1),
-                       arg(n, 6, "groups", 1), bias=False)
-    module.weight, module.bias = _as_parameter(weight), _as_parameter(_model_tensor(gm, n, 2, "bias"))
-    return module
+def _conv(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module]:
+    """The factory of ``cls`` (``nn.Conv1d``, 2d or 3d) sharing the call's weight and bias, or
+    holding their values where forward computes them from the weights alone (timm's
+    weight-standardized convolutions in NFNets)."""
+    def make(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+        weight = _model_tensor(gm, n, 1, "weight")
+        module = cls(weight.shape[1] * arg(n, 6, "groups", 1), weight.shape[0], weight.shape[2:],
+                     arg(n, 3, "stride", 1), arg(n, 4, "padding", 0), arg(n, 5, "dilation", 1),
+                     arg(n, 6, "groups", 1), bias=False)
+        module.weight, module.bias = _as_parameter(weight), _as_parameter(_model_tensor(gm, n, 2, "bias"))
+        return module
+    return make
 
 
-def _max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
-    if arg(n, 6, "return_indices", False):
-        return None
-    return nn.MaxPool2d(arg(n, 1, "kernel_size"), arg(n, 2, "stride"), arg(n, 3, "padding", 0),
-                        arg(n, 4, "dilation", 1), ceil_mode=arg(n, 5, "ceil_mode", False))
+def _max_pool(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module | None]:
+    """The factory of ``cls`` (``nn.MaxPool1d``, 2d or 3d) from its function's call (None: indices returned)."""
+    def make(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+        if arg(n, 6, "return_indices", False):
+            return None
+        return cls(arg(n, 1, "kernel_size"), arg(n, 2, "stride"), arg(n, 3, "padding", 0), arg(n, 4, "dilation", 1),
+                   ceil_mode=arg(n, 5, "ceil_mode", False))
+    return make
 
 
 def _log_softmax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return nn.LogSoftmax(dim=arg(n, 1, "dim"))
 
 
-def _adaptive_max_pool2d(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
-    return None if arg(n, 2, "return_indices", False) else nn.AdaptiveMaxPool2d(arg(n, 1, "output_size"))
+def _adaptive_max_pool(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module | None]:
+    """The factory of ``cls`` (``nn.AdaptiveMaxPool1d``, 2d or 3d) from its function's call (None: indices returned)."""
+    return lambda gm, n: None if arg(n, 2, "return_indices", False) else cls(arg(n, 1, "output_size"))
 
 
 def _amax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
@@ -198,10 +205,14 @@ FUNCTIONAL = {
     F.relu6: ("relu6", _plain(nn.ReLU6), 1),
     F.hardtanh: ("hardtanh", lambda gm, n: nn.Hardtanh(arg(n, 1, "min_val", -1.0), arg(n, 2, "max_val", 1.0)), 1),
     F.softplus: ("softplus", lambda gm, n: nn.Softplus(arg(n, 1, "beta", 1.0), arg(n, 2, "threshold", 20.0)), 1),
-    F.adaptive_max_pool2d: ("adaptive_max_pool2d", _adaptive_max_pool2d, 1),
+    F.adaptive_max_pool1d: ("adaptive_max_pool1d", _adaptive_max_pool(nn.AdaptiveMaxPool1d), 1),
+    F.adaptive_max_pool2d: ("adaptive_max_pool2d", _adaptive_max_pool(nn.AdaptiveMaxPool2d), 1),
+    F.adaptive_max_pool3d: ("adaptive_max_pool3d", _adaptive_max_pool(nn.AdaptiveMaxPool3d), 1),
     F.layer_norm: ("layer_norm", _layer_norm, 1), F.group_norm: ("group_norm", _group_norm, 1),
     F.linear: ("linear", _linear, 1),
-    F.max_pool2d: ("max_pool2d", _max_pool2d, 1), F.conv2d: ("conv2d", _conv2d, 1),
+    F.max_pool1d: ("max_pool1d", _max_pool(nn.MaxPool1d), 1), F.max_pool2d: ("max_pool2d", _max_pool(nn.MaxPool2d), 1),
+    F.max_pool3d: ("max_pool3d", _max_pool(nn.MaxPool3d), 1), F.conv1d: ("conv1d", _conv(nn.Conv1d), 1),
+    F.conv2d: ("conv2d", _conv(nn.Conv2d), 1), F.conv3d: ("conv3d", _conv(nn.Conv3d), 1),
     F.leaky_relu: ("leaky_relu", lambda gm, n: nn.LeakyReLU(arg(n, 1, "negative_slope", 0.01)), 1),
     F.elu: ("elu", lambda gm, n: nn.ELU(arg(n, 1, "alpha", 1.0)), 1), F.mish: ("mish", _plain(nn.Mish), 1),
     torch.tanh: ("tanh", _plain(nn.Tanh), 1), "tanh": ("tanh", _plain(nn.Tanh), 1),
