@@ -292,3 +292,27 @@ def test_functional_1d_convolutions_and_max_pools_become_modules():
     assert [type(m.module) for m in snn.modules() if isinstance(m, hc.compensated.Compensated)] == \
         [nn.MaxPool1d, nn.AdaptiveMaxPool1d]
     torch.testing.assert_close(snn.sites()["relu"].neuron.lam, top.unsqueeze(1) / 15)
+
+
+class PlainGroupNorm(nn.Module):
+    """F.group_norm without weight and bias on a Conv1d's output, before and after a neuron."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv1d(2, 6, 3, padding=1), nn.Conv1d(6, 6, 3, padding=1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(F.group_norm(self.conv1(x), 3))
+        return self.fc(F.group_norm(self.conv2(h), 2).mean(-1))
+
+
+def test_group_norm_without_affine_parameters_traces():
+    torch.manual_seed(0)
+    model, data = PlainGroupNorm().eval(), loader((2, 10))
+    x = torch.cat([images for images, _ in data])
+    snn = hc.convert(model, data, n=4, T=4, policy="max", granularity="channel")
+    assert snn.report.traced  # (a GroupNorm of one channel in 3 groups was refused: module swapping instead)
+    torch.testing.assert_close(snn.ann_forward(x), model(x))
+    with torch.no_grad():
+        top = F.group_norm(model.conv1(x), 3).amax((0, 2))  # per channel: GroupNorm's output is [B, C, L]
+    torch.testing.assert_close(snn.sites()["relu"].neuron.lam, top.unsqueeze(1) / 15)

@@ -106,9 +106,11 @@ def _layer_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
 
 
 def _group_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
-    """An ``nn.GroupNorm`` sharing the call's weight and bias (timm's GroupNorm1 calls ``F.group_norm``)."""
+    """An ``nn.GroupNorm`` sharing the call's weight and bias (timm's GroupNorm1 calls ``F.group_norm``);
+    without them its channel count, which only sizes the affine parameters, is the group count."""
     weight, bias = _model_tensor(gm, n, 2, "weight"), _model_tensor(gm, n, 3, "bias")
-    module = nn.GroupNorm(arg(n, 1, "num_groups"), 1 if weight is None else weight.numel(), eps=arg(n, 4, "eps", 1e-5),
+    groups = arg(n, 1, "num_groups")
+    module = nn.GroupNorm(groups, groups if weight is None else weight.numel(), eps=arg(n, 4, "eps", 1e-5),
                           affine=False)
     module.weight, module.bias = _as_parameter(weight), _as_parameter(bias)
     return module
