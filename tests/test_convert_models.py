@@ -97,29 +97,30 @@ def test_vit_without_relu_needs_identity_all():
 
 class Untraceable(nn.Module):
     """``shared``: its one ReLU module called twice (one neuron, one set of statistics), else the
-    second ReLU a function; ``functional_head``: the last layer called through its weights (as
-    timm's BEiT does)."""
+    second ReLU a function (``activation``); ``functional_head``: the last layer called through its
+    weights (as timm's BEiT does)."""
 
-    def __init__(self, shared: bool = False, functional_head: bool = False):
+    def __init__(self, shared: bool = False, functional_head: bool = False, activation=F.relu):
         super().__init__()
         self.fc1, self.act, self.fc2 = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
-        self.shared, self.functional_head = shared, functional_head
+        self.shared, self.functional_head, self.activation = shared, functional_head, activation
 
     def forward(self, x):
         h = self.act(self.fc1(x))
         if h.sum() > -1e9:  # data-dependent control flow: fx cannot trace it
-            h = self.act(h - 0.1) if self.shared else F.relu(h - 0.1)
+            h = self.act(h - 0.1) if self.shared else self.activation(h - 0.1)
         return F.linear(h, self.fc2.weight, self.fc2.bias) if self.functional_head else self.fc2(h)
 
 
-def test_untraceable_model_falls_back_and_reports_unconverted():
+@pytest.mark.parametrize("activation", [F.relu, F.relu6])
+def test_untraceable_model_falls_back_and_reports_unconverted(activation):
     torch.manual_seed(0)
-    model, data = Untraceable().eval(), loader((6,), classes=3)
+    model, data = Untraceable(activation=activation).eval(), loader((6,), classes=3)
     snn = hc.convert(model, data, n=4, T=64, policy="max")
     assert not snn.report.traced and "TraceError" in snn.report.trace_error
-    assert snn.report.unconverted == [("<root>", "relu")]
+    assert snn.report.unconverted == [("<root>", activation.__name__)]  # float on spikes
     assert snn(data[0][0]).shape == (64, 4, 3)
-    assert hc.evaluate(snn, data).unconverted == [("<root>", "relu")]
+    assert hc.evaluate(snn, data).unconverted == [("<root>", activation.__name__)]
 
 
 def test_the_fallback_compares_a_site_called_twice_call_by_call():

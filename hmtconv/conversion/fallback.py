@@ -19,8 +19,8 @@ from .observers import HistogramConfig
 from .sites import RELU_CEILINGS, ObservedActivation
 
 _WATCHED = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", torch.Tensor.relu: "relu",
-            torch.Tensor.relu_: "relu_", F.gelu: "gelu", F.softmax: "softmax", torch.softmax: "softmax",
-            torch.Tensor.softmax: "softmax", F.layer_norm: "layer_norm", torch.matmul: "matmul",
+            torch.Tensor.relu_: "relu_", F.relu6: "relu6", F.gelu: "gelu", F.softmax: "softmax",
+            torch.softmax: "softmax", torch.Tensor.softmax: "softmax", F.layer_norm: "layer_norm", torch.matmul: "matmul",
             torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul", torch.bmm: "bmm",
             F.silu: "silu", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
             F.scaled_dot_product_attention: "scaled_dot_product_attention"}
