@@ -1,7 +1,8 @@
 """Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
 
-Only modules can be swapped: ``nn.ReLU`` (and ``nn.ReLU6``) modules become sites (a ReLU module called twice shares
-one neuron and one set of statistics), max pooling stays after its neuron (compensated), and
+Only modules can be swapped: ``nn.ReLU`` (and ``nn.ReLU6``) modules become sites (a ReLU module
+called twice shares one neuron and one set of statistics; 3-d activations at them are taken as
+tokens ``[B, N, C]``), max pooling stays after its neuron (compensated), and
 functional activations stay float. :func:`find_unconverted` reports those by running one batch
 and recording nonlinear torch functions called outside the sites and compensable modules.
 """
@@ -20,8 +21,8 @@ from .sites import RELU_CEILINGS, ObservedActivation
 
 _WATCHED = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", torch.Tensor.relu: "relu",
             torch.Tensor.relu_: "relu_", F.relu6: "relu6", F.gelu: "gelu", F.softmax: "softmax",
-            torch.softmax: "softmax", torch.Tensor.softmax: "softmax", F.layer_norm: "layer_norm", torch.matmul: "matmul",
-            torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul", torch.bmm: "bmm",
+            torch.softmax: "softmax", torch.Tensor.softmax: "softmax", F.layer_norm: "layer_norm",
+            torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul", torch.bmm: "bmm",
             F.silu: "silu", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
             F.scaled_dot_product_attention: "scaled_dot_product_attention"}
 

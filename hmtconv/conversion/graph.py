@@ -159,7 +159,8 @@ def normalize(gm: fx.GraphModule) -> None:
 
 
 def _is_relu(gm: fx.GraphModule, node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_module" and type(gm.get_submodule(node.target)) in RELU_CEILINGS
+    return (isinstance(node, fx.Node) and node.op == "call_module"
+            and type(gm.get_submodule(node.target)) in RELU_CEILINGS)
 
 
 def move_max_pools(gm: fx.GraphModule, identity_site: bool, hist: HistogramConfig) -> None:
@@ -196,8 +197,8 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> No
     of_input = reads_input(gm.graph)
     for node in list(gm.graph.nodes):
         if _is_relu(gm, node) and node in of_input:
-            ceiling = RELU_CEILINGS[type(gm.get_submodule(node.target))]
-            gm.add_submodule(node.target, ObservedActivation(False, hist, made_channels_first(gm, node.args[0]), ceiling))
+            ceiling, first = RELU_CEILINGS[type(gm.get_submodule(node.target))], made_channels_first(gm, node.args[0])
+            gm.add_submodule(node.target, ObservedActivation(False, hist, first, ceiling))
     if identity not in ("all", "linear"):
         return
     sites: dict[fx.Node, fx.Node] = {}

@@ -14,10 +14,8 @@ from .sites import ObservedActivation
 
 CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, BatchNormAnyDim, nn.InstanceNorm1d, nn.GroupNorm,
                   nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)
-CHANNELS_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
 FIRST_FUNCTIONS = (F.conv1d, F.conv_transpose1d, F.batch_norm, F.instance_norm, F.group_norm, F.max_pool1d,
                    F.avg_pool1d)
-LAST_FUNCTIONS = (F.linear, F.layer_norm)
 # Ops that keep the layout of their inputs, walked through (by name: torch.add, operator.add, "add").
 ELEMENTWISE = {"add", "iadd", "sub", "mul", "truediv", "div", "neg", "relu", "relu_", "gelu", "silu", "sigmoid",
                "tanh", "dropout", "clamp", "clamp_min", "contiguous", "clone", "detach", "to", "float"}
@@ -35,7 +33,7 @@ def made_channels_first(gm: fx.GraphModule, node: fx.Node, limit: int = 32) -> b
             module = gm.get_submodule(node.target)
             if isinstance(module, CHANNELS_FIRST):
                 return True
-            if isinstance(module, CHANNELS_LAST) or not _keeps_layout(module):
+            if not _keeps_layout(module):  # any other layer (Linear, LayerNorm, attention...) ends the walk
                 continue
         elif node.op in ("call_function", "call_method"):
             if node.target in FIRST_FUNCTIONS:
@@ -54,4 +52,5 @@ def read_channels_first(module: nn.Module) -> bool:
 
 
 def _keeps_layout(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Identity, ObservedActivation)) or type(module).__module__ in KEEP_LAYOUT
+    return isinstance(module, (nn.Identity, ObservedActivation)) or (
+        type(module).__module__ in KEEP_LAYOUT and not isinstance(module, nn.MultiheadAttention))

@@ -89,7 +89,8 @@ def load_weights_file(model: nn.Module, path: str, label: str) -> None:
     """``path``'s state_dict into ``model``; the ``module.`` prefix of a (Distributed)DataParallel
     model's weights is dropped."""
     state_dict = read_state_dict(path)
-    if all(k.startswith("module.") for k in state_dict) and not any(k.startswith("module.") for k in model.state_dict()):
+    if all(k.startswith("module.") for k in state_dict) and not any(k.startswith("module.")
+                                                                    for k in model.state_dict()):
         state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     try:
         model.load_state_dict(state_dict)
