@@ -190,7 +190,8 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
     """Run ``(inputs, labels)`` batches through the observers (in place; statistics accumulate).
 
     Under torchrun each rank passes its own share of the data; the statistics of every rank are
-    then merged on every rank, so all ranks convert with the thresholds of the whole data.
+    then merged on every rank, so all ranks convert with the thresholds of the whole data
+    (``max_batches`` then counts each rank's batches).
     """
     if not is_prepared(prepared):
         raise TypeError(f"calibrate expects the output of prepare(), got {type(prepared).__name__}")

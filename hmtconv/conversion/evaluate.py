@@ -157,7 +157,8 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
              max_batch: int | None = None, memory_budget: int | str | None = None) -> EvaluationResult:
     """Top-1 accuracy at t = 1..T (mean logits of steps 1..t), energy ratio (eqs. 31-32) and,
     with ``diagnostics``, per-site errors against the ANN (one extra ANN-mode pass per batch).
-    ``progress`` shows a bar over batches (on rank 0 only).
+    ``progress`` shows a bar over batches (on rank 0 only); under torchrun ``max_batches`` counts
+    each rank's batches.
 
     Memory: each batch is simulated in chunks of at most ``max_batch`` samples, or of as many as
     fit ``memory_budget`` (bytes or ``"4GB"``; estimated activation memory, see memory.py); with
