@@ -133,8 +133,19 @@ def test_models_returning_more_than_logits_or_untraceable_without_relu_modules()
             h = torch.relu(self.conv(x))
             return self.fc((h if x.mean() > -100 else -h).mean((2, 3)))  # a branch on values: fx cannot trace
 
+    class BranchingPair(Pair):  # fx cannot trace it: module swapping, whose first batch is a probe
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            features = self.relu(self.conv(x) if x.mean() > -100 else -self.conv(x)).mean((2, 3))
+            return self.fc(features), features
+
     with pytest.raises(TypeError, match="Pair returns tuple, not a tensor of logits"):
         hc.convert(Pair().eval(), images())
+    with pytest.raises(TypeError, match="BranchingPair returns tuple, not a tensor of logits"):
+        hc.convert(BranchingPair().eval(), images(batches=1))
     with pytest.raises(ValueError, match="has no ReLU or ReLU6 to convert .fx could not trace it.*TraceError"):
         hc.convert(Branching().eval(), images())
 

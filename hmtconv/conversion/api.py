@@ -214,8 +214,10 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
                              f"on sizes); prepare it with example_inputs of the calibration size")
         try:
             if not info.traced and not info.probed:  # this first run also feeds the observers
-                info.unconverted, info.probed = find_unconverted(prepared, x), True
-            elif not isinstance(out := prepared(x), torch.Tensor):
+                (info.unconverted, out), info.probed = find_unconverted(prepared, x), True
+            else:
+                out = prepared(x)
+            if not isinstance(out, torch.Tensor):
                 raise TypeError(f"{type(prepared).__name__} returns {type(out).__name__}, not a tensor of logits; "
                                 f"convert a module whose forward returns the logits alone (e.g. model(x)[0])")
         except RuntimeError as error:  # a shape or dtype the model cannot take, in torch's words

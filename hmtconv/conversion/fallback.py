@@ -74,8 +74,9 @@ class _Recorder(TorchFunctionMode):
 
 
 @torch.no_grad()
-def find_unconverted(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
-    """(qualified module name, op) of nonlinear functions that will run in float on spikes."""
+def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], object]:
+    """(qualified module name, op) of nonlinear functions that will run in float on spikes, and
+    the model's output on ``x``."""
     stack: list[str | None] = []
     found: set[tuple[str, str]] = set()
     hooks = []
@@ -94,8 +95,8 @@ def find_unconverted(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]
         hooks.append(module.register_forward_hook(leave))
     try:
         with _Recorder(stack, found):
-            model(x)
+            out = model(x)
     finally:
         for h in hooks:
             h.remove()
-    return sorted(found)
+    return sorted(found), out
