@@ -80,6 +80,23 @@ def test_quantile_in_the_open_last_bin_ends_at_the_largest_value():
         hc.convert(model, [(torch.rand(8, 4) + 0.5, torch.zeros(8, dtype=torch.long))], policy="999")
 
 
+def test_activations_below_the_histograms_are_warned_with_the_range_that_resolves_them():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-6), model[0].bias.mul_(1e-6)
+    data = [(torch.rand(256, 4), torch.zeros(256, dtype=torch.long))]
+    with pytest.warns(UserWarning, match=r"all below the histograms' range \(2\*\*-16\) at 1 .*"
+                                         r"HistogramConfig\(min_exp=-2[0-9]\)") as record:
+        hc.convert(model, data, policy="999")
+    min_exp = int(str(record[0].message).split("min_exp=")[1].split(")")[0])
+    prepared = hc.calibrate(hc.prepare(model, histogram=HistogramConfig(min_exp=min_exp, max_exp=0)), data)
+    lam = hc.convert(prepared, policy="999").sites()["1"].neuron.lam
+    with torch.no_grad():
+        expected = torch.quantile(model[0](data[0][0]).relu().flatten().double(), 0.999) / 15
+    assert abs(float(lam) / float(expected) - 1) < 0.03  # one bin of 32 an octave: 2.2 %
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1.0])
 def test_quantiles_never_exceed_the_largest_value(scale, path):
     """The bin holding the maximum ends at it: no quantile of a channel (a constant one included)

@@ -285,7 +285,7 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
         raise ValueError("the prepared model has no calibration data: run calibrate(prepared, loader) first")
     unreached = [] if info.traced else drop_unreached_sites(prepared, observed_sites(prepared))
     _warn_constant(observed_sites(prepared), per_channel=config.granularity == "channel")
-    _warn_beyond_histograms(observed_sites(prepared))
+    _warn_outside_histograms(observed_sites(prepared))
     report = ConversionReport(shape, info.traced, [*info.unconverted, *unreached], info.trace_error)
     delattr(prepared, INPUT_SHAPE)
     if info.traced:
@@ -316,17 +316,26 @@ def _example_of_any_rank(batch, model: nn.Module):
     return images if images is not None or shape is None else torch.zeros((1, *shape), device=device, dtype=dtype)
 
 
-def _warn_beyond_histograms(sites: dict[str, ObservedActivation]) -> None:
-    """Activations at or above the histograms' top edge share one open bin: percentiles are
-    interpolated inside it and opt-emp is coarse there; say where, and how to widen the range."""
-    found = [(name, site.observer) for name, site in sites.items()
-             if float(site.observer.max) >= 2.0 ** site.observer.hist.max_exp]
-    if found:
-        top = max(float(observer.max) for _, observer in found)
-        warnings.warn(f"activations up to {top:.3g} at {', '.join(name for name, _ in found)}, beyond the histograms' "
-                      f"range (2**{found[0][1].hist.max_exp}): percentile policies and opt-emp lose precision there; "
+def _warn_outside_histograms(sites: dict[str, ObservedActivation]) -> None:
+    """Activations at or above the histograms' top edge share one open bin, and a site whose
+    activations all lie below the bottom edge has them all in bin 0: percentiles are interpolated
+    inside one bin and opt-emp is coarse there; say where, and how to widen the range."""
+    tops = {name: float(site.observer.max) for name, site in sites.items()}
+    hist = next(iter(sites.values())).observer.hist if sites else None
+    above = [name for name, top in tops.items() if top >= 2.0 ** hist.max_exp]
+    below = [name for name, top in tops.items() if 0 < top < 2.0 ** hist.min_exp]
+    if above:
+        top = max(tops[name] for name in above)
+        warnings.warn(f"activations up to {top:.3g} at {', '.join(above)}, beyond the histograms' range "
+                      f"(2**{hist.max_exp}): percentile policies and opt-emp lose precision there; "
                       f"prepare(model, histogram=HistogramConfig(max_exp={math.ceil(math.log2(top)) + 1})) widens it",
                       stacklevel=3)
+    if below:
+        low = min(tops[name] for name in below)  # 8 octaves under the smallest largest value: 256 bins
+        warnings.warn(f"activations all below the histograms' range (2**{hist.min_exp}) at {', '.join(below)} "
+                      f"(largest {low:.3g}{' or more' if len(below) > 1 else ''}): percentile policies and opt-emp see "
+                      f"one bin there; prepare(model, histogram=HistogramConfig(min_exp="
+                      f"{math.floor(math.log2(low)) - 8})) widens it", stacklevel=3)
 
 
 def _warn_constant(sites: dict[str, ObservedActivation], per_channel: bool) -> None:
