@@ -172,6 +172,30 @@ def test_functional_relus_convert():
     assert (snn(x).mean(0) - ref).abs().max() < 0.01 * ref.abs().max()
 
 
+class ModuleReLURegisteredFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.act(self.c2(F.relu(self.c1(x)))).flatten(1))
+
+
+def test_sites_and_per_layer_results_are_in_the_order_the_model_runs_them():
+    """The functional ReLU runs first although its module (made by convert) is registered last."""
+    model, data = ModuleReLURegisteredFirst().eval(), loader((1, 6, 6))
+    order = []
+    snn = hc.convert(model, data, T=2)
+    hooks = [site.register_forward_pre_hook(lambda m, args, name=name: order.append(name))
+             for name, site in snn.sites().items()]
+    snn(data[0][0])
+    for hook in hooks:
+        hook.remove()
+    assert list(snn.sites()) == order == ["relu", "act"]
+    assert [layer.name for layer in hc.evaluate(snn, data).per_layer] == order
+
+
 class SizesReadAfterNeurons(nn.Module):
     """LeNet's ``h.view(x.size(0), -1)``, with the size also read by a static op."""
 

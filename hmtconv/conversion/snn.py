@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..device import placement
 from .memory import MARGIN, leaf_output_bytes
@@ -90,8 +90,13 @@ class SNN(nn.Module):
         return MARGIN * steps * self._leaf_bytes
 
     def sites(self) -> dict[str, SpikingActivation]:
-        """Spiking neurons by qualified name (as in the prepared model)."""
-        return {name: m for name, m in self.net.named_modules() if isinstance(m, SpikingActivation)}
+        """Spiking neurons by qualified name (as in the prepared model), in the order the traced
+        graph runs them (a module-swapped model: the order of its modules)."""
+        found = {name: m for name, m in self.net.named_modules() if isinstance(m, SpikingActivation)}
+        if isinstance(self.net, fx.GraphModule):
+            ran = [n.target for n in self.net.graph.nodes if n.op == "call_module" and n.target in found]
+            found = {name: found[name] for name in dict.fromkeys(ran + list(found))}
+        return found
 
     def _set_steps(self, steps: int) -> None:
         for m in self._time_aware:
