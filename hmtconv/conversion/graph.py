@@ -5,10 +5,11 @@
    where the forward branches on sizes);
 2. :func:`normalize` turns functional ops (``F.relu``, ``torch.relu``, ``x.relu_()``, ``@``,
    ``F.softmax``, ``F.gelu``, ``F.layer_norm``, eval-mode ``F.batch_norm``, ``F.max_pool1d/2d/3d``,
-   ``F.conv1d/2d/3d``) into modules, one module per call site, so a ReLU module reused twice (torchvision's BasicBlock)
-   gets two neurons; ``x[key] = v`` becomes a new tensor (:func:`functional.assign`) that later
-   readers of ``x`` read; splits ``F.scaled_dot_product_attention`` into its matmuls and softmax
-   (timm's ViTs) and drops eval-mode ``stochastic_depth`` (an identity then);
+   ``F.conv1d/2d/3d``) into modules, one module per call site, so a ReLU module reused twice
+   (torchvision's BasicBlock) gets two neurons; ``x[key] = v`` becomes a new tensor
+   (:func:`functional.assign`) that later readers of ``x`` read; splits
+   ``F.scaled_dot_product_attention`` into its matmuls and softmax (timm's ViTs) and drops
+   eval-mode ``stochastic_depth`` (an identity then);
 3. :func:`move_max_pools` rewrites ``relu -> maxpool`` into ``maxpool -> relu`` (max commutes with
    the monotone ReLU), the paper's reordering; with ``identity="maxpool"`` a y = x site is put
    where the ReLU was (``-> identity -> maxpool -> relu``, the "16^{y=x}" column);
@@ -107,7 +108,7 @@ def _reroute_inplace(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def normalize(gm: fx.GraphModule) -> None:
-    """Functional activations -> modules; every ReLU (ReLU6) call site gets its own ``nn.ReLU``."""
+    """Functional activations -> modules; every ReLU (ReLU6) call site gets a module of its own."""
     seen: set[str] = set()
     for node in list(gm.graph.nodes):
         target = node.target
