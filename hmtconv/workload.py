@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed
-from .data import DataInfo, calibration_subset, get_datasets, make_loader
+from .data import DataInfo, calibration_subset, evaluation_subset, get_datasets, make_loader
 from .errors import UserError
 from .models import check_model_fits, load_model
 
@@ -80,7 +80,7 @@ def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = N
     if data.limit is not None:
         if data.limit < 1:
             raise UserError(f"--limit must be at least 1, got {data.limit}")
-        eval_set = Subset(eval_set, range(min(data.limit, len(eval_set))))
+        eval_set = evaluation_subset(eval_set, data.limit)
     # a random choice: the first images of a class-sorted split (ImageFolder's) are all of one class
     calib = calibration_subset(train_set, eval_set, split=data.calib_split, size=min(data.calib_size, len(
         train_set if data.calib_split == "train" else eval_set)), seed=data.seed)

@@ -150,3 +150,20 @@ def test_calibration_images_are_drawn_from_every_class_of_a_class_sorted_split(m
     seen = torch.cat([y for _, y in work.calib_loader])
     chosen = calibration_subset(sorted_set, sorted_set, size=20, seed=3).indices
     assert seen.tolist() == labels[chosen].tolist() and len(seen.unique()) > 1
+
+
+def test_limit_takes_every_class_of_a_class_sorted_image_folder(tmp_path):
+    """ImageFolder's val split lists its images class by class: --limit N takes N evenly spaced
+    ones there (the first N would be the first classes only); an unsorted split keeps its first N."""
+    from hmtconv.workload import DataOptions, load_workload
+
+    for split in ("train", "val"):
+        for name in ("ant", "bee", "cat"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / split / name / f"{i}.png")
+    work = load_workload("vgg_small", DataOptions(dataset=f"folder:{tmp_path}", limit=6, batch_size=6))
+    labels = torch.cat([y for _, y in work.eval_loader])
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    mnist_work = load_workload("vgg_small", DataOptions(dataset="mnist", limit=5, batch_size=5))
+    assert torch.cat([y for _, y in mnist_work.eval_loader]).tolist() == load_arrays(None)[3][:5].tolist()

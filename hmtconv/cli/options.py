@@ -52,7 +52,8 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
                        help="calibration images (a random choice, by --seed)")
     group.add_argument("--calib-split", default=d.calib_split, choices=["train", "val"],
                        help="calibrate on the training split, or (flattering) on the evaluation images")
-    group.add_argument("--limit", type=positive_int("--limit"), default=None, help="evaluate on the first N images")
+    group.add_argument("--limit", type=positive_int("--limit"), default=None, help="evaluate on the first N images (of a class-sorted split such as ImageFolder's: "
+                       "N evenly spaced ones)")
     group.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size, help="images per batch")
     group.add_argument("--seed", type=int, default=d.seed, help="seed for data order and any randomness")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

@@ -19,6 +19,15 @@ def make_loader(
     return DataLoader(dataset, batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers)
 
 
+def evaluation_subset(dataset: Dataset, limit: int) -> Subset:
+    """The first ``limit`` images, or, where the split is sorted by class (ImageFolder's
+    ``targets``), ``limit`` images evenly spaced over it, so that every class is in."""
+    n, targets = len(dataset), getattr(dataset, "targets", None)
+    if limit < n and targets is not None and len(targets) == n and bool((torch.as_tensor(targets).diff() >= 0).all()):
+        return Subset(dataset, [i * n // limit for i in range(limit)])
+    return Subset(dataset, range(min(limit, n)))
+
+
 def calibration_subset(
     train_set: Dataset, eval_set: Dataset, *, split: str = "train", size: int = 1024, seed: int | None = None
 ) -> Subset:
