@@ -163,7 +163,7 @@ def fingerprint(config: SweepConfig, entry: ModelEntry) -> str:
     out: data_root (where the same data lies) and memory_budget (chunking, same results)."""
     settings = {"entry": asdict(entry), "data": {k: v for k, v in asdict(config.data).items() if k != "data_root"},
                 "device": config.device, "diagnostics": config.diagnostics,
-                "calibration_images": "random by seed"}  # (were the split's first: results from then differ)
+                "images": "calibration random by seed, limit spread over class-sorted splits"}  # (were the first)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in (entry.model, entry.weights):
         if name is not None and Path(name).is_file():
