@@ -353,3 +353,19 @@ def test_unexpected_library_errors_are_one_line_but_bugs_keep_their_traceback(mo
     status, err = cli(["evaluate", "--model", "vgg_small"], capsys)
     assert status == 2 and "Traceback" in err and err.endswith("hmtconv: error: evaluate expects the SNN returned "
                                                                "by hmtconv.convert(), got object\n")
+
+
+def test_one_relu_module_at_two_sizes_in_an_untraceable_model_is_named():
+    """Module swapping gives a ReLU module called twice one site: at two sizes it cannot observe."""
+    class TwoSizes(ConvHead):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            h = self.relu(self.conv(x)) if x.mean() > -100 else x  # a branch on values: fx cannot trace
+            return self.fc(self.relu(h.mean((2, 3))))
+
+    with pytest.raises(ValueError, match=r"relu saw per-sample shape \(4,\) after \(4, 8, 8\): .* a module of "
+                                         r"its own"):
+        hc.convert(TwoSizes().eval(), images())

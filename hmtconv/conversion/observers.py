@@ -101,8 +101,9 @@ class ActivationObserver(ShapeObserver):
             if self.hist.per_channel:
                 self.hist_channel = torch.zeros(channels, self.hist.bins, dtype=torch.int64, device=dev)
         elif tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"observer saw per-sample shape {tuple(x.shape[1:])} after {self.shape}; "
-                             f"calibrate with inputs of one size")
+            raise ValueError(f"{self.label} saw per-sample shape {tuple(x.shape[1:])} after {self.shape}: "
+                             f"calibrate with inputs of one size (or, where one module is called on activations "
+                             f"of several sizes, give each call a module of its own)")
         dim = channel_dim(x.dim(), self.channels_first)
         x = x.detach().to(self.count.device)
         counts = self.hist_channel if self.hist.per_channel else self.hist_layer
