@@ -146,7 +146,8 @@ def test_models_returning_more_than_logits_or_untraceable_without_relu_modules()
         hc.convert(Pair().eval(), images())
     with pytest.raises(TypeError, match="BranchingPair returns tuple, not a tensor of logits"):
         hc.convert(BranchingPair().eval(), images(batches=1))
-    with pytest.raises(ValueError, match="has no ReLU or ReLU6 to convert .fx could not trace it.*TraceError"):
+    with pytest.raises(ValueError, match=r"has no ReLU \(nor ReLU6 or Hardtanh\(0, c\)\) to convert .fx could not "
+                                         r"trace it.*TraceError"):
         hc.convert(Branching().eval(), images())
 
 
@@ -255,11 +256,11 @@ def test_mismatched_image_size_or_channels(snn, tmp_path, capsys):
 
 
 def test_model_with_nothing_to_convert(tmp_path, capsys):
-    with pytest.raises(ValueError, match="has no ReLU or ReLU6 to convert"):
+    with pytest.raises(ValueError, match=r"has no ReLU \(nor ReLU6"):
         hc.convert(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval(), images())
     linear = tmp_path / "linear.pt"
     torch.save(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval(), linear)
-    one_line_error(*cli(["evaluate", "--model", str(linear), *QUICK], capsys), "has no ReLU or ReLU6 to convert")
+    one_line_error(*cli(["evaluate", "--model", str(linear), *QUICK], capsys), "has no ReLU (nor ReLU6")
 
 
 def test_model_in_training_mode_is_converted_in_eval_mode_with_a_note():

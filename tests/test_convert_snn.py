@@ -1,4 +1,5 @@
 """Conversion and multi-step simulation of small CNNs and MLPs."""
+import copy
 import io
 import json
 
@@ -37,41 +38,44 @@ def test_large_T_matches_ann_logits():
     torch.testing.assert_close(snn.ann_forward(x), ref, rtol=1e-5, atol=1e-6)  # BatchNorm folded
 
 
-class ReLU6Net(nn.Module):
-    """ReLU6 as a module reused in place, before a max pool, and as a function; inputs scaled so
-    that many pass 6."""
+class ClippedReLUNet(nn.Module):
+    """A clipped ReLU as a module reused in place, before a max pool, and as a function; inputs
+    scaled so that many pass the ceiling."""
 
-    def __init__(self):
+    def __init__(self, module: nn.Module, function):
         super().__init__()
         torch.manual_seed(0)
         self.conv1, self.conv2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
-        self.act, self.fc = nn.ReLU6(inplace=True), nn.Linear(6 * 16, 10)
+        self.act, self.function, self.fc = module, function, nn.Linear(6 * 16, 10)
 
     def forward(self, x):
         h = F.max_pool2d(self.act(16 * self.conv1(x)), 2)
-        return self.fc((self.act(16 * self.conv2(h)) + F.relu6(h - 3)).flatten(1))
+        return self.fc((self.act(16 * self.conv2(h)) + self.function(h - 3)).flatten(1))
 
 
-def test_relu6_becomes_a_neuron_that_saturates_at_6():
-    model, data = ReLU6Net().eval(), loader()
+@pytest.mark.parametrize("module,function,ceiling", [(nn.ReLU6(inplace=True), F.relu6, 6.0),
+                                                     (nn.Hardtanh(0.0, 2.0), lambda h: F.hardtanh(h, 0.0, 2.0), 2.0)])
+def test_clipped_relus_become_neurons_that_saturate_at_their_ceiling(module, function, ceiling):
+    model, data = ClippedReLUNet(module, function).eval(), loader()
     x = data[0][0]
     with torch.no_grad():
         a = 16 * model.conv1(x)
-        h = F.max_pool2d(a.clamp(0, 6), 2)
+        h = F.max_pool2d(a.clamp(0, ceiling), 2)
         b, c = 16 * model.conv2(h), h - 3
-    assert (a > 6).float().mean() > 0.1 and (b > 6).float().mean() > 0.1  # the ceiling matters
+    assert (a > ceiling).float().mean() > 0.1 and (b > ceiling).float().mean() > 0.1  # the ceiling matters
     snn = hc.convert(model, data[:1], n=4, T=256, policy="max")
-    expected = [a.amax(), b.amax(), c.amax()]  # "max": lam = min(largest ReLU output, 6) / levels
+    expected = [a.amax(), b.amax(), c.amax()]  # "max": lam = min(largest ReLU output, ceiling) / levels
     lams = [site.neuron.lam for site in snn.sites().values()]
     assert len(lams) == 3
     for lam, top in zip(lams, expected):
-        torch.testing.assert_close(lam, top.clamp(0, 6) / 15)
+        torch.testing.assert_close(lam, top.clamp(0, ceiling) / 15)
     ref = model(x)
     assert (snn(x).mean(0) - ref).abs().max() < 0.01 * ref.abs().max()
     torch.testing.assert_close(snn.ann_forward(x), ref)
-    swapped = hc.convert(BranchesOnTheData(nn.Sequential(model.conv1, nn.ReLU6())).eval(), data[:1], policy="max")
+    swapped = hc.convert(BranchesOnTheData(nn.Sequential(model.conv1, copy.deepcopy(module))).eval(), data[:1],
+                         policy="max")
     assert not swapped.report.traced
-    torch.testing.assert_close(swapped.sites()["conv.1"].neuron.lam, (a / 16).amax().clamp(0, 6) / 15)
+    torch.testing.assert_close(swapped.sites()["conv.1"].neuron.lam, (a / 16).amax().clamp(0, ceiling) / 15)
 
 
 class SharedConvOutput(nn.Module):

@@ -154,8 +154,9 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     slice_max_pools(prepared)  # same values, 3-9x faster on CPU: calibration and the SNN both pool
     if not any(isinstance(m, ObservedActivation) for m in prepared.modules()):
         untraced = "" if traced else f" (fx could not trace it, so only ReLU modules count: {trace_error})"
-        raise ValueError(f"{type(model).__name__} has no ReLU or ReLU6 to convert{untraced} (and "
-                         f"identity={identity!r} adds no y = x site); use identity='all' for networks without ReLU such as ViT")
+        raise ValueError(f"{type(model).__name__} has no ReLU (nor ReLU6 or Hardtanh(0, c)) to convert{untraced} "
+                         f"(and identity={identity!r} adds no y = x site); use identity='all' for networks without "
+                         f"ReLU such as ViT")
     info = PrepareInfo(identity, traced, trace_error, sized_to=tuple(example.shape[1:]) if sized else None)
     prepared.add_module(INPUT_SHAPE, ShapeObserver().to(placement(prepared)[0]))
     if traced:

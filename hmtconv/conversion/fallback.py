@@ -1,6 +1,6 @@
 """Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
 
-Only modules can be swapped: ``nn.ReLU`` (and ``nn.ReLU6``) modules become sites (a ReLU module
+Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites (a ReLU module
 called twice shares one neuron and one set of statistics; 3-d activations at them are taken as
 tokens ``[B, N, C]``), max pooling stays after its neuron (compensated), and
 functional activations stay float. :func:`find_unconverted` reports those by running one batch
@@ -17,7 +17,7 @@ from .compensated import COMPENSATED
 from .energy import SYNAPTIC
 from .layout import read_channels_first
 from .observers import HistogramConfig
-from .sites import RELU_CEILINGS, ObservedActivation
+from .sites import ObservedActivation, ceiling_of, is_relu
 
 _WATCHED = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", torch.Tensor.relu: "relu",
             torch.Tensor.relu_: "relu_", F.relu6: "relu6", F.gelu: "gelu", F.softmax: "softmax",
@@ -44,8 +44,8 @@ class InputSite(nn.Sequential):
 
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
-        if type(module) in RELU_CEILINGS:
-            model.set_submodule(name, ObservedActivation(False, hist, ceiling=RELU_CEILINGS[type(module)]))
+        if is_relu(module):
+            model.set_submodule(name, ObservedActivation(False, hist, ceiling=ceiling_of(module)))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
             model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))
     return model

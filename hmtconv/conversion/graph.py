@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 
@@ -34,7 +35,7 @@ from .energy import SYNAPTIC
 from .functional import FUNCTIONAL, RELU_TARGETS, arg, assign, batch_norm, decompose_sdpa, scope
 from .layout import made_channels_first, read_channels_first
 from .observers import HistogramConfig
-from .sites import RELU_CEILINGS, ObservedActivation
+from .sites import ObservedActivation, ceiling_of, is_relu
 from .tracing import NotTraceable, trace
 
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -112,11 +113,11 @@ def normalize(gm: fx.GraphModule) -> None:
     seen: set[str] = set()
     for node in list(gm.graph.nodes):
         target = node.target
-        if node.op == "call_module" and type(gm.get_submodule(target)) in RELU_CEILINGS:
+        if node.op == "call_module" and is_relu(gm.get_submodule(target)):
             inplace = gm.get_submodule(target).inplace
             if target in seen:  # a reused ReLU module: this call site gets its own copy
                 parent, _, leaf = target.rpartition(".")
-                node = swap_for_module(gm, node, type(gm.get_submodule(target))(), parent, leaf, 1)
+                node = swap_for_module(gm, node, copy.deepcopy(gm.get_submodule(target)), parent, leaf, 1)
             else:
                 gm.get_submodule(target).inplace = False
             seen.add(target)
@@ -160,8 +161,7 @@ def normalize(gm: fx.GraphModule) -> None:
 
 
 def _is_relu(gm: fx.GraphModule, node) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_module"
-            and type(gm.get_submodule(node.target)) in RELU_CEILINGS)
+    return isinstance(node, fx.Node) and node.op == "call_module" and is_relu(gm.get_submodule(node.target))
 
 
 def move_max_pools(gm: fx.GraphModule, identity_site: bool, hist: HistogramConfig) -> None:
@@ -198,7 +198,7 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> No
     of_input = reads_input(gm.graph)
     for node in list(gm.graph.nodes):
         if _is_relu(gm, node) and node in of_input:
-            ceiling, first = RELU_CEILINGS[type(gm.get_submodule(node.target))], made_channels_first(gm, node.args[0])
+            ceiling, first = ceiling_of(gm.get_submodule(node.target)), made_channels_first(gm, node.args[0])
             gm.add_submodule(node.target, ObservedActivation(False, hist, first, ceiling))
     if identity not in ("all", "linear"):
         return

@@ -1,4 +1,4 @@
-"""Activation sites: where a spiking neuron goes (a ReLU or ReLU6, or a y = x identity).
+"""Activation sites: where a spiking neuron goes (a ReLU, clipped or not, or a y = x identity).
 
 In a prepared model a site is an :class:`ObservedActivation` (the float op plus an observer);
 ``convert`` swaps it for a :class:`SpikingActivation` holding the neuron that :func:`make_neuron`
@@ -16,19 +16,26 @@ from .multistep import TimeAware, fold, unfold
 from .observers import ActivationObserver, HistogramConfig
 from .policies import NeuronSpec
 
-# Modules that become unsigned sites, with the ceiling their neuron clips at (at most levels * lam
-# = the ceiling: a ReLU6's average output then saturates at 6, as the ReLU6 does).
-RELU_CEILINGS: dict[type[nn.Module], float | None] = {nn.ReLU: None, nn.ReLU6: 6.0}
+def is_relu(module: nn.Module) -> bool:
+    """Modules that become unsigned sites: ``nn.ReLU``, and the clipped ReLUs ``nn.ReLU6`` and
+    ``nn.Hardtanh(0, c)`` (what ``F.relu6``, ``F.hardtanh`` and ``clamp`` become, functional.py)."""
+    return type(module) is nn.ReLU or (type(module) in (nn.ReLU6, nn.Hardtanh) and module.min_val == 0 < module.max_val)
+
+
+def ceiling_of(module: nn.Module) -> float | None:
+    """Where a clipped ReLU saturates (6 for ReLU6), None for a ReLU. Its neuron's largest output,
+    levels * lam, is capped there, so that the average output saturates there too."""
+    return None if type(module) is nn.ReLU else float(module.max_val)
 
 
 def unsigned_output(x: torch.Tensor, ceiling: float | None) -> torch.Tensor:
-    """The float op of an unsigned site: ReLU, or ReLU6 where ``ceiling`` is 6."""
+    """The float op of an unsigned site: ReLU, or a ReLU clipped at ``ceiling``."""
     return torch.relu(x) if ceiling is None else x.clamp(0.0, ceiling)
 
 
 class ObservedActivation(nn.Module):
-    """ReLU (``signed=False``; ReLU6 with ``ceiling=6``) or identity (``signed=True``) that records
-    its input's statistics."""
+    """ReLU (``signed=False``; clipped at ``ceiling``: ReLU6, Hardtanh(0, c)) or identity
+    (``signed=True``) that records its input's statistics."""
 
     def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig(), channels_first: bool = False,
                  ceiling: float | None = None):
@@ -61,7 +68,7 @@ class SpikingActivation(TimeAware):
 
     def __init__(self, neuron: MultiLevelNeuron, ceiling: float | None = None):
         super().__init__()
-        self.neuron, self.ceiling = neuron, ceiling  # (the ReLU6's 6, for ANN mode)
+        self.neuron, self.ceiling = neuron, ceiling  # (a clipped ReLU's ceiling, for ANN mode)
         self.ann_mode = False
         # Synapses driven by each element (energy.py), a buffer so .to(device) and state_dict see it.
         self.register_buffer("fanout", None)
