@@ -43,6 +43,18 @@ def test_fanout_and_macs_match_brute_force(conv):
     assert snn.mac_ann == first + expected.sum() + linear.in_features * 3
 
 
+@pytest.mark.parametrize("conv", [nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+                                  nn.Conv1d(4, 4, 3, padding=2, dilation=2)])
+def test_fanout_of_1d_convolutions_matches_brute_force(conv):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), conv, nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(3)).eval()
+    model(torch.zeros(1, 1, 9))
+    snn = hc.convert(model, [(torch.randn(4, 1, 9), torch.zeros(4, dtype=torch.long))], n=2, T=3, policy="999",
+                     granularity="channel")
+    assert torch.equal(snn.sites()["1"].fanout, brute_force_fanout(snn.net.get_submodule("2"), (4, 9)))
+
+
 def test_energy_ratio_from_spike_counts():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
