@@ -145,6 +145,29 @@ def test_functional_activations_and_log_softmax_convert():
     assert [s.ceiling for s in snn.sites().values() if not s.signed] == [None, 6.0]  # F.relu6: a neuron that saturates
 
 
+class Clamps(nn.Module):
+    """clamp(min=0) as a ReLU, clamp(0, 2) as a clipped ReLU, clamp(-1, 1) on the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(64, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = (4 * self.conv(x)).clamp(min=0).flatten(1)
+        return torch.clamp(self.fc2(torch.clip(4 * self.fc1(h), 0, 2)), -1, 1)
+
+
+def test_clamps_become_relus_clipped_relus_or_compensated_ops():
+    torch.manual_seed(0)
+    model, data = Clamps().eval(), loader((1, 4, 4))
+    with torch.no_grad():
+        assert (4 * model.fc1((4 * model.conv(data[0][0])).relu().flatten(1)) > 2).any()  # the ceiling matters
+    snn = converges(model, data)
+    assert [s.ceiling for s in snn.sites().values() if not s.signed] == [None, 2.0]
+    kinds = [m.module for m in snn.modules() if isinstance(m, hc.compensated.Compensated)]
+    assert [(type(m), m.min_val, m.max_val) for m in kinds] == [(nn.Hardtanh, -1.0, 1.0)]
+
+
 @pytest.mark.parametrize("norm", [nn.InstanceNorm2d(4), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)])
 def test_instance_norm_after_neurons_is_compensated(norm):
     torch.manual_seed(0)

@@ -161,6 +161,18 @@ def _max_pool(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module | None
     return make
 
 
+def _clamp(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    """``clamp(x, 0)`` as ``nn.ReLU``, ``clamp(x, lo, hi)`` with constant bounds as
+    ``nn.Hardtanh(lo, hi)`` (a clipped ReLU where lo = 0, see sites.is_relu; compensated
+    otherwise); None (the call stays) for other clamps."""
+    low, high = arg(n, 1, "min"), arg(n, 2, "max")
+    if low is None or isinstance(low, fx.Node) or isinstance(high, fx.Node):
+        return None
+    if high is None:
+        return nn.ReLU() if low == 0 else None
+    return nn.Hardtanh(float(low), float(high)) if low < high else None
+
+
 def _log_softmax(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return nn.LogSoftmax(dim=arg(n, 1, "dim"))
 
@@ -205,6 +217,8 @@ FUNCTIONAL = {
     F.log_softmax: ("log_softmax", _log_softmax, 1), torch.log_softmax: ("log_softmax", _log_softmax, 1),
     "log_softmax": ("log_softmax", _log_softmax, 1),
     F.relu6: ("relu6", _plain(nn.ReLU6), 1),
+    torch.clamp: ("clamp", _clamp, 1), "clamp": ("clamp", _clamp, 1), torch.clip: ("clamp", _clamp, 1),
+    "clip": ("clamp", _clamp, 1),
     F.hardtanh: ("hardtanh", lambda gm, n: nn.Hardtanh(arg(n, 1, "min_val", -1.0), arg(n, 2, "max_val", 1.0)), 1),
     F.softplus: ("softplus", lambda gm, n: nn.Softplus(arg(n, 1, "beta", 1.0), arg(n, 2, "threshold", 20.0)), 1),
     F.adaptive_max_pool1d: ("adaptive_max_pool1d", _adaptive_max_pool(nn.AdaptiveMaxPool1d), 1),
