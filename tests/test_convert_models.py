@@ -190,6 +190,30 @@ def test_unsupported_module_after_a_neuron_is_a_clear_error():
         hc.convert(BadActivation().eval(), loader((4,)), policy="max")
 
 
+class SquarePlusSine(nn.Module):
+    """A user's stateless nonlinearity: without registration an error after neurons (sin)."""
+
+    def forward(self, x):
+        return x * x + torch.sin(x)
+
+
+def test_a_registered_module_of_the_users_is_compensated_whole():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), SquarePlusSine(), nn.Linear(8, 3)).eval()
+    data, x = loader((4,)), loader((4,))[0][0]
+    with pytest.raises(ValueError, match=r"sin function.*register_compensated"):
+        hc.convert(model, data, policy="max")
+    hc.register_compensated(SquarePlusSine)
+    try:
+        errors = [(hc.convert(model, data, n=8, T=T, policy="max")(x).mean(0) - model(x)).abs().max() for T in (4, 64)]
+        snn = hc.convert(model, data, n=8, T=4, policy="max")
+    finally:
+        hc.compensated.COMPENSATED.discard(SquarePlusSine)
+    assert [type(m.module) for m in snn.modules() if isinstance(m, hc.compensated.Compensated)] == [SquarePlusSine]
+    assert errors[1] < 0.5 * errors[0] and errors[1] < 0.02 * model(x).abs().max()
+    torch.testing.assert_close(snn.ann_forward(x), model(x))
+
+
 class Recurrent(nn.Module):
     def __init__(self):
         super().__init__()

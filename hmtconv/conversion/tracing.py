@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.fx import _symbolic_trace
 
 from .attention import DecomposedAttention, MatMul
+from .compensated import COMPENSATED
 
 
 class NotTraceable(Exception):
@@ -47,13 +48,14 @@ class Proxy(fx.Proxy):
 
 
 class Tracer(fx.Tracer):
-    """Default leaves (torch.nn modules) plus :class:`MatMul`; traces through decomposed attention
-    and the Transformer encoder (layers) that hold it."""
+    """Default leaves (torch.nn modules) plus :class:`MatMul` and the types registered with
+    ``register_compensated`` (a user's module stays one op, wrapped whole); traces through
+    decomposed attention and the Transformer encoder (layers) that hold it."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (DecomposedAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             return False
-        return isinstance(m, MatMul) or super().is_leaf_module(m, qualname)
+        return isinstance(m, MatMul) or type(m) in COMPENSATED or super().is_leaf_module(m, qualname)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return Proxy(node, self)
