@@ -278,6 +278,27 @@ def test_policy_with_site_overrides_parses_and_picks_the_last_match():
     assert unused_patterns("opt,a*=999,zz=max", ["ab", "b"]) == ["zz"]
 
 
+def test_a_registered_policy_is_used_by_name_and_declares_its_T_dependence():
+    from hmtconv.conversion.policies import POLICIES, T_DEPENDENT
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)).eval()
+    data = [(torch.randn(16, 4), torch.zeros(16, dtype=torch.long))]
+    hc.register_policy("test-half-max")(lambda obs, spec: obs.maximum(spec.per_channel) / spec.levels / 2)
+    hc.register_policy("test-max-over-T", t_dependent=True)(lambda obs, spec: obs.maximum(spec.per_channel) / spec.T)
+    try:
+        for granularity in ("layer", "channel"):
+            lams = {p: hc.convert(model, data, policy=p, granularity=granularity).sites()["1"].neuron.lam
+                    for p in ("max", "test-half-max", "opt,1=test-half-max")}
+            torch.testing.assert_close(2 * lams["test-half-max"], lams["max"])
+            torch.testing.assert_close(lams["opt,1=test-half-max"], lams["test-half-max"])
+        assert not depends_on_T("test-half-max") and depends_on_T("opt,1=test-max-over-T")
+        with pytest.raises(ValueError, match="already registered"):
+            hc.register_policy("max")(lambda obs, spec: None)
+    finally:
+        for name in ("test-half-max", "test-max-over-T"):
+            POLICIES.pop(name), T_DEPENDENT.discard(name)
+
+
 @pytest.mark.parametrize("text,message", [("opt,*x", "not PATTERN=POLICY"), ("opt,*x=best", "unknown threshold"),
                                           ("best,*x=999", "unknown threshold"), ("opt,*x=150", r"\(0, 100\]"),
                                           (True, "policy must be")])

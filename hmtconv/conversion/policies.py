@@ -44,14 +44,18 @@ Policy = Callable[[ActivationObserver, NeuronSpec], torch.Tensor]
 POLICIES: dict[str, Policy] = {}
 # Policies whose lam depends on T (eq. 24 has N = T): comparing them at several T takes one
 # conversion per T; the others serve every t <= T from one run.
-T_DEPENDENT = ("opt", "opt1500", "opt-emp")
+T_DEPENDENT: set[str] = set()
 
 
-def register_policy(name: str) -> Callable[[Policy], Policy]:
+def register_policy(name: str, *, t_dependent: bool = False) -> Callable[[Policy], Policy]:
+    """Register ``fn(observer, spec) -> lam`` under ``name``; a policy that reads ``spec.T`` must
+    say ``t_dependent=True`` (sweeps otherwise serve every T from the largest T's thresholds)."""
     def add(fn: Policy) -> Policy:
         if name in POLICIES:
             raise ValueError(f"threshold policy {name!r} is already registered")
         POLICIES[name] = fn
+        if t_dependent:
+            T_DEPENDENT.add(name)
         return fn
     return add
 
@@ -66,14 +70,14 @@ def gaussian_policy(solver: Callable, doc: str) -> Policy:
     return policy
 
 
-register_policy("opt")(gaussian_policy(
+register_policy("opt", t_dependent=True)(gaussian_policy(
     optimal_lam, "Converged optimum of eq. 23 (root of k(theta) = 1, eq. 29; Lemma 4.7)."))
-register_policy("opt1500")(gaussian_policy(
+register_policy("opt1500", t_dependent=True)(gaussian_policy(
     partial(fixed_point_lam, steps=1500),
     "Algorithm 1 run for exactly 1,500 steps from theta = 1, as the published code does."))
 
 
-@register_policy("opt-emp")
+@register_policy("opt-emp", t_dependent=True)
 def empirical_optimum(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
     """Minimum of eq. 24's error over the calibration histogram itself (no Gaussian fit)."""
     from .empirical import empirical_lam
