@@ -81,9 +81,13 @@ def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = N
         if data.limit < 1:
             raise UserError(f"--limit must be at least 1, got {data.limit}")
         eval_set = evaluation_subset(eval_set, data.limit)
+    available = len(train_set if data.calib_split == "train" else eval_set)
+    if data.calib_size > available and distributed.is_main():
+        print(f"hmtconv: note: --calib-size {data.calib_size} is more than the {data.calib_split} split's "
+              f"{available} images: calibrating on all of them", file=sys.stderr)
     # a random choice: the first images of a class-sorted split (ImageFolder's) are all of one class
-    calib = calibration_subset(train_set, eval_set, split=data.calib_split, size=min(data.calib_size, len(
-        train_set if data.calib_split == "train" else eval_set)), seed=data.seed)
+    calib = calibration_subset(train_set, eval_set, split=data.calib_split, size=min(data.calib_size, available),
+                               seed=data.seed)
     return Workload(
         model=model,
         calib_loader=make_loader(shard_batches(calib, data.batch_size), data.batch_size, seed=data.seed),

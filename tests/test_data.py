@@ -167,3 +167,11 @@ def test_limit_takes_every_class_of_a_class_sorted_image_folder(tmp_path):
     assert labels.tolist() == [0, 0, 1, 1, 2, 2]
     mnist_work = load_workload("vgg_small", DataOptions(dataset="mnist", limit=5, batch_size=5))
     assert torch.cat([y for _, y in mnist_work.eval_loader]).tolist() == load_arrays(None)[3][:5].tolist()
+
+
+def test_a_calibration_size_beyond_the_split_is_noted(capsys):
+    from hmtconv.workload import DataOptions, load_workload
+
+    work = load_workload("vgg_small", DataOptions(dataset="mnist", calib_size=70_000, calib_split="val"))
+    assert "--calib-size 70000 is more than the val split's 10000 images" in capsys.readouterr().err
+    assert sum(len(y) for _, y in work.calib_loader) == 10_000
