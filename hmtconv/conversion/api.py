@@ -285,8 +285,9 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
     if shape is None:
         raise ValueError("the prepared model has no calibration data: run calibrate(prepared, loader) first")
     unreached = [] if info.traced else drop_unreached_sites(prepared, observed_sites(prepared))
-    _warn_constant(observed_sites(prepared), per_channel=config.granularity == "channel")
-    _warn_outside_histograms(observed_sites(prepared))
+    sites = observed_sites(prepared)  # (those reached)
+    _warn_constant(sites, per_channel=config.granularity == "channel")
+    _warn_outside_histograms(sites)
     report = ConversionReport(shape, info.traced, [*info.unconverted, *unreached], info.trace_error)
     delattr(prepared, INPUT_SHAPE)
     if info.traced:
@@ -321,8 +322,10 @@ def _warn_outside_histograms(sites: dict[str, ObservedActivation]) -> None:
     """Activations at or above the histograms' top edge share one open bin, and a site whose
     activations all lie below the bottom edge has them all in bin 0: percentiles are interpolated
     inside one bin and opt-emp is coarse there; say where, and how to widen the range."""
+    if not sites:
+        return
     tops = {name: float(site.observer.max) for name, site in sites.items()}
-    hist = next(iter(sites.values())).observer.hist if sites else None
+    hist = next(iter(sites.values())).observer.hist
     above = [name for name, top in tops.items() if top >= 2.0 ** hist.max_exp]
     below = [name for name, top in tops.items() if 0 < top < 2.0 ** hist.min_exp]
     if above:

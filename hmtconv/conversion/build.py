@@ -93,7 +93,7 @@ def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
                          for name, site in sites.items()])
     for (name, site), lam in zip(sites.items(), lams):
         lam = lam.to(site.observer.count.device)
-        if site.ceiling is not None:  # a ReLU6: the neuron's largest output, levels * lam, at most 6
+        if site.ceiling is not None:  # a clipped ReLU: the neuron's largest output, levels * lam, at most c
             lam = lam.clamp_max(site.ceiling / specs[name].levels)
         net.set_submodule(name, SpikingActivation(make_neuron(specs[name], lam, config.communicate), site.ceiling))
 

@@ -16,10 +16,12 @@ from .multistep import TimeAware, fold, unfold
 from .observers import ActivationObserver, HistogramConfig
 from .policies import NeuronSpec
 
+
 def is_relu(module: nn.Module) -> bool:
     """Modules that become unsigned sites: ``nn.ReLU``, and the clipped ReLUs ``nn.ReLU6`` and
     ``nn.Hardtanh(0, c)`` (what ``F.relu6``, ``F.hardtanh`` and ``clamp`` become, functional.py)."""
-    return type(module) is nn.ReLU or (type(module) in (nn.ReLU6, nn.Hardtanh) and module.min_val == 0 < module.max_val)
+    clipped = type(module) in (nn.ReLU6, nn.Hardtanh) and module.min_val == 0 < module.max_val
+    return type(module) is nn.ReLU or clipped
 
 
 def ceiling_of(module: nn.Module) -> float | None:
