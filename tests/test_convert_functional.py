@@ -168,6 +168,45 @@ def test_clamps_become_relus_clipped_relus_or_compensated_ops():
     assert [(type(m), m.min_val, m.max_val) for m in kinds] == [(nn.Hardtanh, -1.0, 1.0)]
 
 
+class InPlace(nn.Module):
+    """An in-place activation on the conv's output, which is read again afterwards (so it must
+    read the written values), then a second in-place call after the first neuron."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(64, 3)
+        self.first, self.second = first, second
+
+    def forward(self, x):
+        h = 4 * self.conv(x)
+        y = self.first(h)
+        return self.second(self.fc((h + y).flatten(1)))
+
+
+IN_PLACE = {  # name: (call, ceiling of its neuron, or the compensated module it becomes)
+    "x.clamp_(0, 2)": (lambda h: h.clamp_(0, 2), 2.0), "torch.clamp_": (lambda h: torch.clamp_(h, 0, 2), 2.0),
+    "x.clip_(0, 2)": (lambda h: h.clip_(0, 2), 2.0), "x.clamp_min_(0)": (lambda h: h.clamp_min_(0), None),
+    "torch.clamp_min_": (lambda h: torch.clamp_min_(h, 0), None), "F.hardtanh_": (lambda h: F.hardtanh_(h, 0, 2), 2.0),
+    "x.sigmoid_()": (lambda h: h.sigmoid_(), nn.Sigmoid), "torch.tanh_": (lambda h: torch.tanh_(h), nn.Tanh),
+    "F.elu_": (lambda h: F.elu_(h), nn.ELU), "F.leaky_relu_": (lambda h: F.leaky_relu_(h, 0.1), nn.LeakyReLU),
+}
+
+
+@pytest.mark.parametrize("name", IN_PLACE)
+def test_in_place_activations_convert_like_their_out_of_place_forms(name):
+    """Clipping in place makes a (clipped) ReLU neuron, other activations in place a compensated op,
+    as their out-of-place forms do; the conv output read after the write sees the written values."""
+    torch.manual_seed(0)
+    call, kind = IN_PLACE[name]
+    first = call if not isinstance(kind, type) else F.relu
+    second = call if isinstance(kind, type) else (lambda z: z)
+    snn = converges(InPlace(first, second).eval(), loader((1, 4, 4)))
+    if isinstance(kind, type):
+        assert [type(m.module) for m in snn.modules() if isinstance(m, hc.compensated.Compensated)] == [kind]
+    else:
+        assert [s.ceiling for s in snn.sites().values() if not s.signed] == [kind]
+
+
 @pytest.mark.parametrize("norm", [nn.InstanceNorm2d(4), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)])
 def test_instance_norm_after_neurons_is_compensated(norm):
     torch.manual_seed(0)

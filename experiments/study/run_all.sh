@@ -19,3 +19,5 @@ done
 mkdir -p runs/study
 [ -f runs/study/timm-vit.md ] || { ${PYTHON:-python} experiments/study/timm_vit.py > runs/study/timm-vit.md.tmp \
     && mv runs/study/timm-vit.md.tmp runs/study/timm-vit.md; }
+[ -f runs/study/torchvision-resnet18.md ] || { ${PYTHON:-python} experiments/study/torchvision_resnet18.py \
+    > runs/study/torchvision-resnet18.md.tmp && mv runs/study/torchvision-resnet18.md.tmp runs/study/torchvision-resnet18.md; }

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from .attention import MatMul
 from .compensated import Amax
 from .fold import BatchNormAnyDim
+from .inplace import in_place, out_of_place
 from .windows import Normalize
 
 
@@ -218,7 +219,7 @@ FUNCTIONAL = {
     "log_softmax": ("log_softmax", _log_softmax, 1),
     F.relu6: ("relu6", _plain(nn.ReLU6), 1),
     torch.clamp: ("clamp", _clamp, 1), "clamp": ("clamp", _clamp, 1), torch.clip: ("clamp", _clamp, 1),
-    "clip": ("clamp", _clamp, 1),
+    "clip": ("clamp", _clamp, 1), torch.clamp_min: ("clamp", _clamp, 1), "clamp_min": ("clamp", _clamp, 1),
     F.hardtanh: ("hardtanh", lambda gm, n: nn.Hardtanh(arg(n, 1, "min_val", -1.0), arg(n, 2, "max_val", 1.0)), 1),
     F.softplus: ("softplus", lambda gm, n: nn.Softplus(arg(n, 1, "beta", 1.0), arg(n, 2, "threshold", 20.0)), 1),
     F.adaptive_max_pool1d: ("adaptive_max_pool1d", _adaptive_max_pool(nn.AdaptiveMaxPool1d), 1),
@@ -236,6 +237,20 @@ FUNCTIONAL = {
     torch.amax: ("amax", _amax, 1), "amax": ("amax", _amax, 1),
     torch.max: ("max", _max_values, 1), "max": ("max", _max_values, 1),
 }
+# In-place functions of FUNCTIONAL's (their methods, ``x.clamp_(0, 6)``, are found by name: inplace.py).
+IN_PLACE_FUNCTIONS = {torch.clamp_: torch.clamp, torch.clip_: torch.clip, torch.clamp_min_: torch.clamp_min,
+                      torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh, F.hardtanh_: F.hardtanh, F.elu_: F.elu,
+                      F.leaky_relu_: F.leaky_relu}
+
+
+def functional_call(target) -> tuple[object, bool]:
+    """``(the FUNCTIONAL key a call of target stands for, whether the call writes in place)``:
+    ``("clamp", True)`` for ``x.clamp_``, ``(torch.sigmoid, True)`` for ``torch.sigmoid_``."""
+    if target in IN_PLACE_FUNCTIONS:
+        return IN_PLACE_FUNCTIONS[target], True
+    if isinstance(target, str) and in_place(target) and out_of_place(target) in FUNCTIONAL:
+        return out_of_place(target), True
+    return target, False
 
 
 def decompose_sdpa(gm: fx.GraphModule, node: fx.Node, where: str, add_module) -> fx.Node:

@@ -32,7 +32,7 @@ from torchvision.ops import stochastic_depth
 
 from .attention import Einsum, MatMul
 from .energy import SYNAPTIC
-from .functional import FUNCTIONAL, RELU_TARGETS, arg, assign, batch_norm, decompose_sdpa, scope
+from .functional import FUNCTIONAL, RELU_TARGETS, arg, assign, batch_norm, decompose_sdpa, functional_call, scope
 from .layout import made_channels_first, read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, is_relu
@@ -124,12 +124,13 @@ def normalize(gm: fx.GraphModule) -> None:
         elif node.op in ("call_function", "call_method") and target in RELU_TARGETS:
             inplace = RELU_TARGETS[target] or bool(node.kwargs.get("inplace", False))
             node = swap_for_module(gm, node, nn.ReLU(), scope(node), "relu", 1)
-        elif node.op in ("call_function", "call_method") and target in FUNCTIONAL:
-            stem, factory, n_inputs = FUNCTIONAL[target]
+        elif node.op in ("call_function", "call_method") and functional_call(target)[0] in FUNCTIONAL:
+            key, writes = functional_call(target)
+            stem, factory, n_inputs = FUNCTIONAL[key]
             module = factory(gm, node)
             if module is None:
                 continue
-            inplace = bool(node.kwargs.get("inplace", False))  # F.silu(x, inplace=True), ...
+            inplace = writes or bool(node.kwargs.get("inplace", False))  # x.clamp_(0, 6), F.silu(x, inplace=True)
             node = swap_for_module(gm, node, module, scope(node), stem, n_inputs)
         elif node.op == "call_function" and target is F.batch_norm and arg(node, 5, "training", False) is False:
             swap_for_module(gm, node, batch_norm(gm, node), scope(node), "batch_norm", 1)

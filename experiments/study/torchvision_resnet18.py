@@ -1,0 +1,92 @@
+"""The stock torchvision ResNet18 (7x7 stride-2 stem, max pooling, residual adds) on real MNIST,
+converted through the Python API at the conversion issue's checker sizes.
+
+    python experiments/study/torchvision_resnet18.py [--epochs 1] [--images 2000]
+
+``torchvision.models.resnet18(num_classes=10)`` with its first convolution taking one channel (the
+only change), trained from seed 0 with SGD (momentum 0.9, lr 0.05 one-cycle, weight decay 5e-4,
+batch 128) on inputs normalized outside the model, then calibrated on 1,024 training images chosen
+at random (seed 0) and evaluated on the first ``--images`` test images: n = 4 "opt" at T = 1..16 and
+n = 8 "opt" at T = 1..4 with the energy ratio, per-layer thresholds. Prints markdown tables;
+docs/results.md quotes them.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+import hmtconv
+from hmtconv.data import calibration_subset, get_datasets
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class Normalized(torch.utils.data.Dataset):
+    """The checker's loaders hand the model normalized images; ours are in [0, 1]."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return (x - MNIST_MEAN) / MNIST_STD, y
+
+
+def build() -> nn.Module:
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def train(data, epochs: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = build()
+    loader = DataLoader(data, batch_size=128, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=epochs * len(loader))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--images", type=int, default=2000)
+    args = parser.parse_args()
+    hmtconv.keep_freed_memory()
+    train_set, test_set, _ = get_datasets("mnist")
+    train_set, test_set = Normalized(train_set), Normalized(test_set)
+    started = time.perf_counter()
+    model = train(train_set, args.epochs)
+    trained = time.perf_counter() - started
+    calib = DataLoader(calibration_subset(train_set, test_set, size=1024, seed=0), batch_size=256)
+    test = DataLoader(Subset(test_set, range(args.images)), batch_size=256)
+    prepared = hmtconv.calibrate(hmtconv.prepare(model), calib)
+    print(f"torchvision resnet18, {args.epochs} epoch(s) in {trained:.0f} s; first {args.images} test images")
+    print("| n | T | ANN | SNN at t = 1..T | energy at T |")
+    print("|---|---|---|---|---|")
+    for n, T in ((4, 16), (8, 4)):
+        snn = hmtconv.convert(prepared, n=n, T=T, policy="opt")
+        r = hmtconv.evaluate(snn, test, ann=model, diagnostics=False)
+        accs = " / ".join(f"{a:.2f}" for a in r.snn_accuracy)
+        energy = " / ".join(f"{e:.2f}" for e in r.energy_ratio)
+        print(f"| {n} | {T} | {r.ann_accuracy:.2f} | {accs} | {energy} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
