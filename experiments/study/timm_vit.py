@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import hmtconv
+from fit import fit
 from hmtconv.data import get_datasets
 
 POLICIES = ("opt", "999", "opt,*.mix_in0=999", "opt-emp")
@@ -29,18 +30,7 @@ def train(epochs: int) -> torch.nn.Module:
     data, _, _ = get_datasets("mnist")
     model = timm.models.VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96,
                                           depth=4, num_heads=4, mlp_ratio=2.0)
-    loader = DataLoader(data, batch_size=128, shuffle=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=epochs * len(loader))
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return fit(model, data, epochs, "adamw")
 
 
 def main() -> None:

@@ -4,11 +4,11 @@ converted through the Python API at the conversion issue's checker sizes.
     python experiments/study/torchvision_resnet18.py [--epochs 1] [--images 2000]
 
 ``torchvision.models.resnet18(num_classes=10)`` with its first convolution taking one channel (the
-only change), trained from seed 0 with SGD (momentum 0.9, lr 0.05 one-cycle, weight decay 5e-4,
-batch 128) on inputs normalized outside the model, then calibrated on 1,024 training images chosen
-at random (seed 0) and evaluated on the first ``--images`` test images: n = 4 "opt" at T = 1..16 and
-n = 8 "opt" at T = 1..4 with the energy ratio, per-layer thresholds. Prints markdown tables;
-docs/results.md quotes them.
+only change), trained from seed 0 with SGD (Nesterov momentum 0.9, lr 0.05 one-cycle, weight decay
+5e-4, batch 128; fit.py) on inputs normalized outside the model, then calibrated on 1,024 training
+images chosen at random (seed 0) and evaluated on the first ``--images`` test images: n = 4 "opt"
+at T = 1..16 and n = 8 "opt" at T = 1..4 with the energy ratio, per-layer thresholds. Prints
+markdown tables; docs/results.md quotes them.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import hmtconv
+from fit import fit
 from hmtconv.data import calibration_subset, get_datasets
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -48,19 +49,7 @@ def build() -> nn.Module:
 
 def train(data, epochs: int) -> nn.Module:
     torch.manual_seed(0)
-    model = build()
-    loader = DataLoader(data, batch_size=128, shuffle=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=epochs * len(loader))
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return fit(build(), data, epochs, "sgd", lr=0.05)
 
 
 def main() -> None:
