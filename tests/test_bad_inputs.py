@@ -292,6 +292,17 @@ def test_inputs_of_another_dtype_or_device_are_moved_to_the_model(snn):
         assert hc.evaluate(on_gpu, images()).samples == 8
 
 
+def test_an_ann_of_another_dtype_than_the_snn_gets_the_images_in_its_own(snn):
+    data = [(x, cnn()(x).argmax(1)) for x, _ in images()]  # labels the ANN gets right
+    expected = hc.evaluate(snn, data, ann=cnn()).to_dict()
+    assert expected["ann_accuracy"] == 100.0
+    for ann in (cnn().double(), cnn().to(torch.bfloat16)):
+        result = hc.evaluate(snn, data, ann=ann).to_dict()
+        assert result["ann_accuracy"] == 100.0 and result["snn_accuracy"] == expected["snn_accuracy"]
+    double = hc.convert(cnn().double(), data, T=2)  # a float64 SNN, a float32 ANN
+    assert hc.evaluate(double, data, ann=cnn()).ann_accuracy == 100.0
+
+
 def test_cli_missing_model_and_unknown_dataset(capsys):
     one_line_error(*cli(["evaluate", "--model", "missing.pt"], capsys), "is not a file")
     one_line_error(*cli(["evaluate", "--model", "vgg_small", "--dataset", "nope"], capsys), "unknown dataset 'nope'")

@@ -177,6 +177,8 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
                       f"after)", stacklevel=3)
         ann.eval()
     device, dtype = placement(snn)
+    # the ANN may live on another device or dtype: it gets the batch's images moved to its own
+    ann_placement = None if ann is None else placement(ann)
     shape = tuple(snn.report.input_shape)
     chunk = _chunk_limit(snn, steps, max_batch, memory_budget, device)
     monitor = _SiteMonitor(snn, steps, compare=diagnostics)
@@ -193,7 +195,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
                 raise ValueError(f"evaluation batch {i} has images of shape {list(x.shape[1:])} but the SNN was "
                                  f"calibrated on {list(shape)}; use the same image size and channels")
             started = _clock(device)
-            ann_pred = ann(x).argmax(-1) if ann is not None else None
+            ann_pred = None if ann is None else ann(batch[0].to(*ann_placement)).argmax(-1).to(device)
             seconds["ann"] += _clock(device) - started
             out = _simulate(snn, x, steps, chunk, diagnostics, seconds, device)  # [T, B, classes]
             counts = torch.tensor([0.0, y.shape[0]], dtype=torch.float64, device=device)
