@@ -116,6 +116,8 @@ def test_evaluation_batches_of_other_forms(snn):
     for batches, error, text in [([x for x, _ in data], TypeError, r"accuracy needs \(images, labels\) batches, "
                                    r"got images only"),
                                   ([(x, nn.functional.one_hot(y, 10)) for x, y in data], ValueError, "one-hot"),
+                                  ([(x, y[:, None]) for x, y in data], ValueError,  # not argmax(1): all zeros
+                                   r"of shape \[4, 1\]; pass labels.view\(-1\)$"),
                                   ([(x, y[:-1]) for x, y in data], ValueError, "has 4 images but 3 labels"),
                                   ([{"image": x, "label": y} for x, y in data], TypeError, "got dict")]:
         with pytest.raises(error, match=text):
