@@ -124,6 +124,18 @@ def test_evaluation_batches_of_other_forms(snn):
             hc.evaluate(snn, batches)
 
 
+def test_a_dataset_passed_for_a_loader_is_named(snn):
+    dataset = torch.utils.data.TensorDataset(*map(torch.cat, zip(*images())))  # yields one unbatched sample at a time
+    hint = r"it has a single label: is it one sample of a dataset\? iterate a torch.utils.data.DataLoader"
+    with_bn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 64, 10)).eval()  # (BatchNorm's own error is a ValueError)
+    for model in (cnn(), with_bn):
+        with pytest.raises(ValueError, match=r"cannot run calibration batch 0 of shape \[1, 8, 8\]: .*" + hint):
+            hc.convert(model, dataset)
+    with pytest.raises(ValueError, match="labels must be a 1-D integer tensor .* of shape \\[\\]; " + hint):
+        hc.evaluate(snn, dataset)
+
+
 def test_models_returning_more_than_logits_or_untraceable_without_relu_modules():
     class Pair(ConvHead):
         def forward(self, x):
