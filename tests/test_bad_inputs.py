@@ -136,6 +136,15 @@ def test_a_dataset_passed_for_a_loader_is_named(snn):
         hc.evaluate(snn, dataset)
 
 
+def test_outputs_other_than_logits_are_a_clear_error_in_evaluate():
+    head = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 10, 1)).eval()
+    snn = hc.convert(head, images(), T=2)  # converts: logits [B, 10, 1, 1]
+    for ann in (None, head):
+        who = "the SNN" if ann is None else "the ANN Sequential"
+        with pytest.raises(ValueError, match=rf"batch 0: {who} returns outputs of shape \[4, 10, 1, 1\], not logits"):
+            hc.evaluate(snn, images(), ann=ann)
+
+
 def test_models_returning_more_than_logits_or_untraceable_without_relu_modules():
     class Pair(ConvHead):
         def forward(self, x):

@@ -134,6 +134,14 @@ def _simulate(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None, diagnost
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def _logits(logits: torch.Tensor, who: str, batch: int) -> torch.Tensor:
+    """``logits`` if they are ``[B, classes]``; accuracy (argmax over the last dim) needs them so."""
+    if logits.dim() != 2:
+        raise ValueError(f"evaluation batch {batch}: {who} returns outputs of shape {list(logits.shape)}, not "
+                         f"logits [B, classes]; evaluate a model that returns them (e.g. ending in nn.Flatten())")
+    return logits
+
+
 def _check_labels(y: torch.Tensor, classes: int, batch: int) -> None:
     bad = (y < 0) | (y >= classes)
     if bad.any():
@@ -195,9 +203,11 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
                 raise ValueError(f"evaluation batch {i} has images of shape {list(x.shape[1:])} but the SNN was "
                                  f"calibrated on {list(shape)}; use the same image size and channels")
             started = _clock(device)
-            ann_pred = None if ann is None else ann(batch[0].to(*ann_placement)).argmax(-1).to(device)
+            ann_pred = None if ann is None else \
+                _logits(ann(batch[0].to(*ann_placement)), f"the ANN {type(ann).__name__}", i).argmax(-1).to(device)
             seconds["ann"] += _clock(device) - started
             out = _simulate(snn, x, steps, chunk, diagnostics, seconds, device)  # [T, B, classes]
+            _logits(out[0], "the SNN", i)
             counts = torch.tensor([0.0, y.shape[0]], dtype=torch.float64, device=device)
             if ann_pred is not None:
                 counts[0] = (ann_pred == y).sum()
