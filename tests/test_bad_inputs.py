@@ -294,6 +294,15 @@ def test_model_in_training_mode_is_converted_in_eval_mode_with_a_note():
     with pytest.warns(UserWarning, match="evaluating it in eval mode"):
         hc.evaluate(snn, images(), ann=model)
     assert model.training  # and left so again
+    model[2].eval()  # one layer frozen in eval mode (a fine-tuned model's BatchNorm), its mode kept too
+    modes = [m.training for m in model.modules()]
+    with pytest.warns(UserWarning, match="is in training mode; evaluating it in eval mode"):
+        hc.evaluate(snn, images(), ann=model)
+    assert [m.training for m in model.modules()] == modes
+    model.eval()[5].train()  # one layer in training mode: the whole ANN evaluated in eval mode
+    with pytest.warns(UserWarning, match="is partly in training mode; evaluating it in eval mode"):
+        hc.evaluate(snn, images(), ann=model)
+    assert not model.training and model[5].training
 
 
 def test_a_model_with_forward_hooks_gets_a_note():

@@ -179,10 +179,12 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
     snn.eval()
-    ann_training = ann is not None and ann.training
-    if ann_training:
-        warnings.warn(f"the ANN {type(ann).__name__} is in training mode; evaluating it in eval mode (restored "
-                      f"after)", stacklevel=3)
+    # each module's own mode, restored after (a model being fine-tuned may keep some, as a frozen
+    # BatchNorm, in eval mode: ann.train() would not restore those)
+    ann_modes = {} if ann is None else {module: module.training for module in ann.modules()}
+    if any(ann_modes.values()):
+        warnings.warn(f"the ANN {type(ann).__name__} is{'' if ann.training else ' partly'} in training mode; "
+                      f"evaluating it in eval mode (restored after)", stacklevel=3)
         ann.eval()
     device, dtype = placement(snn)
     # the ANN may live on another device or dtype: it gets the batch's images moved to its own
@@ -222,8 +224,8 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
             rows.append(torch.cat([correct.to(torch.float64), agree.to(torch.float64), monitor.take(), counts]))
     finally:
         monitor.close()
-        if ann_training:
-            ann.train()
+        for module, training in ann_modes.items():
+            module.training = training
     total = _sum_batches(rows, 4 * steps + 3 * sites + 2, device)
     correct, agree, step_spikes, synops, spikes, elements, abs_err, (ann_correct, samples) = \
         total.split([steps] * 4 + [sites] * 3 + [2])
