@@ -335,6 +335,15 @@ def test_an_ann_of_another_dtype_than_the_snn_gets_the_images_in_its_own(snn):
     assert hc.evaluate(double, data, ann=cnn()).ann_accuracy == 100.0
 
 
+def test_a_prepared_model_or_an_snn_as_the_ann_is_a_clear_error(snn):
+    prepared = hc.calibrate(hc.prepare(cnn()), images())
+    counts = [site.observer.count.item() for site in hc.api.observed_sites(prepared).values()]
+    for ann, kind in ((prepared, "prepared"), (snn, "converted")):
+        with pytest.raises(TypeError, match=f"ann= expects the float model .*, got a {kind} "):
+            hc.evaluate(snn, images(seed=1), ann=ann)
+    assert [site.observer.count.item() for site in hc.api.observed_sites(prepared).values()] == counts
+
+
 def test_cli_missing_model_and_unknown_dataset(capsys):
     one_line_error(*cli(["evaluate", "--model", "missing.pt"], capsys), "is not a file")
     one_line_error(*cli(["evaluate", "--model", "vgg_small", "--dataset", "nope"], capsys), "unknown dataset 'nope'")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..device import placement
-from .api import batch_labels, first_batches, model_input
+from .api import batch_labels, first_batches, is_prepared, model_input
 from .energy import E_AC, E_MAC
 from .memory import chunk_size, cpu_chunk, format_bytes, parse_bytes
 from .multistep import step_index
@@ -175,6 +175,10 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     chunking."""
     if not isinstance(snn, SNN):
         raise TypeError(f"evaluate expects the SNN returned by hmtconv.convert(), got {type(snn).__name__}")
+    if ann is not None and (isinstance(ann, SNN) or is_prepared(ann)):
+        raise TypeError(f"ann= expects the float model the SNN was converted from, got a "
+                        f"{'converted' if isinstance(ann, SNN) else 'prepared'} {type(ann).__name__} (a prepared "
+                        f"model's observers would add the evaluation images to its calibration)")
     steps = snn.config.T if T is None else T
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
