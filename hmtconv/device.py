@@ -1,5 +1,5 @@
 """``--device`` names to torch devices, with one clear error for names that cannot work here; where a
-model lives."""
+model lives; buffers that keep their dtype when a model is cast."""
 from __future__ import annotations
 
 import torch
@@ -30,3 +30,20 @@ def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         return tensor.device, tensor.dtype
     buffer = next(iter(model.buffers()), None)
     return buffer.device if buffer is not None else torch.device("cpu"), torch.float32
+
+
+class KeepsDtype(nn.Module):
+    """The buffers named in ``KEEP_DTYPE`` (counts and statistics: a float16 cast would round them or
+    overflow to inf) keep their dtype through ``.half()``, ``.to(dtype)`` and the like; they still
+    follow the device."""
+
+    KEEP_DTYPE: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in self.KEEP_DTYPE}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if old is not None and new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self

@@ -116,10 +116,33 @@ def test_evaluation_batches_of_other_forms(snn):
     for batches, error, text in [([x for x, _ in data], TypeError, r"accuracy needs \(images, labels\) batches, "
                                    r"got images only"),
                                   ([(x, nn.functional.one_hot(y, 10)) for x, y in data], ValueError, "one-hot"),
+                                  ([(x, y[:, None]) for x, y in data], ValueError,  # not argmax(1): all zeros
+                                   r"of shape \[4, 1\]; pass labels.view\(-1\)$"),
                                   ([(x, y[:-1]) for x, y in data], ValueError, "has 4 images but 3 labels"),
                                   ([{"image": x, "label": y} for x, y in data], TypeError, "got dict")]:
         with pytest.raises(error, match=text):
             hc.evaluate(snn, batches)
+
+
+def test_a_dataset_passed_for_a_loader_is_named(snn):
+    dataset = torch.utils.data.TensorDataset(*map(torch.cat, zip(*images())))  # yields one unbatched sample at a time
+    hint = r"it has a single label: is it one sample of a dataset\? iterate a torch.utils.data.DataLoader"
+    with_bn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 64, 10)).eval()  # (BatchNorm's own error is a ValueError)
+    for model in (cnn(), with_bn):
+        with pytest.raises(ValueError, match=r"cannot run calibration batch 0 of shape \[1, 8, 8\]: .*" + hint):
+            hc.convert(model, dataset)
+    with pytest.raises(ValueError, match="labels must be a 1-D integer tensor .* of shape \\[\\]; " + hint):
+        hc.evaluate(snn, dataset)
+
+
+def test_outputs_other_than_logits_are_a_clear_error_in_evaluate():
+    head = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 10, 1)).eval()
+    snn = hc.convert(head, images(), T=2)  # converts: logits [B, 10, 1, 1]
+    for ann in (None, head):
+        who = "the SNN" if ann is None else "the ANN Sequential"
+        with pytest.raises(ValueError, match=rf"batch 0: {who} returns outputs of shape \[4, 10, 1, 1\], not logits"):
+            hc.evaluate(snn, images(), ann=ann)
 
 
 def test_models_returning_more_than_logits_or_untraceable_without_relu_modules():
@@ -271,6 +294,15 @@ def test_model_in_training_mode_is_converted_in_eval_mode_with_a_note():
     with pytest.warns(UserWarning, match="evaluating it in eval mode"):
         hc.evaluate(snn, images(), ann=model)
     assert model.training  # and left so again
+    model[2].eval()  # one layer frozen in eval mode (a fine-tuned model's BatchNorm), its mode kept too
+    modes = [m.training for m in model.modules()]
+    with pytest.warns(UserWarning, match="is in training mode; evaluating it in eval mode"):
+        hc.evaluate(snn, images(), ann=model)
+    assert [m.training for m in model.modules()] == modes
+    model.eval()[5].train()  # one layer in training mode: the whole ANN evaluated in eval mode
+    with pytest.warns(UserWarning, match="is partly in training mode; evaluating it in eval mode"):
+        hc.evaluate(snn, images(), ann=model)
+    assert not model.training and model[5].training
 
 
 def test_a_model_with_forward_hooks_gets_a_note():
@@ -290,6 +322,26 @@ def test_inputs_of_another_dtype_or_device_are_moved_to_the_model(snn):
     if torch.cuda.is_available():
         on_gpu = hc.convert(cnn().cuda(), images(), T=2)  # CPU batches, CUDA model
         assert hc.evaluate(on_gpu, images()).samples == 8
+
+
+def test_an_ann_of_another_dtype_than_the_snn_gets_the_images_in_its_own(snn):
+    data = [(x, cnn()(x).argmax(1)) for x, _ in images()]  # labels the ANN gets right
+    expected = hc.evaluate(snn, data, ann=cnn()).to_dict()
+    assert expected["ann_accuracy"] == 100.0
+    for ann in (cnn().double(), cnn().to(torch.bfloat16)):
+        result = hc.evaluate(snn, data, ann=ann).to_dict()
+        assert result["ann_accuracy"] == 100.0 and result["snn_accuracy"] == expected["snn_accuracy"]
+    double = hc.convert(cnn().double(), data, T=2)  # a float64 SNN, a float32 ANN
+    assert hc.evaluate(double, data, ann=cnn()).ann_accuracy == 100.0
+
+
+def test_a_prepared_model_or_an_snn_as_the_ann_is_a_clear_error(snn):
+    prepared = hc.calibrate(hc.prepare(cnn()), images())
+    counts = [site.observer.count.item() for site in hc.api.observed_sites(prepared).values()]
+    for ann, kind in ((prepared, "prepared"), (snn, "converted")):
+        with pytest.raises(TypeError, match=f"ann= expects the float model .*, got a {kind} "):
+            hc.evaluate(snn, images(seed=1), ann=ann)
+    assert [site.observer.count.item() for site in hc.api.observed_sites(prepared).values()] == counts
 
 
 def test_cli_missing_model_and_unknown_dataset(capsys):

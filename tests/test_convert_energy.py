@@ -180,3 +180,25 @@ def test_product_with_a_weight_is_a_synaptic_layer(einsum):
     fanouts = [site.fanout for site in snn.sites().values()]
     assert torch.all(fanouts[0] == 5) and torch.all(fanouts[1] == 3)
     assert snn.mac_ann == 6 * 8 + 8 * 5 + 5 * 3 and snn.mac_static == 6 * 8
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_counts_and_statistics_keep_their_dtype_when_cast(dtype):
+    """``.half()`` on a calibrated model or an SNN keeps the float64 statistics and counts (a
+    float16 count above 65504 is inf: energy was NaN) and the float32 fan-outs and thresholds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16 * 16, 10)).eval()
+    data = [(torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))]
+    prepared = hc.calibrate(hc.prepare(model), data)
+    snn = hc.convert(prepared, T=2)
+    energy = hc.evaluate(snn, data, diagnostics=False).energy_ratio
+    counts = ["mac_ann", "mac_static", "mac_step", "memory_profile", "net.1.fanout", "net.1.neuron.lam"]
+    kept = {name: snn.get_buffer(name).clone() for name in counts}
+    assert snn.mac_ann > 65504  # beyond float16
+    snn.to(dtype)
+    assert snn.net.get_submodule("0").weight.dtype == dtype
+    assert all(torch.equal(snn.get_buffer(name), value) for name, value in kept.items())
+    assert hc.evaluate(snn, data, diagnostics=False).energy_ratio == pytest.approx(energy, rel=0.05)
+    lam = hc.convert(prepared, T=2).sites()["1"].neuron.lam
+    assert hc.convert(prepared.to(dtype), T=2).sites()["1"].neuron.lam.equal(lam)

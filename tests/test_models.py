@@ -197,6 +197,12 @@ def test_mismatch_names_the_problem(model, data, message):
     assert net.training  # the check leaves the mode as it found it
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_of_another_dtype_fits(dtype):
+    net = nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 10))
+    check_model_fits(net.to(dtype), info())  # (convert moves the images to the model's dtype)
+
+
 def test_fresh_timm_models_fit_the_data():
     vit = load_model("timm:vit_tiny_patch16_224", in_channels=1, image_size=32, num_classes=10)
     assert vit.model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)  # built for 32x32 (2x2 patches)

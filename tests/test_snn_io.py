@@ -79,6 +79,19 @@ def test_float64_snn_of_a_model_built_in_float32_roundtrips_in_float64(tmp_path)
     assert torch.equal(loaded(data[0][0]), snn(data[0][0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_an_snn_cast_after_conversion_roundtrips(dtype, tmp_path):
+    """``snn.to(dtype)`` casts weights only: thresholds, fan-outs and energy counts keep the dtypes a
+    conversion in that dtype gives them, so the file matches the SNN rebuilt in it."""
+    torch.manual_seed(3)
+    model = MODELS["vgg_small"](in_channels=1, num_classes=10, image_size=8).eval()
+    data = images(batches=1)
+    snn = hc.convert(model, data, T=2).to(dtype)
+    loaded, meta = load_snn(save_snn(snn, tmp_path / "c.safetensors", model="vgg_small", num_classes=10))
+    assert meta["dtype"] == str(dtype).removeprefix("torch.")
+    assert torch.equal(loaded(data[0][0].to(dtype)), snn(data[0][0].to(dtype)))
+
+
 @pytest.mark.filterwarnings("ignore:constant activations")
 @pytest.mark.parametrize("spec,size", [("timm:deit_tiny_patch16_224", 32), ("timm:mobilevit_xxs", 64)])
 def test_timm_roundtrip_with_shared_parameters_and_a_graph_traced_at_one_size(spec, size, tmp_path):

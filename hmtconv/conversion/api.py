@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -55,6 +56,16 @@ def first_batches(loader: Iterable, max_batches: int | None, what: str) -> Itera
     return itertools.islice(loader, max_batches)
 
 
+def one_sample_hint(batch) -> str:
+    """A hint where ``batch`` has a single label (a number or a 0-d tensor): one sample of a
+    dataset, its image without the batch dim, as iterating the Dataset itself yields."""
+    label = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    if not (isinstance(label, numbers.Number) or getattr(label, "ndim", None) == 0):
+        return ""
+    return ("; it has a single label: is it one sample of a dataset? iterate a torch.utils.data.DataLoader(dataset, "
+            "batch_size=...), not the dataset itself")
+
+
 def batch_labels(batch, images: torch.Tensor, where: str) -> torch.Tensor:
     """The class labels of an ``(inputs, labels, ...)`` batch: a 1-D integer tensor (a list of
     ints is taken), one per image."""
@@ -69,7 +80,8 @@ def batch_labels(batch, images: torch.Tensor, where: str) -> torch.Tensor:
             raise TypeError(f"{where}: labels must be a tensor of class indices, got {type(batch[1]).__name__}") \
                 from error
     if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
-        hint = "; one-hot labels? pass labels.argmax(1)" if y.dim() == 2 else ""
+        hint = one_sample_hint(batch) if y.dim() == 0 else "" if y.dim() != 2 else \
+            "; pass labels.view(-1)" if y.shape[1] == 1 else "; one-hot labels? pass labels.argmax(1)"
         raise ValueError(f"{where}: labels must be a 1-D integer tensor of class indices, got {y.dtype} of shape "
                          f"{list(y.shape)}{hint}")
     if len(y) != len(images):
@@ -221,9 +233,12 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"{type(prepared).__name__} returns {type(out).__name__}, not a tensor of logits; "
                                 f"convert a module whose forward returns the logits alone (e.g. model(x)[0])")
-        except RuntimeError as error:  # a shape or dtype the model cannot take, in torch's words
+        except Exception as error:  # a shape or dtype the model cannot take, in torch's words
+            hint = one_sample_hint(batch)  # (then any error: BatchNorm's "expected 4D input" is a ValueError)
+            if not (hint or isinstance(error, RuntimeError)):
+                raise
             raise ValueError(f"the model cannot run calibration batch {i} of shape {list(x.shape)}: "
-                             f"{one_line(error)}") from error
+                             f"{one_line(error)}{hint}") from error
         getattr(prepared, INPUT_SHAPE)(x)
         seen += 1
     if distributed.active():

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..device import placement
-from .api import batch_labels, first_batches, model_input
+from .api import batch_labels, first_batches, is_prepared, model_input
 from .energy import E_AC, E_MAC
 from .memory import chunk_size, cpu_chunk, format_bytes, parse_bytes
 from .multistep import step_index
@@ -134,6 +134,14 @@ def _simulate(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None, diagnost
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def _logits(logits: torch.Tensor, who: str, batch: int) -> torch.Tensor:
+    """``logits`` if they are ``[B, classes]``; accuracy (argmax over the last dim) needs them so."""
+    if logits.dim() != 2:
+        raise ValueError(f"evaluation batch {batch}: {who} returns outputs of shape {list(logits.shape)}, not "
+                         f"logits [B, classes]; evaluate a model that returns them (e.g. ending in nn.Flatten())")
+    return logits
+
+
 def _check_labels(y: torch.Tensor, classes: int, batch: int) -> None:
     bad = (y < 0) | (y >= classes)
     if bad.any():
@@ -167,16 +175,24 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     chunking."""
     if not isinstance(snn, SNN):
         raise TypeError(f"evaluate expects the SNN returned by hmtconv.convert(), got {type(snn).__name__}")
+    if ann is not None and (isinstance(ann, SNN) or is_prepared(ann)):
+        raise TypeError(f"ann= expects the float model the SNN was converted from, got a "
+                        f"{'converted' if isinstance(ann, SNN) else 'prepared'} {type(ann).__name__} (a prepared "
+                        f"model's observers would add the evaluation images to its calibration)")
     steps = snn.config.T if T is None else T
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
     snn.eval()
-    ann_training = ann is not None and ann.training
-    if ann_training:
-        warnings.warn(f"the ANN {type(ann).__name__} is in training mode; evaluating it in eval mode (restored "
-                      f"after)", stacklevel=3)
+    # each module's own mode, restored after (a model being fine-tuned may keep some, as a frozen
+    # BatchNorm, in eval mode: ann.train() would not restore those)
+    ann_modes = {} if ann is None else {module: module.training for module in ann.modules()}
+    if any(ann_modes.values()):
+        warnings.warn(f"the ANN {type(ann).__name__} is{'' if ann.training else ' partly'} in training mode; "
+                      f"evaluating it in eval mode (restored after)", stacklevel=3)
         ann.eval()
     device, dtype = placement(snn)
+    # the ANN may live on another device or dtype: it gets the batch's images moved to its own
+    ann_placement = None if ann is None else placement(ann)
     shape = tuple(snn.report.input_shape)
     chunk = _chunk_limit(snn, steps, max_batch, memory_budget, device)
     monitor = _SiteMonitor(snn, steps, compare=diagnostics)
@@ -193,9 +209,11 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
                 raise ValueError(f"evaluation batch {i} has images of shape {list(x.shape[1:])} but the SNN was "
                                  f"calibrated on {list(shape)}; use the same image size and channels")
             started = _clock(device)
-            ann_pred = ann(x).argmax(-1) if ann is not None else None
+            ann_pred = None if ann is None else \
+                _logits(ann(batch[0].to(*ann_placement)), f"the ANN {type(ann).__name__}", i).argmax(-1).to(device)
             seconds["ann"] += _clock(device) - started
             out = _simulate(snn, x, steps, chunk, diagnostics, seconds, device)  # [T, B, classes]
+            _logits(out[0], "the SNN", i)
             counts = torch.tensor([0.0, y.shape[0]], dtype=torch.float64, device=device)
             if ann_pred is not None:
                 counts[0] = (ann_pred == y).sum()
@@ -210,8 +228,8 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
             rows.append(torch.cat([correct.to(torch.float64), agree.to(torch.float64), monitor.take(), counts]))
     finally:
         monitor.close()
-        if ann_training:
-            ann.train()
+        for module, training in ann_modes.items():
+            module.training = training
     total = _sum_batches(rows, 4 * steps + 3 * sites + 2, device)
     correct, agree, step_spikes, synops, spikes, elements, abs_err, (ann_correct, samples) = \
         total.split([steps] * 4 + [sites] * 3 + [2])

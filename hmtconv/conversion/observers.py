@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..device import KeepsDtype
 from . import observer_kernel
 from .histograms import HistogramConfig
 
@@ -57,7 +58,7 @@ class ShapeObserver(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class ActivationObserver(ShapeObserver):
+class ActivationObserver(ShapeObserver, KeepsDtype):
     """Count, mean and M2 (Welford/Chan) of the input ``x``, per layer and per channel; maximum and
     histograms of the output activation ``relu(x)`` (unsigned site: the ReLU's output) or ``|x|``
     (signed site: both halves of y = x share one threshold) for the percentile policies.
@@ -67,6 +68,7 @@ class ActivationObserver(ShapeObserver):
     gives the layer's counts either way (the sum of the channels')."""
 
     LAZY = ("ch_count", "ch_mean", "ch_m2", "ch_max", "hist_channel", "hist_layer", "sample_shape")
+    KEEP_DTYPE = ("count", "mean", "m2", "max", "ch_count", "ch_mean", "ch_m2", "ch_max")
 
     def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig(), channels_first: bool = False):
         super().__init__()

@@ -12,6 +12,7 @@ from torch import nn
 from hmtconv.neurons import HMTNeuron, MTNeuron
 from hmtconv.neurons.multilevel import MultiLevelNeuron
 
+from ..device import KeepsDtype
 from .multistep import TimeAware, fold, unfold
 from .observers import ActivationObserver, HistogramConfig
 from .policies import NeuronSpec
@@ -60,13 +61,15 @@ def make_neuron(spec: NeuronSpec, lam: torch.Tensor, communicate: bool) -> Multi
     return HMTNeuron(spec.n, lam, signed=spec.signed, communicate=communicate)
 
 
-class SpikingActivation(TimeAware):
+class SpikingActivation(TimeAware, KeepsDtype):
     """Runs its neuron on ``[T*B, ...]`` (unfolded to ``[T, B, ...]``, the neuron loops over T).
 
     ``ann_mode`` makes it the float op again (ReLU or identity): the SNN then computes its ANN
     exactly, which the per-layer diagnostics compare against. With ``overwrite_input`` the output
     is written over the input tensor: a forward hook that needs the input must be a pre-hook.
     """
+
+    KEEP_DTYPE = ("fanout",)  # synapse counts
 
     def __init__(self, neuron: MultiLevelNeuron, ceiling: float | None = None):
         super().__init__()

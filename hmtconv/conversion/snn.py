@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx, nn
 
-from ..device import placement
+from ..device import KeepsDtype, placement
 from .memory import MARGIN, leaf_output_bytes
 from .multistep import TimeAware, unfold
 from .policies import parse_policy
@@ -58,9 +58,12 @@ class ConversionReport:
     folded_batchnorm: list[str] = field(default_factory=list)
 
 
-class SNN(nn.Module):
+class SNN(KeepsDtype):
     """``forward(x, T)`` returns the per-step outputs ``[T, B, ...]`` (the image enters as the same
-    analog value at every step). Energy counts (per sample, see energy.py) are buffers."""
+    analog value at every step). Energy counts (per sample, see energy.py) are float64 buffers, kept
+    so when the SNN is cast (``.half()``)."""
+
+    KEEP_DTYPE = ("mac_ann", "mac_static", "mac_step", "memory_profile")
 
     def __init__(self, net: nn.Module, config: ConversionConfig, report: ConversionReport,
                  output_temporal: bool, macs: dict[str, float] | None,

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..data.registry import DataInfo
+from ..device import placement
 from ..errors import UserError
 
 
@@ -22,13 +23,12 @@ def check_model_fits(model: nn.Module, info: DataInfo, label: str = "the model")
         raise UserError(
             f"{label} expects {conv.in_channels}-channel images but dataset {info.name!r} has {channels} channel(s)"
         )
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device, dtype = placement(model)  # (a float64 model takes float64 images, as convert gives it)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, channels, height, width, device=device))
+            out = model(torch.zeros(2, channels, height, width, device=device, dtype=dtype))
     except (RuntimeError, AssertionError, ValueError) as error:
         reason = " ".join(str(error).split())  # one line
         raise UserError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..device import KeepsDtype
 from . import cpu_kernel
 
 MAX_N = 16
@@ -120,7 +121,7 @@ class SpikeCounter:
         return per_position.sum(), (per_position * self.fanout).sum()
 
 
-class MultiLevelNeuron(nn.Module):
+class MultiLevelNeuron(KeepsDtype):
     """Multi-step multi-level IF neuron; input and output are ``[T, *shape]`` (time first).
 
     Attributes set by each call: ``spikes`` (``[T]``, binary spikes per step summed over all
@@ -128,8 +129,11 @@ class MultiLevelNeuron(nn.Module):
     spikes weighted by the number of synapses each element drives: eq. 32's numerator), and when
     ``sum_outputs`` is set, ``output_sum`` (``shape``: the outputs summed over the steps, added
     step by step from 0 in the input's dtype; the mean output without another pass over memory).
+    ``lam`` keeps its dtype when the neuron is cast (``forward`` casts it to the input's), so a
+    cast SNN is saved and rebuilt with the thresholds convert gave it.
     """
 
+    KEEP_DTYPE = ("lam",)
     levels: int
     spike_lut: torch.Tensor
 
