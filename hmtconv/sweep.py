@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -204,6 +205,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
         mine = [p for m, p in todo if m is entry]
         if not mine:
             continue
+        torch.manual_seed(config.data.seed)  # a name without weights builds the same random network each run
         work = load_workload(entry.model, config.data, weights=entry.weights, device=config.device)
         for identity in sorted({p["identity"] for p in mine}):
             prepared = calibrate(prepare(work.model, identity=identity, example_inputs=work.example_inputs()),

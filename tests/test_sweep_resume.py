@@ -113,3 +113,15 @@ def test_an_empty_grid_list_is_an_error():
 def test_bad_grid_values_are_errors_before_any_point_runs(grid, message):
     with pytest.raises(UserError, match=message):
         SweepConfig(models=[ModelEntry("net", "a.pt")], **grid)
+
+
+def test_a_model_name_without_weights_is_the_same_random_network_in_every_run(tmp_path):
+    """Else a resumed sweep would mix points of two different random networks."""
+    def lams(out):
+        config = SweepConfig(models=[ModelEntry("vgg", "vgg_small")], T=[1], out=str(tmp_path / out),
+                             data=DataOptions(dataset="mnist", limit=8, calib_size=8, batch_size=8))
+        return [layer["lam"] for layer in run_sweep(config, progress=False)[0]["result"]["per_layer"]]
+
+    first = lams("a")
+    torch.rand(1)  # the global random state moves on, as it does between processes
+    assert lams("b") == first
