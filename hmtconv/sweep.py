@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .conversion import calibrate, convert, evaluate, prepare
+from .conversion.memory import parse_bytes
 from .conversion.policies import depends_on_T
 from .conversion.snn import ConversionConfig
 from .errors import UserError
@@ -75,6 +76,11 @@ class SweepConfig:
                 _check_type(f"[[models]] {key}", value, TYPES["[[models]]"][key])
         for key in TYPES["top"]:
             _check_type(key, getattr(self, key), TYPES["top"][key])
+        if self.memory_budget is not None:
+            try:
+                parse_bytes(self.memory_budget)
+            except ValueError as error:
+                raise UserError(f"memory_budget: {error}") from None
         names = [entry.name for entry in self.models]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:

@@ -383,3 +383,11 @@ def test_demo_options_are_errors_before_training(argv, text, capsys, monkeypatch
         raise AssertionError("trained with a bad option")
     monkeypatch.setattr("hmtconv.cli.demo.trained_model", no_training)
     one_line_error(*cli(["demo", *argv], capsys), text)
+
+
+@pytest.mark.parametrize("argv, text", [(["--max-batch", "0"], "argument --max-batch: --max-batch must be at least 1"),
+                                        (["--memory-budget", "4 apples"],
+                                         "argument --memory-budget: cannot read memory size '4 apples'")])
+def test_chunk_options_are_checked_before_the_model_loads(argv, text, capsys, monkeypatch):
+    monkeypatch.setattr("hmtconv.cli.evaluate.load_workload", lambda *a, **k: pytest.fail("loaded the model"))
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", *argv], capsys), text)

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from ..conversion import POLICIES
+from ..conversion.memory import parse_bytes
 from ..conversion.policies import parse_policy
 from ..conversion.snn import GRANULARITIES, IDENTITIES, NEURONS, ConversionConfig
 from ..data import list_datasets
@@ -40,6 +41,15 @@ def positive_int(name: str, maximum: int | None = None):
             raise argparse.ArgumentTypeError(f"{name} must be in 1..{maximum}, got {value}")
         return value
     return parse
+
+
+def memory_size(text: str) -> str:
+    """A memory size such as 4GB, checked now (kept as typed, for the JSON provenance)."""
+    try:
+        parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def add_model_and_data(parser: argparse.ArgumentParser) -> None:
