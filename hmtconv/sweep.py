@@ -1,7 +1,7 @@
 """``hmtconv sweep``: a grid of conversions, one calibration per model, resumable, with tables and plots.
 
-Each finished point is appended to ``OUT/results.jsonl`` at once, so an interrupted sweep keeps
-every finished point and a re-run skips them. Thresholds of any n, T, policy, neuron and
+Each finished point is appended to ``OUT/results.jsonl`` at once, so an interrupted or failed sweep
+keeps (and reports) every finished point and a re-run skips them. Thresholds of any n, T, policy, neuron and
 granularity come from one calibration of the model (per ``identity`` value, which changes
 which sites are observed). Accuracy at every t <= T comes from the same run of T steps.
 """
@@ -200,13 +200,22 @@ def simulations(points: list[dict]) -> list[tuple[int, list[dict]]]:
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
     """Run every point not yet in ``OUT/results.jsonl`` with the same settings; return the records
     of this config's grid, in grid order (stored records of other settings or points are set aside)."""
-    out = Path(config.out)
-    results_path = out / "results.jsonl"
-    done = {r["key"] for r in read_jsonl(results_path)}
+    done = {r["key"] for r in read_jsonl(Path(config.out) / "results.jsonl")}
     points = config.points()
     keys = {m.name: fingerprint(config, m) for m in config.models}
     todo = [(m, p) for m in config.models for p in points if point_key(m.name, p, keys[m.name]) not in done]
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress or not distributed.is_main())
+    try:
+        run_points(config, todo, keys, bar)
+    finally:  # a failed or interrupted sweep still reports its finished points
+        bar.close()
+        records = report_stored(config, points, keys)
+    return records
+
+
+def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: dict[str, str], bar) -> None:
+    """Run the ``todo`` points, appending each record to ``OUT/results.jsonl`` as its run finishes."""
+    results_path = Path(config.out) / "results.jsonl"
     for entry in config.models:
         mine = [p for m, p in todo if m is entry]
         if not mine:
@@ -231,7 +240,12 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
                     if distributed.is_main():
                         append_jsonl(results_path, record)
                 bar.update(len(group))
-    bar.close()
+
+
+def report_stored(config: SweepConfig, points: list[dict], keys: dict[str, str]) -> list[dict]:
+    """The stored records of this grid, in grid order; rank 0 writes their table and plots."""
+    out = Path(config.out)
+    results_path = out / "results.jsonl"
     stored = {r["key"]: r for r in read_jsonl(results_path)}  # the last record of a key wins
     records = [stored[key] for key in (point_key(m.name, p, keys[m.name]) for m in config.models for p in points)
                if key in stored]

@@ -31,6 +31,7 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path, monkeypatch)
         run_sweep(config, progress=False)
     results = tmp_path / "out" / "results.jsonl"
     assert [r["T"] for r in read_jsonl(results)] == [1, 2]
+    assert "| cnn   | 4 | 2 |" in (tmp_path / "out" / "table.md").read_text()  # the finished points are reported
 
     calls.clear()
     records = run_sweep(config, progress=False)
