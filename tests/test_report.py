@@ -66,6 +66,10 @@ def test_a_module_swapped_run_has_no_energy_row_or_line(tmp_path):
     table = curves_table({"swapped": uncounted, "traced": RESULT})
     assert "swapped energy" not in table and "traced energy" in table and "98.80" in table
     assert plot_curves({"swapped": uncounted}, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    grid = {"n": 4, "T": 3, "neuron": "hmt", "identity": "none", "communicate": True, "granularity": "layer"}
+    write_reports([{"model": "m", **grid, "policy": policy, "result": {**uncounted, "spikes_per_sample": 1.0}}
+                   for policy in ("opt", "999")], tmp_path / "sweep", GRID_KEYS)
+    assert not (tmp_path / "sweep" / "tradeoff-m.png").exists()  # no accuracy-vs-energy plot at energy 0
 
 
 def test_provenance_has_versions_and_config():

@@ -96,7 +96,9 @@ def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) ->
             plot_curves(_by_T(mine, [k for k in varying if k != "T"]), out / f"by-T-{safe}.png",
                         title=f"{model}: accuracy and energy at t = T", xlabel="T (time steps of the conversion)")
         plot_curves(runs, out / f"curves-{safe}.png", title=f"{model}: every t of every run")
-        plot_tradeoff([{"label": _label(r, [k for k in varying if k != "T"]), "accuracy": r["result"]["snn_accuracy"][-1],
-                        "energy_ratio": (r["result"]["energy_ratio"] or [0.0])[-1]} for r in mine],
-                      out / f"tradeoff-{safe}.png", title=f"{model}: accuracy vs energy at t = T")
+        counted = [r for r in mine if r["result"]["energy_ratio"] is not None]  # (None: module-swapped)
+        if counted:
+            plot_tradeoff([{"label": _label(r, [k for k in varying if k != "T"]),
+                            "accuracy": r["result"]["snn_accuracy"][-1], "energy_ratio": r["result"]["energy_ratio"][-1]}
+                           for r in counted], out / f"tradeoff-{safe}.png", title=f"{model}: accuracy vs energy at t = T")
     atomic_write_text(out / "table.md", "\n".join(sections))
