@@ -71,6 +71,8 @@ class SweepConfig:
                 _check_conversion_value(key, value)
         for key, value in asdict(self.data).items():
             _check_type(f"[data] {key}", value, TYPES["data"][key])
+            if key in ("calib_size", "limit", "batch_size") and value is not None and value < 1:
+                raise UserError(f"[data] {key} = {value} must be at least 1")
         for entry in self.models:
             for key, value in asdict(entry).items():
                 _check_type(f"[[models]] {key}", value, TYPES["[[models]]"][key])
