@@ -108,10 +108,10 @@ def load_config(path: str | Path) -> SweepConfig:
     run a wrong grid)."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise UserError(f"sweep config {path} does not exist") from error
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:  # (TOML is UTF-8)
         raise UserError(f"sweep config {path} is not valid TOML: {error}") from error
     allowed = {"data", "grid", "models", "device", "out", "diagnostics", "memory_budget"}
     _no_unknown(raw, allowed, str(path))

@@ -101,6 +101,13 @@ def test_config_values_of_the_wrong_type_or_range_are_errors(tmp_path, text, mes
     assert str(error.value) == f"{path}: {message}"
 
 
+def test_a_config_that_is_not_utf8_is_an_error(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_bytes(b'out = "\xff"\n')
+    with pytest.raises(UserError, match=f"sweep config {re.escape(str(path))} is not valid TOML: 'utf-8' codec"):
+        sweep.load_config(path)
+
+
 def test_duplicate_model_names_are_an_error():
     with pytest.raises(UserError, match="two \\[\\[models\\]\\] are named 'net'; give each a different name"):
         SweepConfig(models=[ModelEntry("net", "a.pt"), ModelEntry("net", "b.pt")])
