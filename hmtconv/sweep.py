@@ -1,7 +1,7 @@
 """``hmtconv sweep``: a grid of conversions, one calibration per model, resumable, with tables and plots.
 
-Each finished point is appended to ``OUT/results.jsonl`` at once, so an interrupted sweep keeps
-every finished point and a re-run skips them. Thresholds of any n, T, policy, neuron and
+Each finished point is appended to ``OUT/results.jsonl`` at once, so an interrupted or failed sweep
+keeps (and reports) every finished point and a re-run skips them. Thresholds of any n, T, policy, neuron and
 granularity come from one calibration of the model (per ``identity`` value, which changes
 which sites are observed). Accuracy at every t <= T comes from the same run of T steps.
 """
@@ -14,10 +14,12 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from . import distributed
 from .conversion import calibrate, convert, evaluate, prepare
+from .conversion.memory import parse_bytes
 from .conversion.policies import depends_on_T
 from .conversion.snn import ConversionConfig
 from .errors import UserError
@@ -69,11 +71,18 @@ class SweepConfig:
                 _check_conversion_value(key, value)
         for key, value in asdict(self.data).items():
             _check_type(f"[data] {key}", value, TYPES["data"][key])
+            if key in ("calib_size", "limit", "batch_size") and value is not None and value < 1:
+                raise UserError(f"[data] {key} = {value} must be at least 1")
         for entry in self.models:
             for key, value in asdict(entry).items():
                 _check_type(f"[[models]] {key}", value, TYPES["[[models]]"][key])
         for key in TYPES["top"]:
             _check_type(key, getattr(self, key), TYPES["top"][key])
+        if self.memory_budget is not None:
+            try:
+                parse_bytes(self.memory_budget)
+            except ValueError as error:
+                raise UserError(f"memory_budget: {error}") from None
         names = [entry.name for entry in self.models]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -99,10 +108,10 @@ def load_config(path: str | Path) -> SweepConfig:
     run a wrong grid)."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise UserError(f"sweep config {path} does not exist") from error
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:  # (TOML is UTF-8)
         raise UserError(f"sweep config {path} is not valid TOML: {error}") from error
     allowed = {"data", "grid", "models", "device", "out", "diagnostics", "memory_budget"}
     _no_unknown(raw, allowed, str(path))
@@ -193,17 +202,27 @@ def simulations(points: list[dict]) -> list[tuple[int, list[dict]]]:
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
     """Run every point not yet in ``OUT/results.jsonl`` with the same settings; return the records
     of this config's grid, in grid order (stored records of other settings or points are set aside)."""
-    out = Path(config.out)
-    results_path = out / "results.jsonl"
-    done = {r["key"] for r in read_jsonl(results_path)}
+    done = {r["key"] for r in read_jsonl(Path(config.out) / "results.jsonl")}
     points = config.points()
     keys = {m.name: fingerprint(config, m) for m in config.models}
     todo = [(m, p) for m in config.models for p in points if point_key(m.name, p, keys[m.name]) not in done]
     bar = tqdm(total=len(todo), desc="sweep", disable=not progress or not distributed.is_main())
+    try:
+        run_points(config, todo, keys, bar)
+    finally:  # a failed or interrupted sweep still reports its finished points
+        bar.close()
+        records = report_stored(config, points, keys)
+    return records
+
+
+def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: dict[str, str], bar) -> None:
+    """Run the ``todo`` points, appending each record to ``OUT/results.jsonl`` as its run finishes."""
+    results_path = Path(config.out) / "results.jsonl"
     for entry in config.models:
         mine = [p for m, p in todo if m is entry]
         if not mine:
             continue
+        torch.manual_seed(config.data.seed)  # a name without weights builds the same random network each run
         work = load_workload(entry.model, config.data, weights=entry.weights, device=config.device)
         for identity in sorted({p["identity"] for p in mine}):
             prepared = calibrate(prepare(work.model, identity=identity, example_inputs=work.example_inputs()),
@@ -223,7 +242,12 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
                     if distributed.is_main():
                         append_jsonl(results_path, record)
                 bar.update(len(group))
-    bar.close()
+
+
+def report_stored(config: SweepConfig, points: list[dict], keys: dict[str, str]) -> list[dict]:
+    """The stored records of this grid, in grid order; rank 0 writes their table and plots."""
+    out = Path(config.out)
+    results_path = out / "results.jsonl"
     stored = {r["key"]: r for r in read_jsonl(results_path)}  # the last record of a key wins
     records = [stored[key] for key in (point_key(m.name, p, keys[m.name]) for m in config.models for p in points)
                if key in stored]

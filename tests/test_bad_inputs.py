@@ -422,3 +422,24 @@ def test_one_relu_module_at_two_sizes_in_an_untraceable_model_is_named():
     with pytest.raises(ValueError, match=r"relu saw per-sample shape \(4,\) after \(4, 8, 8\): .* a module of "
                                          r"its own"):
         hc.convert(TwoSizes().eval(), images())
+
+
+@pytest.mark.parametrize("argv, text", [(["--T", "0"], "--T must be at least 1"),
+                                        (["--n", "4", "17"], "--n must be in 1..16"),
+                                        (["--policy", "opt", "best"], "unknown threshold policy 'best'"),
+                                        (["--limit", "0"], "--limit must be at least 1"),
+                                        (["--epochs", "0"], "--epochs must be at least 1"),
+                                        (["--out", __file__], "cannot write")])
+def test_demo_options_are_errors_before_training(argv, text, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained with a bad option")
+    monkeypatch.setattr("hmtconv.cli.demo.trained_model", no_training)
+    one_line_error(*cli(["demo", *argv], capsys), text)
+
+
+@pytest.mark.parametrize("argv, text", [(["--max-batch", "0"], "argument --max-batch: --max-batch must be at least 1"),
+                                        (["--memory-budget", "4 apples"],
+                                         "argument --memory-budget: cannot read memory size '4 apples'")])
+def test_chunk_options_are_checked_before_the_model_loads(argv, text, capsys, monkeypatch):
+    monkeypatch.setattr("hmtconv.cli.evaluate.load_workload", lambda *a, **k: pytest.fail("loaded the model"))
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", *argv], capsys), text)

@@ -126,6 +126,15 @@ def test_sweep_config_typos_are_errors(tmp_path, capsys):
     assert "unknown key(s) policies" in capsys.readouterr().err
 
 
+def test_sweep_into_an_unwritable_folder_is_an_error_before_any_point(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("hmtconv.sweep.load_workload", lambda *a, **k: pytest.fail("loaded the model"))
+    config = tmp_path / "sweep.toml"
+    config.write_text('[[models]]\nmodel = "vgg_small"\n')
+    (tmp_path / "file").touch()
+    assert main(["sweep", str(config), "--out", str(tmp_path / "file" / "out")]) == 2
+    assert f"cannot write {tmp_path / 'file' / 'out' / 'results.jsonl'}" in capsys.readouterr().err
+
+
 def test_demo_runs_on_a_cached_model(checkpoint, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -4,7 +4,8 @@ import os
 import pytest
 
 from hmtconv.report import (append_jsonl, atomic_write_json, curves_table, layers_table, plot_curves,
-                            plot_layers, plot_tradeoff, provenance, read_jsonl)
+                            plot_layers, plot_tradeoff, provenance, read_jsonl, write_reports)
+from hmtconv.sweep import GRID_KEYS
 
 RESULT = {
     "ann_accuracy": 99.1, "snn_accuracy": [95.0, 97.5, 98.8], "energy_ratio": [0.1, 0.2, 0.31],
@@ -65,6 +66,10 @@ def test_a_module_swapped_run_has_no_energy_row_or_line(tmp_path):
     table = curves_table({"swapped": uncounted, "traced": RESULT})
     assert "swapped energy" not in table and "traced energy" in table and "98.80" in table
     assert plot_curves({"swapped": uncounted}, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    grid = {"n": 4, "T": 3, "neuron": "hmt", "identity": "none", "communicate": True, "granularity": "layer"}
+    write_reports([{"model": "m", **grid, "policy": policy, "result": {**uncounted, "spikes_per_sample": 1.0}}
+                   for policy in ("opt", "999")], tmp_path / "sweep", GRID_KEYS)
+    assert not (tmp_path / "sweep" / "tradeoff-m.png").exists()  # no accuracy-vs-energy plot at energy 0
 
 
 def test_provenance_has_versions_and_config():
@@ -72,3 +77,16 @@ def test_provenance_has_versions_and_config():
     assert record["config"] == {"n": 4} and record["seed"] == 3
     assert {"hmtconv", "torch", "torchvision"} <= set(record["versions"])
     json.dumps(record)
+
+
+def test_sweep_report_shows_a_run_whose_own_T_left_the_grid(tmp_path):
+    """T = 1 and 2 of a T-independent policy answered by a 3-step run (a grid that had T = 3 before)."""
+    grid = {"n": 4, "policy": "999", "neuron": "hmt", "identity": "none", "communicate": True, "granularity": "layer"}
+    records = [{"model": "cnn", **grid, "T": T, "simulated_T": 3,
+                "result": {**RESULT, "snn_accuracy": RESULT["snn_accuracy"][:T],
+                           "energy_ratio": RESULT["energy_ratio"][:T], "agreement": None, "spikes_per_sample": 10.0 * T}}
+               for T in (1, 2)]
+    write_reports(records, tmp_path, GRID_KEYS)
+    table = (tmp_path / "table.md").read_text()
+    assert "| T=2        | 99.10 | 95.00 | 97.50 |" in table, table
+    assert (tmp_path / "curves-cnn.png").read_bytes()[:4] == b"\x89PNG"

@@ -141,6 +141,11 @@ def test_newer_format_version_is_refused(saved, tmp_path):
         load_snn(path)
 
 
+def test_snn_file_given_as_model_names_snn(saved):
+    with pytest.raises(UserError, match="is an SNN saved by `hmtconv convert`: pass it as --snn"):
+        load_model(str(saved[1]), None, in_channels=1, image_size=8, num_classes=10)
+
+
 def test_foreign_safetensors_file_is_refused(tmp_path):
     save_file({"weight": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(UserError, match="not an SNN saved by `hmtconv convert`"):

@@ -31,6 +31,7 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path, monkeypatch)
         run_sweep(config, progress=False)
     results = tmp_path / "out" / "results.jsonl"
     assert [r["T"] for r in read_jsonl(results)] == [1, 2]
+    assert "| cnn   | 4 | 2 |" in (tmp_path / "out" / "table.md").read_text()  # the finished points are reported
 
     calls.clear()
     records = run_sweep(config, progress=False)
@@ -88,13 +89,23 @@ def test_changed_settings_rerun_points_and_set_old_records_aside(tmp_path, monke
     ('[grid]\nn = [true]', '[grid] n = true must be an integer'),
     ('grid = [1]', 'grid = [1] must be a [grid] table of lists'),
     ('[[models]]\nname = 1\nmodel = "y"', '[[models]] name = 1 must be a string'),
+    ('[data]\nlimit = 0', '[data] limit = 0 must be at least 1'),
+    ('memory_budget = "4 apples"', "memory_budget: cannot read memory size '4 apples'; write a positive number "
+                                   "with an optional unit, e.g. 512MB, 4GB or 1.5GiB"),
 ])
-def test_config_values_of_the_wrong_type_are_errors(tmp_path, text, message):
+def test_config_values_of_the_wrong_type_or_range_are_errors(tmp_path, text, message):
     path = tmp_path / "sweep.toml"
     path.write_text(text + '\n[[models]]\nname = "x"\nmodel = "x"\n' if "[[models]]" not in text else text + "\n")
     with pytest.raises(UserError) as error:
         sweep.load_config(path)
     assert str(error.value) == f"{path}: {message}"
+
+
+def test_a_config_that_is_not_utf8_is_an_error(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_bytes(b'out = "\xff"\n')
+    with pytest.raises(UserError, match=f"sweep config {re.escape(str(path))} is not valid TOML: 'utf-8' codec"):
+        sweep.load_config(path)
 
 
 def test_duplicate_model_names_are_an_error():
@@ -113,3 +124,15 @@ def test_an_empty_grid_list_is_an_error():
 def test_bad_grid_values_are_errors_before_any_point_runs(grid, message):
     with pytest.raises(UserError, match=message):
         SweepConfig(models=[ModelEntry("net", "a.pt")], **grid)
+
+
+def test_a_model_name_without_weights_is_the_same_random_network_in_every_run(tmp_path):
+    """Else a resumed sweep would mix points of two different random networks."""
+    def lams(out):
+        config = SweepConfig(models=[ModelEntry("vgg", "vgg_small")], T=[1], out=str(tmp_path / out),
+                             data=DataOptions(dataset="mnist", limit=8, calib_size=8, batch_size=8))
+        return [layer["lam"] for layer in run_sweep(config, progress=False)[0]["result"]["per_layer"]]
+
+    first = lams("a")
+    torch.rand(1)  # the global random state moves on, as it does between processes
+    assert lams("b") == first

@@ -18,16 +18,17 @@ from ..report import (atomic_write_json, curves_table, jsonable, layers_table, p
                       plot_tradeoff, provenance)
 from ..train import trained_model
 from ..workload import DataOptions, load_workload
+from .options import MAX_N, ensure_writable, policy_value, positive_int
 from .registry import register_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="directory for JSON and plots")
-    parser.add_argument("--T", type=int, default=8, help="time steps (accuracy is reported at every t <= T)")
-    parser.add_argument("--n", type=int, nargs="+", default=[4, 8], help="thresholds per neuron")
-    parser.add_argument("--policy", nargs="+", default=["opt", "999"], help="threshold policies")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs (the model is cached per recipe)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (default all)")
+    parser.add_argument("--T", type=positive_int("--T"), default=8, help="time steps (accuracy is reported at every t <= T)")
+    parser.add_argument("--n", type=positive_int("--n", MAX_N), nargs="+", default=[4, 8], help="thresholds per neuron")
+    parser.add_argument("--policy", type=policy_value, nargs="+", default=["opt", "999"], help="threshold policies")
+    parser.add_argument("--epochs", type=positive_int("--epochs"), default=3, help="training epochs (the model is cached per recipe)")
+    parser.add_argument("--limit", type=positive_int("--limit"), default=None, help="evaluate on the first N test images (default all)")
     parser.add_argument("--seed", type=int, default=0, help="training and data seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -51,6 +52,7 @@ def accuracy_by_T(prepared, work, n: int, policy: str, T_max: int, diagnostics: 
 @register_command("demo", help="Train a VGG-style CNN on real MNIST (cached), convert it with H-MT n = 4 and 8 "
                   "under opt and 999, and report accuracy and energy at every T.", add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> None:
+    ensure_writable(args.out / "results.json")  # fail now, not after training
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     checkpoint = trained_model("vgg_small", "mnist", epochs=args.epochs, seed=args.seed, progress=not args.no_progress)

@@ -21,7 +21,7 @@ from ..report.plots import plot_format
 from ..device import resolve_device
 from ..workload import load_workload
 from .options import (FIXED_BY_SNN, add_conversion, add_model_and_data, changed_conversion_options, conversion_kwargs,
-                      data_options, ensure_writable)
+                      data_options, ensure_writable, memory_size, positive_int)
 from .registry import register_command
 
 
@@ -30,10 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_conversion(parser)
     sim = parser.add_argument_group("memory (results do not depend on these)")
     chunks = sim.add_mutually_exclusive_group()
-    chunks.add_argument("--max-batch", type=int, default=None,
+    chunks.add_argument("--max-batch", type=positive_int("--max-batch"), default=None,
                         help="simulate each batch in chunks of at most this many samples (default: 32-64 on "
                         "CPU, by T, which keeps a step in cache; whole batches on GPU)")
-    chunks.add_argument("--memory-budget", default=None,
+    chunks.add_argument("--memory-budget", type=memory_size, default=None,
                         help="pick the chunk so the estimated activation memory stays under this, e.g. 4GB")
     out = parser.add_argument_group("output")
     out.add_argument("--snn", default=None, help="evaluate an SNN saved by `hmtconv convert` (no re-calibration; "

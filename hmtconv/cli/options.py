@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from ..conversion import POLICIES
+from ..conversion.memory import parse_bytes
 from ..conversion.policies import parse_policy
 from ..conversion.snn import GRANULARITIES, IDENTITIES, NEURONS, ConversionConfig
 from ..data import list_datasets
@@ -14,6 +15,7 @@ from ..workload import DataOptions
 
 
 DEFAULT_T = 4
+MAX_N = 16  # most thresholds per neuron the commands accept (as a sweep's [grid] n)
 FIXED_BY_SNN = ("n", "policy", "neuron", "identity", "communicate", "granularity")  # all but T
 
 
@@ -27,7 +29,7 @@ def policy_value(text: str) -> str | float:
     return text if overrides else base
 
 
-def positive_int(name: str):
+def positive_int(name: str, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -35,8 +37,19 @@ def positive_int(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{name} must be in 1..{maximum}, got {value}")
         return value
     return parse
+
+
+def memory_size(text: str) -> str:
+    """A memory size such as 4GB, checked now (kept as typed, for the JSON provenance)."""
+    try:
+        parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def add_model_and_data(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +75,7 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
 def add_conversion(parser: argparse.ArgumentParser) -> None:
     c = ConversionConfig()
     group = parser.add_argument_group("conversion")
-    group.add_argument("--n", type=positive_int("--n"), default=c.n, help="thresholds per neuron (1..16)")
+    group.add_argument("--n", type=positive_int("--n", MAX_N), default=c.n, help=f"thresholds per neuron (1..{MAX_N})")
     group.add_argument("--T", type=positive_int("--T"), default=None,
                        help="time steps (default: 4, or the T of an --snn file)")
     group.add_argument("--policy", type=policy_value, default=c.policy,
@@ -84,8 +97,6 @@ def data_options(args: argparse.Namespace) -> DataOptions:
 
 
 def conversion_kwargs(args: argparse.Namespace) -> dict:
-    if args.n > 16:
-        raise UserError(f"--n must be in 1..16, got {args.n}")
     return dict(n=args.n, T=args.T or DEFAULT_T, policy=args.policy, neuron=args.neuron, identity=args.identity,
                 communicate=args.communicate, granularity=args.granularity)
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .. import distributed
 from ..sweep import load_config, run_sweep
 from ..device import resolve_device
+from .options import ensure_writable
 from .registry import register_command
 
 EXAMPLE = """example CONFIG.toml:
@@ -45,6 +47,8 @@ def run(args: argparse.Namespace) -> None:
         config.device = args.device
     config.device = str(resolve_device(config.device))
     distributed.init_from_env(config.device)
+    if distributed.is_main():
+        ensure_writable(Path(config.out) / "results.jsonl")  # fail now, not after the first point
     records = run_sweep(config, progress=not args.no_progress)
     if distributed.is_main():
         print(f"{len(records)} points in {config.out}/results.jsonl; table in {config.out}/table.md")

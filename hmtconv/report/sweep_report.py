@@ -61,6 +61,17 @@ def threshold_ratios(records: list[dict], keys: list[str]) -> str | None:
     return markdown_table(["setting", "policy", "lam / lam_opt"], rows) if rows else None
 
 
+def longest_of_each_run(records: list[dict], grid_keys: tuple[str, ...]) -> list[dict]:
+    """A run answers the smaller T of T-independent policies too: its record of the largest T in
+    ``records``, which holds the others' steps (the run's own T may be left out of this grid)."""
+    longest: dict[str, dict] = {}
+    for r in records:
+        run = json.dumps([[r[k] for k in grid_keys if k != "T"], r.get("simulated_T", r["T"])])
+        if run not in longest or r["T"] > longest[run]["T"]:
+            longest[run] = r
+    return list(longest.values())
+
+
 def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) -> None:
     """``table.md`` (final-step accuracy and energy of every point, and full curves) and PNG plots."""
     varying = [k for k in grid_keys if len({json.dumps(r[k]) for r in records}) > 1]
@@ -78,15 +89,16 @@ def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) ->
         if ratios:
             sections += [f"## {model}: thresholds relative to opt (lam / lam_opt over sites: median [min, max])",
                          "", ratios, ""]
-        # a run answers the smaller T of T-independent policies too: show each simulation once
-        runs = {_label(r, varying): r["result"] for r in mine if r.get("simulated_T", r["T"]) == r["T"]}
+        runs = {_label(r, varying): r["result"] for r in longest_of_each_run(mine, grid_keys)}
         sections += [f"## {model}: accuracy and energy at every t", "", curves_table(runs), ""]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
         if "T" in varying:  # accuracy and energy at t = T of each conversion, vs T
             plot_curves(_by_T(mine, [k for k in varying if k != "T"]), out / f"by-T-{safe}.png",
                         title=f"{model}: accuracy and energy at t = T", xlabel="T (time steps of the conversion)")
         plot_curves(runs, out / f"curves-{safe}.png", title=f"{model}: every t of every run")
-        plot_tradeoff([{"label": _label(r, [k for k in varying if k != "T"]), "accuracy": r["result"]["snn_accuracy"][-1],
-                        "energy_ratio": (r["result"]["energy_ratio"] or [0.0])[-1]} for r in mine],
-                      out / f"tradeoff-{safe}.png", title=f"{model}: accuracy vs energy at t = T")
+        counted = [r for r in mine if r["result"]["energy_ratio"] is not None]  # (None: module-swapped)
+        if counted:
+            plot_tradeoff([{"label": _label(r, [k for k in varying if k != "T"]),
+                            "accuracy": r["result"]["snn_accuracy"][-1], "energy_ratio": r["result"]["energy_ratio"][-1]}
+                           for r in counted], out / f"tradeoff-{safe}.png", title=f"{model}: accuracy vs energy at t = T")
     atomic_write_text(out / "table.md", "\n".join(sections))
