@@ -24,11 +24,14 @@ from .registry import register_command
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="directory for JSON and plots")
-    parser.add_argument("--T", type=positive_int("--T"), default=8, help="time steps (accuracy is reported at every t <= T)")
+    parser.add_argument("--T", type=positive_int("--T"), default=8,
+                        help="time steps (accuracy is reported at every t <= T)")
     parser.add_argument("--n", type=positive_int("--n", MAX_N), nargs="+", default=[4, 8], help="thresholds per neuron")
     parser.add_argument("--policy", type=policy_value, nargs="+", default=["opt", "999"], help="threshold policies")
-    parser.add_argument("--epochs", type=positive_int("--epochs"), default=3, help="training epochs (the model is cached per recipe)")
-    parser.add_argument("--limit", type=positive_int("--limit"), default=None, help="evaluate on the first N test images (default all)")
+    parser.add_argument("--epochs", type=positive_int("--epochs"), default=3,
+                        help="training epochs (the model is cached per recipe)")
+    parser.add_argument("--limit", type=positive_int("--limit"), default=None,
+                        help="evaluate on the first N test images (default all)")
     parser.add_argument("--seed", type=int, default=0, help="training and data seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

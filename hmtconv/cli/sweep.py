@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@register_command("sweep", help="Run a grid over models, n, T, policy, neuron, identity, communication and granularity; "
-                  "results go to OUT/results.jsonl as each point finishes (re-running resumes), with "
+@register_command("sweep", help="Run a grid over models, n, T, policy, neuron, identity, communication and "
+                  "granularity; results go to OUT/results.jsonl as each point finishes (re-running resumes), with "
                   "OUT/table.md and PNG plots.", add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
