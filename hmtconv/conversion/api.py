@@ -80,8 +80,10 @@ def batch_labels(batch, images: torch.Tensor, where: str) -> torch.Tensor:
             raise TypeError(f"{where}: labels must be a tensor of class indices, got {type(batch[1]).__name__}") \
                 from error
     if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
-        hint = one_sample_hint(batch) if y.dim() == 0 else "" if y.dim() != 2 else \
-            "; pass labels.view(-1)" if y.shape[1] == 1 else "; one-hot labels? pass labels.argmax(1)"
+        if y.dim() == 2:
+            hint = "; pass labels.view(-1)" if y.shape[1] == 1 else "; one-hot labels? pass labels.argmax(1)"
+        else:
+            hint = one_sample_hint(batch) if y.dim() == 0 else ""
         raise ValueError(f"{where}: labels must be a 1-D integer tensor of class indices, got {y.dtype} of shape "
                          f"{list(y.shape)}{hint}")
     if len(y) != len(images):
