@@ -195,6 +195,26 @@ def test_reduction_over_the_batch_after_the_neurons_is_a_clear_error():
         hc.convert(BatchCentred().eval(), images())
 
 
+@pytest.mark.parametrize("after_relu", [False, True])
+def test_tokens_first_activations_at_neurons_are_a_clear_error(after_relu):
+    """Tokens first, ``[N, B, C]``: the SNN would fold the steps into the tokens (a ToTime at the
+    analog residual, or a neuron unfolding dim 0), which gave wrong logits of the wrong shape."""
+    class TokensFirst(ConvHead):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            h = self.conv(x)
+            h = (torch.relu(h) if after_relu else h).flatten(2).permute(2, 0, 1)
+            return self.fc((h + self.mlp(h)).mean(0))
+
+    node = "mlp.1" if after_relu else "add"
+    with pytest.raises(ValueError, match=rf"graph node '{node}'\): it reads .* dim\(s\) \[1\] change with the batch size, but "
+                                         rf"only dim 0 may: the SNN folds the time steps into dim 0"):
+        hc.convert(TokensFirst().eval(), images())
+
+
 def test_weight_norm_layers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 4, 3, padding=1)), nn.BatchNorm2d(4),

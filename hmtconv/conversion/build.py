@@ -27,7 +27,7 @@ from .memory import activation_profile
 from .functional import add_attention_mask, arg, assign, scope
 from .graph import VIEWS, add_child, computed_from, made_from_shape, swap_for_module
 from .inplace import in_place
-from .multistep import ToTime, insert_time_expansion, is_tensor
+from .multistep import TimeAware, ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
 from .snn import SNN, ConversionConfig, ConversionReport
@@ -144,6 +144,35 @@ def check_batch_kept(gm: fx.GraphModule, kinds: dict[fx.Node, str], has_batch) -
                              f"into that dim; keep statistics per sample (or move this before the first ReLU)")
 
 
+def _is_to_time(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ToTime)
+
+
+def check_batch_first(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch_dims) -> None:
+    """Neurons, compensated ops and :class:`ToTime` (un)fold the steps along dim 0, and so does the
+    SNN with its output: an activation they read with the batch in another dim (tokens first,
+    ``x.permute(1, 0, 2)``) would have its steps mixed with tokens, a clear error.
+    ``batch_dims(node)``: the dims of ``node``'s value that the batch size changes (None: unknown)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), TimeAware):
+            reads = node.all_input_nodes
+            reader = next(iter(node.users), node) if _is_to_time(gm, node) else node  # (ToTime: the op it feeds)
+        elif node.op == "output" and isinstance(node.args[0], fx.Node) and kinds.get(node.args[0]) == "temporal":
+            reads, reader = [node.args[0]], None
+        else:
+            continue
+        for source in reads:
+            dims = batch_dims(source)
+            if dims and dims != [0]:
+                where = "the model's output" if reader is None else \
+                    f"{scope(reader) or '<root>'} (graph node {reader.name!r})"
+                raise ValueError(f"cannot convert {where}: it reads {source.name}, an activation whose dim(s) "
+                                 f"{dims} change with the batch size, but only dim 0 may: the SNN folds the time steps "
+                                 f"into dim 0 for its neurons, compensated ops and output. Keep the batch dim first "
+                                 f"there and alone (batch_first layouts, x.transpose(0, 1) back before the layer, no "
+                                 f"broadcasting between samples)")
+
+
 def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
     spiky = reads_spikes(gm, kinds)
     for node in list(gm.graph.nodes):
@@ -255,6 +284,14 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
     kinds = insert_time_expansion(net, lambda node: node in spiking, has_batch)
     check_batch_kept(net, kinds, has_batch)
     compensate_and_check(net, kinds)
+
+    def batch_dims(node: fx.Node) -> list[int] | None:
+        while _is_to_time(net, node):
+            node = node.args[0]
+        if node not in shapes[1] or len(shapes[0][node]) != len(shapes[1][node]):
+            return None  # (made by convert, or a squeeze that drops the batch dim at batch 1)
+        return [d for d, (a, b) in enumerate(zip(shapes[0][node], shapes[1][node])) if a != b]
+    check_batch_first(net, kinds, batch_dims)
     macs = count_operations(net, kinds)
     allow_overwrite(net)
     output = next(n for n in net.graph.nodes if n.op == "output").args[0]
