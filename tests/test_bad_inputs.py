@@ -210,9 +210,29 @@ def test_tokens_first_activations_at_neurons_are_a_clear_error(after_relu):
             return self.fc((h + self.mlp(h)).mean(0))
 
     node = "mlp.1" if after_relu else "add"
-    with pytest.raises(ValueError, match=rf"graph node '{node}'\): it reads .* dim\(s\) \[1\] change with the batch size, but "
-                                         rf"only dim 0 may: the SNN folds the time steps into dim 0"):
+    with pytest.raises(ValueError, match=rf"graph node '{node}'\): it reads .* dim\(s\) \[1\] change with the batch "
+                                         rf"size, but only dim 0 may: the SNN folds the time steps into dim 0"):
         hc.convert(TokensFirst().eval(), images())
+
+
+@pytest.mark.parametrize("call,node,what", [
+    (lambda h, B: torch.cat([h, h.flip(3)], 0), "cat", "moves rows along"),
+    (lambda h, B: sum(h.chunk(2, 0)), "chunk", "moves rows along"),
+    (lambda h, B: h[:B], "getitem", "moves rows along"),
+    (lambda h, B: h.roll(1, 0), "roll", "moves rows along"), (lambda h, B: h.flip(0), "flip", "moves rows along"),
+    (lambda h, B: h.view(2, -1, 4, 8, 8).mean(0), "view", "splits")])
+def test_moving_rows_along_the_batch_after_the_neurons_is_a_clear_error(call, node, what):
+    """Test-time augmentation (a flipped copy of each image) and the like undone after a neuron: the
+    SNN's rows there are steps and samples, so these mixed steps (the next neuron integrated other
+    steps' inputs) without a word."""
+    class RowsMoved(ConvHead):
+        def forward(self, x):
+            h = torch.relu(self.conv(torch.cat([x, x.flip(3)], 0)))
+            return self.fc(torch.relu(call(h, x.shape[0])).mean((2, 3)))
+
+    with pytest.raises(ValueError, match=rf"graph node '{node}(_1)?'\): it {what} the batch dim of an activation "
+                                         rf"after the neurons, and the SNN folds the time steps into that dim"):
+        hc.convert(RowsMoved().eval(), images())
 
 
 def test_weight_norm_layers():
