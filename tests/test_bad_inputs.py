@@ -195,6 +195,46 @@ def test_reduction_over_the_batch_after_the_neurons_is_a_clear_error():
         hc.convert(BatchCentred().eval(), images())
 
 
+@pytest.mark.parametrize("after_relu", [False, True])
+def test_tokens_first_activations_at_neurons_are_a_clear_error(after_relu):
+    """Tokens first, ``[N, B, C]``: the SNN would fold the steps into the tokens (a ToTime at the
+    analog residual, or a neuron unfolding dim 0), which gave wrong logits of the wrong shape."""
+    class TokensFirst(ConvHead):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            h = self.conv(x)
+            h = (torch.relu(h) if after_relu else h).flatten(2).permute(2, 0, 1)
+            return self.fc((h + self.mlp(h)).mean(0))
+
+    node = "mlp.1" if after_relu else "add"
+    with pytest.raises(ValueError, match=rf"graph node '{node}'\): it reads .* dim\(s\) \[1\] change with the batch "
+                                         rf"size, but only dim 0 may: the SNN folds the time steps into dim 0"):
+        hc.convert(TokensFirst().eval(), images())
+
+
+@pytest.mark.parametrize("call,node,what", [
+    (lambda h, B: torch.cat([h, h.flip(3)], 0), "cat", "moves rows along"),
+    (lambda h, B: sum(h.chunk(2, 0)), "chunk", "moves rows along"),
+    (lambda h, B: h[:B], "getitem", "moves rows along"),
+    (lambda h, B: h.roll(1, 0), "roll", "moves rows along"), (lambda h, B: h.flip(0), "flip", "moves rows along"),
+    (lambda h, B: h.view(2, -1, 4, 8, 8).mean(0), "view", "splits")])
+def test_moving_rows_along_the_batch_after_the_neurons_is_a_clear_error(call, node, what):
+    """Test-time augmentation (a flipped copy of each image) and the like undone after a neuron: the
+    SNN's rows there are steps and samples, so these mixed steps (the next neuron integrated other
+    steps' inputs) without a word."""
+    class RowsMoved(ConvHead):
+        def forward(self, x):
+            h = torch.relu(self.conv(torch.cat([x, x.flip(3)], 0)))
+            return self.fc(torch.relu(call(h, x.shape[0])).mean((2, 3)))
+
+    with pytest.raises(ValueError, match=rf"graph node '{node}(_1)?'\): it {what} the batch dim of an activation "
+                                         rf"after the neurons, and the SNN folds the time steps into that dim"):
+        hc.convert(RowsMoved().eval(), images())
+
+
 def test_weight_norm_layers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 4, 3, padding=1)), nn.BatchNorm2d(4),

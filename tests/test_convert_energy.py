@@ -149,7 +149,7 @@ class ReadThenScaled(nn.Module):
             r.mul_(2.0)
         else:
             r = r * 2.0
-        return self.b(r).sum((2, 3)) + a.sum((2, 3, 1), keepdim=True)
+        return self.b(r).sum((2, 3)) + a.flatten(1).sum(1, keepdim=True)
 
 
 def test_in_place_op_after_a_layer_read_the_tensor():

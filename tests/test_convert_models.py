@@ -129,20 +129,22 @@ class Untraceable(nn.Module):
 
     def forward(self, x):
         h = self.act(self.fc1(x))
-        if h.sum() > -1e9:  # data-dependent control flow: fx cannot trace it
+        if h.max() > -1e9:  # data-dependent control flow: fx cannot trace it (a max to a number: no activation)
             h = self.act(h - 0.1) if self.shared else self.activation(h - 0.1)
         return F.linear(h, self.fc2.weight, self.fc2.bias) if self.functional_head else self.fc2(h)
 
 
-@pytest.mark.parametrize("activation", [F.relu, F.relu6])
-def test_untraceable_model_falls_back_and_reports_unconverted(activation):
+@pytest.mark.parametrize("activation,name", [
+    (F.relu, "relu"), (F.relu6, "relu6"), (lambda h: F.max_pool1d(h[:, None], 3, 1, 1)[:, 0], "max_pool1d"),
+    (lambda h: h.clamp(max=1.0), "clamp"), (lambda h: h.sigmoid_(), "sigmoid_"), (F.leaky_relu, "leaky_relu")])
+def test_untraceable_model_falls_back_and_reports_unconverted(activation, name):
     torch.manual_seed(0)
     model, data = Untraceable(activation=activation).eval(), loader((6,), classes=3)
     snn = hc.convert(model, data, n=4, T=64, policy="max")
     assert not snn.report.traced and "TraceError" in snn.report.trace_error
-    assert snn.report.unconverted == [("<root>", activation.__name__)]  # float on spikes
+    assert snn.report.unconverted == [("<root>", name)]  # float on spikes
     assert snn(data[0][0]).shape == (64, 4, 3)
-    assert hc.evaluate(snn, data).unconverted == [("<root>", activation.__name__)]
+    assert hc.evaluate(snn, data).unconverted == [("<root>", name)]
 
 
 def test_the_fallback_compares_a_site_called_twice_call_by_call():

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -27,7 +28,7 @@ from .memory import activation_profile
 from .functional import add_attention_mask, arg, assign, scope
 from .graph import VIEWS, add_child, computed_from, made_from_shape, swap_for_module
 from .inplace import in_place
-from .multistep import ToTime, insert_time_expansion, is_tensor
+from .multistep import TimeAware, ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
 from .snn import SNN, ConversionConfig, ConversionReport
@@ -144,6 +145,79 @@ def check_batch_kept(gm: fx.GraphModule, kinds: dict[fx.Node, str], has_batch) -
                              f"into that dim; keep statistics per sample (or move this before the first ReLU)")
 
 
+def _is_to_time(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ToTime)
+
+
+RESHAPES = {"view", "reshape", torch.reshape, "unflatten", torch.unflatten, "view_as", "reshape_as"}
+
+
+def _dims_along(node: fx.Node) -> list | None:
+    """The dims a call that moves rows along them acts on (``torch.cat``, chunk, split, narrow,
+    index_select, roll, flip; slicing: dim 0 unless its first index takes every row), as written
+    (negative ones too); None: all of them (a roll without dims)."""
+    target, rest = node.target, node.args[1:]
+    if target is torch.cat:
+        return [arg(node, 1, "dim", 0)]
+    if target in ("chunk", torch.chunk, "split", torch.split):
+        return [arg(node, 2, "dim", 0)]
+    if target in ("narrow", torch.narrow, "index_select", torch.index_select):
+        return [arg(node, 1, "dim")]
+    if target in ("roll", torch.roll):
+        dims = arg(node, 2, "dims")
+    elif target in ("flip", torch.flip):
+        dims = rest if len(rest) > 1 else arg(node, 1, "dims")  # (x.flip(0, 1), x.flip((0, 1)))
+    elif target is operator.getitem:
+        first = rest[0][0] if isinstance(rest[0], tuple) and rest[0] else rest[0]
+        return [] if first is Ellipsis or first is None or first == slice(None) else [0]
+    else:
+        return []
+    return None if dims is None else list(dims) if isinstance(dims, (tuple, list)) else [dims]
+
+
+def check_batch_first(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch_dims) -> None:
+    """Neurons, compensated ops and :class:`ToTime` (un)fold the steps along dim 0, and so does the
+    SNN with its output: an activation they read with the batch in another dim (tokens first,
+    ``x.permute(1, 0, 2)``) would have its steps mixed with tokens, a clear error; so is an op that
+    moves rows along the batch dim after the neurons (``torch.cat([h, h2], 0)``, ``h.chunk(2, 0)``,
+    ``h.view(2, -1, C)``: test-time augmentation undone), which would move them to other steps.
+    ``batch_dims(node)``: the dims of ``node``'s value that the batch size changes (None: unknown)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), TimeAware):
+            reads = node.all_input_nodes
+            reader = next(iter(node.users), node) if _is_to_time(gm, node) else node  # (ToTime: the op it feeds)
+        elif node.op == "output" and isinstance(node.args[0], fx.Node) and kinds.get(node.args[0]) == "temporal":
+            reads, reader = [node.args[0]], None
+        elif kinds.get(node) == "temporal" and node.op in ("call_function", "call_method") and node.args:
+            source = node.args[0][0] if node.target is torch.cat and node.args[0] else node.args[0]
+            if not (isinstance(source, fx.Node) and is_tensor(source)):
+                continue
+            dims, along = batch_dims(source) or [], _dims_along(node)
+            rank = len(source.meta["tensor_meta"].shape)
+            moves = dims and (along is None or any(isinstance(d, int) and d % rank in dims for d in along))
+            out = batch_dims(node)  # (a reshape to [1, T*B, ...] splits off nothing: unsqueeze(0))
+            splits = node.target in RESHAPES and dims == [0] and out not in (None, [], [0]) and \
+                math.prod(node.meta["tensor_meta"].shape[:out[0]]) > 1
+            if moves or splits:
+                raise ValueError(f"cannot convert {scope(node) or '<root>'} (graph node {node.name!r}): it "
+                                 f"{'splits' if splits else 'moves rows along'} the batch dim of an activation after "
+                                 f"the neurons, and the SNN folds the time steps into that dim (each step's rows "
+                                 f"would go to other steps); do it before the first ReLU, or along another dim")
+            continue
+        else:
+            continue
+        for source in reads:
+            dims = batch_dims(source)
+            if dims and dims != [0]:
+                where = "the model's output" if reader is None else \
+                    f"{scope(reader) or '<root>'} (graph node {reader.name!r})"
+                raise ValueError(f"cannot convert {where}: it reads {source.name}, an activation whose dim(s) "
+                                 f"{dims} change with the batch size, but only dim 0 may: the SNN folds the time steps "
+                                 f"into dim 0 for its neurons, compensated ops and output. Keep the batch dim first "
+                                 f"there and alone (batch_first layouts, x.transpose(0, 1) back before the layer, no "
+                                 f"broadcasting between samples)")
+
+
 def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
     spiky = reads_spikes(gm, kinds)
     for node in list(gm.graph.nodes):
@@ -255,6 +329,14 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
     kinds = insert_time_expansion(net, lambda node: node in spiking, has_batch)
     check_batch_kept(net, kinds, has_batch)
     compensate_and_check(net, kinds)
+
+    def batch_dims(node: fx.Node) -> list[int] | None:
+        while _is_to_time(net, node):
+            node = node.args[0]
+        if node not in shapes[1] or len(shapes[0][node]) != len(shapes[1][node]):
+            return None  # (made by convert, or a squeeze that drops the batch dim at batch 1)
+        return [d for d, (a, b) in enumerate(zip(shapes[0][node], shapes[1][node])) if a != b]
+    check_batch_first(net, kinds, batch_dims)
     macs = count_operations(net, kinds)
     allow_overwrite(net)
     output = next(n for n in net.graph.nodes if n.op == "output").args[0]

@@ -15,16 +15,31 @@ from torch.overrides import TorchFunctionMode
 
 from .compensated import COMPENSATED
 from .energy import SYNAPTIC
+from .functional import FUNCTIONAL, IN_PLACE_FUNCTIONS
 from .layout import read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, is_relu
 
-_WATCHED = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", torch.Tensor.relu: "relu",
-            torch.Tensor.relu_: "relu_", F.relu6: "relu6", F.gelu: "gelu", F.softmax: "softmax",
-            torch.softmax: "softmax", torch.Tensor.softmax: "softmax", F.layer_norm: "layer_norm",
-            torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul", torch.bmm: "bmm",
-            F.silu: "silu", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
-            F.scaled_dot_product_attention: "scaled_dot_product_attention"}
+LINEAR_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+
+def _watched() -> dict:
+    """The nonlinear calls to report (as a TorchFunctionMode sees them) and their names: ReLUs,
+    matmuls, attention, and every other call graph.normalize makes a neuron or a compensated
+    module of (max pooling, clamps, F.hardtanh...), methods by name, in place too."""
+    watched = {torch.relu_: "relu_", torch.Tensor.relu_: "relu_", torch.Tensor.__matmul__: "matmul",
+               torch.bmm: "bmm", F.scaled_dot_product_attention: "scaled_dot_product_attention"}
+    for call in (*FUNCTIONAL, *IN_PLACE_FUNCTIONS, F.relu, torch.relu, "relu"):
+        if isinstance(call, str):  # a method, and its in-place form
+            funcs = [getattr(torch.Tensor, name) for name in (call, call + "_") if hasattr(torch.Tensor, name)]
+        else:
+            funcs = [] if call in LINEAR_CALLS else [call]
+        for func in funcs:
+            watched.setdefault(func, func.__name__)
+    return watched
+
+
+_WATCHED = _watched()
 
 
 class InputSite(nn.Sequential):
@@ -68,9 +83,12 @@ class _Recorder(TorchFunctionMode):
         self.stack, self.found = stack, found
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _WATCHED and self.stack and self.stack[-1] is not None:
+        out = func(*args, **(kwargs or {}))
+        # (a 0-d result is a number for Python, ``if h.max() > 0``: no activation)
+        scalar = isinstance(out, torch.Tensor) and out.dim() == 0
+        if func in _WATCHED and self.stack and self.stack[-1] is not None and not scalar:
             self.found.add((self.stack[-1], _WATCHED[func]))
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 @torch.no_grad()
