@@ -202,3 +202,22 @@ def test_counts_and_statistics_keep_their_dtype_when_cast(dtype):
     assert hc.evaluate(snn, data, diagnostics=False).energy_ratio == pytest.approx(energy, rel=0.05)
     lam = hc.convert(prepared, T=2).sites()["1"].neuron.lam
     assert hc.convert(prepared.to(dtype), T=2).sites()["1"].neuron.lam.equal(lam)
+
+
+def test_layer_called_on_the_image_and_on_spikes_counts_each_call_by_its_input():
+    """One conv run on the image (analog: MACs once per inference) and on the spikes of its own
+    ReLU (accumulates): its first call is static, not a per-step cost."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 2, 1), nn.Linear(2 * 3 * 3, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(torch.relu(self.conv(x)))).flatten(1))
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 2, 3, 3), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(Shared().eval(), data, n=2, T=3, policy="999")
+    conv_macs = 2 * 2 * 3 * 3  # 1x1 kernel: each of the 2*3*3 outputs reads 2 inputs
+    assert snn.mac_static == conv_macs and snn.mac_step == 0
+    assert snn.mac_ann == 2 * conv_macs + 2 * 3 * 3 * 3

@@ -132,7 +132,8 @@ class _Probe(fx.Interpreter):
         self.device = next(iter(gm.buffers())).device
         self.leaves: dict[str, torch.Tensor] = {}
         self.ac = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.layers: list[tuple[str, float, bool]] = []  # (target, MACs, spike-driven?)
+        # per call, not per module: one called on the image and on spikes is static once, temporal once
+        self.layers: list[tuple[str, float, bool]] = []  # (the call's kind, MACs, spike-driven?)
 
     def _zeros(self, node_meta) -> torch.Tensor:
         return torch.zeros(node_meta.shape, dtype=torch.float64, device=self.device)
@@ -179,10 +180,10 @@ class _Probe(fx.Interpreter):
     def call_method(self, target, args, kwargs):
         return self._call(target, args, kwargs, super().call_method)
 
-    def _layer(self, target: str, layer, x: torch.Tensor) -> None:
+    def _layer(self, layer, x: torch.Tensor) -> None:
         """A synaptic layer ``layer(x)`` (linear in x, all-ones weights): its MACs, and the
         accumulates of spikes that reach it."""
-        self.layers.append((target, layer(torch.ones_like(x)).sum().item(), x.requires_grad))
+        self.layers.append((self.kinds[self.env_meta], layer(torch.ones_like(x)).sum().item(), x.requires_grad))
         if x.requires_grad:
             self.ac = self.ac + layer(x).sum()
 
@@ -195,13 +196,13 @@ class _Probe(fx.Interpreter):
             return leaf.clone()  # (not the leaf itself: a method may scale it in place)
         x = args[0] if args else None
         if isinstance(module, SYNAPTIC):
-            self._layer(target, lambda v: connections(module, v), x)
+            self._layer(lambda v: connections(module, v), x)
         elif isinstance(module, MatMul):  # Einsum too; the product of two activations is Compensated
             constant = [self.kinds.get(a) == "const" for a in self.env_meta.args]
             if constant.count(True) == 1:  # x @ weight
                 ones = [torch.ones_like(a) for a in args]
                 at = constant.index(False)
-                self._layer(target, lambda v: module(*ones[:at], v, *ones[at + 1:]), args[at])
+                self._layer(lambda v: module(*ones[:at], v, *ones[at + 1:]), args[at])
         elif isinstance(module, BATCHNORMS):
             return x
         elif isinstance(module, _PASS):
@@ -222,10 +223,9 @@ def count_operations(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[str,
         site = gm.get_submodule(target)
         fanout = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         site.fanout = fanout[0].to(torch.float32)
-    kind_of = {n.target: kinds[n] for n in gm.graph.nodes if n.op == "call_module"}
     counts = {"mac_ann": 0.0, "mac_static": 0.0, "mac_step": 0.0}
-    for target, macs, spike_driven in probe.layers:
+    for kind, macs, spike_driven in probe.layers:
         counts["mac_ann"] += macs
         if not spike_driven:
-            counts["mac_static" if kind_of[target] == "static" else "mac_step"] += macs
+            counts["mac_static" if kind == "static" else "mac_step"] += macs
     return counts
