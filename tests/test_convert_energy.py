@@ -221,3 +221,20 @@ def test_layer_called_on_the_image_and_on_spikes_counts_each_call_by_its_input()
     conv_macs = 2 * 2 * 3 * 3  # 1x1 kernel: each of the 2*3*3 outputs reads 2 inputs
     assert snn.mac_static == conv_macs and snn.mac_step == 0
     assert snn.mac_ann == 2 * conv_macs + 2 * 3 * 3 * 3
+
+
+def test_spikes_scaled_by_the_image_reach_the_next_layer():
+    """A factor computed from the image (static) passes spikes on like a constant one: each spike
+    still drives the Linear's 3 synapses (the probe's zero image must not cut them)."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * 5 * 5, 3)
+
+        def forward(self, x):
+            return self.fc((torch.relu(self.conv(x)) * x[:, :1]).flatten(1))
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 2, 5, 5), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(Gated().eval(), data, n=2, T=3, policy="999")
+    assert torch.all(snn.sites()["relu"].fanout == 3)

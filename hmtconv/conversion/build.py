@@ -25,7 +25,7 @@ from .energy import REARRANGING, SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import add_attention_mask, arg, assign, scope
-from .graph import VIEWS, add_child, computed_from, made_from_shape, swap_for_module
+from .graph import VIEWS, add_child, computed_from, made_from_shape, reads_input, swap_for_module
 from .inplace import in_place
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
@@ -255,7 +255,7 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
     kinds = insert_time_expansion(net, lambda node: node in spiking, has_batch)
     check_batch_kept(net, kinds, has_batch)
     compensate_and_check(net, kinds)
-    macs = count_operations(net, kinds)
+    macs = count_operations(net, kinds, reads_input(net.graph))
     allow_overwrite(net)
     output = next(n for n in net.graph.nodes if n.op == "output").args[0]
     return SNN(net, config, report, output_temporal=kinds.get(output) == "temporal", macs=macs,

@@ -12,14 +12,14 @@ What is counted, per sample:
   all-ones kernel on an all-ones input (padded positions feed nothing).
 - **Spike-driven layers** (input reaches it from spiking neurons through structural ops only: add,
   reshape, flatten, cat, dropout, BatchNorm, average pooling, means, and sums, differences and
-  products with constants): each binary spike of neuron i costs ``c_i`` accumulates (eq. 32),
-  ``c_i`` summed over every layer the neuron reaches (a ResNet neuron feeding the next block's conv
-  and its shortcut conv counts both). Connections are counted, not weighted: BatchNorm and constant
-  factors count as folded into the next layer (a factor of 0 cuts the connection), a difference as
-  a sum, and average pooling and means as summation (each window that holds the spike passes it
-  on), so none of them scales ``c`` (bilinear upsampling spreads a spike over its interpolation
-  weights). The neurons count their own spikes and ``spikes * c`` (``neuron.fanout``); nothing
-  is recomputed per step.
+  products with constants or static tensors): each binary spike of neuron i costs ``c_i``
+  accumulates (eq. 32), ``c_i`` summed over every layer the neuron reaches (a ResNet neuron feeding
+  the next block's conv and its shortcut conv counts both). Connections are counted, not weighted:
+  BatchNorm and constant factors count as folded into the next layer (a constant 0 cuts the
+  connection; a factor computed from the image never does), a difference as a sum, and average
+  pooling and means as summation (each window that holds the spike passes it on), so none of them
+  scales ``c`` (bilinear upsampling spreads a spike over its interpolation weights). The neurons
+  count their own spikes and ``spikes * c`` (``neuron.fanout``); nothing is recomputed per step.
 - **Analog-fed layers** cost MACs: a layer before the first neuron (the image enters as the same
   analog value at every step, so it runs once: ``mac_static``, counted once per inference), and a
   layer fed by float values that change over time (e.g. after a compensated op, ``mac_step``,
@@ -126,9 +126,10 @@ class _Probe(fx.Interpreter):
     them and the layers run by their connections (see the module docstring), every other op is a
     constant, so ``autograd`` routes exactly the synapse counts."""
 
-    def __init__(self, gm: fx.GraphModule, kinds: dict[fx.Node, str]):
+    def __init__(self, gm: fx.GraphModule, kinds: dict[fx.Node, str], data: set[fx.Node]):
         super().__init__(gm)
         self.kinds = kinds
+        self.data = data  # the nodes computed from the image's values (zeros here, not the data's)
         self.device = next(iter(gm.buffers())).device
         self.leaves: dict[str, torch.Tensor] = {}
         self.ac = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -171,8 +172,20 @@ class _Probe(fx.Interpreter):
             return args[0]
         if target in _POOL_FUNCTIONS:  # as the module, whose arguments come in the same order
             return _window_sum(_POOL_FUNCTIONS[target](*args[1:], **kwargs), args[0])
+        if target in _FACTORS:
+            args, kwargs = self._data_as_ones(args, kwargs)
         out = run(*_connections_only(target, args, kwargs))
         return out * (args[0].numel() / out.numel()) if target in _MEANS else out  # (B = 1) a sum
+
+    def _data_as_ones(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Factors computed from the image as ones: a spike scaled by the data reaches what follows
+        (their values here come from a zero image, and a zero would cut the connection)."""
+        def one(node, value):
+            data = isinstance(node, fx.Node) and node in self.data
+            return torch.ones_like(value) if data and isinstance(value, torch.Tensor) and not value.requires_grad \
+                else value
+        node = self.env_meta
+        return tuple(map(one, node.args, args)), {k: one(node.kwargs[k], v) for k, v in kwargs.items()}
 
     def call_function(self, target, args, kwargs):
         return self._call(target, args, kwargs, super().call_function)
@@ -212,9 +225,10 @@ class _Probe(fx.Interpreter):
         return self._zeros(meta)
 
 
-def count_operations(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[str, float]:
-    """Set ``fanout`` on every neuron and return per-sample ``mac_ann``, ``mac_static``, ``mac_step``."""
-    probe = _Probe(gm, kinds)
+def count_operations(gm: fx.GraphModule, kinds: dict[fx.Node, str], data: set[fx.Node]) -> dict[str, float]:
+    """Set ``fanout`` on every neuron and return per-sample ``mac_ann``, ``mac_static``, ``mac_step``;
+    ``data``: the nodes computed from the values of the image (graph.reads_input)."""
+    probe = _Probe(gm, kinds, data)
     with torch.enable_grad():
         probe.run()
         if probe.ac.requires_grad:
