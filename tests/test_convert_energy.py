@@ -1,4 +1,7 @@
 """Energy counts (eqs. 31-32) against brute force on tiny networks."""
+import copy
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,3 +241,44 @@ def test_spikes_scaled_by_the_image_reach_the_next_layer():
     data = [(torch.randn(4, 2, 5, 5), torch.zeros(4, dtype=torch.long))]
     snn = hc.convert(Gated().eval(), data, n=2, T=3, policy="999")
     assert torch.all(snn.sites()["relu"].fanout == 3)
+
+
+def synapse_pairs(layer, shape):
+    """(output, weight) pairs each input element feeds, one element at a time through the layer
+    with all-ones weights (a reflected or circular copy of an element counts as the element)."""
+    ones = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        ones.weight.fill_(1.0)
+        if ones.bias is not None:
+            ones.bias.zero_()
+        n = math.prod(shape)
+        return ones(torch.eye(n, dtype=torch.float64).view(n, *shape)).view(n, -1).sum(1).view(shape)
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), padding_mode="replicate", groups=2),
+    nn.Conv2d(4, 4, 3, stride=2, padding=2, padding_mode="circular"),
+    pytest.param(nn.Conv2d(4, 4, (2, 4), padding="same", dilation=(2, 1)),  # padded unevenly
+                 marks=pytest.mark.filterwarnings("ignore:Using padding='same'")),
+    nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+    nn.Conv2d(4, 8, 3, padding=1, groups=4),
+    nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect"),
+    nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+    nn.Conv3d(4, 2, (2, 3, 1), stride=(1, 2, 1), padding=(1, 1, 0)),
+], ids=repr)
+def test_fanout_and_macs_of_padding_modes_and_layer_kinds(layer):
+    """The site's fan-out is each element's synapse count in the layer it feeds, and the ANN's MACs
+    sum them over every layer (the first conv's and the Linear's included)."""
+    torch.manual_seed(0)
+    dims = len(layer.kernel_size)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    shape = (2, *(5,) * dims)
+    model = nn.Sequential(conv(2, 4, 1), nn.ReLU(), layer, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)).eval()
+    model(torch.zeros(1, *shape))
+    data = [(torch.randn(4, *shape), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(model, data, n=2, T=2, policy="999")
+    pairs = synapse_pairs(layer, (4, *shape[1:]))
+    assert torch.equal(snn.sites()["1"].fanout.double(), pairs)
+    first = 4 * math.prod(shape[1:]) * 2
+    assert snn.mac_ann == first + pairs.sum() + model[5].in_features * 3

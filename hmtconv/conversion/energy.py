@@ -9,7 +9,8 @@ What is counted, per sample:
 - **ANN cost** ``mac_ann``: exact connections of every synaptic layer, i.e. ``sum_i c_i`` over its
   input elements, where ``c_i`` is how many (output, weight) pairs element ``i`` feeds. Padding,
   stride, dilation and groups are exact because ``c`` is the gradient of the layer run with an
-  all-ones kernel on an all-ones input (padded positions feed nothing).
+  all-ones kernel on an all-ones input (zero padding feeds nothing; a reflected, replicated or
+  circular copy of an element counts as the element).
 - **Spike-driven layers** (input reaches it from spiking neurons through structural ops only: add,
   reshape, flatten, cat, dropout, BatchNorm, average pooling, means, and sums, differences and
   products with constants or static tensors): each binary spike of neuron i costs ``c_i``
