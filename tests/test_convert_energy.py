@@ -99,6 +99,7 @@ OPS = {  # ops between the neurons and the Linear; overlapping windows on 5 x 5 
     "addcmul": lambda m, h: torch.addcmul(m.gain, m.gain, h),
     "divide": lambda m, h: h / 4.0,
     "negate": lambda m, h: torch.sub(-h, 1.0),
+    "add with alpha": lambda m, h: torch.add(m.gain, h, alpha=0.5),
     "subtract from": lambda m, h: 1.0 - h,
     "in place": lambda m, h: h.mul_(0.5).sub_(0.1),
     "in place, after a read": lambda m, h: scaled_after_a_read(h),

@@ -61,7 +61,8 @@ _PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dr
 # Calls the probe runs by the connections they route, not by their values (see the module docstring).
 _FACTORS = {operator.mul, torch.mul, "mul", torch.addcmul, "addcmul"}
 _DIVISIONS = {operator.truediv, torch.div, "div"}
-_AS_ADDITION = {operator.sub: operator.add, torch.sub: torch.add, "sub": "add"}
+# (their alpha, a constant factor, dropped too)
+_AS_ADDITION = {operator.sub: operator.add, torch.sub: torch.add, "sub": "add", torch.add: torch.add, "add": "add"}
 _AS_INPUT = {operator.neg, torch.neg, "neg", torch.detach, "detach"}  # negated or detached: the same routes
 _MEANS = {torch.mean, "mean"}
 _POOL_FUNCTIONS = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg_pool3d: nn.AvgPool3d,
