@@ -1,4 +1,7 @@
 """Energy counts (eqs. 31-32) against brute force on tiny networks."""
+import copy
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,6 +99,7 @@ OPS = {  # ops between the neurons and the Linear; overlapping windows on 5 x 5 
     "addcmul": lambda m, h: torch.addcmul(m.gain, m.gain, h),
     "divide": lambda m, h: h / 4.0,
     "negate": lambda m, h: torch.sub(-h, 1.0),
+    "add with alpha": lambda m, h: torch.add(m.gain, h, alpha=0.5),
     "subtract from": lambda m, h: 1.0 - h,
     "in place": lambda m, h: h.mul_(0.5).sub_(0.1),
     "in place, after a read": lambda m, h: scaled_after_a_read(h),
@@ -202,3 +206,80 @@ def test_counts_and_statistics_keep_their_dtype_when_cast(dtype):
     assert hc.evaluate(snn, data, diagnostics=False).energy_ratio == pytest.approx(energy, rel=0.05)
     lam = hc.convert(prepared, T=2).sites()["1"].neuron.lam
     assert hc.convert(prepared.to(dtype), T=2).sites()["1"].neuron.lam.equal(lam)
+
+
+def test_layer_called_on_the_image_and_on_spikes_counts_each_call_by_its_input():
+    """One conv run on the image (analog: MACs once per inference) and on the spikes of its own
+    ReLU (accumulates): its first call is static, not a per-step cost."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 2, 1), nn.Linear(2 * 3 * 3, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(torch.relu(self.conv(x)))).flatten(1))
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 2, 3, 3), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(Shared().eval(), data, n=2, T=3, policy="999")
+    conv_macs = 2 * 2 * 3 * 3  # 1x1 kernel: each of the 2*3*3 outputs reads 2 inputs
+    assert snn.mac_static == conv_macs and snn.mac_step == 0
+    assert snn.mac_ann == 2 * conv_macs + 2 * 3 * 3 * 3
+
+
+def test_spikes_scaled_by_the_image_reach_the_next_layer():
+    """A factor computed from the image (static) passes spikes on like a constant one: each spike
+    still drives the Linear's 3 synapses (the probe's zero image must not cut them)."""
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * 5 * 5, 3)
+
+        def forward(self, x):
+            return self.fc((torch.relu(self.conv(x)) * x[:, :1]).flatten(1))
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 2, 5, 5), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(Gated().eval(), data, n=2, T=3, policy="999")
+    assert torch.all(snn.sites()["relu"].fanout == 3)
+
+
+def synapse_pairs(layer, shape):
+    """(output, weight) pairs each input element feeds, one element at a time through the layer
+    with all-ones weights (a reflected or circular copy of an element counts as the element)."""
+    ones = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        ones.weight.fill_(1.0)
+        if ones.bias is not None:
+            ones.bias.zero_()
+        n = math.prod(shape)
+        return ones(torch.eye(n, dtype=torch.float64).view(n, *shape)).view(n, -1).sum(1).view(shape)
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), padding_mode="replicate", groups=2),
+    nn.Conv2d(4, 4, 3, stride=2, padding=2, padding_mode="circular"),
+    pytest.param(nn.Conv2d(4, 4, (2, 4), padding="same", dilation=(2, 1)),  # padded unevenly
+                 marks=pytest.mark.filterwarnings("ignore:Using padding='same'")),
+    nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+    nn.Conv2d(4, 8, 3, padding=1, groups=4),
+    nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect"),
+    nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+    nn.Conv3d(4, 2, (2, 3, 1), stride=(1, 2, 1), padding=(1, 1, 0)),
+], ids=repr)
+def test_fanout_and_macs_of_padding_modes_and_layer_kinds(layer):
+    """The site's fan-out is each element's synapse count in the layer it feeds, and the ANN's MACs
+    sum them over every layer (the first conv's and the Linear's included)."""
+    torch.manual_seed(0)
+    dims = len(layer.kernel_size)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    shape = (2, *(5,) * dims)
+    model = nn.Sequential(conv(2, 4, 1), nn.ReLU(), layer, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)).eval()
+    model(torch.zeros(1, *shape))
+    data = [(torch.randn(4, *shape), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(model, data, n=2, T=2, policy="999")
+    pairs = synapse_pairs(layer, (4, *shape[1:]))
+    assert torch.equal(snn.sites()["1"].fanout.double(), pairs)
+    first = 4 * math.prod(shape[1:]) * 2
+    assert snn.mac_ann == first + pairs.sum() + model[5].in_features * 3

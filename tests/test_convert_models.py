@@ -267,10 +267,13 @@ class Gate(nn.Module):
 
     def forward(self, x):
         a, b = torch.relu(self.fc1(x)), torch.relu(self.fc2(x))
+        if self.op == "reciprocal":  # a constant over a spike train: not linear in it either
+            return 2.0 / (1 + b)
         return a.mul_(b) if self.op == "mul_" else a * b if self.op == "mul" else a / (1 + b)
 
 
-@pytest.mark.parametrize("op,module", [("mul", hc.compensated.Multiply), ("div", hc.compensated.Divide)])
+@pytest.mark.parametrize("op,module", [("mul", hc.compensated.Multiply), ("div", hc.compensated.Divide),
+                                       ("reciprocal", hc.compensated.Divide)])
 def test_product_or_quotient_of_two_spike_trains_is_compensated(op, module):
     torch.manual_seed(0)
     model, data = Gate(op).eval(), loader((4,))

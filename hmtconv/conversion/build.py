@@ -26,7 +26,7 @@ from .energy import REARRANGING, SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import add_attention_mask, arg, assign, scope
-from .graph import VIEWS, add_child, computed_from, made_from_shape, swap_for_module
+from .graph import VIEWS, add_child, computed_from, made_from_shape, reads_input, swap_for_module
 from .inplace import in_place
 from .multistep import TimeAware, ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
@@ -64,6 +64,12 @@ def _binary(op: type):
     return lambda node, varying: op() if sum(varying) == 2 and len(node.args) == 2 and not node.kwargs else None
 
 
+def _quotient(node: fx.Node, varying: list[bool]) -> nn.Module | None:
+    """``a / b`` where ``b`` varies over time (``1 / b`` is not linear in ``b``; ``a`` may be a
+    constant); a constant ``b`` is a scaling."""
+    return Divide() if len(node.args) == 2 and not node.kwargs and varying[1] else None
+
+
 def _power(node: fx.Node, varying: list[bool]) -> nn.Module | None:
     exponent = 2 if node.target in (torch.square, "square") else arg(node, 1, "exponent")
     number = isinstance(exponent, (int, float)) and not isinstance(exponent, bool)
@@ -72,11 +78,11 @@ def _power(node: fx.Node, varying: list[bool]) -> nn.Module | None:
 
 # Nonlinear elementwise calls on time-varying tensors that become compensated modules: target ->
 # f(node, which arguments vary) giving the module for this call (None: not this call). Out-of-place
-# products and quotients of two spike trains (squeeze-and-excitation gates, ConViT) and constant
+# products of two spike trains (squeeze-and-excitation gates), quotients by one (ConViT), constant
 # powers (MetaFormer's StarReLU). Done here, not in graph.normalize, because only here is it known
 # which arguments are tensors (``q.size(-1) ** -0.5`` is a number).
 ELEMENTWISE = {operator.mul: _binary(Multiply), torch.mul: _binary(Multiply), "mul": _binary(Multiply),
-               operator.truediv: _binary(Divide), torch.div: _binary(Divide), "div": _binary(Divide),
+               operator.truediv: _quotient, torch.div: _quotient, "div": _quotient,
                operator.pow: _power, torch.pow: _power, "pow": _power, torch.square: _power, "square": _power}
 # The same at every step as long as the mask (the second argument) does not vary over time.
 MASKING = {add_attention_mask, "masked_fill"}
@@ -111,10 +117,11 @@ def _fail(node: fx.Node, what: str, why: str | None = None) -> None:
                      f"time (it is after a spiking neuron), and {why}.")
 
 
-def _compensated_call(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kinds: dict[fx.Node, str]) -> fx.Node:
+def _compensated_call(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kinds: dict[fx.Node, str],
+                      varying: list[bool]) -> fx.Node:
     inputs = 2 if isinstance(module, (Multiply, Divide)) else 1
-    new = swap_for_module(gm, node, Compensated(module, (True,) * inputs), scope(node), type(module).__name__.lower(),
-                          inputs)
+    new = swap_for_module(gm, node, Compensated(module, tuple(varying[:inputs])), scope(node),
+                          type(module).__name__.lower(), inputs)
     kinds[new] = "temporal"
     return new
 
@@ -246,7 +253,7 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             module = ELEMENTWISE[node.target](node, varying) if node.target in ELEMENTWISE else None
             if module is not None:
-                spiky.add(_compensated_call(gm, node, module, kinds))
+                spiky.add(_compensated_call(gm, node, module, kinds, varying))
                 continue
             if node.target in SCALING and sum(varying) > 1:
                 _fail(node, f"product {name} of two time-varying tensors")
@@ -337,7 +344,7 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
             return None  # (made by convert, or a squeeze that drops the batch dim at batch 1)
         return [d for d, (a, b) in enumerate(zip(shapes[0][node], shapes[1][node])) if a != b]
     check_batch_first(net, kinds, batch_dims)
-    macs = count_operations(net, kinds)
+    macs = count_operations(net, kinds, reads_input(net.graph))
     allow_overwrite(net)
     output = next(n for n in net.graph.nodes if n.op == "output").args[0]
     return SNN(net, config, report, output_temporal=kinds.get(output) == "temporal", macs=macs,

@@ -9,17 +9,18 @@ What is counted, per sample:
 - **ANN cost** ``mac_ann``: exact connections of every synaptic layer, i.e. ``sum_i c_i`` over its
   input elements, where ``c_i`` is how many (output, weight) pairs element ``i`` feeds. Padding,
   stride, dilation and groups are exact because ``c`` is the gradient of the layer run with an
-  all-ones kernel on an all-ones input (padded positions feed nothing).
+  all-ones kernel on an all-ones input (zero padding feeds nothing; a reflected, replicated or
+  circular copy of an element counts as the element).
 - **Spike-driven layers** (input reaches it from spiking neurons through structural ops only: add,
   reshape, flatten, cat, dropout, BatchNorm, average pooling, means, and sums, differences and
-  products with constants): each binary spike of neuron i costs ``c_i`` accumulates (eq. 32),
-  ``c_i`` summed over every layer the neuron reaches (a ResNet neuron feeding the next block's conv
-  and its shortcut conv counts both). Connections are counted, not weighted: BatchNorm and constant
-  factors count as folded into the next layer (a factor of 0 cuts the connection), a difference as
-  a sum, and average pooling and means as summation (each window that holds the spike passes it
-  on), so none of them scales ``c`` (bilinear upsampling spreads a spike over its interpolation
-  weights). The neurons count their own spikes and ``spikes * c`` (``neuron.fanout``); nothing
-  is recomputed per step.
+  products with constants or static tensors): each binary spike of neuron i costs ``c_i``
+  accumulates (eq. 32), ``c_i`` summed over every layer the neuron reaches (a ResNet neuron feeding
+  the next block's conv and its shortcut conv counts both). Connections are counted, not weighted:
+  BatchNorm and constant factors count as folded into the next layer (a constant 0 cuts the
+  connection; a factor computed from the image never does), a difference as a sum, and average
+  pooling and means as summation (each window that holds the spike passes it on), so none of them
+  scales ``c`` (bilinear upsampling spreads a spike over its interpolation weights). The neurons
+  count their own spikes and ``spikes * c`` (``neuron.fanout``); nothing is recomputed per step.
 - **Analog-fed layers** cost MACs: a layer before the first neuron (the image enters as the same
   analog value at every step, so it runs once: ``mac_static``, counted once per inference), and a
   layer fed by float values that change over time (e.g. after a compensated op, ``mac_step``,
@@ -60,7 +61,8 @@ _PASS = (nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dr
 # Calls the probe runs by the connections they route, not by their values (see the module docstring).
 _FACTORS = {operator.mul, torch.mul, "mul", torch.addcmul, "addcmul"}
 _DIVISIONS = {operator.truediv, torch.div, "div"}
-_AS_ADDITION = {operator.sub: operator.add, torch.sub: torch.add, "sub": "add"}
+# (their alpha, a constant factor, dropped too)
+_AS_ADDITION = {operator.sub: operator.add, torch.sub: torch.add, "sub": "add", torch.add: torch.add, "add": "add"}
 _AS_INPUT = {operator.neg, torch.neg, "neg", torch.detach, "detach"}  # negated or detached: the same routes
 _MEANS = {torch.mean, "mean"}
 _POOL_FUNCTIONS = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg_pool3d: nn.AvgPool3d,
@@ -126,13 +128,15 @@ class _Probe(fx.Interpreter):
     them and the layers run by their connections (see the module docstring), every other op is a
     constant, so ``autograd`` routes exactly the synapse counts."""
 
-    def __init__(self, gm: fx.GraphModule, kinds: dict[fx.Node, str]):
+    def __init__(self, gm: fx.GraphModule, kinds: dict[fx.Node, str], data: set[fx.Node]):
         super().__init__(gm)
         self.kinds = kinds
+        self.data = data  # the nodes computed from the image's values (zeros here, not the data's)
         self.device = next(iter(gm.buffers())).device
         self.leaves: dict[str, torch.Tensor] = {}
         self.ac = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.layers: list[tuple[str, float, bool]] = []  # (target, MACs, spike-driven?)
+        # per call, not per module: one called on the image and on spikes is static once, temporal once
+        self.layers: list[tuple[str, float, bool]] = []  # (the call's kind, MACs, spike-driven?)
 
     def _zeros(self, node_meta) -> torch.Tensor:
         return torch.zeros(node_meta.shape, dtype=torch.float64, device=self.device)
@@ -170,8 +174,20 @@ class _Probe(fx.Interpreter):
             return args[0]
         if target in _POOL_FUNCTIONS:  # as the module, whose arguments come in the same order
             return _window_sum(_POOL_FUNCTIONS[target](*args[1:], **kwargs), args[0])
+        if target in _FACTORS:
+            args, kwargs = self._data_as_ones(args, kwargs)
         out = run(*_connections_only(target, args, kwargs))
         return out * (args[0].numel() / out.numel()) if target in _MEANS else out  # (B = 1) a sum
+
+    def _data_as_ones(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Factors computed from the image as ones: a spike scaled by the data reaches what follows
+        (their values here come from a zero image, and a zero would cut the connection)."""
+        def one(node, value):
+            data = isinstance(node, fx.Node) and node in self.data
+            return torch.ones_like(value) if data and isinstance(value, torch.Tensor) and not value.requires_grad \
+                else value
+        node = self.env_meta
+        return tuple(map(one, node.args, args)), {k: one(node.kwargs[k], v) for k, v in kwargs.items()}
 
     def call_function(self, target, args, kwargs):
         return self._call(target, args, kwargs, super().call_function)
@@ -179,10 +195,10 @@ class _Probe(fx.Interpreter):
     def call_method(self, target, args, kwargs):
         return self._call(target, args, kwargs, super().call_method)
 
-    def _layer(self, target: str, layer, x: torch.Tensor) -> None:
+    def _layer(self, layer, x: torch.Tensor) -> None:
         """A synaptic layer ``layer(x)`` (linear in x, all-ones weights): its MACs, and the
         accumulates of spikes that reach it."""
-        self.layers.append((target, layer(torch.ones_like(x)).sum().item(), x.requires_grad))
+        self.layers.append((self.kinds[self.env_meta], layer(torch.ones_like(x)).sum().item(), x.requires_grad))
         if x.requires_grad:
             self.ac = self.ac + layer(x).sum()
 
@@ -195,13 +211,13 @@ class _Probe(fx.Interpreter):
             return leaf.clone()  # (not the leaf itself: a method may scale it in place)
         x = args[0] if args else None
         if isinstance(module, SYNAPTIC):
-            self._layer(target, lambda v: connections(module, v), x)
+            self._layer(lambda v: connections(module, v), x)
         elif isinstance(module, MatMul):  # Einsum too; the product of two activations is Compensated
             constant = [self.kinds.get(a) == "const" for a in self.env_meta.args]
             if constant.count(True) == 1:  # x @ weight
                 ones = [torch.ones_like(a) for a in args]
                 at = constant.index(False)
-                self._layer(target, lambda v: module(*ones[:at], v, *ones[at + 1:]), args[at])
+                self._layer(lambda v: module(*ones[:at], v, *ones[at + 1:]), args[at])
         elif isinstance(module, BATCHNORMS):
             return x
         elif isinstance(module, _PASS):
@@ -211,9 +227,10 @@ class _Probe(fx.Interpreter):
         return self._zeros(meta)
 
 
-def count_operations(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[str, float]:
-    """Set ``fanout`` on every neuron and return per-sample ``mac_ann``, ``mac_static``, ``mac_step``."""
-    probe = _Probe(gm, kinds)
+def count_operations(gm: fx.GraphModule, kinds: dict[fx.Node, str], data: set[fx.Node]) -> dict[str, float]:
+    """Set ``fanout`` on every neuron and return per-sample ``mac_ann``, ``mac_static``, ``mac_step``;
+    ``data``: the nodes computed from the values of the image (graph.reads_input)."""
+    probe = _Probe(gm, kinds, data)
     with torch.enable_grad():
         probe.run()
         if probe.ac.requires_grad:
@@ -222,10 +239,9 @@ def count_operations(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> dict[str,
         site = gm.get_submodule(target)
         fanout = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         site.fanout = fanout[0].to(torch.float32)
-    kind_of = {n.target: kinds[n] for n in gm.graph.nodes if n.op == "call_module"}
     counts = {"mac_ann": 0.0, "mac_static": 0.0, "mac_step": 0.0}
-    for target, macs, spike_driven in probe.layers:
+    for kind, macs, spike_driven in probe.layers:
         counts["mac_ann"] += macs
         if not spike_driven:
-            counts["mac_static" if kind_of[target] == "static" else "mac_step"] += macs
+            counts["mac_static" if kind == "static" else "mac_step"] += macs
     return counts
