@@ -1,6 +1,9 @@
-"""The training loop of the study's scripts that train a model of their own (timm_vit.py,
-torchvision_resnet18.py): batch 128, shuffled, one-cycle schedule, hmtconv's optimizer recipes."""
+"""What the study's scripts that train a model of their own share (timm_vit.py,
+torchvision_resnet18.py): their options, and the training loop (batch 128, shuffled, one-cycle
+schedule, hmtconv's optimizer recipes)."""
 from __future__ import annotations
+
+import argparse
 
 import torch
 from torch import nn
@@ -26,3 +29,11 @@ def fit(model: nn.Module, data, epochs: int, optimizer: str, lr: float | None = 
             opt.step()
             schedule.step()
     return model.eval()
+
+
+def arguments(doc: str) -> argparse.Namespace:
+    """``--epochs`` (default 1) and ``--images`` (test images, default 2,000); ``doc``: the script's docstring."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--images", type=int, default=2000)
+    return parser.parse_args()

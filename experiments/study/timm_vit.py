@@ -11,7 +11,6 @@ Prints a markdown table; docs/results.md quotes it.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import timm
@@ -19,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import hmtconv
-from fit import fit
+from fit import arguments, fit
 from hmtconv.data import get_datasets
 
 POLICIES = ("opt", "999", "opt,*.mix_in0=999", "opt-emp")
@@ -34,10 +33,7 @@ def train(epochs: int) -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--images", type=int, default=2000)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     hmtconv.keep_freed_memory()
     started = time.perf_counter()
     model = train(args.epochs)

@@ -12,7 +12,6 @@ markdown tables; docs/results.md quotes them.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import hmtconv
-from fit import fit
+from fit import arguments, fit
 from hmtconv.data import calibration_subset, get_datasets
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -53,10 +52,7 @@ def train(data, epochs: int) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--images", type=int, default=2000)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     hmtconv.keep_freed_memory()
     train_set, test_set, _ = get_datasets("mnist")
     train_set, test_set = Normalized(train_set), Normalized(test_set)
