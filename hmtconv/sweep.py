@@ -62,6 +62,11 @@ class SweepConfig:
     diagnostics: bool = False  # per-layer |ANN - SNN| costs one ANN pass per batch
     memory_budget: str | None = None  # e.g. "4GB": simulate batches in chunks that fit (evaluate)
 
+    @property
+    def results_path(self) -> Path:
+        """``OUT/results.jsonl``: one record per finished point, appended as each finishes."""
+        return Path(self.out) / "results.jsonl"
+
     def __post_init__(self):
         for key in GRID_KEYS:
             if not getattr(self, key):
@@ -202,7 +207,7 @@ def simulations(points: list[dict]) -> list[tuple[int, list[dict]]]:
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
     """Run every point not yet in ``OUT/results.jsonl`` with the same settings; return the records
     of this config's grid, in grid order (stored records of other settings or points are set aside)."""
-    done = {r["key"] for r in read_jsonl(Path(config.out) / "results.jsonl")}
+    done = {r["key"] for r in read_jsonl(config.results_path)}
     points = config.points()
     keys = {m.name: fingerprint(config, m) for m in config.models}
     todo = [(m, p) for m in config.models for p in points if point_key(m.name, p, keys[m.name]) not in done]
@@ -217,7 +222,6 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
 
 def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: dict[str, str], bar) -> None:
     """Run the ``todo`` points, appending each record to ``OUT/results.jsonl`` as its run finishes."""
-    results_path = Path(config.out) / "results.jsonl"
     for entry in config.models:
         mine = [p for m, p in todo if m is entry]
         if not mine:
@@ -240,21 +244,20 @@ def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: d
                               "provenance": provenance({"model": asdict(entry), "data": asdict(config.data), **point},
                                                        seed=config.data.seed, device=config.device)}
                     if distributed.is_main():
-                        append_jsonl(results_path, record)
+                        append_jsonl(config.results_path, record)
                 bar.update(len(group))
 
 
 def report_stored(config: SweepConfig, points: list[dict], keys: dict[str, str]) -> list[dict]:
     """The stored records of this grid, in grid order; rank 0 writes their table and plots."""
     out = Path(config.out)
-    results_path = out / "results.jsonl"
-    stored = {r["key"]: r for r in read_jsonl(results_path)}  # the last record of a key wins
+    stored = {r["key"]: r for r in read_jsonl(config.results_path)}  # the last record of a key wins
     records = [stored[key] for key in (point_key(m.name, p, keys[m.name]) for m in config.models for p in points)
                if key in stored]
     if distributed.is_main():
         aside = len(stored) - len(records)
         if aside:
-            print(f"set aside {aside} stored record(s) of {results_path} made with other settings or grid points "
+            print(f"set aside {aside} stored record(s) of {config.results_path} made with other settings or grid points "
                   "(kept in the file, not reported)")
         if records:
             write_reports(records, out, GRID_KEYS)

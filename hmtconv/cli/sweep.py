@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .. import distributed
 from ..sweep import load_config, run_sweep
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
     config.device = str(resolve_device(config.device))
     distributed.init_from_env(config.device)
     if distributed.is_main():
-        ensure_writable(Path(config.out) / "results.jsonl")  # fail now, not after the first point
+        ensure_writable(config.results_path)  # fail now, not after the first point
     records = run_sweep(config, progress=not args.no_progress)
     if distributed.is_main():
         print(f"{len(records)} points in {config.out}/results.jsonl; table in {config.out}/table.md")
