@@ -11,11 +11,11 @@ from ..conversion.policies import parse_policy
 from ..conversion.snn import GRANULARITIES, IDENTITIES, NEURONS, ConversionConfig
 from ..data import list_datasets
 from ..errors import UserError
+from ..neurons.multilevel import MAX_N
 from ..workload import DataOptions
 
 
 DEFAULT_T = 4
-MAX_N = 16  # most thresholds per neuron the commands accept (as a sweep's [grid] n)
 FIXED_BY_SNN = ("n", "policy", "neuron", "identity", "communicate", "granularity")  # all but T
 
 
@@ -75,7 +75,8 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
 def add_conversion(parser: argparse.ArgumentParser) -> None:
     c = ConversionConfig()
     group = parser.add_argument_group("conversion")
-    group.add_argument("--n", type=positive_int("--n", MAX_N), default=c.n, help=f"thresholds per neuron (1..{MAX_N})")
+    group.add_argument("--n", type=positive_int("--n", MAX_N), default=c.n,
+                       help=f"thresholds per neuron (1..{MAX_N})")
     group.add_argument("--T", type=positive_int("--T"), default=None,
                        help="time steps (default: 4, or the T of an --snn file)")
     group.add_argument("--policy", type=policy_value, default=c.policy,
