@@ -59,6 +59,15 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def is_snn_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file written by :func:`save_snn` (torch.load reads it as a dict)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return FORMAT in (handle.metadata() or {})
+    except (SafetensorError, OSError):
+        return False
+
+
 def read_snn_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(metadata, tensors)``; a clear UserError for a missing, truncated, foreign or newer file."""
     path = Path(path)

@@ -58,19 +58,6 @@ def read_file(path: str | Path, allow_pickle: bool = False, hint: str = PICKLE_H
         raise UserError(f"cannot read {path} as a PyTorch file: {error!r}") from error
 
 
-def is_snn_file(path: str | Path) -> bool:
-    """Whether ``path`` is a safetensors file written by ``save_snn`` (torch.load reads it as a dict)."""
-    from safetensors import SafetensorError, safe_open
-
-    from ..snn_io import FORMAT
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return FORMAT in (handle.metadata() or {})
-    except (SafetensorError, OSError):
-        return False
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict from a ``.safetensors`` file, a ``torch.save``d state_dict (bare or under one of
     ``WRAPPERS``), or a train checkpoint."""
@@ -180,6 +167,8 @@ def from_file(path: str, weights: str | None, allow_pickle: bool) -> LoadedModel
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), None, f"pickled module {path} ({type(obj).__name__})")
     if isinstance(obj, dict):
+        from ..snn_io import is_snn_file  # (here, not at the top: snn_io imports this package)
+
         if is_snn_file(path):
             raise UserError(f"{path} is an SNN saved by `hmtconv convert`: pass it as --snn {path}")
         raise UserError(f"{path} is a state_dict without an architecture; pass --model ARCH --weights {path}")
