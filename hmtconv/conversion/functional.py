@@ -157,7 +157,8 @@ def _max_pool(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module | None
     def make(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
         if arg(n, 6, "return_indices", False):
             return None
-        return cls(arg(n, 1, "kernel_size"), arg(n, 2, "stride"), arg(n, 3, "padding", 0), arg(n, 4, "dilation", 1),
+        stride = arg(n, 2, "stride") or None  # torch.max_pool2d's default stride is [], the kernel's
+        return cls(arg(n, 1, "kernel_size"), stride, arg(n, 3, "padding", 0), arg(n, 4, "dilation", 1),
                    ceil_mode=arg(n, 5, "ceil_mode", False))
     return make
 
@@ -228,7 +229,9 @@ FUNCTIONAL = {
     F.layer_norm: ("layer_norm", _layer_norm, 1), F.group_norm: ("group_norm", _group_norm, 1),
     F.linear: ("linear", _linear, 1),
     F.max_pool1d: ("max_pool1d", _max_pool(nn.MaxPool1d), 1), F.max_pool2d: ("max_pool2d", _max_pool(nn.MaxPool2d), 1),
-    F.max_pool3d: ("max_pool3d", _max_pool(nn.MaxPool3d), 1), F.conv1d: ("conv1d", _conv(nn.Conv1d), 1),
+    F.max_pool3d: ("max_pool3d", _max_pool(nn.MaxPool3d), 1), torch.max_pool1d: ("max_pool1d", _max_pool(nn.MaxPool1d), 1),
+    torch.max_pool2d: ("max_pool2d", _max_pool(nn.MaxPool2d), 1), torch.max_pool3d: ("max_pool3d", _max_pool(nn.MaxPool3d), 1),
+    F.conv1d: ("conv1d", _conv(nn.Conv1d), 1),
     F.conv2d: ("conv2d", _conv(nn.Conv2d), 1), F.conv3d: ("conv3d", _conv(nn.Conv3d), 1),
     F.leaky_relu: ("leaky_relu", lambda gm, n: nn.LeakyReLU(arg(n, 1, "negative_slope", 0.01)), 1),
     F.elu: ("elu", lambda gm, n: nn.ELU(arg(n, 1, "alpha", 1.0)), 1), F.mish: ("mish", _plain(nn.Mish), 1),
