@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import distributed
 from ..allocator import keep_freed_memory
 from ..errors import UserError
+from ..models.user_code import import_code
 from .registry import COMMANDS
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
+            import_code(getattr(args, "code", ()))  # before any model is unpickled
             return args.run(args) or 0
         except (UserError, OSError) as error:
             return _user_error(error)

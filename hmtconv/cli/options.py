@@ -52,6 +52,12 @@ def memory_size(text: str) -> str:
     return text
 
 
+def add_code_option(parser) -> None:
+    parser.add_argument("--code", action="append", default=[], metavar="FILE.py",
+                        help="a Python file defining the classes of a pickled model (the script that saved it, or "
+                        "the module it imported them from); imported before the model is loaded; repeatable")
+
+
 def add_model_and_data(parser: argparse.ArgumentParser) -> None:
     d = DataOptions()
     group = parser.add_argument_group("model and data")
@@ -59,6 +65,7 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
                        "`hmtconv train`, or a whole pickled nn.Module (runs code from the file: trusted files only)")
     group.add_argument("--weights", default=None, help="DEFAULT or a torchvision weights name, or a state_dict file")
     group.add_argument("--no-pickle", action="store_true", help="refuse whole pickled models (they run code when loaded)")
+    add_code_option(group)
     group.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(list_datasets())}, or folder:PATH")
     group.add_argument("--data-root", default=None, help="directory with the dataset's files (mnist: optional)")
     group.add_argument("--calib-size", type=positive_int("--calib-size"), default=d.calib_size,

@@ -6,7 +6,7 @@ import argparse
 from .. import distributed
 from ..sweep import load_config, run_sweep
 from ..device import resolve_device
-from .options import ensure_writable
+from .options import add_code_option, ensure_writable
 from .registry import register_command
 
 EXAMPLE = """example CONFIG.toml:
@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None, help="override the config's [data] data_root")
     parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda, cuda:1...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_code_option(parser)
 
 
 @register_command("sweep", help="Run a grid over models, n, T, policy, neuron, identity, communication and "

@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import UserError
 from .checkpoint import is_checkpoint, model_from_checkpoint
 from .registry import MODELS
+from .user_code import UNPICKLER, missing_code_hint
 
 PICKLE_HINT = (
     "loading a whole pickled model runs code stored in the file; the CLI does it (with a warning) unless "
@@ -46,7 +47,13 @@ def read_file(path: str | Path, allow_pickle: bool = False, hint: str = PICKLE_H
     if not Path(path).is_file():
         raise UserError(f"file {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        if allow_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=UNPICKLER)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (AttributeError, ModuleNotFoundError) as error:
+        if (fix := missing_code_hint(error)) is None:
+            raise UserError(f"cannot read {path} as a PyTorch file: {error!r}") from error
+        raise UserError(f"cannot load {path}: {fix}") from error
     except pickle.UnpicklingError as error:
         if "Unsupported global" in str(error):  # the weights-only unpickler met a class: a module, an object
             raise UserError(f"{path} is not weights-only (likely a whole pickled nn.Module): {hint}") from error
