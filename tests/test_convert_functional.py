@@ -380,29 +380,33 @@ def test_group_norm_without_affine_parameters_traces():
     torch.testing.assert_close(snn.sites()["relu"].neuron.lam, top.unsqueeze(1) / 15)
 
 
-class TorchNamespacePools(nn.Module):
-    """Max pooling called as ``torch.max_pool1d/2d`` (the aten functions, stride defaulting to []),
-    or with ``functional`` set, as ``F.max_pool1d/2d``."""
+class TorchNamespaceCalls(nn.Module):
+    """Max pooling and norms called as ``torch.max_pool1d/2d`` (the aten functions, stride
+    defaulting to []), ``torch.group_norm`` and ``torch.layer_norm``, or with ``functional`` set,
+    as their ``F.`` versions."""
 
     def __init__(self, functional: bool):
         super().__init__()
         self.conv, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * 6, 3)
-        self.pool1d, self.pool2d = (F.max_pool1d, F.max_pool2d) if functional else (torch.max_pool1d, torch.max_pool2d)
+        self.norm = nn.LayerNorm(24)
+        f = F if functional else torch
+        self.pool1d, self.pool2d, self.group_norm, self.layer_norm = f.max_pool1d, f.max_pool2d, f.group_norm, f.layer_norm
 
     def forward(self, x):
         h = self.pool2d(torch.relu(self.conv(x)), 2)  # after a ReLU: moved before it
-        h = self.pool2d(h, 3, 1, 1).flatten(2)  # on spikes: compensated
-        return self.fc(self.pool1d(h, 6, 6, ceil_mode=True).flatten(1))
+        h = self.group_norm(self.pool2d(h, 3, 1, 1), 2).flatten(2)  # on spikes: compensated
+        h = self.pool1d(h, 6, 6, ceil_mode=True).flatten(1)
+        return self.fc(self.layer_norm(h, (24,), self.norm.weight, self.norm.bias))
 
 
-def test_torch_namespace_max_pools_convert_as_the_functional_ones():
+def test_torch_namespace_max_pools_and_norms_convert_as_the_functional_ones():
     torch.manual_seed(0)
     data = loader((2, 12, 12))
-    model, reference = TorchNamespacePools(False).eval(), TorchNamespacePools(True).eval()
+    model, reference = TorchNamespaceCalls(False).eval(), TorchNamespaceCalls(True).eval()
     reference.load_state_dict(model.state_dict())
     snn, expected = converges(model, data), hc.convert(reference, data, n=8, T=64, policy="max", identity="all")
     assert list(snn.sites()) == list(expected.sites())
     kinds = [[type(m.module) for m in net.modules() if isinstance(m, hc.compensated.Compensated)]
              for net in (snn, expected)]
-    assert kinds[0] == kinds[1] and len(kinds[0]) == 3  # the moved pool sees a spiking image (identity = all)
+    assert kinds[0] == kinds[1] and len(kinds[0]) == 5  # the moved pool sees a spiking image (identity = all)
     torch.testing.assert_close(snn(data[0][0]), expected(data[0][0]))

@@ -227,6 +227,7 @@ FUNCTIONAL = {
     F.adaptive_max_pool2d: ("adaptive_max_pool2d", _adaptive_max_pool(nn.AdaptiveMaxPool2d), 1),
     F.adaptive_max_pool3d: ("adaptive_max_pool3d", _adaptive_max_pool(nn.AdaptiveMaxPool3d), 1),
     F.layer_norm: ("layer_norm", _layer_norm, 1), F.group_norm: ("group_norm", _group_norm, 1),
+    torch.layer_norm: ("layer_norm", _layer_norm, 1), torch.group_norm: ("group_norm", _group_norm, 1),
     F.linear: ("linear", _linear, 1),
     F.max_pool1d: ("max_pool1d", _max_pool(nn.MaxPool1d), 1), F.max_pool2d: ("max_pool2d", _max_pool(nn.MaxPool2d), 1),
     F.max_pool3d: ("max_pool3d", _max_pool(nn.MaxPool3d), 1), torch.max_pool1d: ("max_pool1d", _max_pool(nn.MaxPool1d), 1),

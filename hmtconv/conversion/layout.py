@@ -6,6 +6,7 @@ before a layer, the layer that reads it). Unknown layouts are taken as tokens.
 """
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
@@ -15,7 +16,7 @@ from .sites import ObservedActivation
 CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, BatchNormAnyDim, nn.InstanceNorm1d, nn.GroupNorm,
                   nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)
 FIRST_FUNCTIONS = (F.conv1d, F.conv_transpose1d, F.batch_norm, F.instance_norm, F.group_norm, F.max_pool1d,
-                   F.avg_pool1d)
+                   F.avg_pool1d, torch.group_norm, torch.max_pool1d)
 # Ops that keep the layout of their inputs, walked through (by name: torch.add, operator.add, "add").
 ELEMENTWISE = {"add", "iadd", "sub", "mul", "truediv", "div", "neg", "relu", "relu_", "gelu", "silu", "sigmoid",
                "tanh", "dropout", "clamp", "clamp_min", "contiguous", "clone", "detach", "to", "float"}
