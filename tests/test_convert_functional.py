@@ -410,3 +410,27 @@ def test_torch_namespace_max_pools_and_norms_convert_as_the_functional_ones():
              for net in (snn, expected)]
     assert kinds[0] == kinds[1] and len(kinds[0]) == 5  # the moved pool sees a spiking image (identity = all)
     torch.testing.assert_close(snn(data[0][0]), expected(data[0][0]))
+
+
+class ConstantMasks(nn.Module):
+    """``torch.where``, ``Tensor.where`` and ``masked_fill`` on spikes with masks that are the same
+    at every step (a buffer), or, with ``spiking_mask``, one computed from the spikes themselves."""
+
+    def __init__(self, spiking_mask: bool = False):
+        super().__init__()
+        self.fc1, self.fc2, self.spiking_mask = nn.Linear(6, 8), nn.Linear(8, 3), spiking_mask
+        self.register_buffer("mask", torch.tensor([True, False] * 4))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        mask = h > 0.3 if self.spiking_mask else self.mask
+        h = torch.where(mask, h, 0.5) + h.where(~self.mask, -h) + torch.where(self.mask, h, torch.relu(self.fc1(-x)))
+        return self.fc2(h.masked_fill(self.mask, 0.25))
+
+
+def test_constant_masks_on_spikes_are_linear_and_masks_from_spikes_are_refused():
+    torch.manual_seed(0)
+    data = loader((6,))
+    converges(ConstantMasks().eval(), data)
+    with pytest.raises(ValueError, match=r"\(gt function, graph node .gt.\): its input varies over time"):
+        hc.convert(ConstantMasks(spiking_mask=True).eval(), data, T=4, policy="max")

@@ -84,8 +84,8 @@ def _power(node: fx.Node, varying: list[bool]) -> nn.Module | None:
 ELEMENTWISE = {operator.mul: _binary(Multiply), torch.mul: _binary(Multiply), "mul": _binary(Multiply),
                operator.truediv: _quotient, torch.div: _quotient, "div": _quotient,
                operator.pow: _power, torch.pow: _power, "pow": _power, torch.square: _power, "square": _power}
-# The same at every step as long as the mask (the second argument) does not vary over time.
-MASKING = {add_attention_mask, "masked_fill"}
+# Linear in their other arguments as long as the mask (the argument at this index) does not vary over time.
+MASKING = {add_attention_mask: 1, "masked_fill": 1, torch.where: 0, "where": 1}
 
 
 def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
@@ -258,8 +258,10 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
             if node.target in SCALING and sum(varying) > 1:
                 _fail(node, f"product {name} of two time-varying tensors")
             if node.target in MASKING:
-                if varying[1]:
-                    _fail(node, f"{name} with a mask computed from spikes")
+                mask = MASKING[node.target]
+                if mask >= len(varying) or varying[mask]:  # (torch.where(x) alone returns indices)
+                    _fail(node, f"{name} with a mask computed from spikes", None if mask < len(varying) else
+                          "its condition is not a positional argument, or it returns indices")
                 continue
             ok = STRUCTURAL_FUNCTIONS if node.op == "call_function" else STRUCTURAL_METHODS
             if node.target not in ok and node.target not in SCALING:
