@@ -61,7 +61,8 @@ def add_code_option(parser) -> None:
 def add_model_and_data(parser: argparse.ArgumentParser) -> None:
     d = DataOptions()
     group = parser.add_argument_group("model and data")
-    group.add_argument("--model", help="built-in name, torchvision name, timm:NAME, a checkpoint from "
+    group.add_argument("--model", help="built-in name, torchvision name, timm:NAME, hf:ID or hf:DIRECTORY (Hugging "
+                       "Face, with its image processor), a checkpoint from "
                        "`hmtconv train`, or a whole pickled nn.Module (runs code from the file: trusted files only)")
     group.add_argument("--weights", default=None, help="DEFAULT or a torchvision weights name, or a state_dict file")
     group.add_argument("--no-pickle", action="store_true", help="refuse whole pickled models (they run code when loaded)")

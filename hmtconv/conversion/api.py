@@ -24,6 +24,7 @@ from .attention import decompose_attention
 from .build import build_snn
 from .fallback import drop_unreached_sites, find_unconverted, prepare_modules
 from .graph import NotTraceable, prepare_graph
+from .huggingface import is_hugging_face, return_logits
 from .observers import ActivationObserver, HistogramConfig, ShapeObserver
 from .pooling import slice_max_pools
 from .sites import ObservedActivation
@@ -152,6 +153,8 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
         warnings.warn(f"{type(model).__name__} was in training mode; converting it in eval mode (BatchNorm "
                       f"running statistics, no dropout)", stacklevel=2)
     model = (model if inplace else _copy(model)).eval()
+    if is_hugging_face(model):
+        return_logits(model)
     hooked = [name or "<root>" for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     if hooked:
         warnings.warn(f"forward hooks on {', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''} are copied with "

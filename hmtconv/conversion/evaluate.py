@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..device import placement
+from . import huggingface
 from .api import batch_labels, first_batches, is_prepared, model_input
 from .energy import E_AC, E_MAC
 from .memory import chunk_size, cpu_chunk, format_bytes, parse_bytes
@@ -134,8 +135,13 @@ def _simulate(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None, diagnost
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def _logits(logits: torch.Tensor, who: str, batch: int) -> torch.Tensor:
-    """``logits`` if they are ``[B, classes]``; accuracy (argmax over the last dim) needs them so."""
+def _logits(output, who: str, batch: int) -> torch.Tensor:
+    """The logits in ``output`` (a Hugging Face model's ``.logits``) if they are ``[B, classes]``;
+    accuracy (argmax over the last dim) needs them so."""
+    logits = huggingface.logits(output)
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"evaluation batch {batch}: {who} returns a {type(logits).__name__}, not logits [B, classes]; "
+                         f"evaluate a model that returns them alone")
     if logits.dim() != 2:
         raise ValueError(f"evaluation batch {batch}: {who} returns outputs of shape {list(logits.shape)}, not "
                          f"logits [B, classes]; evaluate a model that returns them (e.g. ending in nn.Flatten())")

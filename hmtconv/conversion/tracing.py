@@ -72,6 +72,9 @@ class _SizedProxy(Proxy):
     def __getattr__(self, k: str):
         if k in SIZE_ATTRIBUTES or k == "device":
             return self.tracer.create_proxy("call_function", getattr, (self, k), {})
+        if k == "dtype" and self.tracer.values.get(self.node) is not None:
+            # for Python (Hugging Face: ``if pixel_values.dtype != weight.dtype``): the example's
+            return self.tracer.values[self.node][0].dtype
         if k == "type" and self.node.target is getattr and self.node.args[1] == "device":
             # the kind of device, for Python (EfficientViT: ``torch.autocast(x.device.type, ...)``); the
             # device itself stays symbolic, so the SNN still moves to another device

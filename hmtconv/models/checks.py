@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..conversion.huggingface import logits
 from ..data.registry import DataInfo
 from ..device import placement
 from ..errors import UserError
@@ -37,6 +38,7 @@ def check_model_fits(model: nn.Module, info: DataInfo, label: str = "the model")
         ) from error
     finally:
         model.train(was_training)
+    out = logits(out)  # (a Hugging Face model's ModelOutput)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"{label} returns {shape}; expected class scores [batch, {info.num_classes}]")

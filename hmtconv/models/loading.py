@@ -1,10 +1,11 @@
 """Resolve ``--model`` / ``--weights`` into a model: built-in names, torchvision names, ``timm:NAME``,
-checkpoints written by ``hmtconv train``, and (only when allowed) whole pickled modules."""
+``hf:ID`` (Hugging Face), checkpoints written by ``hmtconv train``, and (only when allowed) whole pickled modules."""
 from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -165,6 +166,37 @@ def from_timm(name: str, weights: str | None, in_channels: int, image_size: int,
     return LoadedModel(model.eval(), transform, f"timm {name}" + describe(weights))
 
 
+def from_hugging_face(name: str, weights: str | None) -> LoadedModel:
+    """``hf:ID`` (downloaded once) or ``hf:DIRECTORY`` (written by ``save_pretrained``): a transformers
+    image classifier with its weights, and its image processor as the transform where it has one."""
+    if weights is not None:
+        raise UserError(f"--weights {weights} cannot be combined with hf:{name} (from_pretrained reads its weights)")
+    try:
+        import transformers
+    except ImportError as error:
+        raise UserError(f"--model hf:{name} needs transformers, which is not installed: pip install 'hmtconv[hf]'") \
+            from error
+    if name.startswith(("/", ".", "~")):  # a path, not a Hub id
+        if not Path(name).expanduser().is_dir():
+            raise UserError(f"--model hf:{name}: no such directory (a save_pretrained directory, or a Hub id like "
+                            f"google/vit-base-patch16-224)")
+        name = str(Path(name).expanduser())
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(name)
+    except (OSError, ValueError) as error:  # not found, no internet, not an image classifier
+        raise UserError(f"transformers cannot load the image classifier {name!r}: {one_line(error)}") from error
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):  # none saved: the dataset's own transform
+        processor = None
+    transform = None if processor is None else partial(_pixel_values, processor)
+    return LoadedModel(model.eval(), transform, f"Hugging Face {name}")
+
+
+def _pixel_values(processor, image) -> torch.Tensor:
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
 def from_file(path: str, weights: str | None, allow_pickle: bool) -> LoadedModel:
     if weights is not None:
         raise UserError(f"--weights {weights} cannot be combined with the model file {path}")
@@ -192,11 +224,13 @@ def load_model(
     allow_pickle: bool = False,
 ) -> LoadedModel:
     """Resolve ``spec``: a built-in name, a torchvision classification model name, ``timm:NAME``,
-    or a file (a train checkpoint; a whole pickled module only with ``allow_pickle``).
+    ``hf:ID`` or ``hf:DIRECTORY`` (Hugging Face), or a file (a train checkpoint; a whole pickled module only with ``allow_pickle``).
     ``weights``: None, ``DEFAULT`` or a weights enum name (torchvision), or a state_dict file.
     The data's shape is used to build fresh models; check the result with ``check_model_fits``."""
     if spec.startswith("timm:"):
         return from_timm(spec.removeprefix("timm:"), weights, in_channels, image_size, num_classes)
+    if spec.startswith("hf:"):
+        return from_hugging_face(spec.removeprefix("hf:"), weights)
     if spec in MODELS:
         return from_builtin(spec, weights, in_channels, image_size, num_classes)
     if spec in torchvision.models.list_models(module=torchvision.models):

@@ -1,0 +1,60 @@
+"""Hugging Face ``transformers`` image classifiers convert as they are: their ``ModelOutput`` is
+read for its logits, and their ``pixel_values.dtype`` check is answered while tracing."""
+import pytest
+import torch
+import transformers as tf
+
+import hmtconv.conversion as hc
+from test_convert_models import approaches_its_ann, loader
+
+TINY = dict(image_size=12, patch_size=4, num_channels=2, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=5)
+MODELS = {
+    "vit": lambda: tf.ViTForImageClassification(tf.ViTConfig(**TINY)),
+    "deit": lambda: tf.DeiTForImageClassificationWithTeacher(tf.DeiTConfig(**TINY)),
+    "convnext": lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
+        num_channels=2, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)),
+    "resnet": lambda: tf.ResNetForImageClassification(tf.ResNetConfig(
+        num_channels=2, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hugging_face_classifiers_convert_and_approach_their_ann(name):
+    torch.manual_seed(0)
+    model, data = MODELS[name]().eval(), loader((2, 12, 12), classes=5)
+    snn = approaches_its_ann(model, data)
+    children = dict(model.named_children())  # site names are the model's own (no wrapper's prefix)
+    assert all(name.split(".")[0].removesuffix("_in") in children for name in snn.sites())
+    result = hc.evaluate(snn, data, ann=model)  # the ANN's ModelOutput read for its logits
+    images, labels = map(torch.cat, zip(*data))
+    assert result.ann_accuracy == 100 * (model(images).logits.argmax(-1) == labels).float().mean().item()
+
+
+def test_a_hugging_face_model_returning_tuples_converts_too():
+    torch.manual_seed(0)
+    model = MODELS["resnet"]().eval()
+    model.config.return_dict = False
+    data = loader((2, 12, 12), classes=5)
+    snn = hc.convert(model, data, n=8, T=4, policy="max")
+    torch.testing.assert_close(snn.ann_forward(data[0][0]), model(data[0][0])[0])
+
+
+def test_the_cli_loads_a_saved_hugging_face_classifier_with_its_image_processor(tmp_path, capsys):
+    import json
+
+    from hmtconv.cli import main
+
+    torch.manual_seed(0)
+    saved = tmp_path / "vit"
+    tf.ViTForImageClassification(tf.ViTConfig(**{**TINY, "image_size": 28, "patch_size": 7, "num_channels": 1,
+                                                 "num_labels": 10})).save_pretrained(saved)
+    tf.ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5], image_std=[0.5]).save_pretrained(saved)
+    out = tmp_path / "out.json"
+    small = ["--dataset", "mnist", "--limit", "32", "--calib-size", "16", "--T", "2", "--identity", "all",
+             "--no-progress"]
+    assert main(["evaluate", "--model", f"hf:{saved}", *small, "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["model"] == f"Hugging Face {saved}" and len(record["snn_accuracy"]) == 2
+    assert main(["evaluate", "--model", f"hf:{tmp_path / 'absent'}", *small]) == 2
+    assert "no such directory" in capsys.readouterr().err
