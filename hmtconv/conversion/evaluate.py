@@ -80,23 +80,28 @@ class _SiteMonitor:
         return rows
 
 
-def _first_nonfinite_site(snn: SNN, x: torch.Tensor, steps: int) -> str:
-    """Re-run a batch whose outputs were not finite and name the first site whose input was not."""
-    found: list[str] = []
+def _first_nonfinite_site(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None) -> str:
+    """Re-run a batch whose outputs were not finite, in the same chunks, and name the first site
+    (in run order, over all chunks) whose input was not. The evaluation's monitor must be closed
+    first: its hooks would count this run and look for ANN-mode outputs it does not have."""
+    sites = snn.sites()
+    found: set[str] = set()
 
     def record(name: str):
         def hook(module, args):  # before the site runs: its neuron may write its output over its input
-            if not found and not torch.isfinite(args[0]).all():
-                found.append(name)
+            if name not in found and not torch.isfinite(args[0]).all():
+                found.add(name)
         return hook
 
-    hooks = [site.register_forward_pre_hook(record(name)) for name, site in snn.sites().items()]
+    hooks = [site.register_forward_pre_hook(record(name)) for name, site in sites.items()]
     try:
-        snn(x, steps)
+        for part in (x.split(chunk) if chunk else (x,)):
+            snn(part, steps)
     finally:
         for h in hooks:
             h.remove()
-    return f"the input of site {found[0]}" if found else "the layers after the last spiking site"
+    first = next((name for name in sites if name in found), None)
+    return f"the input of site {first}" if first else "the layers after the last spiking site"
 
 
 def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int | str | None,
@@ -218,8 +223,9 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
             if ann_pred is not None:
                 counts[0] = (ann_pred == y).sum()
             if not torch.isfinite(out).all():
+                monitor.close()
                 raise ValueError(f"evaluation batch {i}: NaN or inf in the SNN, first at "
-                                 f"{_first_nonfinite_site(snn, x, steps)} (finite input images)")
+                                 f"{_first_nonfinite_site(snn, x, steps, chunk)} (finite input images)")
             _check_labels(y, out.shape[-1], i)
             mean_logits = out.cumsum(0) / step_index(steps, out)
             pred = mean_logits.argmax(-1)
