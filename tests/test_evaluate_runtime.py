@@ -53,3 +53,15 @@ def test_nonfinite_snn_names_the_first_site_and_leaves_the_snn_clean(diagnostics
         first.copy_(saved[0])
         last.copy_(saved[1])
     assert hc.evaluate(snn, data, max_batch=max_batch, diagnostics=diagnostics) == clean  # nothing left behind
+
+
+@pytest.mark.parametrize("steps", [0, -2, 2.0, True])
+def test_snn_call_with_a_bad_step_count_says_so(steps):
+    """snn(x, 0) failed with ZeroDivisionError, a negative T with a negative tensor size, a float
+    or bool with a TypeError of Tensor.repeat."""
+    data = batches()
+    snn = hc.convert(mlp(), data, n=2, T=4, policy="999")
+    with pytest.raises(ValueError, match=r"T \(time steps\) must be a positive integer"):
+        snn(data[0][0], steps)
+    with pytest.raises(ValueError, match=r"T \(time steps\) must be a positive integer"):
+        hc.evaluate(snn, data, T=steps)

@@ -22,7 +22,7 @@ from .energy import E_AC, E_MAC
 from .memory import chunk_size, cpu_chunk, format_bytes, parse_bytes
 from .multistep import step_index
 from .result import EvaluationResult, LayerStats
-from .snn import SNN
+from .snn import SNN, check_steps
 
 
 class _SiteMonitor:
@@ -184,9 +184,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         raise TypeError(f"ann= expects the float model the SNN was converted from, got a "
                         f"{'converted' if isinstance(ann, SNN) else 'prepared'} {type(ann).__name__} (a prepared "
                         f"model's observers would add the evaluation images to its calibration)")
-    steps = snn.config.T if T is None else T
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
+    steps = snn.config.T if T is None else check_steps(T)
     snn.eval()
     # each module's own mode, restored after (a model being fine-tuned may keep some, as a frozen
     # BatchNorm, in eval mode: ann.train() would not restore those)

@@ -58,6 +58,13 @@ class ConversionReport:
     folded_batchnorm: list[str] = field(default_factory=list)
 
 
+def check_steps(steps) -> int:
+    """``steps`` if it is a positive int (not a bool or float); else a ValueError that says so."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
+    return steps
+
+
 class SNN(KeepsDtype):
     """``forward(x, T)`` returns the per-step outputs ``[T, B, ...]`` (the image enters as the same
     analog value at every step). Energy counts (per sample, see energy.py) are float64 buffers, kept
@@ -110,7 +117,7 @@ class SNN(KeepsDtype):
         if tuple(x.shape[1:]) != tuple(self.report.input_shape):  # (synapse counts are per position)
             raise ValueError(f"images of shape {list(x.shape[1:])}, but the SNN was calibrated on "
                              f"{list(self.report.input_shape)}; convert again for this size")
-        steps = self.config.T if T is None else T
+        steps = self.config.T if T is None else check_steps(T)  # (0 failed deep inside: division by zero)
         self._set_steps(steps)
         if not self.report.traced:  # module-swapped model: no static prefix, every op sees T*B rows
             x = x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)
