@@ -86,18 +86,23 @@ class SNN(KeepsDtype):
         # (static, per-step) live activation bytes per graph node for one sample (memory.py);
         # recomputed whenever the SNN is built, so not saved with it.
         self.register_buffer("memory_profile", memory_profile, persistent=False)
-        self._leaf_bytes: float | None = None
+        # the profile counts bytes of the dtype it was traced in; a cast SNN (.double(), .half())
+        # scales it by its own element size
+        self._profile_dtype = placement(net)[1]
+        self._leaf_bytes: dict[tuple[torch.device, torch.dtype], float] = {}  # by placement: a cast changes it
         self._time_aware = [m for m in net.modules() if isinstance(m, TimeAware)]
 
     def activation_bytes(self, steps: int | None = None) -> float:
         """Estimated peak activation memory of one sample simulated for ``steps`` steps (memory.py)."""
         steps = self.config.T if steps is None else steps
+        where = placement(self.net)
         if self.memory_profile is not None:
-            return MARGIN * (self.memory_profile[:, 0] + steps * self.memory_profile[:, 1]).max().item()
-        if self._leaf_bytes is None:  # module-swapped model: every op sees T*B rows
+            scale = where[1].itemsize / self._profile_dtype.itemsize
+            return scale * MARGIN * (self.memory_profile[:, 0] + steps * self.memory_profile[:, 1]).max().item()
+        if where not in self._leaf_bytes:  # module-swapped model: every op sees T*B rows
             self._set_steps(1)
-            self._leaf_bytes = leaf_output_bytes(self.net, self.report.input_shape, *placement(self.net))
-        return MARGIN * steps * self._leaf_bytes
+            self._leaf_bytes[where] = leaf_output_bytes(self.net, self.report.input_shape, *where)
+        return MARGIN * steps * self._leaf_bytes[where]
 
     def sites(self) -> dict[str, SpikingActivation]:
         """Spiking neurons by qualified name (as in the prepared model), in the order the traced
