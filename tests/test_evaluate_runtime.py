@@ -65,3 +65,21 @@ def test_snn_call_with_a_bad_step_count_says_so(steps):
         snn(data[0][0], steps)
     with pytest.raises(ValueError, match=r"T \(time steps\) must be a positive integer"):
         hc.evaluate(snn, data, T=steps)
+
+
+@pytest.mark.parametrize("n, signed, communicate", [(2, False, True), (4, True, True), (3, True, False), (6, False, True)])
+def test_an_empty_batch_adds_nothing(n, signed, communicate):
+    """An empty batch (B = 0) crashed the neuron's tensor path (amin of an empty tensor), which
+    runs it since the CPU kernel declines empty inputs."""
+    from hmtconv.neurons import HMTNeuron
+
+    neuron = HMTNeuron(n, 0.3, signed=signed, communicate=communicate)
+    neuron.sum_outputs = True
+    out = neuron(torch.zeros(5, 0, 3))
+    assert out.shape == (5, 0, 3) and neuron.output_sum.shape == (0, 3)
+    assert torch.equal(neuron.spikes, torch.zeros(5, dtype=torch.float64))
+    data = batches()
+    snn = hc.convert(mlp(), data, n=n, T=4, policy="999", identity="all" if signed else "none",
+                     communicate=communicate)
+    empty = [(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))]
+    assert hc.evaluate(snn, data[:1] + empty + data[1:], ann=mlp()) == hc.evaluate(snn, data, ann=mlp())
