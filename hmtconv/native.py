@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -55,7 +56,7 @@ def candidate_flags() -> list[tuple[list[str], bytes]]:
 
 def build(source: Path, compiler: str, flags: list[str], cpu: bytes) -> Path:
     """Compile ``source`` into the cache, atomically (a concurrent process sees no file or the
-    whole one)."""
+    whole one). ``compiler`` is a shell-style command line, as ``$CC`` often is (``ccache gcc``)."""
     key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags, platform.machine()]).encode() + cpu)
     target = Path(os.environ.get("HMTCONV_CACHE", Path.home() / ".cache" / "hmtconv")) / \
         f"{source.stem}-{key.hexdigest()[:16]}.so"
@@ -64,8 +65,8 @@ def build(source: Path, compiler: str, flags: list[str], cpu: bytes) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, *flags, str(source), "-o", tmp, "-lm"], check=True, capture_output=True,
-                           text=True, timeout=120)
+            subprocess.run([*shlex.split(compiler), *flags, str(source), "-o", tmp, "-lm"], check=True,
+                           capture_output=True, text=True, timeout=120)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -77,7 +78,8 @@ def build(source: Path, compiler: str, flags: list[str], cpu: bytes) -> Path:
 def load(source: Path, fallback: str) -> ctypes.CDLL | None:
     """``source``'s library, or None (with one warning saying why, and that ``fallback``, e.g.
     "neurons run", on the slower tensor path) where it cannot be built."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = os.environ.get("CC") or (found and shlex.quote(found))  # $CC may hold a wrapper or flags
     if compiler is None:
         warnings.warn(f"hmtconv: no C compiler found, so {fallback} on the slower tensor path (install gcc "
                       f"or clang; HMTCONV_CPU_KERNEL=0 silences this)", stacklevel=3)

@@ -110,9 +110,12 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, weights: str 
         warnings.simplefilter("ignore")
         try:
             prepared = prepare(loaded.model, identity=config["identity"], example_inputs=zero_batch[0])
-            snn = convert(calibrate(prepared, zero_batch), **config)
+            # the thresholds come from the file, so any built-in policy rebuilds the graph: the saved
+            # one may be a name registered (register_policy) only in the process that converted
+            snn = convert(calibrate(prepared, zero_batch), **{**config, "policy": "max"})
         except (ValueError, TypeError) as error:
             raise UserError(f"{path} cannot be rebuilt from the model {spec!r}: {error}") from error
+    snn.config.policy = config["policy"]  # what the thresholds were chosen by (a label from here on)
     own = snn.state_dict()
     mismatched = (sorted(set(own) ^ set(tensors))
                   or [k for k in own if (own[k].shape, own[k].dtype) != (tensors[k].shape, tensors[k].dtype)])

@@ -128,3 +128,26 @@ def test_parse_bytes_and_chunk_size():
             parse_bytes(bad)
     assert chunk_size(100.0, 1050, batch=64) == 10 and chunk_size(1e12, 10, batch=64) == 1
     assert chunk_size(1.0, 10**9, batch=64) == 64
+
+
+class _Untraceable(nn.Module):  # data-dependent control flow: module swapping
+    def __init__(self):
+        super().__init__()
+        self.body = small_cnn()
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > -1e9 else -self.body(x)
+
+
+@pytest.mark.parametrize("make", [small_cnn, _Untraceable], ids=["traced", "module-swapped"])
+def test_estimate_of_an_snn_cast_after_conversion_is_that_of_one_converted_in_its_dtype(make):
+    """A float32 SNN cast to float64 holds float64 activations; its estimate (and so the chunks of
+    a memory budget) stayed that of float32, half the memory it uses."""
+    data = loader(batch=10)
+    cast = hc.convert(make().eval(), data, n=2, T=4, policy="999")
+    float32 = cast.activation_bytes(4)
+    cast.double()
+    native = hc.convert(make().double().eval(), [(x.double(), y) for x, y in data], n=2, T=4, policy="999")
+    assert cast.activation_bytes(4) == pytest.approx(native.activation_bytes(4), rel=1e-12)
+    assert cast.activation_bytes(4) == pytest.approx(2 * float32, rel=1e-12)
+    assert cast.float().activation_bytes(4) == pytest.approx(float32, rel=1e-12)

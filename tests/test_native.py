@@ -3,6 +3,7 @@ clean fallback with one warning where no compiler works."""
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 
@@ -42,3 +43,14 @@ def test_without_a_compiler_the_kernels_warn_and_keep_the_tensor_path(monkeypatc
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.warns(UserWarning, match="no C compiler found, so observers run on the slower tensor path"):
         assert native.load.__wrapped__(observer_kernel.SOURCE, "observers run") is None
+
+
+@needs_compiler
+def test_a_compiler_command_with_arguments_in_cc_builds(tmp_path, monkeypatch):
+    """$CC is a command line by convention ("ccache gcc", "gcc -m64"); it was run as one file name,
+    so every build failed and the neurons fell back to the tensor path."""
+    monkeypatch.setenv("HMTCONV_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -DHMTCONV_TEST=1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load.__wrapped__(cpu_kernel.SOURCE, "neurons run") is not None

@@ -193,3 +193,25 @@ def test_cli_convert_then_evaluate_snn_reproduces_direct_evaluate(tmp_path, caps
     direct, loaded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("direct", "loaded"))
     for key in ("snn_accuracy", "energy_ratio", "spikes_per_sample", "per_layer", "ann_accuracy", "config"):
         assert loaded[key] == direct[key], key
+
+
+def test_snn_of_a_policy_registered_elsewhere_loads_with_its_thresholds(tmp_path, monkeypatch):
+    """The file holds the thresholds; the rebuild re-ran the saved policy on a zero image, so an SNN
+    converted with a register_policy name could not be loaded where that name is not registered
+    (any other process, `hmtconv evaluate --snn` always)."""
+    from hmtconv.conversion import policies
+
+    def tenth_of_max(observer, spec):
+        return observer.max.clamp_min(1e-3) / 10
+
+    monkeypatch.setitem(policies.POLICIES, "tenth_of_max", tenth_of_max)
+    model_file = tmp_path / "cnn.pt"
+    torch.save(small_cnn(), model_file)
+    snn = hc.convert(small_cnn(), images(), T=3, policy="opt,5=tenth_of_max")
+    path = save_snn(snn, tmp_path / "s.safetensors", model=str(model_file), num_classes=10)
+    monkeypatch.delitem(policies.POLICIES, "tenth_of_max")  # as in a process that never registered it
+    loaded, meta = load_snn(path)
+    assert loaded.config == snn.config and meta["config"]["policy"] == "opt,5=tenth_of_max"
+    assert loaded.sites()["5"].neuron.lam == snn.sites()["5"].neuron.lam
+    x = images(seed=5)[0][0]
+    assert torch.equal(loaded(x), snn(x))

@@ -23,7 +23,7 @@ from .energy import E_AC, E_MAC
 from .memory import chunk_size, cpu_chunk, format_bytes, parse_bytes
 from .multistep import step_index
 from .result import EvaluationResult, LayerStats
-from .snn import SNN
+from .snn import SNN, check_steps
 
 
 class _SiteMonitor:
@@ -81,23 +81,28 @@ class _SiteMonitor:
         return rows
 
 
-def _first_nonfinite_site(snn: SNN, x: torch.Tensor, steps: int) -> str:
-    """Re-run a batch whose outputs were not finite and name the first site whose input was not."""
-    found: list[str] = []
+def _first_nonfinite_site(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None) -> str:
+    """Re-run a batch whose outputs were not finite, in the same chunks, and name the first site
+    (in run order, over all chunks) whose input was not. The evaluation's monitor must be closed
+    first: its hooks would count this run and look for ANN-mode outputs it does not have."""
+    sites = snn.sites()
+    found: set[str] = set()
 
     def record(name: str):
         def hook(module, args):  # before the site runs: its neuron may write its output over its input
-            if not found and not torch.isfinite(args[0]).all():
-                found.append(name)
+            if name not in found and not torch.isfinite(args[0]).all():
+                found.add(name)
         return hook
 
-    hooks = [site.register_forward_pre_hook(record(name)) for name, site in snn.sites().items()]
+    hooks = [site.register_forward_pre_hook(record(name)) for name, site in sites.items()]
     try:
-        snn(x, steps)
+        for part in (x.split(chunk) if chunk else (x,)):
+            snn(part, steps)
     finally:
         for h in hooks:
             h.remove()
-    return f"the input of site {found[0]}" if found else "the layers after the last spiking site"
+    first = next((name for name in sites if name in found), None)
+    return f"the input of site {first}" if first else "the layers after the last spiking site"
 
 
 def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int | str | None,
@@ -185,9 +190,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         raise TypeError(f"ann= expects the float model the SNN was converted from, got a "
                         f"{'converted' if isinstance(ann, SNN) else 'prepared'} {type(ann).__name__} (a prepared "
                         f"model's observers would add the evaluation images to its calibration)")
-    steps = snn.config.T if T is None else T
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
+    steps = snn.config.T if T is None else check_steps(T)
     snn.eval()
     # each module's own mode, restored after (a model being fine-tuned may keep some, as a frozen
     # BatchNorm, in eval mode: ann.train() would not restore those)
@@ -224,8 +227,9 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
             if ann_pred is not None:
                 counts[0] = (ann_pred == y).sum()
             if not torch.isfinite(out).all():
+                monitor.close()
                 raise ValueError(f"evaluation batch {i}: NaN or inf in the SNN, first at "
-                                 f"{_first_nonfinite_site(snn, x, steps)} (finite input images)")
+                                 f"{_first_nonfinite_site(snn, x, steps, chunk)} (finite input images)")
             _check_labels(y, out.shape[-1], i)
             mean_logits = out.cumsum(0) / step_index(steps, out)
             pred = mean_logits.argmax(-1)

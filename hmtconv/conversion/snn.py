@@ -58,6 +58,13 @@ class ConversionReport:
     folded_batchnorm: list[str] = field(default_factory=list)
 
 
+def check_steps(steps) -> int:
+    """``steps`` if it is a positive int (not a bool or float); else a ValueError that says so."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
+    return steps
+
+
 class SNN(KeepsDtype):
     """``forward(x, T)`` returns the per-step outputs ``[T, B, ...]`` (the image enters as the same
     analog value at every step). Energy counts (per sample, see energy.py) are float64 buffers, kept
@@ -79,18 +86,23 @@ class SNN(KeepsDtype):
         # (static, per-step) live activation bytes per graph node for one sample (memory.py);
         # recomputed whenever the SNN is built, so not saved with it.
         self.register_buffer("memory_profile", memory_profile, persistent=False)
-        self._leaf_bytes: float | None = None
+        # the profile counts bytes of the dtype it was traced in; a cast SNN (.double(), .half())
+        # scales it by its own element size
+        self._profile_dtype = placement(net)[1]
+        self._leaf_bytes: dict[tuple[torch.device, torch.dtype], float] = {}  # by placement: a cast changes it
         self._time_aware = [m for m in net.modules() if isinstance(m, TimeAware)]
 
     def activation_bytes(self, steps: int | None = None) -> float:
         """Estimated peak activation memory of one sample simulated for ``steps`` steps (memory.py)."""
         steps = self.config.T if steps is None else steps
+        where = placement(self.net)
         if self.memory_profile is not None:
-            return MARGIN * (self.memory_profile[:, 0] + steps * self.memory_profile[:, 1]).max().item()
-        if self._leaf_bytes is None:  # module-swapped model: every op sees T*B rows
+            scale = where[1].itemsize / self._profile_dtype.itemsize
+            return scale * MARGIN * (self.memory_profile[:, 0] + steps * self.memory_profile[:, 1]).max().item()
+        if where not in self._leaf_bytes:  # module-swapped model: every op sees T*B rows
             self._set_steps(1)
-            self._leaf_bytes = leaf_output_bytes(self.net, self.report.input_shape, *placement(self.net))
-        return MARGIN * steps * self._leaf_bytes
+            self._leaf_bytes[where] = leaf_output_bytes(self.net, self.report.input_shape, *where)
+        return MARGIN * steps * self._leaf_bytes[where]
 
     def sites(self) -> dict[str, SpikingActivation]:
         """Spiking neurons by qualified name (as in the prepared model), in the order the traced
@@ -110,7 +122,7 @@ class SNN(KeepsDtype):
         if tuple(x.shape[1:]) != tuple(self.report.input_shape):  # (synapse counts are per position)
             raise ValueError(f"images of shape {list(x.shape[1:])}, but the SNN was calibrated on "
                              f"{list(self.report.input_shape)}; convert again for this size")
-        steps = self.config.T if T is None else T
+        steps = self.config.T if T is None else check_steps(T)  # (0 failed deep inside: division by zero)
         self._set_steps(steps)
         if not self.report.traced:  # module-swapped model: no static prefix, every op sees T*B rows
             x = x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)

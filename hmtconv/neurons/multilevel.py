@@ -75,7 +75,7 @@ def _redo_rounded_up(m: torch.Tensor, lam: torch.Tensor, levels: int, out: torch
     """Exact floor division for the elements whose rounded quotient may have rounded up (see
     :func:`charge_`); one pass and a min when there are none."""
     torch.add(m, out, alpha=-(1 + torch.finfo(m.dtype).eps), out=scratch).mul_(level)
-    if scratch.amin() < 0:
+    if scratch.numel() and scratch.amin() < 0:  # (amin of an empty batch is an error)
         suspect = torch.unravel_index(torch.nonzero(scratch.view(-1) < 0).squeeze(1), m.shape)
         step = lam.expand_as(m)[suspect]
         k = torch.div(m[suspect], step, rounding_mode="floor").clamp_(0, levels)

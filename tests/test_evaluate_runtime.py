@@ -1,0 +1,85 @@
+"""The runtime around the simulation: errors mid-evaluation, state between calls, bad step counts."""
+import pytest
+import torch
+from torch import nn
+
+import hmtconv.conversion as hc
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+def batches(sizes=(8, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 4, generator=g), torch.randint(0, 3, (b,), generator=g)) for b in sizes]
+
+
+def nonfinite_site_inputs(snn, x) -> list[str]:
+    """The sites whose input is not finite in the SNN's ANN mode, in run order (pre-hooks)."""
+    bad = []
+    hooks = [site.register_forward_pre_hook(lambda m, a, name=name: bad.append(name) if not torch.isfinite(a[0]).all()
+                                            else None) for name, site in snn.sites().items()]
+    snn.ann_forward(x)
+    for h in hooks:
+        h.remove()
+    return bad
+
+
+@pytest.mark.parametrize("diagnostics", [True, False])
+@pytest.mark.parametrize("max_batch", [None, 3])
+def test_nonfinite_snn_names_the_first_site_and_leaves_the_snn_clean(diagnostics, max_batch):
+    """With diagnostics (the default) the re-run that names the site used to meet the monitor's
+    hooks, which looked for ANN-mode outputs already used: IndexError instead of the message."""
+    data = batches()
+    snn = hc.convert(mlp(), data, n=2, T=4, policy="999")
+    clean = hc.evaluate(snn, data, max_batch=max_batch, diagnostics=diagnostics)
+    first, last = snn.net.get_submodule("0").weight, snn.net.get_submodule("4").bias
+    saved = first.clone(), last.clone()
+    x = data[0][0].clone()
+    x[7] = 3e38  # with unit 0's weights 1: 4 * 3e38 at site 1's input, sample 7 only (the last chunk)
+    with torch.no_grad():
+        first[0] = 1.0
+        last[0] = float("inf")  # every sample's logits, past the last site
+    ann_mode = [nonfinite_site_inputs(snn, x[i:i + 1]) for i in range(8)]
+    assert ann_mode[:7] == [[]] * 7 and ann_mode[7][0] == "1" and not torch.isfinite(snn(x)[:, :3]).all()
+    for broken, where in (([(x, data[0][1])]), "the input of site 1"), ((data, "the layers after the last spiking site")):
+        with pytest.raises(ValueError, match=f"evaluation batch 0: NaN or inf in the SNN, first at {where} "):
+            hc.evaluate(snn, broken, max_batch=max_batch, diagnostics=diagnostics)
+        assert all(not site._forward_hooks and not site._forward_pre_hooks for site in snn.sites().values())
+        assert all(not site.neuron.sum_outputs for site in snn.sites().values())
+    with torch.no_grad():
+        first.copy_(saved[0])
+        last.copy_(saved[1])
+    assert hc.evaluate(snn, data, max_batch=max_batch, diagnostics=diagnostics) == clean  # nothing left behind
+
+
+@pytest.mark.parametrize("steps", [0, -2, 2.0, True])
+def test_snn_call_with_a_bad_step_count_says_so(steps):
+    """snn(x, 0) failed with ZeroDivisionError, a negative T with a negative tensor size, a float
+    or bool with a TypeError of Tensor.repeat."""
+    data = batches()
+    snn = hc.convert(mlp(), data, n=2, T=4, policy="999")
+    with pytest.raises(ValueError, match=r"T \(time steps\) must be a positive integer"):
+        snn(data[0][0], steps)
+    with pytest.raises(ValueError, match=r"T \(time steps\) must be a positive integer"):
+        hc.evaluate(snn, data, T=steps)
+
+
+@pytest.mark.parametrize("n, signed, communicate", [(2, False, True), (4, True, True), (3, True, False), (6, False, True)])
+def test_an_empty_batch_adds_nothing(n, signed, communicate):
+    """An empty batch (B = 0) crashed the neuron's tensor path (amin of an empty tensor), which
+    runs it since the CPU kernel declines empty inputs."""
+    from hmtconv.neurons import HMTNeuron
+
+    neuron = HMTNeuron(n, 0.3, signed=signed, communicate=communicate)
+    neuron.sum_outputs = True
+    out = neuron(torch.zeros(5, 0, 3))
+    assert out.shape == (5, 0, 3) and neuron.output_sum.shape == (0, 3)
+    assert torch.equal(neuron.spikes, torch.zeros(5, dtype=torch.float64))
+    data = batches()
+    snn = hc.convert(mlp(), data, n=n, T=4, policy="999", identity="all" if signed else "none",
+                     communicate=communicate)
+    empty = [(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))]
+    assert hc.evaluate(snn, data[:1] + empty + data[1:], ann=mlp()) == hc.evaluate(snn, data, ann=mlp())
