@@ -83,3 +83,20 @@ def test_an_empty_batch_adds_nothing(n, signed, communicate):
                      communicate=communicate)
     empty = [(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))]
     assert hc.evaluate(snn, data[:1] + empty + data[1:], ann=mlp()) == hc.evaluate(snn, data, ann=mlp())
+
+
+def test_a_bfloat16_snn_averages_its_logits_in_float32():
+    """Accuracy at t reads the mean of the logits of steps 1..t; summed in bfloat16 (8 bits of
+    mantissa) those means round, and close classes swap places."""
+    model = mlp()
+    with torch.no_grad():
+        model[4].bias.fill_(3.0)  # logits near 3, where bfloat16's spacing is 1/64
+    data = batches((64, 64))
+    snn = hc.convert(model, data, n=4, T=16, policy="999").to(torch.bfloat16)
+    result = hc.evaluate(snn, data, diagnostics=False)
+    correct = torch.zeros(16, dtype=torch.float64)
+    for x, y in data:  # the reference: float64 running means of the same (bfloat16) per-step logits
+        out = snn(x.to(torch.bfloat16)).double()
+        mean = out.cumsum(0) / torch.arange(1, 17, dtype=torch.float64).view(-1, 1, 1)
+        correct += (mean.argmax(-1) == y).sum(1)
+    assert result.snn_accuracy == (100 * correct / 128).tolist()

@@ -231,7 +231,9 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
                 raise ValueError(f"evaluation batch {i}: NaN or inf in the SNN, first at "
                                  f"{_first_nonfinite_site(snn, x, steps, chunk)} (finite input images)")
             _check_labels(y, out.shape[-1], i)
-            mean_logits = out.cumsum(0) / step_index(steps, out)
+            # running means of the logits in at least float32: a half or bfloat16 sum rounds them
+            precise = out.to(torch.promote_types(out.dtype, torch.float32))
+            mean_logits = precise.cumsum(0) / step_index(steps, precise)
             pred = mean_logits.argmax(-1)
             correct = (pred == y).sum(1)
             agree = (pred == ann_pred).sum(1) if ann_pred is not None else torch.zeros_like(correct)
