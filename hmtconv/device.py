@@ -19,6 +19,12 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "meta":
+        raise UserError(f"--device {name}: meta tensors hold shapes, no data, so nothing runs there (cpu, cuda, auto)")
+    try:  # another accelerator (mps, xpu...) this machine or this torch build lacks
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise UserError(f"--device {name} is not available here: {' '.join(str(error).split())}") from error
     return device
 
 

@@ -60,10 +60,13 @@ def test_config_errors(changes, message):
         train(tiny(**changes))
 
 
-def test_cuda_device_without_cuda(monkeypatch):
+def test_devices_this_machine_lacks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="CUDA is not available"):
         resolve_device("cuda")
+    for name, message in (("meta", "meta tensors hold shapes, no data"), ("mps", "--device mps is not available here")):
+        with pytest.raises(UserError, match=message):
+            resolve_device(name)
     assert resolve_device("auto") == torch.device("cpu")
 
 
