@@ -3,6 +3,7 @@ read for its logits, and their ``pixel_values.dtype`` check is answered while tr
 import pytest
 import torch
 import transformers as tf
+from torch import nn
 
 import hmtconv.conversion as hc
 from test_convert_models import approaches_its_ann, loader
@@ -29,6 +30,20 @@ def test_hugging_face_classifiers_convert_and_approach_their_ann(name):
     result = hc.evaluate(snn, data, ann=model)  # the ANN's ModelOutput read for its logits
     images, labels = map(torch.cat, zip(*data))
     assert result.ann_accuracy == 100 * (model(images).logits.argmax(-1) == labels).float().mean().item()
+
+
+def test_convnext_v2_global_response_normalization_is_compensated():
+    """GRN takes torch.linalg.vector_norm of spikes over the image (was refused as neither linear
+    nor registered): a compensated VectorNorm, then a compensated quotient and product."""
+    torch.manual_seed(0)
+    model = tf.ConvNextV2ForImageClassification(tf.ConvNextV2Config(
+        num_channels=2, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)).eval()
+    for name, p in model.named_parameters():
+        if ".grn." in name:  # zeros as initialized: GRN an identity
+            nn.init.normal_(p, std=0.5)
+    snn = approaches_its_ann(model, loader((2, 12, 12), classes=5))
+    kinds = [type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)]
+    assert kinds.count("VectorNorm") == 2 and kinds.count("Divide") == 2
 
 
 def test_a_hugging_face_model_returning_tuples_converts_too():
