@@ -46,6 +46,22 @@ def test_convnext_v2_global_response_normalization_is_compensated():
     assert kinds.count("VectorNorm") == 2 and kinds.count("Divide") == 2
 
 
+PERCEIVER = dict(image_size=8, num_latents=4, d_latents=16, d_model=16, num_blocks=1, num_self_attends_per_block=1,
+                 num_self_attention_heads=2, num_cross_attention_heads=1, num_labels=5)
+
+
+@pytest.mark.parametrize("kind", ["Learned", "Fourier", "ConvProcessing"])
+def test_perceiver_traces_at_the_image_size_and_converts(kind):
+    """Perceiver's forward, traced at the image size, computes np.prod of sizes, builds
+    nn.Softmax() in forward, calls a self-attention's nn.Identity() on None and tests the result
+    against None, concatenates a symbolic batch and a shape, indexes its attention mask with
+    arange over the batch and takes row 0 of position features expanded over the batch
+    (all fell back to module swapping, or were refused as moving rows across the time steps)."""
+    torch.manual_seed(0)
+    model = getattr(tf, f"PerceiverForImageClassification{kind}")(tf.PerceiverConfig(**PERCEIVER)).eval()
+    approaches_its_ann(model, loader((3, 8, 8), classes=5))
+
+
 def test_a_hugging_face_model_returning_tuples_converts_too():
     torch.manual_seed(0)
     model = MODELS["resnet"]().eval()
