@@ -62,6 +62,21 @@ def test_perceiver_traces_at_the_image_size_and_converts(kind):
     approaches_its_ann(model, loader((3, 8, 8), classes=5))
 
 
+def test_a_hugging_face_classifier_without_logits_converts():
+    """PP-LCNet's classifier returns its head's output as ``last_hidden_state`` (no ``logits``:
+    prepare's forward raised AttributeError): the SNN returns the first field, as for a tuple."""
+    torch.manual_seed(0)
+    model = tf.PPLCNetForImageClassification(tf.PPLCNetConfig(scale=0.25, class_expand=16, num_labels=5)).eval()
+    data = loader((3, 16, 16), classes=5)
+    snn = hc.convert(model, data, n=8, T=4, policy="max", identity="all")
+    assert snn.report.traced and snn.report.unconverted == []
+    torch.testing.assert_close(snn.ann_forward(data[0][0]), model(data[0][0]).last_hidden_state)
+    result = hc.evaluate(snn, data, ann=model)
+    images, labels = map(torch.cat, zip(*data))
+    expected = (model(images).last_hidden_state.argmax(-1) == labels).float().mean().item()
+    assert result.ann_accuracy == 100 * expected
+
+
 def test_a_hugging_face_model_returning_tuples_converts_too():
     torch.manual_seed(0)
     model = MODELS["resnet"]().eval()
