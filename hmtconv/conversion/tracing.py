@@ -51,7 +51,8 @@ class Proxy(fx.Proxy):
 class Tracer(fx.Tracer):
     """Default leaves (torch.nn modules) plus :class:`MatMul` and the types registered with
     ``register_compensated`` (a user's module stays one op, wrapped whole); traces through
-    decomposed attention and the Transformer encoder (layers) that hold it."""
+    decomposed attention and the Transformer encoder (layers) that hold it, and through modules
+    made in forward; calls a module given None alone; NumPy numbers enter as Python ones."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (DecomposedAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)):
@@ -62,7 +63,9 @@ class Tracer(fx.Tracer):
         return Proxy(node, self)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
-        if not any(m is module for module in self.root.modules()):
+        try:
+            self.path_of_module(m)
+        except NameError:
             # a module made in forward (Perceiver: ``nn.Softmax(dim=-1)(scores)``) has no name for
             # a graph node: its calls are traced instead (normalize makes modules of them)
             return forward(*args, **kwargs)
