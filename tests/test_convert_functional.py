@@ -412,6 +412,36 @@ def test_torch_namespace_max_pools_and_norms_convert_as_the_functional_ones():
     torch.testing.assert_close(snn(data[0][0]), expected(data[0][0]))
 
 
+class Norms(nn.Module):
+    """Vector norms of spikes in each way torch spells them (ConvNeXt V2's GRN, timm's and
+    Hugging Face's), scaling the spikes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        g = torch.linalg.vector_norm(h, dim=-1, keepdim=True) + torch.norm(h, p=1, dim=1, keepdim=True) + \
+            h.norm(dim=-1, keepdim=True) + torch.linalg.norm(h, dim=1, keepdim=True)
+        return self.fc2(h * g / 8)
+
+
+def test_vector_norms_of_spikes_are_compensated():
+    torch.manual_seed(0)
+    model, data = Norms().eval(), loader((6,))
+    x, ref = data[0][0], model(data[0][0])
+    errors = {}
+    for T in (4, 64):
+        snn = hc.convert(model, data, n=8, T=T, policy="max", identity="all")
+        errors[T] = (snn(x).mean(0) - ref).abs().mean().item()
+    assert snn.report.traced and torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
+    assert errors[64] < 0.5 * errors[4] and errors[64] < 0.05 * ref.abs().mean()
+    norms = [m.module for m in snn.modules() if isinstance(m, hc.compensated.Compensated)
+             and isinstance(m.module, hc.compensated.VectorNorm)]
+    assert [n.p for n in norms] == [2, 1, 2, 2]
+
+
 class ConstantMasks(nn.Module):
     """``torch.where``, ``Tensor.where`` and ``masked_fill`` on spikes with masks that are the same
     at every step (a buffer), or, with ``spiking_mask``, one computed from the spikes themselves."""

@@ -141,10 +141,29 @@ def reads_spikes(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> set[fx.Node]:
     return computed_from(gm.graph, is_site, reads_values)
 
 
+def _first_index(node: fx.Node):
+    """The index along dim 0 of a ``x[key]`` node."""
+    key = node.args[1]
+    return key[0] if isinstance(key, tuple) and key else key
+
+
+def picks_a_row_of_steps_alike(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> set[fx.Node]:
+    """The ``x[i, ...]`` nodes (``i`` an int) of tensors that read no spikes: such a tensor is the
+    same at every step (position features expanded over the batch, Perceiver's ``pos[0]``), so
+    its row ``i`` is the ANN's row ``i`` though the steps are folded into the batch dim."""
+    spiky = reads_spikes(gm, kinds)
+    return {node for node in gm.graph.nodes if node.target is operator.getitem and node not in spiky
+            and isinstance(_first_index(node), int)}
+
+
 def check_batch_kept(gm: fx.GraphModule, kinds: dict[fx.Node, str], has_batch) -> None:
     """A reduction over the batch dim (``a.mean(0)``) after the neurons would mix the time steps,
-    which the SNN folds into that dim: a clear error."""
+    which the SNN folds into that dim: a clear error (picking one row of a tensor the same at every
+    step is not: :func:`picks_a_row_of_steps_alike`)."""
+    same_rows = picks_a_row_of_steps_alike(gm, kinds)
     for node in gm.graph.nodes:
+        if node in same_rows:
+            continue
         if kinds.get(node) == "temporal" and is_tensor(node) and not has_batch(node) and any(
                 kinds.get(i) == "temporal" and is_tensor(i) and has_batch(i) for i in node.all_input_nodes):
             raise ValueError(f"cannot convert {scope(node) or '<root>'} (graph node {node.name!r}): it reduces over "
@@ -175,11 +194,25 @@ def _dims_along(node: fx.Node) -> list | None:
     elif target in ("flip", torch.flip):
         dims = rest if len(rest) > 1 else arg(node, 1, "dims")  # (x.flip(0, 1), x.flip((0, 1)))
     elif target is operator.getitem:
-        first = rest[0][0] if isinstance(rest[0], tuple) and rest[0] else rest[0]
+        first = _first_index(node)
         return [] if first is Ellipsis or first is None or first == slice(None) else [0]
     else:
         return []
     return None if dims is None else list(dims) if isinstance(dims, (tuple, list)) else [dims]
+
+
+def _indexes_every_row(node: fx.Node, batch_dims) -> bool:
+    """``x[i, ...]`` where ``i`` is ``torch.arange(n)`` over the whole batch dim with dims added
+    (Hugging Face's attention masks are built as ``mask[arange(B)[:, None, None, None], kv]``):
+    every row stays where it is, the time steps folded into that dim included."""
+    index = _first_index(node)
+    while isinstance(index, fx.Node) and index.target is operator.getitem and all(
+            k is None or k is Ellipsis or k == slice(None) for k in (
+                index.args[1] if isinstance(index.args[1], tuple) else (index.args[1],))):
+        index = index.args[0]
+    if not (isinstance(index, fx.Node) and index.target is torch.arange and len(index.args) == 1 and is_tensor(index)):
+        return False
+    return batch_dims(index) == [0] and index.meta["tensor_meta"].shape[0] == node.args[0].meta["tensor_meta"].shape[0]
 
 
 def check_batch_first(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch_dims) -> None:
@@ -187,9 +220,14 @@ def check_batch_first(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch_dims)
     SNN with its output: an activation they read with the batch in another dim (tokens first,
     ``x.permute(1, 0, 2)``) would have its steps mixed with tokens, a clear error; so is an op that
     moves rows along the batch dim after the neurons (``torch.cat([h, h2], 0)``, ``h.chunk(2, 0)``,
-    ``h.view(2, -1, C)``: test-time augmentation undone), which would move them to other steps.
+    ``h.view(2, -1, C)``: test-time augmentation undone), which would move them to other steps
+    (indexing with ``arange`` over the whole dim, or picking a row of a tensor the same at every
+    step, moves none).
     ``batch_dims(node)``: the dims of ``node``'s value that the batch size changes (None: unknown)."""
+    same_rows = picks_a_row_of_steps_alike(gm, kinds)
     for node in gm.graph.nodes:
+        if node in same_rows:
+            continue
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), TimeAware):
             reads = node.all_input_nodes
             reader = next(iter(node.users), node) if _is_to_time(gm, node) else node  # (ToTime: the op it feeds)
@@ -199,7 +237,9 @@ def check_batch_first(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch_dims)
             source = node.args[0][0] if node.target is torch.cat and node.args[0] else node.args[0]
             if not (isinstance(source, fx.Node) and is_tensor(source)):
                 continue
-            dims, along = batch_dims(source) or [], _dims_along(node)
+            dims = batch_dims(source) or []
+            every_row = node.target is operator.getitem and _indexes_every_row(node, batch_dims)
+            along = [] if every_row else _dims_along(node)
             rank = len(source.meta["tensor_meta"].shape)
             moves = dims and (along is None or any(isinstance(d, int) and d % rank in dims for d in along))
             out = batch_dims(node)  # (a reshape to [1, T*B, ...] splits off nothing: unsqueeze(0))

@@ -62,12 +62,25 @@ class Power(nn.Module):
         return x ** self.exponent
 
 
+class VectorNorm(nn.Module):
+    """``torch.linalg.vector_norm(x, p, dim, keepdim)`` as a module (ConvNeXt V2's global response
+    normalization takes the 2-norm of each channel over the image): the norm of the running means."""
+
+    def __init__(self, p: float = 2.0, dim=None, keepdim: bool = False):
+        super().__init__()
+        self.p, self.dim, self.keepdim = p, dim, keepdim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(x, self.p, self.dim, self.keepdim)
+
+
 # Module types that are wrapped when their input varies over time; extend with register_compensated.
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Einsum, Multiply,
-                          Divide, Amax, Power, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6,
-                          nn.GroupNorm, SlicedMaxPool2d, Normalize, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
-                          nn.Mish, nn.Softplus, nn.Hardtanh, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d}
+                          Divide, Amax, Power, VectorNorm, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+                          nn.ReLU6, nn.GroupNorm, SlicedMaxPool2d, Normalize, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
+                          nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                          nn.InstanceNorm3d}
 
 
 def register_compensated(cls: type) -> type:

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .attention import MatMul
-from .compensated import Amax
+from .compensated import Amax, VectorNorm
 from .fold import BatchNormAnyDim
 from .inplace import in_place, out_of_place
 from .windows import Normalize
@@ -201,6 +201,26 @@ def _max_values(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
     return Amax(arg(n, 1, "dim"), arg(n, 2, "keepdim", False))
 
 
+def _vector_norm(key: str, default) -> Callable[[fx.GraphModule, fx.Node], nn.Module | None]:
+    """The factory of a :class:`VectorNorm` from a call whose order argument is ``key`` (``ord`` of
+    ``torch.linalg.vector_norm``, ``p`` of ``torch.norm`` and ``x.norm``, which take a numeric
+    order over any dims as a vector norm); None (the call stays) for ``"nuc"`` or a ``dtype``.
+    Frobenius (``"fro"``) is the 2-norm of the entries."""
+    def make(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+        p = arg(n, 1, key, default)
+        p = 2.0 if p == "fro" else p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or n.kwargs.get("dtype") is not None:
+            return None
+        return VectorNorm(p, arg(n, 2, "dim"), arg(n, 3, "keepdim", False))
+    return make
+
+
+def _linalg_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    """``torch.linalg.norm`` without an order: the 2-norm of the entries over ``dim`` (Frobenius
+    over two); with one, a matrix norm over two dims: the call stays."""
+    return _vector_norm("ord", "fro")(gm, n) if arg(n, 1, "ord") is None else None
+
+
 def _plain(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module]:
     """The factory of a module that takes nothing from the call."""
     return lambda gm, n: cls()
@@ -238,6 +258,9 @@ FUNCTIONAL = {
     F.elu: ("elu", lambda gm, n: nn.ELU(arg(n, 1, "alpha", 1.0)), 1), F.mish: ("mish", _plain(nn.Mish), 1),
     torch.tanh: ("tanh", _plain(nn.Tanh), 1), "tanh": ("tanh", _plain(nn.Tanh), 1),
     F.normalize: ("normalize", lambda gm, n: Normalize(arg(n, 1, "p", 2.0), arg(n, 2, "dim", 1), arg(n, 3, "eps", 1e-12)), 1),
+    torch.linalg.vector_norm: ("vector_norm", _vector_norm("ord", 2.0), 1),
+    torch.linalg.norm: ("norm", _linalg_norm, 1),
+    torch.norm: ("norm", _vector_norm("p", "fro"), 1), "norm": ("norm", _vector_norm("p", "fro"), 1),
     torch.amax: ("amax", _amax, 1), "amax": ("amax", _amax, 1),
     torch.max: ("max", _max_values, 1), "max": ("max", _max_values, 1),
 }

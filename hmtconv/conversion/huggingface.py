@@ -24,11 +24,17 @@ def return_logits(model: nn.Module) -> None:
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         output = cls.forward(self, pixel_values)
-        return output[0] if isinstance(output, tuple) else output.logits  # (a tuple: config.return_dict False)
+        return output[0] if isinstance(output, tuple) else logits(output)  # (a tuple: config.return_dict False)
 
     model.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
 
 
 def logits(output):
-    """The logits in a model's output: a ``ModelOutput``'s (or a dict's) ``logits``, else the output itself."""
-    return output["logits"] if isinstance(output, Mapping) and "logits" in output else output
+    """The logits in a model's output: a ``ModelOutput``'s (or a dict's) ``logits``; the first field
+    of a ``ModelOutput`` without them (PP-LCNet's classifier returns its head's output as
+    ``last_hidden_state``, as a tuple output would hold it first); else the output itself."""
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, Mapping) and hasattr(output, "to_tuple"):
+        return output.to_tuple()[0]
+    return output

@@ -17,6 +17,7 @@ evaluate check that.
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 
 import torch
@@ -50,7 +51,8 @@ class Proxy(fx.Proxy):
 class Tracer(fx.Tracer):
     """Default leaves (torch.nn modules) plus :class:`MatMul` and the types registered with
     ``register_compensated`` (a user's module stays one op, wrapped whole); traces through
-    decomposed attention and the Transformer encoder (layers) that hold it."""
+    decomposed attention and the Transformer encoder (layers) that hold it, and through modules
+    made in forward; calls a module given None alone; NumPy numbers enter as Python ones."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (DecomposedAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)):
@@ -59,6 +61,26 @@ class Tracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return Proxy(node, self)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:
+            # a module made in forward (Perceiver: ``nn.Softmax(dim=-1)(scores)``) has no name for
+            # a graph node: its calls are traced instead (normalize makes modules of them)
+            return forward(*args, **kwargs)
+        if args and all(a is None for a in (*args, *kwargs.values())):
+            # called on None alone (Perceiver's self-attention: ``nn.Identity()(None)``): called now,
+            # so that ``inputs is not None`` after it is still False for Python
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_arg(self, a):
+        if type(a).__module__ == "numpy" and getattr(a, "ndim", None) == 0:
+            # a NumPy number computed from sizes (Perceiver: ``np.prod(x.shape[1:-1])``), which fx
+            # cannot put in a graph: the Python number
+            a = a.item()
+        return super().create_arg(a)
 
 
 BATCHES = (2, 3)  # two batch sizes tell batch-dependent sizes from fixed ones; 1 could hit squeeze-like special cases
@@ -87,6 +109,19 @@ class _SizedProxy(Proxy):
         if len(sizes) != 1:
             raise fx.proxy.TraceError(f"len() of {self.node.name} depends on the batch size (or is unknown)")
         return sizes.pop()
+
+
+class Shape(tuple):
+    """A shape with no symbolic size, as :class:`SizedTracer` answers ``x.shape``: a tuple, so that
+    ``(batch,) + pos.shape`` with a symbolic batch concatenates (Perceiver; ``torch.Size`` takes
+    ints only), with ``torch.Size``'s ``numel()`` (VOLO) and slices that stay shapes."""
+
+    def numel(self) -> int:
+        return math.prod(self)
+
+    def __getitem__(self, key):
+        item = super().__getitem__(key)
+        return Shape(item) if isinstance(key, slice) else item
 
 
 class SizedTracer(Tracer):
@@ -149,7 +184,7 @@ class SizedTracer(Tracer):
         sizes = tuple(s if all(o[j] == s for o in others) else proxy[j] for j, s in enumerate(first))
         if not node.users:
             self.graph.erase_node(node)
-            return type(first)(sizes)  # a torch.Size stays one (x.shape.numel())
+            return Shape(sizes) if isinstance(first, torch.Size) else type(first)(sizes)
         return sizes
 
     def iter(self, obj: fx.Proxy):
