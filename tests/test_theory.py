@@ -168,3 +168,44 @@ def test_invalid_arguments(bad, match):
     args = dict(lam=0.5, mu=0.0, sigma=1.0, n=4, T=4, signed=True) | bad
     with pytest.raises(ValueError, match=match):
         quantization_error(**args)
+
+
+def _k_erfc(lam, mu, sigma, n, T, signed):
+    """Eq. 29 term by term with erf = 1 - erfc (no cancellation where every erf is near 1)."""
+    from scipy.special import erfc
+
+    b, h = T * (2**n - 1), lam / T
+    i = np.arange(1, b + 1, dtype=np.float64)
+    xf = ff = 0.0
+    for m in ((mu, -mu) if signed else (mu,)):  # the signed quantizer is odd: both one-sided halves
+        z = ((i - 0.5) * h - m) / sigma
+        q = 0.5 * erfc(z / math.sqrt(2))
+        xf += m * q.sum() + sigma * np.exp(-z * z / 2).sum() / math.sqrt(2 * math.pi)
+        ff += ((2 * i - 1) * q).sum()
+    return xf / (h * ff)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("lam,mu,n,T", [  # levels far finer than sigma: few (<= 200) or many terms
+    (1e-15, 3.0, 1, 1), (1e-12, 0.0, 4, 4), (1e-9, 0.5, 2, 16), (1e-6, -0.5, 8, 2), (1e-6, 3.0, 4, 4),
+    (1e-9, 0.3, 16, 2), (1e-7, -0.2, 14, 4),
+])
+def test_k_factor_on_grids_much_finer_than_sigma(lam, mu, n, T, signed):
+    """Was: Euler-Maclaurin on any grid finer than 0.2 sigma, whose integrals are differences of
+    nearly equal antiderivatives over such a narrow window: k negative or off by 59x at
+    lam = 1e-9 sigma (n = 4, T = 4), 1.5e-7 relative with 131,070 terms 5e-10 sigma apart."""
+    got = k_factor(lam, mu, 1.0, n, T, signed).item()
+    assert got == pytest.approx(_k_erfc(lam, mu, 1.0, n, T, signed), rel=1e-12)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_fixed_point_from_far_below_the_optimum(signed):
+    """opt1500 on a site with sigma >= 1e8: theta0 = 1 starts 1e-12 sigma, where k was garbage
+    (NaN lam at sigma = 1e12, 7 % off at 1e9). Against Algorithm 1 literally (eq. 29 as printed)."""
+    mu, sigma, n, T, steps = 0.5e12, 1e12, 4, 4, 1500
+    b = T * (2**n - 1)
+    theta = 1.0
+    for _ in range(steps):
+        theta = k_eq29(theta, mu, sigma, T, -b if signed else 0, b) * theta
+    got = fixed_point_lam(mu, sigma, n, T, signed, steps=steps).item()
+    assert got == pytest.approx(theta, rel=1e-10)
