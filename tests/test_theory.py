@@ -209,3 +209,15 @@ def test_fixed_point_from_far_below_the_optimum(signed):
         theta = k_eq29(theta, mu, sigma, T, -b if signed else 0, b) * theta
     got = fixed_point_lam(mu, sigma, n, T, signed, steps=steps).item()
     assert got == pytest.approx(theta, rel=1e-10)
+
+
+@pytest.mark.parametrize("mu,n,T,signed", [(1000.0, 1, 4096, False), (1769.0, 3, 512, False), (-1194.0, 2, 1024, True),
+                                            (-1802.0, 7, 32, True)])
+def test_optimal_lam_converges_where_log_k_is_flat_above_the_root(mu, n, T, signed):
+    """|mu| >> sigma: log k ~ -5e-9 for a factor 2 of lam above the root, where regula falsi crept
+    and stopped after max_iter at k = 1 - 5e-9, 0.1 % from the root (0.2 % more error). Lemma 4.7
+    against eq. 29 as printed: k changes sign across the returned lam."""
+    lam = optimal_lam(mu, 1.0, n, T, signed).item()
+    b = T * (2**n - 1)
+    a = -b if signed else 0
+    assert k_eq29(lam * (1 - 1e-6), mu, 1.0, T, a, b) > 1 > k_eq29(lam * (1 + 1e-6), mu, 1.0, T, a, b)

@@ -30,7 +30,7 @@ def _point_mass_lam(mu, b, T, signed):
     return torch.where(value > 0, value * T / b, torch.full_like(mu, DEAD_UNIT_LAM))
 
 
-def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12, max_iter: int = 200):
+def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12, max_iter: int = 400):
     """The lam (lambda_min) minimizing the expected error of eqs. 9/23: a root of k = 1 (the
     unique one of Lemma 4.7 for wide inputs; the global minimum's among several for narrow ones).
 
@@ -56,6 +56,7 @@ def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12,
     return lam.reshape(shape)
 
 
+STALL = 3  # regula falsi steps without halving the bracket before a bisection
 COARSE = 0.25  # levels this many sigma apart at the first guess: k = 1 may have several roots
 POINTS = 4096  # the most points of the grid that finds the global minimum's valley
 
@@ -109,16 +110,21 @@ def _solve(mu, sigma, T, b, signed, rtol, max_iter):
         raise RuntimeError("optimal_lam: could not bracket the root of k = 1")
     # Anderson-Bjorck regula falsi on log k: superlinear, never leaves the bracket. |log k| <= GTOL
     # pins log lam to about GTOL / |d log k / d log lam|, far below rtol (the slope is O(1)).
+    # Where log k is nearly flat on one side of the root (a narrow input, |mu| >> sigma: log k ~ -5e-9
+    # over a factor 2 of lam above it) regula falsi creeps; a bisection whenever the bracket has not
+    # halved in STALL steps bounds the steps to about STALL + 1 times bisection's.
     tol = abs(torch.log1p(torch.tensor(rtol, dtype=torch.float64)).item())
     best = torch.where(g_lo.abs() < g_hi.abs(), lo, hi)
     kept = torch.zeros_like(lo)  # +1 if lo moved last time (hi kept), -1 if hi moved
+    mark, since = hi - lo, torch.zeros_like(lo)  # bracket width at the last halving, steps since
     for _ in range(max_iter):
         act = torch.nonzero((hi - lo > tol) & (torch.minimum(g_lo.abs(), g_hi.abs()) > _GTOL)).flatten()
         if act.numel() == 0:
             break
         l, h, gl, gh, last = lo[act], hi[act], g_lo[act], g_hi[act], kept[act]
         u = (l * gh - h * gl) / (gh - gl)
-        u = torch.where(torch.isfinite(u) & (u > l) & (u < h), u, (l + h) / 2)
+        ok = torch.isfinite(u) & (u > l) & (u < h) & (since[act] < STALL)
+        u = torch.where(ok, u, (l + h) / 2)
         g = log_k(u, act)
         right = g >= 0  # k >= 1: the root lies at or above u
         # Anderson-Bjorck: scale the value of the endpoint kept twice in a row
@@ -130,6 +136,9 @@ def _solve(mu, sigma, T, b, signed, rtol, max_iter):
         g_hi[act] = torch.where(right, gh * scale_hi, g)
         kept[act] = right.to(kept.dtype) * 2 - 1
         best[act] = u
+        halved = hi[act] - lo[act] <= mark[act] / 2
+        mark[act] = torch.where(halved, hi[act] - lo[act], mark[act])
+        since[act] = torch.where(halved, 0.0, since[act] + 1)
     return torch.exp(best)
 
 
