@@ -221,3 +221,15 @@ def test_optimal_lam_converges_where_log_k_is_flat_above_the_root(mu, n, T, sign
     b = T * (2**n - 1)
     a = -b if signed else 0
     assert k_eq29(lam * (1 - 1e-6), mu, 1.0, T, a, b) > 1 > k_eq29(lam * (1 + 1e-6), mu, 1.0, T, a, b)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_optimal_lam_of_an_input_does_not_depend_on_the_others_in_the_call(signed):
+    """compute_lams solves all sites of a model in one call. The grid of _grid_bracket took the
+    coarsest step any input in the call needed, so a narrow input's lam changed (to another local
+    minimum: 12.2193 alone, 12.6402 beside mu = 319.1, n = 9, T = 2)."""
+    mu = torch.tensor([183.28257214096953, 319.10502536596795], dtype=torch.float64)
+    n, T = torch.tensor([4, 9]), torch.tensor([2, 2])
+    together = optimal_lam(mu, 1.0, n, T, signed)
+    alone = torch.stack([optimal_lam(mu[i], 1.0, n[i], T[i], signed) for i in range(2)])
+    assert torch.allclose(together, alone, rtol=1e-9, atol=0)

@@ -75,7 +75,9 @@ def _grid_bracket(guess, mu, sigma, T, b, signed):
     m, s, t, levels = mu[narrow].abs(), sigma[narrow], T[narrow], b[narrow]
     start = guess[narrow] - 1.0  # the top level 3 sigma beyond the mean, and below
     stop = guess[narrow] + torch.log(levels) + 1.0  # the first level there, and beyond
-    step = (s / (3 * m.clamp(min=s))).clamp(min=((stop - start) / (POINTS - 1)).max().item(), max=0.125)
+    # each input's own span bounds its step (not the widest span in the batch: a site's lam must
+    # not depend on the other sites solved in the same call)
+    step = torch.minimum(s / (3 * m.clamp(min=s)), torch.full_like(m, 0.125)).maximum((stop - start) / (POINTS - 1))
     count = int(((stop - start) / step).ceil().max().item()) + 1
     u = start[:, None] + step[:, None] * torch.arange(count, dtype=torch.float64, device=mu.device)
     error = quantization_error(torch.exp(u), mu[narrow, None], s[:, None], None, t[:, None], signed,
