@@ -324,3 +324,21 @@ def test_half_precision_activations_bin_like_their_float32_values(path):
         a(low)
         b(low.float())
         assert torch.equal(a.hist_channel, b.hist_channel)
+
+
+@pytest.mark.parametrize("other,match", [
+    (lambda: ActivationObserver(signed=False, hist=HistogramConfig(min_exp=-20, max_exp=12)), "histogram"),
+    (lambda: ActivationObserver(signed=True), "signed"),
+])
+def test_merge_refuses_observers_it_cannot_add(other, match):
+    """Histograms with the same bin count but other edges (or of |x| against relu(x)) were added
+    bin by bin without a word; per-sample shapes that forward refuses were merged too."""
+    x = torch.randn(4, 3, 3, 3)
+    a, b = ActivationObserver(signed=False), other()
+    a(x), b(x)
+    with pytest.raises(ValueError, match=match):
+        a.merge(b)
+    c = ActivationObserver(signed=False)
+    c(torch.randn(4, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"per-sample shape \(3, 5, 5\) into those of \(3, 3, 3\)"):
+        a.merge(c)
