@@ -342,3 +342,12 @@ def test_merge_refuses_observers_it_cannot_add(other, match):
     c(torch.randn(4, 3, 5, 5))
     with pytest.raises(ValueError, match=r"per-sample shape \(3, 5, 5\) into those of \(3, 3, 3\)"):
         a.merge(c)
+
+
+@pytest.mark.parametrize("text,part", [("opt,a=opt1500,b=-1", "in 'b=-1': percentile"),
+                                       ("best,a=999", "the base 'best': unknown"),
+                                       ("999,x=opt,y=bestt", "in 'y=bestt': unknown")])
+def test_a_bad_part_of_a_policy_string_is_named(text, part):
+    """An error about one item of 'BASE,PATTERN=POLICY,...' said only 'got -1.0', not which item."""
+    with pytest.raises(ValueError, match=f"policy {text!r}: {part}".replace("(", r"\(").replace(")", r"\)")):
+        parse_policy(text)
