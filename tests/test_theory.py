@@ -233,3 +233,18 @@ def test_optimal_lam_of_an_input_does_not_depend_on_the_others_in_the_call(signe
     together = optimal_lam(mu, 1.0, n, T, signed)
     alone = torch.stack([optimal_lam(mu[i], 1.0, n[i], T[i], signed) for i in range(2)])
     assert torch.allclose(together, alone, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("ratio", [1e14, 1e18, 1e30, 1e100])
+@pytest.mark.parametrize("c", [0.0, 3.0, -3.0])
+def test_k_factor_for_levels_far_wider_than_sigma(ratio, c):
+    """lam >> sigma: only the first level fires, k = mu / h + (sigma / h) sqrt(2/pi) / erfcx(z1 / sqrt 2)
+    (the Mills ratio, z1 = (h/2 - mu) / sigma). From lam ~ 1e17 sigma the window's bound rounded onto
+    an integer and held no term: k = 0/0 = NaN, and opt1500 NaN for sigma < ~1e-17 (theta0 = 1)."""
+    from scipy.special import erfcx
+
+    sigma, lam, T = 1.0 / ratio, 1.0, 4
+    mu, h = c * sigma, lam / T
+    expected = mu / h + sigma / h * math.sqrt(2 / math.pi) / erfcx((h / 2 - mu) / sigma / math.sqrt(2))
+    assert k_factor(lam, mu, sigma, 4, T, False).item() == pytest.approx(expected, rel=1e-13)
+    assert math.isfinite(fixed_point_lam(mu, sigma, 4, T, False, steps=200).item())

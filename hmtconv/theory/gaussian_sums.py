@@ -170,9 +170,11 @@ def side_sums(mu: torch.Tensor, sigma: torch.Tensor, h: torch.Tensor, b: torch.T
     # index bounds of the window [-W, W] (and at least W beyond the first index in a far tail)
     i_left = torch.floor((c - W) / delta + 0.5).clamp(0) .minimum(b)
     upper_z = torch.maximum(torch.full_like(z1, W), z1 + W)
-    i_right = torch.ceil((upper_z + c) / delta + 0.5)
     p = i_left + 1
-    q = torch.minimum(b, i_right - 1)
+    # the last index at or below upper_z, and never fewer than the first index after i_left: where
+    # W / delta is below an ulp of 1 (lam > ~1e17 sigma) the bound rounds onto an integer and the
+    # window, holding the one term that matters, came out empty (k = 0/0)
+    q = torch.minimum(b, torch.floor((upper_z + c) / delta + 0.5).maximum(p))
     # left of the window Q = 1 exactly in double precision: sum 1 and sum (2i-1) in closed form
     A = i_left.clone()
     B = i_left * i_left
