@@ -324,3 +324,30 @@ def test_half_precision_activations_bin_like_their_float32_values(path):
         a(low)
         b(low.float())
         assert torch.equal(a.hist_channel, b.hist_channel)
+
+
+@pytest.mark.parametrize("other,match", [
+    (lambda: ActivationObserver(signed=False, hist=HistogramConfig(min_exp=-20, max_exp=12)), "histogram"),
+    (lambda: ActivationObserver(signed=True), "signed"),
+])
+def test_merge_refuses_observers_it_cannot_add(other, match):
+    """Histograms with the same bin count but other edges (or of |x| against relu(x)) were added
+    bin by bin without a word; per-sample shapes that forward refuses were merged too."""
+    x = torch.randn(4, 3, 3, 3)
+    a, b = ActivationObserver(signed=False), other()
+    a(x), b(x)
+    with pytest.raises(ValueError, match=match):
+        a.merge(b)
+    c = ActivationObserver(signed=False)
+    c(torch.randn(4, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"per-sample shape \(3, 5, 5\) into those of \(3, 3, 3\)"):
+        a.merge(c)
+
+
+@pytest.mark.parametrize("text,part", [("opt,a=opt1500,b=-1", "in 'b=-1': percentile"),
+                                       ("best,a=999", "the base 'best': unknown"),
+                                       ("999,x=opt,y=bestt", "in 'y=bestt': unknown")])
+def test_a_bad_part_of_a_policy_string_is_named(text, part):
+    """An error about one item of 'BASE,PATTERN=POLICY,...' said only 'got -1.0', not which item."""
+    with pytest.raises(ValueError, match=f"policy {text!r}: {part}".replace("(", r"\(").replace(")", r"\)")):
+        parse_policy(text)

@@ -168,3 +168,98 @@ def test_invalid_arguments(bad, match):
     args = dict(lam=0.5, mu=0.0, sigma=1.0, n=4, T=4, signed=True) | bad
     with pytest.raises(ValueError, match=match):
         quantization_error(**args)
+
+
+def _k_erfc(lam, mu, sigma, n, T, signed):
+    """Eq. 29 term by term with erf = 1 - erfc (no cancellation where every erf is near 1)."""
+    from scipy.special import erfc
+
+    b, h = T * (2**n - 1), lam / T
+    i = np.arange(1, b + 1, dtype=np.float64)
+    xf = ff = 0.0
+    for m in ((mu, -mu) if signed else (mu,)):  # the signed quantizer is odd: both one-sided halves
+        z = ((i - 0.5) * h - m) / sigma
+        q = 0.5 * erfc(z / math.sqrt(2))
+        xf += m * q.sum() + sigma * np.exp(-z * z / 2).sum() / math.sqrt(2 * math.pi)
+        ff += ((2 * i - 1) * q).sum()
+    return xf / (h * ff)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("lam,mu,n,T", [  # levels far finer than sigma: few (<= 200) or many terms
+    (1e-15, 3.0, 1, 1), (1e-12, 0.0, 4, 4), (1e-9, 0.5, 2, 16), (1e-6, -0.5, 8, 2), (1e-6, 3.0, 4, 4),
+    (1e-9, 0.3, 16, 2), (1e-7, -0.2, 14, 4),
+])
+def test_k_factor_on_grids_much_finer_than_sigma(lam, mu, n, T, signed):
+    """Was: Euler-Maclaurin on any grid finer than 0.2 sigma, whose integrals are differences of
+    nearly equal antiderivatives over such a narrow window: k negative or off by 59x at
+    lam = 1e-9 sigma (n = 4, T = 4), 1.5e-7 relative with 131,070 terms 5e-10 sigma apart."""
+    got = k_factor(lam, mu, 1.0, n, T, signed).item()
+    assert got == pytest.approx(_k_erfc(lam, mu, 1.0, n, T, signed), rel=1e-12)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_fixed_point_from_far_below_the_optimum(signed):
+    """opt1500 on a site with sigma >= 1e8: theta0 = 1 starts 1e-12 sigma, where k was garbage
+    (NaN lam at sigma = 1e12, 7 % off at 1e9). Against Algorithm 1 literally (eq. 29 as printed)."""
+    mu, sigma, n, T, steps = 0.5e12, 1e12, 4, 4, 1500
+    b = T * (2**n - 1)
+    theta = 1.0
+    for _ in range(steps):
+        theta = k_eq29(theta, mu, sigma, T, -b if signed else 0, b) * theta
+    got = fixed_point_lam(mu, sigma, n, T, signed, steps=steps).item()
+    assert got == pytest.approx(theta, rel=1e-10)
+
+
+@pytest.mark.parametrize("mu,n,T,signed", [(1000.0, 1, 4096, False), (1769.0, 3, 512, False), (-1194.0, 2, 1024, True),
+                                            (-1802.0, 7, 32, True)])
+def test_optimal_lam_converges_where_log_k_is_flat_above_the_root(mu, n, T, signed):
+    """|mu| >> sigma: log k ~ -5e-9 for a factor 2 of lam above the root, where regula falsi crept
+    and stopped after max_iter at k = 1 - 5e-9, 0.1 % from the root (0.2 % more error). Lemma 4.7
+    against eq. 29 as printed: k changes sign across the returned lam."""
+    lam = optimal_lam(mu, 1.0, n, T, signed).item()
+    b = T * (2**n - 1)
+    a = -b if signed else 0
+    assert k_eq29(lam * (1 - 1e-6), mu, 1.0, T, a, b) > 1 > k_eq29(lam * (1 + 1e-6), mu, 1.0, T, a, b)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_optimal_lam_of_an_input_does_not_depend_on_the_others_in_the_call(signed):
+    """compute_lams solves all sites of a model in one call. The grid of _grid_bracket took the
+    coarsest step any input in the call needed, so a narrow input's lam changed (to another local
+    minimum: 12.2193 alone, 12.6402 beside mu = 319.1, n = 9, T = 2)."""
+    mu = torch.tensor([183.28257214096953, 319.10502536596795], dtype=torch.float64)
+    n, T = torch.tensor([4, 9]), torch.tensor([2, 2])
+    together = optimal_lam(mu, 1.0, n, T, signed)
+    alone = torch.stack([optimal_lam(mu[i], 1.0, n[i], T[i], signed) for i in range(2)])
+    assert torch.allclose(together, alone, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("ratio", [1e14, 1e18, 1e30, 1e100])
+@pytest.mark.parametrize("c", [0.0, 3.0, -3.0])
+def test_k_factor_for_levels_far_wider_than_sigma(ratio, c):
+    """lam >> sigma: only the first level fires, k = mu / h + (sigma / h) sqrt(2/pi) / erfcx(z1 / sqrt 2)
+    (the Mills ratio, z1 = (h/2 - mu) / sigma). From lam ~ 1e17 sigma the window's bound rounded onto
+    an integer and held no term: k = 0/0 = NaN, and opt1500 NaN for sigma < ~1e-17 (theta0 = 1)."""
+    from scipy.special import erfcx
+
+    sigma, lam, T = 1.0 / ratio, 1.0, 4
+    mu, h = c * sigma, lam / T
+    expected = mu / h + sigma / h * math.sqrt(2 / math.pi) / erfcx((h / 2 - mu) / sigma / math.sqrt(2))
+    assert k_factor(lam, mu, sigma, 4, T, False).item() == pytest.approx(expected, rel=1e-13)
+    assert math.isfinite(fixed_point_lam(mu, sigma, 4, T, False, steps=200).item())
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_narrow_inputs_are_gridded_in_chunks_with_the_same_result(signed, monkeypatch):
+    """_grid_bracket evaluates at most GRID_BUDGET grid points at once (a model's narrow channels
+    in one call took ~0.45 MB each: 1.6 GB for 2,048 channels at n = 5, mu = 10 sigma); each
+    input has its own grid, so one point per chunk must give the lams of one chunk for all."""
+    import hmtconv.theory.solve as solve
+
+    g = torch.Generator().manual_seed(3)
+    mu = torch.rand(12, generator=g, dtype=torch.float64) * 60 - (0 if signed else 10)
+    n, T = torch.randint(2, 7, (12,), generator=g), torch.tensor([1, 2, 4])[torch.randint(0, 3, (12,), generator=g)]
+    whole = optimal_lam(mu, 1.0, n, T, signed)
+    monkeypatch.setattr(solve, "GRID_BUDGET", 1)
+    assert torch.allclose(optimal_lam(mu, 1.0, n, T, signed), whole, rtol=1e-12, atol=0)

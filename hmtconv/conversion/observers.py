@@ -165,8 +165,15 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
     @torch.no_grad()
     def merge(self, other: "ActivationObserver") -> "ActivationObserver":
         """Fold ``other``'s statistics into this observer (same site, another data shard)."""
+        mine, theirs = (self.signed, self.hist, self.channels_first), (other.signed, other.hist, other.channels_first)
+        if mine != theirs:  # histograms of other bins (or |x| against relu(x)) would add up meaninglessly
+            raise ValueError(f"{self.label}: cannot merge an observer with (signed, histogram, channels_first) = "
+                             f"{theirs} into one with {mine}")
         if other.count == 0:
             return self
+        if self.shape is not None and other.shape != self.shape:  # as forward refuses a second shape
+            raise ValueError(f"{self.label}: cannot merge statistics of per-sample shape {other.shape} into "
+                             f"those of {self.shape} (calibrate every shard with inputs of one size)")
         if self.shape is None:
             self.load_state_dict(other.state_dict())
             return self

@@ -128,18 +128,22 @@ def parse_policy(policy: str | float) -> tuple[str | float, list[tuple[str, str 
         pattern, sep, name = (part.strip() for part in item.partition("="))
         if not sep or not pattern or not name:
             raise ValueError(f"policy {policy!r}: {item!r} is not PATTERN=POLICY (e.g. '*.mix_in0=999')")
-        overrides.append((pattern, _one_policy(name)))
-    base = _one_policy(base)
+        overrides.append((pattern, _one_policy(name, f"policy {policy!r}: in {item!r}: " if items else "")))
+    base = _one_policy(base, f"policy {policy!r}: the base {base!r}: " if items else "")
     return base, overrides
 
 
-def _one_policy(text: str) -> str | float:
-    """A registered name, or a percentile written as a number."""
+def _one_policy(text: str, where: str = "") -> str | float:
+    """A registered name, or a percentile written as a number; ``where`` prefixes an error with the
+    part of a longer policy string it is about."""
     try:
         value = text if text in POLICIES else float(text)
     except ValueError:
         value = text  # resolve_policy names the registered choices
-    resolve_policy(value)
+    try:
+        resolve_policy(value)
+    except ValueError as error:
+        raise ValueError(f"{where}{error}") from None
     return value
 
 

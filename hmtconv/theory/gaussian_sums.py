@@ -10,10 +10,12 @@ where ``Q = 1 - Phi`` and ``E[x L] = mu A + sigma C``. Every term of eq. 29 is o
 
 Evaluated term by term they cost up to ``b`` erf calls (8,160 per pair for n = 8, T = 16).
 Instead: indices with ``z_i < -W`` have ``Q = 1, phi = 0`` to double precision (counted in
-closed form); indices with ``z_i > W`` vanish; the window in between is summed directly when
-the grid is coarse, and by the Euler-Maclaurin formula when it is fine (``delta < DELTA_EM``),
-where closed-form integrals plus end corrections with Hermite derivatives reach machine
-precision (the neglected remainder is below 1e-16 relative, see the tests).
+closed form); indices with ``z_i > W`` vanish; the window in between is summed directly when it
+holds few terms (at most _MAX_DIRECT, always so on a coarse grid), and otherwise, on a fine grid
+(``delta < 2 W / _MAX_DIRECT < DELTA_EM``), by the Euler-Maclaurin formula, where exact integrals
+plus end corrections with Hermite derivatives reach machine precision. The integrals over a
+window narrower than GL_WIDTH in z come from Gauss-Legendre nodes, not from a difference of
+antiderivatives, which would cancel (at lam = 1e-9 sigma, n = T = 4, eq. 29's k was 59x too large).
 
 Far tails (a ReLU input many sigmas below its first threshold) would underflow; every side is
 therefore returned scaled by ``exp(-z_ref^2 / 2)`` with ``z_ref = max(z_1, 0)``: the sums are
@@ -21,6 +23,7 @@ therefore returned scaled by ``exp(-z_ref^2 / 2)`` with ``z_ref = max(z_1, 0)``:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -32,6 +35,8 @@ EM_TERMS = 8
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _MAX_DIRECT = int(2 * W / DELTA_EM) + 4
+GL_WIDTH = 1.0  # a window narrower than this (in z) integrates by GL_NODES-point Gauss-Legendre,
+GL_NODES = 12  # whose error there is below (1/2)^24 / sqrt(24!), ~1e-19 relative
 
 
 def _bernoulli_over_factorial(terms: int) -> list[float]:
@@ -96,28 +101,64 @@ def _euler_maclaurin(p, q, delta, c, z_ref):
     sum_{i=p..q} G(z_i) = (1/delta) int G + (G(z_p) + G(z_q))/2
                           + sum_j B_2j/(2j)! delta^(2j-1) [G^(2j-1)]_{z_p}^{z_q},
     for G in {Q, (z + c) Q, phi}, whose odd derivatives are Hermite polynomials times phi.
+    ``z + c = (i - 1/2) delta`` is taken from the index, never as ``z + c`` (which loses delta
+    to the rounding of c when delta << |c|).
     """
     z = torch.stack(((p - 0.5) * delta - c, (q - 0.5) * delta - c))  # [2, N]: both ends at once
+    offset = torch.stack(((p - 0.5) * delta, (q - 0.5) * delta))  # z + c at both ends
     qz, phi, cdf = _scaled_q_phi(z, z_ref)
     he = _hermite(z, 2 * EM_TERMS) * phi.unsqueeze(-1)  # He_m(z) phi(z), m = 0..2J
     odd = torch.arange(1, 2 * EM_TERMS, 2, dtype=z.dtype, device=z.device)  # m = 2j - 1
     d_q = -he[..., 0:2 * EM_TERMS:2]  # Q^(m) = -He_{m-1} phi for odd m
     d_phi = -he[..., 1:2 * EM_TERMS:2]  # phi^(m) = -He_m phi for odd m
     q_prev = torch.cat((qz.unsqueeze(-1), he[..., 1:2 * EM_TERMS - 2:2]), -1)  # Q^(m-1)
-    d_b = (z + c).unsqueeze(-1) * d_q + odd * q_prev  # ((z + c) Q)^(m), Leibniz
+    d_b = offset.unsqueeze(-1) * d_q + odd * q_prev  # ((z + c) Q)^(m), Leibniz
     weights = torch.tensor(_EM_COEF, dtype=z.dtype, device=z.device) * delta.unsqueeze(-1) ** odd
 
     def corrections(d):
         return ((d[1] - d[0]) * weights).sum(-1)
 
-    int_q = z * qz - phi  # antiderivative of Q
-    int_zq = ((z * z - 1) * qz - z * phi) / 2  # antiderivative of z Q
-    sum_q = (int_q[1] - int_q[0]) / delta + (qz[0] + qz[1]) / 2 + corrections(d_q)
-    int_b = (int_zq[1] - int_zq[0]) + c * (int_q[1] - int_q[0])
-    sum_b = int_b / delta + ((z[0] + c) * qz[0] + (z[1] + c) * qz[1]) / 2 + corrections(d_b)
-    cdf_diff = torch.where(z[1] < 0, cdf[1] - cdf[0], qz[0] - qz[1])
-    sum_phi = cdf_diff / delta + (phi[0] + phi[1]) / 2 + corrections(d_phi)
+    int_q, int_b, int_phi = _integrals(z, qz, phi, cdf, p, q, delta, c, z_ref)
+    sum_q = int_q / delta + (qz[0] + qz[1]) / 2 + corrections(d_q)
+    sum_b = int_b / delta + (offset[0] * qz[0] + offset[1] * qz[1]) / 2 + corrections(d_b)
+    sum_phi = int_phi / delta + (phi[0] + phi[1]) / 2 + corrections(d_phi)
     return sum_q, 2 * sum_b / delta, sum_phi
+
+
+def _integrals(z, qz, phi, cdf, p, q, delta, c, z_ref):
+    """Integrals of Q, (z + c) Q and phi over [z_p, z_q] (scaled like ``_scaled_q_phi``): from
+    antiderivatives, or by Gauss-Legendre where the window is narrower than GL_WIDTH and their
+    difference would cancel (relative error eps / width, eps / width^2 for (z + c) Q)."""
+    int_q = (z[1] * qz[1] - phi[1]) - (z[0] * qz[0] - phi[0])  # antiderivative of Q: z Q - phi
+    int_zq = ((z[1] * z[1] - 1) * qz[1] - z[1] * phi[1] - (z[0] * z[0] - 1) * qz[0] + z[0] * phi[0]) / 2
+    int_b = int_zq + c * int_q
+    int_phi = torch.where(z[1] < 0, cdf[1] - cdf[0], qz[0] - qz[1])
+    width = (q - p) * delta
+    narrow = width < GL_WIDTH
+    if narrow.any():
+        nodes, weights = _gauss_legendre(z.dtype, z.device)
+        w = width[narrow, None]
+        u = (nodes + 1) / 2 * w  # distance from z_p
+        gq, gphi, _ = _scaled_q_phi(z[0, narrow, None] + u, z_ref[narrow, None])
+        half = w / 2 * weights
+        int_q[narrow] = (half * gq).sum(-1)
+        int_b[narrow] = (half * ((p[narrow, None] - 0.5) * delta[narrow, None] + u) * gq).sum(-1)
+        int_phi[narrow] = (half * gphi).sum(-1)
+    return int_q, int_b, int_phi
+
+
+def _gauss_legendre(dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """GL_NODES Gauss-Legendre nodes and weights on [-1, 1]."""
+    nodes, weights = _gl_table(GL_NODES)
+    return nodes.to(dtype=dtype, device=device), weights.to(dtype=dtype, device=device)
+
+
+@functools.cache
+def _gl_table(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    nodes, weights = np.polynomial.legendre.leggauss(count)
+    return torch.from_numpy(nodes), torch.from_numpy(weights)
 
 
 def side_sums(mu: torch.Tensor, sigma: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> SideSums:
@@ -129,15 +170,18 @@ def side_sums(mu: torch.Tensor, sigma: torch.Tensor, h: torch.Tensor, b: torch.T
     # index bounds of the window [-W, W] (and at least W beyond the first index in a far tail)
     i_left = torch.floor((c - W) / delta + 0.5).clamp(0) .minimum(b)
     upper_z = torch.maximum(torch.full_like(z1, W), z1 + W)
-    i_right = torch.ceil((upper_z + c) / delta + 0.5)
     p = i_left + 1
-    q = torch.minimum(b, i_right - 1)
+    # the last index at or below upper_z, and never fewer than the first index after i_left: where
+    # W / delta is below an ulp of 1 (lam > ~1e17 sigma) the bound rounds onto an integer and the
+    # window, holding the one term that matters, came out empty (k = 0/0)
+    q = torch.minimum(b, torch.floor((upper_z + c) / delta + 0.5).maximum(p))
     # left of the window Q = 1 exactly in double precision: sum 1 and sum (2i-1) in closed form
     A = i_left.clone()
     B = i_left * i_left
     C = torch.zeros_like(i_left)
     has_window = p <= q
-    fine = has_window & (delta < DELTA_EM)
+    # few terms: summed one by one, exact whatever delta (a narrow window of a fine grid, too)
+    fine = has_window & (q - p + 1 > _MAX_DIRECT)
     coarse = has_window & ~fine
     for mask, method in ((coarse, _direct), (fine, _euler_maclaurin)):
         if mask.any():
