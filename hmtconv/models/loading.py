@@ -51,10 +51,6 @@ def read_file(path: str | Path, allow_pickle: bool = False, hint: str = PICKLE_H
         if allow_pickle:
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=UNPICKLER)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (AttributeError, ModuleNotFoundError) as error:
-        if (fix := missing_code_hint(error)) is None:
-            raise UserError(f"cannot read {path} as a PyTorch file: {error!r}") from error
-        raise UserError(f"cannot load {path}: {fix}") from error
     except pickle.UnpicklingError as error:
         if "Unsupported global" in str(error):  # the weights-only unpickler met a class: a module, an object
             raise UserError(f"{path} is not weights-only (likely a whole pickled nn.Module): {hint}") from error
@@ -63,6 +59,8 @@ def read_file(path: str | Path, allow_pickle: bool = False, hint: str = PICKLE_H
                 from error
         raise UserError(f"cannot read {path} as a PyTorch file: {one_line(error)}") from error
     except Exception as error:  # torch.load's failures on a foreign file are of many types
+        if (fix := missing_code_hint(error)) is not None:  # a pickled model's classes not importable here
+            raise UserError(f"cannot load {path}: {fix}") from error
         raise UserError(f"cannot read {path} as a PyTorch file: {error!r}") from error
 
 
