@@ -59,7 +59,9 @@ def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: i
     costs page faults that rival the step itself.
     """
     v.add_(current, alpha=sign)
-    checked = levels <= CHECKED_LEVELS
+    # (on other devices the exact floor division costs no more than a pass, and the check's
+    # data-dependent branch would wait for the device at every step)
+    checked = levels <= CHECKED_LEVELS and v.device.type == "cpu"
     if checked:
         torch.div(v, lam, out=level).floor_()
     else:
@@ -198,7 +200,8 @@ class MultiLevelNeuron(KeepsDtype):
         steps, shape = x.shape[0], x.shape[1:]
         count = SpikeCounter(self.spike_lut, self.fanout, shape, x.device)
         level = torch.empty(shape, dtype=x.dtype, device=x.device)
-        scratch = torch.empty_like(level) if self.levels <= CHECKED_LEVELS else None  # the checked quotient only
+        checked = self.levels <= CHECKED_LEVELS and x.device.type == "cpu"
+        scratch = torch.empty_like(level) if checked else None  # the checked quotient only (charge_)
         v_pos = (lam / 2).expand(shape).clone()  # eq. 13
         if self.signed:
             v_neg = v_pos.clone()
