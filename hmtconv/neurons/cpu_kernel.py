@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import native
+from .kernel_plan import Plan, run_planned
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 MODES = {"unsigned": 0, "signed": 1, "communicate": 2}
@@ -29,94 +29,20 @@ def library() -> ctypes.CDLL | None:
                        {"hmt_neuron_forward": ([p, p, p, i64, i64, i64, p, p, p, i64, c_int, c_int, p, p], None)})
 
 
-def _per_sample(value: torch.Tensor, shape: torch.Size, order: list[int]) -> torch.Tensor | None:
-    """``value`` broadcast to one sample of ``shape`` (``[B, *rest]``), its dims in ``order``
-    (``x``'s, less time), flat and contiguous; None where it varies along the batch dim."""
-    full = value.expand(shape)
-    if len(shape) < 2:
-        return full.contiguous()
-    if full.stride(0) != 0 and shape[0] != 1:
-        return None
-    return full[0].permute([d - 2 for d in order[2:]]).contiguous().view(-1)
-
-
-@dataclass
-class Plan:
-    """The kernel's arguments besides the data, for one input layout and one set of thresholds,
-    fan-outs and spike table (``ok`` False where the kernel declines them). Building it costs
-    about ten small tensor ops, several times the kernel's own time on a small site, so a neuron
-    keeps it while the layout stays and its tensors are neither replaced nor changed in place."""
-    key: tuple
-    ok: bool
-    order: list[int] | None = None  # x's dims in memory order (time and batch first), or None: copy
-    lam: torch.Tensor | None = None
-    fanout: torch.Tensor | None = None
-    lut: torch.Tensor | None = None
-
-
-def _key(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> tuple:
-    # Tensors by identity and version; a plan holds them, so their ids cannot be reused meanwhile.
-    return x.shape, x.stride(), x.device, tensors, tuple(-1 if t is None else t._version for t in tensors)
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    return a[:3] == b[:3] and a[4] == b[4] and all(u is v for u, v in zip(a[3], b[3]))
-
-
-def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_lut: torch.Tensor,
-         previous: Plan | None = None) -> Plan:
-    """``previous`` where it still applies, else a new plan: the memory order of ``x``, ``lam``
-    (float32) and the fan-outs flattened in it, the spike table as int32. Declined: ``lam`` or
-    the fan-outs varying along the batch dim or outside ``(2**-100, 2**100)`` (1/lam must be a normal float for the level's
-    one-step correction to suffice, see the C), fan-outs that are not int32 integers (their
-    weighted sums would then depend on order; spike counts are integers by construction)."""
-    key = _key(x, (lam, fanout, spike_lut))
-    if previous is not None and _same(previous.key, key):
-        return previous
-    lam = lam.to(dtype=torch.float32, device=x.device)  # the tensor path's cast
-    if not 2.0**-100 < lam.amin().item() <= lam.amax().item() < 2.0**100:
-        return Plan(key, False)
-    order = native.memory_order(x, 2)  # time and batch first
-    shape = x.shape[1:]
-    lam_flat = _per_sample(lam, shape, order or list(range(x.dim())))
-    fan_flat = None if fanout is None else _per_sample(fanout, shape, order or list(range(x.dim())))
-    fan_int = None if fan_flat is None else fan_flat.to(torch.int32)
-    if lam_flat is None or (fanout is not None and fan_flat is None) or \
-            (fan_int is not None and not torch.equal(fan_int.to(fan_flat.dtype), fan_flat)):
-        return Plan(key, False)
-    return Plan(key, True, order, lam_flat, fan_int, spike_lut.to(torch.int32))
+def _launch(src, dst, sums, steps, batch, per_sample, current: Plan, levels, mode, spikes, synops) -> None:
+    sink = torch.zeros_like(spikes) if synops is None else synops
+    library().hmt_neuron_forward(
+        src.data_ptr(), dst.data_ptr(), None if sums is None else sums.data_ptr(), steps, batch, per_sample,
+        current.lam.data_ptr(), None if current.fanout is None else current.fanout.data_ptr(),
+        current.lut.data_ptr(), levels, MODES[mode], torch.get_num_threads(), spikes.data_ptr(), sink.data_ptr())
 
 
 def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None,
         spike_lut: torch.Tensor, levels: int, mode: str, spikes: torch.Tensor,
         synops: torch.Tensor | None, previous: Plan | None = None, total: torch.Tensor | None = None) -> Plan | None:
-    """All steps of ``x`` (``[T, *shape]``) into ``out``, adding to ``spikes`` and ``synops``
-    (``[T]`` float64), and the outputs' sum over the steps into ``total`` (``shape``; None: not
-    wanted); returns the plan it ran with (pass it back as ``previous`` next time), or
-    None, with nothing written, where the kernel does not apply: off, not built, not a float32
-    CPU tensor, or declined by :func:`plan`. ``lam`` may be the neuron's own (float64) threshold:
-    it is cast as the tensor path casts it. The neuron is elementwise, so a permuted view
-    (attention's heads) runs in its memory order, thresholds and fan-outs permuted alike; other
-    strided inputs go through a contiguous copy."""
+    """:func:`~hmtconv.neurons.kernel_plan.run_planned` with this kernel, or None, with nothing
+    written, where it does not apply: off, not built, not a float32 CPU tensor. ``lam`` may be the
+    neuron's own (float64) threshold: it is cast as the tensor path casts it."""
     if not native.applies(x) or library() is None:
         return None
-    current = plan(x, lam, fanout, spike_lut, previous)
-    if not current.ok:
-        return None
-    order = current.order
-    src, spare = (x.permute(order), False) if order is not None else (x.contiguous(), True)
-    target = out.permute(order) if order is not None else out
-    dst = target if target.is_contiguous() else src if spare else torch.empty_like(src)
-    sum_target = None if total is None else total.permute([d - 1 for d in order[1:]]) if order is not None else total
-    sums = sum_target if sum_target is None or sum_target.is_contiguous() else torch.empty_like(src[0])
-    batch = x.shape[1] if x.dim() > 2 else 1
-    sink = torch.zeros_like(spikes) if synops is None else synops
-    library().hmt_neuron_forward(
-        src.data_ptr(), dst.data_ptr(), None if sums is None else sums.data_ptr(), x.shape[0], batch,
-        x[0].numel() // batch, current.lam.data_ptr(), None if current.fanout is None else current.fanout.data_ptr(),
-        current.lut.data_ptr(), levels, MODES[mode], torch.get_num_threads(), spikes.data_ptr(), sink.data_ptr())
-    if dst is not target:
-        target.copy_(dst)
-    if sums is not sum_target:
-        sum_target.copy_(sums)
-    return current
+    return run_planned(_launch, x, out, lam, fanout, spike_lut, levels, mode, spikes, synops, previous, total)

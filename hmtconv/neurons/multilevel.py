@@ -8,10 +8,10 @@ binary spikes a level costs, which each subclass states through ``levels`` and `
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..device import KeepsDtype
-from . import cpu_kernel
+from . import cpu_kernel, gpu_kernel
+from .kernel_plan import Plan
 
 MAX_N = 16
 CHECKED_LEVELS = 15  # up to this many levels (n <= 4 for H-MT) charge_ checks a rounded quotient
@@ -156,7 +156,7 @@ class MultiLevelNeuron(KeepsDtype):
         self.synops: torch.Tensor | None = None
         self.sum_outputs = False
         self.output_sum: torch.Tensor | None = None
-        self._kernel_plan: cpu_kernel.Plan | None = None  # kept between calls (see cpu_kernel.Plan)
+        self._kernel_plan: Plan | None = None  # kept between calls (see kernel_plan.Plan)
 
     def extra_repr(self) -> str:
         lam = self.lam
@@ -182,16 +182,20 @@ class MultiLevelNeuron(KeepsDtype):
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``out``: where to write the output; may be ``x`` itself, whose step t is read before
         step t of the output is written (saves an activation-sized allocation). Runs the compiled
-        CPU kernel where it applies (:func:`cpu_kernel.run`), else the equal tensor path."""
+        CPU kernel or, on CUDA, the Triton kernel where they apply (:func:`cpu_kernel.run`,
+        :func:`gpu_kernel.run`), else the equal tensor path."""
         self._check_input(x)
         out = torch.empty_like(x) if out is None else out
         spikes = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
         total = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device) if self.sum_outputs else None
-        self._kernel_plan = cpu_kernel.run(x, out, self.lam, self.fanout, self.spike_lut, self.levels, self.mode,
-                                           spikes, synops, self._kernel_plan, total)
+        args = (x, out, self.lam, self.fanout, self.spike_lut, self.levels, self.mode, spikes, synops,
+                self._kernel_plan, total)
+        tensor_path = lambda o, s, w, sums: self._forward_tensors(  # noqa: E731
+            x, o, self.lam.to(dtype=x.dtype, device=x.device), s, w, sums)
+        self._kernel_plan = cpu_kernel.run(*args) or gpu_kernel.run(*args, tensor_path=tensor_path)
         if self._kernel_plan is None:
-            self._forward_tensors(x, out, self.lam.to(dtype=x.dtype, device=x.device), spikes, synops, total)
+            tensor_path(out, spikes, synops, total)
         self.spikes, self.synops, self.output_sum = spikes, synops, total
         return out
 
