@@ -20,7 +20,8 @@ from .layout import read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, is_relu
 
-LINEAR_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+LINEAR_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                F.conv_transpose3d)
 
 
 def _watched() -> dict:
