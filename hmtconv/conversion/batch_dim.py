@@ -151,8 +151,10 @@ def check_batch_first(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch_dims)
             if dims and dims != [0]:
                 where = "the model's output" if reader is None else \
                     f"{scope(reader) or '<root>'} (graph node {reader.name!r})"
-                raise ValueError(f"cannot convert {where}: it reads {source.name}, an activation whose dim(s) "
-                                 f"{dims} change with the batch size, but only dim 0 may: the SNN folds the time steps "
-                                 f"into dim 0 for its neurons, compensated ops and output. Keep the batch dim first "
-                                 f"there and alone (batch_first layouts, x.transpose(0, 1) back before the layer, no "
-                                 f"broadcasting between samples)")
+                raise ValueError(f"cannot convert {where}: it reads {source.name} (made in {scope(source) or '<root>'},"
+                                 f" shape {list(source.meta['tensor_meta'].shape)} at batch 1), an activation whose "
+                                 f"dim(s) {dims} change with the batch size, but only dim 0 may: the SNN folds the time "
+                                 f"steps into dim 0 for its neurons, compensated ops and output. Keep the batch dim "
+                                 f"first there and alone (batch_first layouts, x.transpose(0, 1) back before the layer, "
+                                 f"no broadcasting between samples; x.t(), x.T and x.mT of a 2-d [B, F] activation "
+                                 f"swap its batch dim: transpose it back, or transpose the weight instead)")

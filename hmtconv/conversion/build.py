@@ -42,8 +42,8 @@ STRUCTURAL_MODULES = (*SYNAPTIC, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
                       SpikingActivation, ToTime, *REARRANGING)
 STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.neg,
                         operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
-                        torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-                        torch.swapaxes, torch.swapdims, torch.movedim,
+                        torch.reshape, torch.transpose, torch.t, torch.adjoint, torch.permute, torch.squeeze,
+                        torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim,
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
                         F.dropout, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                         F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pad, torch.stack, torch.roll, torch.narrow,
@@ -51,8 +51,8 @@ STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub
                         torch.flip, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.repeat_interleave,
                         F.unfold, F.fold, assign,
                         *WINDOW_REARRANGEMENTS}
-STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
-                      "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
+STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "adjoint",
+                      "contiguous", "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
                       "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",
                       "swapaxes", "swapdims", "movedim", "reshape_as", "view_as", "expand_as", "roll", "flip",
                       "repeat_interleave", "unfold", "narrow", "select", "index_select", "repeat", "tile", "detach"}

@@ -79,11 +79,11 @@ def swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, parent
 
 
 # Calls whose result may share memory with their first operand.
-VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-         "expand", "chunk", "split", "unbind", "swapaxes", "swapdims", "movedim", "reshape_as", "view_as",
-         "expand_as", "narrow", "select", operator.getitem, torch.flatten, torch.reshape, torch.transpose,
-         torch.permute, torch.squeeze, torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim, torch.chunk,
-         torch.split, torch.unbind, torch.narrow, torch.select}
+VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "adjoint", "contiguous", "squeeze",
+         "unsqueeze", "expand", "chunk", "split", "unbind", "swapaxes", "swapdims", "movedim", "reshape_as", "view_as",
+         "expand_as", "narrow", "select", operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.t,
+         torch.adjoint, torch.permute, torch.squeeze, torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim,
+         torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select}
 
 
 class LostWrite(ValueError):
