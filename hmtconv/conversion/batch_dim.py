@@ -1,9 +1,10 @@
 """The batch dim, which the SNN shares with the time steps (``[T*B, ...]`` after the neurons).
 
-Which tensors carry spike values (:func:`reads_spikes`), and the checks that nothing after the
-neurons would mix the steps folded into that dim: a reduction over it, an op that moves rows
-along it, an activation with the batch elsewhere than dim 0 read by a neuron, a compensated op
-or the output. Each is a clear error naming the graph node.
+Which tensors carry spike values (:func:`reads_spikes`), squeezes that keep it
+(:func:`keep_batch_in_squeezes`), and the checks that nothing after the neurons would mix the
+steps folded into that dim: a reduction over it, an op that moves rows along it, an activation
+with the batch elsewhere than dim 0 read by a neuron, a compensated op or the output. Each is a
+clear error naming the graph node.
 """
 from __future__ import annotations
 
@@ -62,6 +63,28 @@ def check_batch_kept(gm: fx.GraphModule, kinds: dict[fx.Node, str], has_batch) -
             raise ValueError(f"cannot convert {scope(node) or '<root>'} (graph node {node.name!r}): it reduces over "
                              f"the batch dim of an activation after the neurons, and the SNN folds the time steps "
                              f"into that dim; keep statistics per sample (or move this before the first ReLU)")
+
+
+def keep_batch_in_squeezes(gm: fx.GraphModule, batch_dims) -> bool:
+    """``x.squeeze()`` (or ``squeeze(0)``) of an activation with its batch in dim 0 squeezes its
+    other dims only: at batch 1 and T = 1 it would drop the dim the SNN folds the steps into, so
+    that the steps' outputs lost their batch dim (at batch 1 the SNN keeps a dim of size 1 where
+    the ANN drops it; at other batch sizes nothing changes). Returns whether any changed.
+    ``batch_dims(node)``: as for :func:`check_batch_first`."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.target not in ("squeeze", torch.squeeze) or node.op not in ("call_method", "call_function"):
+            continue
+        source, dims = node.args[0], arg(node, 1, "dim")
+        if not isinstance(source, fx.Node) or batch_dims(source) != [0]:
+            continue
+        rank = len(source.meta["tensor_meta"].shape)
+        dims = range(rank) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
+        if any(d % rank == 0 for d in dims):
+            node.args, node.kwargs = (source, tuple(d for d in dims if d % rank != 0)), {}
+            changed = True
+    gm.recompile()
+    return changed
 
 
 def is_to_time(gm: fx.GraphModule, node: fx.Node) -> bool:
