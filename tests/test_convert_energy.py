@@ -333,3 +333,34 @@ def test_functional_transposed_convolutions_convert_and_count_like_their_modules
     assert torch.equal(snn.sites()["relu"].fanout.double(), fanout)
     first = 4 * math.prod(shape[1:]) * 2
     assert snn.mac_ann == first + fanout.sum() + model.fc.in_features * 3
+
+
+class PartlyAnalog(nn.Module):
+    """A Linear fed spikes plus floats: another layer's output (``"step"``: changes from step to
+    step) or the image (``"static"``), with no neuron between."""
+
+    def __init__(self, part):
+        super().__init__()
+        self.l0, self.l1, self.fc, self.part = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3), part
+
+    def forward(self, x):
+        h = torch.relu(self.l0(x))
+        return self.fc(h + (self.l1(h) if self.part == "step" else x.repeat(1, 2)[:, :6]))
+
+
+@pytest.mark.parametrize("part", ["step", "static"])
+def test_a_layer_fed_partly_analog_values_counts_macs(part):
+    """``fc`` multiplies floats where its input changes over time: 18 MACs at every step and no ACs
+    for the spikes of ``h`` in it; an image-derived part is multiplied once, the spikes accumulate."""
+    torch.manual_seed(0)
+    data = [(torch.randn(6, 5), torch.zeros(6, dtype=torch.long))]
+    snn = hc.convert(PartlyAnalog(part).eval(), data, n=3, T=4, policy="999")
+    result = hc.evaluate(snn, data)
+    snn(data[0][0])  # brute force: this run's spikes times the synapses each one drives
+    spikes = snn.sites()["relu"].neuron.spikes
+    t = torch.arange(1, 5, dtype=torch.float64)
+    macs = {"step": 5 * 6 + t * 6 * 3, "static": 5 * 6 + 6 * 3 + 0 * t}[part]  # (the image's l0: once)
+    fanout = {"step": 6, "static": 3}[part]  # l1's synapses only, or fc's
+    expected = (E_MAC * macs + E_AC * torch.cumsum(spikes * fanout, 0) / 6) / (E_MAC * snn.mac_ann)
+    assert snn.mac_ann == 5 * 6 + 6 * 3 + (6 * 6 if part == "step" else 0)
+    assert torch.allclose(torch.tensor(result.energy_ratio, dtype=torch.float64), expected)
