@@ -174,10 +174,11 @@ def check_batch_first(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch_dims)
             if dims and dims != [0]:
                 where = "the model's output" if reader is None else \
                     f"{scope(reader) or '<root>'} (graph node {reader.name!r})"
-                raise ValueError(f"cannot convert {where}: it reads {source.name} (made in {scope(source) or '<root>'},"
-                                 f" shape {list(source.meta['tensor_meta'].shape)} at batch 1), an activation whose "
-                                 f"dim(s) {dims} change with the batch size, but only dim 0 may: the SNN folds the time "
-                                 f"steps into dim 0 for its neurons, compensated ops and output. Keep the batch dim "
-                                 f"first there and alone (batch_first layouts, x.transpose(0, 1) back before the layer, "
-                                 f"no broadcasting between samples; x.t(), x.T and x.mT of a 2-d [B, F] activation "
-                                 f"swap its batch dim: transpose it back, or transpose the weight instead)")
+                shape = list(source.meta["tensor_meta"].shape)
+                raise ValueError(f"cannot convert {where}: it reads {source.name} (made in {scope(source) or '<root>'}, "
+                                 f"shape {shape} at batch 1), an activation whose dim(s) {dims} change with the "
+                                 f"batch size, but only dim 0 may: the SNN folds the time steps into dim 0 for its "
+                                 f"neurons, compensated ops and output. Keep the batch dim first there and alone "
+                                 f"(batch_first layouts, x.transpose(0, 1) back before the layer, no broadcasting "
+                                 f"between samples; x.t(), x.T and x.mT of a 2-d [B, F] activation swap its batch "
+                                 f"dim: transpose it back, or transpose the weight instead)")
