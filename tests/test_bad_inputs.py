@@ -483,3 +483,21 @@ def test_demo_options_are_errors_before_training(argv, text, capsys, monkeypatch
 def test_chunk_options_are_checked_before_the_model_loads(argv, text, capsys, monkeypatch):
     monkeypatch.setattr("hmtconv.cli.evaluate.load_workload", lambda *a, **k: pytest.fail("loaded the model"))
     one_line_error(*cli(["evaluate", "--model", "vgg_small", *argv], capsys), text)
+
+
+@pytest.mark.parametrize("call,node", [(lambda h: h.t(), "t"), (lambda h: torch.t(h), "t"),
+                                       (lambda h: h.T, "getattr_1"), (lambda h: h.mT, "getattr_1"),
+                                       (lambda h: h.adjoint(), "adjoint")])
+def test_a_transpose_that_moves_the_batch_dim_to_the_output_is_a_clear_error(call, node):
+    """``x.t()`` of a 2-d ``[B, F]`` activation puts the batch (and the SNN's steps) in dim 1."""
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8 * 8, 3)
+
+        def forward(self, x):
+            return call(self.fc(torch.relu(x.flatten(1))))
+
+    with pytest.raises(ValueError, match=rf"the model's output: it reads {node} \(made in <root>, shape \[3, 1\] at "
+                                         rf"batch 1\), .* dim\(s\) \[1\] change .* x.t\(\), x.T and x.mT of a 2-d"):
+        hc.convert(Swapped().eval(), images())

@@ -283,3 +283,84 @@ def test_fanout_and_macs_of_padding_modes_and_layer_kinds(layer):
     assert torch.equal(snn.sites()["1"].fanout.double(), pairs)
     first = 4 * math.prod(shape[1:]) * 2
     assert snn.mac_ann == first + pairs.sum() + model[5].in_features * 3
+
+
+def transposed_fanout(in_shape, out_per_group, kernel, stride, padding, dilation, output_padding):
+    """Synapses of each input element of a transposed convolution by index arithmetic: input i
+    feeds output i*s - p + k*d for each tap k, where that lies inside the output."""
+    counts = torch.full(in_shape, float(out_per_group), dtype=torch.float64)
+    for d, size in enumerate(in_shape[1:]):
+        out = (size - 1) * stride[d] - 2 * padding[d] + dilation[d] * (kernel[d] - 1) + output_padding[d] + 1
+        taps = [sum(0 <= i * stride[d] - padding[d] + k * dilation[d] < out for k in range(kernel[d]))
+                for i in range(size)]
+        counts *= torch.tensor(taps, dtype=torch.float64).view(-1, *[1] * (len(in_shape) - 2 - d))
+    return counts
+
+
+class FunctionalTransposed(nn.Module):
+    """conv -> ReLU -> ``F.conv_transpose{1,2,3}d(h, self.weight, ...)`` -> ReLU -> Linear."""
+
+    def __init__(self, dims, stride, padding, output_padding, groups, dilation):
+        super().__init__()
+        self.conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](2, 4, 1)
+        self.weight = nn.Parameter(torch.randn(4, 6 // groups, *(3,) * dims) * 0.3)
+        self.bias = nn.Parameter(torch.randn(6) * 0.1)
+        self.options = (stride, padding, output_padding, groups, dilation)
+        self.function = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x):
+        h = self.function(torch.relu(self.conv(x)), self.weight, self.bias, *self.options)
+        return self.fc(torch.relu(h).flatten(1))
+
+
+@pytest.mark.parametrize("dims,stride,padding,output_padding,groups,dilation", [
+    (1, 2, 1, 1, 2, 1), (2, 2, 1, 1, 2, 1), (2, (1, 2), (2, 0), (0, 1), 1, (2, 1)), (3, 1, 1, 0, 1, 2)])
+def test_functional_transposed_convolutions_convert_and_count_like_their_modules(
+        dims, stride, padding, output_padding, groups, dilation):
+    torch.manual_seed(0)
+    shape = (2, *(4,) * dims)
+    model = FunctionalTransposed(dims, stride, padding, output_padding, groups, dilation).eval()
+    model(torch.zeros(1, *shape))
+    data = [(torch.randn(4, *shape), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(model, data, n=8, T=32, policy="max")
+    x = data[0][0]
+    assert torch.allclose(snn.ann_forward(x), model(x), atol=1e-5)
+    assert (snn(x).mean(0) - model(x)).abs().max() < 0.05 * model(x).abs().max()
+    as_tuple = lambda v: v if isinstance(v, tuple) else (v,) * dims
+    fanout = transposed_fanout((4, *shape[1:]), 6 // groups, (3,) * dims, *map(as_tuple, (
+        stride, padding, dilation, output_padding)))
+    assert torch.equal(snn.sites()["relu"].fanout.double(), fanout)
+    first = 4 * math.prod(shape[1:]) * 2
+    assert snn.mac_ann == first + fanout.sum() + model.fc.in_features * 3
+
+
+class PartlyAnalog(nn.Module):
+    """A Linear fed spikes plus floats: another layer's output (``"step"``: changes from step to
+    step) or the image (``"static"``), with no neuron between."""
+
+    def __init__(self, part):
+        super().__init__()
+        self.l0, self.l1, self.fc, self.part = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3), part
+
+    def forward(self, x):
+        h = torch.relu(self.l0(x))
+        return self.fc(h + (self.l1(h) if self.part == "step" else x.repeat(1, 2)[:, :6]))
+
+
+@pytest.mark.parametrize("part", ["step", "static"])
+def test_a_layer_fed_partly_analog_values_counts_macs(part):
+    """``fc`` multiplies floats where its input changes over time: 18 MACs at every step and no ACs
+    for the spikes of ``h`` in it; an image-derived part is multiplied once, the spikes accumulate."""
+    torch.manual_seed(0)
+    data = [(torch.randn(6, 5), torch.zeros(6, dtype=torch.long))]
+    snn = hc.convert(PartlyAnalog(part).eval(), data, n=3, T=4, policy="999")
+    result = hc.evaluate(snn, data)
+    snn(data[0][0])  # brute force: this run's spikes times the synapses each one drives
+    spikes = snn.sites()["relu"].neuron.spikes
+    t = torch.arange(1, 5, dtype=torch.float64)
+    macs = {"step": 5 * 6 + t * 6 * 3, "static": 5 * 6 + 6 * 3 + 0 * t}[part]  # (the image's l0: once)
+    fanout = {"step": 6, "static": 3}[part]  # l1's synapses only, or fc's
+    expected = (E_MAC * macs + E_AC * torch.cumsum(spikes * fanout, 0) / 6) / (E_MAC * snn.mac_ann)
+    assert snn.mac_ann == 5 * 6 + 6 * 3 + (6 * 6 if part == "step" else 0)
+    assert torch.allclose(torch.tensor(result.energy_ratio, dtype=torch.float64), expected)

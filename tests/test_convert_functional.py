@@ -464,3 +464,36 @@ def test_constant_masks_on_spikes_are_linear_and_masks_from_spikes_are_refused()
     converges(ConstantMasks().eval(), data)
     with pytest.raises(ValueError, match=r"\(gt function, graph node .gt.\): its input varies over time"):
         hc.convert(ConstantMasks(spiking_mask=True).eval(), data, T=4, policy="max")
+
+
+class Transposed(nn.Module):
+    """A weight applied to transposed activations and transposed back (``(w @ h.t()).t()``: a
+    Linear in disguise), in each spelling of a transpose, and ``x.mT`` of tokens ``[B, N, C]``."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.fc, self.w, self.spelling = nn.Linear(6, 6), nn.Parameter(torch.randn(5, 6) * 0.5), spelling
+
+    def forward(self, x):
+        if self.spelling == "mT":
+            tokens = F.relu(self.fc(x.view(x.size(0), 2, 3).repeat(1, 1, 2)))  # [B, 2, 6]
+            return (self.w @ tokens.mT).mT.flatten(1)
+        h = F.relu(self.fc(x))
+        if self.spelling == "t":
+            return (self.w @ h.t()).t()
+        if self.spelling == "torch.t":
+            return torch.t(self.w @ torch.t(h))
+        if self.spelling == "T":
+            return (self.w.T.T @ h.T).T
+        return (self.w @ h.adjoint()).adjoint()
+
+
+@pytest.mark.parametrize("spelling", ["t", "torch.t", "T", "adjoint", "mT"])
+def test_transposes_that_keep_the_batch_first_where_it_is_read_convert(spelling):
+    torch.manual_seed(0)
+    model, data = Transposed(spelling).eval(), loader((6,))
+    x, ref = data[0][0], model(data[0][0])
+    snn = hc.convert(model, data, n=8, T=32, policy="max")
+    assert snn.report.traced and torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
+    assert (snn(x).mean(0) - ref).abs().max() < 0.02 * ref.abs().max()
+    assert torch.all(snn.sites()["relu"].fanout == 5)  # each spike meets the 5 rows of w

@@ -148,6 +148,38 @@ def test_untraceable_model_falls_back_and_reports_unconverted(activation, name):
     assert hc.evaluate(snn, data).unconverted == [("<root>", name)]
 
 
+class TwoSites(Untraceable):
+    """Untraceable with a second ReLU module whose output meets the first's in ``combine(h, g)``."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.act2, self.w, self.combine = nn.ReLU(), nn.Parameter(torch.randn(8, 8)), combine
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if h.max() > -1e9:
+            h = self.combine(self, h, self.act2(self.fc1(x) - 0.1), x)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("combine,found", [
+    (lambda m, h, g, x: h * g, "mul of two spike trains"),
+    (lambda m, h, g, x: (h[:, :, None] @ g[:, None, :]).sum(2), "matmul of two spike trains"),
+    (lambda m, h, g, x: h / (g + 1), "div by a spike train"),
+    (lambda m, h, g, x: h - h.mean(0), "mean over the batch dim, which holds the time steps"),
+    (lambda m, h, g, x: h - g.sum(0, keepdim=True), "sum over the batch dim, which holds the time steps"),
+    (lambda m, h, g, x: h @ m.w + g * x.repeat(1, 2)[:, :8] / 2, None),  # linear in the spikes
+])
+def test_the_fallback_reports_products_of_spike_trains_and_reductions_over_the_batch(combine, found):
+    """Module swapping runs these on each step's spikes alike: the mean of a product of spike
+    trains is not the product of their means, and a reduction over the batch dim mixes the steps."""
+    torch.manual_seed(0)
+    model, data = TwoSites(combine).eval(), loader((6,), classes=3)
+    snn = hc.convert(model, data, n=4, T=4, policy="max")
+    assert not snn.report.traced
+    assert snn.report.unconverted == ([] if found is None else [("<root>", found)])
+
+
 def test_the_fallback_compares_a_site_called_twice_call_by_call():
     torch.manual_seed(0)
     model, data = Untraceable(shared=True).eval(), loader((6,), classes=3)

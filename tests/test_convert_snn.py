@@ -249,6 +249,29 @@ def test_tensors_made_in_forward_without_a_batch_dim_broadcast_over_steps():
     assert snn.report.traced and (snn(x).mean(0) - model(x)).abs().max() < 0.02 * model(x).abs().max()
 
 
+class Squeezed(nn.Module):
+    """``squeeze()`` after the neurons (a squeeze-and-excitation style ``[B, C, 1, 1]`` and the
+    logits): at batch 1 they squeeze the batch dim too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).mean((2, 3), keepdim=True)
+        return self.fc(F.relu(h.squeeze())).squeeze(0)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_squeezes_after_neurons_keep_the_batch_dim_at_batch_one(T):
+    """The SNN's rows are steps and samples: each sample's steps are its rows whatever the batch."""
+    torch.manual_seed(0)
+    model, data = Squeezed().eval(), loader()
+    snn, x = hc.convert(model, data, n=4, T=T), data[0][0]
+    assert snn(x[:1]).shape == (T, 1, 3) and torch.allclose(snn(x[:1]), snn(x)[:, :1], atol=1e-6)
+    assert torch.allclose(snn.ann_forward(x[:1]).view(3), model(x[:1]), atol=1e-6)  # (the ANN's drops it)
+
+
 def test_prepare_calibrate_convert_reuses_statistics():
     model, data = small_cnn(), loader()
     prepared = hc.calibrate(hc.prepare(model), data)

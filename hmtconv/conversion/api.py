@@ -22,13 +22,14 @@ from .. import distributed
 from ..device import placement
 from .attention import decompose_attention
 from .build import build_snn
-from .fallback import drop_unreached_sites, find_unconverted, prepare_modules
+from .fallback import drop_unreached_sites, prepare_modules
 from .graph import NotTraceable, prepare_graph
 from .huggingface import is_hugging_face, return_logits
 from .observers import ActivationObserver, HistogramConfig, ShapeObserver
 from .pooling import slice_max_pools
 from .sites import ObservedActivation
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
+from .unconverted import find_unconverted
 from .windows import decompose_window_attention
 
 

@@ -1,9 +1,10 @@
 """The batch dim, which the SNN shares with the time steps (``[T*B, ...]`` after the neurons).
 
-Which tensors carry spike values (:func:`reads_spikes`), and the checks that nothing after the
-neurons would mix the steps folded into that dim: a reduction over it, an op that moves rows
-along it, an activation with the batch elsewhere than dim 0 read by a neuron, a compensated op
-or the output. Each is a clear error naming the graph node.
+Which tensors carry spike values (:func:`reads_spikes`), squeezes that keep it
+(:func:`keep_batch_in_squeezes`), and the checks that nothing after the neurons would mix the
+steps folded into that dim: a reduction over it, an op that moves rows along it, an activation
+with the batch elsewhere than dim 0 read by a neuron, a compensated op or the output. Each is a
+clear error naming the graph node.
 """
 from __future__ import annotations
 
@@ -62,6 +63,28 @@ def check_batch_kept(gm: fx.GraphModule, kinds: dict[fx.Node, str], has_batch) -
             raise ValueError(f"cannot convert {scope(node) or '<root>'} (graph node {node.name!r}): it reduces over "
                              f"the batch dim of an activation after the neurons, and the SNN folds the time steps "
                              f"into that dim; keep statistics per sample (or move this before the first ReLU)")
+
+
+def keep_batch_in_squeezes(gm: fx.GraphModule, batch_dims) -> bool:
+    """``x.squeeze()`` (or ``squeeze(0)``) of an activation with its batch in dim 0 squeezes its
+    other dims only: at batch 1 and T = 1 it would drop the dim the SNN folds the steps into, so
+    that the steps' outputs lost their batch dim (at batch 1 the SNN keeps a dim of size 1 where
+    the ANN drops it; at other batch sizes nothing changes). Returns whether any changed.
+    ``batch_dims(node)``: as for :func:`check_batch_first`."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.target not in ("squeeze", torch.squeeze) or node.op not in ("call_method", "call_function"):
+            continue
+        source, dims = node.args[0], arg(node, 1, "dim")
+        if not isinstance(source, fx.Node) or batch_dims(source) != [0]:
+            continue
+        rank = len(source.meta["tensor_meta"].shape)
+        dims = range(rank) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
+        if any(d % rank == 0 for d in dims):
+            node.args, node.kwargs = (source, tuple(d for d in dims if d % rank != 0)), {}
+            changed = True
+    gm.recompile()
+    return changed
 
 
 def is_to_time(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -151,8 +174,11 @@ def check_batch_first(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch_dims)
             if dims and dims != [0]:
                 where = "the model's output" if reader is None else \
                     f"{scope(reader) or '<root>'} (graph node {reader.name!r})"
-                raise ValueError(f"cannot convert {where}: it reads {source.name}, an activation whose dim(s) "
-                                 f"{dims} change with the batch size, but only dim 0 may: the SNN folds the time steps "
-                                 f"into dim 0 for its neurons, compensated ops and output. Keep the batch dim first "
-                                 f"there and alone (batch_first layouts, x.transpose(0, 1) back before the layer, no "
-                                 f"broadcasting between samples)")
+                shape = list(source.meta["tensor_meta"].shape)
+                raise ValueError(f"cannot convert {where}: it reads {source.name} (made in {scope(source) or '<root>'}, "
+                                 f"shape {shape} at batch 1), an activation whose dim(s) {dims} change with the "
+                                 f"batch size, but only dim 0 may: the SNN folds the time steps into dim 0 for its "
+                                 f"neurons, compensated ops and output. Keep the batch dim first there and alone "
+                                 f"(batch_first layouts, x.transpose(0, 1) back before the layer, no broadcasting "
+                                 f"between samples; x.t(), x.T and x.mT of a 2-d [B, F] activation swap its batch "
+                                 f"dim: transpose it back, or transpose the weight instead)")

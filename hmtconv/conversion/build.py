@@ -2,7 +2,8 @@
 
 1. every observed site -> :class:`SpikingActivation` with the policy's lam (sites.py, policies.py);
    eval-mode BatchNorm folded into the convolution before it (fold.py);
-2. shapes of every node on a one-sample zero input (tells tensors from sizes);
+2. shapes of every node on a one-sample zero input (tells tensors from sizes); squeezes keep the
+   batch dim (batch_dim.py);
 3. :class:`ToTime` at static -> temporal edges (multistep.py); nothing after the neurons may mix
    the steps folded into the batch dim (batch_dim.py, before and after 4);
 4. expectation compensation for nonlinear ops whose input varies over time (compensated.py), and
@@ -21,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..device import placement
 from .attention import MatMul
-from .batch_dim import check_batch_first, check_batch_kept, is_to_time, reads_spikes
+from .batch_dim import check_batch_first, check_batch_kept, is_to_time, keep_batch_in_squeezes, reads_spikes
 from .compensated import COMPENSATED, Compensated, Divide, Multiply, Power
 from .energy import REARRANGING, SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
@@ -42,8 +43,8 @@ STRUCTURAL_MODULES = (*SYNAPTIC, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
                       SpikingActivation, ToTime, *REARRANGING)
 STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.neg,
                         operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
-                        torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-                        torch.swapaxes, torch.swapdims, torch.movedim,
+                        torch.reshape, torch.transpose, torch.t, torch.adjoint, torch.permute, torch.squeeze,
+                        torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim,
                         torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
                         F.dropout, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                         F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pad, torch.stack, torch.roll, torch.narrow,
@@ -51,8 +52,8 @@ STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub
                         torch.flip, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.repeat_interleave,
                         F.unfold, F.fold, assign,
                         *WINDOW_REARRANGEMENTS}
-STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
-                      "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
+STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "adjoint",
+                      "contiguous", "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
                       "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",
                       "swapaxes", "swapdims", "movedim", "reshape_as", "view_as", "expand_as", "roll", "flip",
                       "repeat_interleave", "unfold", "narrow", "select", "index_select", "repeat", "tile", "detach"}
@@ -227,11 +228,22 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
         return SNN(net, config, report, output_temporal=True, macs=None)
     report.folded_batchnorm = fold_batchnorm(net)
     device, dtype = placement(net)
-    shapes = []
-    with torch.no_grad():  # at two batch sizes: tensors made in forward without a batch dim keep their shape
-        for batch in (2, 1):  # (the metadata kept is batch 1's)
+
+    def propagate(batch: int) -> dict[fx.Node, torch.Size]:
+        with torch.no_grad():
             ShapeProp(net).propagate(torch.zeros((batch, *report.input_shape), device=device, dtype=dtype))
-            shapes.append({n: n.meta["tensor_meta"].shape for n in net.graph.nodes if is_tensor(n)})
+        return {n: n.meta["tensor_meta"].shape for n in net.graph.nodes if is_tensor(n)}
+    # at two batch sizes: tensors made in forward without a batch dim keep their shape (the metadata kept is batch 1's)
+    shapes = [propagate(2), propagate(1)]
+
+    def batch_dims(node: fx.Node) -> list[int] | None:
+        while is_to_time(net, node):
+            node = node.args[0]
+        if node not in shapes[1] or len(shapes[0][node]) != len(shapes[1][node]):
+            return None  # (made by convert, or a squeeze that drops the batch dim at batch 1)
+        return [d for d, (a, b) in enumerate(zip(shapes[0][node], shapes[1][node])) if a != b]
+    while keep_batch_in_squeezes(net, batch_dims):  # (each rewrite changes the batch-1 shapes after it)
+        shapes[1] = propagate(1)
     spiking = {n for n in net.graph.nodes
                if n.op == "call_module" and isinstance(net.get_submodule(n.target), SpikingActivation)}
 
@@ -240,13 +252,6 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
     kinds = insert_time_expansion(net, lambda node: node in spiking, has_batch)
     check_batch_kept(net, kinds, has_batch)
     compensate_and_check(net, kinds)
-
-    def batch_dims(node: fx.Node) -> list[int] | None:
-        while is_to_time(net, node):
-            node = node.args[0]
-        if node not in shapes[1] or len(shapes[0][node]) != len(shapes[1][node]):
-            return None  # (made by convert, or a squeeze that drops the batch dim at batch 1)
-        return [d for d, (a, b) in enumerate(zip(shapes[0][node], shapes[1][node])) if a != b]
     check_batch_first(net, kinds, batch_dims)
     macs = count_operations(net, kinds, reads_input(net.graph))
     allow_overwrite(net)

@@ -24,7 +24,12 @@ What is counted, per sample:
 - **Analog-fed layers** cost MACs: a layer before the first neuron (the image enters as the same
   analog value at every step, so it runs once: ``mac_static``, counted once per inference), and a
   layer fed by float values that change over time (e.g. after a compensated op, ``mac_step``,
-  counted at every step).
+  counted at every step). A layer fed partly by spikes, partly by such floats (``fc(h + l1(h))``:
+  another layer's output added to spikes, no neuron between) multiplies floats: the whole layer
+  costs MACs at every step, and the spikes that reach it no accumulates (they are part of its
+  float input). A part the same at every step (``fc(h + x)``, computed from the image) is
+  multiplied once (its MACs in ``mac_static``) and the spikes cost accumulates as usual; a
+  factor (``fc(h * x)``) scales the weights, as above, and leaves the input spikes.
 
 ``E_SNN/E_ANN(t) = (E_MAC*(mac_static + t*mac_step) + E_AC*sum_{s<=t} AC[s]) / (E_MAC*mac_ann)``
 with ``E_MAC = 4.6 pJ`` and ``E_AC = 0.9 pJ`` (eq. 31).
@@ -40,10 +45,11 @@ from torch.nn import functional as F
 from .attention import MatMul
 from .fold import BATCHNORMS
 from .inplace import in_place, out_of_place
-from .multistep import ToTime
+from .multistep import ToTime, is_tensor
 from .sites import SpikingActivation
 
 E_MAC, E_AC = 4.6, 0.9  # pJ (Horowitz 2014)
+_NONE, _STATIC, _STEP = 0, 1, 2  # the analog part of a value (_Probe._analog_part), ordered
 # Layers whose inputs meet weights: a site goes before them (identity="all") and spikes into them
 # cost accumulates. (A transposed convolution scatters each input over its kernel: LowFormer.)
 SYNAPTIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -136,7 +142,8 @@ class _Probe(fx.Interpreter):
         self.leaves: dict[str, torch.Tensor] = {}
         self.ac = torch.zeros((), dtype=torch.float64, device=self.device)
         # per call, not per module: one called on the image and on spikes is static once, temporal once
-        self.layers: list[tuple[str, float, bool]] = []  # (the call's kind, MACs, spike-driven?)
+        self.layers: list[tuple[str | None, float]] = []  # (where its MACs count in the SNN, if anywhere; MACs)
+        self.analog: dict[fx.Node, int] = {}  # see _analog_part
 
     def _zeros(self, node_meta) -> torch.Tensor:
         return torch.zeros(node_meta.shape, dtype=torch.float64, device=self.device)
@@ -149,7 +156,29 @@ class _Probe(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         self.env_meta = n
-        return super().run_node(n)
+        out = super().run_node(n)
+        self.analog[n] = self._analog_part(n)
+        return out
+
+    def _analog_part(self, n: fx.Node) -> int:
+        """What float values that are not spikes ``n``'s value holds: none, the same at every step
+        (the image's, repeated over the steps), or changing from step to step (a layer's or a
+        compensated op's output, summed into it)."""
+        if n.op == "call_module":
+            module = self.submodules[n.target]
+            if isinstance(module, ToTime):
+                return _STATIC if n.args[0] in self.data else _NONE
+            if isinstance(module, SpikingActivation) or self.kinds.get(n) != "temporal":
+                return _NONE
+            if not isinstance(module, (*BATCHNORMS, *_PASS, *_AVGPOOL)):  # a layer or a float op of its own
+                return _STEP
+        elif n.op not in ("call_function", "call_method"):
+            return _NONE
+        inputs = [a for a in n.all_input_nodes if is_tensor(a)]
+        if n.target in _FACTORS or n.target in _DIVISIONS:  # a spike scaled by a factor stays a spike
+            spikes = [a for a in inputs if getattr(self.env.get(a), "requires_grad", False)]
+            inputs = spikes or inputs
+        return max((self.analog.get(a, _NONE) for a in inputs), default=_NONE)
 
     def get_attr(self, target, args, kwargs):
         # float64 like the probe's activations, for functions that do not promote (torch.einsum);
@@ -195,12 +224,17 @@ class _Probe(fx.Interpreter):
     def call_method(self, target, args, kwargs):
         return self._call(target, args, kwargs, super().call_method)
 
-    def _layer(self, layer, x: torch.Tensor) -> None:
-        """A synaptic layer ``layer(x)`` (linear in x, all-ones weights): its MACs, and the
-        accumulates of spikes that reach it."""
-        self.layers.append((self.kinds[self.env_meta], layer(torch.ones_like(x)).sum().item(), x.requires_grad))
-        if x.requires_grad:
+    def _layer(self, layer, x: torch.Tensor, source: fx.Node) -> None:
+        """A synaptic layer ``layer(x)`` (linear in x, all-ones weights) reading ``source``: its
+        MACs, and the accumulates of spikes that reach it unless floats that change from step to
+        step reach it too (it multiplies floats then: MACs at every step)."""
+        analog = self.analog.get(source, _NONE)
+        if x.requires_grad and analog != _STEP:
             self.ac = self.ac + layer(x).sum()
+            cost = "mac_static" if analog == _STATIC else None  # (the image's part: multiplied once)
+        else:
+            cost = "mac_static" if self.kinds[self.env_meta] == "static" else "mac_step"
+        self.layers.append((cost, layer(torch.ones_like(x)).sum().item()))
 
     def call_module(self, target, args, kwargs):
         module = self.submodules[target]
@@ -211,13 +245,13 @@ class _Probe(fx.Interpreter):
             return leaf.clone()  # (not the leaf itself: a method may scale it in place)
         x = args[0] if args else None
         if isinstance(module, SYNAPTIC):
-            self._layer(lambda v: connections(module, v), x)
+            self._layer(lambda v: connections(module, v), x, self.env_meta.args[0])
         elif isinstance(module, MatMul):  # Einsum too; the product of two activations is Compensated
             constant = [self.kinds.get(a) == "const" for a in self.env_meta.args]
             if constant.count(True) == 1:  # x @ weight
                 ones = [torch.ones_like(a) for a in args]
                 at = constant.index(False)
-                self._layer(lambda v: module(*ones[:at], v, *ones[at + 1:]), args[at])
+                self._layer(lambda v: module(*ones[:at], v, *ones[at + 1:]), args[at], self.env_meta.args[at])
         elif isinstance(module, BATCHNORMS):
             return x
         elif isinstance(module, _PASS):
@@ -240,8 +274,8 @@ def count_operations(gm: fx.GraphModule, kinds: dict[fx.Node, str], data: set[fx
         fanout = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         site.fanout = fanout[0].to(torch.float32)
     counts = {"mac_ann": 0.0, "mac_static": 0.0, "mac_step": 0.0}
-    for kind, macs, spike_driven in probe.layers:
+    for cost, macs in probe.layers:
         counts["mac_ann"] += macs
-        if not spike_driven:
-            counts["mac_static" if kind == "static" else "mac_step"] += macs
+        if cost is not None:
+            counts[cost] += macs
     return counts

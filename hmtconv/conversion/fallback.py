@@ -3,43 +3,17 @@
 Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites (a ReLU module
 called twice shares one neuron and one set of statistics; 3-d activations at them are taken as
 tokens ``[B, N, C]``), max pooling stays after its neuron (compensated), and
-functional activations stay float. :func:`find_unconverted` reports those by running one batch
-and recording nonlinear torch functions called outside the sites and compensable modules.
+functional activations stay float. :func:`unconverted.find_unconverted` reports those, products
+of two spike trains and reductions over the batch dim by running a calibration batch.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
-from .compensated import COMPENSATED
 from .energy import SYNAPTIC
-from .functional import FUNCTIONAL, IN_PLACE_FUNCTIONS
 from .layout import read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, is_relu
-
-LINEAR_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
-
-
-def _watched() -> dict:
-    """The nonlinear calls to report (as a TorchFunctionMode sees them) and their names: ReLUs,
-    matmuls, attention, and every other call graph.normalize makes a neuron or a compensated
-    module of (max pooling, clamps, F.hardtanh...), methods by name, in place too."""
-    watched = {torch.relu_: "relu_", torch.Tensor.relu_: "relu_", torch.Tensor.__matmul__: "matmul",
-               torch.bmm: "bmm", F.scaled_dot_product_attention: "scaled_dot_product_attention"}
-    for call in (*FUNCTIONAL, *IN_PLACE_FUNCTIONS, F.relu, torch.relu, "relu"):
-        if isinstance(call, str):  # a method, and its in-place form
-            funcs = [getattr(torch.Tensor, name) for name in (call, call + "_") if hasattr(torch.Tensor, name)]
-        else:
-            funcs = [] if call in LINEAR_CALLS else [call]
-        for func in funcs:
-            watched.setdefault(func, func.__name__)
-    return watched
-
-
-_WATCHED = _watched()
 
 
 class InputSite(nn.Sequential):
@@ -75,46 +49,3 @@ def drop_unreached_sites(model: nn.Module, sites: dict[str, ObservedActivation])
             model.set_submodule(name, nn.Identity())
             dropped.append((name, "site never reached in calibration (a layer used through its weights?)"))
     return dropped
-
-
-class _Recorder(TorchFunctionMode):
-    def __init__(self, stack: list[str], found: set[tuple[str, str]]):
-        super().__init__()
-        self.stack, self.found = stack, found
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # (a 0-d result is a number for Python, ``if h.max() > 0``: no activation)
-        scalar = isinstance(out, torch.Tensor) and out.dim() == 0
-        if func in _WATCHED and self.stack and self.stack[-1] is not None and not scalar:
-            self.found.add((self.stack[-1], _WATCHED[func]))
-        return out
-
-
-@torch.no_grad()
-def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], object]:
-    """(qualified module name, op) of nonlinear functions that will run in float on spikes, and
-    the model's output on ``x``."""
-    stack: list[str | None] = []
-    found: set[tuple[str, str]] = set()
-    hooks = []
-
-    def enter(owner):
-        return lambda module, args: stack.append(owner)  # list.append returns None: args unchanged
-
-    def leave(module, args, output):
-        stack.pop()  # returns None, so the output is kept
-
-    for name, module in model.named_modules():
-        # the types convert wraps (exact: a subclass may compute otherwise), and the sites
-        handled = type(module) in COMPENSATED or isinstance(module, ObservedActivation)
-        owner = None if handled else (name or "<root>")
-        hooks.append(module.register_forward_pre_hook(enter(owner)))
-        hooks.append(module.register_forward_hook(leave))
-    try:
-        with _Recorder(stack, found):
-            out = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sorted(found), out

@@ -2,9 +2,10 @@
 
 ``F.relu`` becomes ``nn.ReLU``, ``@`` a :class:`MatMul`, ``F.gelu``/``F.silu``/``torch.sigmoid``/...
 their activation modules, ``F.softmax`` an ``nn.Softmax``, ``F.max_pool1d/2d/3d`` an ``nn.MaxPool1d/2d/3d``;
-``F.layer_norm``, ``F.linear`` and eval-mode ``F.batch_norm`` become modules that share the
-model's own parameters and buffers (timm's layers call these functions), so a functional Linear
-gets its site and its synapses are counted like any other; ``F.scaled_dot_product_attention`` is
+``F.layer_norm``, ``F.linear``, ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d`` and eval-mode
+``F.batch_norm`` become modules that share the model's own parameters and buffers (timm's layers
+call these functions), so a functional Linear or convolution gets its site and its synapses are
+counted like any other; ``F.scaled_dot_product_attention`` is
 split into the matmuls and softmax torchvision's attention is decomposed into (attention.py).
 :func:`graph.normalize` does the swaps.
 """
@@ -138,15 +139,24 @@ def batch_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     return module
 
 
+# The options of F.conv1d/2d/3d and F.conv_transpose1d/2d/3d after (input, weight, bias), in order.
+_CONV_OPTIONS = ("stride", "padding", "dilation", "groups")
+_TRANSPOSED_OPTIONS = ("stride", "padding", "output_padding", "groups", "dilation")
+
+
 def _conv(cls: type) -> Callable[[fx.GraphModule, fx.Node], nn.Module]:
-    """The factory of ``cls`` (``nn.Conv1d``, 2d or 3d) sharing the call's weight and bias, or
-    holding their values where forward computes them from the weights alone (timm's
-    weight-standardized convolutions in NFNets)."""
+    """The factory of ``cls`` (``nn.Conv1d``, 2d, 3d or their ``ConvTranspose``) sharing the call's
+    weight and bias, or holding their values where forward computes them from the weights alone
+    (timm's weight-standardized convolutions in NFNets)."""
+    transposed = issubclass(cls, nn.modules.conv._ConvTransposeNd)  # weight [in, out / groups, ...]
+
     def make(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
         weight = _model_tensor(gm, n, 1, "weight")
-        module = cls(weight.shape[1] * arg(n, 6, "groups", 1), weight.shape[0], weight.shape[2:],
-                     arg(n, 3, "stride", 1), arg(n, 4, "padding", 0), arg(n, 5, "dilation", 1),
-                     arg(n, 6, "groups", 1), bias=False)
+        options = {key: arg(n, 3 + i, key) for i, key in enumerate(_TRANSPOSED_OPTIONS if transposed else _CONV_OPTIONS)
+                   if arg(n, 3 + i, key) is not None}
+        grouped = weight.shape[1] * options.get("groups", 1)
+        channels = (weight.shape[0], grouped) if transposed else (grouped, weight.shape[0])
+        module = cls(*channels, weight.shape[2:], bias=False, **options)
         module.weight, module.bias = _as_parameter(weight), _as_parameter(_model_tensor(gm, n, 2, "bias"))
         return module
     return make
@@ -254,6 +264,9 @@ FUNCTIONAL = {
     torch.max_pool2d: ("max_pool2d", _max_pool(nn.MaxPool2d), 1), torch.max_pool3d: ("max_pool3d", _max_pool(nn.MaxPool3d), 1),
     F.conv1d: ("conv1d", _conv(nn.Conv1d), 1),
     F.conv2d: ("conv2d", _conv(nn.Conv2d), 1), F.conv3d: ("conv3d", _conv(nn.Conv3d), 1),
+    F.conv_transpose1d: ("conv_transpose1d", _conv(nn.ConvTranspose1d), 1),
+    F.conv_transpose2d: ("conv_transpose2d", _conv(nn.ConvTranspose2d), 1),
+    F.conv_transpose3d: ("conv_transpose3d", _conv(nn.ConvTranspose3d), 1),
     F.leaky_relu: ("leaky_relu", lambda gm, n: nn.LeakyReLU(arg(n, 1, "negative_slope", 0.01)), 1),
     F.elu: ("elu", lambda gm, n: nn.ELU(arg(n, 1, "alpha", 1.0)), 1), F.mish: ("mish", _plain(nn.Mish), 1),
     torch.tanh: ("tanh", _plain(nn.Tanh), 1), "tanh": ("tanh", _plain(nn.Tanh), 1),

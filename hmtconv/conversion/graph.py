@@ -5,8 +5,8 @@
    where the forward branches on sizes);
 2. :func:`normalize` turns functional ops (``F.relu``, ``torch.relu``, ``x.relu_()``, ``@``,
    ``F.softmax``, ``F.gelu``, ``F.layer_norm``, eval-mode ``F.batch_norm``, ``F.max_pool1d/2d/3d``,
-   ``F.conv1d/2d/3d``) into modules, one module per call site, so a ReLU module reused twice
-   (torchvision's BasicBlock) gets two neurons; ``x[key] = v`` becomes a new tensor
+   ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``) into modules, one module per call site, so a
+   ReLU module reused twice (torchvision's BasicBlock) gets two neurons; ``x[key] = v`` becomes a new tensor
    (:func:`functional.assign`) that later readers of ``x`` read; splits
    ``F.scaled_dot_product_attention`` into its matmuls and softmax (timm's ViTs) and drops
    eval-mode ``stochastic_depth`` (an identity then);
@@ -79,11 +79,11 @@ def swap_for_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, parent
 
 
 # Calls whose result may share memory with their first operand.
-VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-         "expand", "chunk", "split", "unbind", "swapaxes", "swapdims", "movedim", "reshape_as", "view_as",
-         "expand_as", "narrow", "select", operator.getitem, torch.flatten, torch.reshape, torch.transpose,
-         torch.permute, torch.squeeze, torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim, torch.chunk,
-         torch.split, torch.unbind, torch.narrow, torch.select}
+VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "adjoint", "contiguous", "squeeze",
+         "unsqueeze", "expand", "chunk", "split", "unbind", "swapaxes", "swapdims", "movedim", "reshape_as", "view_as",
+         "expand_as", "narrow", "select", operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.t,
+         torch.adjoint, torch.permute, torch.squeeze, torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim,
+         torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select}
 
 
 class LostWrite(ValueError):
