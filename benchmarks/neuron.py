@@ -1,14 +1,17 @@
 """Neuron speed: the closed-form H-MT step against the alternatives, on one input, in one process.
 
     .venv/bin/python benchmarks/neuron.py [--shape 16 32 64 32 32] [--n 8] [--threads N] [--keep-memory]
+        [--device cuda]
 
 (a) the literal greedy loop over steps and thresholds (the published neuron's algorithm, eqs. 14-18);
 (b) SpikingJelly's multi-step IFNode (soft reset), if installed (pip install -r benchmarks/requirements.txt),
     compared with our n = 1 neuron, the same model;
 (c) a stateless elementwise floor/clamp: the lower bound of any per-step quantizer;
-(d) our own tensor path (HMTCONV_CPU_KERNEL=0: the path CUDA and float64 take) against the compiled
-    CPU kernel, for the ReLU neuron and for the signed neuron with communication (the ViT's).
-Median of repeats after a warm-up; the outputs of (a), (d) and ours are checked equal.
+(d) our own tensor path (HMTCONV_CPU_KERNEL=0 / HMTCONV_GPU_KERNEL=0: what float64 takes, and CUDA
+    without Triton) against the compiled CPU kernel (with ``--device cuda``: the Triton kernel), for
+    the ReLU neuron and for the signed neuron with communication (the ViT's).
+Median of repeats after a warm-up (on CUDA each call waits for the device); the outputs of (a), (d)
+and ours are checked equal.
 """
 from __future__ import annotations
 
@@ -24,16 +27,20 @@ from reference import hmt_literal  # noqa: E402  (the tests' oracle is the faith
 
 import hmtconv  # noqa: E402
 from hmtconv import HMTNeuron  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import timed as timed_on_host  # noqa: E402
+
+
+KERNEL_SWITCHES = ("HMTCONV_CPU_KERNEL", "HMTCONV_GPU_KERNEL")
 
 
 def tensor_path(neuron, x):
-    """``neuron(x)`` with the compiled kernel switched off."""
-    os.environ["HMTCONV_CPU_KERNEL"] = "0"
+    """``neuron(x)`` with the compiled kernels switched off."""
+    os.environ.update(dict.fromkeys(KERNEL_SWITCHES, "0"))
     try:
         return neuron(x)
     finally:
-        del os.environ["HMTCONV_CPU_KERNEL"]
+        for key in KERNEL_SWITCHES:
+            del os.environ[key]
 
 
 def spikingjelly_if():
@@ -51,6 +58,7 @@ def main():
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the Triton kernel against the rest")
     parser.add_argument("--keep-memory", action="store_true",
                         help="hmtconv.keep_freed_memory() first, as the CLI does: outputs then reuse freed memory "
                              "instead of faulting in fresh pages, and the neurons' own cost shows")
@@ -59,11 +67,19 @@ def main():
         hmtconv.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    n, shape = args.n, tuple(args.shape)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    n, shape, device = args.n, tuple(args.shape), torch.device(args.device)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.5).to(device)
     lam = 0.01
+
+    def timed(fn, repeats):  # (CUDA calls return before the device is done)
+        def waited():
+            result = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return result
+        return timed_on_host(waited, repeats)
     rows = []
-    ours = HMTNeuron(n, lam)
+    ours = HMTNeuron(n, lam).to(device)
     t_ours, out = timed(lambda: ours(x), args.repeats)
     rows.append((f"H-MT closed form (ours), n = {n}", t_ours))
     t_loop, (ref, _) = timed(lambda: hmt_literal(x, lam, n), max(1, args.repeats // 2))
@@ -74,16 +90,17 @@ def main():
     t_tensor, out_tensor = timed(lambda: tensor_path(ours, x), args.repeats)
     assert torch.equal(out, out_tensor), "the tensor path differs from the kernel"
     rows.append((f"H-MT n = {n}, our tensor path (no compiled kernel)", t_tensor))
-    signed = HMTNeuron(n, lam, signed=True, communicate=True)
+    signed = HMTNeuron(n, lam, signed=True, communicate=True).to(device)
     t_signed, out_signed = timed(lambda: signed(x), args.repeats)
     t_signed_tensor, out_signed_tensor = timed(lambda: tensor_path(signed, x), args.repeats)
     assert torch.equal(out_signed, out_signed_tensor), "the tensor path differs from the kernel (signed)"
     rows.append((f"signed H-MT n = {n} with communication (ours)", t_signed))
     rows.append((f"signed H-MT n = {n} with communication, our tensor path", t_signed_tensor))
-    if_ours = HMTNeuron(1, 1.0)
+    if_ours = HMTNeuron(1, 1.0).to(device)
     t_if, _ = timed(lambda: if_ours(x), args.repeats)
     rows.append(("IF: H-MT n = 1 (ours)", t_if))
     sj = spikingjelly_if()
+    sj = sj if sj is None else sj.to(device)
     if sj is not None:
         def run_sj():
             sj.reset()
@@ -91,7 +108,8 @@ def main():
                 return sj(x)
         t_sj, _ = timed(run_sj, args.repeats)
         rows.append(("IF: SpikingJelly IFNode, multi-step", t_sj))
-    print(f"input {list(shape)} float32, {torch.get_num_threads()} threads, median of {args.repeats}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"input {list(shape)} float32, {where}, median of {args.repeats}")
     print("| neuron | time s | relative to H-MT closed form |")
     print("|---|---|---|")
     for name, seconds in rows:
