@@ -90,3 +90,22 @@ def test_a_class_its_module_no_longer_defines_is_named(tmp_path, capsys):
     del module.Gone
     assert main(["evaluate", "--model", str(tmp_path / "model.pt"), *SMALL]) == 2
     assert "it needs gone_here.Gone, which that module does not define" in capsys.readouterr().err
+
+
+def test_evaluate_snn_imports_the_code_convert_was_given(tmp_path, capsys):
+    """`convert --code F` records F in the SNN file; `evaluate --snn` (a new process, here: the
+    module forgotten) imports it again, and says which file it cannot find and what to pass."""
+    save = NET + "\nif __name__ == '__main__':\n    torch.manual_seed(0)\n    torch.save(Net(), 'model.pt')\n"
+    save_from_script(tmp_path, "train_snn.py", {"train_snn.py": save})
+    code, snn = tmp_path / "train_snn.py", str(tmp_path / "net.safetensors")
+    assert main(["convert", "--model", str(tmp_path / "model.pt"), "--code", str(code), *SMALL[:-2], "--out", snn]) == 0
+    for forget in range(2):
+        user_code.IMPORTED.clear()
+        del sys.modules["train_snn"]
+        if forget:
+            code.rename(tmp_path / "moved.py")
+        assert main(["evaluate", "--snn", snn, *SMALL]) == 2 * forget
+        err = capsys.readouterr().err
+        assert f"importing {code}, the --code of `hmtconv convert`" in err
+        if forget:
+            assert f"converted with --code {code}: --code {code}: no such file" in err and "pass the files" in err

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> None:
     if not distributed.is_main():
         return
     path = save_snn(snn, args.out, model=args.model, weights=args.weights, num_classes=work.info.num_classes,
-                    extra={"dataset": args.dataset, "calib_size": args.calib_size, "calib_split": args.calib_split})
+                    extra={"dataset": args.dataset, "calib_size": args.calib_size, "calib_split": args.calib_split,
+                           "code": [str(Path(p).resolve()) for p in args.code]})  # (evaluate --snn imports them)
     sites = snn.sites()
     rows = [[name, "y = x" if site.signed else "ReLU",
              f"{site.neuron.lam.item():.4g}" if site.neuron.lam.numel() == 1

@@ -15,6 +15,7 @@ from .. import distributed
 from ..conversion import SNN, convert, evaluate
 from ..errors import UserError
 from ..models.loading import builds_random_weights
+from ..models.user_code import import_code
 from ..report import (atomic_write_json, curves_table, jsonable, layers_table, plot_curves, plot_layers,
                       provenance)
 from ..report.plots import plot_format
@@ -72,6 +73,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     if args.snn is not None:
         from ..snn_io import load_snn
 
+        import_recorded_code(args)
         snn, meta = load_snn(args.snn, model=args.model, weights=args.weights, device=device,
                              allow_pickle=not args.no_pickle)
         args.model = args.model or meta["model"]["spec"]
@@ -102,6 +104,23 @@ def run_evaluation(args: argparse.Namespace) -> dict:
                            "diagnostics": result.seconds["diagnostics"]},
                   provenance=provenance(jsonable(vars(args)), seed=args.seed, device=device))
     return record
+
+
+def import_recorded_code(args: argparse.Namespace) -> None:
+    """The --code files `hmtconv convert` was given (its model is a whole pickled one whose classes
+    they define), unless --code or --no-pickle is given here."""
+    from ..snn_io import read_snn_file
+
+    recorded = read_snn_file(args.snn)[0].get("extra", {}).get("code") or []
+    if not recorded or args.code or args.no_pickle:
+        return
+    if distributed.is_main():
+        print(f"hmtconv: note: importing {', '.join(recorded)}, the --code of `hmtconv convert`", file=sys.stderr)
+    try:
+        import_code(recorded)
+    except UserError as error:
+        raise UserError(f"{args.snn} was converted with --code {' '.join(recorded)}: {error}; pass the "
+                        f"files that define its model's classes with --code") from error
 
 
 def use_snn_config(args: argparse.Namespace, config: dict) -> None:
