@@ -1,5 +1,6 @@
 """torch.distributed support for runs launched by ``torchrun``: rank detection, data sharding,
-exact reductions, and "rank 0 speaks" helpers.
+exact reductions, "rank 0 speaks" helpers, and failing together (``failing_together``: a failure
+on one rank ends every rank at its next collective, instead of leaving them waiting there).
 
 Single-process runs need none of it: every helper degrades to the identity when no process group
 is initialised, so library code calls them unconditionally.
@@ -62,6 +63,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place on a copy); float sums are done in float64 to stay exact for counts."""
     if not active():
         return tensor
+    checkpoint()
     work = tensor.detach().to(torch.float64 if tensor.is_floating_point() else torch.int64).clone()
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(tensor.dtype)
@@ -71,6 +73,7 @@ def all_gather_objects(obj) -> list:
     """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
     if not active():
         return [obj]
+    checkpoint()
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
@@ -83,8 +86,59 @@ def shutdown() -> None:
 
 
 def barrier() -> None:
+    checkpoint()  # an all-reduce: a barrier that also stops every rank if one failed
+
+
+class RanksFailed(RuntimeError):
+    """Raised on every rank when any rank failed; ``failures`` maps each failed rank to its report."""
+
+    def __init__(self, failures: dict[int, str]):
+        super().__init__("; ".join(f"rank {r} failed: {text}" for r, text in failures.items()))
+        self.failures = failures
+
+
+def _agree(report: str | None) -> dict[int, str]:
+    """Every rank's failure report (this one's is ``report``; None: no failure), as
+    ``{rank: report}`` of the failed ranks: one all-reduce of a flag per rank, and a gather of the
+    reports only when a flag is set."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flags = torch.zeros(world_size(), dtype=torch.int32, device=device)
+    flags[rank()] = report is not None
+    dist.all_reduce(flags)
+    if not flags.any():
+        return {}
+    reports = [None] * world_size()
+    dist.all_gather_object(reports, report)
+    return {r: text for r, text in enumerate(reports) if text is not None}
+
+
+def checkpoint() -> None:
+    """Where ranks synchronize, agree that none failed, or raise RanksFailed. Every collective here
+    starts with one, so the checkpoint of a failing rank (in ``failing_together``) meets the other
+    ranks at their next collective, whichever it is: one all-reduce per collective, none per batch."""
     if active():
-        dist.barrier()
+        failures = _agree(None)
+        if failures:
+            raise RanksFailed(failures)
+
+
+def _one_line(error: BaseException) -> str:
+    return f"rank {rank()}: {type(error).__name__}: {' '.join(str(error).split())}"
+
+
+@contextmanager
+def failing_together(describe=_one_line):
+    """Wrap a rank's whole work under torchrun: an exception inside is reported (``describe(error)``)
+    at the other ranks' next checkpoint, and every rank raises RanksFailed (the failing ones from
+    their own error). Leaving normally passes a last checkpoint, which meets a rank that failed after
+    the last collective. Without a process group, exceptions pass through unchanged."""
+    try:
+        yield
+    except Exception as error:
+        if not active() or isinstance(error, RanksFailed):
+            raise
+        raise RanksFailed(_agree(describe(error))) from error
+    checkpoint()
 
 
 @contextmanager

@@ -10,6 +10,7 @@ rank OMP_NUM_THREADS=1, and MKL's sgemm rounds some shapes differently with 2 th
 2e-7 relative in one site's mean |ANN - SNN|), so the 1-process references run on one thread.
 """
 import json
+import re
 import os
 from contextlib import contextmanager
 import socket
@@ -166,3 +167,45 @@ def test_torchrun_evaluate_equals_single_process(tmp_path):
     assert without_run_details(two) == without_run_details(one)
     assert run.stdout.count("| run") == 1  # only rank 0 prints the table
     assert run.stderr.count("whole pickled model") == 1  # and the warning
+
+
+FAILING_HOOK = '''import os
+
+
+def fail_on_rank_1(module, inputs):
+    """Raises on rank 1's real images (not on the zero batch the model check runs)."""
+    if os.environ["RANK"] == "1" and inputs[0].any():
+        raise RuntimeError("bad data on rank 1")
+'''
+
+
+def test_torchrun_failure_on_one_rank_ends_every_rank_with_one_report(tmp_path):
+    """Rank 1's model raises at its first evaluation batch; rank 0 evaluates its shard and learns
+    of it at evaluate's gather: both exit by themselves (no signal from torchrun), non-zero, and
+    the error is printed once, naming rank 1."""
+    (tmp_path / "hook.py").write_text(FAILING_HOOK)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import hook
+
+        model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+        model.register_forward_pre_hook(hook.fail_on_rank_1)
+        torch.save(model, tmp_path / "model.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("hook")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "-m", "hmtconv", "evaluate", "--model", str(tmp_path / "model.pt"), "--code",
+                str(tmp_path / "hook.py"), "--dataset", "mnist", "--limit", "48", "--calib-size", "32",
+                "--batch-size", "16", "--T", "2", "--no-progress"]
+    run = subprocess.run(torchrun, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=120)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert output.count("RuntimeError: bad data on rank 1") == 1, output
+    assert "hmtconv (rank 1): error (a bug):" in output, output
+    assert "[rank0]" not in output and "hmtconv (rank 0)" not in output, output  # rank 0 adds no error of its own
+    # torchrun's summary: both ranks failed (torchrun may stop the last one to leave while it tears down)
+    statuses = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank.*?exitcode\s*:\s*(-?\d+)", output, re.DOTALL))
+    assert set(statuses) == {"0", "1"} and "0" not in statuses.values(), output
+

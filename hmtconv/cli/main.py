@@ -54,36 +54,58 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command. Problems the user can fix print one ``hmtconv: error: ...`` line to stderr and
     return 2: UserErrors, OSErrors (unwritable path, full disk) and the ValueErrors/TypeErrors that
     hmtconv raises itself on bad arguments or data. Anything else is a bug and keeps its traceback;
-    HMTCONV_DEBUG=1 prints the traceback of the one-line errors too."""
+    HMTCONV_DEBUG=1 prints the traceback of the one-line errors too. Under torchrun a failure on
+    any rank ends every rank at its next collective and is reported once (``_ranks_failed``)."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # our own process: trade its peak memory for no page faults per tensor
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            import_code(getattr(args, "code", ()))  # before any model is unpickled
-            return args.run(args) or 0
-        except (UserError, OSError) as error:
-            return _user_error(error)
-        except (ValueError, TypeError) as error:
-            if not _raised_by_hmtconv(error):
-                raise
-            return _user_error(error)
+            with distributed.failing_together(lambda error: _describe(error)[0]):
+                import_code(getattr(args, "code", ()))  # before any model is unpickled
+                return args.run(args) or 0
+        except distributed.RanksFailed as failed:
+            return _ranks_failed(failed)
         except KeyboardInterrupt:
             print("hmtconv: interrupted", file=sys.stderr)
             return 130
+        except Exception as error:
+            report, status = _describe(error)
+            if status == 1:  # a bug: the traceback as Python prints it
+                raise
+            print(report, file=sys.stderr)
+            return status
         finally:
             distributed.shutdown()
 
 
 def _speaker() -> str:
-    return "hmtconv" if distributed.is_main() else f"hmtconv (rank {distributed.rank()})"
+    return f"hmtconv (rank {distributed.rank()})" if distributed.active() else "hmtconv"
 
 
-def _user_error(error: BaseException) -> int:
-    if os.environ.get("HMTCONV_DEBUG") == "1":
-        traceback.print_exception(error, file=sys.stderr)
-    print(f"{_speaker()}: error: {' '.join(str(error).split())}", file=sys.stderr)
-    return 2
+def _describe(error: Exception) -> tuple[str, int]:
+    """What a failed command prints, and its exit status: one line for a problem the user can fix
+    (2), the traceback for a bug (1)."""
+    fixable = isinstance(error, (UserError, OSError)) or \
+        (isinstance(error, (ValueError, TypeError)) and _raised_by_hmtconv(error))
+    trace = "".join(traceback.format_exception(error))
+    if not fixable:
+        return f"{_speaker()}: error (a bug):\n{trace.rstrip()}", 1
+    line = f"{_speaker()}: error: {' '.join(str(error).split())}"
+    return (trace + line if os.environ.get("HMTCONV_DEBUG") == "1" else line), 2
+
+
+def _ranks_failed(failed: distributed.RanksFailed) -> int:
+    """Under torchrun: the lowest failed rank prints its report, the others stay quiet, so it shows
+    once; no rank leaves before it is printed (torchrun stops every rank when one exits). Returns
+    this rank's status: its own error's, or 1 where another rank failed."""
+    first = min(failed.failures)
+    if distributed.rank() == first:
+        others = ", ".join(map(str, sorted(set(failed.failures) - {first})))
+        print(failed.failures[first] + (f"\n{_speaker()}: rank(s) {others} failed too" if others else ""),
+              file=sys.stderr)
+    distributed.barrier()
+    return 1 if failed.__cause__ is None else _describe(failed.__cause__)[1]
 
 
 def _raised_by_hmtconv(error: BaseException) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .error import _check, broadcast64, levels_for, moments, quantization_error
+from .fine_grid import fine_log_k, is_fine
 
 _GTOL = 1e-14
 DEAD_UNIT_LAM = 1.0
@@ -14,8 +15,20 @@ DEEP_TAIL = 100.0  # documented choice where every lam is optimal (the neuron ne
 
 
 def _log_k(u, mu, sigma, T, b, signed):
-    """log k(lam = e^u) of eq. 29 (k > 1 below the optimum, < 1 above it)."""
+    """log k(lam = e^u) of eq. 29 (k > 1 below the optimum, < 1 above it); on grids much finer than
+    sigma from the expected error's slope and divided by (h / sigma)^2 (fine_grid.py: there the
+    sums' ratio is 1 + rounding, and log k itself below the solver's tolerance _GTOL)."""
     h = torch.exp(u) / T
+    fine = is_fine(h / sigma, mu / sigma)
+    if fine.any():
+        out = torch.empty_like(h)
+        out[fine] = fine_log_k(mu[fine], sigma[fine], h[fine], b[fine], signed)
+        out[~fine] = _log_k_sums(mu[~fine], sigma[~fine], h[~fine], b[~fine], signed)
+        return out
+    return _log_k_sums(mu, sigma, h, b, signed)
+
+
+def _log_k_sums(mu, sigma, h, b, signed):
     s_xf, s_ff, _ = moments(mu, sigma, h, b, signed)
     return torch.log(s_xf) - torch.log(h * s_ff)
 
@@ -125,10 +138,14 @@ def _solve(mu, sigma, T, b, signed, rtol, max_iter):
     # halved in STALL steps bounds the steps to about STALL + 1 times bisection's.
     tol = abs(torch.log1p(torch.tensor(rtol, dtype=torch.float64)).item())
     best = torch.where(g_lo.abs() < g_hi.abs(), lo, hi)
+    # log k at best: the stopping test reads it, never an endpoint's value that Anderson-Bjorck scaled
+    # (on a plateau of log k, e.g. -1/60 beyond a fine grid's optimum, a scale 1 - g/g_old ~ 1e-16
+    # made it look like a root: n = 16, T = 4096, mu = 2 sigma stopped at 1.5x the optimal lam)
+    g_best = torch.minimum(g_lo.abs(), g_hi.abs())
     kept = torch.zeros_like(lo)  # +1 if lo moved last time (hi kept), -1 if hi moved
     mark, since = hi - lo, torch.zeros_like(lo)  # bracket width at the last halving, steps since
     for _ in range(max_iter):
-        act = torch.nonzero((hi - lo > tol) & (torch.minimum(g_lo.abs(), g_hi.abs()) > _GTOL)).flatten()
+        act = torch.nonzero((hi - lo > tol) & (g_best > _GTOL)).flatten()
         if act.numel() == 0:
             break
         l, h, gl, gh, last = lo[act], hi[act], g_lo[act], g_hi[act], kept[act]
@@ -146,6 +163,7 @@ def _solve(mu, sigma, T, b, signed, rtol, max_iter):
         g_hi[act] = torch.where(right, gh * scale_hi, g)
         kept[act] = right.to(kept.dtype) * 2 - 1
         best[act] = u
+        g_best[act] = g.abs()
         halved = hi[act] - lo[act] <= mark[act] / 2
         mark[act] = torch.where(halved, hi[act] - lo[act], mark[act])
         since[act] = torch.where(halved, 0.0, since[act] + 1)
