@@ -157,6 +157,19 @@ def test_the_fallback_compares_a_site_called_twice_call_by_call():
     assert 0 <= result.per_layer[0].mean_abs_error < 0.05
 
 
+@pytest.mark.parametrize("dtype,kernels", [(torch.float64, "1"), (torch.float32, "0")])
+def test_the_fallback_does_not_report_what_a_sites_own_observer_computes(dtype, kernels, monkeypatch):
+    """The observers' tensor path (float64, CUDA, no C compiler) takes amax and clamps of the
+    site's input: the site's own work, not a float op on spikes (they were reported as
+    ('act.observer', 'amax'), ...)."""
+    monkeypatch.setenv("HMTCONV_CPU_KERNEL", kernels)
+    torch.manual_seed(0)
+    model = Untraceable(shared=True).eval().to(dtype)
+    data = [(x.to(dtype), y) for x, y in loader((6,), classes=3)]
+    snn = hc.convert(model, data, n=4, T=4, policy="max")
+    assert not snn.report.traced and snn.report.unconverted == []
+
+
 def test_the_fallback_keeps_layer_attributes_and_drops_sites_never_reached():
     torch.manual_seed(0)
     model, data = Untraceable(functional_head=True).eval(), loader((6,), classes=3)

@@ -105,10 +105,14 @@ def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str,
     def leave(module, args, output):
         stack.pop()  # returns None, so the output is kept
 
+    handled: list[str] = []  # the types convert wraps (exact: a subclass may compute otherwise), and the sites
     for name, module in model.named_modules():
-        # the types convert wraps (exact: a subclass may compute otherwise), and the sites
-        handled = type(module) in COMPENSATED or isinstance(module, ObservedActivation)
-        owner = None if handled else (name or "<root>")
+        if any(name.startswith(f"{h}.") for h in handled):
+            continue  # inside one: a site's observer's amax and clamps (its tensor path) are the site's own work
+        is_handled = type(module) in COMPENSATED or isinstance(module, ObservedActivation)
+        if is_handled:
+            handled.append(name)
+        owner = None if is_handled else (name or "<root>")
         hooks.append(module.register_forward_pre_hook(enter(owner)))
         hooks.append(module.register_forward_hook(leave))
     try:
