@@ -46,7 +46,6 @@ def assert_same_steps(snn, x, steps=None):
     assert sum(c.sum() for c in spikes_ref.values()) > 0 and scale > 0
     if steps > 1:
         assert not torch.allclose(ref[0], ref[-1])
-    return ref
 
 
 def assert_samples_apart(snn, x):
@@ -223,7 +222,7 @@ def test_evaluate_ranks_and_counts_what_the_step_by_step_simulation_gives(name):
     runs = [run_steps(snn, images(shape, batch=5, seed=seed)[0], T) for seed in (10, 11)]
     mean_logits = [out.cumsum(0) / torch.arange(1, T + 1, dtype=out.dtype).view(T, 1, 1) for out, _, _ in runs]
     batches = [(images(shape, batch=5, seed=seed)[0], mean[0].argmax(-1)) for seed, mean in zip((10, 11), mean_logits)]
-    result = hmtconv.evaluate(snn, batches, max_batch=2, diagnostics=False)
+    result = hmtconv.evaluate(snn, batches, max_batch=2)  # (with the ANN-mode pass of the diagnostics between chunks)
     correct = sum((mean.argmax(-1) == y).sum(1) for mean, (_, y) in zip(mean_logits, batches))
     assert result.snn_accuracy == (100 * correct / 10).tolist() and result.snn_accuracy[-1] < 100
     spikes = sum(c.sum(0) for _, counts, _ in runs for c in counts.values())
