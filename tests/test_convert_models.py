@@ -166,13 +166,12 @@ class TwoSites(Untraceable):
     (lambda m, h, g, x: h * g, "mul of two spike trains"),
     (lambda m, h, g, x: (h[:, :, None] @ g[:, None, :]).sum(2), "matmul of two spike trains"),
     (lambda m, h, g, x: h / (g + 1), "div by a spike train"),
-    (lambda m, h, g, x: h - h.mean(0), "mean over the batch dim, which holds the time steps"),
-    (lambda m, h, g, x: h - g.sum(0, keepdim=True), "sum over the batch dim, which holds the time steps"),
     (lambda m, h, g, x: h @ m.w + g * x.repeat(1, 2)[:, :8] / 2, None),  # linear in the spikes
 ])
-def test_the_fallback_reports_products_of_spike_trains_and_reductions_over_the_batch(combine, found):
+def test_the_fallback_reports_products_of_spike_trains(combine, found):
     """Module swapping runs these on each step's spikes alike: the mean of a product of spike
-    trains is not the product of their means, and a reduction over the batch dim mixes the steps."""
+    trains is not the product of their means. (A reduction over the batch dim, which mixes the
+    steps, is an error: test_swapped_batch.py.)"""
     torch.manual_seed(0)
     model, data = TwoSites(combine).eval(), loader((6,), classes=3)
     snn = hc.convert(model, data, n=4, T=4, policy="max")
@@ -187,6 +186,19 @@ def test_the_fallback_compares_a_site_called_twice_call_by_call():
     assert not snn.report.traced and list(snn.sites()) == ["act"]
     result = hc.evaluate(snn, data, ann=model)  # the diagnostics pair each call with its own ANN output
     assert 0 <= result.per_layer[0].mean_abs_error < 0.05
+
+
+@pytest.mark.parametrize("dtype,kernels", [(torch.float64, "1"), (torch.float32, "0")])
+def test_the_fallback_does_not_report_what_a_sites_own_observer_computes(dtype, kernels, monkeypatch):
+    """The observers' tensor path (float64, CUDA, no C compiler) takes amax and clamps of the
+    site's input: the site's own work, not a float op on spikes (they were reported as
+    ('act.observer', 'amax'), ...)."""
+    monkeypatch.setenv("HMTCONV_CPU_KERNEL", kernels)
+    torch.manual_seed(0)
+    model = Untraceable(shared=True).eval().to(dtype)
+    data = [(x.to(dtype), y) for x, y in loader((6,), classes=3)]
+    snn = hc.convert(model, data, n=4, T=4, policy="max")
+    assert not snn.report.traced and snn.report.unconverted == []
 
 
 def test_the_fallback_keeps_layer_attributes_and_drops_sites_never_reached():

@@ -34,6 +34,7 @@ from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
 from .snn import SNN, ConversionConfig, ConversionReport
+from .swapped_batch import check_module_swapped
 from .windows import STRUCTURAL as WINDOW_REARRANGEMENTS
 
 # Ops that act the same on each row of the time-folded batch and are linear (or structural).
@@ -225,6 +226,7 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
         for name, module in list(net.named_modules()):
             if type(module) in COMPENSATED:
                 net.set_submodule(name, Compensated(module))
+        check_module_swapped(net, report.input_shape)
         return SNN(net, config, report, output_temporal=True, macs=None)
     report.folded_batchnorm = fold_batchnorm(net)
     device, dtype = placement(net)

@@ -8,11 +8,10 @@ the SNN would get wrong, since every op there runs on each step's ``[T*B, ...]``
 - nonlinear functions (ReLUs, clamps, max pooling...: what the traced path makes a neuron or a
   compensated module of), which run in float on each step's spikes;
 - products and quotients of two such tensors (``a * b``, ``a @ b`` of two neurons' outputs): the
-  mean of a product of spike trains is not the product of their means;
-- reductions over the batch dim (``h.mean(0)``), which holds the time steps in the SNN: found by
-  running the batch twice over (``2B`` samples, observers off) and comparing shapes call by call,
-  as the traced path does; a call whose input's shape changes with the batch and whose output's
-  does not reduced over it.
+  mean of a product of spike trains is not the product of their means.
+
+(What would mix the steps folded into the batch dim, a reduction over it, is an error instead:
+swapped_batch.py.)
 """
 from __future__ import annotations
 
@@ -63,18 +62,15 @@ WATCHED = _watched()
 
 class _Recorder(TorchFunctionMode):
     """Follows the tensors computed from the sites' outputs (``spiky``) through every call, and
-    records the calls that take them outside handled modules: ``(owner, op, input shapes that
-    come from spikes, output shape)``; adds the nonlinear ones to ``found``."""
+    adds to ``found`` the calls outside handled modules that the SNN gets wrong on them."""
 
     def __init__(self, stack: list[str | None], spiky: WeakIdKeyDictionary, found: set[tuple[str, str]]):
         super().__init__()
         self.stack, self.spiky, self.found = stack, spiky, found
-        self.calls: list[tuple[str, str, list[tuple[int, ...]], tuple[int, ...] | None]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor) and a in self.spiky]
-        if not inputs:
+        if not any(isinstance(a, torch.Tensor) and a in self.spiky for a in tree_leaves((args, kwargs))):
             return out
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
@@ -82,22 +78,23 @@ class _Recorder(TorchFunctionMode):
         owner = self.stack[-1] if self.stack else None
         if owner is None:
             return out
-        name = WATCHED.get(func) or PRODUCTS.get(func) or QUOTIENTS.get(func) or getattr(func, "__name__", str(func))
+        name = WATCHED.get(func) or PRODUCTS.get(func) or QUOTIENTS.get(func)
         if func in PRODUCTS and sum(isinstance(a, torch.Tensor) and a in self.spiky for a in tree_leaves(args)) > 1:
             self.found.add((owner, f"{name} of two spike trains"))
         elif func in QUOTIENTS and len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1] in self.spiky:
             self.found.add((owner, f"{name} by a spike train"))
         elif func in WATCHED and not (isinstance(out, torch.Tensor) and out.dim() == 0):
             self.found.add((owner, name))  # (a 0-d result is a number for Python, ``if h.max() > 0``)
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) and out.dim() > 0 else None
-        self.calls.append((owner, name, [tuple(a.shape) for a in inputs], shape))
         return out
 
 
-def _run(model: nn.Module, x: torch.Tensor, found: set[tuple[str, str]]) -> tuple[list, object]:
-    """``model(x)`` recorded (see :class:`_Recorder`): (its calls, its output)."""
+@torch.no_grad()
+def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], object]:
+    """(qualified module name, op) of the calls that the SNN would get wrong on spikes (see the
+    module docstring), and the model's output on ``x`` (this run feeds the observers)."""
     stack: list[str | None] = []
     spiky = WeakIdKeyDictionary()
+    found: set[tuple[str, str]] = set()
     hooks = []
 
     def enter(owner):
@@ -111,41 +108,21 @@ def _run(model: nn.Module, x: torch.Tensor, found: set[tuple[str, str]]) -> tupl
         spiky[output] = True
         return output
 
+    handled: list[str] = []  # the types convert wraps (exact: a subclass may compute otherwise), and the sites
     for name, module in model.named_modules():
-        # the types convert wraps (exact: a subclass may compute otherwise), and the sites
-        handled = type(module) in COMPENSATED or isinstance(module, ObservedActivation)
-        hooks.append(module.register_forward_pre_hook(enter(None if handled else (name or "<root>"))))
+        if any(name.startswith(f"{h}.") for h in handled):
+            continue  # inside one: a site's observer's amax and clamps (its tensor path) are the site's own work
+        is_handled = type(module) in COMPENSATED or isinstance(module, ObservedActivation)
+        if is_handled:
+            handled.append(name)
+        hooks.append(module.register_forward_pre_hook(enter(None if is_handled else (name or "<root>"))))
         hooks.append(module.register_forward_hook(leave))
         if isinstance(module, ObservedActivation):
             hooks.append(module.register_forward_hook(spikes))
-    recorder = _Recorder(stack, spiky, found)
     try:
-        with recorder:
+        with _Recorder(stack, spiky, found):
             out = model(x)
     finally:
         for h in hooks:
             h.remove()
-    return recorder.calls, out
-
-
-@torch.no_grad()
-def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], object]:
-    """(qualified module name, op) of the calls that the SNN would get wrong on spikes (see the
-    module docstring), and the model's output on ``x`` (this run feeds the observers)."""
-    found: set[tuple[str, str]] = set()
-    calls, out = _run(model, x, found)
-    sites = [m for m in model.modules() if isinstance(m, ObservedActivation)]
-    observers = [site.observer for site in sites]
-    for site in sites:  # the batch twice over, unobserved: its statistics are this batch's
-        site.observer = nn.Identity()
-    try:
-        doubled, _ = _run(model, torch.cat([x, x]), set())
-    finally:
-        for site, observer in zip(sites, observers):
-            site.observer = observer
-    for (owner, name, inputs, shape), (owner2, name2, inputs2, shape2) in zip(calls, doubled):
-        if (owner, name) != (owner2, name2):
-            break  # (the forward took another path at the other batch size)
-        if inputs != inputs2 and shape is not None and shape == shape2:
-            found.add((owner, f"{name} over the batch dim, which holds the time steps"))
     return sorted(found), out
