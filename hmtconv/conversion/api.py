@@ -176,7 +176,10 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
                          f"(and identity={identity!r} adds no y = x site); use identity='all' for networks without "
                          f"ReLU such as ViT")
     info = PrepareInfo(identity, traced, trace_error, sized_to=tuple(example.shape[1:]) if sized else None)
-    prepared.add_module(INPUT_SHAPE, ShapeObserver().to(placement(prepared)[0]))
+    device = placement(prepared)[0]
+    for site in observed_sites(prepared).values():  # made on the CPU: they would copy every activation there
+        site.to(device)
+    prepared.add_module(INPUT_SHAPE, ShapeObserver().to(device))
     if traced:
         prepared.meta[_KEY] = info
     else:

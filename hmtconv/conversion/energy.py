@@ -76,18 +76,18 @@ _POOL_FUNCTIONS = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg
                    F.adaptive_avg_pool3d: nn.AdaptiveAvgPool3d}
 
 
-def _window_sizes(size_in: int, size_out: int) -> torch.Tensor:
+def _window_sizes(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
     """Window lengths of adaptive pooling along one dim: output i averages inputs
     floor(i * size_in / size_out) .. ceil((i + 1) * size_in / size_out) - 1."""
-    i = torch.arange(size_out)
+    i = torch.arange(size_out, device=device)
     return (((i + 1) * size_in + size_out - 1) // size_out - i * size_in // size_out).double()
 
 
 def _adaptive_sum(out: torch.Tensor, x: torch.Tensor, dims: int) -> torch.Tensor:
     """Adaptive average pooling ``out`` of ``x`` over its last ``dims`` dims, times each window's size."""
-    area = torch.ones((), dtype=torch.float64)
+    area = torch.ones((), dtype=torch.float64, device=out.device)  # (unsqueezed, no longer a scalar)
     for d in range(-dims, 0):
-        sizes = _window_sizes(x.shape[d], out.shape[d]).to(out.device)
+        sizes = _window_sizes(x.shape[d], out.shape[d], out.device)
         area = area.unsqueeze(-1) * sizes
     return out * area
 

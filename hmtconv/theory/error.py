@@ -36,8 +36,11 @@ def levels_for(n, levels=None) -> torch.Tensor:
 
 
 def broadcast64(*values) -> list[torch.Tensor]:
-    """Float64 tensors broadcast to one shape."""
-    return list(torch.broadcast_tensors(*[torch.as_tensor(v, dtype=torch.float64) for v in values]))
+    """Float64 tensors broadcast to one shape, on the device of the first tensor among ``values``
+    (a number made a CPU tensor and expanded to a CUDA tensor's shape is no scalar: ops mixing
+    them fail)."""
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+    return list(torch.broadcast_tensors(*[torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]))
 
 
 def _check(lam=None, sigma=None, T=None):
