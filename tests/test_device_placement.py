@@ -1,10 +1,12 @@
 """Tensors made where their inputs live. No GPU runs the tests: the meta device stands in for
 CUDA (a tensor made on the CPU mid-computation meets a meta tensor as it would a CUDA one)."""
+import pytest
 import torch
 from torch import nn
 
 import hmtconv as hc
 from hmtconv.conversion import energy
+from hmtconv.conversion.observers import ActivationObserver, HistogramConfig, check_finite
 from hmtconv.theory.error import broadcast64
 
 META = torch.device("meta")
@@ -25,3 +27,35 @@ def test_theory_broadcasts_numbers_to_the_tensors_device():
     mu = torch.zeros(5, device=META)
     assert all(t.device == META for t in broadcast64(mu, 1.0, 4, torch.tensor(3.0)))
     assert all(t.device.type == "cpu" for t in broadcast64(1.0, 4))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_observers_gather_off_the_cpu_without_reading_the_device(per_channel):
+    """The tensor path (every device but the CPU) reads nothing back per call: on meta any read
+    fails. Whether the batch was finite is left for calibrate to read once per batch."""
+    obs = ActivationObserver(signed=False, hist=HistogramConfig(per_channel=per_channel)).to(META)
+    for shape in ((4, 3, 5, 5), (4, 3, 5, 5)):
+        obs(torch.empty(shape, device=META))
+    assert obs.shape == (3, 5, 5) and obs.unchecked.device == META
+    assert {b.device for b in obs.buffers()} == {META}
+
+
+def test_deferred_non_finite_batches_name_the_first_site_and_are_read_once():
+    observers = [ActivationObserver(signed=True) for _ in range(3)]
+    for obs, finite, label in zip(observers, (True, False, False), "abc"):
+        obs.unchecked, obs.label = torch.tensor(finite), label
+    with pytest.raises(ValueError, match="entering b during calibration"):
+        check_finite(observers)
+    assert all(obs.unchecked is None for obs in observers)
+    check_finite(observers)  # nothing left to check
+
+
+def test_a_non_finite_batch_adds_nothing_on_the_tensor_path():
+    obs = ActivationObserver(signed=False)
+    obs(torch.randn(8, 3))
+    before = {k: v.clone() for k, v in obs.state_dict().items()}
+    x = torch.randn(8, 3)
+    x[1, 2] = float("nan")
+    finite = obs._merge_batch(x, (0,), 8.0)
+    obs._add_histograms(obs._output(x), 1, finite)
+    assert not finite and all(torch.equal(v, obs.state_dict()[k]) for k, v in before.items())

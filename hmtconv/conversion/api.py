@@ -25,7 +25,7 @@ from .build import build_snn
 from .fallback import drop_unreached_sites, prepare_modules
 from .graph import NotTraceable, prepare_graph
 from .huggingface import is_hugging_face, return_logits
-from .observers import ActivationObserver, HistogramConfig, ShapeObserver
+from .observers import ActivationObserver, HistogramConfig, ShapeObserver, check_finite
 from .pooling import slice_max_pools
 from .sites import ObservedActivation
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
@@ -249,6 +249,7 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
             raise ValueError(f"the model cannot run calibration batch {i} of shape {list(x.shape)}: "
                              f"{one_line(error)}{hint}") from error
         getattr(prepared, INPUT_SHAPE)(x)
+        check_finite([site.observer for site in sites.values()])
         seen += 1
     if distributed.active():
         seen = _merge_ranks(prepared, sites, earlier, info, seen)

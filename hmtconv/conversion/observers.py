@@ -30,6 +30,18 @@ def lam_shape(shape: torch.Size, channels_first: bool = False) -> tuple[int, ...
     return (shape[dim],) + (1,) * (len(shape) - 1 - dim)
 
 
+def check_finite(observers: list["ActivationObserver"]) -> None:
+    """Raise the error about non-finite activations that ``forward`` defers off the CPU, naming the
+    first of ``observers`` (in run order) that saw them; one read of the device for all of them."""
+    pending = [obs for obs in observers if obs.unchecked is not None]
+    flags = [obs.unchecked for obs in pending]
+    for obs in pending:
+        obs.unchecked = None
+    if flags and not torch.stack(flags).all():
+        for obs, finite in zip(pending, flags):
+            obs._raise_unless(finite)
+
+
 class ShapeObserver(nn.Module):
     """The per-sample shape of what it is called on, in a buffer (empty before the first call), so
     that a prepared model's ``state_dict`` carries it; the images' shape as such, and the base of
@@ -41,21 +53,25 @@ class ShapeObserver(nn.Module):
     def __init__(self):
         super().__init__()
         self.register_buffer("sample_shape", torch.zeros(0, dtype=torch.int64))
+        # the buffer's value, read at every call: reading the buffer itself on a GPU waits for it
+        self._shape: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, ...] | None:
         """The per-sample shape seen (None before any)."""
-        return tuple(self.sample_shape.tolist()) if self.sample_shape.numel() else None
+        return self._shape
 
     def forward(self, x: torch.Tensor) -> None:
-        if self.shape is None:
-            self.sample_shape = torch.tensor(x.shape[1:], dtype=torch.int64, device=self.sample_shape.device)
+        if self._shape is None:
+            self._shape = tuple(x.shape[1:])
+            self.sample_shape = torch.tensor(self._shape, dtype=torch.int64, device=self.sample_shape.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in self.LAZY:
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._shape = tuple(self.sample_shape.tolist()) if self.sample_shape.numel() else None
 
 
 class ActivationObserver(ShapeObserver, KeepsDtype):
@@ -87,6 +103,9 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
         self.register_buffer("hist_channel", torch.zeros(0, hist.bins, dtype=torch.int64))
         self.max.fill_(-torch.inf)
         self.label = "a site"  # its qualified name, for errors (calibrate sets it)
+        # off the CPU, whether the batches since the last check_finite were finite (a 0-d bool
+        # tensor): reading it at every call would stall the device once per site and batch
+        self.unchecked: torch.Tensor | None = None
 
     # -- gathering ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -115,52 +134,56 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
         if merged is None:  # the tensor path
             others = tuple(d for d in range(x.dim()) if d != dim)
             merged = self._merge_batch(x, others, float(x.numel() // x.shape[dim]))
-            if merged:
-                self._add_histograms(self._output(x), dim)
-        if not merged:  # any NaN or inf would poison the statistics (and thresholds) for good
+            self._add_histograms(self._output(x), dim, merged)
+        if isinstance(merged, bool) or merged.is_cpu:  # (a read that costs nothing)
+            self._raise_unless(merged)
+        else:
+            self.unchecked = merged if self.unchecked is None else self.unchecked & merged
+
+    def _raise_unless(self, finite) -> None:
+        if not finite:  # any NaN or inf would poison the statistics (and thresholds) for good
             raise ValueError(f"NaN or inf in the activations entering {self.label} during calibration (finite "
                              f"input images): a layer before it overflows or has non-finite weights")
 
-    def _merge_batch(self, x: torch.Tensor, others: tuple[int, ...], rows: float) -> bool:
+    def _merge_batch(self, x: torch.Tensor, others: tuple[int, ...], rows: float) -> torch.Tensor:
         """Moments in float64 (one fused pass, in the activation's own layout); the layer's follow
-        from the channels' by Chan's merge (every channel has the same count). False, merging
-        nothing, when ``x`` holds NaN or inf."""
+        from the channels' by Chan's merge (every channel has the same count). Returns whether
+        ``x`` was finite (a 0-d bool tensor, not read here); merges nothing where it was not."""
         ch_var, ch_mean = torch.var_mean(x.to(torch.float64), dim=others, correction=0)
-        if not torch.isfinite(ch_var).all():  # any NaN or inf makes its channel's variance NaN
-            return False
+        finite = torch.isfinite(ch_var).all()  # any NaN or inf makes its channel's variance NaN
         ch_m2 = ch_var * rows
         ch_max = self._output(x).amax(others).to(torch.float64)  # max needs no float64
         layer_mean = ch_mean.mean()
         layer_m2 = ch_m2.sum() + rows * ((ch_mean - layer_mean) ** 2).sum()
-        n = torch.tensor(rows, dtype=torch.float64, device=x.device)
-        self._merge_moments("", n * ch_mean.numel(), layer_mean, layer_m2, ch_max.max())
-        self._merge_moments("ch_", n.expand_as(ch_mean), ch_mean, ch_m2, ch_max)
-        return True
+        self._merge_moments("", rows * ch_mean.numel(), layer_mean, layer_m2, ch_max.max(), finite)
+        self._merge_moments("ch_", torch.full_like(ch_mean, rows), ch_mean, ch_m2, ch_max, finite)
+        return finite
 
-    def _merge_moments(self, prefix: str, n_b, mean_b, m2_b, max_b) -> None:
-        """Chan et al.'s pairwise update of (count, mean, M2); exact in any merge order."""
-        n_a, mean_a, m2_a = (getattr(self, prefix + k) for k in ("count", "mean", "m2"))
+    def _merge_moments(self, prefix: str, n_b, mean_b, m2_b, max_b, finite: torch.Tensor | None = None) -> None:
+        """Chan et al.'s pairwise update of (count, mean, M2); exact in any merge order. Where
+        ``finite`` is false everything keeps its value."""
+        n_a, mean_a, m2_a, max_a = (getattr(self, prefix + k) for k in ("count", "mean", "m2", "max"))
         n = n_a + n_b
         delta = mean_b - mean_a
-        setattr(self, prefix + "mean", mean_a + delta * (n_b / n))
-        setattr(self, prefix + "m2", m2_a + m2_b + delta**2 * (n_a * n_b / n))
-        setattr(self, prefix + "count", n)
-        setattr(self, prefix + "max", torch.maximum(getattr(self, prefix + "max"), max_b))
+        new = {"mean": mean_a + delta * (n_b / n), "m2": m2_a + m2_b + delta**2 * (n_a * n_b / n), "count": n,
+               "max": torch.maximum(max_a, max_b)}
+        for k, value in new.items():
+            setattr(self, prefix + k, value if finite is None else torch.where(finite, value, getattr(self, prefix + k)))
 
     def _output(self, xc: torch.Tensor) -> torch.Tensor:
         return xc.abs() if self.signed else xc.clamp_min(0)
 
-    def _add_histograms(self, out: torch.Tensor, dim: int) -> None:
+    def _add_histograms(self, out: torch.Tensor, dim: int, finite: torch.Tensor) -> None:
         """Count the output activation ``out`` into the per-channel histograms, or the layer's
-        where those are not kept."""
+        where those are not kept; nothing where ``finite`` is false. (``index_add_``, not
+        ``bincount``: on CUDA that reads the indices' min and max back, twice waiting for the device.)"""
         idx = self.hist.bin_index(out)
-        if not self.hist.per_channel:
-            self.hist_layer += torch.bincount(idx.flatten(), minlength=self.hist.bins)
-            return
-        channels = out.shape[dim]
-        offset = torch.arange(channels, device=idx.device) * self.hist.bins
-        idx += offset.view([channels if d == dim else 1 for d in range(idx.dim())])
-        self.hist_channel += torch.bincount(idx.flatten(), minlength=channels * self.hist.bins).view(channels, -1)
+        if self.hist.per_channel:
+            channels = out.shape[dim]
+            offset = torch.arange(channels, device=idx.device) * self.hist.bins
+            idx += offset.view([channels if d == dim else 1 for d in range(idx.dim())])
+        counts = self.hist_channel.view(-1) if self.hist.per_channel else self.hist_layer
+        counts.index_add_(0, idx.flatten(), finite.to(counts.dtype).expand(idx.numel()))
 
     @torch.no_grad()
     def merge(self, other: "ActivationObserver") -> "ActivationObserver":
