@@ -59,3 +59,28 @@ def test_a_non_finite_batch_adds_nothing_on_the_tensor_path():
     finite = obs._merge_batch(x, (0,), 8.0)
     obs._add_histograms(obs._output(x), 1, finite)
     assert not finite and all(torch.equal(v, obs.state_dict()[k]) for k, v in before.items())
+
+
+def tiny(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "vit":
+        from torchvision.models import VisionTransformer
+        return VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                                 num_classes=3).eval()
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(64, 3)).eval()
+
+
+@pytest.mark.parametrize("kind, identity, communicate, granularity", [
+    ("cnn", "none", True, "layer"), ("cnn", "maxpool", False, "channel"), ("vit", "all", True, "channel"),
+    ("vit", "all", False, "layer")])
+def test_the_simulation_stays_on_the_models_device_and_never_waits_for_it(kind, identity, communicate, granularity):
+    """No GPU here, so the SNN runs on the meta device (shapes, no data; the neurons' tensor path):
+    a tensor made on the CPU mid-forward fails there as it would on CUDA, and so does any step that
+    reads a value back to the host (``.item()``, ``nonzero``, ``if tensor``), which on a GPU would
+    stall every step of every neuron. The checked quotient of charge_ (CPU only) had one per step."""
+    calib = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(tiny(kind), calib, n=4, T=3, identity=identity, communicate=communicate,
+                     granularity=granularity).to("meta")
+    y = snn(torch.randn(2, 3, 8, 8, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 2, 3)
