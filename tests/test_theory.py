@@ -217,7 +217,7 @@ def test_optimal_lam_converges_where_log_k_is_flat_above_the_root(mu, n, T, sign
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_optimal_lam_of_an_input_does_not_depend_on_the_others_in_the_call(signed):
-    """compute_lams solves all sites of a model in one call. The grid of _grid_bracket took the
+    """compute_lams solves all sites of a model in one call. The coarse grid (valleys.py) took the
     coarsest step any input in the call needed, so a narrow input's lam changed (to another local
     minimum: 12.2193 alone, 12.6402 beside mu = 319.1, n = 9, T = 2)."""
     mu = torch.tensor([183.28257214096953, 319.10502536596795], dtype=torch.float64)
@@ -243,14 +243,14 @@ def test_k_factor_for_levels_far_wider_than_sigma(ratio, c):
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_narrow_inputs_are_gridded_in_chunks_with_the_same_result(signed, monkeypatch):
-    """_grid_bracket evaluates at most GRID_BUDGET grid points at once (a model's narrow channels
+    """valleys.py evaluates at most GRID_BUDGET grid points at once (a model's narrow channels
     in one call took ~0.45 MB each: 1.6 GB for 2,048 channels at n = 5, mu = 10 sigma); each
     input has its own grid, so one point per chunk must give the lams of one chunk for all."""
-    import hmtconv.theory.solve as solve
+    import hmtconv.theory.valleys as valleys
 
     g = torch.Generator().manual_seed(3)
     mu = torch.rand(12, generator=g, dtype=torch.float64) * 60 - (0 if signed else 10)
     n, T = torch.randint(2, 7, (12,), generator=g), torch.tensor([1, 2, 4])[torch.randint(0, 3, (12,), generator=g)]
     whole = optimal_lam(mu, 1.0, n, T, signed)
-    monkeypatch.setattr(solve, "GRID_BUDGET", 1)
+    monkeypatch.setattr(valleys, "GRID_BUDGET", 1)
     assert torch.allclose(optimal_lam(mu, 1.0, n, T, signed), whole, rtol=1e-12, atol=0)

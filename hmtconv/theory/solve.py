@@ -5,6 +5,7 @@ import torch
 
 from .error import _check, broadcast64, levels_for, moments, quantization_error
 from .fine_grid import fine_log_k, is_fine
+from .valleys import coarse_brackets, valley_brackets
 
 _GTOL = 1e-14
 DEAD_UNIT_LAM = 1.0
@@ -47,9 +48,9 @@ def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12,
     """The lam (lambda_min) minimizing the expected error of eqs. 9/23: a root of k = 1 (the
     unique one of Lemma 4.7 for wide inputs; the global minimum's among several for narrow ones).
 
-    Bracketed in log lam (for narrow inputs, around the least error of a grid: ``_grid_bracket``),
-    then refined by the Anderson-Bjorck variant of regula falsi on log k, which converges
-    superlinearly and never leaves the bracket. Returns float64 with the broadcast shape.
+    Bracketed in log lam (for narrow inputs, around the least errors of grids: valleys.py; each
+    candidate valley solved, the least error kept), then refined by the Anderson-Bjorck variant of
+    regula falsi on log k, which converges superlinearly and never leaves the bracket. Returns float64 with the broadcast shape.
     ``sigma = 0`` is solved exactly (see ``_point_mass_lam``).
     """
     mu, sigma, T = broadcast64(mu, sigma, T)
@@ -70,56 +71,43 @@ def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12,
 
 
 STALL = 3  # regula falsi steps without halving the bracket before a bisection
-COARSE = 0.25  # levels this many sigma apart at the first guess: k = 1 may have several roots
-POINTS = 4096  # the most points of the grid that finds the global minimum's valley
-GRID_BUDGET = 1 << 17  # grid points evaluated at once (memory ~ GRID_BUDGET x 100 terms x 8 bytes per temporary)
-
-
-def _grid_bracket(guess, mu, sigma, T, b, signed):
-    """``guess -+ 0.7``, or where the levels at ``guess`` are coarse against the input's spread
-    (more than COARSE sigma apart) the neighbours of the least error on a log lam grid: the error
-    of an input narrow against the levels has a local minimum wherever its mean or its tail meets
-    a level, valleys about sigma / |mu| wide in log lam, and k = 1 a root in each (Lemma 4.7's
-    single root holds for inputs wide against the levels). The grid spans every lam that puts
-    the mean on a level, and beyond, in steps of a third of that width."""
-    lo, hi = guess - 0.7, guess + 0.7
-    narrow = torch.nonzero(torch.exp(guess) / T > COARSE * sigma).flatten()
-    if narrow.numel() == 0:
-        return lo, hi
-    m, s, t, levels = mu[narrow].abs(), sigma[narrow], T[narrow], b[narrow]
-    start = guess[narrow] - 1.0  # the top level 3 sigma beyond the mean, and below
-    stop = guess[narrow] + torch.log(levels) + 1.0  # the first level there, and beyond
-    # each input's own span bounds its step (not the widest span in the batch: a site's lam must
-    # not depend on the other sites solved in the same call)
-    step = torch.minimum(s / (3 * m.clamp(min=s)), torch.full_like(m, 0.125)).maximum((stop - start) / (POINTS - 1))
-    counts = ((stop - start) / step).ceil() + 1
-    # in chunks of about GRID_BUDGET grid points: each point's error sums up to ~100 terms, and a
-    # model's narrow channels solved in one call took gigabytes (2,048 channels, n = 5, mu = 10 sigma:
-    # 1.6 GB); every input has its own grid, so the chunks do not change any result
-    per_chunk = max(1, GRID_BUDGET // int(counts.max().item()))
-    for part in torch.arange(narrow.numel(), device=mu.device).split(per_chunk):
-        count = int(counts[part].max().item())
-        u = start[part, None] + step[part, None] * torch.arange(count, dtype=torch.float64, device=mu.device)
-        error = quantization_error(torch.exp(u), mu[narrow[part], None], s[part, None], None, t[part, None], signed,
-                                   levels=(levels[part] / t[part])[:, None])
-        error = torch.where(u <= stop[part, None], error, torch.inf)
-        best = error.argmin(1)
-        inside = (best > 0) & (best < count - 1)
-        where = narrow[part[inside]]
-        lo[where] = u[inside].gather(1, (best[inside] - 1)[:, None]).squeeze(1)
-        hi[where] = u[inside].gather(1, (best[inside] + 1)[:, None]).squeeze(1)
-    return lo, hi
 
 
 def _solve(mu, sigma, T, b, signed, rtol, max_iter):
-    def log_k(u, idx):
-        return _log_k(u, mu[idx], sigma[idx], T[idx], b[idx], signed)
-
-    every = torch.arange(mu.numel(), device=mu.device)
-    # around the lam whose top level sits 3 sigma beyond the mean, the global minimum's bracket;
-    # widened by 4x until k = 1 is bracketed
+    # around the lam whose top level sits 3 sigma beyond the mean, the global minimum's bracket
     guess = torch.log((mu.abs() + 3 * sigma) * T / b)
-    lo, hi = _grid_bracket(guess, mu, sigma, T, b, signed)
+    lo, hi, scan = coarse_brackets(guess, mu, sigma, T, b, signed)
+    owner = torch.arange(mu.numel(), device=mu.device)
+    if scan.numel() == 0:
+        return _roots(lo, hi, owner, mu, sigma, T, b, signed, rtol, max_iter)
+    # valleys that may hold the global minimum: each one's root, then the least error
+    extra, v_lo, v_hi = valley_brackets(scan, mu, sigma, T, b, signed)
+    owner = torch.cat((owner, extra))
+    lam = _roots(torch.cat((lo, v_lo)), torch.cat((hi, v_hi)), owner, mu, sigma, T, b, signed, rtol, max_iter)
+    contested = torch.cat((scan, mu.numel() + torch.arange(extra.numel(), device=mu.device)))
+    return lam[_least_error(lam, owner, contested, mu, sigma, T, b, signed)]
+
+
+def _least_error(lam, owner, rows, mu, sigma, T, b, signed):
+    """Per input, the row of least expected error (eqs. 9/23) among ``rows`` of its candidates
+    ``lam`` (``owner`` their inputs), the first on a tie; its own row where it has no other."""
+    who = owner[rows]
+    error = quantization_error(lam[rows], mu[who], sigma[who], None, T[who], signed, levels=(b / T)[who])
+    least = torch.full_like(mu, torch.inf).scatter_reduce(0, who, error, "amin")
+    none = lam.numel()
+    winner = torch.where(error <= least[who], rows, none)  # (a NaN error never wins)
+    first = torch.full_like(owner[:mu.numel()], none).scatter_reduce(0, who, winner, "amin")
+    return torch.where(first < none, first, torch.arange(mu.numel(), device=mu.device))
+
+
+def _roots(lo, hi, owner, mu, sigma, T, b, signed, rtol, max_iter):
+    """The root of k = 1 (eq. 29) from each bracket ``[lo, hi]`` of log lam (``owner`` its input),
+    widened by 4x until k = 1 is bracketed."""
+    def log_k(u, idx):
+        who = owner[idx]
+        return _log_k(u, mu[who], sigma[who], T[who], b[who], signed)
+
+    every = torch.arange(lo.numel(), device=lo.device)
     g_lo, g_hi = log_k(lo, every), log_k(hi, every)
     for _ in range(200):
         need_lo, need_hi = g_lo <= 0, g_hi >= 0
