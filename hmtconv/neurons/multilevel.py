@@ -59,9 +59,7 @@ def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: i
     costs page faults that rival the step itself.
     """
     v.add_(current, alpha=sign)
-    # (on other devices the exact floor division costs no more than a pass, and the check's
-    # data-dependent branch would wait for the device at every step)
-    checked = levels <= CHECKED_LEVELS and v.device.type == "cpu"
+    checked = checks_quotient(levels, v.device)
     if checked:
         torch.div(v, lam, out=level).floor_()
     else:
@@ -70,6 +68,13 @@ def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: i
     if checked:
         _redo_rounded_up(v, lam, levels, out, level, scratch)
     return level
+
+
+def checks_quotient(levels: int, device: torch.device) -> bool:
+    """Whether :func:`charge_` divides and checks (needs ``scratch``) rather than floor-divides:
+    on the CPU up to ``CHECKED_LEVELS`` levels. (On other devices the exact floor division costs no
+    more than a pass, and the check's data-dependent branch would wait for the device at every step.)"""
+    return levels <= CHECKED_LEVELS and device.type == "cpu"
 
 
 def _redo_rounded_up(m: torch.Tensor, lam: torch.Tensor, levels: int, out: torch.Tensor, level: torch.Tensor,
@@ -204,8 +209,7 @@ class MultiLevelNeuron(KeepsDtype):
         steps, shape = x.shape[0], x.shape[1:]
         count = SpikeCounter(self.spike_lut, self.fanout, shape, x.device)
         level = torch.empty(shape, dtype=x.dtype, device=x.device)
-        checked = self.levels <= CHECKED_LEVELS and x.device.type == "cpu"
-        scratch = torch.empty_like(level) if checked else None  # the checked quotient only (charge_)
+        scratch = torch.empty_like(level) if checks_quotient(self.levels, x.device) else None
         v_pos = (lam / 2).expand(shape).clone()  # eq. 13
         if self.signed:
             v_neg = v_pos.clone()
