@@ -175,7 +175,8 @@ def check_batch_first(gm: fx.GraphModule, kinds: dict[fx.Node, str], batch_dims)
                 where = "the model's output" if reader is None else \
                     f"{scope(reader) or '<root>'} (graph node {reader.name!r})"
                 shape = list(source.meta["tensor_meta"].shape)
-                raise ValueError(f"cannot convert {where}: it reads {source.name} (made in {scope(source) or '<root>'}, "
+                made_in = scope(source) or "<root>"
+                raise ValueError(f"cannot convert {where}: it reads {source.name} (made in {made_in}, "
                                  f"shape {shape} at batch 1), an activation whose dim(s) {dims} change with the "
                                  f"batch size, but only dim 0 may: the SNN folds the time steps into dim 0 for its "
                                  f"neurons, compensated ops and output. Keep the batch dim first there and alone "

@@ -168,7 +168,8 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
         new = {"mean": mean_a + delta * (n_b / n), "m2": m2_a + m2_b + delta**2 * (n_a * n_b / n), "count": n,
                "max": torch.maximum(max_a, max_b)}
         for k, value in new.items():
-            setattr(self, prefix + k, value if finite is None else torch.where(finite, value, getattr(self, prefix + k)))
+            kept = getattr(self, prefix + k)
+            setattr(self, prefix + k, value if finite is None else torch.where(finite, value, kept))
 
     def _output(self, xc: torch.Tensor) -> torch.Tensor:
         return xc.abs() if self.signed else xc.clamp_min(0)

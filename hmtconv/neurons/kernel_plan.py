@@ -49,9 +49,10 @@ def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_
          previous: Plan | None = None) -> Plan:
     """``previous`` where it still applies, else a new plan: the memory order of ``x``, ``lam``
     (float32) and the fan-outs flattened in it, the spike table as int32. Declined: ``lam`` or
-    the fan-outs varying along the batch dim or outside ``(2**-100, 2**100)`` (1/lam must be a normal float for the level's
-    one-step correction to suffice, see cpu_kernel.c), fan-outs that are not int32 integers (their
-    weighted sums would then depend on order; spike counts are integers by construction)."""
+    the fan-outs varying along the batch dim, ``lam`` outside ``(2**-100, 2**100)`` (1/lam must be
+    a normal float for the level's one-step correction to suffice, see cpu_kernel.c), fan-outs
+    that are not int32 integers (their weighted sums would then depend on order; spike counts are
+    integers by construction)."""
     key = _key(x, (lam, fanout, spike_lut))
     if previous is not None and _same(previous.key, key):
         return previous

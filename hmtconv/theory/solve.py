@@ -50,7 +50,8 @@ def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12,
 
     Bracketed in log lam (for narrow inputs, around the least errors of grids: valleys.py; each
     candidate valley solved, the least error kept), then refined by the Anderson-Bjorck variant of
-    regula falsi on log k, which converges superlinearly and never leaves the bracket. Returns float64 with the broadcast shape.
+    regula falsi on log k, which converges superlinearly and never leaves the bracket. Returns
+    float64 with the broadcast shape.
     ``sigma = 0`` is solved exactly (see ``_point_mass_lam``).
     """
     mu, sigma, T = broadcast64(mu, sigma, T)
