@@ -53,3 +53,18 @@ def test_a_triton_kernel_that_fails_or_differs_is_turned_off_with_a_warning(on_a
     assert gpu_kernel._off and torch.equal(out, ref)
     assert gpu_kernel.run(x, torch.empty_like(x), neuron.lam, None, neuron.spike_lut, 15, "signed",
                           torch.zeros(3, dtype=torch.float64), None) is None  # off for the process
+
+
+def test_a_checked_variant_that_fails_later_is_turned_off_too(on_any_device, monkeypatch):
+    """A launch of a variant already checked (say, out of memory or a lost device) also falls back."""
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_kernel, "_launch", broken)
+    neuron, x = HMTNeuron(4, 0.3, signed=True), torch.randn(3, 2, 50)
+    gpu_kernel._checked.add((x.device, "signed", neuron.levels, True, True))
+    with pytest.warns(UserWarning, match="illegal memory access"):
+        out = neuron(x)
+    ref = torch.empty_like(x)
+    neuron._forward_tensors(x, ref, neuron.lam.float(), torch.zeros(3, dtype=torch.float64), None)
+    assert gpu_kernel._off and torch.equal(out, ref)
