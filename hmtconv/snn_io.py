@@ -38,7 +38,7 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
         v = v.detach().cpu().contiguous()
         tensors[k] = v.clone() if v.untyped_storage().data_ptr() in stored else v
         stored.add(v.untyped_storage().data_ptr())
-    model, weights = (str(Path(p).resolve()) if p is not None and Path(p).is_file() else p for p in (model, weights))
+    model, weights = absolute(model), absolute(weights)
     meta = {"format": FORMAT, "version": VERSION, "hmtconv": __version__, "config": snn.config.to_dict(),
             "input_shape": list(snn.report.input_shape), "num_classes": num_classes,
             "dtype": str(placement(snn)[1]).removeprefix("torch."),
@@ -46,6 +46,18 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(meta)})
     return path
+
+
+def absolute(reference: str | None) -> str | None:
+    """A model or weights file, or an ``hf:DIRECTORY``, as an absolute path, so that the SNN file
+    loads from any working directory; other references (names, Hub ids) as they are."""
+    if reference is None:
+        return None
+    prefix, directory = ("hf:", reference[3:]) if reference.startswith("hf:") else ("", reference)
+    path = Path(directory).expanduser()
+    found = path.is_dir() if prefix else path.is_file()
+    # (from_pretrained reads a local folder before asking the Hub, so "hf:name" of a folder is that folder)
+    return prefix + str(path.resolve()) if found else reference
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -92,6 +104,17 @@ def read_snn_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     if meta.get("sha256") != digest(tensors):
         raise UserError(f"{path} is corrupted: its tensors do not match the checksum written with them")
     return meta, tensors
+
+
+def check_data_fits(meta: dict, path: str | os.PathLike, dataset: str, shape, num_classes: int) -> None:
+    """A UserError unless the data has the image shape and classes the saved SNN was converted for:
+    an SNN of a random-weight model (a built-in or torchvision name without weights) would else
+    be scored on labels its outputs do not stand for, since the rebuilt model takes the data's classes."""
+    saved = meta["input_shape"], meta["num_classes"]
+    if list(shape) != saved[0] or num_classes != saved[1]:
+        raise UserError(f"{path} was converted for {saved[1]} classes and images of shape {saved[0]}, but dataset "
+                        f"{dataset!r} has {num_classes} classes and images of shape {list(shape)}: evaluate it on "
+                        f"data like its own ({meta.get('extra', {}).get('dataset', 'unknown')}) or convert again")
 
 
 def load_snn(path: str | os.PathLike, *, model: str | None = None, weights: str | None = None,

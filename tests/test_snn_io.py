@@ -215,3 +215,41 @@ def test_snn_of_a_policy_registered_elsewhere_loads_with_its_thresholds(tmp_path
     assert loaded.sites()["5"].neuron.lam == snn.sites()["5"].neuron.lam
     x = images(seed=5)[0][0]
     assert torch.equal(loaded(x), snn(x))
+
+
+def test_evaluate_snn_on_data_with_other_classes_is_refused(tmp_path, monkeypatch, capsys):
+    """The SNN of a random-weight built-in was scored on data with other classes: the rebuilt
+    workload model took the data's classes, and the ANN compared with is the SNN's own ANN mode."""
+    from torch.utils.data import TensorDataset
+    from hmtconv.data import DATASETS, Splits
+
+    def tiny(classes):
+        images = TensorDataset(torch.rand(4, 1, 8, 8), torch.arange(4) % classes)
+        return lambda root, transform: Splits(images, images, classes, (0.5,), (0.5,), "test")
+
+    monkeypatch.setitem(DATASETS, "tiny10", tiny(10))
+    monkeypatch.setitem(DATASETS, "tiny5", tiny(5))
+    torch.manual_seed(0)
+    model = MODELS["vgg_small"](in_channels=1, num_classes=10, image_size=8).eval()
+    snn = hc.convert(model, images(batches=1), T=2)
+    path = save_snn(snn, tmp_path / "s.safetensors", model="vgg_small", num_classes=10, extra={"dataset": "tiny10"})
+    assert main(["evaluate", "--snn", str(path), "--dataset", "tiny5", "--no-progress"]) == 2
+    assert "converted for 10 classes and images of shape [1, 8, 8], but dataset 'tiny5' has 5 classes" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:constant activations")
+def test_hugging_face_directory_given_relative_loads_from_another_directory(tmp_path, monkeypatch):
+    """``hf:./dir`` was saved as given, so `evaluate --snn` run elsewhere found no such directory."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4], depths=[1], num_labels=10)
+    tf.ResNetForImageClassification(config).eval().save_pretrained(tmp_path / "hf")
+    monkeypatch.chdir(tmp_path)
+    model = load_model("hf:./hf", None, in_channels=1, image_size=8, num_classes=10).model
+    snn = hc.convert(model, images(batches=1), T=2)
+    path = save_snn(snn, tmp_path / "s.safetensors", model="hf:./hf", num_classes=10)
+    monkeypatch.chdir(tmp_path.parent)
+    x = images(seed=5)[0][0]
+    assert torch.equal(load_snn(path)[0](x), snn(x))

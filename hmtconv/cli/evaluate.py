@@ -71,7 +71,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         if args.plot is not None:
             plot_format(args.plot)
     if args.snn is not None:
-        from ..snn_io import load_snn
+        from ..snn_io import check_data_fits, load_snn
 
         import_recorded_code(args)
         snn, meta = load_snn(args.snn, model=args.model, weights=args.weights, device=device,
@@ -83,6 +83,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         raise UserError("--model is required (or --snn FILE from `hmtconv convert`)")
     work = load_workload(args.model, data_options(args), weights=args.weights, device=device,
                          allow_pickle=not args.no_pickle)
+    if args.snn is not None:
+        check_data_fits(meta, args.snn, args.dataset, work.info.shape, work.info.num_classes)
     ann = work.model
     if args.snn is not None and builds_random_weights(args.model, args.weights):
         if distributed.is_main():
