@@ -80,7 +80,9 @@ def check_module_swapped(net: nn.Module, input_shape: tuple[int, ...]) -> None:
         for site in sites:
             site.ann_mode = False
     flags: dict[str, set[tuple]] = {}
-    for key in runs[BATCHES[0]][0].keys() & runs[BATCHES[1]][0].keys():
+    # in the order the model ran them (a set of the keys would iterate in an order that changes
+    # with each process's string hashing, and so would the first violation named)
+    for key in [key for key in runs[BATCHES[0]][0] if key in runs[BATCHES[1]][0]]:
         name, call = key
         arg_shapes = zip(*(runs[b][0][key] for b in BATCHES))
         rows = tuple(_rows(dict(zip(BATCHES, pair))) if pair[0] is not None else False for pair in arg_shapes)
