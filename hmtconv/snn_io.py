@@ -5,17 +5,22 @@ the conversion config, the input shape, a reference to the model (what ``--model
 SHA-256 of the tensors. Loading rebuilds the graph from that reference with the same
 deterministic steps as ``convert`` (on a zero calibration batch, whose thresholds are then
 overwritten by the file's), so outputs are bit-identical to the SNN that was saved. Only the
-architecture comes from the reference: its weights are replaced by the file's.
+architecture comes from the reference: its weights are replaced by the file's. A reference that
+now builds other tensors is refused; one that builds the same tensors in other layers or with
+other options (a ReLU6 for a ReLU, another padding mode) is caught by a SHA-256 of the network's
+structure, also saved, and loads with a warning.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
 import torch
+from torch import fx
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -42,7 +47,8 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
     meta = {"format": FORMAT, "version": VERSION, "hmtconv": __version__, "config": snn.config.to_dict(),
             "input_shape": list(snn.report.input_shape), "num_classes": num_classes,
             "dtype": str(placement(snn)[1]).removeprefix("torch."),
-            "model": {"spec": model, "weights": weights}, "sha256": digest(tensors), "extra": extra or {}}
+            "model": {"spec": model, "weights": weights}, "sha256": digest(tensors), "structure": structure(snn),
+            "extra": extra or {}}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(meta)})
     return path
@@ -58,6 +64,16 @@ def absolute(reference: str | None) -> str | None:
     found = path.is_dir() if prefix else path.is_file()
     # (from_pretrained reads a local folder before asking the Hub, so "hf:name" of a folder is that folder)
     return prefix + str(path.resolve()) if found else reference
+
+
+def structure(snn: SNN) -> str:
+    """SHA-256 of the network apart from its tensors: the traced graph's code and the module tree
+    with each module's options (memory addresses blanked). Two models whose tensors match in name
+    and shape can still differ there (a ReLU6 for a ReLU, another padding mode)."""
+    code = snn.net.code if isinstance(snn.net, fx.GraphModule) else ""
+    # the children, not the root, whose class name depends on how it was traced
+    text = code + "".join(f"\n{name}: {child!r}" for name, child in snn.net.named_children())
+    return hashlib.sha256(re.sub(r"0x[0-9a-fA-F]+", "0x", text).encode()).hexdigest()
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -150,4 +166,8 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, weights: str 
                         f"(first mismatching tensor: {mismatched[0]}); pass the model it was converted from"
                         + untraced)
     snn.load_state_dict(tensors, strict=True)
+    if meta.get("structure", structure(snn)) != structure(snn):  # (files written before it: no check)
+        warnings.warn(f"{path}: the model {spec!r} builds a network with the saved tensors but other layers or "
+                      f"options than the one converted (the model's code changed since?); its outputs may "
+                      f"differ from the saved SNN's", stacklevel=2)
     return snn.to(device).eval(), meta

@@ -159,6 +159,20 @@ def test_file_for_another_model_is_refused(saved, tmp_path):
         load_snn(saved[1], model=str(other))
 
 
+def test_a_model_with_the_same_tensors_but_other_layers_loads_with_a_warning(saved, tmp_path, recwarn):
+    """Tensors alike, structure not: a reflect-padded first conv and a ReLU6 (the saved structure
+    digest differs); the unchanged model loads without that warning."""
+    load_snn(saved[1])
+    assert not [w for w in recwarn if "other layers or options" in str(w.message)]
+    changed = small_cnn()
+    changed[0].padding_mode = "reflect"
+    changed[5] = nn.ReLU6()
+    other = tmp_path / "changed.pt"
+    torch.save(changed, other)
+    with pytest.warns(UserWarning, match="other layers or options than the one converted"):
+        load_snn(saved[1], model=str(other))
+
+
 class BranchesOnTheImage(nn.Module):
     """Not traceable by fx: the ReLU taken depends on the image (``r2`` never, for positive images)."""
 
