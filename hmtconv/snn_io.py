@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_path
-from .conversion import SNN, calibrate, convert, prepare
+from .conversion import SNN, ConversionConfig, calibrate, convert, prepare
 from .device import placement
 from .errors import UserError
 from .models import load_model
@@ -119,6 +119,15 @@ def read_snn_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
                         f"{FORMAT} version {VERSION} only: convert the model again with this version")
     if meta.get("sha256") != digest(tensors):
         raise UserError(f"{path} is corrupted: its tensors do not match the checksum written with them")
+    missing = [key for key in ("config", "input_shape", "num_classes", "model") if key not in meta]
+    if not missing:  # (what load_snn reads)
+        config, model = meta["config"], meta["model"]
+        missing = [f"config.{key}" for key in ConversionConfig.__dataclass_fields__
+                   if not isinstance(config, dict) or key not in config]
+        missing += [f"model.{key}" for key in ("spec", "weights") if not isinstance(model, dict) or key not in model]
+    if missing:
+        raise UserError(f"{path}: the SNN description in the file lacks {', '.join(missing)} (edited by hand?); "
+                        f"convert the model again")
     return meta, tensors
 
 

@@ -141,6 +141,16 @@ def test_newer_format_version_is_refused(saved, tmp_path):
         load_snn(path)
 
 
+@pytest.mark.parametrize("drop, named", [("input_shape", "input_shape"), ("identity", "config.identity")])
+def test_a_description_lacking_what_loading_reads_is_a_clear_error(saved, tmp_path, drop, named):
+    with safe_open(str(saved[1]), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()[FORMAT]), {k: f.get_tensor(k) for k in f.keys()}
+    (meta["config"] if drop in meta["config"] else meta).pop(drop)
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata={FORMAT: json.dumps(meta)})
+    with pytest.raises(UserError, match=f"lacks {named} \\(edited by hand"):
+        load_snn(tmp_path / "edited.safetensors")
+
+
 def test_snn_file_given_as_model_names_snn(saved):
     with pytest.raises(UserError, match="is an SNN saved by `hmtconv convert`: pass it as --snn"):
         load_model(str(saved[1]), None, in_channels=1, image_size=8, num_classes=10)
