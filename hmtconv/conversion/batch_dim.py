@@ -83,7 +83,8 @@ def keep_batch_in_squeezes(gm: fx.GraphModule, batch_dims) -> bool:
         if any(d % rank == 0 for d in dims):
             node.args, node.kwargs = (source, tuple(d for d in dims if d % rank != 0)), {}
             changed = True
-    gm.recompile()
+    if changed:
+        gm.recompile()
     return changed
 
 
