@@ -87,13 +87,28 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def is_snn_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a safetensors file written by :func:`save_snn` (torch.load reads it as a dict)."""
+def _description(path: str | os.PathLike) -> str | None:
+    """The JSON description of an SNN file, read without its tensors; None where there is none."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return FORMAT in (handle.metadata() or {})
+            return (handle.metadata() or {}).get(FORMAT)
     except (SafetensorError, OSError):
-        return False
+        return None
+
+
+def is_snn_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file written by :func:`save_snn` (torch.load reads it as a dict)."""
+    return _description(path) is not None
+
+
+def recorded_code(path: str | os.PathLike) -> list[str]:
+    """The ``--code`` files the SNN file was converted with (none where it cannot say: loading the
+    file then tells what is wrong with it), read without its tensors."""
+    try:
+        meta = json.loads(_description(path) or "{}")
+        return list(meta.get("extra", {}).get("code") or [])
+    except (json.JSONDecodeError, AttributeError):
+        return []
 
 
 def read_snn_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -111,9 +111,9 @@ def run_evaluation(args: argparse.Namespace) -> dict:
 def import_recorded_code(args: argparse.Namespace) -> None:
     """The --code files `hmtconv convert` was given (its model is a whole pickled one whose classes
     they define), unless --code or --no-pickle is given here."""
-    from ..snn_io import read_snn_file
+    from ..snn_io import recorded_code
 
-    recorded = read_snn_file(args.snn)[0].get("extra", {}).get("code") or []
+    recorded = recorded_code(args.snn)  # (the description alone: load_snn reads and checks the tensors)
     if not recorded or args.code or args.no_pickle:
         return
     if distributed.is_main():
