@@ -59,16 +59,6 @@ def shard_indices(length: int, rank_: int | None = None, world: int | None = Non
     return range(start, start + base + (1 if rank_ < extra else 0))
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place on a copy); float sums are done in float64 to stay exact for counts."""
-    if not active():
-        return tensor
-    checkpoint()
-    work = tensor.detach().to(torch.float64 if tensor.is_floating_point() else torch.int64).clone()
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    return work.to(tensor.dtype)
-
-
 def all_gather_objects(obj) -> list:
     """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
     if not active():
@@ -139,15 +129,3 @@ def failing_together(describe=_one_line):
             raise
         raise RanksFailed(_agree(describe(error))) from error
     checkpoint()
-
-
-@contextmanager
-def main_process_first():
-    """Let rank 0 do something (download, cache a trained model) before the others read it."""
-    if not is_main():
-        barrier()
-    try:
-        yield
-    finally:
-        if is_main():
-            barrier()

@@ -1,6 +1,6 @@
 import pytest
 
-from hmtconv.distributed import all_gather_objects, all_reduce_sum, is_main, shard_indices, world_size
+from hmtconv.distributed import all_gather_objects, is_main, shard_indices, world_size
 
 
 @pytest.mark.parametrize("length", [0, 1, 7, 10, 1001])
@@ -14,9 +14,5 @@ def test_shards_cover_every_index_exactly_once(length, world):
 
 
 def test_single_process_helpers_are_identities():
-    import torch
-
-    t = torch.tensor([1.5, 2.0])
     assert world_size() == 1 and is_main()
-    assert torch.equal(all_reduce_sum(t), t)
     assert all_gather_objects({"a": 1}) == [{"a": 1}]
