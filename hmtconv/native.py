@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .cache import cache_dir
+
 
 def enabled() -> bool:
     return os.environ.get("HMTCONV_CPU_KERNEL", "1") != "0"
@@ -58,8 +60,7 @@ def build(source: Path, compiler: str, flags: list[str], cpu: bytes) -> Path:
     """Compile ``source`` into the cache, atomically (a concurrent process sees no file or the
     whole one). ``compiler`` is a shell-style command line, as ``$CC`` often is (``ccache gcc``)."""
     key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags, platform.machine()]).encode() + cpu)
-    target = Path(os.environ.get("HMTCONV_CACHE", Path.home() / ".cache" / "hmtconv")) / \
-        f"{source.stem}-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import get_datasets, make_loader
+from .cache import cache_dir as default_cache_dir
 from .device import resolve_device
 from .errors import UserError
 from .models import check_model_args, check_model_fits, create_model, save_checkpoint
@@ -185,10 +185,6 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
     model.cpu().eval()
     path = save_checkpoint(out, model, config.model, kwargs, meta) if out is not None else None
     return TrainResult(model, accuracy, seconds, meta, path)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("HMTCONV_CACHE", Path.home() / ".cache" / "hmtconv"))
 
 
 def trained_model(

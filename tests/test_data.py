@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from hmtconv.data import calibration_subset, get_datasets, make_loader
+from hmtconv.data import mnist
 from hmtconv.data.mnist import load_arrays
 from hmtconv.errors import UserError
 
@@ -30,6 +31,43 @@ def test_mnist_from_the_package_copy():
 
 def test_mnist_is_read_once_per_process(tmp_path):
     assert load_arrays(None)[0].data_ptr() == load_arrays(str(tmp_path))[0].data_ptr()
+
+
+def test_decoded_mnist_is_cached_and_equals_the_pickle(tmp_path, monkeypatch):
+    import gzip
+    import pickle
+
+    monkeypatch.setenv("HMTCONV_CACHE", str(tmp_path))
+    path = mnist.pickle_path()
+    mnist.read_pickle.cache_clear()
+    decoded = mnist.read_pickle(path)
+    with gzip.open(path) as f:  # the independent decoding: numpy's rint of b/256 * 256
+        _, _, (test_images, test_labels) = pickle.load(f, encoding="latin1")
+    assert torch.equal(decoded[2], torch.from_numpy(np.rint(test_images * 256).astype(np.uint8)))
+    assert torch.equal(decoded[3], torch.from_numpy(test_labels))
+    [cached] = tmp_path.glob("mnist-*.pt")
+
+    def no_decoding(path):
+        raise AssertionError("decoded again although the cache holds it")
+
+    mnist.read_pickle.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(mnist, "decode_pickle", no_decoding)
+        again = mnist.read_pickle(path)
+    assert all(torch.equal(a, b) for a, b in zip(decoded, again))
+    for damaged in (b"not a torch file", None):  # garbage, then a torch file of other tensors
+        if damaged is None:
+            torch.save([torch.zeros(3)], cached)
+        else:
+            cached.write_bytes(damaged)
+        mnist.read_pickle.cache_clear()
+        assert all(torch.equal(a, b) for a, b in zip(decoded, mnist.read_pickle(path)))
+        assert all(torch.equal(a, b) for a, b in zip(decoded, torch.load(cached)))  # replaced
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("HMTCONV_CACHE", str(tmp_path / "file" / "cache"))  # cannot be made: no cache, no error
+    mnist.read_pickle.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(decoded, mnist.read_pickle(path)))
+    mnist.read_pickle.cache_clear()
 
 
 def write_idx(path, array: np.ndarray):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
 import pickle
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..atomic import atomic_path
+from ..cache import cache_dir
 from ..errors import UserError
 from .registry import Splits, Transform, register_dataset
 
@@ -65,15 +68,40 @@ def pickle_path() -> Path:
 Arrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train/test images uint8, labels int64
 
 
-@functools.cache  # one read per process: the pickle takes about a second to decompress
+@functools.cache  # one read per process
 def read_pickle(path: Path) -> Arrays:
+    """The pickle's arrays as bytes. Decompressing and converting them take about 2 s, so the
+    result is kept in the cache (``hmtconv.cache``), keyed by the pickle's path, size and time;
+    later processes load it in a few hundredths of a second."""
+    info = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"mnist-{key}.pt"
+    try:
+        arrays = torch.load(cached, weights_only=True)
+        if isinstance(arrays, list) and [(a.dtype, a.shape) for a in arrays if torch.is_tensor(a)] == DECODED:
+            return tuple(arrays)
+    except Exception:  # missing, damaged or not ours: a cache miss, whatever the reason
+        pass
+    arrays = decode_pickle(path)
+    try:
+        with atomic_path(cached) as tmp:
+            torch.save(list(arrays), tmp)
+    except OSError:
+        pass  # a read-only cache: decoded again next time
+    return arrays
+
+
+DECODED = [(torch.uint8, (60000, 784)), (torch.int64, (60000,)), (torch.uint8, (10000, 784)), (torch.int64, (10000,))]
+
+
+def decode_pickle(path: Path) -> Arrays:
     with gzip.open(path) as f:
         train, val, test = pickle.load(f, encoding="latin1")  # a Python 2 pickle
 
-    def to_bytes(images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.rint(images * 256).astype(np.uint8))
+    def to_bytes(images: np.ndarray) -> torch.Tensor:  # k / 256 -> k, exactly (torch: both cores)
+        return torch.from_numpy(images).mul(256).round_().to(torch.uint8)
 
-    train_images = to_bytes(np.concatenate([train[0], val[0]]))
+    train_images = torch.cat([to_bytes(train[0]), to_bytes(val[0])])
     train_labels = torch.from_numpy(np.concatenate([train[1], val[1]]))
     return train_images, train_labels, to_bytes(test[0]), torch.from_numpy(test[1])
 
