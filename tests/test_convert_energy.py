@@ -71,6 +71,10 @@ def test_energy_ratio_from_spike_counts():
     macs_ann = 5 * 7 + 7 * 4 + 4 * 2
     expected = (E_MAC * 5 * 7 + E_AC * acs) / (E_MAC * macs_ann)
     assert torch.allclose(torch.tensor(result.energy_ratio, dtype=torch.float64), expected)
+    assert torch.allclose(torch.tensor(result.synops_cumulative, dtype=torch.float64), acs)  # the counts themselves
+    assert result.macs == {"ann": macs_ann, "static": 5 * 7, "per_step": 0}
+    two = result.truncated(2)
+    assert two.synops_cumulative == result.synops_cumulative[:2] and two.macs == result.macs
 
 
 class Between(nn.Module):
@@ -364,3 +368,6 @@ def test_a_layer_fed_partly_analog_values_counts_macs(part):
     expected = (E_MAC * macs + E_AC * torch.cumsum(spikes * fanout, 0) / 6) / (E_MAC * snn.mac_ann)
     assert snn.mac_ann == 5 * 6 + 6 * 3 + (6 * 6 if part == "step" else 0)
     assert torch.allclose(torch.tensor(result.energy_ratio, dtype=torch.float64), expected)
+    assert result.macs["per_step"] == {"step": 6 * 3, "static": 0}[part]
+    assert torch.allclose(torch.tensor(result.synops_cumulative, dtype=torch.float64),
+                          torch.cumsum(spikes * fanout, 0) / 6)

@@ -145,7 +145,9 @@ def test_untraceable_model_falls_back_and_reports_unconverted(activation, name):
     assert not snn.report.traced and "TraceError" in snn.report.trace_error
     assert snn.report.unconverted == [("<root>", name)]  # float on spikes
     assert snn(data[0][0]).shape == (64, 4, 3)
-    assert hc.evaluate(snn, data).unconverted == [("<root>", name)]
+    result = hc.evaluate(snn, data)
+    assert result.unconverted == [("<root>", name)]
+    assert result.energy_ratio is result.synops_cumulative is result.macs is None  # no graph, no counts
 
 
 class TwoSites(Untraceable):

@@ -86,9 +86,10 @@ def test_first_t_steps_of_a_run_equal_a_run_of_t_steps():
     for t in (1, 3, 6):
         short = hc.evaluate(snn, data, T=t, ann=model, diagnostics=False)
         cut = long.truncated(t)
-        for key in ("snn_accuracy", "agreement", "energy_ratio", "spikes_cumulative"):
+        for key in ("snn_accuracy", "agreement", "energy_ratio", "spikes_cumulative", "synops_cumulative"):
             assert getattr(cut, key) == pytest.approx(getattr(short, key), rel=1e-12), key
         assert cut.spikes_per_sample == pytest.approx(short.spikes_per_sample, rel=1e-12)
+        assert cut.macs == short.macs
     with pytest.raises(ValueError, match="1..6 steps, not 7"):
         long.truncated(7)
 

@@ -140,8 +140,12 @@ def report(record: dict, args: argparse.Namespace, label: str) -> None:
     if not distributed.is_main():
         return
     seconds = record["seconds"]
-    print(f"{record['model']} on {record['dataset']} ({record['images']} images); "
-          f"{record['spikes_per_sample']:.0f} spikes per sample")
+    counts = "" if record.get("macs") is None else (  # (None: a module-swapped model, not counted)
+        f", {record['synops_cumulative'][-1]:.4g} synaptic operations (accumulates) and "
+        f"{record['macs']['static'] + record['T'] * record['macs']['per_step']:.4g} MACs, against the ANN's "
+        f"{record['macs']['ann']:.4g} MACs")
+    print(f"{record['model']} on {record['dataset']} ({record['images']} images); per sample "
+          f"{record['spikes_per_sample']:.0f} spikes{counts}")
     ratio = seconds["simulation"] / max(record["T"] * seconds["ann_forward"], 1e-9)
     extra = "" if args.no_diagnostics else \
         f"; diagnostics {seconds['diagnostics']:.2f} s more (one ANN-mode pass, off with --no-diagnostics)"

@@ -248,18 +248,21 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     samples = int(samples.item())
     if samples == 0:
         raise ValueError("evaluation loader yielded no batches (is the evaluation set empty?)")
-    energy = None
+    energy = synops_cumulative = macs = None
     if snn.mac_ann is not None:
         t = torch.arange(1, steps + 1, dtype=torch.float64, device=device)
-        snn_energy = E_MAC * (snn.mac_static + t * snn.mac_step) + E_AC * synops.cumsum(0) / samples
+        synops_cumulative = synops.cumsum(0) / samples
+        snn_energy = E_MAC * (snn.mac_static + t * snn.mac_step) + E_AC * synops_cumulative
         energy = (snn_energy / (E_MAC * snn.mac_ann)).tolist()
+        synops_cumulative = synops_cumulative.tolist()
+        macs = {"ann": float(snn.mac_ann), "static": float(snn.mac_static), "per_step": float(snn.mac_step)}
     return EvaluationResult(
         T=steps, samples=samples,
         ann_accuracy=None if ann is None else 100.0 * ann_correct.item() / samples,
         snn_accuracy=(100.0 * correct / samples).tolist(),
         agreement=None if ann is None else (100.0 * agree / samples).tolist(),
         energy_ratio=energy, spikes_per_sample=spikes.sum().item() / samples,
-        spikes_cumulative=(step_spikes.cumsum(0) / samples).tolist(),
+        spikes_cumulative=(step_spikes.cumsum(0) / samples).tolist(), synops_cumulative=synops_cumulative, macs=macs,
         per_layer=monitor.layers(spikes, elements, abs_err), config=snn.config.to_dict(),
         unconverted=list(snn.report.unconverted), seconds=seconds)
 

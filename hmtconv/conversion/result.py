@@ -19,8 +19,13 @@ class LayerStats:
 @dataclass
 class EvaluationResult:
     """``snn_accuracy[t-1]``, ``agreement[t-1]`` (percent of samples whose SNN prediction equals the
-    ANN's; None without ``ann``), ``energy_ratio[t-1]`` (eq. 31) and ``spikes_cumulative[t-1]``
-    (binary spikes per sample) use steps 1..t of one run. ``seconds`` is wall-clock time, not a
+    ANN's; None without ``ann``), ``energy_ratio[t-1]`` (eq. 31), ``spikes_cumulative[t-1]``
+    (binary spikes per sample) and ``synops_cumulative[t-1]`` (the accumulates those spikes drive,
+    the SOPs of spiking-network papers, per sample) use steps 1..t of one run. ``macs`` holds the
+    multiply-accumulates per sample: ``ann`` (the ANN's, over the same layers), ``static`` (layers
+    before the first neuron, once) and ``per_step`` (layers fed changing floats), so that
+    ``energy_ratio[t-1] = (E_MAC*(static + t*per_step) + E_AC*synops_cumulative[t-1]) / (E_MAC*ann)``
+    and other energy models can be applied to the counts. Both None where energy was not counted. ``seconds`` is wall-clock time, not a
     result: ``ann`` (the ANN's forward passes), ``snn`` (the simulation) and ``diagnostics`` (their
     ANN-mode pass, 0 when off); left out of ``to_dict`` and of equality, so runs compare by their
     results."""
@@ -35,6 +40,8 @@ class EvaluationResult:
     spikes_cumulative: list[float] = field(default_factory=list)
     per_layer: list[LayerStats] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    synops_cumulative: list[float] | None = None
+    macs: dict[str, float] | None = None
     unconverted: list[tuple[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
@@ -47,6 +54,7 @@ class EvaluationResult:
         cut = lambda xs: None if xs is None else xs[:steps]  # noqa: E731
         return replace(self, T=steps, snn_accuracy=cut(self.snn_accuracy), agreement=cut(self.agreement),
                        energy_ratio=cut(self.energy_ratio), spikes_cumulative=cut(self.spikes_cumulative),
+                       synops_cumulative=cut(self.synops_cumulative),
                        spikes_per_sample=self.spikes_cumulative[steps - 1])
 
     def to_dict(self) -> dict:
