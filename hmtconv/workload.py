@@ -34,11 +34,12 @@ class DataOptions:
 @dataclass
 class Workload:
     model: nn.Module  # eval mode, on the requested device
-    calib_loader: DataLoader
+    calib_loader: DataLoader | None  # None: asked for no calibration (an SNN file has its thresholds)
     eval_loader: DataLoader
     info: DataInfo
     source: str  # what model was loaded, for logs and JSON
     eval_images: int  # over all ranks
+    calib_images: int  # over all ranks: --calib-size, or the whole split where it is smaller
 
     def example_inputs(self) -> torch.Tensor:
         """One zero image of the data's size: what prepare traces a model whose forward branches on
@@ -61,7 +62,7 @@ def shard_batches(dataset, batch_size: int):
 
 
 def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = None, device: str = "cpu",
-                  allow_pickle: bool = True) -> Workload:
+                  allow_pickle: bool = True, calibration: bool = True) -> Workload:
     if data.batch_size < 1:  # checked before anything is loaded (also by make_loader, but after sharding)
         raise UserError(f"batch size must be at least 1, got {data.batch_size}")
     train_set, eval_set, info = get_datasets(data.dataset, data.data_root)
@@ -81,18 +82,23 @@ def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = N
         if data.limit < 1:
             raise UserError(f"--limit must be at least 1, got {data.limit}")
         eval_set = evaluation_subset(eval_set, data.limit)
-    available = len(train_set if data.calib_split == "train" else eval_set)
-    if data.calib_size > available and distributed.is_main():
-        print(f"hmtconv: note: --calib-size {data.calib_size} is more than the {data.calib_split} split's "
-              f"{available} images: calibrating on all of them", file=sys.stderr)
-    # a random choice: the first images of a class-sorted split (ImageFolder's) are all of one class
-    calib = calibration_subset(train_set, eval_set, split=data.calib_split, size=min(data.calib_size, available),
-                               seed=data.seed)
+    calib_loader, calib_images = None, 0
+    if calibration:
+        available = len(train_set if data.calib_split == "train" else eval_set)
+        if data.calib_size > available and distributed.is_main():
+            print(f"hmtconv: note: --calib-size {data.calib_size} is more than the {data.calib_split} split's "
+                  f"{available} images: calibrating on all of them", file=sys.stderr)
+        # a random choice: the first images of a class-sorted split (ImageFolder's) are all of one class
+        calib = calibration_subset(train_set, eval_set, split=data.calib_split, size=min(data.calib_size, available),
+                                   seed=data.seed)
+        calib_loader = make_loader(shard_batches(calib, data.batch_size), data.batch_size, seed=data.seed)
+        calib_images = len(calib)
     return Workload(
         model=model,
-        calib_loader=make_loader(shard_batches(calib, data.batch_size), data.batch_size, seed=data.seed),
+        calib_loader=calib_loader,
         eval_loader=make_loader(shard_batches(eval_set, data.batch_size), data.batch_size, seed=data.seed),
         info=info,
         source=loaded.source,
         eval_images=len(eval_set),
+        calib_images=calib_images,
     )

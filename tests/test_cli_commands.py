@@ -85,12 +85,25 @@ def test_evaluate_snn_of_a_random_network_compares_with_the_ann_it_was_converted
 def test_evaluate_snn_warns_of_conversion_options_and_records_the_files(random_snn, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["evaluate", "--snn", str(random_snn), *SMALL, "--n", "8", "--policy", "999", "--no-communicate",
-                 "--granularity", "layer", "--json", str(out)]) == 0
-    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hmtconv: warning:")]
+                 "--granularity", "layer", "--calib-size", "100000", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "calibrating on all" not in err  # the file has its thresholds: no calibration images are drawn
+    warning = [line for line in err.splitlines() if line.startswith("hmtconv: warning:")]
     assert warning == ["hmtconv: warning: --n 8, --policy 999, --no-communicate ignored: the SNN file fixes the "
                        "conversion (hmt n=4 T=2 opt); convert again to change it"]
     config = json.loads(out.read_text())["provenance"]["config"]
     assert (config["n"], config["policy"], config["communicate"]) == (4, "opt", True)
+
+
+def test_convert_says_and_records_how_many_images_it_calibrated_on(tmp_path, capsys):
+    out = tmp_path / "snn.safetensors"
+    assert main(["convert", "--model", "resnet18_small", "--dataset", "fake", "--calib-size", "100000", "--T", "2",
+                 "--batch-size", "256", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "--calib-size 100000 is more than the train split's 512 images" in captured.err
+    assert "thresholds from 512 train images" in captured.out
+    from hmtconv.snn_io import read_snn_file
+    assert read_snn_file(out)[0]["extra"]["calib_size"] == 512
 
 
 def test_sweep_runs_the_grid_once_and_resumes(checkpoint, tmp_path):
@@ -145,6 +158,11 @@ def test_demo_runs_on_a_cached_model(checkpoint, tmp_path, monkeypatch, capsys):
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [r["config"]["policy"] for r in results["runs"]] == ["opt", "999"]
     assert all(len(r["snn_accuracy"]) == 2 for r in results["runs"])
+    for r in results["runs"]:  # opt's figures at each T all come from that T's own conversion
+        macs = r["macs"]
+        for T, (energy, synops) in enumerate(zip(r["energy_ratio"], r["synops_cumulative"]), 1):
+            assert energy == pytest.approx((4.6 * (macs["static"] + T * macs["per_step"]) + 0.9 * synops)
+                                           / (4.6 * macs["ann"]), rel=1e-12)
     for name in ("curves.png", "layers.png", "tradeoff.png"):
         assert (tmp_path / "demo" / name).exists()
     assert "T=2" in capsys.readouterr().out

@@ -497,3 +497,35 @@ def test_transposes_that_keep_the_batch_first_where_it_is_read_convert(spelling)
     assert snn.report.traced and torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
     assert (snn(x).mean(0) - ref).abs().max() < 0.02 * ref.abs().max()
     assert torch.all(snn.sites()["relu"].fanout == 5)  # each spike meets the 5 rows of w
+
+
+class FunctionalForms(nn.Module):
+    """F.instance_norm, F.selu, F.celu, F.layer_norm with its shape read from the input (the
+    weight's) and torch.addcmul(h, gain, h) (linear in h: only the product's factors matter) on
+    spikes; with ``shapeless`` the layer norm has no weight to read its shape from."""
+
+    def __init__(self, shapeless: bool = False):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(2, 4, 3, padding=1), nn.Linear(4 * 8, 3)
+        self.in_w, self.in_b = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4) * 0.1)
+        self.ln, self.gain, self.shapeless = nn.LayerNorm(8), nn.Parameter(torch.rand(8) + 0.5), shapeless
+
+    def forward(self, x):
+        h = F.instance_norm(torch.relu(self.conv(x)), weight=self.in_w, bias=self.in_b)
+        h = F.selu(h) + F.celu(h, 0.5)
+        h = F.layer_norm(h, h.shape[-1:]) if self.shapeless else F.layer_norm(h, h.shape[-1:], self.ln.weight,
+                                                                                self.ln.bias)
+        return self.fc(torch.addcmul(h, self.gain, h).flatten(1))
+
+
+def test_functional_norms_selu_celu_and_addcmul_of_spikes_convert():
+    torch.manual_seed(0)
+    data = loader((2, 8))
+    snn = converges(FunctionalForms().eval(), data)
+    kinds = [type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)]
+    assert kinds == ["InstanceNorm", "SELU", "CELU", "LayerNorm"]
+    assert [m.module.normalized_shape for m in snn.modules() if isinstance(m, hc.compensated.Compensated)
+            and isinstance(m.module, nn.LayerNorm)] == [(8,)]
+    with pytest.raises(ValueError, match="layer_norm, graph node 'layer_norm'.*normalized_shape is read from the "
+                       "input's size in forward and it has no weight"):  # (not traced; no ReLU module to swap)
+        hc.convert(FunctionalForms(shapeless=True).eval(), data, n=4, T=4)

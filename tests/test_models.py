@@ -134,7 +134,8 @@ def test_file_errors(tmp_path):
     (tmp_path / "junk.pt").write_text("hello")
     with pytest.raises(UserError, match="cannot read .*junk.pt as a PyTorch file"):
         load_model(str(tmp_path / "junk.pt"), **SHAPE)
-    with pytest.raises(UserError, match="'nope.pt' is not a file, a built-in model"):
+    with pytest.raises(UserError, match="'nope.pt' is not a file, a built-in model.*timm:NAME, or hf:ID / "
+                       "hf:DIRECTORY"):  # every kind of --model named
         load_model("nope.pt", **SHAPE)
 
 

@@ -39,13 +39,13 @@ def run(args: argparse.Namespace) -> None:
     if not distributed.is_main():
         return
     path = save_snn(snn, args.out, model=args.model, weights=args.weights, num_classes=work.info.num_classes,
-                    extra={"dataset": args.dataset, "calib_size": args.calib_size, "calib_split": args.calib_split,
+                    extra={"dataset": args.dataset, "calib_size": work.calib_images, "calib_split": args.calib_split,
                            "code": [str(Path(p).resolve()) for p in args.code]})  # (evaluate --snn imports them)
     sites = snn.sites()
     rows = [[name, "y = x" if site.signed else "ReLU",
              f"{site.neuron.lam.item():.4g}" if site.neuron.lam.numel() == 1
              else f"{site.neuron.lam.numel()} channels, {site.neuron.lam.min().item():.3g}..{site.neuron.lam.max().item():.3g}"]
             for name, site in sites.items()]
-    print(f"{len(sites)} spiking sites, thresholds from {args.calib_size} {args.calib_split} images")
+    print(f"{len(sites)} spiking sites, thresholds from {work.calib_images} {args.calib_split} images")
     print(markdown_table(["site", "replaces", "lam (lambda_min)"], rows))
     print(f"wrote {path}")

@@ -45,9 +45,10 @@ def accuracy_by_T(prepared, work, n: int, policy: str, T_max: int, diagnostics: 
     per_T = [evaluate(convert(prepared, n=n, T=T, policy=policy), work.eval_loader, ann=work.model,
                       diagnostics=diagnostics and T == T_max, progress=progress).to_dict()
              for T in range(1, T_max + 1)]
-    record = per_T[-1]
-    record["snn_accuracy"] = [r["snn_accuracy"][-1] for r in per_T]
-    record["energy_ratio"] = [r["energy_ratio"][-1] for r in per_T]
+    record = per_T[-1]  # its figures by step become each T's own at t = T
+    for key in ("snn_accuracy", "agreement", "energy_ratio", "spikes_cumulative", "synops_cumulative"):
+        if record[key] is not None:
+            record[key] = [r[key][-1] for r in per_T]
     record["thresholds_per_T"] = True
     return record
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
             records.append(record)
             print(f"  done: {label}: {record['snn_accuracy'][-1]:.2f}% at T = {args.T} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-    print(f"\nVGG-style CNN on real MNIST, {work.eval_images} test images, calibrated on {data.calib_size} "
+    print(f"\nVGG-style CNN on real MNIST, {work.eval_images} test images, calibrated on {work.calib_images} "
           f"training images; ANN {records[0]['ann_accuracy']:.2f}%.\nH-MT SNN accuracy (%) and energy ratio "
           f"E_SNN/E_ANN at T steps ('opt' thresholds are optimized for each T):\n")
     print(curves_table(runs).replace("| t=", "| T="))

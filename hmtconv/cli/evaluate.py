@@ -82,7 +82,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     elif args.model is None:
         raise UserError("--model is required (or --snn FILE from `hmtconv convert`)")
     work = load_workload(args.model, data_options(args), weights=args.weights, device=device,
-                         allow_pickle=not args.no_pickle)
+                         allow_pickle=not args.no_pickle, calibration=args.snn is None)
     if args.snn is not None:
         check_data_fits(meta, args.snn, args.dataset, work.info.shape, work.info.num_classes)
     ann = work.model

@@ -61,6 +61,7 @@ STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "tra
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}
+ADD_PRODUCT = {torch.addcmul, "addcmul"}  # input + value * tensor1 * tensor2: a product of its 2nd and 3rd arguments
 
 
 def _binary(op: type):
@@ -159,7 +160,8 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
             if module is not None:
                 spiky.add(_compensated_call(gm, node, module, kinds, varying))
                 continue
-            if node.target in SCALING and sum(varying) > 1:
+            factors = varying[1:3] if node.target in ADD_PRODUCT else varying  # (its first argument is added)
+            if node.target in SCALING and sum(factors) > 1:
                 _fail(node, f"product {name} of two time-varying tensors")
             if node.target in MASKING:
                 mask = MASKING[node.target]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import compensation_kernel
 from .attention import Einsum, MatMul
@@ -74,13 +75,28 @@ class VectorNorm(nn.Module):
         return torch.linalg.vector_norm(x, self.p, self.dim, self.keepdim)
 
 
+class InstanceNorm(nn.Module):
+    """``F.instance_norm`` by each sample's own statistics as a module (the function's form of
+    ``nn.InstanceNorm1d/2d/3d``, which check the input's rank): ``weight`` and ``bias`` are the
+    model's, set by functional.py."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight: nn.Parameter | None = None
+        self.bias: nn.Parameter | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+
+
 # Module types that are wrapped when their input varies over time; extend with register_compensated.
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Einsum, Multiply,
                           Divide, Amax, Power, VectorNorm, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
                           nn.ReLU6, nn.GroupNorm, SlicedMaxPool2d, Normalize, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
                           nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                          nn.InstanceNorm3d}
+                          nn.InstanceNorm3d, InstanceNorm}
 
 
 def register_compensated(cls: type) -> type:

@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .attention import MatMul
-from .compensated import Amax, VectorNorm
+from .compensated import Amax, InstanceNorm, VectorNorm
 from .fold import BatchNormAnyDim
 from .inplace import in_place, out_of_place
 from .windows import Normalize
@@ -101,9 +101,29 @@ def _as_parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
 
 
 def _layer_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
-    """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model)."""
-    module = nn.LayerNorm(arg(n, 1, "normalized_shape"), eps=arg(n, 4, "eps", 1e-5))
-    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((2, "weight"), (3, "bias")))
+    """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model).
+    A shape read from the input (``F.layer_norm(x, x.shape[-1:], w, b)``) is the weight's, which
+    must have it; without a weight it is unknown before the model runs: a clear error."""
+    weight, bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((2, "weight"), (3, "bias")))
+    shape = arg(n, 1, "normalized_shape")
+    if isinstance(shape, fx.Node) or (isinstance(shape, (list, tuple)) and any(isinstance(s, fx.Node) for s in shape)):
+        if weight is None:
+            raise ValueError(f"cannot convert {scope(n) or '<root>'} (layer_norm, graph node {n.name!r}): its "
+                             f"normalized_shape is read from the input's size in forward and it has no weight to "
+                             f"read it from; pass a constant shape or use nn.LayerNorm")
+        shape = tuple(weight.shape)
+    module = nn.LayerNorm(shape, eps=arg(n, 4, "eps", 1e-5))
+    module.weight, module.bias = weight, bias
+    return module
+
+
+def _instance_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    """An :class:`InstanceNorm` sharing the call's weight and bias; None (the call stays) where it
+    normalizes by running statistics instead of each sample's own (an affine map)."""
+    if not arg(n, 5, "use_input_stats", True):
+        return None
+    module = InstanceNorm(arg(n, 7, "eps", 1e-5))
+    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((3, "weight"), (4, "bias")))
     return module
 
 
@@ -269,6 +289,10 @@ FUNCTIONAL = {
     F.conv_transpose3d: ("conv_transpose3d", _conv(nn.ConvTranspose3d), 1),
     F.leaky_relu: ("leaky_relu", lambda gm, n: nn.LeakyReLU(arg(n, 1, "negative_slope", 0.01)), 1),
     F.elu: ("elu", lambda gm, n: nn.ELU(arg(n, 1, "alpha", 1.0)), 1), F.mish: ("mish", _plain(nn.Mish), 1),
+    F.selu: ("selu", _plain(nn.SELU), 1), torch.selu: ("selu", _plain(nn.SELU), 1),
+    F.celu: ("celu", lambda gm, n: nn.CELU(arg(n, 1, "alpha", 1.0)), 1),
+    torch.celu: ("celu", lambda gm, n: nn.CELU(arg(n, 1, "alpha", 1.0)), 1),
+    F.instance_norm: ("instance_norm", _instance_norm, 1),
     torch.tanh: ("tanh", _plain(nn.Tanh), 1), "tanh": ("tanh", _plain(nn.Tanh), 1),
     F.normalize: ("normalize", lambda gm, n: Normalize(arg(n, 1, "p", 2.0), arg(n, 2, "dim", 1), arg(n, 3, "eps", 1e-12)), 1),
     torch.linalg.vector_norm: ("vector_norm", _vector_norm("ord", 2.0), 1),
@@ -280,7 +304,7 @@ FUNCTIONAL = {
 # In-place functions of FUNCTIONAL's (their methods, ``x.clamp_(0, 6)``, are found by name: inplace.py).
 IN_PLACE_FUNCTIONS = {torch.clamp_: torch.clamp, torch.clip_: torch.clip, torch.clamp_min_: torch.clamp_min,
                       torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh, F.hardtanh_: F.hardtanh, F.elu_: F.elu,
-                      F.leaky_relu_: F.leaky_relu}
+                      F.leaky_relu_: F.leaky_relu, torch.selu_: torch.selu, torch.celu_: torch.celu}
 
 
 def functional_call(target) -> tuple[object, bool]:

@@ -10,11 +10,12 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from .compensated import InstanceNorm
 from .fold import BatchNormAnyDim
 from .sites import ObservedActivation
 
-CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, BatchNormAnyDim, nn.InstanceNorm1d, nn.GroupNorm,
-                  nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)
+CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, BatchNormAnyDim, nn.InstanceNorm1d, InstanceNorm,
+                  nn.GroupNorm, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)
 FIRST_FUNCTIONS = (F.conv1d, F.conv_transpose1d, F.batch_norm, F.instance_norm, F.group_norm, F.max_pool1d,
                    F.avg_pool1d, torch.group_norm, torch.max_pool1d)
 # Ops that keep the layout of their inputs, walked through (by name: torch.add, operator.add, "add").

@@ -237,7 +237,7 @@ def load_model(
         return from_file(spec, weights, allow_pickle)
     raise UserError(
         f"--model {spec!r} is not a file, a built-in model ({', '.join(sorted(MODELS))}), "
-        "a torchvision classification model name, or timm:NAME"
+        "a torchvision classification model name, timm:NAME, or hf:ID / hf:DIRECTORY (Hugging Face)"
     )
 
 
