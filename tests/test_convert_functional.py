@@ -529,3 +529,36 @@ def test_functional_norms_selu_celu_and_addcmul_of_spikes_convert():
     with pytest.raises(ValueError, match="layer_norm, graph node 'layer_norm'.*normalized_shape is read from the "
                        "input's size in forward and it has no weight"):  # (not traced; no ReLU module to swap)
         hc.convert(FunctionalForms(shapeless=True).eval(), data, n=4, T=4)
+
+
+class OneActivation(nn.Module):
+    """``call(self, h)`` on spikes between two Linear layers."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.l1, self.l2, self.call = nn.Linear(8, 8), nn.Linear(8, 3), call
+        self.w, self.rms = nn.Parameter(torch.rand(8) + 0.5), nn.RMSNorm(8)
+
+    def forward(self, x):
+        return self.l2(self.call(self, torch.relu(self.l1(x))))
+
+
+ONE_ACTIVATION = {  # name: (call, the module it becomes under compensation)
+    "torch.exp": (lambda m, h: torch.exp(-h), "exp"), "x.rsqrt()": (lambda m, h: (h * h + 1).rsqrt(), "rsqrt"),
+    "x.abs_()": (lambda m, h: (h - 0.5).abs_(), "abs"), "F.glu": (lambda m, h: F.glu(h, -1).repeat(1, 2), "glu"),
+    "torch.logsumexp": (lambda m, h: h - torch.logsumexp(h, -1, keepdim=True), "logsumexp"),
+    "F.softsign": (lambda m, h: F.softsign(h), "softsign"),
+    "F.rms_norm": (lambda m, h: F.rms_norm(h, h.shape[-1:], m.w), "RMSNorm"),  # (its shape: the weight's)
+    "nn.RMSNorm": (lambda m, h: m.rms(h), "RMSNorm"), "F.prelu": (lambda m, h: F.prelu(h - 0.5, m.w), "PReLU"),
+}
+
+
+@pytest.mark.parametrize("name", ONE_ACTIVATION)
+def test_stateless_functions_of_one_activation_are_compensated(name):
+    """Elementwise and per-sample functions without a module of their own (a Function), RMS norm
+    and PReLU in either form: compensated like GELU, approaching the model as T grows."""
+    torch.manual_seed(0)
+    call, kind = ONE_ACTIVATION[name]
+    snn = converges(OneActivation(call).eval(), loader((8,)))
+    wrapped = [m.module for m in snn.modules() if isinstance(m, hc.compensated.Compensated)]
+    assert kind in [w.fn.__name__ if isinstance(w, hc.compensated.Function) else type(w).__name__ for w in wrapped]

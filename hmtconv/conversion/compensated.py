@@ -90,13 +90,29 @@ class InstanceNorm(nn.Module):
         return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
 
 
+class Function(nn.Module):
+    """A stateless function of one activation, its other arguments constants (``torch.exp(x)``,
+    ``x.rsqrt()``, ``F.glu(x, -1)``: functional.py lists them), as a module."""
+
+    def __init__(self, fn, args: tuple = (), kwargs: dict | None = None):
+        super().__init__()
+        self.fn, self.args, self.kwargs = fn, tuple(args), dict(kwargs or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, *self.args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join([getattr(self.fn, "__name__", repr(self.fn)), *map(repr, self.args),
+                          *(f"{k}={v!r}" for k, v in self.kwargs.items())])
+
+
 # Module types that are wrapped when their input varies over time; extend with register_compensated.
 COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, MatMul, Einsum, Multiply,
                           Divide, Amax, Power, VectorNorm, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
                           nn.ReLU6, nn.GroupNorm, SlicedMaxPool2d, Normalize, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
                           nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                          nn.InstanceNorm3d, InstanceNorm}
+                          nn.InstanceNorm3d, InstanceNorm, nn.RMSNorm, Function}
 
 
 def register_compensated(cls: type) -> type:

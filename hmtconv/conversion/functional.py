@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .attention import MatMul
-from .compensated import Amax, InstanceNorm, VectorNorm
+from .compensated import Amax, Function, InstanceNorm, VectorNorm
 from .fold import BatchNormAnyDim
 from .inplace import in_place, out_of_place
 from .windows import Normalize
@@ -100,21 +100,53 @@ def _as_parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
     return tensor if tensor is None or isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
 
 
+def _normalized_shape(n: fx.Node, weight: torch.Tensor | None) -> tuple[int, ...]:
+    """The ``normalized_shape`` of a layer or RMS norm call. One read from the input
+    (``F.layer_norm(x, x.shape[-1:], w, b)``) is the weight's, which must have it; without a
+    weight it is unknown before the model runs: a clear error."""
+    shape, found = arg(n, 1, "normalized_shape"), []
+    fx.node.map_arg(shape, found.append)
+    if not found:
+        return shape
+    if weight is None:
+        raise ValueError(f"cannot convert {scope(n) or '<root>'} ({n.target.__name__}, graph node {n.name!r}): its "
+                         f"normalized_shape is read from the input's size in forward and it has no weight to read "
+                         f"it from; pass a constant shape or use the torch.nn module")
+    return tuple(weight.shape)
+
+
 def _layer_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
-    """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model).
-    A shape read from the input (``F.layer_norm(x, x.shape[-1:], w, b)``) is the weight's, which
-    must have it; without a weight it is unknown before the model runs: a clear error."""
+    """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model)."""
     weight, bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((2, "weight"), (3, "bias")))
-    shape = arg(n, 1, "normalized_shape")
-    if isinstance(shape, fx.Node) or (isinstance(shape, (list, tuple)) and any(isinstance(s, fx.Node) for s in shape)):
-        if weight is None:
-            raise ValueError(f"cannot convert {scope(n) or '<root>'} (layer_norm, graph node {n.name!r}): its "
-                             f"normalized_shape is read from the input's size in forward and it has no weight to "
-                             f"read it from; pass a constant shape or use nn.LayerNorm")
-        shape = tuple(weight.shape)
-    module = nn.LayerNorm(shape, eps=arg(n, 4, "eps", 1e-5))
+    module = nn.LayerNorm(_normalized_shape(n, weight), eps=arg(n, 4, "eps", 1e-5))
     module.weight, module.bias = weight, bias
     return module
+
+
+def _rms_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An ``nn.RMSNorm`` sharing the call's weight."""
+    weight = _as_parameter(_model_tensor(gm, n, 2, "weight"))
+    module = nn.RMSNorm(_normalized_shape(n, weight), eps=arg(n, 3, "eps"), elementwise_affine=False)
+    module.weight = weight
+    return module
+
+
+def _prelu(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
+    """An ``nn.PReLU`` sharing the call's slopes."""
+    weight = _model_tensor(gm, n, 1, "weight")
+    module = nn.PReLU(weight.numel())
+    module.weight = _as_parameter(weight)
+    return module
+
+
+def _function(fn) -> Callable[[fx.GraphModule, fx.Node], nn.Module | None]:
+    """The factory of a :class:`Function` of ``fn`` holding the call's other arguments; None (the
+    call stays) where one of them is computed in forward."""
+    def make(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+        computed = []
+        fx.node.map_arg((n.args[1:], n.kwargs), computed.append)
+        return None if computed else Function(fn, n.args[1:], n.kwargs)
+    return make
 
 
 def _instance_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
@@ -300,7 +332,19 @@ FUNCTIONAL = {
     torch.norm: ("norm", _vector_norm("p", "fro"), 1), "norm": ("norm", _vector_norm("p", "fro"), 1),
     torch.amax: ("amax", _amax, 1), "amax": ("amax", _amax, 1),
     torch.max: ("max", _max_values, 1), "max": ("max", _max_values, 1),
+    F.rms_norm: ("rms_norm", _rms_norm, 1), torch.rms_norm: ("rms_norm", _rms_norm, 1),
+    F.prelu: ("prelu", _prelu, 1), torch.prelu: ("prelu", _prelu, 1),
 }
+# Stateless functions of one activation, elementwise or along a dim of each sample, that have no
+# module of their own: a Function, compensated like GELU (also as methods and in place: x.exp_()).
+ONE_ACTIVATION = {torch.exp: "exp", torch.log: "log", torch.log1p: "log1p", torch.expm1: "expm1",
+                  torch.sqrt: "sqrt", torch.rsqrt: "rsqrt", torch.erf: "erf", torch.erfc: "erfc", torch.abs: "abs",
+                  torch.sin: "sin", torch.cos: "cos", torch.reciprocal: "reciprocal", torch.logsumexp: "logsumexp",
+                  F.logsigmoid: "logsigmoid", F.softsign: "softsign", F.tanhshrink: "tanhshrink",
+                  F.hardshrink: "hardshrink", F.softshrink: "softshrink", F.glu: "glu",
+                  F.local_response_norm: "local_response_norm"}
+FUNCTIONAL.update({fn: (stem, _function(fn), 1) for fn, stem in ONE_ACTIVATION.items()})
+FUNCTIONAL.update({stem: (stem, _function(fn), 1) for fn, stem in ONE_ACTIVATION.items() if hasattr(torch.Tensor, stem)})
 # In-place functions of FUNCTIONAL's (their methods, ``x.clamp_(0, 6)``, are found by name: inplace.py).
 IN_PLACE_FUNCTIONS = {torch.clamp_: torch.clamp, torch.clip_: torch.clip, torch.clamp_min_: torch.clamp_min,
                       torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh, F.hardtanh_: F.hardtanh, F.elu_: F.elu,
