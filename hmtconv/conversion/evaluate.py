@@ -251,10 +251,9 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     energy = synops_cumulative = macs = None
     if snn.mac_ann is not None:
         t = torch.arange(1, steps + 1, dtype=torch.float64, device=device)
-        synops_cumulative = synops.cumsum(0) / samples
-        snn_energy = E_MAC * (snn.mac_static + t * snn.mac_step) + E_AC * synops_cumulative
+        snn_energy = E_MAC * (snn.mac_static + t * snn.mac_step) + E_AC * synops.cumsum(0) / samples
         energy = (snn_energy / (E_MAC * snn.mac_ann)).tolist()
-        synops_cumulative = synops_cumulative.tolist()
+        synops_cumulative = (synops.cumsum(0) / samples).tolist()
         macs = {"ann": float(snn.mac_ann), "static": float(snn.mac_static), "per_step": float(snn.mac_step)}
     return EvaluationResult(
         T=steps, samples=samples,
