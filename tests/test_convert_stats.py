@@ -267,6 +267,21 @@ def test_opt_emp_minimizes_the_empirical_error():
     assert not torch.equal(lam[0], lam[1])  # channels get their own thresholds
 
 
+def test_empirical_error_is_the_mean_error_of_the_calibration_values():
+    """Against eq. 24's quantizer run on the raw values themselves (the histogram's points: within 2 %)."""
+    from hmtconv.conversion.empirical import empirical_error
+
+    obs = ActivationObserver(signed=False)
+    torch.manual_seed(3)
+    values = torch.distributions.Exponential(1.0).sample((50_000, 2)) * torch.tensor([1.0, 0.3])
+    obs(values)
+    counts, lo, hi = obs.histogram(per_channel=True)
+    lam, T, levels = torch.tensor([0.2, 0.01], dtype=torch.float64), 4, 15  # clipping at 3.0 and 0.15
+    x, h = values.double(), lam / T
+    direct = ((h * torch.clamp(torch.floor(x / h + 0.5), 0, T * levels) - x) ** 2).mean(0)
+    torch.testing.assert_close(empirical_error(counts, lo, hi, lam, levels, T), direct, rtol=0.02, atol=0)
+
+
 def test_policy_with_site_overrides_parses_and_picks_the_last_match():
     base, overrides = parse_policy("opt, *.mix_in0=999, layer1.*=99.5 ,layer1.0.relu=opt-emp")
     assert base == "opt" and overrides == [("*.mix_in0", "999"), ("layer1.*", 99.5), ("layer1.0.relu", "opt-emp")]

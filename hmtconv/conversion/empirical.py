@@ -28,15 +28,29 @@ def _errors(lam, x, w, T, top):
     return ((f - x) ** 2 * w.unsqueeze(1)).sum(-1)  # [C, G]
 
 
+def _points(counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The histogram as values ``x [P]`` (``POINTS`` per used bin) and their weights ``[C, P]``."""
+    counts = counts.to(torch.float64)
+    used = counts.sum(0) > 0
+    frac = (torch.arange(POINTS, dtype=torch.float64) + 0.5) / POINTS
+    x = (lo[used, None] + frac * (hi[used] - lo[used])[:, None]).flatten()
+    return x, (counts[:, used] / POINTS).repeat_interleave(POINTS, dim=1)
+
+
+def empirical_error(counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lam: torch.Tensor, levels: int,
+                    T: int) -> torch.Tensor:
+    """The mean error of eq. 24 over the histogram at thresholds ``lam [C]`` (what "opt-emp"
+    minimizes), per channel: how far a threshold is from the best the calibration data allows."""
+    x, weights = _points(counts, lo, hi)
+    lam = torch.as_tensor(lam, dtype=torch.float64).reshape(-1, 1)
+    return _errors(lam, x, weights, T, T * levels).squeeze(1) / weights.sum(1)
+
+
 def empirical_lam(counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, vmax: torch.Tensor,
                   levels: int, T: int) -> torch.Tensor:
     """lam minimizing the histogram error; ``counts [C, bins]``, bin edges ``lo, hi [bins]``,
     ``vmax [C]`` (largest value seen). Channels that never saw a positive value get NaN."""
-    counts = counts.to(torch.float64)
-    used = counts.sum(0) > 0
-    frac = (torch.arange(POINTS, dtype=torch.float64) + 0.5) / POINTS
-    x = (lo[used, None] + frac * (hi[used] - lo[used])[:, None]).flatten()  # [P]
-    weights = (counts[:, used] / POINTS).repeat_interleave(POINTS, dim=1)  # [C, P]
+    x, weights = _points(counts, lo, hi)  # [P], [C, P]
     top = T * levels
     result = torch.full((counts.shape[0],), math.nan, dtype=torch.float64)
     upper = (vmax.to(torch.float64) / levels).log()
