@@ -161,14 +161,18 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
             model.train()
             desc = f"epoch {epoch + 1}/{config.epochs}"
             bar = tqdm(islice(loader, steps), total=steps, desc=desc, disable=not config.progress)
-            for images, labels in bar:
+            for step, (images, labels) in enumerate(bar, 1):
                 logits = model(images.to(device))
                 loss = F.cross_entropy(logits, labels.to(device), label_smoothing=config.label_smoothing)
+                value = loss.item()
+                if not math.isfinite(value):  # (no checkpoint of a diverged model is written)
+                    raise UserError(f"training diverged: the loss is {value} at step {step} of epoch {epoch + 1}; "
+                                    f"lower the learning rate (it is {lr:g})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{value:.3f}")
         eval_loader = make_loader(eval_set, EVAL_BATCH_SIZE)
         accuracy = evaluate_accuracy(model, eval_loader, device, config.limit, config.progress)
         seconds = time.perf_counter() - start

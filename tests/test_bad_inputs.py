@@ -3,6 +3,7 @@ where the input is usable, a warning; nothing already written is lost. Plus dete
 import errno
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,6 +385,13 @@ def test_a_prepared_model_or_an_snn_as_the_ann_is_a_clear_error(snn):
     assert [site.observer.count.item() for site in hc.api.observed_sites(prepared).values()] == counts
 
 
+def test_an_ann_with_other_outputs_than_the_snn_is_a_clear_error(snn):
+    """Was 0 % ANN accuracy and agreement, silently."""
+    other = nn.Sequential(*list(cnn())[:-1], nn.Linear(4 * 64, 5)).eval()
+    with pytest.raises(ValueError, match=r"the ANN Sequential gives logits of shape \[4, 5\], the SNN \[4, 10\]"):
+        hc.evaluate(snn, images(seed=1), ann=other)
+
+
 def test_cli_missing_model_and_unknown_dataset(capsys):
     one_line_error(*cli(["evaluate", "--model", "missing.pt"], capsys), "is not a file")
     one_line_error(*cli(["evaluate", "--model", "vgg_small", "--dataset", "nope"], capsys), "unknown dataset 'nope'")
@@ -394,6 +402,20 @@ def test_unwritable_output_path(model_file, tmp_path, capsys):
     blocker.write_text("not a directory")
     one_line_error(*cli(["evaluate", "--model", model_file, *QUICK, "--json", str(blocker / "r.json")], capsys),
                    "error: cannot write")
+
+
+def test_an_output_over_an_input_file_or_another_output_is_refused(model_file, tmp_path, capsys):
+    """--out or --json on the --model file, --json and --plot on one path: refused before the run,
+    the model file untouched (it was overwritten, and the model lost)."""
+    before = Path(model_file).read_bytes()
+    one_line_error(*cli(["convert", "--model", model_file, *QUICK, "--out", model_file], capsys),
+                   f"--out {model_file} is the --model file: writing it would destroy that")
+    one_line_error(*cli(["evaluate", "--model", model_file, *QUICK, "--json", model_file], capsys),
+                   f"--json {model_file} is the --model file")
+    same = str(tmp_path / "r.png")
+    one_line_error(*cli(["evaluate", "--model", model_file, *QUICK, "--json", same, "--plot", same], capsys),
+                   f"--plot {same} is where --json goes")
+    assert Path(model_file).read_bytes() == before and not Path(same).exists()
 
 
 @pytest.mark.parametrize("command, option, name, text", [

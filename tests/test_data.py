@@ -128,6 +128,8 @@ def test_image_folder(tmp_path):
         ("cifar10", None, "needs --data-root"),
         ("cifar100", "/no/such/dir", "not a directory"),
         ("folder", None, "needs --data-root"),
+        ("mnist", "/no/such/dir", "--data-root: /no/such/dir is not a directory"),  # (was the package copy, silently)
+        ("folder:/no/such/dir", None, "the path in --dataset folder:/no/such/dir: /no/such/dir is not a directory"),
     ],
 )
 def test_dataset_errors_name_the_problem(spec, root, message):

@@ -148,6 +148,10 @@ def test_shape_errors_name_the_shapes():
         neuron(torch.zeros(3, 4, 4))  # a [C, H, W] input without T
     with pytest.raises(ValueError, match="T >= 1"):
         HMTNeuron(4, 1.0)(torch.tensor(1.0))
+    x = torch.rand(4, 30, 50)
+    for out in (torch.empty(1, 1, 1), torch.empty(4, 50, 30), torch.empty(4, 30, 50, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"out must be like the input \(\(4, 30, 50\), torch.float32"):
+            HMTNeuron(4, 0.1)(x, out=out)  # (the kernel wrote past a small buffer: a crash)
 
 
 def test_mt_neuron_levels_and_reset():

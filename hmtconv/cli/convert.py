@@ -13,7 +13,8 @@ from ..report import markdown_table
 from ..snn_io import save_snn
 from ..device import resolve_device
 from ..workload import load_workload
-from .options import add_conversion, add_model_and_data, conversion_kwargs, data_options, ensure_writable
+from .options import (add_conversion, add_model_and_data, check_outputs_apart, conversion_kwargs, data_options,
+                      ensure_writable)
 from .registry import register_command
 
 
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> None:
     device = str(resolve_device(args.device))
     distributed.init_from_env(device)
     if distributed.is_main():
+        check_outputs_apart({"--out": args.out}, {"--model": args.model, "--weights": args.weights, "--code": args.code})
         ensure_writable(args.out)  # fail now, not after calibrating
     torch.manual_seed(args.seed)
     work = load_workload(args.model, data_options(args), weights=args.weights, device=device,

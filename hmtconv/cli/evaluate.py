@@ -21,8 +21,8 @@ from ..report import (atomic_write_json, curves_table, jsonable, layers_table, p
 from ..report.plots import plot_format
 from ..device import resolve_device
 from ..workload import load_workload
-from .options import (FIXED_BY_SNN, add_conversion, add_model_and_data, changed_conversion_options, conversion_kwargs,
-                      data_options, ensure_writable, memory_size, positive_int)
+from .options import (FIXED_BY_SNN, add_conversion, add_model_and_data, changed_conversion_options, check_outputs_apart,
+                      conversion_kwargs, data_options, ensure_writable, memory_size, positive_int)
 from .registry import register_command
 
 
@@ -65,6 +65,9 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     distributed.init_from_env(device)
     torch.manual_seed(args.seed)
     if distributed.is_main():  # fail now, not after a long run
+        layers = None if args.plot is None else args.plot.with_name(args.plot.stem + "-layers.png")
+        check_outputs_apart({"--json": args.json, "--plot": args.plot, "--plot's per-layer chart": layers},
+                            {"--model": args.model, "--weights": args.weights, "--snn": args.snn, "--code": args.code})
         for path in (args.json, args.plot):
             if path is not None:
                 ensure_writable(path)

@@ -117,6 +117,23 @@ def changed_conversion_options(args: argparse.Namespace) -> list[str]:
             for name in FIXED_BY_SNN if getattr(args, name) != getattr(default, name)]
 
 
+def check_outputs_apart(outputs: dict[str, Path | None], inputs: dict[str, str | list[str] | None]) -> None:
+    """A UserError where an output would be written over a file the run reads or another output
+    (``--out`` over the ``--model`` file, ``--json`` and ``--plot`` on one path): it would be lost."""
+    taken: dict[Path, str] = {}
+    for option, values in inputs.items():
+        for value in values if isinstance(values, list) else [values]:
+            if value and Path(value).is_file():
+                taken[Path(value).resolve()] = f"the {option} file"
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        if path.resolve() in taken:
+            raise UserError(f"{option} {path} is {taken[path.resolve()]}: writing it would destroy that; choose "
+                            f"another path")
+        taken[path.resolve()] = f"where {option} goes"
+
+
 def ensure_writable(path: Path) -> None:
     """Raise a UserError now, not after a long run, if ``path`` is a directory or its directory
     cannot be created or written."""

@@ -218,11 +218,16 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
                 raise ValueError(f"evaluation batch {i} has images of shape {list(x.shape[1:])} but the SNN was "
                                  f"calibrated on {list(shape)}; use the same image size and channels")
             started = _clock(device)
-            ann_pred = None if ann is None else \
-                _logits(ann(batch[0].to(*ann_placement)), f"the ANN {type(ann).__name__}", i).argmax(-1).to(device)
+            ann_logits = None if ann is None else \
+                _logits(ann(batch[0].to(*ann_placement)), f"the ANN {type(ann).__name__}", i)
+            ann_pred = None if ann is None else ann_logits.argmax(-1).to(device)
             seconds["ann"] += _clock(device) - started
             out = _simulate(snn, x, steps, chunk, diagnostics, seconds, device)  # [T, B, classes]
             _logits(out[0], "the SNN", i)
+            if ann_logits is not None and ann_logits.shape != out.shape[1:]:
+                raise ValueError(f"evaluation batch {i}: the ANN {type(ann).__name__} gives logits of shape "
+                                 f"{list(ann_logits.shape)}, the SNN {list(out.shape[1:])}; pass as ann= the model "
+                                 f"the SNN was converted from")
             counts = torch.tensor([0.0, y.shape[0]], dtype=torch.float64, device=device)
             if ann_pred is not None:
                 counts[0] = (ann_pred == y).sum()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch.utils.data import Dataset
 
@@ -68,7 +69,11 @@ def get_datasets(spec: str, root: str | None = None, transform: Transform = None
     name, _, path = spec.partition(":")
     if name not in DATASETS:
         raise UserError(f"unknown dataset {spec!r}; choose one of {', '.join(list_datasets())} or folder:PATH")
-    splits = DATASETS[name](path or root, transform)
+    folder = path or root
+    if folder and not Path(folder).is_dir():  # (mnist would fall back to its package copy without a word)
+        where = f"the path in --dataset {spec}" if path else "--data-root"
+        raise UserError(f"{where}: {folder} is not a directory")
+    splits = DATASETS[name](folder, transform)
     if len(splits.eval) == 0 or len(splits.train) == 0:
         raise UserError(f"dataset {spec!r} has an empty split (train {len(splits.train)}, eval {len(splits.eval)})")
     image = splits.eval[0][0]  # the shape after the transform is what the model will see

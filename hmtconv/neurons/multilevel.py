@@ -190,6 +190,9 @@ class MultiLevelNeuron(KeepsDtype):
         CPU kernel or, on CUDA, the Triton kernel where they apply (:func:`cpu_kernel.run`,
         :func:`gpu_kernel.run`), else the equal tensor path."""
         self._check_input(x)
+        if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+            raise ValueError(f"{type(self).__name__}: out must be like the input ({tuple(x.shape)}, {x.dtype}, "
+                             f"{x.device}), got {tuple(out.shape)}, {out.dtype}, {out.device}")
         out = torch.empty_like(x) if out is None else out
         spikes = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
