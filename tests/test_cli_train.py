@@ -49,6 +49,7 @@ def test_train_with_model_args_loads_back_as_that_variant(tmp_path, capsys):
         (["train", "--model", "vit_small", "--model-arg", "patch_size=0", "--limit", "1"],
          "hmtconv: error: vit_small rejects --model-arg patch_size=0: "),
         (["train", "--out", "/tmp"], "hmtconv: error: cannot write /tmp: it is a directory; give a file name"),
+        (["train", "--seed", str(2**64)], f"hmtconv train: error: argument --seed: --seed must be in 0..{2**63 - 1}, got"),
         (["train", "--lr", "1e30", "--limit", "2", "--no-progress"],  # (was a NaN checkpoint, exit 0)
          "hmtconv: error: training diverged: the loss is nan at step 2 of epoch 1; lower the learning rate (it is 1e+30)"),
     ],

@@ -274,6 +274,9 @@ def test_a_registered_module_of_the_users_is_compensated_whole():
     data, x = loader((4,)), loader((4,))[0][0]
     with pytest.raises(ValueError, match=r"atan function.*register_compensated"):
         hc.convert(model, data, policy="max")
+    for wrong, error in ((nn.Conv2d, ValueError), ("x", TypeError), (SquarePlusSine(), TypeError)):
+        with pytest.raises(error, match="synaptic layer|takes an nn.Module subclass"):
+            hc.register_compensated(wrong)
     hc.register_compensated(SquarePlusSine)
     try:
         errors = [(hc.convert(model, data, n=8, T=T, policy="max")(x).mean(0) - model(x)).abs().max() for T in (4, 64)]

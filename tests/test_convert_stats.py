@@ -309,8 +309,21 @@ def test_a_registered_policy_is_used_by_name_and_declares_its_T_dependence():
         assert not depends_on_T("test-half-max") and depends_on_T("opt,1=test-max-over-T")
         with pytest.raises(ValueError, match="already registered"):
             hc.register_policy("max")(lambda obs, spec: None)
+        for name, error in ((5, TypeError), ("a,b", ValueError), ("50", ValueError), ("", ValueError)):
+            with pytest.raises(error, match="takes the policy's name first|cannot be used in a policy string"):
+                hc.register_policy(name)
+        bad = {"test-negative": lambda obs, spec: -obs.maximum(spec.per_channel) / spec.levels,  # (was clamped)
+               "test-nan": lambda obs, spec: torch.full_like(obs.maximum(spec.per_channel), float("nan")),
+               "test-shape": lambda obs, spec: torch.ones(7), "test-text": lambda obs, spec: "0.1"}
+        for name, fn in bad.items():
+            hc.register_policy(name)(fn)
+        for name, message in (("test-negative", r"lam must be finite and >= 0"), ("test-nan", "finite"),
+                              ("test-shape", r"returned 7 values; it must return 1 \(shape \[\]\)"),
+                              ("test-text", "not a number or tensor")):
+            with pytest.raises((ValueError, TypeError), match=rf"threshold policy '{name}' at 1 \(per layer\).*{message}"):
+                hc.convert(model, data, policy=name)
     finally:
-        for name in ("test-half-max", "test-max-over-T"):
+        for name in ("test-half-max", "test-max-over-T", "test-negative", "test-nan", "test-shape", "test-text"):
             POLICIES.pop(name), T_DEPENDENT.discard(name)
 
 

@@ -123,7 +123,7 @@ def test_parse_bytes_and_chunk_size():
     assert parse_bytes("512MB") == 512 * 2**20 and parse_bytes("1.5GiB") == int(1.5 * 2**30)
     assert parse_bytes("1000") == 1000 and parse_bytes(" 2 k ") == 2048
     assert [format_bytes(b) for b in (1, 1536, 5 * 2**20, 3 * 2**40)] == ["1 B", "1.5 KiB", "5 MiB", "3 TiB"]
-    for bad in ("", "-1GB", "4 parsecs", "GB", "0"):
+    for bad in ("", "-1GB", "4 parsecs", "GB", "0", "0.5", "0.0005KB"):  # (under a byte: an error after calibration)
         with pytest.raises(ValueError, match="cannot read memory size"):
             parse_bytes(bad)
     assert chunk_size(100.0, 1050, batch=64) == 10 and chunk_size(1e12, 10, batch=64) == 1

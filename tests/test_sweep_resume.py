@@ -90,8 +90,8 @@ def test_changed_settings_rerun_points_and_set_old_records_aside(tmp_path, monke
     ('grid = [1]', 'grid = [1] must be a [grid] table of lists'),
     ('[[models]]\nname = 1\nmodel = "y"', '[[models]] name = 1 must be a string'),
     ('[data]\nlimit = 0', '[data] limit = 0 must be at least 1'),
-    ('memory_budget = "4 apples"', "memory_budget: cannot read memory size '4 apples'; write a positive number "
-                                   "with an optional unit, e.g. 512MB, 4GB or 1.5GiB"),
+    ('memory_budget = "4 apples"', "memory_budget: cannot read memory size '4 apples'; write a number of at least "
+                                   "one byte with an optional unit, e.g. 512MB, 4GB or 1.5GiB"),
 ])
 def test_config_values_of_the_wrong_type_or_range_are_errors(tmp_path, text, message):
     path = tmp_path / "sweep.toml"

@@ -18,7 +18,7 @@ from ..report import (atomic_write_json, curves_table, jsonable, layers_table, p
                       plot_tradeoff, provenance)
 from ..train import trained_model
 from ..workload import DataOptions, load_workload
-from .options import MAX_N, ensure_writable, policy_value, positive_int
+from .options import MAX_N, ensure_writable, policy_value, positive_int, random_seed
 from .registry import register_command
 
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training epochs (the model is cached per recipe)")
     parser.add_argument("--limit", type=positive_int("--limit"), default=None,
                         help="evaluate on the first N test images (default all)")
-    parser.add_argument("--seed", type=int, default=0, help="training and data seed")
+    parser.add_argument("--seed", type=random_seed, default=0, help="training and data seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -43,6 +43,17 @@ def positive_int(name: str, maximum: int | None = None):
     return parse
 
 
+def random_seed(text: str) -> int:
+    """A random seed: torch takes 0 .. 2**63 - 1 (beyond, a traceback from deep inside it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed must be in 0..{2**63 - 1}, got {value}")
+    return value
+
+
 def memory_size(text: str) -> str:
     """A memory size such as 4GB, checked now (kept as typed, for the JSON provenance)."""
     try:
@@ -76,7 +87,7 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=positive_int("--limit"), default=None, help="evaluate on the first N images (of a class-sorted split such as ImageFolder's: "
                        "N evenly spaced ones)")
     group.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size, help="images per batch")
-    group.add_argument("--seed", type=int, default=d.seed, help="seed for data order and any randomness")
+    group.add_argument("--seed", type=random_seed, default=d.seed, help="seed for data order and any randomness")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
 

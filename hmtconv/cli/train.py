@@ -9,7 +9,7 @@ from pathlib import Path
 from ..data import list_datasets
 from ..models import list_models
 from ..train import OPTIMIZERS, SCHEDULES, TrainConfig, train
-from .options import ensure_writable
+from .options import ensure_writable, random_seed
 from .registry import register_command
 
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--weight-decay", type=float, help="weight decay (default: 5e-4 sgd, 0.05 adamw)")
     add("--schedule", default=defaults.schedule, choices=list(SCHEDULES), help="learning rate schedule, per batch")
     add("--label-smoothing", type=float, default=defaults.label_smoothing, help="cross-entropy label smoothing")
-    add("--seed", type=int, default=defaults.seed, help="initialization and shuffling")
+    add("--seed", type=random_seed, default=defaults.seed, help="initialization and shuffling")
     add("--device", default=defaults.device, help="cpu, cuda, cuda:N, or auto")
     add("--limit", type=int, help="at most this many batches per epoch and for the test (quick runs)")
     add("--out", type=Path, help="checkpoint path (default: runs/MODEL[-KEYVALUE...]-DATASET-sSEED.pt)")

@@ -117,6 +117,10 @@ COMPENSATED: set[type] = {nn.GELU, nn.LayerNorm, nn.Softmax, nn.LogSoftmax, nn.M
 
 def register_compensated(cls: type) -> type:
     """Declare a stateless nonlinear module type safe to run under expectation compensation."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_compensated takes an nn.Module subclass, got {cls!r}")
+    if issubclass(cls, (nn.Linear, nn.modules.conv._ConvNd)):
+        raise ValueError(f"{cls.__name__} is a synaptic layer: spikes drive it as they are, it needs no compensation")
     COMPENSATED.add(cls)
     return cls
 

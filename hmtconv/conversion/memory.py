@@ -113,7 +113,7 @@ def parse_bytes(text: str) -> int:
     """``"512MB"``, ``"4G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (binary units)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"cannot read memory size {text!r}; write a positive number with an optional unit, "
-                         f"e.g. 512MB, 4GB or 1.5GiB")
+    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS.get(unit, 0) < 1:
+        raise ValueError(f"cannot read memory size {text!r}; write a number of at least one byte with an optional "
+                         f"unit, e.g. 512MB, 4GB or 1.5GiB")
     return int(float(match.group(1)) * _UNITS[unit])

@@ -50,6 +50,12 @@ T_DEPENDENT: set[str] = set()
 def register_policy(name: str, *, t_dependent: bool = False) -> Callable[[Policy], Policy]:
     """Register ``fn(observer, spec) -> lam`` under ``name``; a policy that reads ``spec.T`` must
     say ``t_dependent=True`` (sweeps otherwise serve every T from the largest T's thresholds)."""
+    if not isinstance(name, str):
+        raise TypeError(f"register_policy takes the policy's name first, @register_policy('name'), got {name!r}")
+    if not name or any(c in name for c in ",= \t") or (_is_number(name) and 0 < float(name) <= 100):
+        raise ValueError(f"threshold policy name {name!r} cannot be used in a policy string: give a name without "
+                         f"',', '=' or spaces that is not a percentile (a number in (0, 100])")
+
     def add(fn: Policy) -> Policy:
         if name in POLICIES:
             raise ValueError(f"threshold policy {name!r} is already registered")
@@ -58,6 +64,14 @@ def register_policy(name: str, *, t_dependent: bool = False) -> Callable[[Policy
             T_DEPENDENT.add(name)
         return fn
     return add
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def gaussian_policy(solver: Callable, doc: str) -> Policy:
@@ -191,7 +205,7 @@ def compute_lams(requests: list[tuple[ActivationObserver, NeuronSpec, str | floa
                 mu, sigma = obs.moments(per_channel)
                 batches[rule.solver, one.n, one.T, one.signed, one.theory_levels].append(((i, per_channel), mu, sigma))
             else:
-                raw[i, per_channel] = torch.as_tensor(rule(obs, one), dtype=torch.float64)
+                raw[i, per_channel] = _user_checked(rule(obs, one), obs, one, policy)
     for (solver, n, T, signed, levels), items in batches.items():
         mu = torch.cat([m.reshape(-1) for _, m, _ in items])
         sigma = torch.cat([s.reshape(-1) for _, _, s in items])
@@ -203,6 +217,26 @@ def compute_lams(requests: list[tuple[ActivationObserver, NeuronSpec, str | floa
 def compute_lam(obs: ActivationObserver, spec: NeuronSpec, policy: str | float) -> torch.Tensor:
     """:func:`compute_lams` for one site."""
     return compute_lams([(obs, spec, policy)])[0]
+
+
+def _user_checked(value, obs: ActivationObserver, spec: NeuronSpec, policy: str | float) -> torch.Tensor:
+    """A policy's output as float64; a registered policy of the user's must give finite lam >= 0,
+    one per layer or one per channel (the built-in ones leave NaN where a channel never fired,
+    which _finish settles)."""
+    if policy in BUILT_IN or not isinstance(policy, str):
+        return torch.as_tensor(value, dtype=torch.float64)
+    size = obs.maximum(True).numel() if spec.per_channel else 1
+    where = f"threshold policy {policy!r} at {obs.label} ({'per channel' if spec.per_channel else 'per layer'})"
+    try:
+        lam = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{where} returned {value!r}, not a number or tensor: {error}") from None
+    if lam.numel() != size:
+        raise ValueError(f"{where} returned {lam.numel()} values; it must return {size} (shape "
+                         f"{'[C]' if spec.per_channel else '[]'})")
+    if not (torch.isfinite(lam) & (lam >= 0)).all():  # (0, where nothing fired, is settled as the built-ins' is)
+        raise ValueError(f"{where} returned lam {lam.flatten()[:4].tolist()}...: lam must be finite and >= 0")
+    return lam.reshape(-1 if spec.per_channel else ()).to(obs.count.device)
 
 
 def _finish(lam: torch.Tensor, layer: torch.Tensor, obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
@@ -217,3 +251,6 @@ def _finish(lam: torch.Tensor, layer: torch.Tensor, obs: ActivationObserver, spe
     if spec.per_channel:
         lam = lam.reshape(lam_shape(torch.Size((1,) + obs.shape), obs.channels_first))
     return lam.to(torch.float32)
+
+
+BUILT_IN = frozenset(POLICIES)  # (user policies' outputs are checked: _user_checked)
