@@ -404,6 +404,15 @@ def test_unwritable_output_path(model_file, tmp_path, capsys):
                    "error: cannot write")
 
 
+def test_a_failed_command_leaves_no_folders_and_a_run_makes_them(model_file, tmp_path, capsys):
+    one_line_error(*cli(["evaluate", "--model", str(tmp_path / "missing.pt"), *QUICK, "--json",
+                         str(tmp_path / "new" / "deep" / "r.json")], capsys), "is not a file")
+    assert not (tmp_path / "new").exists()  # (checking the path made its folders, and a failure left them)
+    assert main(["evaluate", "--model", model_file, *QUICK, "--json", str(tmp_path / "new" / "deep" / "r.json"),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "new" / "deep" / "r.json").is_file()
+
+
 def test_an_output_over_an_input_file_or_another_output_is_refused(model_file, tmp_path, capsys):
     """--out or --json on the --model file, --json and --plot on one path: refused before the run,
     the model file untouched (it was overwritten, and the model lost)."""

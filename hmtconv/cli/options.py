@@ -147,12 +147,17 @@ def check_outputs_apart(outputs: dict[str, Path | None], inputs: dict[str, str |
 
 def ensure_writable(path: Path) -> None:
     """Raise a UserError now, not after a long run, if ``path`` is a directory or its directory
-    cannot be created or written."""
+    cannot be created or written. Creates nothing: the writer makes the missing folders, so a run
+    that fails first leaves none behind."""
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory; give a file name")
+    existing = path.parent.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is a file, not a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from error
