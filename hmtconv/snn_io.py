@@ -37,7 +37,21 @@ FORMAT, VERSION = "hmtconv-snn", 1
 def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | None = None,
              num_classes: int, extra: dict | None = None) -> Path:
     """Write ``snn`` atomically; ``model``/``weights`` say how to rebuild its architecture."""
+    if not isinstance(snn, SNN):
+        raise TypeError(f"save_snn saves what hmtconv.convert returns, got {type(snn).__name__}")
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"save_snn: model= must name the architecture to rebuild (a built-in or torchvision name, "
+                        f"timm:NAME, hf:ID, or a checkpoint file), got {model!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise TypeError(f"save_snn: num_classes= must be a positive int, got {num_classes!r}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"save_snn: {path} is a directory; give a file name")
+    try:
+        json.dumps(extra or {})
+    except TypeError as error:
+        raise TypeError(f"save_snn: extra= must hold JSON values (it goes into the file's description): {error}") \
+            from None
     tensors, stored = {}, set()
     for k, v in snn.state_dict().items():  # a tensor under two names (timm's F.layer_norm weights) stored twice
         v = v.detach().cpu().contiguous()

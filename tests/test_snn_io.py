@@ -120,6 +120,21 @@ def test_moved_weights_file_is_given_again_with_weights(tmp_path):
     assert main(["evaluate", "--snn", str(path), "--weights", str(tmp_path / "moved.pt"), *data]) == 0
 
 
+def test_save_snn_refuses_what_no_one_could_load(saved, tmp_path):
+    """Each was written and then failed at load (a traceback, or a misleading message)."""
+    snn, _, model_file = saved
+    cases = [(dict(snn=small_cnn()), TypeError, "saves what hmtconv.convert returns"),
+             (dict(model=None), TypeError, "model= must name the architecture"),
+             (dict(num_classes="10"), TypeError, "num_classes= must be a positive int"),
+             (dict(path=tmp_path), IsADirectoryError, "is a directory"),
+             (dict(extra={"x": torch.ones(1)}), TypeError, "extra= must hold JSON values")]
+    for change, error, message in cases:
+        args = {"snn": snn, "path": tmp_path / "s.safetensors", "model": str(model_file), "num_classes": 10, **change}
+        with pytest.raises(error, match=message):
+            save_snn(args.pop("snn"), args.pop("path"), **args)
+    assert not (tmp_path / "s.safetensors").exists()
+
+
 def test_truncated_file_is_a_clear_error(saved, tmp_path):
     data = saved[1].read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
