@@ -128,6 +128,8 @@ def recorded_code(path: str | os.PathLike) -> list[str]:
 def read_snn_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(metadata, tensors)``; a clear UserError for a missing, truncated, foreign or newer file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"SNN file {path} is a directory; give the file `hmtconv convert --out` wrote")
     if not path.is_file():
         raise UserError(f"SNN file {path} does not exist")
     try:
@@ -135,6 +137,11 @@ def read_snn_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
             raw = (handle.metadata() or {}).get(FORMAT)
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
+        with open(path, "rb") as f:
+            torch_file = f.read(2) == b"PK"  # (torch.save writes a zip)
+        if torch_file:
+            raise UserError(f"{path} is a PyTorch file (a training checkpoint or a model?), not an SNN file: pass "
+                            f"it as --model {path}") from error
         raise UserError(f"{path} is not a readable SNN file (truncated or corrupted?): {error}") from error
     if raw is None:
         raise UserError(f"{path} is a safetensors file but not an SNN saved by `hmtconv convert`")

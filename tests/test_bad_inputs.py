@@ -385,6 +385,19 @@ def test_a_prepared_model_or_an_snn_as_the_ann_is_a_clear_error(snn):
     assert [site.observer.count.item() for site in hc.api.observed_sites(prepared).values()] == counts
 
 
+def test_what_is_no_model_or_no_loader_is_named_as_such(snn):
+    x = images()[0][0]
+    for call, message in ((lambda: hc.convert(cnn(), x), "convert: the loader must yield .* got a Tensor: wrap a "
+                           r"tensor of images as \[\(images, labels\)\]"),
+                          (lambda: hc.convert(cnn(), 5), "convert: the loader must yield .* got a int"),
+                          (lambda: hc.evaluate(snn, "data"), "evaluate: the loader must yield .* got a str"),
+                          (lambda: hc.convert(5, images()), "expected a torch.nn.Module, got int"),
+                          (lambda: hc.evaluate(snn, images(), ann="x"), "expected a torch.nn.Module, got str"),
+                          (lambda: hc.convert(cnn(), images(), communicate="no"), "communicate must be True or False")):
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
 def test_an_ann_with_other_outputs_than_the_snn_is_a_clear_error(snn):
     """Was 0 % ANN accuracy and agreement, silently."""
     other = nn.Sequential(*list(cnn())[:-1], nn.Linear(4 * 64, 5)).eval()

@@ -166,9 +166,20 @@ def test_a_description_lacking_what_loading_reads_is_a_clear_error(saved, tmp_pa
         load_snn(tmp_path / "edited.safetensors")
 
 
-def test_snn_file_given_as_model_names_snn(saved):
-    with pytest.raises(UserError, match="is an SNN saved by `hmtconv convert`: pass it as --snn"):
-        load_model(str(saved[1]), None, in_channels=1, image_size=8, num_classes=10)
+def test_snn_file_given_as_model_names_snn(saved, tmp_path):
+    renamed = tmp_path / "snn.pt"  # (convert --out x.pt: read as a PyTorch file, "invalid load key")
+    renamed.write_bytes(saved[1].read_bytes())
+    for path in (saved[1], renamed):
+        with pytest.raises(UserError, match="is an SNN saved by `hmtconv convert`: pass it as --snn"):
+            load_model(str(path), None, in_channels=1, image_size=8, num_classes=10)
+
+
+def test_a_checkpoint_or_a_folder_given_as_the_snn_is_named_as_such(saved, tmp_path):
+    with pytest.raises(UserError, match=r"cnn.pt is a PyTorch file \(a training checkpoint or a model\?\), not an "
+                       "SNN file: pass it as --model"):
+        load_snn(saved[2])
+    with pytest.raises(UserError, match="is a directory; give the file"):
+        load_snn(tmp_path)
 
 
 def test_foreign_safetensors_file_is_refused(tmp_path):

@@ -48,9 +48,19 @@ def model_input(batch, device: torch.device, dtype: torch.dtype, where: str) -> 
     return x
 
 
+def check_loader(loader, what: str) -> None:
+    """A TypeError unless ``loader`` can be iterated for batches (a tensor iterates its rows)."""
+    iterable = hasattr(type(loader), "__iter__") or hasattr(type(loader), "__getitem__")  # (a Dataset: its hint later)
+    if isinstance(loader, (torch.Tensor, str, bytes)) or not iterable:
+        hint = ": wrap a tensor of images as [(images, labels)]" if isinstance(loader, torch.Tensor) else ""
+        raise TypeError(f"{what}: the loader must yield (images, labels) batches (a DataLoader, a list of pairs), "
+                        f"got a {type(loader).__name__}{hint}")
+
+
 def first_batches(loader: Iterable, max_batches: int | None, what: str) -> Iterable:
     """``loader`` stopped after ``max_batches`` batches, without pulling one more (a generator
     keeps it)."""
+    check_loader(loader, what)
     if max_batches is None:
         return loader
     if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
@@ -127,6 +137,8 @@ def _info(model: nn.Module) -> PrepareInfo | None:
 
 
 def is_prepared(model: nn.Module) -> bool:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if _info(model) is None and any(isinstance(m, ObservedActivation) for m in model.modules()):
         raise TypeError(f"{type(model).__name__} has observers but not the record prepare() keeps beside them (a "
                         f"prepared GraphModule saved whole loses it): save prepared.state_dict() instead, and load "
@@ -302,6 +314,7 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
         raise ValueError("convert(model, calib_loader, ...) needs calibration data for a float model "
                          "(or pass the output of prepare() and calibrate())")
     else:
+        check_loader(calib_loader, "convert")
         first, calib_loader = _peek(calib_loader)
         prepared = prepare(model, identity=identity, inplace=inplace, example_inputs=_example_of_any_rank(first, model))
     if calib_loader is not None:

@@ -38,6 +38,8 @@ class ConversionConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         parse_policy(self.policy)  # a typo in a policy or its per-site overrides fails here
+        if not isinstance(self.communicate, bool):  # ("no" would be true)
+            raise TypeError(f"communicate must be True or False, got {self.communicate!r}")
         if self.neuron == "if":
             self.n = 1  # the classic IF neuron is the one-threshold H-MT
 

@@ -198,16 +198,16 @@ def _pixel_values(processor, image) -> torch.Tensor:
 def from_file(path: str, weights: str | None, allow_pickle: bool) -> LoadedModel:
     if weights is not None:
         raise UserError(f"--weights {weights} cannot be combined with the model file {path}")
+    from ..snn_io import is_snn_file  # (here, not at the top: snn_io imports this package)
+
+    if is_snn_file(path):  # (whatever its suffix: convert --out x.pt writes one)
+        raise UserError(f"{path} is an SNN saved by `hmtconv convert`: pass it as --snn {path}")
     obj = read_file(path, allow_pickle)
     if is_checkpoint(obj):
         return LoadedModel(model_from_checkpoint(obj, path), None, f"checkpoint {path} ({obj['arch']})")
     if isinstance(obj, nn.Module):
         return LoadedModel(obj.eval(), None, f"pickled module {path} ({type(obj).__name__})")
     if isinstance(obj, dict):
-        from ..snn_io import is_snn_file  # (here, not at the top: snn_io imports this package)
-
-        if is_snn_file(path):
-            raise UserError(f"{path} is an SNN saved by `hmtconv convert`: pass it as --snn {path}")
         raise UserError(f"{path} is a state_dict without an architecture; pass --model ARCH --weights {path}")
     raise UserError(f"{path} holds a {type(obj).__name__}, not a model")
 
