@@ -398,6 +398,13 @@ def test_what_is_no_model_or_no_loader_is_named_as_such(snn):
             call()
 
 
+def test_an_empty_calibration_batch_is_skipped():
+    """Was an IndexError from the observers' amax (and a var_mean warning)."""
+    data = images()
+    empty = [(data[0][0][:0], data[0][1][:0])]
+    torch.testing.assert_close(hc.convert(cnn(), empty + data, T=2)(data[0][0]), hc.convert(cnn(), data, T=2)(data[0][0]))
+
+
 def test_an_ann_with_other_outputs_than_the_snn_is_a_clear_error(snn):
     """Was 0 % ANN accuracy and agreement, silently."""
     other = nn.Sequential(*list(cnn())[:-1], nn.Linear(4 * 64, 5)).eval()

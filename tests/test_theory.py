@@ -174,6 +174,17 @@ def test_invalid_arguments(bad, match):
         quantization_error(**args)
 
 
+@pytest.mark.parametrize("bad,match", [  # each returned NaN or an unconverged lam
+    (dict(mu=float("nan")), "mu must be finite"), (dict(levels=-3), "levels must be positive integers"),
+    (dict(rtol=-1.0), "rtol > 0"), (dict(max_iter=0), "max_iter >= 1")])
+def test_the_solvers_refuse_what_they_cannot_answer(bad, match):
+    args = dict(mu=0.0, sigma=1.0, n=4, T=4, signed=False) | bad
+    with pytest.raises(ValueError, match=match):
+        optimal_lam(**args)
+    with pytest.raises(ValueError, match="steps >= 0"):
+        fixed_point_lam(0.0, 1.0, 4, 4, False, steps=-1)
+
+
 def _k_erfc(lam, mu, sigma, n, T, signed):
     """Eq. 29 term by term with erf = 1 - erfc (no cancellation where every erf is near 1)."""
     def erfc(z):  # (torch's, in float64: a test dependency less than scipy's)

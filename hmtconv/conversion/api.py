@@ -242,6 +242,8 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
         site.observer.label = name or "<root>"
     for i, batch in enumerate(first_batches(loader, max_batches, "calibrate")):
         x = model_input(batch, device, dtype, f"calibration batch {i}")
+        if x.shape[0] == 0:  # (an empty batch holds no statistics; evaluate skips them too)
+            continue
         if info.sized_to is not None and tuple(x.shape[1:]) != info.sized_to:
             raise ValueError(f"calibration batch {i} has images of shape {list(x.shape[1:])} but "
                              f"{type(prepared).__name__} was traced at {list(info.sized_to)} (its forward branches "

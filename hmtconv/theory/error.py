@@ -28,7 +28,10 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 def levels_for(n, levels=None) -> torch.Tensor:
     """Per-step maximum level: ``2**n - 1`` for H-MT, or an explicit override (n for MT)."""
     if levels is not None:
-        return torch.as_tensor(levels, dtype=torch.float64)
+        levels = torch.as_tensor(levels, dtype=torch.float64)
+        if not ((levels >= 1) & (levels == torch.round(levels))).all():
+            raise ValueError(f"levels must be positive integers, got {levels}")
+        return levels
     n = torch.as_tensor(n, dtype=torch.float64)
     if ((n < 1) | (n > 16) | (n != torch.round(n))).any():
         raise ValueError(f"n must be an integer in [1, 16], got {n}")
@@ -43,7 +46,9 @@ def broadcast64(*values) -> list[torch.Tensor]:
     return list(torch.broadcast_tensors(*[torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]))
 
 
-def _check(lam=None, sigma=None, T=None):
+def _check(lam=None, sigma=None, T=None, mu=None):
+    if mu is not None and not torch.isfinite(mu).all():
+        raise ValueError("mu must be finite")
     if lam is not None and not ((lam > 0) & torch.isfinite(lam)).all():
         raise ValueError(f"lam must be finite and > 0, got {lam[~((lam > 0) & torch.isfinite(lam))][0].item()}")
     if sigma is not None and not ((sigma >= 0) & torch.isfinite(sigma)).all():

@@ -54,8 +54,11 @@ def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12,
     float64 with the broadcast shape.
     ``sigma = 0`` is solved exactly (see ``_point_mass_lam``).
     """
+    if not (isinstance(rtol, (int, float)) and rtol > 0) or isinstance(max_iter, bool) or not (
+            isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"optimal_lam needs rtol > 0 and max_iter >= 1, got rtol={rtol!r}, max_iter={max_iter!r}")
     mu, sigma, T = broadcast64(mu, sigma, T)
-    _check(sigma=sigma, T=T)
+    _check(sigma=sigma, T=T, mu=mu)
     b = T * levels_for(n, levels)
     mu, sigma, T, b = broadcast64(mu, sigma, T, b)
     shape = mu.shape
@@ -171,8 +174,10 @@ def fixed_point_lam(mu, sigma, n, T, signed: bool, steps: int = 1500, theta0: fl
 
     ``sigma = 0`` (where k is undefined) returns the exact point-mass lam of ``optimal_lam``.
     """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"fixed_point_lam needs steps >= 0, got {steps!r}")
     mu, sigma, T = broadcast64(mu, sigma, T)
-    _check(sigma=sigma, T=T)
+    _check(sigma=sigma, T=T, mu=mu)
     b = T * levels_for(n, levels)
     mu, sigma, T, b = broadcast64(mu, sigma, T, b)
     live = sigma > 0
