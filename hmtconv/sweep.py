@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .conversion import calibrate, convert, evaluate, prepare
 from .conversion.memory import parse_bytes
-from .conversion.policies import depends_on_T
+from .conversion.policies import POLICIES, depends_on_T
 from .conversion.snn import ConversionConfig
 from .errors import UserError
 from .report import append_jsonl, provenance, read_jsonl, write_reports
@@ -100,11 +100,22 @@ class SweepConfig:
             point = dict(zip(GRID_KEYS, values))
             if point["neuron"] == "if":
                 point["n"] = 1
+            point["policy"] = _canonical(point["policy"])
             key = json.dumps(point, sort_keys=True)
             if key not in seen:
                 seen.add(key)
                 points.append(point)
         return points
+
+
+def _canonical(policy: str | float) -> str | float:
+    """A percentile written as a string ("99.9") as the number it is, so the grid runs it once."""
+    if isinstance(policy, str) and policy not in POLICIES:
+        try:
+            return float(policy)
+        except ValueError:
+            pass
+    return policy
 
 
 def load_config(path: str | Path) -> SweepConfig:

@@ -136,3 +136,9 @@ def test_a_model_name_without_weights_is_the_same_random_network_in_every_run(tm
     first = lams("a")
     torch.rand(1)  # the global random state moves on, as it does between processes
     assert lams("b") == first
+
+
+def test_a_percentile_written_as_text_and_as_a_number_is_one_point():
+    """Was run twice (and shown as 99.9 and 99.90); named policies and per-site strings stay as written."""
+    config = SweepConfig(models=[ModelEntry("cnn", "x")], T=[2], n=[4], policy=["99.9", 99.9, "999", "opt,*x=99.5"])
+    assert [p["policy"] for p in config.points()] == [99.9, "999", "opt,*x=99.5"]
