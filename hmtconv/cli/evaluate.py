@@ -65,7 +65,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     distributed.init_from_env(device)
     torch.manual_seed(args.seed)
     if distributed.is_main():  # fail now, not after a long run
-        layers = None if args.plot is None else args.plot.with_name(args.plot.stem + "-layers.png")
+        layers = None if args.plot is None else layers_plot(args.plot)
         check_outputs_apart({"--json": args.json, "--plot": args.plot, "--plot's per-layer chart": layers},
                             {"--model": args.model, "--weights": args.weights, "--snn": args.snn, "--code": args.code})
         for path in (args.json, args.plot):
@@ -138,6 +138,11 @@ def use_snn_config(args: argparse.Namespace, config: dict) -> None:
     vars(args).update({name: config[name] for name in FIXED_BY_SNN})
 
 
+def layers_plot(plot: Path) -> Path:
+    """Where the per-layer chart goes, beside the --plot of the curves."""
+    return plot.with_name(plot.stem + "-layers.png")
+
+
 def report(record: dict, args: argparse.Namespace, label: str) -> None:
     """Print the tables and write --json / --plot (rank 0 only)."""
     if not distributed.is_main():
@@ -164,7 +169,7 @@ def report(record: dict, args: argparse.Namespace, label: str) -> None:
     if args.plot is not None:
         plot_curves({label: record}, args.plot, title=f"{record['model']}: {label}")
         if record["per_layer"] and record["per_layer"][0]["mean_abs_error"] is not None:
-            plot_layers(record, args.plot.with_name(args.plot.stem + "-layers.png"), title=label)
+            plot_layers(record, layers_plot(args.plot), title=label)
         print(f"wrote {args.plot}")
 
 
