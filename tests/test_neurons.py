@@ -140,6 +140,12 @@ def test_invalid_arguments(kwargs, match):
         HMTNeuron(**kwargs)
 
 
+@pytest.mark.parametrize("lam", ["0.1", None, True])
+def test_a_threshold_that_is_no_number_is_named(lam):  # (were torch's own words, or True taken as 1)
+    with pytest.raises(TypeError, match="lam must be a number or a tensor of numbers, got"):
+        HMTNeuron(4, lam)
+
+
 def test_shape_errors_name_the_shapes():
     neuron = HMTNeuron(4, torch.ones(3, 1, 1))
     with pytest.raises(ValueError, match=r"\(3, 1, 1\).*\(2, 4, 4\)"):

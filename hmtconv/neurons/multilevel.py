@@ -26,8 +26,10 @@ def check_n(n) -> int:
 def as_threshold(value, name: str) -> torch.Tensor:
     """A positive, finite threshold as a float tensor (Python numbers keep double precision;
     ``forward`` casts to the input's dtype)."""
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = torch.tensor(float(value), dtype=torch.float64)
+    if not isinstance(value, (torch.Tensor, list, tuple)) and type(value).__module__ != "numpy":
+        raise TypeError(f"{name} must be a number or a tensor of numbers, got {type(value).__name__} {value!r}")
     t = torch.as_tensor(value).detach().clone()
     if not t.is_floating_point():
         t = t.to(torch.float64)
