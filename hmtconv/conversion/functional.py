@@ -100,6 +100,11 @@ def _as_parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
     return tensor if tensor is None or isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
 
 
+def _weight_and_bias(gm: fx.GraphModule, n: fx.Node, index: int) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+    """The model's tensors a norm call reads as its weight and bias (arguments ``index``, ``index + 1``)."""
+    return _as_parameter(_model_tensor(gm, n, index, "weight")), _as_parameter(_model_tensor(gm, n, index + 1, "bias"))
+
+
 def _normalized_shape(n: fx.Node, weight: torch.Tensor | None) -> tuple[int, ...]:
     """The ``normalized_shape`` of a layer or RMS norm call. One read from the input
     (``F.layer_norm(x, x.shape[-1:], w, b)``) is the weight's, which must have it; without a
@@ -117,7 +122,7 @@ def _normalized_shape(n: fx.Node, weight: torch.Tensor | None) -> tuple[int, ...
 
 def _layer_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
     """An ``nn.LayerNorm`` sharing the call's weight and bias (parameters or buffers of the model)."""
-    weight, bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((2, "weight"), (3, "bias")))
+    weight, bias = _weight_and_bias(gm, n, 2)
     module = nn.LayerNorm(_normalized_shape(n, weight), eps=arg(n, 4, "eps", 1e-5))
     module.weight, module.bias = weight, bias
     return module
@@ -155,7 +160,7 @@ def _instance_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
     if not arg(n, 5, "use_input_stats", True):
         return None
     module = InstanceNorm(arg(n, 7, "eps", 1e-5))
-    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((3, "weight"), (4, "bias")))
+    module.weight, module.bias = _weight_and_bias(gm, n, 3)
     return module
 
 
@@ -186,7 +191,7 @@ def batch_norm(gm: fx.GraphModule, n: fx.Node) -> nn.Module:
         raise ValueError(f"cannot convert {scope(n) or '<root>'} (batch_norm, graph node {n.name!r}): eval-mode "
                          f"batch_norm without running statistics normalizes each batch by itself")
     module = BatchNormAnyDim(mean.numel(), eps=arg(n, 7, "eps", 1e-5)).eval()
-    module.weight, module.bias = (_as_parameter(_model_tensor(gm, n, i, k)) for i, k in ((3, "weight"), (4, "bias")))
+    module.weight, module.bias = _weight_and_bias(gm, n, 3)
     module.running_mean, module.running_var = mean, var
     return module
 
