@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .atomic import atomic_path
 from .conversion import SNN, ConversionConfig, calibrate, convert, prepare
-from .device import placement
+from .device import placement, resolve_device
 from .errors import UserError
 from .models import load_model
 
@@ -182,6 +182,7 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, weights: str 
              device: str = "cpu", allow_pickle: bool = True) -> tuple[SNN, dict]:
     """Rebuild the saved SNN (same graph, same tensors); returns ``(snn, metadata)``. ``model`` and
     ``weights`` replace the saved model reference (e.g. the model file has moved)."""
+    device = resolve_device(str(device))
     meta, tensors = read_snn_file(path)
     shape, config = meta["input_shape"], meta["config"]
     spec = model or meta["model"]["spec"]

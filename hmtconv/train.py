@@ -96,10 +96,12 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"epochs must be at least 1, got {config.epochs}")
     if config.limit is not None and config.limit < 1:
         raise UserError(f"limit must be at least 1 batch, got {config.limit}")
-    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
-        raise UserError(f"learning rate must be a positive finite number, got {config.lr}")
-    if config.weight_decay is not None and not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
-        raise UserError(f"weight decay must be a finite number >= 0, got {config.weight_decay}")
+    # The optimizers scale float32 gradients by these: a larger number overflows inside torch.
+    largest = torch.finfo(torch.float32).max
+    if config.lr is not None and not 0 < config.lr <= largest:
+        raise UserError(f"learning rate must be a positive number within float32's range (at most {largest:.3g}), got {config.lr}")
+    if config.weight_decay is not None and not 0 <= config.weight_decay <= largest:
+        raise UserError(f"weight decay must be a number >= 0 within float32's range (at most {largest:.3g}), got {config.weight_decay}")
     if not 0 <= config.label_smoothing < 1:
         raise UserError(f"label smoothing must be in [0, 1), got {config.label_smoothing}")
 

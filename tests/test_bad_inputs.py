@@ -221,6 +221,8 @@ def test_tokens_first_activations_at_neurons_are_a_clear_error(after_relu):
     (lambda h, B: sum(h.chunk(2, 0)), "chunk", "moves rows along"),
     (lambda h, B: h[:B], "getitem", "moves rows along"),
     (lambda h, B: h.roll(1, 0), "roll", "moves rows along"), (lambda h, B: h.flip(0), "flip", "moves rows along"),
+    (lambda h, B: h.cumsum(0), "cumsum", "moves rows along"),
+    (lambda h, B: torch.cumsum(h, dim=-4), "cumsum", "moves rows along"),
     (lambda h, B: h.view(2, -1, 4, 8, 8).mean(0), "view", "splits")])
 def test_moving_rows_along_the_batch_after_the_neurons_is_a_clear_error(call, node, what):
     """Test-time augmentation (a flipped copy of each image) and the like undone after a neuron: the

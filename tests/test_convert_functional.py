@@ -252,7 +252,7 @@ def test_functional_batch_norm_linear_and_activations_become_modules():
 
 class TimmStyleOps(nn.Module):
     """What timm's PoolFormer, ResMLP, XCiT, CoaT and BEiT do with functions: F.group_norm,
-    torch.addcmul with weights, F.pad / roll / flip / stack / reshape_as on spikes, a position
+    torch.addcmul with weights, F.pad / roll / flip / stack / reshape_as / cumsum on spikes, a position
     embedding built from the input's size, a Linear whose bias is concatenated in forward, and
     Hiera's amax and VOLO's max over a dim (compensated)."""
 
@@ -271,7 +271,7 @@ class TimmStyleOps(nn.Module):
         x = F.group_norm(x.transpose(1, 2), 2, self.gn_w, self.gn_b, 1e-5).transpose(1, 2)
         x = torch.addcmul(self.beta, self.alpha, x)
         x = torch.relu(x)
-        x = torch.stack((x.roll(1, 1), x.flip(2)), 0).sum(0).reshape_as(x)
+        x = torch.stack((x.roll(1, 1), x.flip(2)), 0).sum(0).reshape_as(x) + torch.cumsum(x, 1) / 5 + x.cumsum(-1) / 6
         x = F.pad(x, (0, 0, 1, 1))  # 7 tokens
         pos = self.pos(torch.arange(x.size(1), dtype=x.dtype, device=x.device).unsqueeze(-1) / x.size(1))
         x = x + pos

@@ -343,6 +343,15 @@ def test_histogram_config_rejects_edges_it_cannot_bin_exactly(kwargs, match):
         HistogramConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,match", [(dict(min_exp=-16.5), "min_exp must be an int"),
+                                          (dict(max_exp="16"), "max_exp must be an int"),
+                                          (dict(bins_per_octave=True), "bins_per_octave must be an int"),
+                                          (dict(per_channel="no"), "per_channel must be True or False")])
+def test_histogram_config_names_a_field_of_the_wrong_type(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        HistogramConfig(**kwargs)
+
+
 def test_half_precision_activations_bin_like_their_float32_values(path):
     """Half and bfloat16 values are exact in float32: the same counts as the float32 batch."""
     x = torch.randn(6, 3, 5, 5) * 100

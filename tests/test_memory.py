@@ -83,6 +83,9 @@ def test_memory_budget_sets_the_chunk(monkeypatch):
         hc.evaluate(snn, data, max_batch=2, memory_budget="1GB")
     with pytest.raises(ValueError, match="positive integer"):
         hc.evaluate(snn, data, max_batch=0)
+    for bad in (float("nan"), float("inf"), 0.5, -3, True, [1]):
+        with pytest.raises(ValueError, match=r"memory_budget must be a number of bytes \(at least 1\)"):
+            hc.evaluate(snn, data, memory_budget=bad)
 
 
 @pytest.mark.parametrize("T, sizes", [(16, [32, 32, 32, 4]), (4, [64, 36]), (64, [32, 32, 32, 4])])

@@ -90,3 +90,15 @@ def test_sweep_report_shows_a_run_whose_own_T_left_the_grid(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| T=2        | 99.10 | 95.00 | 97.50 |" in table, table
     assert (tmp_path / "curves-cnn.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_models_whose_names_map_to_one_file_name_keep_a_plot_each(tmp_path):
+    """``hf:a/b`` and ``hf:a_b`` both read ``hf_a_b`` in a file name: the second plot must not
+    overwrite the first."""
+    grid = {"n": 4, "T": 3, "policy": "999", "neuron": "hmt", "identity": "none", "communicate": True,
+            "granularity": "layer"}
+    records = [{"model": model, **grid, "result": {**RESULT, "spikes_per_sample": 1.0}}
+               for model in ("hf:a/b", "hf:a_b", "hf_a_b-2")]
+    write_reports(records, tmp_path, GRID_KEYS)
+    assert sorted(p.name for p in tmp_path.glob("curves-*.png")) == [
+        "curves-hf_a_b-2-2.png", "curves-hf_a_b-2.png", "curves-hf_a_b.png"]

@@ -135,6 +135,13 @@ def test_save_snn_refuses_what_no_one_could_load(saved, tmp_path):
     assert not (tmp_path / "s.safetensors").exists()
 
 
+def test_a_device_name_that_cannot_work_is_refused_before_loading(saved):
+    with pytest.raises(UserError, match="'gpu' is not a device name"):
+        load_snn(saved[1], device="gpu")
+    snn, _ = load_snn(saved[1], device=torch.device("cpu"))
+    assert next(snn.parameters()).device.type == "cpu"
+
+
 def test_truncated_file_is_a_clear_error(saved, tmp_path):
     data = saved[1].read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])

@@ -97,14 +97,14 @@ RESHAPES = {"view", "reshape", torch.reshape, "unflatten", torch.unflatten, "vie
 
 def _dims_along(node: fx.Node) -> list | None:
     """The dims a call that moves rows along them acts on (``torch.cat``, chunk, split, narrow,
-    index_select, roll, flip; slicing: dim 0 unless its first index takes every row), as written
+    index_select, cumsum, roll, flip; slicing: dim 0 unless its first index takes every row), as written
     (negative ones too); None: all of them (a roll without dims)."""
     target, rest = node.target, node.args[1:]
     if target is torch.cat:
         return [arg(node, 1, "dim", 0)]
     if target in ("chunk", torch.chunk, "split", torch.split):
         return [arg(node, 2, "dim", 0)]
-    if target in ("narrow", torch.narrow, "index_select", torch.index_select):
+    if target in ("narrow", torch.narrow, "index_select", torch.index_select, "cumsum", torch.cumsum):
         return [arg(node, 1, "dim")]
     if target in ("roll", torch.roll):
         dims = arg(node, 2, "dims")

@@ -51,13 +51,14 @@ STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub
                         F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pad, torch.stack, torch.roll, torch.narrow,
                         torch.select, torch.index_select, torch.tile, torch.detach,
                         torch.flip, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.repeat_interleave,
-                        F.unfold, F.fold, assign,
+                        F.unfold, F.fold, assign, torch.cumsum,
                         *WINDOW_REARRANGEMENTS}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "adjoint",
                       "contiguous", "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
                       "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",
                       "swapaxes", "swapdims", "movedim", "reshape_as", "view_as", "expand_as", "roll", "flip",
-                      "repeat_interleave", "unfold", "narrow", "select", "index_select", "repeat", "tile", "detach"}
+                      "repeat_interleave", "unfold", "narrow", "select", "index_select", "repeat", "tile", "detach",
+                      "cumsum"}
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
 SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}

@@ -7,6 +7,7 @@ the single-process batch order, so every number equals a single-process run's bi
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Iterable
@@ -115,7 +116,14 @@ def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int
         return max_batch
     if memory_budget is None:
         return cpu_chunk(steps) if device.type == "cpu" else None
-    budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+    if isinstance(memory_budget, str):
+        budget = parse_bytes(memory_budget)
+    elif isinstance(memory_budget, (int, float)) and not isinstance(memory_budget, bool) \
+            and math.isfinite(memory_budget) and memory_budget >= 1:
+        budget = int(memory_budget)
+    else:
+        raise ValueError(f"memory_budget must be a number of bytes (at least 1) or a size such as '4GB', "
+                         f"got {memory_budget!r}")
     per_sample = snn.activation_bytes(steps)
     if per_sample > budget:
         warnings.warn(f"one sample at T={steps} needs about {format_bytes(per_sample)} of activations, more than "

@@ -26,6 +26,12 @@ class HistogramConfig:
     per_channel: bool = True
 
     def __post_init__(self):
+        for name in ("min_exp", "max_exp", "bins_per_octave"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"HistogramConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
+        if not isinstance(self.per_channel, bool):
+            raise TypeError(f"HistogramConfig.per_channel must be True or False, got {self.per_channel!r}")
         # Edges must be normal float32 numbers (their octaves then share one mantissa table).
         if not -125 <= self.min_exp < self.max_exp <= 127:
             raise ValueError(f"HistogramConfig needs -125 <= min_exp < max_exp <= 127, got min_exp={self.min_exp}, "

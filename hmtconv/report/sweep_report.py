@@ -72,6 +72,20 @@ def longest_of_each_run(records: list[dict], grid_keys: tuple[str, ...]) -> list
     return list(longest.values())
 
 
+def _file_stems(models) -> dict[str, str]:
+    """A plot file-name stem per model: characters a file name cannot hold become ``_``; models
+    whose stems then collide (``hf:a/b`` and ``hf:a_b``) get ``-2``, ``-3``... so no plot is lost."""
+    stems: dict[str, str] = {}
+    for model in models:
+        stem = base = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+        count = 1
+        while stem in stems.values():
+            count += 1
+            stem = f"{base}-{count}"
+        stems[model] = stem
+    return stems
+
+
 def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) -> None:
     """``table.md`` (final-step accuracy and energy of every point, and full curves) and PNG plots."""
     varying = [k for k in grid_keys if len({json.dumps(r[k]) for r in records}) > 1]
@@ -80,7 +94,8 @@ def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) ->
              (r["result"].get("agreement") or [None])[-1],
              (r["result"]["energy_ratio"] or [None])[-1], r["result"]["spikes_per_sample"]] for r in records]
     sections = ["# Sweep results", "", markdown_table(header, rows), ""]
-    for model in dict.fromkeys(r["model"] for r in records):
+    stems = _file_stems(dict.fromkeys(r["model"] for r in records))
+    for model, safe in stems.items():
         mine = [r for r in records if r["model"] == model]
         if "T" in varying:
             sections += [f"## {model}: by T (SNN top-1 %, agreement with the ANN %, energy ratio at t = T)", "",
@@ -91,7 +106,6 @@ def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) ->
                          "", ratios, ""]
         runs = {_label(r, varying): r["result"] for r in longest_of_each_run(mine, grid_keys)}
         sections += [f"## {model}: accuracy and energy at every t", "", curves_table(runs), ""]
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
         if "T" in varying:  # accuracy and energy at t = T of each conversion, vs T
             plot_curves(_by_T(mine, [k for k in varying if k != "T"]), out / f"by-T-{safe}.png",
                         title=f"{model}: accuracy and energy at t = T", xlabel="T (time steps of the conversion)")
