@@ -14,9 +14,11 @@ over the repeats, which does not change the cost of a pass), timed side by side 
 several times faster than ``nn.MaxPool2d`` on CPU): the last column divides by an ANN given the
 same max pooling, so that gain is shown apart. The last column runs the prepared model with every
 observer switched off: what the edited graph costs apart from the statistics.
-Observers always gather per-layer and per-channel count, mean, M2 and maximum and the per-layer
-histogram; only the per-channel histogram (for per-channel percentiles) can be switched off, with
-``prepare(model, histogram=HistogramConfig(per_channel=False))``: one row with it, one without.
+Observers always gather per-layer and per-channel count, mean, M2 and maximum; the rows differ in
+the histograms: per layer and per channel (``prepare``'s default: every policy at either
+granularity), per layer only (``HistogramConfig(per_channel=False)``: the percentile policies and
+opt-emp per layer), none (``histogram=None``: what ``convert(model, loader, policy="opt")`` gathers,
+as for opt1500 and max).
 (b) Each set size runs in a fresh process whose batches are generated one at a time (the data set
 is never in memory); it reports its RSS after ``prepare``, its peak RSS during ``calibrate``
 (Linux VmHWM, reset before calibrating) and its RSS after; freed tensors go straight back to the
@@ -38,7 +40,8 @@ from hmtconv.conversion.pooling import slice_max_pools
 from timing import in_fresh_process, peak_rss_mib, reset_peak, rss_mib, timed, timed_side_by_side
 
 HISTOGRAMS = {"layer + channel (default)": HistogramConfig(),
-              "layer only": HistogramConfig(per_channel=False)}
+              "layer only": HistogramConfig(per_channel=False),
+              "none (opt, opt1500, max)": None}
 
 
 def random_batches(images: int, batch: int, shape: tuple[int, ...]):

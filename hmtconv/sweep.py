@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .conversion import calibrate, convert, evaluate, prepare
 from .conversion.memory import parse_bytes
-from .conversion.policies import POLICIES, depends_on_T
+from .conversion.policies import POLICIES, depends_on_T, histograms_for
 from .conversion.snn import ConversionConfig
 from .errors import UserError
 from .report import append_jsonl, provenance, read_jsonl, write_reports
@@ -240,9 +240,11 @@ def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: d
         torch.manual_seed(config.data.seed)  # a name without weights builds the same random network each run
         work = load_workload(entry.model, config.data, weights=entry.weights, device=config.device)
         for identity in sorted({p["identity"] for p in mine}):
-            prepared = calibrate(prepare(work.model, identity=identity, example_inputs=work.example_inputs()),
-                                 work.calib_loader)
-            for steps, group in simulations([p for p in mine if p["identity"] == identity]):
+            runs = [p for p in mine if p["identity"] == identity]
+            histogram = histograms_for({p["policy"] for p in runs}, any(p["granularity"] == "channel" for p in runs))
+            prepared = calibrate(prepare(work.model, identity=identity, histogram=histogram,
+                                         example_inputs=work.example_inputs()), work.calib_loader)
+            for steps, group in simulations(runs):
                 bar.set_postfix_str(f"{entry.name} " + " ".join(f"{k}={group[0][k]}" for k in GRID_KEYS if k != "T")
                                     + f" T={steps}")
                 snn = convert(prepared, **{**group[0], "T": steps})

@@ -327,6 +327,54 @@ def test_a_registered_policy_is_used_by_name_and_declares_its_T_dependence():
             POLICIES.pop(name), T_DEPENDENT.discard(name)
 
 
+def test_a_one_shot_convert_gathers_only_the_statistics_its_policy_reads(monkeypatch):
+    """convert(model, loader, policy=...) skips the histograms (the costliest statistics) for
+    policies that read moments and maxima only, and keeps per-channel ones only for per-channel
+    thresholds; its thresholds equal those of a full calibration."""
+    import hmtconv.conversion.api as api
+    from hmtconv.conversion.policies import NO_HISTOGRAM, POLICIES, reads_histograms
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 16, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).eval()
+    data = [(torch.randn(16, 2, 6, 6), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    full = hc.calibrate(hc.prepare(model), data)
+    seen = []
+    monkeypatch.setattr(api, "prepare", lambda *a, real=api.prepare, **k: seen.append(k["histogram"]) or real(*a, **k))
+    hc.register_policy("test-moments", histogram=False)(lambda obs, spec: obs.moments(spec.per_channel)[1])
+    hc.register_policy("test-reads-any")(lambda obs, spec: obs.maximum(spec.per_channel) / spec.levels)
+    try:
+        layer, channel = HistogramConfig(per_channel=False), HistogramConfig()
+        for policy, granularity, gathered in (("opt", "layer", None), ("opt1500", "channel", None),
+                                              ("max", "channel", None), ("opt,4=max", "layer", None),
+                                              ("test-moments", "layer", None), ("test-reads-any", "layer", layer),
+                                              ("999", "layer", layer), ("opt,4=99.5", "layer", layer),
+                                              ("opt-emp", "channel", channel), ("999x2,1=opt", "channel", channel)):
+            seen.clear()
+            snn = hc.convert(model, data, policy=policy, granularity=granularity)
+            assert seen == [gathered] and reads_histograms(policy) == (gathered is not None), policy
+            ref = hc.convert(full, policy=policy, granularity=granularity).state_dict()
+            assert all(torch.equal(value, ref[key]) for key, value in snn.state_dict().items()), policy
+    finally:
+        for name in ("test-moments", "test-reads-any"):
+            POLICIES.pop(name), NO_HISTOGRAM.discard(name)
+
+
+def test_percentiles_of_a_calibration_without_histograms_are_a_clear_error(batches):
+    obs = _fill(ActivationObserver(signed=False, hist=None), batches)
+    spec = NeuronSpec("hmt", 4, 4, signed=False, per_channel=False)
+    assert compute_lam(obs, spec, "opt") > 0 and compute_lam(obs, spec, "max") > 0
+    for policy in ("999", 99.5, "opt-emp"):
+        with pytest.raises(ValueError, match=r"calibrated without histograms .* percentile policies and opt-emp need "
+                                             r"prepare\(model, histogram=HistogramConfig\(\)\)"):
+            compute_lam(obs, spec, policy)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)).eval()
+    prepared = hc.calibrate(hc.prepare(model, histogram=None), [(torch.randn(8, 4), torch.zeros(8))])
+    with pytest.raises(ValueError, match="^1: calibrated without histograms"):
+        hc.convert(prepared, policy="999")
+    assert hc.convert(prepared, policy="opt").sites()["1"].neuron.lam > 0
+
+
 @pytest.mark.parametrize("text,message", [("opt,*x", "not PATTERN=POLICY"), ("opt,*x=best", "unknown threshold"),
                                           ("best,*x=999", "unknown threshold"), ("opt,*x=150", r"\(0, 100\]"),
                                           (True, "policy must be")])

@@ -41,12 +41,15 @@ def observe(batches, signed, hist, kernel, monkeypatch):
     return obs
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
+HISTOGRAMS = {"channel": HistogramConfig(), "layer": HistogramConfig(per_channel=False), "none": None}
+
+
+@pytest.mark.parametrize("histograms", HISTOGRAMS)
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_equals_tensor_path(shape, signed, per_channel, monkeypatch):
+def test_kernel_equals_tensor_path(shape, signed, histograms, monkeypatch):
     batches = [hard_batch(shape, seed) for seed in range(3)]
-    hist = HistogramConfig(per_channel=per_channel)
+    hist = HISTOGRAMS[histograms]
     fast, ref = (observe(batches, signed, hist, kernel, monkeypatch) for kernel in (True, False))
     for name, value in ref.state_dict().items():
         if name.endswith(("mean", "m2")):  # float64 sums in another order
@@ -157,14 +160,28 @@ def test_kernel_moments_against_float64_brute_force(monkeypatch):
     assert torch.allclose(sigma, exact.std(unbiased=False), rtol=1e-9)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:3] + [(3, 20, 17)])
+def test_without_histograms_the_kernel_gathers_the_same_moments_bit_for_bit(shape, signed, monkeypatch):
+    """Skipping the bins and counts (histogram=None) leaves the moments' arithmetic as it was:
+    thresholds from moments are the same whether or not histograms were gathered."""
+    batches = [hard_batch(shape, seed) for seed in range(3)]
+    full, bare = (observe(batches, signed, hist, True, monkeypatch) for hist in (HistogramConfig(), None))
+    for name, value in bare.state_dict().items():
+        if not name.startswith("hist"):
+            assert torch.equal(full.state_dict()[name], value), name
+    assert bare.hist_channel.numel() == bare.hist_layer.numel() == 0
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_activations_are_an_error_on_both_paths_and_count_nothing(bad, monkeypatch):
+@pytest.mark.parametrize("hist", [HistogramConfig(), None], ids=["histograms", "none"])
+def test_non_finite_activations_are_an_error_on_both_paths_and_count_nothing(bad, hist, monkeypatch):
     """The kernel counts as it goes: a bad batch is counted back out, so the observer keeps the
     statistics of the batches before it."""
     for kernel in ("1", "0"):
         monkeypatch.setenv("HMTCONV_CPU_KERNEL", kernel)
         for shape in ((4, 3, 5, 5), (4, 6, 20)):
-            obs = ActivationObserver(signed=False)
+            obs = ActivationObserver(signed=False, hist=hist)
             obs(torch.randn(shape))
             before = {k: v.clone() for k, v in obs.state_dict().items()}
             x = torch.randn(shape)

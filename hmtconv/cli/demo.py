@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..conversion import calibrate, convert, evaluate, prepare
-from ..conversion.policies import depends_on_T
+from ..conversion.policies import depends_on_T, histograms_for
 from ..report import (atomic_write_json, curves_table, jsonable, layers_table, plot_curves, plot_layers,
                       plot_tradeoff, provenance)
 from ..train import trained_model
@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> None:
     checkpoint = trained_model("vgg_small", "mnist", epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     data = DataOptions(dataset="mnist", limit=args.limit, seed=args.seed)
     work = load_workload(str(checkpoint), data)
-    # one calibration serves every conversion
-    prepared = calibrate(prepare(work.model, example_inputs=work.example_inputs()), work.calib_loader)
+    # one calibration serves every conversion (per layer: the demo's thresholds are)
+    prepared = calibrate(prepare(work.model, histogram=histograms_for(args.policy, per_channel=False),
+                                 example_inputs=work.example_inputs()), work.calib_loader)
     runs, records = {}, []
     for n in args.n:
         for policy in args.policy:

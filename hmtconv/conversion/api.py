@@ -26,6 +26,7 @@ from .fallback import drop_unreached_sites, prepare_modules
 from .graph import NotTraceable, prepare_graph
 from .huggingface import is_hugging_face, return_logits
 from .observers import ActivationObserver, HistogramConfig, ShapeObserver, check_finite
+from .policies import histograms_for
 from .pooling import slice_max_pools
 from .sites import ObservedActivation
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
@@ -152,8 +153,11 @@ def input_shape(prepared: nn.Module) -> tuple[int, ...] | None:
 
 
 def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
-            histogram: HistogramConfig = HistogramConfig(), example_inputs=None) -> nn.Module:
+            histogram: HistogramConfig | None = HistogramConfig(), example_inputs=None) -> nn.Module:
     """Insert observed sites (ReLUs, and the y = x sites that ``identity`` asks for).
+
+    ``histogram=None`` gathers moments and maxima only (enough for opt, opt1500 and max; the
+    percentile policies and opt-emp then refuse the calibration).
 
     ``example_inputs`` (a batch of images, or ``(images, labels)``) lets fx trace a model whose
     forward branches on sizes (timm's MobileViT, Twins, NesT...) at that image size; without it,
@@ -318,7 +322,10 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
     else:
         check_loader(calib_loader, "convert")
         first, calib_loader = _peek(calib_loader)
-        prepared = prepare(model, identity=identity, inplace=inplace, example_inputs=_example_of_any_rank(first, model))
+        # gather only what this conversion reads: the histograms cost more than everything else
+        prepared = prepare(model, identity=identity, inplace=inplace,
+                           histogram=histograms_for([policy], per_channel=granularity == "channel"),
+                           example_inputs=_example_of_any_rank(first, model))
     if calib_loader is not None:
         calibrate(prepared, calib_loader)
     info, shape = _info(prepared), input_shape(prepared)
@@ -362,10 +369,10 @@ def _warn_outside_histograms(sites: dict[str, ObservedActivation]) -> None:
     """Activations at or above the histograms' top edge share one open bin, and a site whose
     activations all lie below the bottom edge has them all in bin 0: percentiles are interpolated
     inside one bin and opt-emp is coarse there; say where, and how to widen the range."""
-    if not sites:
+    hist = next(iter(sites.values())).observer.hist if sites else None
+    if hist is None:
         return
     tops = {name: float(site.observer.max) for name, site in sites.items()}
-    hist = next(iter(sites.values())).observer.hist
     above = [name for name, top in tops.items() if top >= 2.0 ** hist.max_exp]
     below = [name for name, top in tops.items() if 0 < top < 2.0 ** hist.min_exp]
     if above:

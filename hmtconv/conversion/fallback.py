@@ -31,7 +31,7 @@ class InputSite(nn.Sequential):
             return getattr(layers[1], name)
 
 
-def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig) -> nn.Module:
+def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None) -> nn.Module:
     for name, module in list(model.named_modules()):
         if is_relu(module):
             model.set_submodule(name, ObservedActivation(False, hist, ceiling=ceiling_of(module)))

@@ -165,7 +165,7 @@ def _is_relu(gm: fx.GraphModule, node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_module" and is_relu(gm.get_submodule(node.target))
 
 
-def move_max_pools(gm: fx.GraphModule, identity_site: bool, hist: HistogramConfig) -> None:
+def move_max_pools(gm: fx.GraphModule, identity_site: bool, hist: HistogramConfig | None) -> None:
     """``relu -> maxpool`` becomes ``[y = x site ->] maxpool -> relu`` when the ReLU feeds only the pool."""
     for pool in list(gm.graph.nodes):
         if not (pool.op == "call_module" and isinstance(gm.get_submodule(pool.target), MAX_POOLS)):
@@ -183,7 +183,7 @@ def move_max_pools(gm: fx.GraphModule, identity_site: bool, hist: HistogramConfi
         pool.append(relu)  # keep topological order: relu now runs after the pool
 
 
-def _add_site(gm, source: fx.Node, signed: bool, name: str, hist: HistogramConfig, before: fx.Node,
+def _add_site(gm, source: fx.Node, signed: bool, name: str, hist: HistogramConfig | None, before: fx.Node,
               channels_first: bool) -> fx.Node:
     gm.add_submodule(name, ObservedActivation(signed, hist, channels_first))
     with gm.graph.inserting_before(before):
@@ -192,7 +192,7 @@ def _add_site(gm, source: fx.Node, signed: bool, name: str, hist: HistogramConfi
     return node
 
 
-def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig) -> None:
+def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig | None) -> None:
     """ReLU modules -> unsigned sites; with ``identity="all"`` a shared y = x site per input of every
     Conv/Linear and both operands of every MatMul, with ``"linear"`` only per Conv/Linear input;
     each only where the activation depends on the model's input."""
@@ -256,7 +256,7 @@ def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ObservedActivation)
 
 
-def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig,
+def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig | None,
                   example: torch.Tensor | None = None) -> tuple[fx.GraphModule, bool]:
     """The prepared graph, and whether it is specialized to ``example``'s image size."""
     gm, sized = trace(model, example)

@@ -47,7 +47,8 @@ class HistogramConfig:
         """Bin of each value of ``out`` (an output activation, >= 0): the number of edges at or
         below it, against edges in its own precision (float64 stays float64; lower precisions
         are exact in float32)."""
-        out = out if out.dtype == torch.float64 else out.float()
+        # (bucketize copies a strided input anyway, and warns about it: attention heads are views)
+        out = (out if out.dtype == torch.float64 else out.float()).contiguous()
         return torch.bucketize(out, edges(self.min_exp, self.max_exp, self.bins_per_octave, out.dtype, out.device),
                                right=True)
 

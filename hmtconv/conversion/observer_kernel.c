@@ -19,7 +19,7 @@
  *   the tensor path's bucketize against the float32 edges (histograms.py), on every CPU.
  * - counts: into hist_channel[c], or, without per-channel histograms (NULL), into this thread's
  *   share of the layer's histogram (with them, the layer's counts are their sum: each value is
- *   counted once).
+ *   counted once). An observer without histograms (both NULL) skips bins and counts.
  *
  * A batch holding NaN or inf is counted out again and merges nothing.
  */
@@ -144,10 +144,11 @@ static void channel_moments(const float *v, int64_t n, float sh, int is_signed, 
 static inline int64_t block_width(int64_t inner) { return inner >= WIDTH ? 1 : (WIDTH + inner - 1) / inner; }
 
 /* Channels c0..c1 of x: moments into s1, s2, mx (indexed from c0) and counts times step (+1, or -1
- * to take a batch back out) into hist_channel, or layer where that is NULL. */
+ * to take a batch back out) into hist_channel, or layer where that is NULL (both NULL: no counts). */
 static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int64_t c1, int64_t step, double *s1,
                        double *s2, float *sh, float *mx, int64_t *hist_channel, int64_t *restrict layer) {
     const int64_t inner = L->inner, stride = L->stride, bins = L->last + 1;
+    const int counting = hist_channel || layer;
     int32_t k[CHUNK];
     float tile[CHUNK];  /* the values binned next, side by side */
     if (inner == 1) {  /* tokens and [B, C]: the channels are the lanes of a row */
@@ -156,10 +157,12 @@ static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int
             const int64_t rows = L->outer - o0 < 64 ? L->outer - o0 : 64;
             for (int64_t r = o0 + 64; r < o0 + 128 && r < L->outer; r++)  /* the next rows: a line each */
                 __builtin_prefetch(x + r * stride + c0);
+            float *copy = counting ? tile : NULL;
             if (w == WIDTH)  /* a constant width: the sums stay in registers */
-                lane_moments(x + o0 * stride + c0, rows, stride, WIDTH, sh, L->is_signed, s1, s2, mx, tile);
+                lane_moments(x + o0 * stride + c0, rows, stride, WIDTH, sh, L->is_signed, s1, s2, mx, copy);
             else
-                lane_moments(x + o0 * stride + c0, rows, stride, w, sh, L->is_signed, s1, s2, mx, tile);
+                lane_moments(x + o0 * stride + c0, rows, stride, w, sh, L->is_signed, s1, s2, mx, copy);
+            if (!counting) continue;
             bins_of(tile, rows * w, L, k);
             if (hist_channel) {
                 int64_t *h[WIDTH];
@@ -182,11 +185,13 @@ static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int
                 i += take;
                 if (n < CHUNK && (i < inner || o + 1 < L->outer)) continue;
                 channel_moments(tile, n, sh[c - c0], L->is_signed, s1 + (c - c0), s2 + (c - c0), mx + (c - c0));
-                bins_of(tile, n, L, k);
-                if (channel)
-                    for (int64_t j = 0; j < n; j++) channel[k[j]] += step;
-                else
-                    for (int64_t j = 0; j < n; j++) layer[k[j]] += step;
+                if (counting) {
+                    bins_of(tile, n, L, k);
+                    if (channel)
+                        for (int64_t j = 0; j < n; j++) channel[k[j]] += step;
+                    else
+                        for (int64_t j = 0; j < n; j++) layer[k[j]] += step;
+                }
                 n = 0;
             }
     }
@@ -195,7 +200,7 @@ static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int
 /* The whole batch: this batch's count-free moments of each channel (mean, M2, and the largest
  * output, clamped at 0 for ReLU sites: the maximum of relu(x)) into mean, m2, top, and its counts
  * times step into the histograms (hist_layer: through scratch, [threads, bins] zeros, when
- * hist_channel is NULL). */
+ * hist_channel is NULL; neither: no histogram, scratch NULL too). */
 static void batch_pass(const float *restrict x, const Layout *L, int64_t step, int threads, double *restrict mean,
                        double *restrict m2, double *restrict top, int64_t *hist_channel, int64_t *restrict hist_layer,
                        int64_t *restrict scratch) {
@@ -204,9 +209,9 @@ static void batch_pass(const float *restrict x, const Layout *L, int64_t step, i
     #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
-        int64_t *layer = hist_channel ? NULL : scratch + omp_get_thread_num() * bins;  /* this thread's share */
+        int64_t *layer = hist_channel || !scratch ? NULL : scratch + omp_get_thread_num() * bins;  /* this thread's share */
 #else
-        int64_t *layer = hist_channel ? NULL : scratch;
+        int64_t *layer = hist_channel || !scratch ? NULL : scratch;
 #endif
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
@@ -227,7 +232,7 @@ static void batch_pass(const float *restrict x, const Layout *L, int64_t step, i
             }
         }
     }
-    for (int64_t t = 0; t < threads && !hist_channel; t++)
+    for (int64_t t = 0; t < threads && hist_layer; t++)
         for (int64_t b = 0; b < bins; b++) {
             hist_layer[b] += scratch[t * bins + b];
             scratch[t * bins + b] = 0;
@@ -246,9 +251,10 @@ static void merge(double n_b, double mean_b, double m2_b, double max_b, double *
 }
 
 /* One batch merged into the per-channel and per-layer (count, mean, M2, max) of an observer and
- * counted into its histogram: hist_channel [C, bins], or, where that is NULL, hist_layer [bins];
- * returns 1, with nothing merged or counted, when x holds NaN or inf. scratch is [3 * C] doubles
- * and (hist_layer only) [threads, bins] int64 zeros (left zero). */
+ * counted into its histogram: hist_channel [C, bins], or, where that is NULL, hist_layer [bins]
+ * (both NULL: an observer without histograms, no binning at all); returns 1, with nothing merged
+ * or counted, when x holds NaN or inf. scratch is [3 * C] doubles and (hist_layer only)
+ * [threads, bins] int64 zeros (left zero). */
 int hmt_observe_batch(const float *restrict x, int64_t outer, int64_t C, int64_t inner, int64_t stride, int is_signed,
                       int min_exp, int bpo, int64_t bins, const int32_t *edge, const int32_t *lut, int threads,
                       double *restrict scratch, int64_t *restrict counts_scratch, double *count, double *mean,

@@ -45,12 +45,16 @@ def _layout(x: torch.Tensor, dim: int) -> tuple[int, int, int, int] | None:
     return (outer, channels, inner, stride) if stride >= channels * inner else None
 
 
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def observe_batch(x: torch.Tensor, dim: int, signed: bool, hist, layer: list[torch.Tensor],
-                  channel: list[torch.Tensor], counts: torch.Tensor) -> bool | None:
+                  channel: list[torch.Tensor], counts: torch.Tensor | None) -> bool | None:
     """Merge the batch ``x`` (channels along ``dim``) into the observer's float64 buffers
     ``layer`` (four 0-d: count, mean, M2, max) and ``channel`` (four ``[C]``) and count its output
     activation into the int64 histogram ``counts``, ``[C, bins]`` per channel or ``[bins]`` for
-    the layer (``hist``, a HistogramConfig, gives the bins), in place; return True, or False, with
+    the layer (``hist``, a HistogramConfig, gives the bins; both None: no histogram), in place; return True, or False, with
     nothing merged or counted, when ``x`` holds NaN or inf; None where the kernel does not apply
     (off, not built, not a float32 CPU tensor, buffers cast by ``prepared.float()``). Counts equal
     the tensor path's; moments equal them to float64 rounding (about 1e-15 relative), not bit for
@@ -58,20 +62,25 @@ def observe_batch(x: torch.Tensor, dim: int, signed: bool, hist, layer: list[tor
     moments = (*layer, *channel)
     if not (native.applies(x) and library() is not None) or not all(  # (is_cpu: 3x faster than device.type)
             t.dtype is torch.float64 and t.is_cpu and t.is_contiguous() for t in moments) or not (
-            counts.dtype is torch.int64 and counts.is_cpu and counts.is_contiguous()):
+            counts is None or counts.dtype is torch.int64 and counts.is_cpu and counts.is_contiguous()):
         return None
     layout = _layout(x, dim)
     if layout is None:
         x = x.contiguous()
         layout = _layout(x, dim)
     outer, channels, inner, stride = layout
-    threads, per_channel = torch.get_num_threads(), counts.dim() == 2
-    edge, lut = octave_tables(hist.bins_per_octave)
+    threads = torch.get_num_threads()
     scratch = torch.empty(3 * channels, dtype=torch.float64)
-    shares = None if per_channel else torch.zeros(threads, hist.bins, dtype=torch.int64)  # each thread's counts
-    bad = library().hmt_observe_batch(
-        x.data_ptr(), outer, channels, inner, stride, int(signed), hist.min_exp, hist.bins_per_octave, hist.bins,
-        edge.data_ptr(), lut.data_ptr(), threads, scratch.data_ptr(), None if per_channel else shares.data_ptr(),
-        *(t.data_ptr() for t in moments), counts.data_ptr() if per_channel else None,
-        None if per_channel else counts.data_ptr())
+    shares = channel_counts = layer_counts = None
+    bins = (0, 1, 1, None, None)  # (min_exp, bins per octave, bins, edges, lookup): unused without counts
+    if counts is not None:
+        edge, lut = octave_tables(hist.bins_per_octave)
+        bins = (hist.min_exp, hist.bins_per_octave, hist.bins, edge.data_ptr(), lut.data_ptr())
+        if counts.dim() == 2:
+            channel_counts = counts
+        else:
+            layer_counts, shares = counts, torch.zeros(threads, hist.bins, dtype=torch.int64)  # each thread's counts
+    bad = library().hmt_observe_batch(x.data_ptr(), outer, channels, inner, stride, int(signed), *bins, threads,
+                                      scratch.data_ptr(), _pointer(shares), *(t.data_ptr() for t in moments),
+                                      _pointer(channel_counts), _pointer(layer_counts))
     return not bad

@@ -81,12 +81,13 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
 
     The histograms are ``hist_channel`` ``[C, bins]`` or, with ``HistogramConfig(per_channel=False)``,
     ``hist_layer`` ``[bins]`` (the other buffer empty); read them with :meth:`histogram`, which
-    gives the layer's counts either way (the sum of the channels')."""
+    gives the layer's counts either way (the sum of the channels'). ``hist=None`` keeps none (both
+    empty): moments and maxima only, for the policies that read nothing else (opt, opt1500, max)."""
 
     LAZY = ("ch_count", "ch_mean", "ch_m2", "ch_max", "hist_channel", "hist_layer", "sample_shape")
     KEEP_DTYPE = ("count", "mean", "m2", "max", "ch_count", "ch_mean", "ch_m2", "ch_max")
 
-    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig(), channels_first: bool = False):
+    def __init__(self, signed: bool, hist: HistogramConfig | None = HistogramConfig(), channels_first: bool = False):
         super().__init__()
         self.signed = signed
         self.hist = hist
@@ -96,11 +97,12 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
             self.register_buffer(name, torch.zeros((), **f64))
         # With per-channel histograms the layer's counts are their sum (each value is counted once),
         # so the layer's own histogram is kept only without them.
-        self.register_buffer("hist_layer", torch.zeros(0 if hist.per_channel else hist.bins, dtype=torch.int64))
+        layer_bins = 0 if hist is None or hist.per_channel else hist.bins
+        self.register_buffer("hist_layer", torch.zeros(layer_bins, dtype=torch.int64))
         # Per-channel buffers are sized on the first batch (the channel count is unknown before).
         for name in ("ch_count", "ch_mean", "ch_m2", "ch_max"):
             self.register_buffer(name, torch.zeros(0, **f64))
-        self.register_buffer("hist_channel", torch.zeros(0, hist.bins, dtype=torch.int64))
+        self.register_buffer("hist_channel", torch.zeros(0, 0 if hist is None else hist.bins, dtype=torch.int64))
         self.max.fill_(-torch.inf)
         self.label = "a site"  # its qualified name, for errors (calibrate sets it)
         # off the CPU, whether the batches since the last check_finite were finite (a 0-d bool
@@ -119,7 +121,7 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
             self.ch_count = torch.zeros(channels, dtype=torch.float64, device=dev)
             self.ch_mean, self.ch_m2 = torch.zeros_like(self.ch_count), torch.zeros_like(self.ch_count)
             self.ch_max = torch.full_like(self.ch_count, -torch.inf)
-            if self.hist.per_channel:
+            if self.hist is not None and self.hist.per_channel:
                 self.hist_channel = torch.zeros(channels, self.hist.bins, dtype=torch.int64, device=dev)
         elif tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"{self.label} saw per-sample shape {tuple(x.shape[1:])} after {self.shape}: "
@@ -127,14 +129,15 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
                              f"of several sizes, give each call a module of its own)")
         dim = channel_dim(x.dim(), self.channels_first)
         x = x.detach().to(self.count.device)
-        counts = self.hist_channel if self.hist.per_channel else self.hist_layer
+        counts = None if self.hist is None else self.hist_channel if self.hist.per_channel else self.hist_layer
         layer = [self.count, self.mean, self.m2, self.max]
         channel = [self.ch_count, self.ch_mean, self.ch_m2, self.ch_max]
         merged = observer_kernel.observe_batch(x, dim, self.signed, self.hist, layer, channel, counts)
         if merged is None:  # the tensor path
             others = tuple(d for d in range(x.dim()) if d != dim)
             merged = self._merge_batch(x, others, float(x.numel() // x.shape[dim]))
-            self._add_histograms(self._output(x), dim, merged)
+            if self.hist is not None:
+                self._add_histograms(self._output(x), dim, merged)
         if isinstance(merged, bool) or merged.is_cpu:  # (a read that costs nothing)
             self._raise_unless(merged)
         else:
@@ -237,6 +240,11 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
     def _counts(self, per_channel: bool) -> torch.Tensor:
         """The histogram counts: ``[C, bins]`` per channel, ``[bins]`` for the layer."""
         self._check()
+        if self.hist is None:
+            raise ValueError(f"{self.label}: calibrated without histograms (prepare(..., histogram=None), as "
+                             f"convert(model, loader, policy=...) does for policies that read only moments and "
+                             f"maxima); percentile policies and opt-emp need prepare(model, "
+                             f"histogram=HistogramConfig()) and calibrate")
         if per_channel and not self.hist.per_channel:
             raise ValueError("per-channel histograms and percentiles need "
                              "prepare(..., histogram=HistogramConfig(per_channel=True))")

@@ -11,11 +11,12 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from ..theory import fixed_point_lam, optimal_lam
+from .histograms import HistogramConfig
 from .observers import ActivationObserver, lam_shape
 
 # Thresholds below this are treated as "dead unit": a channel that never fired in calibration.
@@ -45,11 +46,16 @@ POLICIES: dict[str, Policy] = {}
 # Policies whose lam depends on T (eq. 24 has N = T): comparing them at several T takes one
 # conversion per T; the others serve every t <= T from one run.
 T_DEPENDENT: set[str] = set()
+# Policies that read the observers' moments and maxima only: a calibration for them alone skips
+# the histograms, the costliest statistics to gather (convert(model, loader) does).
+NO_HISTOGRAM: set[str] = set()
 
 
-def register_policy(name: str, *, t_dependent: bool = False) -> Callable[[Policy], Policy]:
+def register_policy(name: str, *, t_dependent: bool = False, histogram: bool = True) -> Callable[[Policy], Policy]:
     """Register ``fn(observer, spec) -> lam`` under ``name``; a policy that reads ``spec.T`` must
-    say ``t_dependent=True`` (sweeps otherwise serve every T from the largest T's thresholds)."""
+    say ``t_dependent=True`` (sweeps otherwise serve every T from the largest T's thresholds), and
+    one that reads only ``obs.moments`` and ``obs.maximum`` may say ``histogram=False`` (a one-shot
+    ``convert(model, loader, policy=name)`` then gathers no histograms)."""
     if not isinstance(name, str):
         raise TypeError(f"register_policy takes the policy's name first, @register_policy('name'), got {name!r}")
     if not name or any(c in name for c in ",= \t") or (_is_number(name) and 0 < float(name) <= 100):
@@ -62,6 +68,8 @@ def register_policy(name: str, *, t_dependent: bool = False) -> Callable[[Policy
         POLICIES[name] = fn
         if t_dependent:
             T_DEPENDENT.add(name)
+        if not histogram:
+            NO_HISTOGRAM.add(name)
         return fn
     return add
 
@@ -84,9 +92,9 @@ def gaussian_policy(solver: Callable, doc: str) -> Policy:
     return policy
 
 
-register_policy("opt", t_dependent=True)(gaussian_policy(
+register_policy("opt", t_dependent=True, histogram=False)(gaussian_policy(
     optimal_lam, "Converged optimum of eq. 23 (root of k(theta) = 1, eq. 29; Lemma 4.7)."))
-register_policy("opt1500", t_dependent=True)(gaussian_policy(
+register_policy("opt1500", t_dependent=True, histogram=False)(gaussian_policy(
     partial(fixed_point_lam, steps=1500),
     "Algorithm 1 run for exactly 1,500 steps from theta = 1, as the published code does."))
 
@@ -116,7 +124,7 @@ register_policy("999")(percentile_policy(99.9))
 register_policy("999x2")(percentile_policy(99.9, scale=2.0))
 
 
-@register_policy("max")
+@register_policy("max", histogram=False)
 def maximum(obs: ActivationObserver, spec: NeuronSpec) -> torch.Tensor:
     return obs.maximum(spec.per_channel) / spec.levels
 
@@ -176,6 +184,20 @@ def depends_on_T(policy: str | float) -> bool:
     """Whether any site's lam depends on T (one conversion per T is then needed)."""
     base, overrides = parse_policy(policy)
     return any(p in T_DEPENDENT for p in [base, *(p for _, p in overrides)])
+
+
+def reads_histograms(policy: str | float) -> bool:
+    """Whether any site's policy reads the observers' histograms (percentiles, opt-emp, and
+    registered policies that do not say otherwise)."""
+    base, overrides = parse_policy(policy)
+    return any(p not in NO_HISTOGRAM for p in [base, *(p for _, p in overrides)])
+
+
+def histograms_for(policies: Iterable[str | float], per_channel: bool) -> HistogramConfig | None:
+    """The histograms a calibration for ``policies`` alone must gather: none where each reads
+    moments and maxima only, per-channel ones only for per-channel thresholds (a layer's
+    percentiles are the same from either)."""
+    return HistogramConfig(per_channel=per_channel) if any(reads_histograms(p) for p in policies) else None
 
 
 def resolve_policy(policy: str | float) -> Policy:

@@ -40,7 +40,7 @@ class ObservedActivation(nn.Module):
     """ReLU (``signed=False``; clipped at ``ceiling``: ReLU6, Hardtanh(0, c)) or identity
     (``signed=True``) that records its input's statistics."""
 
-    def __init__(self, signed: bool, hist: HistogramConfig = HistogramConfig(), channels_first: bool = False,
+    def __init__(self, signed: bool, hist: HistogramConfig | None = HistogramConfig(), channels_first: bool = False,
                  ceiling: float | None = None):
         super().__init__()
         self.signed, self.ceiling = signed, ceiling
