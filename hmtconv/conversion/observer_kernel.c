@@ -26,6 +26,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -141,12 +142,38 @@ static void channel_moments(const float *v, int64_t n, float sh, int is_signed, 
     }
 }
 
+/* Adds step to h[k[j]] for j < n; where parts ([3][bins]) is given, values go round-robin to h
+ * and the three parts (fold_parts adds them into h later): a run of one bin (a ReLU's zeros,
+ * near-equal probabilities) then makes four chains of increments, not one waiting on each of
+ * its own stores. */
+static void add_counts(int64_t *restrict h, const int32_t *restrict k, int64_t n, int64_t step, int64_t bins,
+                       int64_t *restrict parts) {
+    int64_t j = 0;
+    if (parts)
+        for (; j + 4 <= n; j += 4) {
+            h[k[j]] += step;
+            parts[k[j + 1]] += step;
+            parts[bins + k[j + 2]] += step;
+            parts[2 * bins + k[j + 3]] += step;
+        }
+    for (; j < n; j++) h[k[j]] += step;
+}
+
+/* h += the three parts of add_counts, which are left zero. */
+static void fold_parts(int64_t *restrict h, int64_t *restrict parts, int64_t bins) {
+    for (int64_t b = 0; b < bins; b++) {
+        h[b] += parts[b] + parts[bins + b] + parts[2 * bins + b];
+        parts[b] = parts[bins + b] = parts[2 * bins + b] = 0;
+    }
+}
+
 static inline int64_t block_width(int64_t inner) { return inner >= WIDTH ? 1 : (WIDTH + inner - 1) / inner; }
 
 /* Channels c0..c1 of x: moments into s1, s2, mx (indexed from c0) and counts times step (+1, or -1
  * to take a batch back out) into hist_channel, or layer where that is NULL (both NULL: no counts). */
 static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int64_t c1, int64_t step, double *s1,
-                       double *s2, float *sh, float *mx, int64_t *hist_channel, int64_t *restrict layer) {
+                       double *s2, float *sh, float *mx, int64_t *hist_channel, int64_t *restrict layer,
+                       int64_t *parts) {
     const int64_t inner = L->inner, stride = L->stride, bins = L->last + 1;
     const int counting = hist_channel || layer;
     int32_t k[CHUNK];
@@ -170,8 +197,9 @@ static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int
                 for (int64_t r = 0; r < rows; r++)
                     for (int64_t c = 0; c < w; c++) h[c][k[r * w + c]] += step;
             } else
-                for (int64_t i = 0; i < rows * w; i++) layer[k[i]] += step;
+                add_counts(layer, k, rows * w, step, bins, parts);
         }
+        if (layer && parts) fold_parts(layer, parts, bins);
         return;
     }
     for (int64_t c = c0; c < c1; c++) {  /* a channel's runs of inner values, gathered CHUNK at a time */
@@ -187,13 +215,11 @@ static void block_pass(const float *restrict x, const Layout *L, int64_t c0, int
                 channel_moments(tile, n, sh[c - c0], L->is_signed, s1 + (c - c0), s2 + (c - c0), mx + (c - c0));
                 if (counting) {
                     bins_of(tile, n, L, k);
-                    if (channel)
-                        for (int64_t j = 0; j < n; j++) channel[k[j]] += step;
-                    else
-                        for (int64_t j = 0; j < n; j++) layer[k[j]] += step;
+                    add_counts(channel ? channel : layer, k, n, step, bins, parts);
                 }
                 n = 0;
             }
+        if (counting && parts) fold_parts(channel ? channel : layer, parts, bins);
     }
 }
 
@@ -213,6 +239,11 @@ static void batch_pass(const float *restrict x, const Layout *L, int64_t step, i
 #else
         int64_t *layer = hist_channel || !scratch ? NULL : scratch;
 #endif
+        /* parts for add_counts where one histogram takes values one after another (a channel's
+         * runs, or a block's tokens into the layer's) and many against the bins (folding the
+         * parts costs 3 * bins a channel or block) */
+        const int split = (L->inner > 1 ? hist_channel || layer : layer != NULL) && L->outer * L->inner >= 16 * bins;
+        int64_t *parts = split ? calloc((size_t)(3 * bins), sizeof *parts) : NULL;
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
             const int64_t c0 = blk * width, c1 = c0 + width < L->C ? c0 + width : L->C;
@@ -222,7 +253,7 @@ static void batch_pass(const float *restrict x, const Layout *L, int64_t step, i
                 sh[c - c0] = x[c * L->inner];  /* one of the channel's own values */
                 mx[c - c0] = -INFINITY;
             }
-            block_pass(x, L, c0, c1, step, s1, s2, sh, mx, hist_channel, layer);
+            block_pass(x, L, c0, c1, step, s1, s2, sh, mx, hist_channel, layer, parts);
             for (int64_t c = c0; c < c1; c++) {
                 const int64_t i = c - c0;
                 const double spread = s2[i] - s1[i] * s1[i] / rows;
@@ -231,6 +262,7 @@ static void batch_pass(const float *restrict x, const Layout *L, int64_t step, i
                 top[c] = L->is_signed || mx[i] > 0.0f ? (double)mx[i] : 0.0;
             }
         }
+        free(parts);
     }
     for (int64_t t = 0; t < threads && hist_layer; t++)
         for (int64_t b = 0; b < bins; b++) {
