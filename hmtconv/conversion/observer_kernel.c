@@ -66,15 +66,17 @@ static inline int32_t clamp_bin(int32_t b, int32_t last) {
 }
 
 /* Bins of n outputs of v into k. The place in the octave comes from log2_mantissa (a loop that
- * vectorizes) wherever that is more than 1/256 of a bin from an edge, which its error (at most
- * 2.2e-6 * 1024 bins an octave) cannot cross, and from the exact lookup (edge, lut) for the few
- * values nearer than that (about 1 in 128) and exact powers of 2. */
+ * vectorizes) wherever that is more than eps = bpo * 2^-18 of a bin from an edge (1/256 at the
+ * finest 1,024 bins an octave), which its error cannot cross (at most 2.2e-6 * bpo bins, and the
+ * float32 rounding of the place, 2^-24 * bpo), and from the exact lookup (edge, lut) for the few
+ * values nearer than that (about 1 in 33,000 at 32 bins an octave) and exact powers of 2. */
 static void bins_of(const float *restrict v, int64_t n, const Layout *L, int32_t *restrict k) {
     const int32_t *restrict edge = L->edge, *restrict lut = L->lut;
     const int32_t octave0 = L->octave0, bpo = L->bpo, last = L->last;
     const int is_signed = L->is_signed;
-    const float per_octave = (float)bpo, eps = 1.0f / 256;
+    const float per_octave = (float)bpo, eps = per_octave * 0x1p-18f;
     uint8_t near[CHUNK + 8];
+    int32_t nears = 0;
     for (int64_t i = 0; i < n; i++) {
         const float o = output_of(v[i], is_signed);
         uint32_t bits, mb;
@@ -86,15 +88,17 @@ static void bins_of(const float *restrict v, int64_t n, const Layout *L, int32_t
         const int32_t j = (int32_t)s, octave = (int32_t)(bits >> 23) - octave0;
         const float frac = s - (float)j;
         near[i] = ((frac < eps) | (frac > 1.0f - eps)) & (octave >= -1);  /* below 2**(min_exp - 1): bin 0 anyway */
+        nears += near[i];
         k[i] = clamp_bin(octave * bpo + j + 1, last);
     }
     memset(near + n, 0, 8);
-    for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    for (int64_t i0 = 0; i0 < n && nears; i0 += 8) {  /* (until the last near value) */
         uint64_t any;
         memcpy(&any, near + i0, sizeof any);
         if (!any) continue;
         for (int64_t i = i0; i < i0 + 8 && i < n; i++)
             if (near[i]) {
+                nears--;
                 const float o = output_of(v[i], is_signed);
                 uint32_t bits;
                 memcpy(&bits, &o, sizeof bits);
