@@ -1,4 +1,6 @@
 """The runtime around the simulation: errors mid-evaluation, state between calls, bad step counts."""
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -100,3 +102,29 @@ def test_a_bfloat16_snn_averages_its_logits_in_float32():
         mean = out.cumsum(0) / torch.arange(1, 17, dtype=torch.float64).view(-1, 1, 1)
         correct += (mean.argmax(-1) == y).sum(1)
     assert result.snn_accuracy == (100 * correct / 128).tolist()
+
+
+def test_the_models_run_with_the_cyclic_garbage_collector_paused_and_restored():
+    """Collections set off by a forward pass's short-lived objects traverse the whole SNN: calibrate
+    and evaluate run the model with the collector off, and give back the state they found (on, or
+    off by the user's choice), after an error too."""
+    seen = []
+    model = mlp()
+    model[2].register_forward_pre_hook(lambda module, args: seen.append(gc.isenabled()))  # (copied along)
+    with pytest.warns(UserWarning, match="forward hooks on 2 are copied"):
+        prepared = hc.calibrate(hc.prepare(model), batches())
+    assert seen == [False, False] and gc.isenabled()  # two calibration batches
+    snn = hc.convert(prepared, T=3)  # (its shape and operation counts run the graph once or twice)
+    seen.clear()
+    hc.evaluate(snn, batches(), diagnostics=False)
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        hc.evaluate(snn, batches(), diagnostics=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    snn.register_forward_pre_hook(lambda module, args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        hc.evaluate(snn, batches(), diagnostics=False)
+    assert gc.isenabled()

@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from .. import distributed
+from ..allocator import gc_paused
 from ..device import placement
 from .attention import decompose_attention
 from .build import build_snn
@@ -256,7 +257,8 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
             if not info.traced and not info.probed:  # this first run also feeds the observers
                 (info.unconverted, out), info.probed = find_unconverted(prepared, x), True
             else:
-                out = prepared(x)
+                with gc_paused():
+                    out = prepared(x)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"{type(prepared).__name__} returns {type(out).__name__}, not a tensor of logits; "
                                 f"convert a module whose forward returns the logits alone (e.g. model(x)[0])")

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..allocator import gc_paused
 from ..device import placement
 from . import huggingface
 from .api import batch_labels, first_batches, is_prepared, model_input
@@ -137,14 +138,15 @@ def _simulate(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None, diagnost
     diagnostics runs on the same chunk just before (the site hooks pair them up). Adds the
     wall-clock time of each to ``seconds["diagnostics"]`` and ``seconds["snn"]``."""
     outs = []
-    for part in (x.split(chunk) if chunk else (x,)):
-        if diagnostics:
+    with gc_paused():
+        for part in (x.split(chunk) if chunk else (x,)):
+            if diagnostics:
+                started = _clock(device)
+                snn.ann_forward(part)
+                seconds["diagnostics"] += _clock(device) - started
             started = _clock(device)
-            snn.ann_forward(part)
-            seconds["diagnostics"] += _clock(device) - started
-        started = _clock(device)
-        outs.append(snn(part, steps))
-        seconds["snn"] += _clock(device) - started
+            outs.append(snn(part, steps))
+            seconds["snn"] += _clock(device) - started
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
