@@ -9,22 +9,23 @@ from torch import nn
 from .errors import UserError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+def resolve_device(name: str, what: str = "--device") -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; errors call it
+    ``what`` (the CLI's option, or an argument's name)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from error
+        raise UserError(f"{what} {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
+        raise UserError(f"{what} {name}: CUDA is not available on this machine")
     if device.type == "meta":
-        raise UserError(f"--device {name}: meta tensors hold shapes, no data, so nothing runs there (cpu, cuda, auto)")
+        raise UserError(f"{what} {name}: meta tensors hold shapes, no data, so nothing runs there (cpu, cuda, auto)")
     try:  # another accelerator (mps, xpu...) this machine or this torch build lacks
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
-        raise UserError(f"--device {name} is not available here: {' '.join(str(error).split())}") from error
+        raise UserError(f"{what} {name} is not available here: {' '.join(str(error).split())}") from error
     return device
 
 

@@ -182,7 +182,7 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, weights: str 
              device: str = "cpu", allow_pickle: bool = True) -> tuple[SNN, dict]:
     """Rebuild the saved SNN (same graph, same tensors); returns ``(snn, metadata)``. ``model`` and
     ``weights`` replace the saved model reference (e.g. the model file has moved)."""
-    device = resolve_device(str(device))
+    device = resolve_device(str(device), what="load_snn(device=...):")
     meta, tensors = read_snn_file(path)
     shape, config = meta["input_shape"], meta["config"]
     spec = model or meta["model"]["spec"]

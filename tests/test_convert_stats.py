@@ -1,4 +1,5 @@
 """Observers (streaming, mergeable statistics) and threshold policies."""
+import numpy as np
 import pytest
 import torch
 
@@ -358,6 +359,41 @@ def test_a_one_shot_convert_gathers_only_the_statistics_its_policy_reads(monkeyp
     finally:
         for name in ("test-moments", "test-reads-any"):
             POLICIES.pop(name), NO_HISTOGRAM.discard(name)
+
+
+@pytest.mark.parametrize("saved,into", [(HistogramConfig(bins_per_octave=4), HistogramConfig()),
+                                        (None, HistogramConfig()), (HistogramConfig(), None),
+                                        (HistogramConfig(), HistogramConfig(per_channel=False)),
+                                        (HistogramConfig(per_channel=False), HistogramConfig(max_exp=17))])
+def test_a_calibration_loaded_into_other_histograms_is_refused(saved, into):
+    """Counts of other bins (or none) would be read, or counted into, past their end (the kernel
+    wrote past a smaller buffer): loading says which site and what to prepare with."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    data = [(torch.randn(8, 2, 6, 6), torch.zeros(8, dtype=torch.long))]
+    calibrated = hc.calibrate(hc.prepare(model.eval(), histogram=saved), data).state_dict()
+    with pytest.raises(ValueError, match=r"^1\.observer: the saved statistics hold histograms of shape .* prepare "
+                                         r"with the histogram setting of the saved calibration"):
+        hc.prepare(model, histogram=into).load_state_dict(calibrated)
+    same = hc.prepare(model, histogram=saved)
+    same.load_state_dict(calibrated)
+    assert torch.equal(hc.calibrate(same, data).state_dict()["1.observer.count"], 2 * calibrated["1.observer.count"])
+
+
+def test_a_policy_registered_without_histograms_that_reads_them_is_named():
+    from hmtconv.conversion.policies import NO_HISTOGRAM, POLICIES
+
+    hc.register_policy("test-claims-moments", histogram=False)(lambda obs, spec: obs.quantile(0.99, False))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)).eval()
+    try:
+        with pytest.raises(ValueError, match=r"threshold policy 'test-claims-moments' was registered with "
+                                             r"histogram=False but reads the histograms \(1: calibrated without"):
+            hc.convert(model, [(torch.randn(8, 4), torch.zeros(8))], policy="test-claims-moments")
+    finally:
+        POLICIES.pop("test-claims-moments"), NO_HISTOGRAM.discard("test-claims-moments")
+
+
+def test_numpy_integers_configure_histograms():
+    assert HistogramConfig(min_exp=np.int64(-8), bins_per_octave=np.int32(16)).bins == 24 * 16 + 1
 
 
 def test_percentiles_of_a_calibration_without_histograms_are_a_clear_error(batches):

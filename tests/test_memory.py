@@ -1,4 +1,5 @@
 """Chunked simulation under a memory budget: identical results, and the estimate behind the chunks."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -83,6 +84,7 @@ def test_memory_budget_sets_the_chunk(monkeypatch):
         hc.evaluate(snn, data, max_batch=2, memory_budget="1GB")
     with pytest.raises(ValueError, match="positive integer"):
         hc.evaluate(snn, data, max_batch=0)
+    hc.evaluate(snn, data[:1], diagnostics=False, memory_budget=np.int64(2**30))  # numpy numbers are numbers
     for bad in (float("nan"), float("inf"), 0.5, -3, True, [1]):
         with pytest.raises(ValueError, match=r"memory_budget must be a number of bytes \(at least 1\)"):
             hc.evaluate(snn, data, memory_budget=bad)

@@ -187,7 +187,7 @@ def test_non_finite_activations_are_an_error_on_both_paths_and_count_nothing(bad
     statistics of the batches before it."""
     for kernel in ("1", "0"):
         monkeypatch.setenv("HMTCONV_CPU_KERNEL", kernel)
-        for shape in ((4, 3, 5, 5), (4, 6, 20)):
+        for shape in ((4, 3, 5, 5), (4, 6, 20), (4, 2, 80, 80), (20, 1000, 8)):  # (the last two: in parts)
             obs = ActivationObserver(signed=False, hist=hist)
             obs(torch.randn(shape))
             before = {k: v.clone() for k, v in obs.state_dict().items()}
@@ -211,6 +211,8 @@ def test_kernel_declines_what_it_cannot_run(monkeypatch):
     # buffers cast by prepared.float(): writing doubles or int64 there would corrupt memory
     assert run(x, layer=[t.float() for t in layer]) is None
     assert run(x, counts=obs.hist_channel.float()) is None
+    with pytest.raises(ValueError, match="the kernel would count past their end"):
+        run(x, counts=torch.zeros(2, obs.hist.bins, dtype=torch.int64))  # 2 channels' rows for 5 channels' values
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "0")
     assert run(x) is None
     assert all(torch.equal(a, b) for a, b in zip(before, layer + channel + [obs.hist_channel]))

@@ -136,7 +136,7 @@ def test_save_snn_refuses_what_no_one_could_load(saved, tmp_path):
 
 
 def test_a_device_name_that_cannot_work_is_refused_before_loading(saved):
-    with pytest.raises(UserError, match="'gpu' is not a device name"):
+    with pytest.raises(UserError, match=r"^load_snn\(device=...\): 'gpu' is not a device name"):
         load_snn(saved[1], device="gpu")
     snn, _ = load_snn(saved[1], device=torch.device("cpu"))
     assert next(snn.parameters()).device.type == "cpu"

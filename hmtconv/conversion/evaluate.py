@@ -8,6 +8,7 @@ the single-process batch order, so every number equals a single-process run's bi
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from typing import Iterable
@@ -119,7 +120,7 @@ def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int
         return cpu_chunk(steps) if device.type == "cpu" else None
     if isinstance(memory_budget, str):
         budget = parse_bytes(memory_budget)
-    elif isinstance(memory_budget, (int, float)) and not isinstance(memory_budget, bool) \
+    elif isinstance(memory_budget, numbers.Real) and not isinstance(memory_budget, bool) \
             and math.isfinite(memory_budget) and memory_budget >= 1:
         budget = int(memory_budget)
     else:

@@ -5,6 +5,7 @@ C libraries, and which put values within an ulp or so of an edge in either bin).
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ class HistogramConfig:
     def __post_init__(self):
         for name in ("min_exp", "max_exp", "bins_per_octave"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"HistogramConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
         if not isinstance(self.per_channel, bool):
             raise TypeError(f"HistogramConfig.per_channel must be True or False, got {self.per_channel!r}")

@@ -74,6 +74,9 @@ def observe_batch(x: torch.Tensor, dim: int, signed: bool, hist, layer: list[tor
     shares = channel_counts = layer_counts = None
     bins = (0, 1, 1, None, None)  # (min_exp, bins per octave, bins, edges, lookup): unused without counts
     if counts is not None:
+        if counts.shape[-1] != hist.bins or counts.numel() not in (hist.bins, channels * hist.bins):
+            raise ValueError(f"histogram counts of shape {list(counts.shape)} for {hist.bins} bins and {channels} "
+                             f"channels: the kernel would count past their end")
         edge, lut = octave_tables(hist.bins_per_octave)
         bins = (hist.min_exp, hist.bins_per_octave, hist.bins, edge.data_ptr(), lut.data_ptr())
         if counts.dim() == 2:

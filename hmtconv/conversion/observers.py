@@ -30,6 +30,10 @@ def lam_shape(shape: torch.Size, channels_first: bool = False) -> tuple[int, ...
     return (shape[dim],) + (1,) * (len(shape) - 1 - dim)
 
 
+class MissingHistograms(ValueError):
+    """A policy read the histograms of an observer prepared without them (``histogram=None``)."""
+
+
 def check_finite(observers: list["ActivationObserver"]) -> None:
     """Raise the error about non-finite activations that ``forward`` defers off the CPU, naming the
     first of ``observers`` (in run order) that saw them; one read of the device for all of them."""
@@ -108,6 +112,21 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
         # off the CPU, whether the batches since the last check_finite were finite (a 0-d bool
         # tensor): reading it at every call would stall the device once per site and batch
         self.unchecked: torch.Tensor | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # histograms of other bins (or none) would be read, or counted into, past their end
+        saved = [state_dict.get(prefix + name) for name in ("hist_channel", "hist_layer")]
+        if all(isinstance(t, torch.Tensor) for t in saved):
+            bins = 0 if self.hist is None else self.hist.bins
+            layer_bins = 0 if self.hist is None or self.hist.per_channel else bins
+            channel, layer = saved
+            if channel.dim() != 2 or channel.shape[1] != bins or layer.numel() != layer_bins or (
+                    channel.shape[0] and layer_bins) or (channel.shape[0] and not bins):
+                raise ValueError(f"{prefix.rstrip('.') or 'observer'}: the saved statistics hold histograms of shape "
+                                 f"{list(channel.shape)} per channel and {list(layer.shape)} per layer, but this "
+                                 f"observer was prepared with histogram={self.hist!r}; prepare with the histogram "
+                                 f"setting of the saved calibration")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- gathering ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -241,7 +260,7 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
         """The histogram counts: ``[C, bins]`` per channel, ``[bins]`` for the layer."""
         self._check()
         if self.hist is None:
-            raise ValueError(f"{self.label}: calibrated without histograms (prepare(..., histogram=None), as "
+            raise MissingHistograms(f"{self.label}: calibrated without histograms (prepare(..., histogram=None), as "
                              f"convert(model, loader, policy=...) does for policies that read only moments and "
                              f"maxima); percentile policies and opt-emp need prepare(model, "
                              f"histogram=HistogramConfig()) and calibrate")

@@ -17,7 +17,7 @@ import torch
 
 from ..theory import fixed_point_lam, optimal_lam
 from .histograms import HistogramConfig
-from .observers import ActivationObserver, lam_shape
+from .observers import ActivationObserver, MissingHistograms, lam_shape
 
 # Thresholds below this are treated as "dead unit": a channel that never fired in calibration.
 MIN_LAM = 1e-8
@@ -227,7 +227,14 @@ def compute_lams(requests: list[tuple[ActivationObserver, NeuronSpec, str | floa
                 mu, sigma = obs.moments(per_channel)
                 batches[rule.solver, one.n, one.T, one.signed, one.theory_levels].append(((i, per_channel), mu, sigma))
             else:
-                raw[i, per_channel] = _user_checked(rule(obs, one), obs, one, policy)
+                try:
+                    value = rule(obs, one)
+                except MissingHistograms as error:
+                    if policy in BUILT_IN or policy not in NO_HISTOGRAM:
+                        raise
+                    raise ValueError(f"threshold policy {policy!r} was registered with histogram=False but reads "
+                                     f"the histograms ({error}); register it without histogram=False") from None
+                raw[i, per_channel] = _user_checked(value, obs, one, policy)
     for (solver, n, T, signed, levels), items in batches.items():
         mu = torch.cat([m.reshape(-1) for _, m, _ in items])
         sigma = torch.cat([s.reshape(-1) for _, _, s in items])
