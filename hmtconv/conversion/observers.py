@@ -118,10 +118,11 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
         saved = [state_dict.get(prefix + name) for name in ("hist_channel", "hist_layer")]
         if all(isinstance(t, torch.Tensor) for t in saved):
             bins = 0 if self.hist is None else self.hist.bins
-            layer_bins = 0 if self.hist is None or self.hist.per_channel else bins
-            channel, layer = saved
-            if channel.dim() != 2 or channel.shape[1] != bins or layer.numel() != layer_bins or (
-                    channel.shape[0] and layer_bins) or (channel.shape[0] and not bins):
+            per_channel = self.hist is not None and self.hist.per_channel
+            channel, layer = saved  # as __init__ and forward size them
+            fits = channel.dim() == 2 and channel.shape[1] == bins and (per_channel or channel.shape[0] == 0) \
+                and layer.shape == (0 if per_channel else bins,)
+            if not fits:
                 raise ValueError(f"{prefix.rstrip('.') or 'observer'}: the saved statistics hold histograms of shape "
                                  f"{list(channel.shape)} per channel and {list(layer.shape)} per layer, but this "
                                  f"observer was prepared with histogram={self.hist!r}; prepare with the histogram "
