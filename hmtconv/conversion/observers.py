@@ -261,10 +261,10 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
         """The histogram counts: ``[C, bins]`` per channel, ``[bins]`` for the layer."""
         self._check()
         if self.hist is None:
-            raise MissingHistograms(f"{self.label}: calibrated without histograms (prepare(..., histogram=None), as "
-                             f"convert(model, loader, policy=...) does for policies that read only moments and "
-                             f"maxima); percentile policies and opt-emp need prepare(model, "
-                             f"histogram=HistogramConfig()) and calibrate")
+            raise MissingHistograms(f"{self.label}: calibrated without histograms (prepare(..., histogram=None), "
+                                    f"as convert(model, loader, policy=...) does for policies that read only "
+                                    f"moments and maxima); percentile policies and opt-emp need prepare(model, "
+                                    f"histogram=HistogramConfig()) and calibrate")
         if per_channel and not self.hist.per_channel:
             raise ValueError("per-channel histograms and percentiles need "
                              "prepare(..., histogram=HistogramConfig(per_channel=True))")

@@ -180,17 +180,21 @@ def unused_patterns(policy: str | float, names: list[str]) -> list[str]:
     return [pattern for pattern, _ in parse_policy(policy)[1] if not any(fnmatchcase(n, pattern) for n in names)]
 
 
+def _named(policy: str | float) -> list[str | float]:
+    """Every policy a policy string applies somewhere: its base and its overrides'."""
+    base, overrides = parse_policy(policy)
+    return [base, *(p for _, p in overrides)]
+
+
 def depends_on_T(policy: str | float) -> bool:
     """Whether any site's lam depends on T (one conversion per T is then needed)."""
-    base, overrides = parse_policy(policy)
-    return any(p in T_DEPENDENT for p in [base, *(p for _, p in overrides)])
+    return any(p in T_DEPENDENT for p in _named(policy))
 
 
 def reads_histograms(policy: str | float) -> bool:
     """Whether any site's policy reads the observers' histograms (percentiles, opt-emp, and
     registered policies that do not say otherwise)."""
-    base, overrides = parse_policy(policy)
-    return any(p not in NO_HISTOGRAM for p in [base, *(p for _, p in overrides)])
+    return any(p not in NO_HISTOGRAM for p in _named(policy))
 
 
 def histograms_for(policies: Iterable[str | float], per_channel: bool) -> HistogramConfig | None:
