@@ -18,14 +18,14 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by test_gpu_kernel.py with TRITON_INTERPRET=1", allow_module_level=True)
 
 
-def triton_run(neuron, x, total=False):
+def triton_run(neuron, x, total=False, forms=0):
     """(out, spikes, synops, sum of outputs over steps or None) from the Triton kernel."""
     out = torch.empty_like(x)
     spikes = torch.zeros(x.shape[0], dtype=torch.float64)
     synops = torch.zeros_like(spikes) if neuron.fanout is not None else None
     sums = torch.empty(x.shape[1:]) if total else None
     assert run_planned(gpu_kernel._launch, x, out, neuron.lam, neuron.fanout, neuron.spike_lut, neuron.levels,
-                       neuron.mode, spikes, synops, None, sums)
+                       neuron.mode, spikes, synops, None, sums, forms)
     return out, spikes, synops, sums
 
 
@@ -109,3 +109,21 @@ def test_an_snn_on_the_triton_kernel_equals_its_tensor_path(on_any_device, monke
     assert len(launches) == len(snn.sites())
     monkeypatch.setattr(gpu_kernel, "applies", lambda x: False)
     assert torch.equal(y, snn(x))
+
+
+@pytest.mark.parametrize("mode", ["unsigned", "signed", "communicate"])
+@pytest.mark.parametrize("forms", [1, 2, 3])
+def test_triton_kernel_on_running_means_equals_tensor_path(mode, forms):
+    """Running means in (``takes_means``), out (``gives_means``) or both, as the tensor path
+    computes them, bit for bit (test_running_means.py checks that path against the definitions)."""
+    g = torch.Generator().manual_seed(forms)
+    neuron = make_neuron("hmt", 4, mode, torch.rand(6, generator=g) * 0.4 + 0.1)
+    neuron.fanout = torch.randint(0, 9, (5, 6), generator=g).to(torch.float32)
+    neuron.takes_means, neuron.gives_means = bool(forms & 1), bool(forms & 2)
+    x = with_ties((7, 2, 5, 6), 0.3, neuron.levels, g)
+    out, spikes, synops, sums = triton_run(neuron, x, total=True, forms=forms)
+    ref, ref_sums = torch.empty_like(x), torch.empty_like(sums)
+    ref_spikes, ref_synops = torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
+    neuron._forward_tensors(x, ref, neuron.lam, ref_spikes, ref_synops, ref_sums)
+    assert torch.equal(out, ref) and torch.equal(spikes, ref_spikes) and torch.equal(synops, ref_synops)
+    assert torch.equal(sums, ref_sums) and spikes.sum() > 0

@@ -223,6 +223,47 @@ def allow_overwrite(gm: fx.GraphModule) -> None:
             module.overwrite_inputs = tuple(node.args.count(a) == 1 and _owns_its_output(gm, a) for a in node.args)
 
 
+# Views that keep rows apart (rearranging or selecting elements within a row), and identity modules
+ROW_VIEWS = VIEWS - {"chunk", "split", "unbind", "expand", "expand_as", torch.chunk, torch.split, torch.unbind}
+IDENTITIES = (nn.Dropout, nn.Identity)
+
+
+def exchange_running_means(gm: fx.GraphModule, keeps_rows) -> None:
+    """Where a compensated op feeds a neuron alone (through views that ``keeps_rows(node)``:
+    each of its rows made of the same row of its input), the neuron takes ``F`` of the running
+    means and differences it itself; where a neuron feeds only compensated ops (attention's
+    operands), it gives them the running means of its outputs. Each saves a pass over memory (the
+    op's step difference, its running mean) for the same arithmetic in the neuron (multilevel.py)."""
+    def module(node) -> nn.Module | None:
+        return gm.get_submodule(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+
+    def passes_rows(node: fx.Node) -> bool:
+        if isinstance(module(node), IDENTITIES):
+            return True
+        index = node.args[1] if node.target is operator.getitem else None
+        leading = index[0] if isinstance(index, tuple) and index else index
+        return (node.op in ("call_function", "call_method") and node.target in ROW_VIEWS and keeps_rows(node)
+                and (node.target is not operator.getitem or leading == slice(None)))
+
+    for node in gm.graph.nodes:
+        site = module(node)
+        if not isinstance(site, SpikingActivation):
+            continue
+        source = node.args[0]
+        while isinstance(source, fx.Node) and len(source.users) == 1 and passes_rows(source):
+            source = source.args[0]
+        if isinstance(module(source), Compensated) and len(source.users) == 1:
+            module(source).emits_means = site.neuron.takes_means = True
+        readers = [(user, module(user)) for user in node.users]
+        if readers and all(isinstance(m, Compensated) and node not in user.kwargs.values()
+                           and all((m.temporal or (True,) * len(user.args))[i]
+                                   for i, a in enumerate(user.args) if a is node) for user, m in readers):
+            site.neuron.gives_means = True
+            for user, m in readers:
+                m.means_given = tuple(a is node or (i < len(m.means_given) and m.means_given[i])
+                                      for i, a in enumerate(user.args))
+
+
 def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport) -> SNN:
     swap_sites(net, config)
     if not isinstance(net, fx.GraphModule):  # module-swap fallback: every op sees T*B rows
@@ -260,6 +301,8 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
     check_batch_first(net, kinds, batch_dims)
     macs = count_operations(net, kinds, reads_input(net.graph))
     allow_overwrite(net)
+    exchange_running_means(net, lambda node: batch_dims(node) == [0] == batch_dims(node.args[0])
+                           and shapes[0][node][0] == shapes[0][node.args[0]][0])
     output = next(n for n in net.graph.nodes if n.op == "output").args[0]
     return SNN(net, config, report, output_temporal=kinds.get(output) == "temporal", macs=macs,
                memory_profile=activation_profile(net, kinds).to(device))

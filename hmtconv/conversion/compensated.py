@@ -153,20 +153,27 @@ def step_difference(y: torch.Tensor, steps: int) -> torch.Tensor:
 
 class Compensated(TimeAware):
     """``module`` under expectation compensation; ``temporal[i]`` says which positional args are
-    spike trains ``[T*B, ...]`` (the others, e.g. constants, pass through unchanged), and
-    ``overwrite_inputs[i]`` which ones nothing else reads (their running mean is taken in place)."""
+    spike trains ``[T*B, ...]`` (the others, e.g. constants, pass through unchanged),
+    ``overwrite_inputs[i]`` which ones nothing else reads (their running mean is taken in place),
+    ``means_given[i]`` which ones a neuron gives as running means already, and ``emits_means``
+    whether the neuron it feeds takes ``F`` of the running means as they are (build.py sets them:
+    each skips a pass over memory, the neuron doing the same arithmetic as it runs)."""
 
     def __init__(self, module: nn.Module, temporal: tuple[bool, ...] | None = None):
         super().__init__()
         self.module = module
         self.temporal = temporal
         self.overwrite_inputs: tuple[bool, ...] = ()
+        self.means_given: tuple[bool, ...] = ()
+        self.emits_means = False
 
     def forward(self, *args, **kwargs):
         flags = self.temporal or tuple(isinstance(a, torch.Tensor) for a in args)
         inplace = self.overwrite_inputs or (False,) * len(args)
-        means = [running_mean(a, self.steps, own) if f else a for a, f, own in zip(args, flags, inplace)]
+        given = self.means_given or (False,) * len(args)
+        means = [running_mean(a, self.steps, own) if f and not done else a
+                 for a, f, own, done in zip(args, flags, inplace, given)]
         y = self.module(*means, **kwargs)
-        if y._base is not None or any(y is a for a in args):  # differenced in place: only a tensor of its own
+        if y._base is not None or any(y is a for a in args):  # differenced (or a neuron's) in place: a tensor of its own
             y = y.clone()
-        return step_difference(y, self.steps)
+        return y if self.emits_means else step_difference(y, self.steps)

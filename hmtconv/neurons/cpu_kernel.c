@@ -11,6 +11,12 @@
  * x and out are [T, B, P] contiguous (out may be x: step t of x is read before it is written);
  * lam and fanout are [P] (fanout may be NULL); spikes and synops are [T], added to; total (NULL:
  * not wanted) is [B, P], the sum of the outputs over the steps, added in float32 from 0 step by step.
+ *
+ * forms (see multilevel.py): with MEANS_IN, x holds the running means of the currents, and step t's
+ * current is (t + 1) * x[t] - t * x[t-1], each product rounded (compensation_kernel.c's step
+ * difference, operation for operation); with MEANS_OUT, out gets the running means of the outputs,
+ * s[t] / (t + 1) with s the float32 sum from 0 (its running mean). So a compensated op and the
+ * neuron beside it exchange running means with the results of per-step values, bit for bit.
  */
 #include <math.h>
 #include <stddef.h>
@@ -22,13 +28,14 @@
 #define BLOCK 512
 
 enum { UNSIGNED = 0, SIGNED = 1, COMMUNICATE = 2 };
+enum { MEANS_IN = 1, MEANS_OUT = 2 };
 
 typedef struct {
     const float *x, *lam;
     const int32_t *fanout, *lut;  /* lut: binary spikes of each level */
     float *out, *total;
     int64_t T, B, P, levels;
-    int mode, nibbles;  /* nibbles: lut[k] = lo[k & 15] + hi[k >> 4] for every level */
+    int mode, forms, nibbles;  /* nibbles: lut[k] = lo[k & 15] + hi[k >> 4] for every level */
     uint8_t lo[16], hi[16];
 } job_t;
 
@@ -152,21 +159,30 @@ static void count(const job_t *j, const int32_t *kp, const int32_t *kn, const in
 }
 
 static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *spikes, double *synops) {
-    float vp[BLOCK], vn[BLOCK], inv[BLOCK], sum[BLOCK];
+    float vp[BLOCK], vn[BLOCK], inv[BLOCK], sum[BLOCK], scaled[BLOCK], current[BLOCK];
     int32_t kp[BLOCK], kn[BLOCK];
     const float *lam = j->lam + p0;
     const float levels = (float)j->levels;
     for (int64_t i = 0; i < n; i++) {
         vp[i] = vn[i] = lam[i] * 0.5f;  /* eq. 13 */
         inv[i] = 1.0f / lam[i] * (1.0f - 0x1p-21f);  /* below 1 / lam: see level_of */
-        sum[i] = 0.0f;
+        sum[i] = scaled[i] = 0.0f;
     }
+    const int sums = j->total || (j->forms & MEANS_OUT);
     for (int64_t t = 0; t < j->T; t++) {
         const int64_t row = (t * j->B + b) * j->P + p0;
-        const float *x = j->x + row;
+        const float *x = j->x + row, steps = (float)(t + 1);
         float *out = j->out + row;
         for (int64_t i = 0; i < n && t + 1 < j->T; i += 16)  /* the next step's inputs: far away */
             __builtin_prefetch(x + j->B * j->P + i);
+        if (j->forms & MEANS_IN) {  /* read before out (which may be x) is written; 1 * x - 0 is x */
+            for (int64_t i = 0; i < n; i++) {
+                const float s = x[i] * steps;
+                current[i] = s - scaled[i];
+                scaled[i] = s;
+            }
+            x = current;
+        }
         int64_t i0 = 0;  /* positions done 8 at a time; the loops below do the rest */
 #if defined(__AVX2__) && defined(__FMA__)
         i0 = step8(j->mode, x, lam, inv, levels, vp, vn, out, kp, kn, n);
@@ -194,7 +210,8 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
                 vp[i] = mp - o; vn[i] = mn + o; out[i] = o; kp[i] = index_of(k);
             }
         }
-        for (int64_t i = 0; i < n && j->total; i++) sum[i] += out[i];  /* (out is still in L1) */
+        for (int64_t i = 0; i < n && sums; i++) sum[i] += out[i];  /* (out is still in L1) */
+        for (int64_t i = 0; i < n && (j->forms & MEANS_OUT); i++) out[i] = sum[i] / steps;
         int64_t s = 0, w = 0;  /* integers: exact in any order, so equal to the tensor path's sums */
         count(j, kp, j->mode == SIGNED ? kn : NULL, j->fanout ? j->fanout + p0 : NULL, n, &s, &w);
         spikes[t] += (double)s;
@@ -208,8 +225,8 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
  * still spinning from the last torch op (threads of our own would fight them for the cores). */
 void hmt_neuron_forward(const float *x, float *out, float *total, int64_t T, int64_t B, int64_t P,
                         const float *lam, const int32_t *fanout, const int32_t *lut, int64_t levels, int mode,
-                        int threads, double *spikes, double *synops) {
-    job_t j = {x, lam, fanout, lut, out, total, T, B, P, levels, mode, levels < 256};
+                        int forms, int threads, double *spikes, double *synops) {
+    job_t j = {x, lam, fanout, lut, out, total, T, B, P, levels, mode, forms, levels < 256};
     for (int q = 0; q < 16 && j.nibbles; q++) {  /* the split, and bytes that hold it */
         j.lo[q] = (uint8_t)(q <= levels ? lut[q] : 0);
         j.hi[q] = (uint8_t)(16 * q <= levels ? lut[16 * q] - lut[0] : 0);

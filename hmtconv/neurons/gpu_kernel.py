@@ -36,7 +36,7 @@ def applies(x: torch.Tensor) -> bool:
             and x.dtype == torch.float32 and x.numel() > 0 and available())
 
 
-def _launch(src, dst, sums, steps, batch, per_sample, current: Plan, levels, mode, spikes, synops) -> None:
+def _launch(src, dst, sums, steps, batch, per_sample, current: Plan, levels, mode, forms, spikes, synops) -> None:
     from . import triton_neuron  # (imports triton: only once a kernel is wanted)
 
     n = batch * per_sample
@@ -44,8 +44,8 @@ def _launch(src, dst, sums, steps, batch, per_sample, current: Plan, levels, mod
     fanout = current.fanout if current.fanout is not None else current.lut  # (a pointer it does not read)
     triton_neuron.neuron_steps[(-(-n // BLOCK),)](
         src, dst, dst if sums is None else sums, current.lam, fanout, current.lut, counts, steps, n, per_sample,
-        LEVELS=levels, MODE=MODES[mode], HAS_FANOUT=current.fanout is not None, HAS_SUM=sums is not None,
-        BLOCK=BLOCK, enable_fp_fusion=False)
+        LEVELS=levels, MODE=MODES[mode], FORMS=forms, HAS_FANOUT=current.fanout is not None,
+        HAS_SUM=sums is not None, BLOCK=BLOCK, enable_fp_fusion=False)
     spikes.add_(counts[0])
     if synops is not None:
         synops.add_(counts[1])
@@ -57,16 +57,16 @@ def _equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None,
         spike_lut: torch.Tensor, levels: int, mode: str, spikes: torch.Tensor, synops: torch.Tensor | None,
-        previous: Plan | None = None, total: torch.Tensor | None = None,
+        previous: Plan | None = None, total: torch.Tensor | None = None, forms: int = 0,
         tensor_path: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], None]
         | None = None) -> Plan | None:
     """As :func:`hmtconv.neurons.cpu_kernel.run`, for CUDA tensors. ``tensor_path(out, spikes,
     synops, total)`` computes the same with the tensor path; the first launch of each variant of
-    the kernel (mode, levels, fan-outs or not, sums or not: each compiles apart) on each device runs
+    the kernel (mode, levels, forms, fan-outs or not, sums or not: each compiles apart) on each device runs
     both (on finite inputs) and keeps the tensor path's results."""
     if not applies(x):
         return None
-    key = (x.device, mode, levels, fanout is None, total is None)
+    key = (x.device, mode, levels, forms, fanout is None, total is None)
     checking = key not in _checked and tensor_path is not None
     if checking and not bool(torch.isfinite(x).all()):
         return None  # (the tensor path's floor division makes NaN of an infinite membrane)
@@ -74,7 +74,7 @@ def run(x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Ten
              None if total is None else torch.empty_like(total)) if checking else (out, spikes, synops, total)
     try:
         current = run_planned(_launch, x, trial[0], lam, fanout, spike_lut, levels, mode, *trial[1:3], previous,
-                              trial[3])
+                              trial[3], forms)
     except Exception as error:  # noqa: BLE001 (Triton's compile and launch errors have no common type)
         return _turn_off(f"it failed on {x.device}: {type(error).__name__}: {error}")
     if current is None or not checking:

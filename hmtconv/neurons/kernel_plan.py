@@ -70,15 +70,15 @@ def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_
     return Plan(key, True, order, lam_flat, fan_int, spike_lut.to(device=x.device, dtype=torch.int32))
 
 
-# launch(src, dst, sums or None, T, B, P, plan, levels, mode, spikes, synops or None): all steps of
-# src [T, B, P] (contiguous) into dst, the outputs' sum over steps into sums, adding to the [T]
-# float64 spikes and synops
+# launch(src, dst, sums or None, T, B, P, plan, levels, mode, forms, spikes, synops or None): all
+# steps of src [T, B, P] (contiguous) into dst, the outputs' sum over steps into sums, adding to
+# the [T] float64 spikes and synops; forms: bit MEANS_IN, MEANS_OUT (multilevel.py)
 Launch = Callable[..., None]
 
 
 def run_planned(launch: Launch, x: torch.Tensor, out: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None,
                 spike_lut: torch.Tensor, levels: int, mode: str, spikes: torch.Tensor, synops: torch.Tensor | None,
-                previous: Plan | None = None, total: torch.Tensor | None = None) -> Plan | None:
+                previous: Plan | None = None, total: torch.Tensor | None = None, forms: int = 0) -> Plan | None:
     """All steps of ``x`` (``[T, *shape]``) into ``out`` by ``launch``, adding to ``spikes`` and
     ``synops`` (``[T]`` float64), and the outputs' sum over the steps into ``total`` (``shape``;
     None: not wanted); returns the plan it ran with (pass it back as ``previous`` next time), or
@@ -95,7 +95,7 @@ def run_planned(launch: Launch, x: torch.Tensor, out: torch.Tensor, lam: torch.T
     sum_target = None if total is None else total.permute([d - 1 for d in order[1:]]) if order is not None else total
     sums = sum_target if sum_target is None or sum_target.is_contiguous() else torch.empty_like(src[0])
     batch = x.shape[1] if x.dim() > 2 else 1
-    launch(src, dst, sums, x.shape[0], batch, x[0].numel() // batch, current, levels, mode, spikes, synops)
+    launch(src, dst, sums, x.shape[0], batch, x[0].numel() // batch, current, levels, mode, forms, spikes, synops)
     if dst is not target:
         target.copy_(dst)
     if sums is not sum_target:

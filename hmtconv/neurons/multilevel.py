@@ -14,6 +14,7 @@ from . import cpu_kernel, gpu_kernel
 from .kernel_plan import Plan
 
 MAX_N = 16
+MEANS_IN, MEANS_OUT = 1, 2  # the kernels' ``forms`` bits (see MultiLevelNeuron)
 CHECKED_LEVELS = 15  # up to this many levels (n <= 4 for H-MT) charge_ checks a rounded quotient
 
 
@@ -138,6 +139,13 @@ class MultiLevelNeuron(KeepsDtype):
     spikes weighted by the number of synapses each element drives: eq. 32's numerator), and when
     ``sum_outputs`` is set, ``output_sum`` (``shape``: the outputs summed over the steps, added
     step by step from 0 in the input's dtype; the mean output without another pass over memory).
+
+    ``takes_means``: the input holds the running means of the currents (what a compensated op
+    computes before it differences them), and step t's current is ``t*x[t] - (t-1)*x[t-1]``;
+    ``gives_means``: the output holds the running means of the outputs (what a compensated op
+    reading them computes first). Convert sets them between a neuron and a compensated op
+    (build.py), which then skips that pass over memory; results are those of per-step values bit
+    for bit (the same float32 operations in the same order as compensated.py's).
     ``lam`` keeps its dtype when the neuron is cast (``forward`` casts it to the input's), so a
     cast SNN is saved and rebuilt with the thresholds convert gave it.
     """
@@ -163,6 +171,7 @@ class MultiLevelNeuron(KeepsDtype):
         self.synops: torch.Tensor | None = None
         self.sum_outputs = False
         self.output_sum: torch.Tensor | None = None
+        self.takes_means = self.gives_means = False
         self._kernel_plan: Plan | None = None  # kept between calls (see kernel_plan.Plan)
 
     def extra_repr(self) -> str:
@@ -199,8 +208,9 @@ class MultiLevelNeuron(KeepsDtype):
         spikes = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         synops = torch.zeros_like(spikes) if self.fanout is not None else None
         total = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device) if self.sum_outputs else None
+        forms = MEANS_IN * self.takes_means + MEANS_OUT * self.gives_means
         args = (x, out, self.lam, self.fanout, self.spike_lut, self.levels, self.mode, spikes, synops,
-                self._kernel_plan, total)
+                self._kernel_plan, total, forms)
         tensor_path = lambda o, s, w, sums: self._forward_tensors(  # noqa: E731
             x, o, self.lam.to(dtype=x.dtype, device=x.device), s, w, sums)
         self._kernel_plan = cpu_kernel.run(*args) or gpu_kernel.run(*args, tensor_path=tensor_path)
@@ -220,29 +230,40 @@ class MultiLevelNeuron(KeepsDtype):
             v_neg = v_pos.clone()
             out_pos, out_neg = torch.empty_like(v_pos), torch.empty_like(v_pos)
             level_neg = torch.empty_like(level) if self.communicate else None  # only the exchange path counts k_P + k_N
-        if total is not None:
-            total.zero_()
+        sums = total if total is not None or not self.gives_means else torch.empty_like(v_pos)
+        if sums is not None:
+            sums.zero_()
+        scaled = torch.zeros_like(v_pos) if self.takes_means else None
         for t in range(steps):
+            current = x[t]
+            if scaled is not None:  # compensated.step_difference's operations: t*x[t] - (t-1)*x[t-1]
+                step = current * (t + 1)
+                current = step - scaled
+                scaled = step
             if self.signed and self.communicate:
                 # Eq. 21 with Lemma 4.1: v_P + v_N = lam, so at most one half fires per step
                 # (in floating point too while lam exceeds the membranes' rounding error, about
                 # 2^-24 of |v| in float32). Then resetting both halves and exchanging their outputs
                 # is v_P -= out, v_N += out (bit for bit: the other half's output is exactly 0),
                 # and the step's spikes are those of k_P + k_N: four passes fewer per step.
-                charge_(v_pos, x[t], lam, self.levels, out_pos, level, scratch)
-                charge_(v_neg, x[t], lam, self.levels, out_neg, level_neg, scratch, sign=-1.0)
+                charge_(v_pos, current, lam, self.levels, out_pos, level, scratch)
+                charge_(v_neg, current, lam, self.levels, out_neg, level_neg, scratch, sign=-1.0)
                 torch.sub(out_pos, out_neg, out=out[t])
                 v_pos.sub_(out[t])
                 v_neg.add_(out[t])
                 counts = [count(level.add_(level_neg))]
             elif self.signed:
-                counts = [count(fire_(v_pos, x[t], lam, self.levels, out_pos, level, scratch)),
-                          count(fire_(v_neg, x[t], lam, self.levels, out_neg, level, scratch, sign=-1.0))]
+                counts = [count(fire_(v_pos, current, lam, self.levels, out_pos, level, scratch)),
+                          count(fire_(v_neg, current, lam, self.levels, out_neg, level, scratch, sign=-1.0))]
                 torch.sub(out_pos, out_neg, out=out[t])
             else:
-                counts = [count(fire_(v_pos, x[t], lam, self.levels, out[t], level, scratch))]
+                counts = [count(fire_(v_pos, current, lam, self.levels, out[t], level, scratch))]
             spikes[t] = sum(c[0] for c in counts)
             if synops is not None:
                 synops[t] = sum(c[1] for c in counts)
-            if total is not None:  # the kernel's order of additions: from 0, step by step
-                total.add_(out[t])
+            if sums is not None:  # the kernel's order of additions: from 0, step by step
+                sums.add_(out[t])
+            if self.gives_means:  # divided below, by a tensor: ATen multiplies by the reciprocal of a scalar
+                out[t].copy_(sums)
+        if self.gives_means:
+            out.div_(torch.arange(1, steps + 1, dtype=out.dtype, device=out.device).view(-1, *[1] * (out.dim() - 1)))

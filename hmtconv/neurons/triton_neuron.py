@@ -9,7 +9,7 @@ product with a slightly small ``1 / lam`` and one step up where the exact sign o
 subtraction; with communication only the larger half's level (Lemma 4.1). Launched with
 ``enable_fp_fusion=False``: a fused multiply-add where the tensor path has none would round
 differently. Binary spikes (and the same weighted by fan-out) are integers, summed per program
-and added atomically: exact in any order.
+and added atomically: exact in any order. ``FORMS`` as ``cpu_kernel.c``'s (running means in, out).
 """
 import triton
 import triton.language as tl
@@ -36,10 +36,11 @@ def _spikes(lut_ptr, k, mask, LEVELS: tl.constexpr):
 
 @triton.jit
 def neuron_steps(x_ptr, out_ptr, sum_ptr, lam_ptr, fan_ptr, lut_ptr, count_ptr, T, N, P,
-                 LEVELS: tl.constexpr, MODE: tl.constexpr, HAS_FANOUT: tl.constexpr, HAS_SUM: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 LEVELS: tl.constexpr, MODE: tl.constexpr, FORMS: tl.constexpr, HAS_FANOUT: tl.constexpr,
+                 HAS_SUM: tl.constexpr, BLOCK: tl.constexpr):
     """x, out: [T, N] (N = B * P positions); lam, fan: [P]; sum: [N]; count: [2, T] int64 (spikes,
-    then spikes weighted by fan-out), added to. MODE 0: unsigned, 1: signed, 2: with communication."""
+    then spikes weighted by fan-out), added to. MODE 0: unsigned, 1: signed, 2: with communication.
+    FORMS bit 1: x holds running means of the currents; bit 2: out gets running means of the outputs."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     p = offs % P
@@ -48,11 +49,17 @@ def neuron_steps(x_ptr, out_ptr, sum_ptr, lam_ptr, fan_ptr, lut_ptr, count_ptr, 
     vp = lam * 0.5  # eq. 13
     vn = lam * 0.5
     total = tl.zeros([BLOCK], dtype=tl.float32)
+    scaled = tl.zeros([BLOCK], dtype=tl.float32)  # t * (mean of currents 1..t) at the last step
     if HAS_FANOUT:
         fan = tl.load(fan_ptr + p, mask=mask, other=0).to(tl.int64)
     xs, outs = x_ptr + offs, out_ptr + offs  # (64-bit addresses, moved a step at a time: no int32 overflow)
     for t in range(T):
+        steps = t + 1.0  # (a float32 scalar: the step count, exact)
         x = tl.load(xs, mask=mask, other=0.0)
+        if FORMS & 1:  # the step's current from running means, as the compensation's step difference
+            s = x * steps
+            x = s - scaled
+            scaled = s
         mp = vp + x
         if MODE == 2:  # eq. 21: both halves reset by the net output; only the larger can fire
             mn = vn - x
@@ -78,11 +85,14 @@ def neuron_steps(x_ptr, out_ptr, sum_ptr, lam_ptr, fan_ptr, lut_ptr, count_ptr, 
             o = k * lam
             vp = mp - o
             c = _spikes(lut_ptr, k, mask, LEVELS)
-        tl.store(outs, o, mask=mask)
+        if HAS_SUM or FORMS & 2:
+            total += o
+        if FORMS & 2:
+            tl.store(outs, tl.div_rn(total, steps), mask=mask)
+        else:
+            tl.store(outs, o, mask=mask)
         xs += N
         outs += N
-        if HAS_SUM:
-            total += o
         tl.atomic_add(count_ptr + t, tl.sum(c, axis=0))
         if HAS_FANOUT:
             tl.atomic_add(count_ptr + T + t, tl.sum(c * fan, axis=0))
