@@ -72,12 +72,19 @@ def test_kernel_equals_tensor_path(kind, n, mode, shape, per_channel):
     assert spikes.sum() > 0
 
 
-@pytest.fixture
-def portable_build(monkeypatch, tmp_path):
-    """The kernel built without -march=native (what a CPU without AVX2 and FMA runs: the plain C
-    loops instead of the 8-lane ones), in a cache of its own; the usual build again afterwards."""
-    plain = [entry for entry in native.candidate_flags() if "-march=native" not in entry[0]]
-    monkeypatch.setattr(native, "candidate_flags", lambda: plain)
+@pytest.fixture(params=["portable", "avx2"])
+def other_build(request, monkeypatch, tmp_path):
+    """The kernel built for another CPU, in a cache of its own (the usual build again afterwards):
+    "portable" without -march=native (a CPU without AVX2 and FMA: the plain C loops instead of the
+    16- and 8-lane ones), "avx2" without AVX-512 (the 8-lane loops throughout)."""
+    if request.param == "portable":
+        flags = [entry for entry in native.candidate_flags() if "-march=native" not in entry[0]]
+    else:
+        flags = [([*f, "-mno-avx512f"], key + b" no avx512") for f, key in native.candidate_flags()
+                 if "-march=native" in f]
+        if not flags or b"avx2" not in flags[0][1]:
+            pytest.skip("this CPU has no AVX2")
+    monkeypatch.setattr(native, "candidate_flags", lambda: flags)
     monkeypatch.setenv("HMTCONV_CACHE", str(tmp_path))
     for cached in (native.load, cpu_kernel.library):
         cached.cache_clear()
@@ -88,13 +95,14 @@ def portable_build(monkeypatch, tmp_path):
 
 @needs_compiler
 @pytest.mark.parametrize("mode", ["unsigned", "signed", "communicate"])
-def test_portable_build_equals_tensor_path(portable_build, mode):
+def test_other_builds_equal_tensor_path(other_build, mode):
     g = torch.Generator().manual_seed(5)
     lam = torch.rand(24, generator=g) * 0.5 + 0.05
     neuron = HMTNeuron(4, lam, signed=mode != "unsigned", communicate=mode == "communicate")
     neuron.fanout = torch.randint(0, 9, (9, 24), generator=g).to(torch.float32)
     x = with_ties((7, 4, 9, 24), lam[0].item(), neuron.levels, g)
     (out, spikes, synops), (ref_out, ref_spikes, ref_synops) = both_paths(neuron, x)
+    assert cpu_kernel.library() is not None
     assert torch.equal(out, ref_out) and torch.equal(spikes, ref_spikes) and torch.equal(synops, ref_synops)
 
 
