@@ -158,3 +158,27 @@ def test_no_running_means_where_another_op_reads_the_same_tensor():
     assert flags(snn) == (set(), {"matmul_in1"}, set(), {"matmul": (False, True)})
     with torch.no_grad():
         assert torch.equal(snn(data[0][0]), without_exchange(snn)(data[0][0]))
+
+
+@pytest.mark.parametrize("name", ["swin", "mobilenet_v3_small"])
+def test_the_exchange_changes_no_result_of_window_attention_or_gated_convnets(name):
+    """Swin's windows (reshapes that regroup rows: no exchange through them) and MobileNetV3's
+    squeeze-and-excitation gates and hard-swishes (compensated before neurons)."""
+    from test_convert_models import small_swin
+    import torchvision
+
+    torch.manual_seed(0)
+    model = small_swin(False) if name == "swin" else torchvision.models.mobilenet_v3_small(num_classes=10)
+    data = [(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    for bn in model.modules():  # BatchNorm statistics of the data (with the initial ones, activations vanish)
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = None
+    with torch.no_grad():
+        model.train()(data[0][0])
+    model.eval()
+    snn = hmtconv.convert(model, data, n=4, T=4, policy="999", identity="all")
+    takes, gives, _, _ = flags(snn)
+    assert takes and (gives or name != "swin")
+    with torch.no_grad():
+        assert torch.equal(snn(data[0][0]), without_exchange(snn)(data[0][0]))
+    assert all(site.neuron.spikes.sum() > 0 for name, site in snn.sites().items() if name in takes)
