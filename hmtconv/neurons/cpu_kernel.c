@@ -262,7 +262,7 @@ static void run_block(const job_t *j, int64_t b, int64_t p0, int64_t n, double *
             }
             x = current;
         }
-        int64_t i0 = 0;  /* positions done 8 at a time; the loops below do the rest */
+        int64_t i0 = 0;  /* positions done 16, then 8 at a time; the loops below do the rest */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__)
         i0 = step16(j->mode, x, lam, inv, levels, vp, vn, out, kp, kn, n);
 #endif

@@ -230,7 +230,7 @@ class MultiLevelNeuron(KeepsDtype):
             v_neg = v_pos.clone()
             out_pos, out_neg = torch.empty_like(v_pos), torch.empty_like(v_pos)
             level_neg = torch.empty_like(level) if self.communicate else None  # only the exchange path counts k_P + k_N
-        sums = total if total is not None or not self.gives_means else torch.empty_like(v_pos)
+        sums = torch.empty_like(v_pos) if total is None and self.gives_means else total
         if sums is not None:
             sums.zero_()
         scaled = torch.zeros_like(v_pos) if self.takes_means else None
