@@ -3,8 +3,6 @@ and ``gives_means``, build.py's ``exchange_running_means``): the neuron does the
 skips, and every result equals that of per-step values bit for bit."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -94,15 +92,10 @@ def flags(snn):
             {name: m.means_given for name, m in compensated.items() if any(m.means_given)})
 
 
-def without_exchange(snn):
-    """A copy of ``snn`` whose neurons and compensated ops pass per-step values everywhere."""
-    plain = copy.deepcopy(snn)
-    for site in plain.sites().values():
-        site.neuron.takes_means = site.neuron.gives_means = False
-    for m in plain.modules():
-        if isinstance(m, Compensated):
-            m.emits_means, m.means_given = False, ()
-    return plain
+def per_step(snn, x):
+    """``snn(x)`` with per-step values everywhere (``SNN.per_step_values``)."""
+    with torch.no_grad(), snn.per_step_values():
+        return snn(x)
 
 
 @pytest.mark.parametrize("kernel", ["1", "0"])
@@ -127,11 +120,22 @@ def test_a_vit_exchanges_running_means_at_every_neuron_beside_a_compensated_op(m
     assert emits == {p + s for p in layers for s in ("ln_1", "self_attention.softmax", "self_attention.mix", "ln_2",
                                                      "mlp.1")} | {"net.encoder.ln"}
     assert given == {p + f"self_attention.{s}": (True, True) for p in layers for s in ("scores", "mix")}
-    plain = without_exchange(snn)
     x = data[0][0]
+    exchanged = hmtconv.evaluate(snn, data, ann=model).to_dict()
+    with snn.per_step_values():
+        assert not any(flags(snn)[:3]) and not flags(snn)[3]
+        assert hmtconv.evaluate(snn, data, ann=model).to_dict() == exchanged
+    assert flags(snn) == (takes, gives, emits, given)  # (restored)
     with torch.no_grad():
-        assert torch.equal(snn(x), plain(x))
-    assert hmtconv.evaluate(snn, data, ann=model).to_dict() == hmtconv.evaluate(plain, data, ann=model).to_dict()
+        assert torch.equal(snn(x), per_step(snn, x))
+    site = snn.sites()[layers[0] + "self_attention.scores_in0"]  # gives running means: inside, spikes
+    seen = []
+    hook = site.register_forward_hook(lambda module, args, out: seen.append(out / module.neuron.lam))
+    per_step(snn, x)
+    snn(x)
+    hook.remove()
+    levels = [bool((k - k.round()).abs().max() < 1e-3) and k.abs().max() < 15.01 for k in seen]
+    assert levels == [True, False]  # levels k of k * lam; then means of them
 
 
 class SharedReaders(nn.Module):
@@ -157,7 +161,7 @@ def test_no_running_means_where_another_op_reads_the_same_tensor():
     # product; only q's transpose has a neuron of its own, which the product alone reads
     assert flags(snn) == (set(), {"matmul_in1"}, set(), {"matmul": (False, True)})
     with torch.no_grad():
-        assert torch.equal(snn(data[0][0]), without_exchange(snn)(data[0][0]))
+        assert torch.equal(snn(data[0][0]), per_step(snn, data[0][0]))
 
 
 @pytest.mark.parametrize("name", ["swin", "mobilenet_v3_small"])
@@ -180,5 +184,5 @@ def test_the_exchange_changes_no_result_of_window_attention_or_gated_convnets(na
     takes, gives, _, _ = flags(snn)
     assert takes and (gives or name != "swin")
     with torch.no_grad():
-        assert torch.equal(snn(data[0][0]), without_exchange(snn)(data[0][0]))
+        assert torch.equal(snn(data[0][0]), per_step(snn, data[0][0]))
     assert all(site.neuron.spikes.sum() > 0 for name, site in snn.sites().items() if name in takes)

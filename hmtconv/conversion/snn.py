@@ -1,12 +1,14 @@
 """The converted network: a graph (or module-swapped model) plus its conversion config as plain data."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import fx, nn
 
 from ..device import KeepsDtype, placement
+from .compensated import Compensated
 from .memory import MARGIN, leaf_output_bytes
 from .multistep import TimeAware, unfold
 from .policies import parse_policy
@@ -114,6 +116,27 @@ class SNN(KeepsDtype):
             ran = [n.target for n in self.net.graph.nodes if n.op == "call_module" and n.target in found]
             found = {name: found[name] for name in dict.fromkeys(ran + list(found))}
         return found
+
+    @contextlib.contextmanager
+    def per_step_values(self):
+        """Inside, every neuron outputs its spikes of each step (``[T*B, ...]`` per-step values)
+        and every compensated op its per-step differences: none exchanges running means
+        (build.py), so forward hooks on the sites see spike trains everywhere. Results are equal
+        bit for bit, a little slower."""
+        neurons = [site.neuron for site in self.sites().values()]
+        ops = [m for m in self.net.modules() if isinstance(m, Compensated)]
+        saved = [(n.takes_means, n.gives_means) for n in neurons], [(m.emits_means, m.means_given) for m in ops]
+        for n in neurons:
+            n.takes_means = n.gives_means = False
+        for m in ops:
+            m.emits_means, m.means_given = False, ()
+        try:
+            yield self
+        finally:
+            for n, (takes, gives) in zip(neurons, saved[0]):
+                n.takes_means, n.gives_means = takes, gives
+            for m, (emits, given) in zip(ops, saved[1]):
+                m.emits_means, m.means_given = emits, given
 
     def _set_steps(self, steps: int) -> None:
         for m in self._time_aware:
