@@ -17,6 +17,11 @@ needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which(
                                     reason="no C compiler: the neurons run on the tensor path")
 
 
+# Layouts of a [T, B, tokens, heads, d]-like tensor the kernel meets: as it is, attention's heads
+# transposed (run in memory order), sliced (through a contiguous copy)
+LAYOUTS = {"contiguous": lambda t: t, "heads transposed": lambda t: t.transpose(-2, -3), "sliced": lambda t: t[..., ::2]}
+
+
 @pytest.fixture(autouse=True)
 def kernel_on(monkeypatch):
     monkeypatch.setenv("HMTCONV_CPU_KERNEL", "1")
@@ -249,14 +254,13 @@ def test_kernel_plan_is_reused_until_thresholds_fanouts_or_layout_change():
 
 @needs_compiler
 @pytest.mark.parametrize("mode", ["unsigned", "signed", "communicate"])
-@pytest.mark.parametrize("layout", ["contiguous", "heads transposed", "sliced"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_output_sum_equals_tensor_path_and_the_sequential_sum(monkeypatch, mode, layout):
     """``sum_outputs``: the outputs summed over the steps from 0 in float32, by the kernel (in
     its memory order, mapped back) and by the tensor path, bit for bit."""
     g = torch.Generator().manual_seed(2)
     base = torch.randn(6, 3, 10, 4, 8, generator=g)
-    view = {"contiguous": lambda t: t, "heads transposed": lambda t: t.transpose(-2, -3),
-            "sliced": lambda t: t[..., ::2]}[layout]
+    view = LAYOUTS[layout]
     totals = []
     for kernel in ("1", "0"):
         monkeypatch.setenv("HMTCONV_CPU_KERNEL", kernel)

@@ -9,15 +9,9 @@ from torch import nn
 
 import hmtconv
 from hmtconv.conversion.compensated import Compensated, running_mean
+from hmtconv.conversion.multistep import step_index
 from hmtconv.neurons import HMTNeuron, MTNeuron
-from test_cpu_kernel import needs_compiler, with_ties
-
-LAYOUTS = {"contiguous": lambda t: t, "heads transposed": lambda t: t.transpose(-2, -3), "sliced": lambda t: t[..., ::2]}
-
-
-def step_index(like: torch.Tensor) -> torch.Tensor:
-    return torch.arange(1, like.shape[0] + 1, dtype=like.dtype).view(-1, *[1] * (like.dim() - 1))
-
+from test_cpu_kernel import LAYOUTS, needs_compiler, with_ties
 
 def means_of(steps: torch.Tensor) -> torch.Tensor:
     """The running mean by its definition in float32: the sum from 0, step by step, over t."""
@@ -25,12 +19,12 @@ def means_of(steps: torch.Tensor) -> torch.Tensor:
     for t, step in enumerate(steps):
         total = total + step
         sums[t] = total
-    return sums / step_index(steps)
+    return sums / step_index(len(steps), steps)
 
 
 def currents_of(means: torch.Tensor) -> torch.Tensor:
     """Step t's current ``t*m[t] - (t-1)*m[t-1]`` (each product rounded), the definition."""
-    scaled = means * step_index(means)
+    scaled = means * step_index(len(means), means)
     return torch.cat([scaled[:1], scaled[1:] - scaled[:-1]])
 
 
