@@ -434,6 +434,37 @@ def test_compensated_ops_take_running_means_in_place_only_where_nothing_else_rea
     assert all(torch.equal(out, snn(data[0][0], steps)) for out, steps in zip(outs, (1, 6)))
 
 
+class SiteInputsThroughViews(nn.Module):
+    """Site inputs that are a layer's output passed on by a Dropout, viewed, or scaled (each
+    read by its site alone: written over), and views of a tensor with another reader, or expanded
+    (one element standing for many): not written over."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2, self.lin3, self.lin4, self.lin5 = (nn.Linear(16, 16) for _ in range(5))
+        self.drop, self.head = nn.Dropout(0.5), nn.Linear(16, 10)
+
+    def forward(self, x):
+        a = F.relu(self.drop(self.lin1(x.flatten(1)[:, :16])))
+        b = F.relu(self.lin2(a).view(-1, 4, 4).transpose(1, 2)).flatten(1)
+        c = F.relu(self.lin3(b) * 0.5)
+        d = self.lin4(c)
+        e = F.relu(d.view(-1, 4, 4)).flatten(1) + d
+        return self.head(F.relu(self.lin5(e)[:, :1].expand(-1, 16)) + e)
+
+
+def test_neurons_write_over_inputs_passed_on_by_views_identities_and_arithmetic():
+    torch.manual_seed(0)
+    model, data = SiteInputsThroughViews().eval(), loader()
+    snn = hc.convert(model, data, n=2, T=6, policy="max")
+    assert {name: site.overwrite_input for name, site in snn.sites().items()} == {
+        "relu": True, "relu_1": True, "relu_2": True, "relu_3": False, "relu_4": False}
+    outs = [snn(data[0][0], steps) for steps in (1, 6)]
+    for site in snn.sites().values():
+        site.overwrite_input = False
+    assert all(torch.equal(out, snn(data[0][0], steps)) for out, steps in zip(outs, (1, 6)))
+
+
 def test_site_policy_overrides_equal_separate_conversions():
     """Each site of a mixed-policy SNN has exactly the lam a single-policy conversion gives it."""
     prepared = hc.calibrate(hc.prepare(small_cnn(), identity="maxpool"), loader())

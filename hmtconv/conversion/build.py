@@ -183,13 +183,29 @@ FRESH_OUTPUT = (*SYNAPTIC, *BATCHNORMS,
                 SpikingActivation)
 
 
+# Calls that return a tensor of their own (arithmetic out of place) ...
+FRESH_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub, operator.mul, torch.mul, operator.truediv,
+                   torch.div, operator.neg, torch.neg}
+# Views each of whose elements is one element of their input, standing for that one only (an
+# expanded element stands for many; the pieces of chunk, split and unbind are tuples with readers of
+# their own): a neuron may write over its input through them, and rows stay rows.
+PLAIN_VIEWS = VIEWS - {"expand", "expand_as", "chunk", "split", "unbind", torch.chunk, torch.split, torch.unbind}
+# Modules that return their input as it is in eval mode
+IDENTITIES = (nn.Dropout, nn.Identity)
+
+
 def _owns_its_output(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """True when ``node``'s tensor is read by one node only and aliases no other node's tensor."""
+    """True when ``node``'s tensor is read by one node only and aliases no other node's tensor:
+    a fresh tensor, or a view of one, or an identity module's (Dropout in eval) pass-through of
+    one, that nothing else reads on the way."""
     if not isinstance(node, fx.Node) or len(node.users) != 1:
         return False
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), FRESH_OUTPUT)
-    if node.op == "call_function" and node.target in (operator.add, torch.add):
+        module = gm.get_submodule(node.target)
+        return isinstance(module, FRESH_OUTPUT) or isinstance(module, IDENTITIES) and _owns_its_output(gm, node.args[0])
+    if node.op in ("call_function", "call_method") and node.target in PLAIN_VIEWS:
+        return _owns_its_output(gm, node.args[0])
+    if node.op == "call_function" and node.target in FRESH_FUNCTIONS:
         return True
     # torchvision's ``out += identity`` returns its first operand, updated in place
     return node.op == "call_function" and node.target is operator.iadd and _owns_its_output(gm, node.args[0])
@@ -223,11 +239,6 @@ def allow_overwrite(gm: fx.GraphModule) -> None:
             module.overwrite_inputs = tuple(node.args.count(a) == 1 and _owns_its_output(gm, a) for a in node.args)
 
 
-# Views that keep rows apart (rearranging or selecting elements within a row), and identity modules
-ROW_VIEWS = VIEWS - {"chunk", "split", "unbind", "expand", "expand_as", torch.chunk, torch.split, torch.unbind}
-IDENTITIES = (nn.Dropout, nn.Identity)
-
-
 def exchange_running_means(gm: fx.GraphModule, keeps_rows) -> None:
     """Where a compensated op feeds a neuron alone (through views that ``keeps_rows(node)``:
     each of its rows made of the same row of its input), the neuron takes ``F`` of the running
@@ -242,7 +253,7 @@ def exchange_running_means(gm: fx.GraphModule, keeps_rows) -> None:
             return True
         index = node.args[1] if node.target is operator.getitem else None
         leading = index[0] if isinstance(index, tuple) and index else index
-        return (node.op in ("call_function", "call_method") and node.target in ROW_VIEWS and keeps_rows(node)
+        return (node.op in ("call_function", "call_method") and node.target in PLAIN_VIEWS and keeps_rows(node)
                 and (node.target is not operator.getitem or leading == slice(None)))
 
     for node in gm.graph.nodes:
