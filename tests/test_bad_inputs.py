@@ -186,6 +186,18 @@ def test_in_place_relu_on_a_view_of_a_tensor_read_later_is_a_clear_error():
         hc.convert(HalfRectified().eval(), images())
 
 
+def test_write_through_out_into_a_view_of_a_tensor_read_later_is_a_clear_error():
+    class HalfScaled(ConvHead):
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            torch.mul(h[:, :2], 2.0, out=h[:, 2:])  # overwrites half of h's channels, in h
+            return self.fc(h.mean((2, 3)))
+
+    with pytest.raises(ValueError, match=r"an in-place write \(out=\) .* writes into getitem_1, a view of relu_1, which "
+                                         r"is read afterwards.*use the call's result instead of out="):
+        hc.convert(HalfScaled().eval(), images())
+
+
 def test_reduction_over_the_batch_after_the_neurons_is_a_clear_error():
     class BatchCentred(ConvHead):
         def forward(self, x):

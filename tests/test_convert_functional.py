@@ -207,6 +207,28 @@ def test_in_place_activations_convert_like_their_out_of_place_forms(name):
         assert [s.ceiling for s in snn.sites().values() if not s.signed] == [kind]
 
 
+class WritesThroughOut(nn.Module):
+    """``torch.mul(..., out=buf)`` before the first neuron and ``torch.add(..., out=buf)`` after it,
+    each buffer read again afterwards (so it must hold the written values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        buf = torch.empty_like(h)
+        y = F.relu(torch.mul(h, 4.0, out=buf)) + buf
+        z = torch.empty_like(y)
+        torch.add(y, 1.0, out=z)
+        return self.fc(F.relu(z).flatten(1))
+
+
+def test_writes_through_out_convert_like_their_results():
+    torch.manual_seed(0)
+    converges(WritesThroughOut().eval().requires_grad_(False), loader((1, 4, 4)))  # (out= refuses autograd)
+
+
 @pytest.mark.parametrize("norm", [nn.InstanceNorm2d(4), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)])
 def test_instance_norm_after_neurons_is_compensated(norm):
     torch.manual_seed(0)

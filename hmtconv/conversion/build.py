@@ -183,7 +183,7 @@ FRESH_OUTPUT = (*SYNAPTIC, *BATCHNORMS,
                 SpikingActivation)
 
 
-# Calls that return a tensor of their own (arithmetic out of place) ...
+# Calls that return a tensor of their own (arithmetic out of place: graph.normalize drops ``out=``) ...
 FRESH_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub, operator.mul, torch.mul, operator.truediv,
                    torch.div, operator.neg, torch.neg}
 # Views each of whose elements is one element of their input, standing for that one only (an

@@ -90,19 +90,25 @@ class LostWrite(ValueError):
     """An in-place write the SNN cannot keep (module swapping could not either: not a fallback)."""
 
 
-def _reroute_inplace(gm: fx.GraphModule, node: fx.Node) -> None:
-    """After ``x.relu_()``, later readers of ``x`` read the ReLU's output instead. Where ``x`` is a
-    view of a tensor read later too (``h[:, :2].relu_()``), that write cannot be rerouted: an error."""
+def _reroute_inplace(gm: fx.GraphModule, node: fx.Node, source: fx.Node | None = None) -> None:
+    """After ``x.relu_()`` (or ``torch.mul(a, b, out=x)``: ``source`` is ``x``), later readers of
+    ``x`` read the call's output instead. Where ``x`` is a view of a tensor read later too
+    (``h[:, :2].relu_()``), that write cannot be rerouted: an error."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    source = node.args[0]
+    to_out, source = source is not None, node.args[0] if source is None else source
     chain = [source]
     while chain[-1].op in ("call_function", "call_method") and chain[-1].target in VIEWS:
         chain.append(chain[-1].args[0])
     if any(order[user] > order[node] and user not in chain for base in chain[1:] for user in base.users):
-        what = "item assignment" if node.target is assign else "ReLU"
+        if to_out:
+            what, fix = "write (out=)", "use the call's result instead of out="
+        elif node.target is assign:
+            what, fix = "item assignment", "build the tensor out of place (torch.cat, torch.where)"
+        else:
+            what, fix = "ReLU", "use an out-of-place ReLU there (x = F.relu(x))"
         raise LostWrite(f"cannot convert {scope(node) or '<root>'}: an in-place {what} (graph node {node.name!r}) "
                          f"writes into {source.name}, a view of {chain[-1].name}, which is read afterwards; the "
-                         f"SNN cannot keep that write: use an out-of-place ReLU there (x = F.relu(x))")
+                         f"SNN cannot keep that write: {fix}")
     for user in list(source.users):
         if user is not node and order[user] > order[node]:
             user.replace_input_with(source, node)
@@ -112,6 +118,10 @@ def normalize(gm: fx.GraphModule) -> None:
     """Functional activations -> modules; every ReLU (ReLU6) call site gets a module of its own."""
     seen: set[str] = set()
     for node in list(gm.graph.nodes):
+        written = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
+        if isinstance(written, fx.Node):  # torch.mul(a, b, out=buf): the call out of place, buf's later readers read it
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
+            _reroute_inplace(gm, node, written)
         target = node.target
         if node.op == "call_module" and is_relu(gm.get_submodule(target)):
             inplace = gm.get_submodule(target).inplace
