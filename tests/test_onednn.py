@@ -21,38 +21,42 @@ def within_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.
     return bool(((y.double() - exact).abs() <= terms / (1 - terms) * magnitude + 1e-30).all())
 
 
-CASES = {  # input, out_features, bias
-    "rows": (lambda: torch.randn(64, 96), 32, True),
+CASES = {  # input (at least MIN_ROWS rows: oneDNN's), out_features, bias
+    "rows": (lambda: torch.randn(300, 96), 32, True),
     "tokens": (lambda: torch.randn(8, 50, 96), 40, True),
     "heads": (lambda: torch.randn(4, 3, 50, 24), 7, True),
     "strided": (lambda: torch.randn(16, 96, 50).transpose(1, 2), 24, True),
-    "no bias": (lambda: torch.randn(64, 96), 32, False),
-    "one output": (lambda: torch.randn(64, 96), 1, True),
-    "wide": (lambda: torch.randn(128, 3072), 64, True),
-    "one sample": (lambda: torch.randn(96), 5, True),
-    "empty": (lambda: torch.randn(0, 96), 5, True),
+    "no bias": (lambda: torch.randn(300, 96), 32, False),
+    "one output": (lambda: torch.randn(300, 96), 1, True),
+    "wide": (lambda: torch.randn(256, 3072), 64, True),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_onednn_linear_is_the_linear_map_to_float32_rounding(case):
+def test_onednn_linear_is_the_linear_map_to_float32_rounding(case, monkeypatch):
     torch.manual_seed(0)
     make, out_features, bias = CASES[case]
     x = make()
     layer = onednn.Linear.from_linear(nn.Linear(x.shape[-1], out_features, bias=bias))
+    calls, kernel = [], torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or kernel(*args))
     with torch.no_grad():
         y = layer(x)
+        assert calls == [1]  # oneDNN's
         assert y.shape == F.linear(x, layer.weight, layer.bias).shape
         assert within_rounding(y.reshape(-1, out_features), x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
 
 
-def test_onednn_linear_is_f_linear_where_onednn_does_not_apply():
-    """float64, autograd: F.linear itself (bit for bit), gradients flowing."""
+def test_onednn_linear_is_f_linear_where_onednn_does_not_apply_or_pay():
+    """float64, autograd, fewer than MIN_ROWS rows (one sample, none): F.linear itself (bit for
+    bit), gradients flowing."""
     torch.manual_seed(0)
     plain = nn.Linear(16, 8)
     layer = onednn.Linear.from_linear(plain)
-    x = torch.randn(4, 16)
+    x = torch.randn(onednn.MIN_ROWS, 16)
     with torch.no_grad():
+        for few in (x[:-1], x[0], x[:0]):
+            assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
         assert torch.equal(layer.double()(x.double()), F.linear(x.double(), layer.weight, layer.bias))
     layer.float()
     y = layer(x)

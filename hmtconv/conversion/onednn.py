@@ -6,7 +6,8 @@ backend) does the same float32 products 2-2.5x faster on the ViT's shapes on the
 EPYC (benchmarks/README.md). The two are equal bit for bit where neither splits the sum over the
 inputs (up to 192 inputs on this CPU, so the MNIST ViT's results do not move), else they differ
 by the float32 rounding of that sum, as any two BLAS libraries do. Off the CPU, in other dtypes,
-under autograd, or in a torch without the op, the layer is ``F.linear`` as before.
+under autograd, on a few rows (where oneDNN's fixed cost per call is more than it saves), or in a
+torch without the op, the layer is ``F.linear`` as before.
 """
 from __future__ import annotations
 
@@ -17,13 +18,18 @@ from torch import nn
 from torch.nn import functional as F
 
 
+# Rows below which F.linear is faster: oneDNN's call costs about 15 us, MKL's 3 (on 96 x 96)
+MIN_ROWS = 256
+
+
 @functools.cache
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` computed by oneDNN where that applies: a float32 CPU input, no autograd. Its
+    """``nn.Linear`` computed by oneDNN where that applies and pays: a float32 CPU input of at least
+    ``MIN_ROWS`` rows, no autograd. Its
     parameters, hooks, ``state_dict`` and repr are those of the layer it was made from
     (:meth:`from_linear`)."""
 
@@ -35,7 +41,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype is torch.float32 and self.weight.dtype is torch.float32 and x.is_cpu and self.weight.is_cpu \
-                and not torch.is_grad_enabled() and available():
+                and x.numel() >= MIN_ROWS * self.in_features and not torch.is_grad_enabled() and available():
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
