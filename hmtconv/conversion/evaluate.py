@@ -33,15 +33,16 @@ class _SiteMonitor:
     """Per-site spikes, element counts and |ANN - SNN mean|, and per-step spikes and synaptic
     operations, of the current batch via forward hooks (cheap: the neurons sum their outputs
     over T as they run, so a comparison costs one difference per site at batch size, no extra
-    layer calls or passes over T). Hooks add up, so a batch may run as several chunks."""
+    layer calls or passes over T; the counts are kept as the neurons give them and added up
+    once a batch). Hooks add up, so a batch may run as several chunks."""
 
     def __init__(self, snn: SNN, steps: int, compare: bool):
         self.sites, self.steps, self.compare = snn.sites(), steps, compare
         for site in self.sites.values():
             site.neuron.sum_outputs = compare
         self.device = next(iter(snn.buffers())).device
-        self.batch = torch.zeros(3, len(self.sites), dtype=torch.float64, device=self.device)  # spikes, elements, |err|
-        self.per_step = torch.zeros(2, steps, dtype=torch.float64, device=self.device)  # spikes, synops
+        self.errors = torch.zeros(len(self.sites), dtype=torch.float64, device=self.device)  # |err| per site
+        self.runs: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []  # site, spikes, synops, elements
         self.ann: dict[int, list[torch.Tensor]] = {}  # per site, its ANN-mode outputs in call order
         self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.sites.values())]
 
@@ -50,22 +51,30 @@ class _SiteMonitor:
             if module.ann_mode:  # (a module-swapped site may be called more than once per forward)
                 self.ann.setdefault(i, []).append(out.clone() if module.output_mutated else out)
                 return
-            self.batch[0, i] += module.neuron.spikes.sum()
-            self.batch[1, i] += out.numel() / self.steps
-            self.per_step[0] += module.neuron.spikes
-            if module.neuron.synops is not None:
-                self.per_step[1] += module.neuron.synops
+            self.runs.append((i, module.neuron.spikes, module.neuron.synops, out.numel() / self.steps))
             if self.compare:
                 mean = module.neuron.output_sum / self.steps
-                self.batch[2, i] += (mean - self.ann[i].pop(0)).abs().sum(dtype=torch.float64)
+                self.errors[i] += (mean - self.ann[i].pop(0)).abs().sum(dtype=torch.float64)
                 module.neuron.output_sum = None
         return hook
 
     def take(self) -> torch.Tensor:
         """This batch's per-step ``[spikes, synops]`` then per-site ``[spikes, elements, |err|]``,
-        flattened; starts the next batch at 0."""
-        row = torch.cat([self.per_step.flatten(), self.batch.flatten()])
-        self.batch, self.per_step = torch.zeros_like(self.batch), torch.zeros_like(self.per_step)
+        flattened; starts the next batch at 0. (Counts are integers: float64 sums of them are exact
+        in any order.)"""
+        f64 = dict(dtype=torch.float64, device=self.device)
+        per_step, per_site = torch.zeros(2, self.steps, **f64), torch.zeros(2, len(self.sites), **f64)
+        if self.runs:
+            index = torch.tensor([run[0] for run in self.runs], device=self.device)
+            spikes = torch.stack([run[1] for run in self.runs])
+            per_step[0] = spikes.sum(0)
+            synops = [run[2] for run in self.runs if run[2] is not None]
+            if synops:
+                per_step[1] = torch.stack(synops).sum(0)
+            per_site[0].index_add_(0, index, spikes.sum(1))
+            per_site[1].index_add_(0, index, torch.tensor([run[3] for run in self.runs], **f64))
+        row = torch.cat([per_step.flatten(), per_site.flatten(), self.errors])
+        self.runs, self.errors = [], torch.zeros_like(self.errors)
         return row
 
     def close(self) -> None:

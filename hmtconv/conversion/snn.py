@@ -140,7 +140,8 @@ class SNN(KeepsDtype):
 
     def _set_steps(self, steps: int) -> None:
         for m in self._time_aware:
-            m.steps = steps
+            if m.steps != steps:  # (a module's attribute write costs microseconds; most runs keep T)
+                m.steps = steps
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, T: int | None = None) -> torch.Tensor:
