@@ -8,10 +8,10 @@ import warnings
 import pytest
 
 from hmtconv import native
-from hmtconv.conversion import compensation_kernel, observer_kernel
+from hmtconv.conversion import compensation_kernel, matmul_kernel, observer_kernel
 from hmtconv.neurons import cpu_kernel
 
-SOURCES = [cpu_kernel.SOURCE, observer_kernel.SOURCE, compensation_kernel.SOURCE]
+SOURCES = [cpu_kernel.SOURCE, observer_kernel.SOURCE, compensation_kernel.SOURCE, matmul_kernel.SOURCE]
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="no C compiler: the kernels fall back to their tensor paths")
 
