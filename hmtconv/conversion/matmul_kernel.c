@@ -48,8 +48,8 @@ static void rows(const float *a, int64_t ra, int64_t ca, const float *bp, int64_
 #endif
 
 /* sa, sb: strides (elements) of the two batch dims, the rows and the columns of A [B0, B1, M, K]
- * and B [B0, B1, K, N]; C is [B0, B1, M, N] contiguous. Returns 1, or 0 (nothing written) where
- * built without AVX-512 or short of memory. */
+ * and B [B0, B1, K, N]; C is [B0, B1, M, N] contiguous. Returns 1, or 0 where built without
+ * AVX-512 (nothing written) or short of memory (C then partly written: to be discarded). */
 int hmt_matmul(const float *A, const float *B, float *C, int64_t B0, int64_t B1, int64_t M, int64_t K, int64_t N,
                const int64_t *sa, const int64_t *sb, int threads) {
 #if defined(__AVX512F__) && defined(__FMA__)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
 # Rows below which F.linear is faster: oneDNN's call costs about 15 us, MKL's 3 (on 96 x 96)
 MIN_ROWS = 256
 
@@ -29,9 +28,8 @@ def available() -> bool:
 
 class Linear(nn.Linear):
     """``nn.Linear`` computed by oneDNN where that applies and pays: a float32 CPU input of at least
-    ``MIN_ROWS`` rows, no autograd. Its
-    parameters, hooks, ``state_dict`` and repr are those of the layer it was made from
-    (:meth:`from_linear`)."""
+    ``MIN_ROWS`` rows, no autograd. Its parameters, hooks, ``state_dict`` and repr are those of the
+    layer it was made from (:meth:`from_linear`)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Linear":
