@@ -12,6 +12,7 @@ torch without the op, the layer is ``F.linear`` as before.
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 from torch import nn
@@ -23,7 +24,10 @@ MIN_ROWS = 256
 
 @functools.cache
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """The op is there, on an x86-64 CPU (where it was measured; elsewhere oneDNN may run on
+    another backend than the BLAS torch uses)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available() \
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class Linear(nn.Linear):
