@@ -77,7 +77,8 @@ def time_table(args) -> None:
 
 def graph_alone(prepared, batches) -> None:
     """The prepared model on the batches with every observer's forward a no-op: what the edited
-    graph (decomposed attention, sites, sliced max pooling, oneDNN Linear layers) costs apart from the statistics."""
+    graph (decomposed attention, sites, sliced max pooling, oneDNN Linear layers) costs apart from
+    the statistics."""
     observers = [m for m in prepared.modules() if isinstance(m, ActivationObserver)]
     for observer in observers:
         observer.forward = lambda x: None

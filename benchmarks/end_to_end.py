@@ -27,8 +27,7 @@ import torch
 import torchvision
 
 import hmtconv
-from hmtconv.conversion.onednn import swap_linears
-from hmtconv.conversion.pooling import slice_max_pools
+from hmtconv.conversion.api import swap_faster_layers
 from hmtconv.models import create_model, list_models
 from timing import timed_side_by_side
 
@@ -41,8 +40,7 @@ def identity_for(name: str) -> str:
 def with_our_layers(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with the SNN's faster max pooling and Linear layers (same values)."""
     ours = copy.deepcopy(model)
-    slice_max_pools(ours)
-    swap_linears(ours)
+    swap_faster_layers(ours)
     return ours
 
 

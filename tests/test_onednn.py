@@ -8,7 +8,7 @@ from torch.nn import functional as F
 import hmtconv.conversion as hc
 from hmtconv.conversion import onednn
 
-pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch has no oneDNN linear")
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="no oneDNN linear here (not an x86-64 CPU, or a torch without it)")
 
 
 def within_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
