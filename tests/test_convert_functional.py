@@ -92,22 +92,50 @@ def test_a_mask_computed_from_spikes_is_a_clear_error():
 
 
 class TorchTransformer(nn.Module):
-    """torch.nn's own encoder: its fused fast path is traced through to the attention it calls."""
+    """torch.nn's own encoder: its fused fast path is traced through to the attention it calls;
+    ``causal``: with a causal mask (a float buffer)."""
 
-    def __init__(self, stack: bool):
+    def __init__(self, stack: bool, causal: bool = False):
         super().__init__()
         layer = nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False) if stack else layer
         self.head = nn.Linear(6, 3)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(5) if causal else None)
 
     def forward(self, x):
-        return self.head(self.encoder(x).mean(1))
+        if self.mask is None:
+            return self.head(self.encoder(x).mean(1))
+        return self.head(self.encoder(x, self.mask, is_causal=True).mean(1))
 
 
-@pytest.mark.parametrize("stack", [False, True])
-def test_torch_transformer_encoder_converts(stack):
+@pytest.mark.parametrize("stack, causal", [(False, False), (True, False), (True, True)])
+def test_torch_transformer_encoder_converts(stack, causal):
     torch.manual_seed(0)
-    converges(TorchTransformer(stack).eval(), loader((5, 6)))
+    converges(TorchTransformer(stack, causal).eval(), loader((5, 6)))
+
+
+class MaskedAttention(nn.Module):
+    """``nn.MultiheadAttention`` with its default ``need_weights=True`` (the weights unread) and a
+    boolean attention mask and key padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(6, 6), nn.MultiheadAttention(6, 2, batch_first=True), nn.Linear(6, 3)
+        self.register_buffer("mask", torch.rand(5, 5) < 0.3)
+        self.mask.fill_diagonal_(False)  # (every query attends to itself: no row all masked)
+        self.register_buffer("padding", torch.tensor([False, False, False, True, False]))
+
+    def forward(self, x):
+        h = self.embed(x)
+        o, _ = self.attn(h, h, h, attn_mask=self.mask, key_padding_mask=(x[..., 0] > 1e9) | self.padding)
+        return self.head(o.mean(1))
+
+
+def test_masked_multihead_attention_converts_and_its_unread_weights_are_dropped():
+    torch.manual_seed(0)
+    snn = converges(MaskedAttention().eval(), loader((5, 6)))
+    softmax = next(n for n in snn.net.graph.nodes if n.op == "call_module" and n.target.endswith("softmax"))
+    assert len(softmax.users) == 1  # (the averaged weights nobody reads would be a second reader)
 
 
 def test_decomposed_attention_returns_what_multihead_attention_does():
@@ -121,8 +149,18 @@ def test_decomposed_attention_returns_what_multihead_attention_does():
         assert (ours[1] is None) == (reference[1] is None)
         if ours[1] is not None:
             torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"block.attn \(nn.MultiheadAttention\): attention masks"):
-        split(x, x, x, attn_mask=torch.zeros(5, 5))
+    masks = [{"attn_mask": torch.rand(5, 5) < 0.3}, {"attn_mask": torch.randn(5, 5)},
+             {"attn_mask": torch.randn(3 * 2, 5, 5)}, {"key_padding_mask": torch.rand(3, 5) < 0.3},
+             {"key_padding_mask": torch.randn(3, 5), "attn_mask": torch.randn(5, 5)}]
+    for kwargs in masks:
+        if "attn_mask" in kwargs and kwargs["attn_mask"].dtype == torch.bool:
+            kwargs["attn_mask"].fill_diagonal_(False)
+        if "key_padding_mask" in kwargs and kwargs["key_padding_mask"].dtype == torch.bool:
+            kwargs["key_padding_mask"][:, 0] = False
+        for ours, reference in zip(split(x, x, x, **kwargs), mha(x, x, x, **kwargs)):
+            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"block.attn \(nn.MultiheadAttention\): is_causal=True needs"):
+        split(x, x, x, is_causal=True)
 
 
 class FunctionalActivations(nn.Module):

@@ -208,11 +208,39 @@ def test_the_fallback_keeps_layer_attributes_and_drops_sites_never_reached():
     model, data = Untraceable(functional_head=True).eval(), loader((6,), classes=3)
     snn = hc.convert(model, data, n=8, T=64, policy="max", identity="all")
     assert not snn.report.traced
-    assert snn.report.unconverted == [("<root>", "relu"), ("fc2.0", "site never reached in calibration (a layer "
-                                                                "used through its weights?)")]
+    assert snn.report.unconverted == [("<root>", "relu"), ("fc2.0", "site never reached in calibration (a branch "
+                                       "the data did not take, or a layer used through its weights?): left a float op")]
     assert set(snn.sites()) == {"fc1.0", "act"}
     x = data[0][0]
     assert (snn(x).mean(0) - model(x)).abs().max() < 0.05 * model(x).abs().max()
+
+
+class BranchOnValues(nn.Module):
+    """fx cannot trace it (a branch on values); ``relu`` writes over ``h``, which is read after it;
+    ``relu_b`` runs only for inputs above 100."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.relu, self.relu_b = nn.ReLU(inplace=True), nn.ReLU()
+
+    def forward(self, x):
+        h = self.fc1(x)
+        r = self.relu_b(h) * 2 if x.amax() > 100 else self.relu(h)
+        return self.fc2(r + h)  # (after the in-place ReLU, h is r)
+
+
+def test_the_fallback_keeps_in_place_writes_and_the_relus_calibration_did_not_reach():
+    torch.manual_seed(0)
+    model, data = BranchOnValues().eval(), loader((6,), classes=3)
+    snn = hc.convert(model, data, n=8, T=64, policy="max")
+    assert not snn.report.traced and [name for name, _ in snn.report.unconverted] == ["relu_b"]
+    x = data[0][0]
+    with torch.no_grad():
+        reference = model(x.clone())
+        assert torch.equal(snn.ann_forward(x), reference)
+        assert (snn(x).mean(0) - reference).abs().max() < 0.02 * reference.abs().max()
+        assert torch.equal(snn.ann_forward(x * 1e3), model(x * 1e3))  # relu_b stays a ReLU (it was an identity)
 
 
 def test_a_bug_in_the_graph_passes_is_raised_not_hidden_by_the_fallback(monkeypatch):

@@ -228,6 +228,87 @@ def test_sizes_read_after_neurons_leave_the_analog_prefix_static():
     assert (snn.mac_static, snn.mac_step) == (reference.mac_static, reference.mac_step) and snn.mac_step == 0
 
 
+class SharedBlock(nn.Module):
+    """One conv -> BatchNorm -> ReLU block applied three times (weights shared)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        for _ in range(3):
+            h = F.relu(self.bn(self.conv(h)))
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_conv_called_at_several_places_keeps_its_batchnorm():
+    """Folded into the shared conv, the BatchNorm would be applied once per call, three times."""
+    torch.manual_seed(0)
+    model = SharedBlock().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    data = loader()
+    snn = hc.convert(model, data, T=2, policy="max")
+    assert snn.report.folded_batchnorm == []
+    torch.testing.assert_close(snn.ann_forward(data[0][0]), model(data[0][0]), rtol=1e-5, atol=1e-6)
+
+
+class InPlaceActivations(nn.Module):
+    """In-place activation modules (``SiLU`` compensated, ``ReLU`` a neuron) whose input is read
+    after them: it holds their output by then."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.silu, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(inplace=True), nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = self.fc.weight.new_ones(()) * h  # (a fresh tensor: the SiLU writes over it, not over the neuron's)
+        s = self.silu(h)
+        r = self.relu(s - 0.2)
+        return self.fc((s + h + r).mean((2, 3)))
+
+
+def test_in_place_activation_modules_keep_their_writes():
+    torch.manual_seed(0)
+    model, data = InPlaceActivations().eval(), loader()
+    x = data[0][0]
+    reference = model(x)
+    snn = hc.convert(model, data, n=8, T=64, policy="max", identity="all")
+    torch.testing.assert_close(snn.ann_forward(x), reference, rtol=1e-5, atol=1e-6)
+    assert (snn(x).mean(0) - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+class HookedBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(x).mean((2, 3)))
+
+
+def test_hooks_on_blocks_stay_out_of_the_graph_and_hooked_batchnorms_are_not_folded():
+    """fx traces through blocks, running their hooks on proxies (a logger's ``out.mean().item()``
+    failed, its ``mean`` over the batch recorded as part of the model): those are dropped and
+    named; a hook on a BatchNorm keeps it unfolded, so it sees the BatchNorm's output."""
+    torch.manual_seed(0)
+    model, data, seen = HookedBlocks().eval(), loader(), []
+    model.block.register_forward_hook(lambda module, args, out: seen.append(out.mean().item()))
+    model.block[1].register_forward_hook(lambda module, args, out: seen.append(("bn", out.shape[0])))
+    with pytest.warns(UserWarning, match=r"hooks on block.1 are copied .*; forward hooks on block are dropped"):
+        snn = hc.convert(model, data, T=2, policy="max")
+    assert snn.report.traced and snn.report.folded_batchnorm == []
+    seen.clear()
+    snn(data[0][0])
+    assert seen == [("bn", 8)]  # (the analog prefix runs once, before the steps)
+    assert len(model.block._forward_hooks) == 1  # the user's model keeps its hooks
+
+
 class MadeInForward(nn.Module):
     """Tensors made in forward from sizes and the device alone, without a batch dim, meet spikes."""
 
@@ -237,8 +318,9 @@ class MadeInForward(nn.Module):
 
     def forward(self, x):
         h = F.relu(self.conv(x)) * torch.linspace(0.5, 1.5, 4, device=x.device).view(1, 4, 1, 1)
-        rows = h.mean(3) + torch.arange(x.shape[3], device=x.device, dtype=x.dtype) / 8  # [B, 4, 8] + [8]
-        return self.fc(F.relu(rows).amax(1))
+        positions = torch.arange(x.shape[3], device=x.device, dtype=x.dtype)
+        rows = h.mean(3) + positions / 8  # [B, 4, 8] + [8]
+        return self.fc(F.relu(rows).amax(1)) * (positions.shape[0] / 8)  # (a size of it, read after the neurons)
 
 
 def test_tensors_made_in_forward_without_a_batch_dim_broadcast_over_steps():

@@ -1,8 +1,9 @@
 """The verbs, in the style of torch.ao.quantization: ``prepare`` -> ``calibrate`` -> ``convert``.
 
 ``prepare`` inserts observed sites, ``calibrate`` runs data through them (statistics only, in
-buffers), ``convert`` turns statistics into thresholds and builds the SNN. Each works on a copy
-unless ``inplace=True``; one calibration serves any n, T, policy, neuron and granularity.
+buffers), ``convert`` turns statistics into thresholds and builds the SNN. ``prepare`` and
+``convert`` work on a copy unless ``inplace=True`` (``calibrate`` fills the prepared model's
+buffers); one calibration serves any n, T, policy, neuron and granularity.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .onednn import swap_linears
 from .policies import histograms_for
 from .pooling import slice_max_pools
 from .sites import ObservedActivation
+from .tracing import hooked
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
 from .unconverted import find_unconverted
 from .windows import decompose_window_attention
@@ -182,11 +184,7 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     model = (model if inplace else _copy(model)).eval()
     if is_hugging_face(model):
         return_logits(model)
-    hooked = [name or "<root>" for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
-    if hooked:
-        warnings.warn(f"forward hooks on {', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''} are copied with "
-                      f"the model: they see calibration batches and the SNN's [T*B, ...] activations, and those on "
-                      f"modules the conversion replaces (ReLU, attention, max pooling) are dropped", stacklevel=2)
+    hooks = [name for name, m in model.named_modules() if hooked(m)]
     fix_parametrizations(model)
     decompose_attention(model)
     decompose_window_attention(model)
@@ -196,6 +194,8 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     except NotTraceable as error:  # swap modules instead (fallback.py)
         prepared, sized, traced, trace_error = prepare_modules(model, identity, histogram), False, False, str(error)
     swap_faster_layers(prepared)
+    if hooks:
+        _warn_hooks(hooks, {name for name, m in prepared.named_modules() if hooked(m)})
     if not any(isinstance(m, ObservedActivation) for m in prepared.modules()):
         untraced = "" if traced else f" (fx could not trace it, so only ReLU modules count: {trace_error})"
         raise ValueError(f"{type(model).__name__} has no ReLU (nor ReLU6 or Hardtanh(0, c)) to convert{untraced} "
@@ -211,6 +211,19 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     else:
         setattr(prepared, _KEY, info)
     return prepared
+
+
+def _warn_hooks(hooks: list[str], kept: set[str]) -> None:
+    def listed(names: list[str]) -> str:
+        names = [name or "<root>" for name in names]
+        return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    copied, dropped = [n for n in hooks if n in kept], [n for n in hooks if n not in kept]
+    said = [f"forward hooks on {listed(copied)} are copied with the model: they see calibration batches and the "
+            f"SNN's [T*B, ...] activations (a hooked BatchNorm is not folded)"] if copied else []
+    if dropped:
+        said.append(f"forward hooks on {listed(dropped)} are dropped (the model itself and blocks the trace runs "
+                    f"through, and the ReLU, attention and max-pooling modules the conversion replaces)")
+    warnings.warn("; ".join(said), stacklevel=3)
 
 
 def fix_parametrizations(model: nn.Module) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import matmul_kernel
 
@@ -39,9 +39,31 @@ class Einsum(MatMul):
         return repr(self.equation)
 
 
+@fx.wrap  # (a leaf of the trace: it reads the mask's dtype)
+def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA's ``attn_mask``: a boolean mask fills -inf where it is False, a float one is added."""
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(mask.logical_not(), float("-inf"))
+    return scores + mask
+
+
+@fx.wrap
+def sdpa_mask(mask: torch.Tensor, heads: int, padding: bool) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s ``attn_mask`` (``[L, S]`` or ``[B * heads, L, S]``) or, with
+    ``padding``, its ``key_padding_mask`` (``[B, S]``), booleans True where attention is NOT
+    allowed, in SDPA's form for scores ``[B, heads, L, S]`` (True where allowed; a float mask is
+    added either way)."""
+    if padding:
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 3:
+        mask = mask.unflatten(0, (-1, heads))
+    return mask.logical_not() if mask.dtype == torch.bool else mask
+
+
 class DecomposedAttention(nn.Module):
-    """``nn.MultiheadAttention`` (batch_first, no masks, eval) built from Linear, MatMul, Softmax;
-    it returns the attention weights as the original does (averaged over heads by default)."""
+    """``nn.MultiheadAttention`` (batch_first, eval) built from Linear, MatMul, Softmax; masks
+    are applied to the scores (they must not come from spikes); it returns the attention weights
+    as the original does (averaged over heads by default)."""
 
     # Read by nn.TransformerEncoder(Layer)'s fused fast path, which these send to the plain path
     # (the one that calls this module).
@@ -74,14 +96,17 @@ class DecomposedAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise ValueError(f"{self.name} (nn.MultiheadAttention): attention masks are not supported here; "
-                             f"F.scaled_dot_product_attention with attn_mask or is_causal converts")
+        if is_causal and attn_mask is None:  # (as nn.MultiheadAttention: is_causal is a hint about attn_mask)
+            raise ValueError(f"{self.name} (nn.MultiheadAttention): is_causal=True needs the causal attn_mask too")
         # [B, L, E] -> [B, heads, L, d]; no batch size is read, so the time-folded batch passes through.
         q = self.q_proj(query).unflatten(-1, (self.heads, -1)).transpose(-3, -2) * self.scale
         k = self.k_proj(key).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
         v = self.v_proj(value).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
-        attn = self.softmax(self.scores(q, k.transpose(-2, -1)))
+        scores = self.scores(q, k.transpose(-2, -1))
+        for mask, padding in ((attn_mask, False), (key_padding_mask, True)):
+            if mask is not None:
+                scores = add_attention_mask(scores, sdpa_mask(mask, self.heads, padding))
+        attn = self.softmax(scores)
         out = self.mix(attn, v).transpose(-3, -2).flatten(-2)
         weights = (attn.mean(-3) if average_attn_weights else attn) if need_weights else None
         return self.out_proj(out), weights

@@ -21,13 +21,13 @@ from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..device import placement
-from .attention import MatMul
+from .attention import MatMul, add_attention_mask
 from .batch_dim import check_batch_first, check_batch_kept, is_to_time, keep_batch_in_squeezes, reads_spikes
 from .compensated import COMPENSATED, Compensated, Divide, Multiply, Power
 from .energy import REARRANGING, SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
-from .functional import add_attention_mask, arg, assign, scope
+from .functional import arg, assign, scope
 from .graph import VIEWS, add_child, reads_input, swap_for_module
 from .inplace import in_place
 from .multistep import ToTime, insert_time_expansion, is_tensor
@@ -42,7 +42,7 @@ STRUCTURAL_MODULES = (*SYNAPTIC, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
                       nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten,
                       nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
                       SpikingActivation, ToTime, *REARRANGING)
-STRUCTURAL_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.neg,
+STRUCTURAL_FUNCTIONS = {operator.add, operator.sub, operator.neg,
                         operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
                         torch.reshape, torch.transpose, torch.t, torch.adjoint, torch.permute, torch.squeeze,
                         torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim,
@@ -60,7 +60,7 @@ STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "tra
                       "repeat_interleave", "unfold", "narrow", "select", "index_select", "repeat", "tile", "detach",
                       "cumsum"}
 # Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
-SCALING = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
+SCALING = {operator.mul, operator.truediv, torch.mul, torch.div,
            "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}
 ADD_PRODUCT = {torch.addcmul, "addcmul"}  # input + value * tensor1 * tensor2: a product of its 2nd and 3rd arguments
 
@@ -107,7 +107,8 @@ def swap_sites(net: nn.Module, config: ConversionConfig) -> None:
         lam = lam.to(site.observer.count.device)
         if site.ceiling is not None:  # a clipped ReLU: the neuron's largest output, levels * lam, at most c
             lam = lam.clamp_max(site.ceiling / specs[name].levels)
-        net.set_submodule(name, SpikingActivation(make_neuron(specs[name], lam, config.communicate), site.ceiling))
+        net.set_submodule(name, SpikingActivation(make_neuron(specs[name], lam, config.communicate), site.ceiling,
+                                                  site.in_place))
 
 
 def _fail(node: fx.Node, what: str, why: str | None = None) -> None:
@@ -205,14 +206,11 @@ def _owns_its_output(gm: fx.GraphModule, node: fx.Node) -> bool:
         return isinstance(module, FRESH_OUTPUT) or isinstance(module, IDENTITIES) and _owns_its_output(gm, node.args[0])
     if node.op in ("call_function", "call_method") and node.target in PLAIN_VIEWS:
         return _owns_its_output(gm, node.args[0])
-    if node.op == "call_function" and node.target in FRESH_FUNCTIONS:
-        return True
-    # torchvision's ``out += identity`` returns its first operand, updated in place
-    return node.op == "call_function" and node.target is operator.iadd and _owns_its_output(gm, node.args[0])
+    return node.op == "call_function" and node.target in FRESH_FUNCTIONS
 
 
 def _written_in_place(node: fx.Node) -> bool:
-    """True when a call writes over ``node``'s tensor (``x.mul_(2)``, ``x += y``, ``x[i] = v``),
+    """True when a call writes over ``node``'s tensor (``x.mul_(2)``, ``x[i] = v``),
     itself or through a view of it."""
     for user in node.users:
         if not user.args or user.args[0] is not node:

@@ -188,7 +188,7 @@ class _Probe(fx.Interpreter):
 
     def _call(self, target, args: tuple, kwargs: dict, run):
         """A function or method call, by its connections where spikes reach it. In-place calls
-        (``x.mul_(2)``, ``x += y``) run out of place, their result then read as ``x`` by later
+        (``x.mul_(2)``) run out of place, their result then read as ``x`` by later
         nodes: autograd keeps what layers that read ``x`` before saved."""
         writes = in_place(target)
         out = self._routed(out_of_place(target) if writes else target, args, kwargs, run)

@@ -13,7 +13,7 @@ from torch import nn
 from .energy import SYNAPTIC
 from .layout import read_channels_first
 from .observers import HistogramConfig
-from .sites import ObservedActivation, ceiling_of, is_relu
+from .sites import ObservedActivation, ceiling_of, float_op, is_relu
 
 
 class InputSite(nn.Sequential):
@@ -34,7 +34,7 @@ class InputSite(nn.Sequential):
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None) -> nn.Module:
     for name, module in list(model.named_modules()):
         if is_relu(module):
-            model.set_submodule(name, ObservedActivation(False, hist, ceiling=ceiling_of(module)))
+            model.set_submodule(name, ObservedActivation(False, hist, ceiling=ceiling_of(module), in_place=module.inplace))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
             model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))
     return model
@@ -42,10 +42,12 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | Non
 
 def drop_unreached_sites(model: nn.Module, sites: dict[str, ObservedActivation]) -> list[tuple[str, str]]:
     """Sites calibration never reached (a layer called through its weights, a module the forward
-    does not use) become identities; returns them as (name, why) for the report."""
+    does not use, a branch the data did not take) become the float ops they stand for (identity,
+    ReLU); returns them as (name, why) for the report."""
     dropped = []
     for name, site in sites.items():
         if site.observer.count == 0:
-            model.set_submodule(name, nn.Identity())
-            dropped.append((name, "site never reached in calibration (a layer used through its weights?)"))
+            model.set_submodule(name, float_op(site))
+            dropped.append((name, "site never reached in calibration (a branch the data did not take, or a "
+                                  "layer used through its weights?): left a float op"))
     return dropped

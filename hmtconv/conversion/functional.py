@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .attention import MatMul
+from .attention import MatMul, add_attention_mask
 from .compensated import Amax, Function, InstanceNorm, VectorNorm
 from .fold import BatchNormAnyDim
 from .inplace import in_place, out_of_place
@@ -406,13 +406,6 @@ def decompose_sdpa(gm: fx.GraphModule, node: fx.Node, where: str, add_module) ->
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return out
-
-
-def add_attention_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA's ``attn_mask``: a boolean mask fills -inf where it is False, a float one is added."""
-    if mask.dtype == torch.bool:
-        return scores.masked_fill(mask.logical_not(), float("-inf"))
-    return scores + mask
 
 
 def assign(x: torch.Tensor, key, value) -> torch.Tensor:

@@ -8,8 +8,8 @@
    ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``) into modules, one module per call site, so a
    ReLU module reused twice (torchvision's BasicBlock) gets two neurons; ``x[key] = v`` becomes a new tensor
    (:func:`functional.assign`) that later readers of ``x`` read; splits
-   ``F.scaled_dot_product_attention`` into its matmuls and softmax (timm's ViTs) and drops
-   eval-mode ``stochastic_depth`` (an identity then);
+   ``F.scaled_dot_product_attention`` into its matmuls and softmax (timm's ViTs), drops
+   eval-mode ``stochastic_depth`` (an identity then), and views and means nothing reads;
 3. :func:`move_max_pools` rewrites ``relu -> maxpool`` into ``maxpool -> relu`` (max commutes with
    the monotone ReLU), the paper's reordering; with ``identity="maxpool"`` a y = x site is put
    where the ReLU was (``-> identity -> maxpool -> relu``, the "16^{y=x}" column);
@@ -86,6 +86,10 @@ VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t",
          torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select}
 
 
+# Calls without side effects that a forward may leave unread.
+UNREAD_DROPPABLE = VIEWS | {"mean", torch.mean}
+
+
 class LostWrite(ValueError):
     """An in-place write the SNN cannot keep (module swapping could not either: not a fallback)."""
 
@@ -105,7 +109,8 @@ def _reroute_inplace(gm: fx.GraphModule, node: fx.Node, source: fx.Node | None =
         elif node.target is assign:
             what, fix = "item assignment", "build the tensor out of place (torch.cat, torch.where)"
         else:
-            what, fix = "ReLU", "use an out-of-place ReLU there (x = F.relu(x))"
+            kind = type(gm.get_submodule(node.target)).__name__
+            what, fix = kind, f"use an out-of-place {kind} there" + (" (x = F.relu(x))" if kind == "ReLU" else "")
         raise LostWrite(f"cannot convert {scope(node) or '<root>'}: an in-place {what} (graph node {node.name!r}) "
                          f"writes into {source.name}, a view of {chain[-1].name}, which is read afterwards; the "
                          f"SNN cannot keep that write: {fix}")
@@ -115,22 +120,28 @@ def _reroute_inplace(gm: fx.GraphModule, node: fx.Node, source: fx.Node | None =
 
 
 def normalize(gm: fx.GraphModule) -> None:
-    """Functional activations -> modules; every ReLU (ReLU6) call site gets a module of its own."""
+    """Functional activations -> modules; every ReLU (ReLU6) call site gets a module of its own;
+    in-place calls run out of place, later readers of what they wrote reading their result."""
     seen: set[str] = set()
+    writers: set[str] = set()  # modules built with inplace=True
     for node in list(gm.graph.nodes):
         written = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
         if isinstance(written, fx.Node):  # torch.mul(a, b, out=buf): the call out of place, buf's later readers read it
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
             _reroute_inplace(gm, node, written)
         target = node.target
+        if node.op == "call_module" and (target in writers or getattr(gm.get_submodule(target), "inplace", None) is True):
+            # nn.ReLU(inplace=True), nn.SiLU(inplace=True), ...: every call out of place, rerouted below
+            writers.add(target)
+            gm.get_submodule(target).inplace = False
         if node.op == "call_module" and is_relu(gm.get_submodule(target)):
-            inplace = gm.get_submodule(target).inplace
+            inplace = target in writers
             if target in seen:  # a reused ReLU module: this call site gets its own copy
                 parent, _, leaf = target.rpartition(".")
                 node = swap_for_module(gm, node, copy.deepcopy(gm.get_submodule(target)), parent, leaf, 1)
-            else:
-                gm.get_submodule(target).inplace = False
             seen.add(target)
+        elif node.op == "call_module":
+            inplace = target in writers
         elif node.op in ("call_function", "call_method") and target in RELU_TARGETS:
             inplace = RELU_TARGETS[target] or bool(node.kwargs.get("inplace", False))
             node = swap_for_module(gm, node, nn.ReLU(), scope(node), "relu", 1)
@@ -169,6 +180,16 @@ def normalize(gm: fx.GraphModule) -> None:
             continue
         if inplace:
             _reroute_inplace(gm, node)
+    _drop_unread(gm)
+
+
+def _drop_unread(gm: fx.GraphModule) -> None:
+    """Views and means nothing reads (``nn.MultiheadAttention``'s averaged weights, which ``o, _ =
+    mha(x, x, x)`` ignores) go: a second reader of the softmax would keep its neuron from writing
+    in place and from taking running means (build.py)."""
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.users and node.op in ("call_function", "call_method") and node.target in UNREAD_DROPPABLE:
+            gm.graph.erase_node(node)
 
 
 def _is_relu(gm: fx.GraphModule, node) -> bool:

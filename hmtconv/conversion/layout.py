@@ -19,7 +19,7 @@ CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, BatchNormAnyDim
 FIRST_FUNCTIONS = (F.conv1d, F.conv_transpose1d, F.batch_norm, F.instance_norm, F.group_norm, F.max_pool1d,
                    F.avg_pool1d, torch.group_norm, torch.max_pool1d)
 # Ops that keep the layout of their inputs, walked through (by name: torch.add, operator.add, "add").
-ELEMENTWISE = {"add", "iadd", "sub", "mul", "truediv", "div", "neg", "relu", "relu_", "gelu", "silu", "sigmoid",
+ELEMENTWISE = {"add", "sub", "mul", "truediv", "div", "neg", "relu", "relu_", "gelu", "silu", "sigmoid",
                "tanh", "dropout", "clamp", "clamp_min", "contiguous", "clone", "detach", "to", "float"}
 KEEP_LAYOUT = ("torch.nn.modules.activation", "torch.nn.modules.dropout")  # where torch defines such modules
 

@@ -65,7 +65,8 @@ class SlicedMaxPool2d(nn.MaxPool2d):
 
 
 def slice_max_pools(model: nn.Module) -> None:
-    """Swap every ``nn.MaxPool2d`` (exactly that type) of ``model`` for :class:`SlicedMaxPool2d`."""
+    """Swap every ``nn.MaxPool2d`` (exactly that type, not returning indices) of ``model`` for
+    :class:`SlicedMaxPool2d`."""
     for name, module in list(model.named_modules()):
-        if type(module) is nn.MaxPool2d:
+        if type(module) is nn.MaxPool2d and not module.return_indices:
             model.set_submodule(name, SlicedMaxPool2d.from_module(module))

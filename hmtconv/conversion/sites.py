@@ -31,27 +31,41 @@ def ceiling_of(module: nn.Module) -> float | None:
     return None if type(module) is nn.ReLU else float(module.max_val)
 
 
-def unsigned_output(x: torch.Tensor, ceiling: float | None) -> torch.Tensor:
+def unsigned_output(x: torch.Tensor, ceiling: float | None, in_place: bool = False) -> torch.Tensor:
     """The float op of an unsigned site: ReLU, or a ReLU clipped at ``ceiling``."""
+    if in_place:
+        return torch.relu_(x) if ceiling is None else x.clamp_(0.0, ceiling)
     return torch.relu(x) if ceiling is None else x.clamp(0.0, ceiling)
+
+
+def float_op(site: "ObservedActivation") -> nn.Module:
+    """The module a site stands for: identity, ReLU or a clipped ReLU (in place where it was)."""
+    if site.signed:
+        return nn.Identity()
+    if site.ceiling is None:
+        return nn.ReLU(inplace=site.in_place)
+    return nn.Hardtanh(0.0, site.ceiling, inplace=site.in_place)
 
 
 class ObservedActivation(nn.Module):
     """ReLU (``signed=False``; clipped at ``ceiling``: ReLU6, Hardtanh(0, c)) or identity
-    (``signed=True``) that records its input's statistics."""
+    (``signed=True``) that records its input's statistics. ``in_place``: writes its output over
+    its input, as the ``nn.ReLU(inplace=True)`` it replaces did (module swapping, fallback.py;
+    in a traced graph later readers of the input are rerouted instead, graph.normalize)."""
 
     def __init__(self, signed: bool, hist: HistogramConfig | None = HistogramConfig(), channels_first: bool = False,
-                 ceiling: float | None = None):
+                 ceiling: float | None = None, in_place: bool = False):
         super().__init__()
-        self.signed, self.ceiling = signed, ceiling
+        self.signed, self.ceiling, self.in_place = signed, ceiling, in_place
         self.observer = ActivationObserver(signed, hist, channels_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observer(x)
-        return x if self.signed else unsigned_output(x, self.ceiling)
+        return x if self.signed else unsigned_output(x, self.ceiling, self.in_place)
 
     def extra_repr(self) -> str:
-        return "y = x" if self.signed else "ReLU" if self.ceiling is None else f"ReLU, at most {self.ceiling:g}"
+        kind = "y = x" if self.signed else "ReLU" if self.ceiling is None else f"ReLU, at most {self.ceiling:g}"
+        return kind + (", in place" if self.in_place else "")
 
 
 def make_neuron(spec: NeuronSpec, lam: torch.Tensor, communicate: bool) -> MultiLevelNeuron:
@@ -71,14 +85,15 @@ class SpikingActivation(TimeAware, KeepsDtype):
 
     KEEP_DTYPE = ("fanout",)  # synapse counts
 
-    def __init__(self, neuron: MultiLevelNeuron, ceiling: float | None = None):
+    def __init__(self, neuron: MultiLevelNeuron, ceiling: float | None = None, in_place: bool = False):
         super().__init__()
         self.neuron, self.ceiling = neuron, ceiling  # (a clipped ReLU's ceiling, for ANN mode)
+        self.in_place = in_place  # (ObservedActivation's)
         self.ann_mode = False
         # Synapses driven by each element (energy.py), a buffer so .to(device) and state_dict see it.
         self.register_buffer("fanout", None)
         # Set by convert where nothing else reads this site's input (build.py): output written over it.
-        self.overwrite_input = False
+        self.overwrite_input = in_place
         # Set by convert where a later in-place op writes over this site's ANN-mode output (build.py):
         # the diagnostics then keep a copy of it.
         self.output_mutated = False
@@ -89,7 +104,7 @@ class SpikingActivation(TimeAware, KeepsDtype):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ann_mode:
-            return x if self.signed else unsigned_output(x, self.ceiling)
+            return x if self.signed else unsigned_output(x, self.ceiling, self.in_place)
         self.neuron.fanout = self.fanout
         u = unfold(x, self.steps)
         return fold(self.neuron(u, out=u if self.overwrite_input else None))

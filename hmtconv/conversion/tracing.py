@@ -16,6 +16,7 @@ evaluate check that.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import operator
@@ -202,14 +203,39 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.Gra
     arguments of ``forward`` (timm's ``attn_mask=None, is_causal=False``) are fixed at their defaults."""
     optional = list(inspect.signature(model.forward).parameters.values())[1:]
     defaults = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty} or None
-    try:
-        graph, sized = Tracer().trace(model, concrete_args=defaults), False
-    except Exception as error:  # the model's code run on proxies may raise anything
-        if example is None:
-            raise NotTraceable(f"{type(error).__name__}: {error}") from error
+    with _hooks_set_aside(model):
         try:
-            graph, sized = SizedTracer(example).trace(model, concrete_args=defaults), True
-        except Exception as sized_error:
-            raise NotTraceable(f"{type(error).__name__}: {error}; at the example's image size: "
-                               f"{type(sized_error).__name__}: {sized_error}") from sized_error
+            graph, sized = Tracer().trace(model, concrete_args=defaults), False
+        except Exception as error:  # the model's code run on proxies may raise anything
+            if example is None:
+                raise NotTraceable(f"{type(error).__name__}: {error}") from error
+            try:
+                graph, sized = SizedTracer(example).trace(model, concrete_args=defaults), True
+            except Exception as sized_error:
+                raise NotTraceable(f"{type(error).__name__}: {error}; at the example's image size: "
+                                   f"{type(sized_error).__name__}: {sized_error}") from sized_error
     return fx.GraphModule(model, graph, class_name=type(model).__name__), sized
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks or forward pre-hooks."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+@contextlib.contextmanager
+def _hooks_set_aside(model: nn.Module):
+    """fx would run the hooks of the modules it traces through on proxies, putting their ops (a
+    logger's ``out.mean()``) into the graph, which keeps the hooks of its leaves only: the others
+    are set aside while tracing (and kept where module swapping follows)."""
+    tracer = Tracer()
+    aside = [(m, dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()
+             if hooked(m) and not tracer.is_leaf_module(m, name)]
+    for module, _, _ in aside:
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+    try:
+        yield
+    finally:
+        for module, pre, post in aside:
+            module._forward_pre_hooks.update(pre)
+            module._forward_hooks.update(post)
