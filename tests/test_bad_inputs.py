@@ -276,7 +276,7 @@ def test_max_pooling_with_indices_after_neurons_is_a_clear_error():
             pooled, indices = self.pool(torch.relu(self.conv(x)))
             return self.fc(pooled.mean((2, 3)))
 
-    with pytest.raises(ValueError, match=r"cannot convert <root> \(SlicedMaxPool2d module 'pool'.*it returns indices"):
+    with pytest.raises(ValueError, match=r"cannot convert <root> \(MaxPool2d module 'pool'.*it returns indices"):
         hc.convert(Pooled().eval(), images())
 
 
@@ -363,7 +363,7 @@ def test_model_in_training_mode_is_converted_in_eval_mode_with_a_note():
 def test_a_model_with_forward_hooks_gets_a_note():
     model = cnn()
     model[1].register_forward_hook(lambda m, a, out: None)
-    with pytest.warns(UserWarning, match=r"forward hooks on 1 are copied with the model.*\(ReLU, attention"):
+    with pytest.warns(UserWarning, match=r"forward hooks on 1 are dropped \(.*the ReLU, attention"):
         hc.convert(model, images())
 
 
@@ -566,3 +566,24 @@ def test_a_transpose_that_moves_the_batch_dim_to_the_output_is_a_clear_error(cal
     with pytest.raises(ValueError, match=rf"the model's output: it reads {node} \(made in <root>, shape \[3, 1\] at "
                                          rf"batch 1\), .* dim\(s\) \[1\] change .* x.t\(\), x.T and x.mT of a 2-d"):
         hc.convert(Swapped().eval(), images())
+
+
+def test_a_relu_of_one_value_per_sample_is_named():
+    class PerSample(ConvHead):
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3))) * torch.relu(x.sum((1, 2, 3)))[:, None]
+
+    with pytest.raises(ValueError, match=r"relu expects a batched activation \[B, features...\], got shape \(\d+,\): "
+                                         r"keep a feature dim"):
+        hc.convert(PerSample().eval(), images())
+
+
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    from hmtconv import HMTNeuron
+    snn = hc.convert(cnn(), images(), n=np.int64(4), T=np.int32(2))
+    assert (snn.config.n, snn.config.T) == (4, 2) and type(snn.config.T) is int
+    assert HMTNeuron(np.int64(3), 0.5).n == 3
+    with pytest.raises(ValueError, match=r"n \(number of thresholds\) must be an integer in \[1, 16\], got 4.0"):
+        HMTNeuron(4.0, 0.5)

@@ -6,7 +6,9 @@ from torch import nn
 
 import hmtconv as hc
 from hmtconv.conversion import energy
+from hmtconv.conversion.evaluate import _SiteMonitor
 from hmtconv.conversion.observers import ActivationObserver, HistogramConfig, check_finite
+from hmtconv.conversion.snn import SNN
 from hmtconv.theory.error import broadcast64
 
 META = torch.device("meta")
@@ -84,3 +86,14 @@ def test_the_simulation_stays_on_the_models_device_and_never_waits_for_it(kind, 
                      granularity=granularity).to("meta")
     y = snn(torch.randn(2, 3, 8, 8, device="meta"))
     assert y.device.type == "meta" and y.shape == (3, 2, 3)
+
+
+def test_an_snn_built_around_a_network_on_the_device_counts_there():
+    """``convert`` of a model on CUDA builds the SNN there: its energy counts, and what evaluate
+    adds the neurons' counts into, must be made there too (they were made on the CPU)."""
+    calib = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
+    built = hc.convert(tiny("cnn"), calib, n=4, T=3)
+    macs = {key: float(getattr(built, key)) for key in ("mac_ann", "mac_static", "mac_step")}
+    snn = SNN(built.net.to("meta"), built.config, built.report, built.output_temporal, macs)
+    assert {getattr(snn, key).device for key in macs} == {META}
+    assert _SiteMonitor(snn, 3, compare=False).device == META

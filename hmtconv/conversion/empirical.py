@@ -6,8 +6,10 @@ The observer keeps a log2-spaced histogram of the site's output activation (``re
 the quantizer is odd, so |x| suffices for y = x). Each bin is represented by ``POINTS`` evenly
 spaced values, and the error ``sum_bins count * mean (f(x) - x)^2`` with
 ``f(x) = h * clip(floor(x / h + 1/2), 0, b)``, ``h = lam / T``, ``b = T * levels``, is minimized over
-lam by a log grid between ``max / levels / 2**8`` and ``max / levels`` (clipping beyond the largest
-value never helps), then golden-section refinement around the best grid point.
+lam by a log grid between ``max / levels / 2**8`` and ``max / levels`` (above it nothing is
+clipped and the rounding error mostly grows with lam; data of a few discrete values, whose best
+step may put every value on a level, can have a lower error above it that the grid does not
+search), then golden-section refinement around the best grid point.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class _SiteMonitor:
         self.sites, self.steps, self.compare = snn.sites(), steps, compare
         for site in self.sites.values():
             site.neuron.sum_outputs = compare
-        self.device = next(iter(snn.buffers())).device
+        self.device = placement(snn)[0]
         self.errors = torch.zeros(len(self.sites), dtype=torch.float64, device=self.device)  # |err| per site
         self.runs: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []  # site, spikes, synops, elements
         self.ann: dict[int, list[torch.Tensor]] = {}  # per site, its ANN-mode outputs in call order
@@ -202,8 +202,9 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     Memory: each batch is simulated in chunks of at most ``max_batch`` samples, or of as many as
     fit ``memory_budget`` (bytes or ``"4GB"``; estimated activation memory, see memory.py); with
     neither, on CPU, in chunks of ``memory.cpu_chunk(T)`` samples (32-64: faster than whole
-    batches that outgrow the cache). Samples are independent, so the results do not depend on the
-    chunking."""
+    batches that outgrow the cache). Samples are independent, so accuracies, spikes and energy do
+    not depend on the chunking (the per-site errors only to float rounding: an ANN-mode layer may
+    round differently at another batch size)."""
     if not isinstance(snn, SNN):
         raise TypeError(f"evaluate expects the SNN returned by hmtconv.convert(), got {type(snn).__name__}")
     if ann is not None and (isinstance(ann, SNN) or is_prepared(ann)):

@@ -94,7 +94,9 @@ def insert_time_expansion(gm: fx.GraphModule, starts_time, has_batch=lambda node
 
     def over_time(node: fx.Node) -> fx.Node:
         if node not in copies:
-            if is_tensor(node):
+            if is_tensor(node) and not has_batch(node):  # (torch.arange(N)): the same at every step
+                copies[node] = node
+            elif is_tensor(node):
                 if node not in shared:
                     shared[node] = _add_to_time(gm, node)
                 copies[node] = shared[node]
@@ -114,7 +116,7 @@ def insert_time_expansion(gm: fx.GraphModule, starts_time, has_batch=lambda node
         if kind[node] != "temporal" or node.op == "output" or is_to_time(node):
             continue
         for inp in node.all_input_nodes:
-            if kind[inp] == "static" and has_batch(inp):  # a static tensor: sizes were handled above
+            if kind[inp] == "static" and is_tensor(inp) and has_batch(inp):  # (sizes were handled above)
                 if inp not in shared:
                     shared[inp] = _add_to_time(gm, inp)
                 node.replace_input_with(inp, shared[inp])

@@ -1,8 +1,8 @@
 """Streaming, mergeable statistics of one activation site (input of a future spiking neuron).
 
 Everything lives in float64/int64 buffers, so ``state_dict`` carries the calibration and two
-observers (two data shards, two processes) combine exactly with :meth:`ActivationObserver.merge`
-(Chan et al.'s parallel variance; histograms add). Memory is independent of the calibration
+observers (two data shards, two processes) combine with :meth:`ActivationObserver.merge`
+(Chan et al.'s parallel variance, to float64 rounding; histograms and maxima add up exactly). Memory is independent of the calibration
 set's size. Quantiles come from one fixed-range log2 histogram of the whole calibration set
 (histograms.py), never from an average of per-batch quantiles.
 """
@@ -133,7 +133,8 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
-            raise ValueError(f"observer expects a batched activation [B, ...], got shape {tuple(x.shape)}")
+            raise ValueError(f"{self.label} expects a batched activation [B, features...], got shape "
+                             f"{tuple(x.shape)}: keep a feature dim there (x.unsqueeze(1) before the ReLU)")
         if self.shape is None:
             super().forward(x)
             dev = self.count.device
@@ -144,9 +145,10 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
             if self.hist is not None and self.hist.per_channel:
                 self.hist_channel = torch.zeros(channels, self.hist.bins, dtype=torch.int64, device=dev)
         elif tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"{self.label} saw per-sample shape {tuple(x.shape[1:])} after {self.shape}: "
-                             f"calibrate with inputs of one size (or, where one module is called on activations "
-                             f"of several sizes, give each call a module of its own)")
+            raise ValueError(f"{self.label} saw per-sample shape {tuple(x.shape[1:])} after {self.shape}: either "
+                             f"the calibration images differ in size (calibrate with images of one size), or fx "
+                             f"could not trace the model and one module is called on activations of several "
+                             f"sizes (torchvision's Bottleneck reuses self.relu): give each call a module of its own")
         dim = channel_dim(x.dim(), self.channels_first)
         x = x.detach().to(self.count.device)
         counts = None if self.hist is None else self.hist_channel if self.hist.per_channel else self.hist_layer
@@ -183,8 +185,9 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
         return finite
 
     def _merge_moments(self, prefix: str, n_b, mean_b, m2_b, max_b, finite: torch.Tensor | None = None) -> None:
-        """Chan et al.'s pairwise update of (count, mean, M2); exact in any merge order. Where
-        ``finite`` is false everything keeps its value."""
+        """Chan et al.'s pairwise update of (count, mean, M2): any merge order gives the same
+        moments up to float64 rounding (about 1e-15 relative). Where ``finite`` is false
+        everything keeps its value."""
         n_a, mean_a, m2_a, max_a = (getattr(self, prefix + k) for k in ("count", "mean", "m2", "max"))
         n = n_a + n_b
         delta = mean_b - mean_a

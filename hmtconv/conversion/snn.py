@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from ..device import KeepsDtype, placement
+from ..errors import whole_number
 from .compensated import Compensated
 from .memory import MARGIN, leaf_output_bytes
 from .multistep import TimeAware, unfold
@@ -35,10 +36,7 @@ class ConversionConfig:
         for name, allowed in (("neuron", NEURONS), ("identity", IDENTITIES), ("granularity", GRANULARITIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("n", "T"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.n, self.T = whole_number(self.n, "n"), whole_number(self.T, "T")
         parse_policy(self.policy)  # a typo in a policy or its per-site overrides fails here
         if not isinstance(self.communicate, bool):  # ("no" would be true)
             raise TypeError(f"communicate must be True or False, got {self.communicate!r}")
@@ -63,10 +61,8 @@ class ConversionReport:
 
 
 def check_steps(steps) -> int:
-    """``steps`` if it is a positive int (not a bool or float); else a ValueError that says so."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"T (time steps) must be a positive integer, got {steps!r}")
-    return steps
+    """``steps`` as an int if it is a positive integer (not a bool or float); else a ValueError."""
+    return whole_number(steps, "T (time steps)")
 
 
 class SNN(KeepsDtype):
@@ -84,8 +80,9 @@ class SNN(KeepsDtype):
         self.config = config
         self.report = report
         self.output_temporal = output_temporal
+        device = placement(net)[0]
         for key in ("mac_ann", "mac_static", "mac_step"):  # None when energy could not be counted
-            value = None if macs is None else torch.tensor(macs[key], dtype=torch.float64)
+            value = None if macs is None else torch.tensor(macs[key], dtype=torch.float64, device=device)
             self.register_buffer(key, value)
         # (static, per-step) live activation bytes per graph node for one sample (memory.py);
         # recomputed whenever the SNN is built, so not saved with it.
