@@ -7,4 +7,6 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("HMTCONV_CACHE", Path.home() / ".cache" / "hmtconv"))
+    """Absolute (a relative one given in ``$HMTCONV_CACHE`` is taken from the current directory
+    now: a bare file name would send ``dlopen`` searching the library path)."""
+    return Path(os.environ.get("HMTCONV_CACHE") or Path.home() / ".cache" / "hmtconv").absolute()

@@ -275,3 +275,19 @@ def test_output_sum_equals_tensor_path_and_the_sequential_sum(monkeypatch, mode,
         assert torch.equal(neuron.output_sum, reference) and neuron.output_sum.shape == out.shape[1:]
         totals.append(neuron.output_sum)
     assert torch.equal(*totals)
+
+
+@needs_compiler
+@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("mode", ["unsigned", "signed", "communicate"])
+def test_kernel_and_tensor_path_take_nan_and_infinities_alike(n, mode):
+    """An infinite membrane saturates (ATen's floor division, the tensor path's above 16 levels,
+    gives NaN for it); a NaN input gives a NaN output and no spike (its level went into the spike
+    count as an int32 index out of range)."""
+    x = torch.tensor([[[float("inf"), 1.0, float("nan"), float("-inf"), 0.3]]] * 3)  # [T = 3, B = 1, 5]
+    neuron = HMTNeuron(n, 0.25, signed=mode != "unsigned", communicate=mode == "communicate")
+    neuron.fanout = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    (kernel, tensors) = both_paths(neuron, x)
+    for a, b in zip(kernel, tensors):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert kernel[0][:, 0, 0].tolist() == [0.25 * (2**n - 1)] * 3

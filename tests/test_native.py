@@ -3,11 +3,13 @@ clean fallback with one warning where no compiler works."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 import warnings
 
 import pytest
 
 from hmtconv import native
+from hmtconv.cache import cache_dir
 from hmtconv.conversion import compensation_kernel, matmul_kernel, observer_kernel
 from hmtconv.neurons import cpu_kernel
 
@@ -54,3 +56,13 @@ def test_a_compiler_command_with_arguments_in_cc_builds(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.load.__wrapped__(cpu_kernel.SOURCE, "neurons run") is not None
+
+
+def test_a_relative_cache_is_taken_from_the_current_directory(monkeypatch, tmp_path):
+    """dlopen of a bare file name searches the library path: ``HMTCONV_CACHE=.`` turned every kernel
+    off (and the warning said the build failed)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HMTCONV_CACHE", ".")
+    assert cache_dir() == tmp_path
+    monkeypatch.setenv("HMTCONV_CACHE", "")
+    assert cache_dir() == Path.home() / ".cache" / "hmtconv"

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hmtconv import HMTNeuron, MTNeuron
-from reference import hmt_literal, hmt_literal_membranes
+from reference import basal_fire, hmt_literal, hmt_literal_membranes
 
 
 def _inputs(T, shape, lam, n, seed, dtype=torch.float32):
@@ -248,3 +248,24 @@ def test_communication_cuts_the_unevenness_error_of_fluctuating_input():
     assert err(noisy, False) > 3 * err(noisy, True)
     steady = mean.expand(16, -1)
     assert torch.equal(HMTNeuron(4, 1.0, signed=True)(steady), HMTNeuron(4, 1.0, signed=True, communicate=False)(steady))
+
+
+def test_communication_counts_both_halves_where_rounding_lets_both_fire():
+    """Lemma 4.1 (at most one half fires per step) holds in exact arithmetic; in bfloat16, with
+    inputs of hundreds of lam, the membranes' rounding breaks it and both halves fire. The tensor
+    path then counts both halves' spikes (it added their levels, past the spike table's end)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 4096, generator=g) * 30).to(torch.bfloat16)
+    neuron = HMTNeuron(2, 0.1, signed=True, communicate=True).to(torch.bfloat16)
+    out = neuron(x)
+    lam = torch.tensor(0.1, dtype=torch.bfloat16)
+    v_pos, v_neg = (lam / 2).expand(4096).clone(), (lam / 2).expand(4096).clone()
+    both = False
+    for t in range(16):  # eq. 21 with the neuron's order of operations, each half's spikes by the greedy thresholds
+        out_pos, _, s_pos = basal_fire(v_pos, x[t], lam, 2)
+        out_neg, _, s_neg = basal_fire(v_neg, -x[t], lam, 2)
+        step = out_pos - out_neg
+        v_pos, v_neg = (v_pos + x[t]) - step, (v_neg - x[t]) + step
+        both |= bool(((s_pos > 0) & (s_neg > 0)).any())
+        assert torch.equal(out[t], step) and neuron.spikes[t] == (s_pos + s_neg).double().sum()
+    assert both

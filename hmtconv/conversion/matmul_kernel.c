@@ -3,8 +3,9 @@
  * transposed operand: no copy first), C contiguous.
  *
  * Each output is its products summed in k order by fused multiply-adds from 0, as MKL's sgemm
- * sums them here (equal to torch.matmul bit for bit on the project's CPU, tested to float32
- * rounding everywhere). A block of 4 rows by up to 64 columns keeps its 16 sums in registers;
+ * sums them on attention's shapes here (equal to torch.matmul bit for bit on the ViT's operands
+ * on the project's CPU; on others, such as odd sizes, MKL may order a sum otherwise: tested to
+ * float32 rounding everywhere). A block of 4 rows by up to 64 columns keeps its 16 sums in registers;
  * an item's B is first copied into rows of 64 (a transposed operand read once). Items are shared
  * out by OpenMP (torch's own pool, see cpu_kernel.c). Without AVX-512 it declines (returns 0):
  * torch.matmul runs.

@@ -2,9 +2,10 @@
 one or two batch dims, read through the operands' strides. ``torch.matmul`` first copies a
 transposed or head-split operand into a contiguous batch (the heads' layout copies of a ViT), then
 calls MKL's sgemm per small matrix; the kernel reads them as they lie and sums each product in
-the same order (fused multiply-adds in k order from 0), so on the project's CPU it equals
-``torch.matmul`` bit for bit, in about 0.6-0.7 of its time on the ViT's ``[T*B, heads, 50, 24]``
-operands. Elsewhere (no AVX-512, CUDA, other dtypes, autograd, broadcast batch dims) ``matmul``
+MKL's order on attention's shapes (fused multiply-adds in k order from 0), so on the project's
+CPU it equals ``torch.matmul`` bit for bit on the ViT's ``[T*B, heads, 50, 24]`` operands, in
+about 0.6-0.7 of its time (on other shapes MKL may order a sum otherwise: equal to float32
+rounding). Elsewhere (no AVX-512, CUDA, other dtypes, autograd, broadcast batch dims) ``matmul``
 says None and the caller runs ``torch.matmul``."""
 from __future__ import annotations
 

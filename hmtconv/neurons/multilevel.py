@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..device import KeepsDtype
+from ..errors import whole_number
 from . import cpu_kernel, gpu_kernel
 from .kernel_plan import Plan
 
@@ -19,9 +20,7 @@ CHECKED_LEVELS = 15  # up to this many levels (n <= 4 for H-MT) charge_ checks a
 
 
 def check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise ValueError(f"n (number of thresholds) must be an integer in [1, {MAX_N}], got {n!r}")
-    return n
+    return whole_number(n, "n (number of thresholds)", 1, MAX_N)
 
 
 def as_threshold(value, name: str) -> torch.Tensor:
@@ -65,8 +64,8 @@ def charge_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: i
     checked = checks_quotient(levels, v.device)
     if checked:
         torch.div(v, lam, out=level).floor_()
-    else:
-        torch.div(v, lam, rounding_mode="floor", out=level)
+    else:  # (clamped first: ATen's floor division of an infinite m is NaN, not the top level)
+        torch.div(torch.clamp(v, -lam, (levels + 1) * lam, out=level), lam, rounding_mode="floor", out=level)
     torch.mul(level.clamp_(0, levels), lam, out=out)
     if checked:
         _redo_rounded_up(v, lam, levels, out, level, scratch)
@@ -121,7 +120,7 @@ class SpikeCounter:
             self.batch_dims = tuple(range(len(shape) - fanout.dim()))
 
     def __call__(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.index.copy_(k)
+        self.index.copy_(k.nan_to_num_(0.0))  # (a NaN input's level: no spike, as the kernels count it)
         if self.fanout is None:
             hist = torch.bincount(self.index.view(-1), minlength=len(self.spike_lut))
             return (hist.to(torch.float64) * self.spike_lut.to(torch.float64)).sum(), None
@@ -229,7 +228,7 @@ class MultiLevelNeuron(KeepsDtype):
         if self.signed:
             v_neg = v_pos.clone()
             out_pos, out_neg = torch.empty_like(v_pos), torch.empty_like(v_pos)
-            level_neg = torch.empty_like(level) if self.communicate else None  # only the exchange path counts k_P + k_N
+            level_neg = torch.empty_like(level) if self.communicate else None  # (both levels kept till counted)
         sums = torch.empty_like(v_pos) if total is None and self.gives_means else total
         if sums is not None:
             sums.zero_()
@@ -244,14 +243,15 @@ class MultiLevelNeuron(KeepsDtype):
                 # Eq. 21 with Lemma 4.1: v_P + v_N = lam, so at most one half fires per step
                 # (in floating point too while lam exceeds the membranes' rounding error, about
                 # 2^-24 of |v| in float32). Then resetting both halves and exchanging their outputs
-                # is v_P -= out, v_N += out (bit for bit: the other half's output is exactly 0),
-                # and the step's spikes are those of k_P + k_N: four passes fewer per step.
+                # is v_P -= out, v_N += out (bit for bit: the other half's output is exactly 0;
+                # and it is eq. 21's reset even where rounding lets both fire, in bfloat16 or
+                # with |v| near 2^24 lam, whose spikes are then counted too): three passes fewer.
                 charge_(v_pos, current, lam, self.levels, out_pos, level, scratch)
                 charge_(v_neg, current, lam, self.levels, out_neg, level_neg, scratch, sign=-1.0)
                 torch.sub(out_pos, out_neg, out=out[t])
                 v_pos.sub_(out[t])
                 v_neg.add_(out[t])
-                counts = [count(level.add_(level_neg))]
+                counts = [count(level), count(level_neg)]
             elif self.signed:
                 counts = [count(fire_(v_pos, current, lam, self.levels, out_pos, level, scratch)),
                           count(fire_(v_neg, current, lam, self.levels, out_neg, level, scratch, sign=-1.0))]

@@ -46,7 +46,9 @@ def _point_mass_lam(mu, b, T, signed):
 
 def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12, max_iter: int = 400):
     """The lam (lambda_min) minimizing the expected error of eqs. 9/23: a root of k = 1 (the
-    unique one of Lemma 4.7 for wide inputs; the global minimum's among several for narrow ones).
+    unique one of Lemma 4.7 for wide inputs; among several for narrow ones, the global minimum's
+    from |mu| = VALLEY_SCAN sigma on, below it the least point of a coarse grid's valley, whose
+    error may exceed the global minimum's by about 1.5 %: valleys.py).
 
     Bracketed in log lam (for narrow inputs, around the least errors of grids: valleys.py; each
     candidate valley solved, the least error kept), then refined by the Anderson-Bjorck variant of
