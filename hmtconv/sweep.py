@@ -22,6 +22,7 @@ from .conversion import calibrate, convert, evaluate, prepare
 from .conversion.memory import parse_bytes
 from .conversion.policies import POLICIES, depends_on_T, histograms_for
 from .conversion.snn import ConversionConfig
+from .data.loaders import CALIB_SPLITS
 from .errors import UserError
 from .report import append_jsonl, provenance, read_jsonl, write_reports
 from .workload import DataOptions, load_workload
@@ -33,7 +34,7 @@ TYPES = {  # what each config value may be (grid keys: each value of the list)
              "granularity": str},
     "data": {"dataset": str, "data_root": (str, _NONE), "calib_size": int, "calib_split": str, "limit": (int, _NONE),
              "batch_size": int, "seed": int},
-    "[[models]]": {"name": str, "model": str, "weights": (str, _NONE)},
+    "[[models]]": {"model": str, "name": str, "weights": (str, _NONE)},  # model first: a name left out is the model
     "top": {"device": str, "out": str, "diagnostics": bool, "memory_budget": (str, _NONE)},
 }
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", _NONE: "absent"}
@@ -78,9 +79,12 @@ class SweepConfig:
             _check_type(f"[data] {key}", value, TYPES["data"][key])
             if key in ("calib_size", "limit", "batch_size") and value is not None and value < 1:
                 raise UserError(f"[data] {key} = {value} must be at least 1")
+        if self.data.calib_split not in CALIB_SPLITS:  # (else found only once the first model has loaded)
+            raise UserError(f"[data] calib_split = {json.dumps(self.data.calib_split)} must be one of "
+                            f"{', '.join(CALIB_SPLITS)}")
         for entry in self.models:
-            for key, value in asdict(entry).items():
-                _check_type(f"[[models]] {key}", value, TYPES["[[models]]"][key])
+            for key, types in TYPES["[[models]]"].items():
+                _check_type(f"[[models]] {key}", getattr(entry, key), types)
         for key in TYPES["top"]:
             _check_type(key, getattr(self, key), TYPES["top"][key])
         if self.memory_budget is not None:

@@ -113,7 +113,8 @@ def build_model(name: str, kwargs: dict, model_args: dict) -> nn.Module:
         return create_model(name, **kwargs)
     except UserError:
         raise
-    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as error:
+    # (AssertionError: torch checks some arguments with assert, e.g. MultiheadAttention's embed_dim % num_heads)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, AssertionError) as error:
         if not model_args:
             raise
         values = " ".join(f"{key}={value!r}" for key, value in model_args.items())

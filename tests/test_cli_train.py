@@ -49,6 +49,8 @@ def test_train_with_model_args_loads_back_as_that_variant(tmp_path, capsys):
         (["train", "--weight-decay", "-1"], "hmtconv: error: weight decay must be a number >= 0 within float32's range (at most 3.4e+38), got -1.0"),
         (["train", "--model", "vit_small", "--model-arg", "patch_size=0", "--limit", "1"],
          "hmtconv: error: vit_small rejects --model-arg patch_size=0: "),
+        (["train", "--model", "vit_small", "--model-arg", "num_heads=5", "--limit", "1"],  # (an assert in torch)
+         "hmtconv: error: vit_small rejects --model-arg num_heads=5: embed_dim must be divisible by num_heads"),
         (["train", "--out", "/tmp"], "hmtconv: error: cannot write /tmp: it is a directory; give a file name"),
         (["train", "--seed", str(2**64)], f"hmtconv train: error: argument --seed: --seed must be in 0..{2**63 - 1}, got"),
         (["train", "--lr", "1e30", "--limit", "2", "--no-progress"],  # (was a NaN checkpoint, exit 0)

@@ -101,21 +101,35 @@ def test_torchvision_name_with_a_state_dict_file(tmp_path):
 
 
 def test_torchvision_weights_by_name(monkeypatch):
-    with pytest.raises(UserError, match="'NOPE' is neither a file nor a SqueezeNet1_1_Weights name .*IMAGENET1K_V1"):
+    with pytest.raises(UserError, match=r"'NOPE' is neither a file nor a SqueezeNet1_1_Weights name "
+                                        r"\(DEFAULT, IMAGENET1K_V1\)$"):  # (DEFAULT once)
         load_model("squeezenet1_1", "NOPE", in_channels=3, image_size=224, num_classes=1000)
-
-    def offline(self, *args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(UserError, match="cannot download SqueezeNet1_1_Weights.IMAGENET1K_V1 .*--weights FILE"):
-        load_model("squeezenet1_1", "DEFAULT", in_channels=3, image_size=224, num_classes=1000)
 
     fresh = torchvision.models.squeezenet1_1().state_dict()
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda self, *a, **k: fresh)
     enum_name = "SqueezeNet1_1_Weights.IMAGENET1K_V1"
     result = load_model("squeezenet1_1", enum_name, in_channels=3, image_size=224, num_classes=1000)
     assert result.transform.crop_size == [224]  # the weights' own preprocessing
+
+
+def test_torchvision_weights_offline_from_the_hub_cache(tmp_path, monkeypatch):
+    """The download error's advice works: the file put into the hub cache is read without a
+    download, with the weights' own preprocessing (a --weights FILE would get none)."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    url = torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url
+    with pytest.raises(UserError) as caught:
+        load_model("squeezenet1_1", "DEFAULT", in_channels=3, image_size=224, num_classes=1000)
+    assert f"download {url} elsewhere, put the file (keeping its name) into {tmp_path / 'checkpoints'}/ and pass " \
+           "--weights DEFAULT again" in str(caught.value) and "without ImageNet normalization" in str(caught.value)
+
+    reference = torchvision.models.squeezenet1_1()
+    torch.save(reference.state_dict(), tmp_path / "checkpoints" / url.rsplit("/", 1)[1])
+    result = load_model("squeezenet1_1", "DEFAULT", in_channels=3, image_size=224, num_classes=1000)
+    assert same_weights(result.model, reference) and result.transform.crop_size == [224]
 
 
 def test_pickled_module_needs_the_flag(tmp_path):
@@ -211,3 +225,14 @@ def test_fresh_timm_models_fit_the_data():
     assert cnn.model(torch.zeros(2, 1, 32, 32)).shape == (2, 10) and "untrained" in cnn.source
     with pytest.raises(UserError, match="timm cannot create 'no_such_net'"):
         load_model("timm:no_such_net", in_channels=1, image_size=32, num_classes=10)
+
+
+def test_timm_offline_download_says_where_the_weights_are_read(monkeypatch):
+    timm = pytest.importorskip("timm")
+
+    def offline(*args, **kwargs):
+        raise OSError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UserError, match="without internet, copy the Hugging Face cache .*not --weights FILE"):
+        load_model("timm:resnet18", "DEFAULT", in_channels=3, image_size=224, num_classes=1000)

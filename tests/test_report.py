@@ -1,5 +1,9 @@
+import importlib
+import importlib.util
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -79,6 +83,22 @@ def test_provenance_has_versions_and_config():
     json.dumps(record)
 
 
+def test_git_commit_is_not_the_commit_of_a_repository_hmtconv_is_installed_in(tmp_path):
+    """An installed (not editable) hmtconv under the user's own git repository records no commit."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git[:-2] + ["init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("a")
+    subprocess.run(git + ["add", "a.txt"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "user's"], check=True)
+    installed = tmp_path / ".venv" / "site-packages" / "hmtconv" / "report" / "provenance.py"
+    installed.parent.mkdir(parents=True)
+    shutil.copy(importlib.import_module("hmtconv.report.provenance").__file__, installed)  # (not the function)
+    spec = importlib.util.spec_from_file_location("installed_provenance", installed)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.git_commit() is None
+
+
 def test_sweep_report_shows_a_run_whose_own_T_left_the_grid(tmp_path):
     """T = 1 and 2 of a T-independent policy answered by a 3-step run (a grid that had T = 3 before)."""
     grid = {"n": 4, "policy": "999", "neuron": "hmt", "identity": "none", "communicate": True, "granularity": "layer"}
@@ -102,3 +122,13 @@ def test_models_whose_names_map_to_one_file_name_keep_a_plot_each(tmp_path):
     write_reports(records, tmp_path, GRID_KEYS)
     assert sorted(p.name for p in tmp_path.glob("curves-*.png")) == [
         "curves-hf_a_b-2-2.png", "curves-hf_a_b-2.png", "curves-hf_a_b.png"]
+
+
+def test_sweep_report_shows_grid_values_as_given(tmp_path):
+    """A percentile 99.999 is not rounded to the table's 2 decimals (100.00, like the policy 100)."""
+    grid = {"n": 4, "T": 3, "neuron": "hmt", "identity": "none", "communicate": True, "granularity": "layer"}
+    records = [{"model": "m", **grid, "policy": policy, "result": {**RESULT, "spikes_per_sample": 1.0}}
+               for policy in ("opt", 99.999, 100)]
+    write_reports(records, tmp_path, GRID_KEYS)
+    table = (tmp_path / "table.md").read_text()
+    assert "| m     | 4 | 3 | 99.999 |" in table and "| snn     | 99.999 | 1 [1, 1]      |" in table, table

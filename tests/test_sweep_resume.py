@@ -89,6 +89,8 @@ def test_changed_settings_rerun_points_and_set_old_records_aside(tmp_path, monke
     ('[grid]\nn = [true]', '[grid] n = true must be an integer'),
     ('grid = [1]', 'grid = [1] must be a [grid] table of lists'),
     ('[[models]]\nname = 1\nmodel = "y"', '[[models]] name = 1 must be a string'),
+    ('[[models]]\nmodel = 5', '[[models]] model = 5 must be a string'),  # (not its name, which defaults to it)
+    ('[data]\ncalib_split = "test"', '[data] calib_split = "test" must be one of train, val'),
     ('[data]\nlimit = 0', '[data] limit = 0 must be at least 1'),
     ('memory_budget = "4 apples"', "memory_budget: cannot read memory size '4 apples'; write a number of at least "
                                    "one byte with an optional unit, e.g. 512MB, 4GB or 1.5GiB"),

@@ -89,5 +89,5 @@ def run(args: argparse.Namespace) -> None:
     plot_layers(records[0], out / "layers.png", title=f"n={args.n[0]} {args.policy[0]}, T={args.T}")
     plot_tradeoff([{"label": label, "accuracy": a, "energy_ratio": e}
                    for label, r in runs.items() for a, e in zip(r["snn_accuracy"], r["energy_ratio"])],
-                  out / "tradeoff.png", title="Accuracy vs energy ratio over T = 1..8")
+                  out / "tradeoff.png", title=f"Accuracy vs energy ratio over T = 1..{args.T}")
     print(f"\nwrote {out}/results.json, curves.png, layers.png, tradeoff.png ({time.perf_counter() - start:.0f} s)")

@@ -60,7 +60,7 @@ class AnnMode(nn.Module):
 
 
 def run_evaluation(args: argparse.Namespace) -> dict:
-    """Convert and evaluate as the options say; returns the JSON record (also used by `demo`)."""
+    """Convert and evaluate as the options say; returns the JSON record."""
     device = str(resolve_device(args.device))
     distributed.init_from_env(device)
     torch.manual_seed(args.seed)

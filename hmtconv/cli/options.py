@@ -75,7 +75,10 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="built-in name, torchvision name, timm:NAME, hf:ID or hf:DIRECTORY (Hugging "
                        "Face, with its image processor), a checkpoint from "
                        "`hmtconv train`, or a whole pickled nn.Module (runs code from the file: trusted files only)")
-    group.add_argument("--weights", default=None, help="DEFAULT or a torchvision weights name, or a state_dict file")
+    group.add_argument("--weights", default=None, help="DEFAULT or a torchvision weights name (with their "
+                       "preprocessing; offline: put the download into torch's hub cache, checkpoints/), or a "
+                       "state_dict file (its model gets the images as the dataset gives them: no ImageNet "
+                       "normalization)")
     group.add_argument("--no-pickle", action="store_true", help="refuse whole pickled models (they run code when loaded)")
     add_code_option(group)
     group.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(list_datasets())}, or folder:PATH")

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> None:
         config.data.data_root = args.data_root
     if args.device is not None:
         config.device = args.device
-    config.device = str(resolve_device(config.device))
+    config.device = str(resolve_device(config.device, "--device" if args.device is not None
+                                       else f"{args.config}: device ="))
     distributed.init_from_env(config.device)
     if distributed.is_main():
         ensure_writable(config.results_path)  # fail now, not after the first point

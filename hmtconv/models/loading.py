@@ -114,8 +114,9 @@ def from_builtin(name: str, weights: str | None, in_channels: int, image_size: i
 
 
 def from_torchvision(name: str, weights: str | None, num_classes: int) -> LoadedModel:
-    """No weights: fresh, ``num_classes`` outputs. A weights file: its state_dict into that model.
-    ``DEFAULT`` or an enum name: torchvision's pretrained weights (downloaded once) and their transforms."""
+    """No weights: fresh, ``num_classes`` outputs. A weights file: its state_dict into that model, fed the
+    images as the dataset gives them (no ImageNet normalization). ``DEFAULT`` or an enum name: torchvision's
+    pretrained weights (downloaded once into ``torch.hub.get_dir()/checkpoints``) and their transforms."""
     if weights is None or Path(weights).is_file() or Path(weights).suffix in (".pt", ".pth", ".safetensors"):
         model = torchvision.models.get_model(name, num_classes=num_classes)
         if weights is not None:
@@ -125,19 +126,25 @@ def from_torchvision(name: str, weights: str | None, num_classes: int) -> Loaded
     try:
         chosen = enum.verify(weights)
     except (KeyError, ValueError) as error:
-        names = ", ".join(["DEFAULT", *enum.__members__])
+        names = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))  # (__members__ holds the DEFAULT alias)
         raise UserError(f"--weights {weights!r} is neither a file nor a {enum.__name__} name ({names})") from error
     try:
         model = torchvision.models.get_model(name, weights=chosen)
     except OSError as error:  # URLError on a machine without internet
-        reason = one_line(error)
-        raise UserError(f"cannot download {chosen} ({reason}); fetch it elsewhere and pass --weights FILE") from error
+        cache = Path(torch.hub.get_dir()) / "checkpoints"  # where torchvision looks before downloading
+        raise UserError(
+            f"cannot download {chosen} ({one_line(error)}); download {chosen.url} elsewhere, put the file "
+            f"(keeping its name) into {cache}/ and pass --weights {weights} again (not --weights FILE: a file's "
+            "model gets the images as the dataset gives them, without ImageNet normalization, right only for "
+            "weights trained that way)"
+        ) from error
     return LoadedModel(model.eval(), chosen.transforms(), f"torchvision {name} with {chosen}")
 
 
 def from_timm(name: str, weights: str | None, in_channels: int, image_size: int, num_classes: int) -> LoadedModel:
     """``DEFAULT``: timm's pretrained weights (their classes) and preprocessing; else a fresh model,
-    built for the data's image size where its constructor takes one (ViTs: ``img_size``)."""
+    built for the data's image size where its constructor takes one (ViTs: ``img_size``), with a weights
+    file's state_dict if given, fed the images as the dataset gives them (no ImageNet normalization)."""
     try:
         import timm
     except ImportError as error:
@@ -153,7 +160,11 @@ def from_timm(name: str, weights: str | None, in_channels: int, image_size: int,
                 raise
             model = timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kwargs.items() if k != "img_size"})
     except (RuntimeError, OSError, TypeError) as error:  # unknown name, no internet for the download, bad arguments
-        raise UserError(f"timm cannot create {name!r}: {one_line(error)}") from error
+        hint = ("; without internet, copy the Hugging Face cache (HF_HOME, ~/.cache/huggingface) from a machine where "
+                "--weights DEFAULT downloaded (not --weights FILE: a file's model gets the images without ImageNet "
+                "normalization)"
+                if pretrained and isinstance(error, OSError) else "")
+        raise UserError(f"timm cannot create {name!r}: {one_line(error)}{hint}") from error
     if weights is not None and not pretrained:
         load_weights_file(model, weights, f"timm {name}")
     transform = None

@@ -10,9 +10,14 @@ import torch
 
 
 def git_commit() -> str | None:
-    """The commit of the hmtconv checkout (with ``+dirty`` if modified), or None outside git."""
+    """The commit of the hmtconv checkout (with ``+dirty`` if modified), or None outside one (an
+    installed hmtconv inside the user's own repository is not that repository's code)."""
     root = Path(__file__).resolve().parents[2]
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        if Path(top).resolve() != root:
+            return None
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,

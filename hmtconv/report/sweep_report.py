@@ -56,7 +56,7 @@ def threshold_ratios(records: list[dict], keys: list[str]) -> str | None:
         if r["policy"] == "opt" or reference is None:
             continue
         ratio = lams(r) / reference
-        rows.append([_label(r, keys), r["policy"], f"{ratio.median().item():.3g} [{ratio.min().item():.3g}, "
+        rows.append([_label(r, keys), str(r["policy"]), f"{ratio.median().item():.3g} [{ratio.min().item():.3g}, "
                      f"{ratio.max().item():.3g}]"])
     return markdown_table(["setting", "policy", "lam / lam_opt"], rows) if rows else None
 
@@ -90,7 +90,8 @@ def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) ->
     """``table.md`` (final-step accuracy and energy of every point, and full curves) and PNG plots."""
     varying = [k for k in grid_keys if len({json.dumps(r[k]) for r in records}) > 1]
     header = ["model", *grid_keys, "ANN %", "SNN % at T", "agreement at T", "energy at T", "spikes/sample"]
-    rows = [[r["model"], *(r[k] for k in grid_keys), r["result"]["ann_accuracy"], r["result"]["snn_accuracy"][-1],
+    # grid values as given (str): the table's number format would show a percentile 99.999 as 100.00
+    rows = [[r["model"], *(str(r[k]) for k in grid_keys), r["result"]["ann_accuracy"], r["result"]["snn_accuracy"][-1],
              (r["result"].get("agreement") or [None])[-1],
              (r["result"]["energy_ratio"] or [None])[-1], r["result"]["spikes_per_sample"]] for r in records]
     sections = ["# Sweep results", "", markdown_table(header, rows), ""]
