@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import hmtconv.cli.demo
 from hmtconv.cli import main
 from hmtconv.report import read_jsonl
 
@@ -33,8 +34,12 @@ def test_evaluate_writes_json_with_every_step_and_plots(checkpoint, tmp_path, ca
                                 "communicate": True, "granularity": "layer"}
     assert record["provenance"]["versions"]["torch"] == torch.__version__
     assert plot.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "curves-layers.png").exists()
+    seconds = record["seconds"]
+    assert set(seconds) == {"convert", "evaluate", "ann_forward", "simulation", "diagnostics"}
+    assert all(value > 0 for value in seconds.values())
     printed = capsys.readouterr().out
-    assert "t=3" in printed and "firing rate" in printed
+    ratio = seconds["simulation"] / (3 * seconds["ann_forward"])
+    assert "t=3" in printed and "firing rate" in printed and f"= {ratio:.2f} x T ANN forward passes" in printed
 
 
 def test_evaluate_takes_a_whole_pickled_module_with_a_warning(tmp_path, capsys):
@@ -139,6 +144,16 @@ def test_sweep_config_typos_are_errors(tmp_path, capsys):
     assert "unknown key(s) policies" in capsys.readouterr().err
 
 
+def test_a_sweep_configs_device_is_named_as_the_configs_key(tmp_path, capsys):
+    config = tmp_path / "sweep.toml"
+    config.write_text('device = "nope"\n[[models]]\nmodel = "vgg_small"\n')
+    assert main(["sweep", str(config)]) == 2
+    assert capsys.readouterr().err == f"hmtconv: error: {config}: device = 'nope' is not a device name (cpu, cuda, " \
+                                      "cuda:1, auto)\n"  # (not --device, an option not given)
+    assert main(["sweep", str(config), "--device", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("hmtconv: error: --device 'nope' is not a device name")
+
+
 def test_sweep_into_an_unwritable_folder_is_an_error_before_any_point(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("hmtconv.sweep.load_workload", lambda *a, **k: pytest.fail("loaded the model"))
     config = tmp_path / "sweep.toml"
@@ -153,6 +168,10 @@ def test_demo_runs_on_a_cached_model(checkpoint, tmp_path, monkeypatch, capsys):
     cache.mkdir()
     (cache / "vgg_small-mnist-e1-s0.pt").write_bytes(checkpoint.read_bytes())
     monkeypatch.setenv("HMTCONV_CACHE", str(cache))
+    titles = []
+    plot_tradeoff = hmtconv.cli.demo.plot_tradeoff
+    monkeypatch.setattr(hmtconv.cli.demo, "plot_tradeoff", lambda *a, title: titles.append(title) or
+                        plot_tradeoff(*a, title=title))
     assert main(["demo", "--epochs", "1", "--limit", "48", "--T", "2", "--n", "4", "--policy", "opt", "999",
                  "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -166,3 +185,4 @@ def test_demo_runs_on_a_cached_model(checkpoint, tmp_path, monkeypatch, capsys):
     for name in ("curves.png", "layers.png", "tradeoff.png"):
         assert (tmp_path / "demo" / name).exists()
     assert "T=2" in capsys.readouterr().out
+    assert titles == ["Accuracy vs energy ratio over T = 1..2"]  # (the --T given, not 8)

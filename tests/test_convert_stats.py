@@ -1,4 +1,6 @@
 """Observers (streaming, mergeable statistics) and threshold policies."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,7 @@ import torch
 import hmtconv.conversion as hc
 from hmtconv.conversion import ActivationObserver, NeuronSpec
 from hmtconv.conversion.observers import HistogramConfig
+from hmtconv.theory import fixed_point_lam, optimal_lam
 from hmtconv.conversion.policies import (compute_lam, compute_lams, depends_on_T, parse_policy, policy_for_site,
                                          unused_patterns)
 
@@ -472,3 +475,29 @@ def test_a_bad_part_of_a_policy_string_is_named(text, part):
     """An error about one item of 'BASE,PATTERN=POLICY,...' said only 'got -1.0', not which item."""
     with pytest.raises(ValueError, match=f"policy {text!r}: {part}".replace("(", r"\(").replace(")", r"\)")):
         parse_policy(text)
+
+
+@pytest.mark.parametrize("neuron, n, levels", [("hmt", 4, 15), ("mt", 4, 4), ("if", 4, 1)])
+@pytest.mark.parametrize("T", [2, 8])
+@pytest.mark.parametrize("policy", ["opt", "opt1500"])
+def test_convert_solves_each_site_for_its_own_inputs_moments(neuron, n, levels, T, policy):
+    """End to end: each site's lam is the theory's for the population mean and spread of that
+    site's input (computed here from the inputs themselves), its neuron's levels (H-MT 2^n - 1, MT
+    n, IF 1), T and sign, and the neuron it gets tops out at levels * lam per step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    data = [(torch.randn(32, 6) + 0.3, torch.zeros(32, dtype=torch.long)) for _ in range(2)]
+    snn = hc.convert(model, data, n=n, T=T, policy=policy, neuron=neuron, identity="all")
+    x = torch.cat([images for images, _ in data]).double()
+    with torch.no_grad():
+        first = torch.nn.functional.linear(x, model[0].weight.double(), model[0].bias.double())
+    inputs = {"0_in": (x, True), "1": (first, False)}  # (the ReLU's spikes go into the last layer as they are)
+    solver = optimal_lam if policy == "opt" else functools.partial(fixed_point_lam, steps=1500)
+    assert set(snn.sites()) == set(inputs)
+    for name, (values, signed) in inputs.items():
+        site = snn.sites()[name].neuron
+        want = solver(values.mean(), values.std(unbiased=False), 1 if neuron == "if" else n, T, signed,
+                      levels=levels if neuron == "mt" else None)
+        torch.testing.assert_close(site.lam.double(), want, rtol=1e-6, atol=0, msg=name)
+        top = site(torch.full((1, 1), 1e6))  # one step far above every threshold
+        torch.testing.assert_close(top, (levels * site.lam).reshape(1, 1), rtol=1e-6, atol=0)

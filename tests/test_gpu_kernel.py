@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,3 +69,13 @@ def test_a_checked_variant_that_fails_later_is_turned_off_too(on_any_device, mon
     ref = torch.empty_like(x)
     neuron._forward_tensors(x, ref, neuron.lam.float(), torch.zeros(3, dtype=torch.float64), None)
     assert gpu_kernel._off and torch.equal(out, ref)
+
+
+def test_the_environment_turns_the_kernel_off(monkeypatch):
+    """``HMTCONV_GPU_KERNEL=0``: the neurons' tensor path on CUDA (as if Triton were at hand)."""
+    monkeypatch.setattr(gpu_kernel, "available", lambda: True)
+    monkeypatch.setattr(gpu_kernel, "_off", False)
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, numel=lambda: 8)
+    assert gpu_kernel.applies(cuda)
+    monkeypatch.setenv("HMTCONV_GPU_KERNEL", "0")
+    assert not gpu_kernel.applies(cuda)
