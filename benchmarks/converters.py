@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/converters.py [--model runs/vgg_small.pt] [--limit 2000]
         [--calib-size 1024] [--batch 100] [--repeats 1] [--threads N]
 
-Every converter calibrates on the same first --calib-size MNIST training images and is evaluated
+Every converter calibrates on the same --calib-size MNIST training images (a random subset, seed 0,
+as the CLI draws it) and is evaluated
 on the same first --limit test images, held in memory as batches (data loading is not timed), each
 image given as is (analog) at every step. Accuracy at t uses the mean output of steps 1..t of one
 32-step run (T-independent thresholds); H-MT "opt" depends on T, so it is converted once per T and
@@ -199,7 +200,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="anything hmtconv's --model accepts")
     parser.add_argument("--limit", type=int, default=2000, help="first test images to evaluate on")
-    parser.add_argument("--calib-size", type=int, default=1024, help="first training images to calibrate on")
+    parser.add_argument("--calib-size", type=int, default=1024, help="training images to calibrate on (a random subset, seed 0)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
@@ -244,7 +245,7 @@ def main():
     for T in STEPS[:-1]:  # "opt" thresholds depend on T: one conversion per T, read at t = T
         rows[-1][3][T] = hmtconv_run(hmtconv.convert(prepared, n=4, T=T, policy="opt"), test)[T - 1]
 
-    print(f"{work.source}: first {work.eval_images} test images, first {args.calib_size} training images for "
+    print(f"{work.source}: first {work.eval_images} test images, {args.calib_size} training images (random, seed 0) for "
           f"calibration, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print("| converter | neuron | threshold | " + " | ".join(f"T={t}" for t in STEPS) + " | ms per sample (32 steps) |")
     print("|---" * (4 + len(STEPS)) + "|")

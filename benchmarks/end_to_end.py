@@ -28,6 +28,7 @@ import torchvision
 
 import hmtconv
 from hmtconv.conversion.api import swap_faster_layers
+from hmtconv.conversion.attention import decompose_attention
 from hmtconv.models import create_model, list_models
 from timing import timed_side_by_side
 
@@ -38,8 +39,11 @@ def identity_for(name: str) -> str:
 
 
 def with_our_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with the SNN's faster max pooling and Linear layers (same values)."""
+    """A copy of ``model`` with the SNN's faster layers (same values): max pooling by slices, Linear
+    layers by oneDNN, ``nn.MultiheadAttention`` split into such Linear layers and the attention
+    matmul kernel (its fused path would keep its projections on MKL)."""
     ours = copy.deepcopy(model)
+    decompose_attention(ours)
     swap_faster_layers(ours)
     return ours
 

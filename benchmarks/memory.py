@@ -24,7 +24,7 @@ import json
 import torch
 
 import hmtconv
-from end_to_end import build
+from end_to_end import build, identity_for
 from hmtconv.conversion.memory import chunk_size, parse_bytes
 from timing import in_fresh_process, peak_rss_mib, reset_peak, rss_mib, timed
 
@@ -36,14 +36,17 @@ def child(name: str, T: int, n: int, batch: int, budget: str, repeats: int) -> N
     torch.manual_seed(0)
     model, shape = build(name)
     x, y = torch.rand(batch, *shape), torch.randint(0, 10, (batch,))
-    snn = hmtconv.convert(hmtconv.calibrate(hmtconv.prepare(model), [(x, y)]), n=n, T=T, policy="999")
+    identity = identity_for(name)
+    snn = hmtconv.convert(hmtconv.calibrate(hmtconv.prepare(model, identity=identity), [(x, y)]), n=n, T=T,
+                          policy="999", identity=identity)
     per_sample = snn.activation_bytes(T)
     budget = None if budget == "none" else budget
     chunk = batch if budget is None else chunk_size(per_sample, parse_bytes(budget), batch)
     reset_peak()
     before = rss_mib()
-    seconds, result = timed(lambda: hmtconv.evaluate(snn, [(x, y)], diagnostics=False, memory_budget=budget),
-                            repeats)
+    # no budget: the whole batch at once (max_batch), not evaluate's default CPU chunks
+    seconds, result = timed(lambda: hmtconv.evaluate(snn, [(x, y)], diagnostics=False, memory_budget=budget,
+                                                     max_batch=batch if budget is None else None), repeats)
     result = result.to_dict()
     print(json.dumps({"before": before, "peak": peak_rss_mib(), "chunk": chunk, "seconds": seconds,
                       "estimate_mib": chunk * per_sample / 2**20, "shape": shape,

@@ -4,14 +4,14 @@
         [--device cuda]
 
 (a) the literal greedy loop over steps and thresholds (the published neuron's algorithm, eqs. 14-18);
-(b) SpikingJelly's multi-step IFNode (soft reset), if installed (pip install -r benchmarks/requirements.txt),
+(b) SpikingJelly's multi-step IFNode (soft reset), if installed (the install line in benchmarks/requirements.txt),
     compared with our n = 1 neuron, the same model;
 (c) a stateless elementwise floor/clamp: the lower bound of any per-step quantizer;
 (d) our own tensor path (HMTCONV_CPU_KERNEL=0 / HMTCONV_GPU_KERNEL=0: what float64 takes, and CUDA
     without Triton) against the compiled CPU kernel (with ``--device cuda``: the Triton kernel), for
     the ReLU neuron and for the signed neuron with communication (the ViT's).
-Median of repeats after a warm-up (on CUDA each call waits for the device); the outputs of (a), (d)
-and ours are checked equal.
+Median of repeats after a warm-up, all rows but (a) called in turn in each repeat (on CUDA each
+call waits for the device); the outputs of (a), (d) and ours are checked equal.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from reference import hmt_literal  # noqa: E402  (the tests' oracle is the faith
 
 import hmtconv  # noqa: E402
 from hmtconv import HMTNeuron  # noqa: E402
-from timing import timed as timed_on_host  # noqa: E402
+from timing import timed_side_by_side  # noqa: E402
 
 
 KERNEL_SWITCHES = ("HMTCONV_CPU_KERNEL", "HMTCONV_GPU_KERNEL")
@@ -47,7 +47,7 @@ def spikingjelly_if():
     try:
         from spikingjelly.activation_based import neuron
     except ImportError as error:
-        print(f"(SpikingJelly not available: {error}; pip install -r benchmarks/requirements.txt)")
+        print(f"(SpikingJelly not available: {error}; see benchmarks/requirements.txt for its install line)")
         return None
     return neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m")
 
@@ -71,43 +71,39 @@ def main():
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.5).to(device)
     lam = 0.01
 
-    def timed(fn, repeats):  # (CUDA calls return before the device is done)
-        def waited():
+    def waited(fn):  # (CUDA calls return before the device is done)
+        def call():
             result = fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return result
-        return timed_on_host(waited, repeats)
-    rows = []
+        return call
     ours = HMTNeuron(n, lam).to(device)
-    t_ours, out = timed(lambda: ours(x), args.repeats)
-    rows.append((f"H-MT closed form (ours), n = {n}", t_ours))
-    t_loop, (ref, _) = timed(lambda: hmt_literal(x, lam, n), max(1, args.repeats // 2))
-    assert torch.equal(out, ref), "closed form differs from the literal loop"
-    rows.append((f"literal loop over steps and {n} thresholds (published algorithm)", t_loop))
-    t_floor, _ = timed(lambda: torch.floor(x / lam).clamp_(0, 2**n - 1).mul_(lam), args.repeats)
-    rows.append(("stateless floor/clamp (lower bound)", t_floor))
-    t_tensor, out_tensor = timed(lambda: tensor_path(ours, x), args.repeats)
-    assert torch.equal(out, out_tensor), "the tensor path differs from the kernel"
-    rows.append((f"H-MT n = {n}, our tensor path (no compiled kernel)", t_tensor))
     signed = HMTNeuron(n, lam, signed=True, communicate=True).to(device)
-    t_signed, out_signed = timed(lambda: signed(x), args.repeats)
-    t_signed_tensor, out_signed_tensor = timed(lambda: tensor_path(signed, x), args.repeats)
-    assert torch.equal(out_signed, out_signed_tensor), "the tensor path differs from the kernel (signed)"
-    rows.append((f"signed H-MT n = {n} with communication (ours)", t_signed))
-    rows.append((f"signed H-MT n = {n} with communication, our tensor path", t_signed_tensor))
     if_ours = HMTNeuron(1, 1.0).to(device)
-    t_if, _ = timed(lambda: if_ours(x), args.repeats)
-    rows.append(("IF: H-MT n = 1 (ours)", t_if))
     sj = spikingjelly_if()
     sj = sj if sj is None else sj.to(device)
-    if sj is not None:
-        def run_sj():
-            sj.reset()
-            with torch.no_grad():
-                return sj(x)
-        t_sj, _ = timed(run_sj, args.repeats)
-        rows.append(("IF: SpikingJelly IFNode, multi-step", t_sj))
+
+    def run_sj():
+        sj.reset()
+        with torch.no_grad():
+            return sj(x)
+    candidates = [(f"H-MT closed form (ours), n = {n}", lambda: ours(x)),
+                  ("stateless floor/clamp (lower bound)", lambda: torch.floor(x / lam).clamp_(0, 2**n - 1).mul_(lam)),
+                  (f"H-MT n = {n}, our tensor path (no compiled kernel)", lambda: tensor_path(ours, x)),
+                  (f"signed H-MT n = {n} with communication (ours)", lambda: signed(x)),
+                  (f"signed H-MT n = {n} with communication, our tensor path", lambda: tensor_path(signed, x)),
+                  ("IF: H-MT n = 1 (ours)", lambda: if_ours(x)),
+                  *([("IF: SpikingJelly IFNode, multi-step", run_sj)] if sj is not None else [])]
+    times, outputs = timed_side_by_side([waited(fn) for _, fn in candidates], args.repeats)
+    out, t_ours = outputs[0], times[0]
+    assert torch.equal(out, outputs[2]), "the tensor path differs from the kernel"
+    assert torch.equal(outputs[3], outputs[4]), "the tensor path differs from the kernel (signed)"
+    # the literal loop is orders of magnitude slower: timed on its own, with fewer repeats
+    (t_loop,), ((ref, _),) = timed_side_by_side([waited(lambda: hmt_literal(x, lam, n))], max(1, args.repeats // 2))
+    assert torch.equal(out, ref), "closed form differs from the literal loop"
+    rows = [(label, seconds) for (label, _), seconds in zip(candidates, times)]
+    rows.insert(1, (f"literal loop over steps and {n} thresholds (published algorithm)", t_loop))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"input {list(shape)} float32, {where}, median of {args.repeats}")
     print("| neuron | time s | relative to H-MT closed form |")

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import hmtconv.theory.solve as solve
-from timing import timed
+from timing import timed_side_by_side
 from hmtconv.theory import fixed_point_lam, optimal_lam, quantization_error
 
 
@@ -43,11 +43,12 @@ def bench_solver(pairs, subsample, repeats):
           " lam_1500/lam_opt median [min, max] | QE_1500/QE_opt median |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, T, signed in ((4, 4, False), (4, 16, True), (8, 16, True)):
-        t_opt, lam = timed(lambda: optimal_lam(mu, sigma, n, T, signed), repeats)
-        rounds, evals = count_k_evaluations(lambda: optimal_lam(mu, sigma, n, T, signed))
-        # time: 30 of the 1,500 steps on every pair (each step costs the same), times 50;
+        # time, side by side: 30 of the 1,500 steps on every pair (each step costs the same), times 50;
         # distance from the optimum: all 1,500 steps on a subsample
-        t_fp, _ = timed(lambda: fixed_point_lam(mu, sigma, n, T, signed, steps=30), 1)
+        (t_opt, t_fp), (lam, _) = timed_side_by_side([lambda: optimal_lam(mu, sigma, n, T, signed),
+                                                      lambda: fixed_point_lam(mu, sigma, n, T, signed, steps=30)],
+                                                     repeats)
+        rounds, evals = count_k_evaluations(lambda: optimal_lam(mu, sigma, n, T, signed))
         t_fp_all = t_fp * 1500 / 30
         sub = slice(0, subsample)
         lam_fp = fixed_point_lam(mu[sub], sigma[sub], n, T, signed)

@@ -29,7 +29,7 @@ def basal_fire(v, current, lam, n):
 
 def hmt_literal(x, lam, n, signed=False, communicate=True):
     """Sequential H-MT over time (eqs. 13-18, 21); x is [T, *shape]. Returns (out, spikes per step)."""
-    lam = torch.as_tensor(lam, dtype=x.dtype)
+    lam = torch.as_tensor(lam, dtype=x.dtype, device=x.device)
     v_pos = (lam / 2).expand(x.shape[1:]).clone()  # eq. 13
     v_neg = v_pos.clone()
     outs, counts = [], []
@@ -49,7 +49,7 @@ def hmt_literal(x, lam, n, signed=False, communicate=True):
 
 def hmt_literal_membranes(x, lam, n, communicate=True):
     """Signed H-MT membranes (v_P, v_N) after every step, for Lemma 4.1."""
-    lam = torch.as_tensor(lam, dtype=x.dtype)
+    lam = torch.as_tensor(lam, dtype=x.dtype, device=x.device)
     v_pos = (lam / 2).expand(x.shape[1:]).clone()
     v_neg = v_pos.clone()
     trace = []

@@ -25,7 +25,9 @@ N = 4
 
 def misfit(path: str) -> None:
     work = load_workload(path, DataOptions(dataset="mnist", limit=1))
-    name = next(key for key in SETTINGS if key in path)
+    name = next((key for key in SETTINGS if key in path), None)
+    if name is None:
+        raise SystemExit(f"{path}: the settings (identity, T) are known for {', '.join(SETTINGS)}: a path naming one")
     identity, T = SETTINGS[name]
     prepared = hmtconv.calibrate(hmtconv.prepare(work.model, identity=identity), work.calib_loader)
     observers = {site: m.observer for site, m in prepared.named_modules() if isinstance(m, ObservedActivation)}
