@@ -186,3 +186,18 @@ def test_demo_runs_on_a_cached_model(checkpoint, tmp_path, monkeypatch, capsys):
         assert (tmp_path / "demo" / name).exists()
     assert "T=2" in capsys.readouterr().out
     assert titles == ["Accuracy vs energy ratio over T = 1..2"]  # (the --T given, not 8)
+
+
+def test_an_unknown_option_is_named_by_the_parser_that_lists_the_options(capsys):
+    for argv, said in ((["evaluate", "--bogus"], "hmtconv evaluate: error: unrecognized arguments: --bogus (see "
+                        "hmtconv evaluate --help)\n"),
+                       (["--bogus", "train"], "hmtconv: error: unrecognized arguments: --bogus (see hmtconv --help)\n")):
+        with pytest.raises(SystemExit) as exit:  # (argparse's errors exit)
+            main(argv)
+        assert exit.value.code == 2 and capsys.readouterr().err == said
+
+
+def test_a_library_warning_that_names_hmtconv_is_printed_with_one_prefix(capsys):
+    from hmtconv.cli.main import _show_warning
+    _show_warning(UserWarning("hmtconv: building cpu_kernel.c failed"), UserWarning, "native.py", 1)
+    assert capsys.readouterr().err == "hmtconv: warning: building cpu_kernel.c failed\n"

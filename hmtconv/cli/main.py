@@ -41,12 +41,14 @@ def build_parser() -> Parser:
     parser = Parser(prog="hmtconv", description="ANN-to-SNN conversion with Harmony Multi-Threshold neurons.")
     parser.add_argument("--version", action="version", version=f"hmtconv {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.commands = {}  # name -> its parser, which reports options it does not know (main)
     for command in COMMANDS.values():
         sub = subparsers.add_parser(
             command.name, help=command.help, description=command.help, formatter_class=HelpFormatter
         )
         command.add_arguments(sub)
         sub.set_defaults(run=command.run)
+        parser.commands[command.name] = sub
     return parser
 
 
@@ -56,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     hmtconv raises itself on bad arguments or data. Anything else is a bug and keeps its traceback;
     HMTCONV_DEBUG=1 prints the traceback of the one-line errors too. Under torchrun a failure on
     any rank ends every rank at its next collective and is reported once (``_ranks_failed``)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own (argparse would name the top level, whose help lists no command's options)
+        before = argv.index(unknown[0]) < argv.index(args.command)
+        (parser if before else parser.commands[args.command]).error(f"unrecognized arguments: {' '.join(unknown)}")
     keep_freed_memory()  # our own process: trade its peak memory for no page faults per tensor
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
@@ -120,4 +127,5 @@ def _raised_by_hmtconv(error: BaseException) -> bool:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one ``hmtconv: warning: ...`` line, from rank 0 only."""
     if distributed.is_main():
-        print(f"hmtconv: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        text = " ".join(str(message).split()).removeprefix("hmtconv: ")  # (the library's own say so)
+        print(f"hmtconv: warning: {text}", file=sys.stderr)
