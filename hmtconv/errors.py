@@ -1,6 +1,5 @@
-"""The one exception type for problems the user can fix (bad names, missing files, mismatches)."""
-
-
+"""The one exception type for problems the user can fix (bad names, missing files, mismatches),
+and the one check of integer arguments."""
 import operator
 
 

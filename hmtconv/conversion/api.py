@@ -32,8 +32,8 @@ from .onednn import swap_linears
 from .policies import histograms_for
 from .pooling import slice_max_pools
 from .sites import ObservedActivation
-from .tracing import hooked
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
+from .tracing import hooked
 from .unconverted import find_unconverted
 from .windows import decompose_window_attention
 

@@ -34,7 +34,8 @@ class InputSite(nn.Sequential):
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None) -> nn.Module:
     for name, module in list(model.named_modules()):
         if is_relu(module):
-            model.set_submodule(name, ObservedActivation(False, hist, ceiling=ceiling_of(module), in_place=module.inplace))
+            model.set_submodule(name, ObservedActivation(False, hist, ceiling=ceiling_of(module),
+                                                         in_place=module.inplace))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
             model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))
     return model

@@ -130,7 +130,7 @@ def normalize(gm: fx.GraphModule) -> None:
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
             _reroute_inplace(gm, node, written)
         target = node.target
-        if node.op == "call_module" and (target in writers or getattr(gm.get_submodule(target), "inplace", None) is True):
+        if node.op == "call_module" and getattr(gm.get_submodule(target), "inplace", None) is True:
             # nn.ReLU(inplace=True), nn.SiLU(inplace=True), ...: every call out of place, rerouted below
             writers.add(target)
             gm.get_submodule(target).inplace = False

@@ -2,9 +2,10 @@
 
 Everything lives in float64/int64 buffers, so ``state_dict`` carries the calibration and two
 observers (two data shards, two processes) combine with :meth:`ActivationObserver.merge`
-(Chan et al.'s parallel variance, to float64 rounding; histograms and maxima add up exactly). Memory is independent of the calibration
-set's size. Quantiles come from one fixed-range log2 histogram of the whole calibration set
-(histograms.py), never from an average of per-batch quantiles.
+(Chan et al.'s parallel variance, to float64 rounding; histograms and maxima add up exactly).
+Memory is independent of the calibration set's size. Quantiles come from one fixed-range log2
+histogram of the whole calibration set (histograms.py), never from an average of per-batch
+quantiles.
 """
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ def _check(lam=None, sigma=None, T=None, mu=None):
     if lam is not None and not ((lam > 0) & torch.isfinite(lam)).all():
         raise ValueError(f"lam must be finite and > 0, got {lam[~((lam > 0) & torch.isfinite(lam))][0].item()}")
     if sigma is not None and not ((sigma >= 0) & torch.isfinite(sigma)).all():
-        raise ValueError(f"sigma must be finite and >= 0, got {sigma[~((sigma >= 0) & torch.isfinite(sigma))][0].item()}")
+        bad = ~((sigma >= 0) & torch.isfinite(sigma))
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma[bad][0].item()}")
     if T is not None and ((T < 1) | (T != torch.round(T))).any():
         raise ValueError(f"T must be a positive integer, got {T[(T < 1) | (T != torch.round(T))][0].item()}")
 
