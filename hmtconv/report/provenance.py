@@ -13,16 +13,16 @@ def git_commit() -> str | None:
     """The commit of the hmtconv checkout (with ``+dirty`` if modified), or None outside one (an
     installed hmtconv inside the user's own repository is not that repository's code)."""
     root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip()
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
+        top, commit = git("rev-parse", "--show-toplevel", "HEAD").splitlines()
         if Path(top).resolve() != root:
             return None
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError, ValueError):  # (ValueError: not the two lines asked for)
         return None
     return commit + ("+dirty" if dirty else "")
 
