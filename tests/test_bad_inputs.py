@@ -513,8 +513,10 @@ def test_unexpected_library_errors_are_one_line_but_bugs_keep_their_traceback(mo
                                                                "by hmtconv.convert(), got object\n")
 
 
-def test_one_relu_module_at_two_sizes_in_an_untraceable_model_is_named():
-    """Module swapping gives a ReLU module called twice one site: at two sizes it cannot observe."""
+def test_one_relu_module_at_two_sizes_in_an_untraceable_model():
+    """Module swapping gives each call of a ReLU module that the example batch shows a site of its
+    own (convert passes the first calibration batch); prepared without an example, the calls share
+    one site, which cannot observe two sizes: named."""
     class TwoSizes(ConvHead):
         def __init__(self):
             super().__init__()
@@ -524,9 +526,11 @@ def test_one_relu_module_at_two_sizes_in_an_untraceable_model_is_named():
             h = self.relu(self.conv(x)) if x.mean() > -100 else x  # a branch on values: fx cannot trace
             return self.fc(self.relu(h.mean((2, 3))))
 
+    snn = hc.convert(TwoSizes().eval(), images())
+    assert not snn.report.traced and list(snn.sites()) == ["relu.0", "relu.1"]
     with pytest.raises(ValueError, match=r"relu saw per-sample shape \(4,\) after \(4, 8, 8\): .* a module of "
                                          r"its own"):
-        hc.convert(TwoSizes().eval(), images())
+        hc.calibrate(hc.prepare(TwoSizes().eval()), images())
 
 
 @pytest.mark.parametrize("argv, text", [(["--T", "0"], "--T must be at least 1"),

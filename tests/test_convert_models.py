@@ -181,13 +181,25 @@ def test_the_fallback_reports_products_of_spike_trains(combine, found):
     assert snn.report.unconverted == ([] if found is None else [("<root>", found)])
 
 
-def test_the_fallback_compares_a_site_called_twice_call_by_call():
+class Traceable(Untraceable):
+    def forward(self, x):
+        return self.fc2(self.act(self.act(self.fc1(x)) - 0.1))
+
+
+def test_the_fallback_gives_each_call_of_a_relu_module_a_site_as_tracing_does():
+    """Module swapping: the ReLU module called twice gets a site per call (``act.0``, ``act.1``),
+    with the thresholds the traced twin of the model gets at its two call sites."""
     torch.manual_seed(0)
     model, data = Untraceable(shared=True).eval(), loader((6,), classes=3)
     snn = hc.convert(model, data, n=8, T=32, policy="max")
-    assert not snn.report.traced and list(snn.sites()) == ["act"]
-    result = hc.evaluate(snn, data, ann=model)  # the diagnostics pair each call with its own ANN output
-    assert 0 <= result.per_layer[0].mean_abs_error < 0.05
+    assert not snn.report.traced and list(snn.sites()) == ["act.0", "act.1"]
+    twin = Traceable(shared=True).eval()
+    twin.load_state_dict(model.state_dict())
+    traced = hc.convert(twin, data, n=8, T=32, policy="max")
+    assert traced.report.traced
+    assert [s.neuron.lam for s in snn.sites().values()] == [s.neuron.lam for s in traced.sites().values()]
+    result = hc.evaluate(snn, data, ann=model)
+    assert len(result.per_layer) == 2 and all(0 <= layer.mean_abs_error < 0.05 for layer in result.per_layer)
 
 
 @pytest.mark.parametrize("dtype,kernels", [(torch.float64, "1"), (torch.float32, "0")])
@@ -228,6 +240,37 @@ class BranchOnValues(nn.Module):
         h = self.fc1(x)
         r = self.relu_b(h) * 2 if x.amax() > 100 else self.relu(h)
         return self.fc2(r + h)  # (after the in-place ReLU, h is r)
+
+
+class UntraceableBottleneck(nn.Module):
+    """torchvision's Bottleneck (``self.relu`` called at 4, 4 and 16 channels) behind a branch on values."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.resnet import Bottleneck
+        self.stem, self.block, self.fc = nn.Conv2d(3, 16, 3, padding=1), Bottleneck(16, 4), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.block(self.stem(x))
+        if h.isnan().any():
+            raise ValueError("NaN")
+        return self.fc(h.mean((2, 3)))
+
+
+def test_the_fallback_converts_a_relu_module_called_at_several_sizes():
+    torch.manual_seed(0)
+    model, data = UntraceableBottleneck().eval(), loader((3, 8, 8), classes=5)
+    snn = hc.convert(model, data, n=8, T=32, policy="max")
+    assert not snn.report.traced and list(snn.sites()) == ["block.relu.0", "block.relu.1", "block.relu.2"]
+    x = data[0][0]
+    with torch.no_grad():
+        reference = model(x)
+        assert torch.equal(snn.ann_forward(x), reference)
+        assert (snn(x).mean(0) - reference).abs().max() < 0.02 * reference.abs().max()
+    relu = snn.net.block.relu
+    snn.net.block.forward = lambda h: relu(relu(relu(relu(h))))  # (more calls than prepared)
+    with pytest.raises(RuntimeError, match="block.relu is called more than the 3 times per forward"):
+        snn(x)
 
 
 def test_the_fallback_keeps_in_place_writes_and_the_relus_calibration_did_not_reach():

@@ -192,7 +192,8 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     try:
         (prepared, sized), traced, trace_error = prepare_graph(model, identity, histogram, example), True, None
     except NotTraceable as error:  # swap modules instead (fallback.py)
-        prepared, sized, traced, trace_error = prepare_modules(model, identity, histogram), False, False, str(error)
+        prepared, sized, traced, trace_error = (prepare_modules(model, identity, histogram, example), False, False,
+                                                str(error))
     swap_faster_layers(prepared)
     if hooks:
         _warn_hooks(hooks, {name for name, m in prepared.named_modules() if hooked(m)})

@@ -1,13 +1,17 @@
 """Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
 
 Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites (a ReLU module
-called twice shares one neuron and one set of statistics; 3-d activations at them are taken as
-tokens ``[B, N, C]``), max pooling stays after its neuron (compensated), and
+the example batch calls several times gets a site per call, :class:`CallSites`, as a traced graph
+gives each call site a module; without an example its calls share one; 3-d activations at them are
+taken as tokens ``[B, N, C]``), max pooling stays after its neuron (compensated), and
 functional activations stay float. :func:`unconverted.find_unconverted` reports those, products
 of two spike trains and reductions over the batch dim by running a calibration batch.
 """
 from __future__ import annotations
 
+from collections import Counter
+
+import torch
 from torch import nn
 
 from .energy import SYNAPTIC
@@ -31,13 +35,61 @@ class InputSite(nn.Sequential):
             return getattr(layers[1], name)
 
 
-def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None) -> nn.Module:
+class CallSites(nn.ModuleList):
+    """The sites of a ReLU module that the forward calls several times (torchvision's Bottleneck
+    reuses ``self.relu`` at three sizes): call i of a forward goes to site i (the model's pre-hook
+    :func:`restart_calls` counts from 0 at each forward)."""
+
+    def __init__(self, sites: list[nn.Module], name: str):
+        super().__init__(sites)
+        self.name, self.calls = name, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calls == len(self):
+            raise RuntimeError(f"{self.name} is called more than the {len(self)} times per forward of the example "
+                               f"batch it was prepared with (a model fx cannot trace: a site per call); prepare "
+                               f"with example_inputs that take every branch, or make the model traceable")
+        self.calls += 1
+        return self[self.calls - 1](x)
+
+
+def restart_calls(model: nn.Module, args) -> None:
+    for module in model.modules():
+        if isinstance(module, CallSites):
+            module.calls = 0
+
+
+def calls_per_module(model: nn.Module, example: torch.Tensor | None) -> Counter:
+    """How often the forward calls each ReLU module on ``example`` (none counted without one, or
+    where the model fails on it: calibration will say why)."""
+    calls: Counter = Counter()
+    if example is None:
+        return calls
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: calls.update([name]))
+             for name, module in model.named_modules() if is_relu(module)]
+    try:
+        with torch.no_grad():
+            model(example.clone())  # (a clone: an in-place op on the input would write the caller's batch)
+    except Exception:
+        calls.clear()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None,
+                    example: torch.Tensor | None = None) -> nn.Module:
+    calls = calls_per_module(model, example)
     for name, module in list(model.named_modules()):
         if is_relu(module):
-            model.set_submodule(name, ObservedActivation(False, hist, ceiling=ceiling_of(module),
-                                                         in_place=module.inplace))
+            sites = [ObservedActivation(False, hist, ceiling=ceiling_of(module), in_place=module.inplace)
+                     for _ in range(max(calls[name], 1))]
+            model.set_submodule(name, sites[0] if len(sites) == 1 else CallSites(sites, name))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
             model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))
+    if any(isinstance(module, CallSites) for module in model.modules()):
+        model.register_forward_pre_hook(restart_calls)
     return model
 
 
