@@ -222,8 +222,10 @@ def _warn_hooks(hooks: list[str], kept: set[str]) -> None:
     said = [f"forward hooks on {listed(copied)} are copied with the model: they see calibration batches and the "
             f"SNN's [T*B, ...] activations (a hooked BatchNorm is not folded)"] if copied else []
     if dropped:
-        said.append(f"forward hooks on {listed(dropped)} are dropped (the model itself and blocks the trace runs "
-                    f"through, and the ReLU, attention and max-pooling modules the conversion replaces)")
+        said.append(f"forward hooks on {listed(dropped)} do not run as hooks: on the model itself and the blocks the "
+                    f"trace runs through they were traced into the graph (what they compute into the outputs kept), "
+                    f"or dropped where that failed; on the ReLU, attention and max-pooling modules the conversion "
+                    f"replaces, dropped")
     warnings.warn("; ".join(said), stacklevel=3)
 
 

@@ -1,15 +1,16 @@
 """Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
 
 Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites (a ReLU module
-the example batch calls several times gets a site per call, :class:`CallSites`, as a traced graph
-gives each call site a module; without an example its calls share one; 3-d activations at them are
-taken as tokens ``[B, N, C]``), max pooling stays after its neuron (compensated), and
+the example batch calls at several sizes gets a site per call, :class:`CallSites`, as a traced
+graph gives each call site a module; calls at one size share a site, which keeps the number of
+calls free to depend on the data; 3-d activations at them are taken as tokens ``[B, N, C]``), max
+pooling stays after its neuron (compensated), and
 functional activations stay float. :func:`unconverted.find_unconverted` reports those, products
 of two spike trains and reductions over the batch dim by running a calibration batch.
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -36,9 +37,9 @@ class InputSite(nn.Sequential):
 
 
 class CallSites(nn.ModuleList):
-    """The sites of a ReLU module that the forward calls several times (torchvision's Bottleneck
-    reuses ``self.relu`` at three sizes): call i of a forward goes to site i (the model's pre-hook
-    :func:`restart_calls` counts from 0 at each forward)."""
+    """The sites of a ReLU module that the forward calls at several sizes (torchvision's Bottleneck
+    reuses ``self.relu`` at 4 and 16 channels): call i of a forward goes to site i (the model's
+    pre-hook :func:`restart_calls` counts from 0 at each forward)."""
 
     def __init__(self, sites: list[nn.Module], name: str):
         super().__init__(sites)
@@ -47,8 +48,9 @@ class CallSites(nn.ModuleList):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calls == len(self):
             raise RuntimeError(f"{self.name} is called more than the {len(self)} times per forward of the example "
-                               f"batch it was prepared with (a model fx cannot trace: a site per call); prepare "
-                               f"with example_inputs that take every branch, or make the model traceable")
+                               f"batch it was prepared with (a model fx cannot trace, calling it at several sizes: "
+                               f"a site per call); prepare with example_inputs that take every branch, or make "
+                               f"the model traceable")
         self.calls += 1
         return self[self.calls - 1](x)
 
@@ -59,32 +61,33 @@ def restart_calls(model: nn.Module, args) -> None:
             module.calls = 0
 
 
-def calls_per_module(model: nn.Module, example: torch.Tensor | None) -> Counter:
-    """How often the forward calls each ReLU module on ``example`` (none counted without one, or
-    where the model fails on it: calibration will say why)."""
-    calls: Counter = Counter()
+def call_sizes(model: nn.Module, example: torch.Tensor | None) -> dict[str, list[tuple[int, ...]]]:
+    """The per-sample input shape of each call the forward makes of each ReLU module on
+    ``example`` (none without one, or where the model fails on it: calibration will say why)."""
+    sizes: dict[str, list[tuple[int, ...]]] = defaultdict(list)
     if example is None:
-        return calls
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: calls.update([name]))
+        return sizes
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: sizes[name].append(tuple(args[0].shape[1:])))
              for name, module in model.named_modules() if is_relu(module)]
     try:
         with torch.no_grad():
             model(example.clone())  # (a clone: an in-place op on the input would write the caller's batch)
     except Exception:
-        calls.clear()
+        sizes.clear()
     finally:
         for hook in hooks:
             hook.remove()
-    return calls
+    return sizes
 
 
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None,
                     example: torch.Tensor | None = None) -> nn.Module:
-    calls = calls_per_module(model, example)
+    sizes = call_sizes(model, example)
     for name, module in list(model.named_modules()):
         if is_relu(module):
+            calls = len(sizes[name]) if len(set(sizes[name])) > 1 else 1
             sites = [ObservedActivation(False, hist, ceiling=ceiling_of(module), in_place=module.inplace)
-                     for _ in range(max(calls[name], 1))]
+                     for _ in range(calls)]
             model.set_submodule(name, sites[0] if len(sites) == 1 else CallSites(sites, name))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
             model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))

@@ -9,7 +9,7 @@
    ReLU module reused twice (torchvision's BasicBlock) gets two neurons; ``x[key] = v`` becomes a new tensor
    (:func:`functional.assign`) that later readers of ``x`` read; splits
    ``F.scaled_dot_product_attention`` into its matmuls and softmax (timm's ViTs), drops
-   eval-mode ``stochastic_depth`` (an identity then), and views and means nothing reads;
+   eval-mode ``stochastic_depth`` (an identity then), and calls nothing reads that write nothing;
 3. :func:`move_max_pools` rewrites ``relu -> maxpool`` into ``maxpool -> relu`` (max commutes with
    the monotone ReLU), the paper's reordering; with ``identity="maxpool"`` a y = x site is put
    where the ReLU was (``-> identity -> maxpool -> relu``, the "16^{y=x}" column);
@@ -33,6 +33,7 @@ from torchvision.ops import stochastic_depth
 from .attention import Einsum, MatMul
 from .energy import SYNAPTIC
 from .functional import FUNCTIONAL, RELU_TARGETS, arg, assign, batch_norm, decompose_sdpa, functional_call, scope
+from .inplace import in_place
 from .layout import made_channels_first, read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, is_relu
@@ -86,10 +87,6 @@ VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t",
          torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select}
 
 
-# Calls without side effects that a forward may leave unread.
-UNREAD_DROPPABLE = VIEWS | {"mean", torch.mean}
-
-
 class LostWrite(ValueError):
     """An in-place write the SNN cannot keep (module swapping could not either: not a fallback)."""
 
@@ -131,8 +128,10 @@ def normalize(gm: fx.GraphModule) -> None:
             _reroute_inplace(gm, node, written)
         target = node.target
         if node.op == "call_module" and getattr(gm.get_submodule(target), "inplace", None) is True:
-            # nn.ReLU(inplace=True), nn.SiLU(inplace=True), ...: every call out of place, rerouted below
+            # nn.ReLU(inplace=True), nn.SiLU(inplace=True), ...: every call out of place, rerouted below; a
+            # copy (the module is the model's too, which module swapping takes if normalize fails)
             writers.add(target)
+            gm.set_submodule(target, copy.copy(gm.get_submodule(target)))
             gm.get_submodule(target).inplace = False
         if node.op == "call_module" and is_relu(gm.get_submodule(target)):
             inplace = target in writers
@@ -184,11 +183,16 @@ def normalize(gm: fx.GraphModule) -> None:
 
 
 def _drop_unread(gm: fx.GraphModule) -> None:
-    """Views and means nothing reads (``nn.MultiheadAttention``'s averaged weights, which ``o, _ =
-    mha(x, x, x)`` ignores) go: a second reader of the softmax would keep its neuron from writing
-    in place and from taking running means (build.py)."""
+    """Calls whose results nothing reads go, unless they write (``x.add_(1)``, ``torch._assert``):
+    ``nn.MultiheadAttention``'s averaged weights that ``o, _ = mha(x, x, x)`` ignores (a second
+    reader of the softmax would keep its neuron from writing in place and from taking running
+    means, build.py), a hook's ``out.mean().item()`` traced with its block (a reduction over the
+    batch dim the SNN could not keep)."""
     for node in reversed(list(gm.graph.nodes)):
-        if not node.users and node.op in ("call_function", "call_method") and node.target in UNREAD_DROPPABLE:
+        if node.users or node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if not (in_place(name) or node.op == "call_function" and node.is_impure()):
             gm.graph.erase_node(node)
 
 

@@ -53,6 +53,8 @@ class ObservedActivation(nn.Module):
     its input, as the ``nn.ReLU(inplace=True)`` it replaces did (module swapping, fallback.py;
     in a traced graph later readers of the input are rerouted instead, graph.normalize)."""
 
+    in_place = False  # (a class default too: sites pickled before it existed)
+
     def __init__(self, signed: bool, hist: HistogramConfig | None = HistogramConfig(), channels_first: bool = False,
                  ceiling: float | None = None, in_place: bool = False):
         super().__init__()
@@ -84,6 +86,7 @@ class SpikingActivation(TimeAware, KeepsDtype):
     """
 
     KEEP_DTYPE = ("fanout",)  # synapse counts
+    in_place = False  # (as ObservedActivation's)
 
     def __init__(self, neuron: MultiLevelNeuron, ceiling: float | None = None, in_place: bool = False):
         super().__init__()

@@ -148,7 +148,7 @@ class SNN(KeepsDtype):
         steps = self.config.T if T is None else check_steps(T)  # (0 failed deep inside: division by zero)
         self._set_steps(steps)
         if not self.report.traced:  # module-swapped model: no static prefix, every op sees T*B rows
-            x = x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)
+            x = x.repeat(steps, *[1] * (x.dim() - 1))  # (a copy: an in-place first op writes over it)
         y = self.net(x)
         return unfold(y, steps) if self.output_temporal else y.unsqueeze(0).expand(steps, *y.shape)
 

@@ -203,18 +203,30 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.Gra
     arguments of ``forward`` (timm's ``attn_mask=None, is_causal=False``) are fixed at their defaults."""
     optional = list(inspect.signature(model.forward).parameters.values())[1:]
     defaults = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty} or None
-    with _hooks_set_aside(model):
-        try:
-            graph, sized = Tracer().trace(model, concrete_args=defaults), False
-        except Exception as error:  # the model's code run on proxies may raise anything
-            if example is None:
-                raise NotTraceable(f"{type(error).__name__}: {error}") from error
-            try:
-                graph, sized = SizedTracer(example).trace(model, concrete_args=defaults), True
-            except Exception as sized_error:
-                raise NotTraceable(f"{type(error).__name__}: {error}; at the example's image size: "
-                                   f"{type(sized_error).__name__}: {sized_error}") from sized_error
+    try:
+        graph, sized = _trace(model, example, defaults)
+    except NotTraceable:
+        # fx runs the hooks of the modules it traces through on proxies: one that changes a block's
+        # output joins the graph, but one that reads values (a logger's out.mean().item()) fails
+        # the trace. Without them, then (the graph keeps the hooks of its leaves only).
+        with _hooks_set_aside(model) as aside:
+            if not aside:
+                raise
+            graph, sized = _trace(model, example, defaults)
     return fx.GraphModule(model, graph, class_name=type(model).__name__), sized
+
+
+def _trace(model: nn.Module, example: torch.Tensor | None, defaults: dict | None) -> tuple[fx.Graph, bool]:
+    try:
+        return Tracer().trace(model, concrete_args=defaults), False
+    except Exception as error:  # the model's code run on proxies may raise anything
+        if example is None:
+            raise NotTraceable(f"{type(error).__name__}: {error}") from error
+        try:
+            return SizedTracer(example).trace(model, concrete_args=defaults), True
+        except Exception as sized_error:
+            raise NotTraceable(f"{type(error).__name__}: {error}; at the example's image size: "
+                               f"{type(sized_error).__name__}: {sized_error}") from sized_error
 
 
 def hooked(module: nn.Module) -> bool:
@@ -224,9 +236,8 @@ def hooked(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def _hooks_set_aside(model: nn.Module):
-    """fx would run the hooks of the modules it traces through on proxies, putting their ops (a
-    logger's ``out.mean()``) into the graph, which keeps the hooks of its leaves only: the others
-    are set aside while tracing (and kept where module swapping follows)."""
+    """The hooks of the modules fx traces through, set aside for a ``with`` block (and back after
+    it: module swapping, should it follow, runs them); yields whether there were any."""
     tracer = Tracer()
     aside = [(m, dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()
              if hooked(m) and not tracer.is_leaf_module(m, name)]
@@ -234,7 +245,7 @@ def _hooks_set_aside(model: nn.Module):
         module._forward_pre_hooks.clear()
         module._forward_hooks.clear()
     try:
-        yield
+        yield bool(aside)
     finally:
         for module, pre, post in aside:
             module._forward_pre_hooks.update(pre)
