@@ -200,7 +200,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="anything hmtconv's --model accepts")
     parser.add_argument("--limit", type=int, default=2000, help="first test images to evaluate on")
-    parser.add_argument("--calib-size", type=int, default=1024, help="training images to calibrate on (a random subset, seed 0)")
+    parser.add_argument("--calib-size", type=int, default=1024,
+                        help="training images to calibrate on (a random subset, seed 0)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
@@ -245,7 +246,8 @@ def main():
     for T in STEPS[:-1]:  # "opt" thresholds depend on T: one conversion per T, read at t = T
         rows[-1][3][T] = hmtconv_run(hmtconv.convert(prepared, n=4, T=T, policy="opt"), test)[T - 1]
 
-    print(f"{work.source}: first {work.eval_images} test images, {args.calib_size} training images (random, seed 0) for "
+    print(f"{work.source}: first {work.eval_images} test images, {args.calib_size} training images (random, "
+          f"seed 0) for "
           f"calibration, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print("| converter | neuron | threshold | " + " | ".join(f"T={t}" for t in STEPS) + " | ms per sample (32 steps) |")
     print("|---" * (4 + len(STEPS)) + "|")

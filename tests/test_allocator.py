@@ -39,7 +39,8 @@ print(json.dumps({"default": default, "kept": keep_freed_memory(), "after": faul
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-@pytest.mark.skipif((THP.exists() and "[always]" in THP.read_text()) or any(k.startswith("MALLOC_") for k in os.environ),
+@pytest.mark.skipif((THP.exists() and "[always]" in THP.read_text())
+                    or any(k.startswith("MALLOC_") for k in os.environ),
                     reason="counts 4 KiB page faults under glibc's default malloc settings (huge pages or MALLOC_* "
                            "variables change them)")
 def test_freed_tensors_come_back_without_page_faults():

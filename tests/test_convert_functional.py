@@ -120,7 +120,8 @@ class MaskedAttention(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.embed, self.attn, self.head = nn.Linear(6, 6), nn.MultiheadAttention(6, 2, batch_first=True), nn.Linear(6, 3)
+        self.embed, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
         self.register_buffer("mask", torch.rand(5, 5) < 0.3)
         self.mask.fill_diagonal_(False)  # (every query attends to itself: no row all masked)
         self.register_buffer("padding", torch.tensor([False, False, False, True, False]))

@@ -688,7 +688,8 @@ class InPlaceOnTheInput(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.relu, self.fc, self.relu2, self.head = nn.ReLU(inplace=True), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4)
+        self.relu, self.relu2 = nn.ReLU(inplace=True), nn.ReLU()
+        self.fc, self.head = nn.Linear(12, 16), nn.Linear(16, 4)
 
     def forward(self, x):
         h = self.relu(x.flatten(1))

@@ -69,6 +69,8 @@ def call_sizes(model: nn.Module, example: torch.Tensor | None) -> dict[str, list
         return sizes
     hooks = [module.register_forward_pre_hook(lambda m, args, name=name: sizes[name].append(tuple(args[0].shape[1:])))
              for name, module in model.named_modules() if is_relu(module)]
+    if not hooks:  # (no ReLU module: nothing to count, no forward to run)
+        return sizes
     try:
         with torch.no_grad():
             model(example.clone())  # (a clone: an in-place op on the input would write the caller's batch)
