@@ -151,6 +151,23 @@ def test_untraceable_model_falls_back_and_reports_unconverted(activation, name):
     assert result.energy_ratio is result.synops_cumulative is result.macs is None  # no graph, no counts
 
 
+@pytest.mark.parametrize("activation,names", [
+    (lambda h: torch.maximum(h, torch.zeros_like(h)), ["maximum"]),
+    (lambda h: torch.where(h > 0.5, h, 0.1 * h), ["gt", "where with a mask computed from spikes"]),
+    (lambda h: h - h.std(1, keepdim=True), ["std"]),
+    (lambda h: h / h.amax(), ["amax", "div by a spike train"]),  # a 0-d result that reaches the output
+    (lambda h: h.sort(1).values, ["sort"]),
+    (lambda h: h if torch.isfinite(h).all() else h, []),  # a check: its result reaches no output
+])
+def test_the_fallback_reports_every_op_that_is_not_linear_on_spikes(activation, names):
+    """Module swapping reports what is not linear (linear_ops.py, as the traced path decides), not
+    a list of known activations: torch.maximum, comparisons, sort... went unreported."""
+    torch.manual_seed(0)
+    model, data = Untraceable(activation=activation).eval(), loader((6,), classes=3)
+    snn = hc.convert(model, data, n=4, T=4, policy="max")
+    assert not snn.report.traced and snn.report.unconverted == [("<root>", name) for name in names]
+
+
 class TwoSites(Untraceable):
     """Untraceable with a second ReLU module whose output meets the first's in ``combine(h, g)``."""
 

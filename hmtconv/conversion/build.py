@@ -17,52 +17,25 @@ import operator
 
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..device import placement
-from .attention import MatMul, add_attention_mask
+from .attention import MatMul
 from .batch_dim import check_batch_first, check_batch_kept, is_to_time, keep_batch_in_squeezes, reads_spikes
 from .compensated import COMPENSATED, Compensated, Divide, Multiply, Power
-from .energy import REARRANGING, SYNAPTIC, count_operations
+from .energy import SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import arg, assign, scope
 from .graph import VIEWS, add_child, reads_input, swap_for_module
 from .inplace import in_place
+from .linear_ops import (ADD_PRODUCT, MASKING, SCALING, STRUCTURAL_FUNCTIONS, STRUCTURAL_METHODS,
+                         STRUCTURAL_MODULES)
 from .multistep import ToTime, insert_time_expansion, is_tensor
 from .policies import NeuronSpec, compute_lams, policy_for_site, unused_patterns
 from .sites import ObservedActivation, SpikingActivation, make_neuron
 from .snn import SNN, ConversionConfig, ConversionReport
 from .swapped_batch import check_module_swapped
-from .windows import STRUCTURAL as WINDOW_REARRANGEMENTS
-
-# Ops that act the same on each row of the time-folded batch and are linear (or structural).
-STRUCTURAL_MODULES = (*SYNAPTIC, *BATCHNORMS, nn.AvgPool1d, nn.AvgPool2d,
-                      nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten,
-                      nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
-                      SpikingActivation, ToTime, *REARRANGING)
-STRUCTURAL_FUNCTIONS = {operator.add, operator.sub, operator.neg,
-                        operator.getitem, getattr, torch.add, torch.sub, torch.cat, torch.flatten,
-                        torch.reshape, torch.transpose, torch.t, torch.adjoint, torch.permute, torch.squeeze,
-                        torch.unsqueeze, torch.swapaxes, torch.swapdims, torch.movedim,
-                        torch.chunk, torch.split, torch.unbind, torch.mean, torch.sum, torch._assert,
-                        F.dropout, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-                        F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pad, torch.stack, torch.roll, torch.narrow,
-                        torch.select, torch.index_select, torch.tile, torch.detach,
-                        torch.flip, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.repeat_interleave,
-                        F.unfold, F.fold, assign, torch.cumsum,
-                        *WINDOW_REARRANGEMENTS}
-STRUCTURAL_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "adjoint",
-                      "contiguous", "size", "dim", "squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "add",
-                      "add_", "sub", "sub_", "neg", "clone", "to", "type_as", "float", "mean", "sum",
-                      "swapaxes", "swapdims", "movedim", "reshape_as", "view_as", "expand_as", "roll", "flip",
-                      "repeat_interleave", "unfold", "narrow", "select", "index_select", "repeat", "tile", "detach",
-                      "cumsum"}
-# Linear only when at most one operand varies over time (scaling by a constant or a static tensor).
-SCALING = {operator.mul, operator.truediv, torch.mul, torch.div,
-           "mul", "mul_", "div", "div_", torch.einsum, torch.addcmul, "addcmul"}
-ADD_PRODUCT = {torch.addcmul, "addcmul"}  # input + value * tensor1 * tensor2: a product of its 2nd and 3rd arguments
 
 
 def _binary(op: type):
@@ -89,8 +62,6 @@ def _power(node: fx.Node, varying: list[bool]) -> nn.Module | None:
 ELEMENTWISE = {operator.mul: _binary(Multiply), torch.mul: _binary(Multiply), "mul": _binary(Multiply),
                operator.truediv: _quotient, torch.div: _quotient, "div": _quotient,
                operator.pow: _power, torch.pow: _power, "pow": _power, torch.square: _power, "square": _power}
-# Linear in their other arguments as long as the mask (the argument at this index) does not vary over time.
-MASKING = {add_attention_mask: 1, "masked_fill": 1, torch.where: 0, "where": 1}
 
 
 def swap_sites(net: nn.Module, config: ConversionConfig) -> None:

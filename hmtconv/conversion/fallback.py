@@ -5,8 +5,9 @@ the example batch calls at several sizes gets a site per call, :class:`CallSites
 graph gives each call site a module; calls at one size share a site, which keeps the number of
 calls free to depend on the data; 3-d activations at them are taken as tokens ``[B, N, C]``), max
 pooling stays after its neuron (compensated), and
-functional activations stay float. :func:`unconverted.find_unconverted` reports those, products
-of two spike trains and reductions over the batch dim by running a calibration batch.
+functional activations stay float. :func:`unconverted.find_unconverted` reports those (every op on
+spikes that is not linear), products of two spike trains and reductions over the batch dim by
+running a calibration batch.
 """
 from __future__ import annotations
 

@@ -1,21 +1,24 @@
 """What a module-swapped model (fallback.py) leaves wrong on spikes, found by running it.
 
 :func:`find_unconverted` runs a calibration batch with every torch call seen (a
-``TorchFunctionMode``) and the tensors computed from the sites' outputs followed through them,
-and names the calls outside the sites and compensable modules that take such tensors and that
-the SNN would get wrong, since every op there runs on each step's ``[T*B, ...]`` rows alike:
+``TorchFunctionMode``), follows the tensors computed from the sites' outputs through them, and
+names the calls outside the sites and compensable modules that take such tensors, that the SNN
+gets wrong (every op there runs on each step's ``[T*B, ...]`` rows alike, so only an op linear in
+its spiking inputs gives the mean of the steps), and whose results reach the model's output:
 
-- nonlinear functions (ReLUs, clamps, max pooling...: what the traced path makes a neuron or a
-  compensated module of), which run in float on each step's spikes;
+- every call that is not linear or structural (linear_ops.py: what the traced path passes as it
+  is): ReLUs, clamps, max pooling, comparisons, ``torch.maximum``, sorting..., run in float on
+  each step's spikes;
 - products and quotients of two such tensors (``a * b``, ``a @ b`` of two neurons' outputs): the
-  mean of a product of spike trains is not the product of their means.
+  mean of a product of spike trains is not the product of their means; masks computed from them.
 
-(What would mix the steps folded into the batch dim, a reduction over it, is an error instead:
-swapped_batch.py.)
+A call whose result reaches no output (a check, ``if h.max() > 0``, a logger) is not named: what
+the traced path refuses, a module-swapped model may do outside its outputs. (What would mix the
+steps folded into the batch dim, a reduction over it, is an error instead: swapped_batch.py.)
 """
 from __future__ import annotations
 
-import operator
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -25,76 +28,97 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .compensated import COMPENSATED
-from .functional import FUNCTIONAL, IN_PLACE_FUNCTIONS
+from .graph import SHAPE_ONLY
+from .linear_ops import STRUCTURAL_FUNCTIONS, STRUCTURAL_METHODS
 from .sites import ObservedActivation
 
-LINEAR_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-                F.conv_transpose3d)
 Tensor = torch.Tensor
 # Linear in each operand alone: wrong only where two operands come from spikes.
-PRODUCTS = {torch.mul: "mul", Tensor.mul: "mul", Tensor.mul_: "mul_", Tensor.__mul__: "mul", Tensor.__rmul__: "mul",
-            Tensor.__imul__: "mul", torch.matmul: "matmul", Tensor.matmul: "matmul", Tensor.__matmul__: "matmul",
-            Tensor.__rmatmul__: "matmul", torch.bmm: "bmm", Tensor.bmm: "bmm", torch.einsum: "einsum"}
+PRODUCTS = {torch.mul: "mul", Tensor.mul: "mul", Tensor.mul_: "mul_", torch.matmul: "matmul", Tensor.matmul: "matmul",
+            Tensor.__rmatmul__: "matmul", torch.bmm: "bmm", Tensor.bmm: "bmm", torch.mm: "mm", Tensor.mm: "mm",
+            torch.einsum: "einsum", F.linear: "linear"}
 # Linear in the dividend: wrong where the divisor comes from spikes.
-QUOTIENTS = {torch.div: "div", Tensor.div: "div", Tensor.div_: "div_", Tensor.__truediv__: "div",
-             Tensor.__itruediv__: "div"}
+QUOTIENTS = {torch.div: "div", Tensor.div: "div", Tensor.div_: "div_"}
+# Linear in the other arguments while the mask (the argument at this index) comes from no spikes.
+MASKS = {torch.where: 0, Tensor.where: 1, Tensor.masked_fill: 1, Tensor.masked_fill_: 1}
+LINEAR_FUNCTIONS = {*STRUCTURAL_FUNCTIONS, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                    F.conv_transpose3d, F.batch_norm, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                    F.feature_alpha_dropout}
+# (Tensor methods by name, as fx records them; the mode sees ``x + y`` as ``add``, ``2 - x`` as ``__rsub__``)
+LINEAR_METHODS = {*STRUCTURAL_METHODS, "__getitem__", "__setitem__", "__rsub__", "double", "half", "bfloat16", "cpu",
+                  "cuda"}
 
 
-def _watched() -> dict:
-    """The nonlinear calls to report (as a TorchFunctionMode sees them) and their names: ReLUs,
-    attention, and every other call graph.normalize makes a neuron or a compensated module of
-    (max pooling, clamps, F.hardtanh...), methods by name, in place too; products apart."""
-    watched = {torch.relu_: "relu_", torch.Tensor.relu_: "relu_",
-               F.scaled_dot_product_attention: "scaled_dot_product_attention"}
-    for call in (*FUNCTIONAL, *IN_PLACE_FUNCTIONS, F.relu, torch.relu, "relu"):
-        if isinstance(call, str):  # a method, and its in-place form
-            funcs = [getattr(torch.Tensor, name) for name in (call, call + "_") if hasattr(torch.Tensor, name)]
-        else:
-            funcs = [] if call in LINEAR_CALLS or call is operator.matmul else [call]
-        for func in funcs:
-            if func not in PRODUCTS:
-                watched.setdefault(func, func.__name__)
-    return watched
+def _method(func) -> str | None:
+    """The name of the Tensor method ``func`` is, or None."""
+    name = getattr(func, "__name__", None)
+    return name if name is not None and getattr(Tensor, name, None) is func else None
 
 
-WATCHED = _watched()
+def _is_linear(func) -> bool:
+    """Structural or linear in its tensor inputs (a property's getter: ``x.shape``, ``x.T``)."""
+    return func in LINEAR_FUNCTIONS or _method(func) in LINEAR_METHODS or getattr(func, "__name__", None) == "__get__"
+
+
+def _tensors(value) -> list[Tensor]:
+    """The tensors in a call's or a model's output (tuples, lists, dicts, Hugging Face's outputs)."""
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    return [t for t in tree_leaves(value) if isinstance(t, Tensor)]
 
 
 class _Recorder(TorchFunctionMode):
-    """Follows the tensors computed from the sites' outputs (``spiky``) through every call, and
-    adds to ``found`` the calls outside handled modules that the SNN gets wrong on them."""
+    """Follows the tensors computed from the sites' outputs (``spiky``: tensor -> the calls wrong on
+    spikes that it was computed through) through every call; ``stack`` names the module running."""
 
-    def __init__(self, stack: list[str | None], spiky: WeakIdKeyDictionary, found: set[tuple[str, str]]):
+    def __init__(self, stack: list[str | None], spiky: WeakIdKeyDictionary):
         super().__init__()
-        self.stack, self.spiky, self.found = stack, spiky, found
+        self.stack, self.spiky = stack, spiky
+
+    def taint(self, values) -> frozenset | None:
+        """The wrong calls behind the spiking tensors in ``values`` (None: no spiking tensor)."""
+        found = [self.spiky[t] for t in tree_leaves(values) if isinstance(t, Tensor) and t in self.spiky]
+        return frozenset().union(*found) if found else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not any(isinstance(a, torch.Tensor) and a in self.spiky for a in tree_leaves((args, kwargs))):
-            return out
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self.spiky[tensor] = True
+        found = self.taint((args, kwargs))
+        if found is None or func in SHAPE_ONLY or _method(func) in SHAPE_ONLY:
+            return out  # nothing from spikes in (or only their size: ``zeros_like``)
         owner = self.stack[-1] if self.stack else None
-        if owner is None:
-            return out
-        name = WATCHED.get(func) or PRODUCTS.get(func) or QUOTIENTS.get(func)
-        if func in PRODUCTS and sum(isinstance(a, torch.Tensor) and a in self.spiky for a in tree_leaves(args)) > 1:
-            self.found.add((owner, f"{name} of two spike trains"))
-        elif func in QUOTIENTS and len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1] in self.spiky:
-            self.found.add((owner, f"{name} by a spike train"))
-        elif func in WATCHED and not (isinstance(out, torch.Tensor) and out.dim() == 0):
-            self.found.add((owner, name))  # (a 0-d result is a number for Python, ``if h.max() > 0``)
+        wrong = None if owner is None else self._wrong(func, args)
+        if wrong is not None:
+            found = found | {(owner, wrong)}
+        method = _method(func) or ""
+        writes = method == "__setitem__" or method.endswith("_") and not method.endswith("__")
+        written = [args[0]] if writes and isinstance(args[0], Tensor) else []  # (``x[i] = v`` returns None)
+        for tensor in (*_tensors(out), *written):
+            self.spiky[tensor] = found
         return out
+
+    def _wrong(self, func, args: tuple) -> str | None:
+        """What this call on spikes gets wrong (its name), or None where it is linear in them."""
+        spiking = [isinstance(a, Tensor) and a in self.spiky for a in args]
+        if func in PRODUCTS:
+            factors = spiking[:2] if func is F.linear else spiking  # (linear's bias is added)
+            return f"{PRODUCTS[func]} of two spike trains" if sum(factors) > 1 else None
+        if func in QUOTIENTS:
+            return f"{QUOTIENTS[func]} by a spike train" if len(args) > 1 and spiking[1] else None
+        if func in MASKS:
+            index = MASKS[func]
+            computed = index >= len(args) or spiking[index]  # (``torch.where(x)`` alone: indices)
+            return f"{getattr(func, '__name__', func)} with a mask computed from spikes" if computed else None
+        return None if _is_linear(func) else getattr(func, "__name__", str(func))
 
 
 @torch.no_grad()
 def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], object]:
-    """(qualified module name, op) of the calls that the SNN would get wrong on spikes (see the
-    module docstring), and the model's output on ``x`` (this run feeds the observers)."""
+    """(qualified module name, op) of the calls that the SNN would get wrong on spikes and whose
+    results reach the output (see the module docstring), and the model's output on ``x`` (this run
+    feeds the observers)."""
     stack: list[str | None] = []
     spiky = WeakIdKeyDictionary()
-    found: set[tuple[str, str]] = set()
+    recorder = _Recorder(stack, spiky)
     hooks = []
 
     def enter(owner):
@@ -105,7 +129,7 @@ def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str,
 
     def spikes(module, args, output):  # a view: a y = x site's input itself is not its spikes
         output = output.view_as(output)
-        spiky[output] = True
+        spiky[output] = recorder.taint(args) or frozenset()  # (wrong calls before a site stay wrong after it)
         return output
 
     handled: list[str] = []  # the types convert wraps (exact: a subclass may compute otherwise), and the sites
@@ -120,9 +144,9 @@ def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str,
         if isinstance(module, ObservedActivation):
             hooks.append(module.register_forward_hook(spikes))
     try:
-        with _Recorder(stack, spiky, found):
+        with recorder:
             out = model(x)
     finally:
         for h in hooks:
             h.remove()
-    return sorted(found), out
+    return sorted(recorder.taint(_tensors(out)) or ()), out
