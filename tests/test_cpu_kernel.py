@@ -224,8 +224,9 @@ def test_kernel_equals_tensor_path_on_arbitrary_floats(n, mode, lam, values):
 
 @needs_compiler
 def test_kernel_plan_is_reused_until_thresholds_fanouts_or_layout_change():
-    """A neuron keeps its kernel arguments between calls; changing lam in place, replacing the
-    fan-outs or feeding another layout gives results equal to a fresh neuron's, never stale ones."""
+    """A neuron keeps its kernel arguments between calls; changing lam in place (tracked or through
+    ``.data``, which leaves its version counter as it was), replacing the fan-outs or feeding
+    another layout gives results equal to a fresh neuron's, never stale ones."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 2, 6, 8, generator=g)
 
@@ -240,9 +241,11 @@ def test_kernel_plan_is_reused_until_thresholds_fanouts_or_layout_change():
     first = neuron._kernel_plan
     neuron(x.clone())
     assert first is not None and neuron._kernel_plan is first
-    for change in ("lam", "fanout", "layout"):
+    for change in ("lam", "lam.data", "fanout", "layout"):
         if change == "lam":
             neuron.lam.mul_(1.5)
+        elif change == "lam.data":
+            neuron.lam.data.mul_(0.75)
         elif change == "fanout":
             neuron.fanout = torch.full((6, 8), 7.0)
         out = neuron(x.clone()) if change != "layout" else neuron(x.clone().transpose(2, 3).contiguous().transpose(2, 3))
@@ -250,6 +253,22 @@ def test_kernel_plan_is_reused_until_thresholds_fanouts_or_layout_change():
         first = neuron._kernel_plan
         ref = fresh(neuron.lam.clone(), neuron.fanout.clone())
         assert torch.equal(out, ref[0]) and torch.equal(neuron.spikes, ref[1]) and torch.equal(neuron.synops, ref[2])
+
+
+@needs_compiler
+def test_a_neuron_made_in_inference_mode_runs_in_and_out_of_it():
+    """Inference tensors have no version counter (reading it is an error): convert under
+    ``torch.inference_mode()`` made SNNs that could not run."""
+    x = torch.randn(4, 2, 6, 8, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        neuron = HMTNeuron(4, torch.full((8,), 0.2), signed=True, communicate=True)
+        inside = neuron(x.clone())
+        assert neuron._kernel_plan is not None
+        neuron.lam.mul_(2)  # in inference mode: no version counter to see it
+        doubled = neuron(x.clone())
+    reference = HMTNeuron(4, torch.full((8,), 0.4), signed=True, communicate=True)
+    assert torch.equal(doubled, reference(x.clone())) and not torch.equal(inside, doubled)
+    assert torch.equal(neuron(x.clone()), doubled)
 
 
 @needs_compiler

@@ -27,8 +27,9 @@ class Plan:
     """The kernel's arguments besides the data, for one input layout and one set of thresholds,
     fan-outs and spike table (``ok`` False where the kernel declines them). Building it costs
     about ten small tensor ops, several times the kernel's own time on a small site, so a neuron
-    keeps it while the layout stays and its tensors are neither replaced nor changed in place."""
+    keeps it while the layout stays and its tensors are neither replaced nor changed."""
     key: tuple
+    contents: tuple  # what each tensor of the key held when planned (_contents)
     ok: bool
     order: list[int] | None = None  # x's dims in memory order (time and batch first), or None: copy
     lam: torch.Tensor | None = None
@@ -37,12 +38,24 @@ class Plan:
 
 
 def _key(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> tuple:
-    # Tensors by identity and version; a plan holds them, so their ids cannot be reused meanwhile.
-    return x.shape, x.stride(), x.device, tensors, tuple(-1 if t is None else t._version for t in tensors)
+    # Tensors by identity; a plan holds them, so their ids cannot be reused meanwhile.
+    return x.shape, x.stride(), x.device, tensors
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    return a[:3] == b[:3] and a[4] == b[4] and all(u is v for u, v in zip(a[3], b[3]))
+def _contents(t: torch.Tensor | None):
+    """What tells that ``t`` was changed: on the CPU a copy of it (a write through ``.data``
+    leaves the version counter as it was), elsewhere its version counter, which costs no
+    synchronization with the device (a copy for an inference tensor, which has none)."""
+    if t is None:
+        return None
+    return t.clone() if t.device.type == "cpu" or t.is_inference() else t._version
+
+
+def _same(previous: Plan, key: tuple) -> bool:
+    if previous.key[:3] != key[:3] or any(u is not v for u, v in zip(previous.key[3], key[3])):
+        return False
+    return all(t is None or (torch.equal(t, c) if isinstance(c, torch.Tensor) else t._version == c)
+               for t, c in zip(key[3], previous.contents))
 
 
 def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_lut: torch.Tensor,
@@ -54,11 +67,12 @@ def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_
     that are not int32 integers (their weighted sums would then depend on order; spike counts are
     integers by construction)."""
     key = _key(x, (lam, fanout, spike_lut))
-    if previous is not None and _same(previous.key, key):
+    if previous is not None and _same(previous, key):
         return previous
+    contents = tuple(_contents(t) for t in key[3])
     lam = lam.to(dtype=torch.float32, device=x.device)  # the tensor path's cast
     if not 2.0**-100 < lam.amin().item() <= lam.amax().item() < 2.0**100:
-        return Plan(key, False)
+        return Plan(key, contents, False)
     order = native.memory_order(x, 2)  # time and batch first
     shape = x.shape[1:]
     lam_flat = _per_sample(lam, shape, order or list(range(x.dim())))
@@ -66,8 +80,8 @@ def plan(x: torch.Tensor, lam: torch.Tensor, fanout: torch.Tensor | None, spike_
     fan_int = None if fan_flat is None else fan_flat.to(torch.int32)
     if lam_flat is None or (fanout is not None and fan_flat is None) or \
             (fan_int is not None and not torch.equal(fan_int.to(fan_flat.dtype), fan_flat)):
-        return Plan(key, False)
-    return Plan(key, True, order, lam_flat, fan_int, spike_lut.to(device=x.device, dtype=torch.int32))
+        return Plan(key, contents, False)
+    return Plan(key, contents, True, order, lam_flat, fan_int, spike_lut.to(device=x.device, dtype=torch.int32))
 
 
 # launch(src, dst, sums or None, T, B, P, plan, levels, mode, forms, spikes, synops or None): all
