@@ -1,5 +1,6 @@
 """Energy counts (eqs. 31-32) against brute force on tiny networks."""
 import copy
+import json
 import math
 
 import pytest
@@ -371,3 +372,12 @@ def test_a_layer_fed_partly_analog_values_counts_macs(part):
     assert result.macs["per_step"] == {"step": 6 * 3, "static": 0}[part]
     assert torch.allclose(torch.tensor(result.synops_cumulative, dtype=torch.float64),
                           torch.cumsum(spikes * fanout, 0) / 6)
+
+
+def test_a_model_without_layers_has_no_energy_ratio_and_its_result_is_json():
+    """No Conv/Linear: the ANN's MACs are 0, so there is no ratio (it was NaN, which JSON cannot hold)."""
+    model = nn.Sequential(nn.Flatten(), nn.ReLU()).eval()
+    data = [(torch.randn(8, 1, 1, 10, generator=torch.Generator().manual_seed(0)), torch.randint(0, 10, (8,)))]
+    result = hc.evaluate(hc.convert(model, data, T=4, policy="max"), data, ann=model)
+    assert result.energy_ratio is None and result.macs["ann"] == 0 and len(result.synops_cumulative) == 4
+    json.dumps(result.to_dict(), allow_nan=False)

@@ -278,7 +278,7 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     if snn.mac_ann is not None:
         t = torch.arange(1, steps + 1, dtype=torch.float64, device=device)
         snn_energy = E_MAC * (snn.mac_static + t * snn.mac_step) + E_AC * synops.cumsum(0) / samples
-        energy = (snn_energy / (E_MAC * snn.mac_ann)).tolist()
+        energy = (snn_energy / (E_MAC * snn.mac_ann)).tolist() if snn.mac_ann > 0 else None  # (no layer: no ratio)
         synops_cumulative = (synops.cumsum(0) / samples).tolist()
         macs = {"ann": float(snn.mac_ann), "static": float(snn.mac_static), "per_step": float(snn.mac_step)}
     return EvaluationResult(

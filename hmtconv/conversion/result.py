@@ -25,7 +25,8 @@ class EvaluationResult:
     multiply-accumulates per sample: ``ann`` (the ANN's, over the same layers), ``static`` (layers
     before the first neuron, once) and ``per_step`` (layers fed changing floats), so that
     ``energy_ratio[t-1] = (E_MAC*(static + t*per_step) + E_AC*synops_cumulative[t-1]) / (E_MAC*ann)``
-    and other energy models can be applied to the counts; both None where energy was not counted.
+    and other energy models can be applied to the counts; both None where energy was not counted
+    (``energy_ratio`` alone where the ANN has no multiply-accumulates to compare with).
     ``seconds`` is wall-clock time, not a result: ``ann`` (the ANN's forward passes), ``snn`` (the
     simulation) and ``diagnostics`` (their ANN-mode pass, 0 when off); left out of ``to_dict`` and
     of equality, so runs compare by their results."""
