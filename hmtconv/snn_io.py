@@ -30,6 +30,7 @@ from .conversion import SNN, ConversionConfig, calibrate, convert, prepare
 from .device import placement, resolve_device
 from .errors import UserError
 from .models import load_model
+from .models.loading import unknown_model
 
 FORMAT, VERSION = "hmtconv-snn", 1
 
@@ -44,6 +45,13 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
                         f"timm:NAME, hf:ID, or a checkpoint file), got {model!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise TypeError(f"save_snn: num_classes= must be a positive int, got {num_classes!r}")
+    if unknown_model(absolute(model)):  # (load_snn rebuilds the architecture from it)
+        raise ValueError(f"save_snn: {unknown_model(absolute(model))}; for a model of your own, save it whole "
+                         f"(torch.save(model, 'model.pt')) and pass model='model.pt'")
+    outputs = _output_size(snn)
+    if outputs not in (None, num_classes):
+        raise ValueError(f"save_snn: num_classes={num_classes}, but the SNN outputs {outputs} classes (load_snn "
+                         f"builds the model with num_classes)")
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"save_snn: {path} is a directory; give a file name")
@@ -66,6 +74,15 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(meta)})
     return path
+
+
+@torch.no_grad()
+def _output_size(snn: SNN) -> int | None:
+    """The number of logits the SNN gives per sample (one step on a zero image), or None where its
+    output is not ``[T, B, classes]``."""
+    device, dtype = placement(snn)
+    out = snn(torch.zeros(1, *snn.report.input_shape, device=device, dtype=dtype), 1)
+    return out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 3 else None
 
 
 def absolute(reference: str | None) -> str | None:

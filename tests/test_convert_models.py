@@ -733,3 +733,26 @@ def test_sites_pickled_before_in_place_existed_still_run():
     site = ObservedActivation(False)
     del site.__dict__["in_place"]  # as unpickled from a version without it
     assert torch.equal(site(torch.tensor([[-1.0, 2.0]])), torch.tensor([[0.0, 2.0]]))
+
+
+class DefinedOutOfOrder(nn.Module):
+    """Its second ReLU module made first in __init__; fx cannot trace it (a data-dependent branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = nn.ReLU()
+        self.conv1, self.early, self.conv2, self.fc = nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.early(self.conv1(x))
+        if x.mean() > -1e9:
+            x = self.late(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_per_layer_is_in_run_order_for_a_module_swapped_model():
+    torch.manual_seed(0)
+    model, data = DefinedOutOfOrder().eval(), loader((1, 10, 10), classes=3)
+    snn = hc.convert(model, data, n=4, T=4, policy="max")
+    assert not snn.report.traced and list(snn.sites()) == ["late", "early"]
+    assert [layer.name for layer in hc.evaluate(snn, data, ann=model).per_layer] == ["early", "late"]

@@ -127,7 +127,9 @@ def test_save_snn_refuses_what_no_one_could_load(saved, tmp_path):
              (dict(model=None), TypeError, "model= must name the architecture"),
              (dict(num_classes="10"), TypeError, "num_classes= must be a positive int"),
              (dict(path=tmp_path), IsADirectoryError, "is a directory"),
-             (dict(extra={"x": torch.ones(1)}), TypeError, "extra= must hold JSON values")]
+             (dict(extra={"x": torch.ones(1)}), TypeError, "extra= must hold JSON values"),
+             (dict(model="my_cnn"), ValueError, r"'my_cnn' is not a file.*torch.save\(model, 'model.pt'\)"),
+             (dict(num_classes=100), ValueError, "num_classes=100, but the SNN outputs 10 classes")]
     for change, error, message in cases:
         args = {"snn": snn, "path": tmp_path / "s.safetensors", "model": str(model_file), "num_classes": 10, **change}
         with pytest.raises(error, match=message):

@@ -44,6 +44,8 @@ class _SiteMonitor:
         self.errors = torch.zeros(len(self.sites), dtype=torch.float64, device=self.device)  # |err| per site
         self.runs: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []  # site, spikes, synops, elements
         self.ann: dict[int, list[torch.Tensor]] = {}  # per site, its ANN-mode outputs in call order
+        self.run_order: dict[int, None] = {}  # the sites as first run (a module-swapped model's modules
+        # are in the order its __init__ made them)
         self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.sites.values())]
 
     def _hook(self, i: int):
@@ -52,6 +54,7 @@ class _SiteMonitor:
                 self.ann.setdefault(i, []).append(out.clone() if module.output_mutated else out)
                 return
             self.runs.append((i, module.neuron.spikes, module.neuron.synops, out.numel() / self.steps))
+            self.run_order.setdefault(i)
             if self.compare:
                 mean = module.neuron.output_sum / self.steps
                 self.errors[i] += (mean - self.ann[i].pop(0)).abs().sum(dtype=torch.float64)
@@ -84,8 +87,10 @@ class _SiteMonitor:
             site.neuron.sum_outputs, site.neuron.output_sum = False, None
 
     def layers(self, spikes: torch.Tensor, elements: torch.Tensor, abs_err: torch.Tensor) -> list[LayerStats]:
-        rows = []
-        for i, (name, site) in enumerate(self.sites.items()):
+        """Per site, in run order (sites never run last)."""
+        rows, names = [], list(self.sites)
+        for i in [*self.run_order, *(i for i in range(len(names)) if i not in self.run_order)]:
+            name, site = names[i], self.sites[names[i]]
             lam = site.neuron.lam.flatten().tolist()
             rows.append(LayerStats(name, site.signed, lam[0] if len(lam) == 1 else lam,
                                    (spikes[i] / (elements[i] * self.steps)).item(),

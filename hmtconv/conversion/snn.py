@@ -143,8 +143,10 @@ class SNN(KeepsDtype):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, T: int | None = None) -> torch.Tensor:
         if tuple(x.shape[1:]) != tuple(self.report.input_shape):  # (synapse counts are per position)
-            raise ValueError(f"images of shape {list(x.shape[1:])}, but the SNN was calibrated on "
-                             f"{list(self.report.input_shape)}; convert again for this size")
+            fix = ("add the batch dim (x[None] for one image)" if tuple(x.shape) == tuple(self.report.input_shape)
+                   else "convert again for this size")
+            raise ValueError(f"images of shape {list(x.shape[1:])} (a batch of shape {list(x.shape)}), but the SNN "
+                             f"was calibrated on {list(self.report.input_shape)}; {fix}")
         steps = self.config.T if T is None else check_steps(T)  # (0 failed deep inside: division by zero)
         self._set_steps(steps)
         if not self.report.traced:  # module-swapped model: no static prefix, every op sees T*B rows

@@ -246,10 +246,17 @@ def load_model(
         return from_torchvision(spec, weights, num_classes)
     if Path(spec).is_file():
         return from_file(spec, weights, allow_pickle)
-    raise UserError(
-        f"--model {spec!r} is not a file, a built-in model ({', '.join(sorted(MODELS))}), "
-        "a torchvision classification model name, timm:NAME, or hf:ID / hf:DIRECTORY (Hugging Face)"
-    )
+    raise UserError(unknown_model(spec))
+
+
+def unknown_model(spec: str) -> str | None:
+    """What is wrong with ``spec`` as a model reference (see :func:`load_model`), or None where it
+    names one (whether it builds is known only by building it)."""
+    if spec.startswith(("timm:", "hf:")) or spec in MODELS or Path(spec).is_file() \
+            or spec in torchvision.models.list_models(module=torchvision.models):
+        return None
+    return (f"model {spec!r} is not a file, a built-in model ({', '.join(sorted(MODELS))}), a torchvision "
+            f"classification model name, timm:NAME, or hf:ID / hf:DIRECTORY (Hugging Face)")
 
 
 def builds_random_weights(spec: str, weights: str | None) -> bool:
