@@ -170,8 +170,8 @@ def test_models_returning_more_than_logits_or_untraceable_without_relu_modules()
         hc.convert(Pair().eval(), images())
     with pytest.raises(TypeError, match="BranchingPair returns tuple, not a tensor of logits"):
         hc.convert(BranchingPair().eval(), images(batches=1))
-    with pytest.raises(ValueError, match=r"has no ReLU \(nor ReLU6 or Hardtanh\(0, c\)\) to convert .fx could not "
-                                         r"trace it.*TraceError"):
+    with pytest.raises(ValueError, match=r"Branching: torch.fx cannot trace it \(TraceError.*only ReLU modules "
+                                         r"\(nn.ReLU, ReLU6, Hardtanh\(0, c\)\) become neurons.*it has none"):
         hc.convert(Branching().eval(), images())
 
 
@@ -361,6 +361,21 @@ def test_model_in_training_mode_is_converted_in_eval_mode_with_a_note():
     with pytest.warns(UserWarning, match="is partly in training mode; evaluating it in eval mode"):
         hc.evaluate(snn, images(), ann=model)
     assert not model.training and model[5].training
+
+
+def test_a_forward_that_needs_more_than_the_images_is_refused_at_once():
+    """It traced into a graph of two inputs and failed in calibration with forward's TypeError."""
+    class TwoInputs(ConvHead):
+        def forward(self, x, scale, *, shift):
+            return self.fc(torch.relu(self.conv(x * scale + shift)).mean((2, 3)))
+
+    class Defaults(ConvHead):
+        def forward(self, x, scale=1.0, *args, shift=0.0, **options):
+            return self.fc(torch.relu(self.conv(x * scale + shift)).mean((2, 3)))
+
+    with pytest.raises(TypeError, match=r"TwoInputs.forward needs scale, shift besides the images; .* wrap it"):
+        hc.convert(TwoInputs().eval(), images())
+    assert hc.convert(Defaults().eval(), images(), T=2).report.traced
 
 
 def test_a_model_with_forward_hooks_gets_a_note():

@@ -587,9 +587,14 @@ def test_functional_norms_selu_celu_and_addcmul_of_spikes_convert():
     assert kinds == ["InstanceNorm", "SELU", "CELU", "LayerNorm"]
     assert [m.module.normalized_shape for m in snn.modules() if isinstance(m, hc.compensated.Compensated)
             and isinstance(m.module, nn.LayerNorm)] == [(8,)]
-    with pytest.raises(ValueError, match="layer_norm, graph node 'layer_norm'.*normalized_shape is read from the "
-                       "input's size in forward and it has no weight"):  # (not traced; no ReLU module to swap)
-        hc.convert(FunctionalForms(shapeless=True).eval(), data, n=4, T=4)
+    # without a weight, its shape is the example's (convert's first calibration batch): traced at that size
+    shapeless = converges(FunctionalForms(shapeless=True).eval(), data)
+    assert [m.module.normalized_shape for m in shapeless.modules() if isinstance(m, hc.compensated.Compensated)
+            and isinstance(m.module, nn.LayerNorm)] == [(8,)]
+    # prepare without an example has no size for it: module swapping, which says why
+    prepared = hc.calibrate(hc.prepare(FunctionalForms(shapeless=True).eval(), identity="all"), data)
+    report = hc.convert(prepared, n=4, T=4, policy="max", identity="all").report
+    assert not report.traced and "normalized_shape is read from the input's size" in report.trace_error
 
 
 class OneActivation(nn.Module):

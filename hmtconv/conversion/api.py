@@ -8,6 +8,7 @@ buffers); one calibration serves any n, T, policy, neuron and granularity.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import math
 import numbers
@@ -178,6 +179,7 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
         raise ValueError(f"identity must be one of {IDENTITIES}, got {identity!r}")
     if isinstance(model, SNN) or is_prepared(model):
         raise TypeError(f"prepare expects the float model, got an already {'converted' if isinstance(model, SNN) else 'prepared'} {type(model).__name__}")
+    _check_images_alone(model)
     if model.training:
         warnings.warn(f"{type(model).__name__} was in training mode; converting it in eval mode (BatchNorm "
                       f"running statistics, no dropout)", stacklevel=2)
@@ -198,10 +200,14 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     if hooks:
         _warn_hooks(hooks, {name for name, m in prepared.named_modules() if hooked(m)})
     if not any(isinstance(m, ObservedActivation) for m in prepared.modules()):
-        untraced = "" if traced else f" (fx could not trace it, so only ReLU modules count: {trace_error})"
-        raise ValueError(f"{type(model).__name__} has no ReLU (nor ReLU6 or Hardtanh(0, c)) to convert{untraced} "
-                         f"(and identity={identity!r} adds no y = x site); use identity='all' for networks without "
-                         f"ReLU such as ViT")
+        if not traced:
+            raise ValueError(f"{type(model).__name__}: torch.fx cannot trace it ({trace_error}), and without a graph "
+                             f"only ReLU modules (nn.ReLU, ReLU6, Hardtanh(0, c)) become neurons (and with "
+                             f"identity='all', the inputs of Conv and Linear modules): it has none. Make its forward "
+                             f"traceable (the error says where) or use such modules")
+        raise ValueError(f"{type(model).__name__} has no ReLU (nor ReLU6 or Hardtanh(0, c)) to convert (and "
+                         f"identity={identity!r} adds no y = x site); use identity='all' for networks without ReLU "
+                         f"such as ViT")
     info = PrepareInfo(identity, traced, trace_error, sized_to=tuple(example.shape[1:]) if sized else None)
     device = placement(prepared)[0]
     for site in observed_sites(prepared).values():  # made on the CPU: they would copy every activation there
@@ -212,6 +218,22 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
     else:
         setattr(prepared, _KEY, info)
     return prepared
+
+
+def _check_images_alone(model: nn.Module) -> None:
+    """The SNN is called on the images alone (``model(x)``): a forward that needs more is refused
+    here (calibration failed with forward's own TypeError)."""
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not any(p.kind in (*positional, inspect.Parameter.VAR_POSITIONAL) for p in parameters):
+        raise TypeError(f"{type(model).__name__}.forward takes no images (positional argument); hmtconv calls "
+                        f"model(images)")
+    needed = [p.name for p in parameters[1:] if p.default is inspect.Parameter.empty
+              and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if needed:
+        raise TypeError(f"{type(model).__name__}.forward needs {', '.join(needed)} besides the images; hmtconv "
+                        f"converts models called on the images alone (model(images)): wrap it in an nn.Module "
+                        f"whose forward(images) supplies them")
 
 
 def _warn_hooks(hooks: list[str], kept: set[str]) -> None:
@@ -277,7 +299,8 @@ def calibrate(prepared: nn.Module, loader: Iterable, *, max_batches: int | None 
         if info.sized_to is not None and tuple(x.shape[1:]) != info.sized_to:
             raise ValueError(f"calibration batch {i} has images of shape {list(x.shape[1:])} but "
                              f"{type(prepared).__name__} was traced at {list(info.sized_to)} (its forward branches "
-                             f"on sizes); prepare it with example_inputs of the calibration size")
+                             f"on sizes, or a module takes one from the input); prepare it with example_inputs of "
+                             f"the calibration size")
         try:
             if not info.traced and not info.probed:  # this first run also feeds the observers
                 (info.unconverted, out), info.probed = find_unconverted(prepared, x), True

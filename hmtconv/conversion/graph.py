@@ -291,16 +291,30 @@ def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ObservedActivation)
 
 
-def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig | None,
-                  example: torch.Tensor | None = None) -> tuple[fx.GraphModule, bool]:
-    """The prepared graph, and whether it is specialized to ``example``'s image size."""
-    gm, sized = trace(model, example)
+def _normalized(gm: fx.GraphModule) -> None:
     try:
         normalize(gm)
     except LostWrite:
         raise
     except ValueError as error:
         raise NotTraceable(f"{type(error).__name__}: {error}") from error
+
+
+def prepare_graph(model: nn.Module, identity: str, hist: HistogramConfig | None,
+                  example: torch.Tensor | None = None) -> tuple[fx.GraphModule, bool]:
+    """The prepared graph, and whether it is specialized to ``example``'s image size."""
+    gm, sized = trace(model, example)
+    try:
+        _normalized(gm)
+    except NotTraceable as error:
+        if sized or example is None:
+            raise
+        try:  # a size read from the input where a module needs a number (F.layer_norm(x, x.shape[-1:])
+            # without a weight): one at the example's image size
+            gm, sized = trace(model, example, sized=True)
+            _normalized(gm)
+        except NotTraceable:
+            raise error from None
     move_max_pools(gm, identity == "maxpool", hist)
     insert_sites(gm, identity, hist)
     gm.graph.lint()

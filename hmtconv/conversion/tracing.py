@@ -197,14 +197,15 @@ class SizedTracer(Tracer):
         return super().iter(obj)
 
 
-def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.GraphModule, bool]:
+def trace(model: nn.Module, example: torch.Tensor | None = None, sized: bool = False) -> tuple[fx.GraphModule, bool]:
     """The graph of ``model(images)`` and whether it is specialized to ``example``'s image size
-    (tried only where plain tracing fails). The SNN is called with the images only, so optional
-    arguments of ``forward`` (timm's ``attn_mask=None, is_causal=False``) are fixed at their defaults."""
+    (tried where plain tracing fails, or at once with ``sized``). The SNN is called with the images
+    only, so optional arguments of ``forward`` (timm's ``attn_mask=None, is_causal=False``) are
+    fixed at their defaults."""
     optional = list(inspect.signature(model.forward).parameters.values())[1:]
     defaults = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty} or None
     try:
-        graph, sized = _trace(model, example, defaults)
+        graph, sized = _trace(model, example, defaults, sized)
     except NotTraceable:
         # fx runs the hooks of the modules it traces through on proxies: one that changes a block's
         # output joins the graph, but one that reads values (a logger's out.mean().item()) fails
@@ -212,12 +213,15 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.Gra
         with _hooks_set_aside(model) as aside:
             if not aside:
                 raise
-            graph, sized = _trace(model, example, defaults)
+            graph, sized = _trace(model, example, defaults, sized)
     return fx.GraphModule(model, graph, class_name=type(model).__name__), sized
 
 
-def _trace(model: nn.Module, example: torch.Tensor | None, defaults: dict | None) -> tuple[fx.Graph, bool]:
+def _trace(model: nn.Module, example: torch.Tensor | None, defaults: dict | None,
+           sized: bool) -> tuple[fx.Graph, bool]:
     try:
+        if sized:
+            raise NotTraceable("asked for a graph at the example's image size")
         return Tracer().trace(model, concrete_args=defaults), False
     except Exception as error:  # the model's code run on proxies may raise anything
         if example is None:
