@@ -85,6 +85,7 @@ def test_first_t_steps_of_a_run_equal_a_run_of_t_steps():
     model, data = small_cnn(), loader()
     snn = hc.convert(model, data, n=3, T=6, policy="999")
     long = hc.evaluate(snn, data, ann=model, diagnostics=False)
+    assert [layer.firing_rates[-1] for layer in long.per_layer] == [layer.firing_rate for layer in long.per_layer]
     for t in (1, 3, 6):
         short = hc.evaluate(snn, data, T=t, ann=model, diagnostics=False)
         cut = long.truncated(t)
@@ -92,6 +93,9 @@ def test_first_t_steps_of_a_run_equal_a_run_of_t_steps():
             assert getattr(cut, key) == pytest.approx(getattr(short, key), rel=1e-12), key
         assert cut.spikes_per_sample == pytest.approx(short.spikes_per_sample, rel=1e-12)
         assert cut.macs == short.macs
+        for a, b in zip(cut.per_layer, short.per_layer, strict=True):  # (they were the long run's)
+            assert a.firing_rate == pytest.approx(b.firing_rate, rel=1e-12) and len(a.firing_rates) == t
+            assert a.firing_rates == pytest.approx(b.firing_rates, rel=1e-12) and a.mean_abs_error is None
     with pytest.raises(ValueError, match="1..6 steps, not 7"):
         long.truncated(7)
 

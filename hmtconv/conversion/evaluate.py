@@ -62,11 +62,12 @@ class _SiteMonitor:
         return hook
 
     def take(self) -> torch.Tensor:
-        """This batch's per-step ``[spikes, synops]`` then per-site ``[spikes, elements, |err|]``,
-        flattened; starts the next batch at 0. (Counts are integers: float64 sums of them are exact
+        """This batch's per-step ``[spikes, synops]``, per-site per-step spikes, then per-site
+        elements and |err|, flattened; starts the next batch at 0. (Counts are integers: float64 sums of them are exact
         in any order.)"""
         f64 = dict(dtype=torch.float64, device=self.device)
-        per_step, per_site = torch.zeros(2, self.steps, **f64), torch.zeros(2, len(self.sites), **f64)
+        per_step, site_steps = torch.zeros(2, self.steps, **f64), torch.zeros(len(self.sites), self.steps, **f64)
+        elements = torch.zeros(len(self.sites), **f64)
         if self.runs:
             index = torch.tensor([run[0] for run in self.runs], device=self.device)
             spikes = torch.stack([run[1] for run in self.runs])
@@ -74,9 +75,9 @@ class _SiteMonitor:
             synops = [run[2] for run in self.runs if run[2] is not None]
             if synops:
                 per_step[1] = torch.stack(synops).sum(0)
-            per_site[0].index_add_(0, index, spikes.sum(1))
-            per_site[1].index_add_(0, index, torch.tensor([run[3] for run in self.runs], **f64))
-        row = torch.cat([per_step.flatten(), per_site.flatten(), self.errors])
+            site_steps.index_add_(0, index, spikes.to(torch.float64))
+            elements.index_add_(0, index, torch.tensor([run[3] for run in self.runs], **f64))
+        row = torch.cat([per_step.flatten(), site_steps.flatten(), elements, self.errors])
         self.runs, self.errors = [], torch.zeros_like(self.errors)
         return row
 
@@ -86,15 +87,16 @@ class _SiteMonitor:
         for site in self.sites.values():
             site.neuron.sum_outputs, site.neuron.output_sum = False, None
 
-    def layers(self, spikes: torch.Tensor, elements: torch.Tensor, abs_err: torch.Tensor) -> list[LayerStats]:
+    def layers(self, site_steps: torch.Tensor, elements: torch.Tensor, abs_err: torch.Tensor) -> list[LayerStats]:
         """Per site, in run order (sites never run last)."""
         rows, names = [], list(self.sites)
+        rates = site_steps.view(len(names), self.steps).cumsum(1) / (
+            elements[:, None] * torch.arange(1, self.steps + 1, dtype=torch.float64, device=elements.device))
         for i in [*self.run_order, *(i for i in range(len(names)) if i not in self.run_order)]:
             name, site = names[i], self.sites[names[i]]
             lam = site.neuron.lam.flatten().tolist()
-            rows.append(LayerStats(name, site.signed, lam[0] if len(lam) == 1 else lam,
-                                   (spikes[i] / (elements[i] * self.steps)).item(),
-                                   (abs_err[i] / elements[i]).item() if self.compare else None))
+            rows.append(LayerStats(name, site.signed, lam[0] if len(lam) == 1 else lam, rates[i, -1].item(),
+                                   (abs_err[i] / elements[i]).item() if self.compare else None, rates[i].tolist()))
         return rows
 
 
@@ -273,9 +275,9 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         monitor.close()
         for module, training in ann_modes.items():
             module.training = training
-    total = _sum_batches(rows, 4 * steps + 3 * sites + 2, device)
-    correct, agree, step_spikes, synops, spikes, elements, abs_err, (ann_correct, samples) = \
-        total.split([steps] * 4 + [sites] * 3 + [2])
+    total = _sum_batches(rows, 4 * steps + sites * steps + 2 * sites + 2, device)
+    correct, agree, step_spikes, synops, site_steps, elements, abs_err, (ann_correct, samples) = \
+        total.split([steps] * 4 + [sites * steps] + [sites] * 2 + [2])
     samples = int(samples.item())
     if samples == 0:
         raise ValueError("evaluation loader yielded no batches (is the evaluation set empty?)")
@@ -291,9 +293,9 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         ann_accuracy=None if ann is None else 100.0 * ann_correct.item() / samples,
         snn_accuracy=(100.0 * correct / samples).tolist(),
         agreement=None if ann is None else (100.0 * agree / samples).tolist(),
-        energy_ratio=energy, spikes_per_sample=spikes.sum().item() / samples,
+        energy_ratio=energy, spikes_per_sample=site_steps.sum().item() / samples,
         spikes_cumulative=(step_spikes.cumsum(0) / samples).tolist(), synops_cumulative=synops_cumulative, macs=macs,
-        per_layer=monitor.layers(spikes, elements, abs_err), config=snn.config.to_dict(),
+        per_layer=monitor.layers(site_steps, elements, abs_err), config=snn.config.to_dict(),
         unconverted=list(snn.report.unconverted), seconds=seconds)
 
 
