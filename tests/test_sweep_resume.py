@@ -1,11 +1,14 @@
 """Ctrl-C in the middle of a sweep keeps every finished point; re-running does only the rest."""
+import os
 import re
+import signal
 
 import pytest
 import torch
 from torch import nn
 
 import hmtconv.sweep as sweep
+from hmtconv.cli.main import main
 from hmtconv.errors import UserError
 from hmtconv.report import read_jsonl
 from hmtconv.sweep import ModelEntry, SweepConfig, run_sweep
@@ -38,6 +41,32 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path, monkeypatch)
     assert calls == [3, 4]  # the finished points are not redone
     assert [r["T"] for r in records] == [1, 2, 3, 4]
     assert (tmp_path / "out" / "table.md").exists()
+
+
+def test_a_terminated_sweep_keeps_and_reports_its_finished_points(tmp_path, monkeypatch, capsys):
+    """SIGTERM (kill, a timeout, a job scheduler) as Ctrl-C: it ended the process with the report
+    half-written and hidden temporary files left beside it."""
+    model = tmp_path / "cnn.pt"
+    torch.save(nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 144, 10)).eval(),
+               model)
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'out = "{tmp_path / "out"}"\n[data]\ndataset = "mnist"\nlimit = 16\ncalib_size = 16\n'
+                      f'[[models]]\nname = "cnn"\nmodel = "{model}"\n[grid]\nT = [1, 2, 3]\npolicy = ["opt"]\n')
+    real, calls = sweep.evaluate, []
+
+    def terminated(snn, *args, **kwargs):
+        calls.append(snn.config.T)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(snn, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["sweep", str(config), "--no-progress"]) == 143
+    assert "hmtconv: terminated" in capsys.readouterr().err and signal.getsignal(signal.SIGTERM) == before
+    assert [r["T"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")] == [1, 2]
+    assert "| cnn   | 4 | 2 |" in (tmp_path / "out" / "table.md").read_text()
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
 
 def test_T_independent_policy_is_simulated_once_for_every_T(tmp_path, monkeypatch):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -52,6 +54,15 @@ def build_parser() -> Parser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a timeout, a job scheduler, torchrun stopping its ranks), handled as Ctrl-C
+    is: what is finished is kept and reported (a sweep's table), half-written files removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Problems the user can fix print one ``hmtconv: error: ...`` line to stderr and
     return 2: UserErrors, OSErrors (unwritable path, full disk) and the ValueErrors/TypeErrors that
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         before = argv.index(unknown[0]) < argv.index(args.command)
         (parser if before else parser.commands[args.command]).error(f"unrecognized arguments: {' '.join(unknown)}")
     keep_freed_memory()  # our own process: trade its peak memory for no page faults per tensor
+    main_thread = threading.current_thread() is threading.main_thread()  # (only it may set handlers)
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
@@ -73,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                 return args.run(args) or 0
         except distributed.RanksFailed as failed:
             return _ranks_failed(failed)
-        except KeyboardInterrupt:
-            print("hmtconv: interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as interrupt:
+            terminated = isinstance(interrupt, Terminated)
+            print(f"{_speaker()}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+            return 143 if terminated else 130
         except Exception as error:
             report, status = _describe(error)
             if status == 1:  # a bug: the traceback as Python prints it
@@ -83,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             print(report, file=sys.stderr)
             return status
         finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
             distributed.shutdown()
 
 
