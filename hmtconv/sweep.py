@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import sys
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -226,17 +227,21 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
     points = config.points()
     keys = {m.name: fingerprint(config, m) for m in config.models}
     todo = [(m, p) for m in config.models for p in points if point_key(m.name, p, keys[m.name]) not in done]
-    bar = tqdm(total=len(todo), desc="sweep", disable=not progress or not distributed.is_main())
+    # a bar on terminals; in a log (stderr not a terminal), one line per finished simulation
+    bar = tqdm(total=len(todo), desc="sweep", disable=None if progress and distributed.is_main() else True)
     try:
-        run_points(config, todo, keys, bar)
+        run_points(config, todo, keys, bar, log=progress and distributed.is_main() and bar.disable)
     finally:  # a failed or interrupted sweep still reports its finished points
         bar.close()
         records = report_stored(config, points, keys)
     return records
 
 
-def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: dict[str, str], bar) -> None:
-    """Run the ``todo`` points, appending each record to ``OUT/results.jsonl`` as its run finishes."""
+def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: dict[str, str], bar,
+               log: bool = False) -> None:
+    """Run the ``todo`` points, appending each record to ``OUT/results.jsonl`` as its run finishes
+    (``log``: and printing a line for it)."""
+    finished = 0
     for entry in config.models:
         mine = [p for m, p in todo if m is entry]
         if not mine:
@@ -249,8 +254,8 @@ def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: d
             prepared = calibrate(prepare(work.model, identity=identity, histogram=histogram,
                                          example_inputs=work.example_inputs()), work.calib_loader)
             for steps, group in simulations(runs):
-                bar.set_postfix_str(f"{entry.name} " + " ".join(f"{k}={group[0][k]}" for k in GRID_KEYS if k != "T")
-                                    + f" T={steps}")
+                label = f"{entry.name} " + " ".join(f"{k}={group[0][k]}" for k in GRID_KEYS if k != "T")
+                bar.set_postfix_str(f"{label} T={steps}")
                 snn = convert(prepared, **{**group[0], "T": steps})
                 result = evaluate(snn, work.eval_loader, ann=work.model, diagnostics=config.diagnostics,
                                   memory_budget=config.memory_budget)
@@ -263,6 +268,10 @@ def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: d
                     if distributed.is_main():
                         append_jsonl(config.results_path, record)
                 bar.update(len(group))
+                finished += len(group)
+                if log:
+                    print(f"sweep: {finished}/{len(todo)}: {label} T={steps}: SNN {result.snn_accuracy[-1]:.2f} %",
+                          file=sys.stderr, flush=True)
 
 
 def report_stored(config: SweepConfig, points: list[dict], keys: dict[str, str]) -> list[dict]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -128,7 +129,8 @@ def evaluate_accuracy(
     model.eval()
     correct = total = 0
     total_batches = min(limit or len(loader), len(loader))
-    batches = tqdm(islice(loader, limit), total=total_batches, desc="test", disable=not progress, leave=False)
+    batches = tqdm(islice(loader, limit), total=total_batches, desc="test", disable=None if progress else True,
+                   leave=False)
     with torch.no_grad():
         for images, labels in batches:
             predictions = model(images.to(device)).argmax(1).cpu()
@@ -163,7 +165,9 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
         for epoch in range(config.epochs):
             model.train()
             desc = f"epoch {epoch + 1}/{config.epochs}"
-            bar = tqdm(islice(loader, steps), total=steps, desc=desc, disable=not config.progress)
+            # a bar on terminals; in a log (stderr not a terminal), a line per epoch
+            bar = tqdm(islice(loader, steps), total=steps, desc=desc, disable=None if config.progress else True)
+            losses = 0.0
             for step, (images, labels) in enumerate(bar, 1):
                 logits = model(images.to(device))
                 loss = F.cross_entropy(logits, labels.to(device), label_smoothing=config.label_smoothing)
@@ -176,6 +180,9 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
                 optimizer.step()
                 scheduler.step()
                 bar.set_postfix(loss=f"{value:.3f}")
+                losses += value
+            if config.progress and bar.disable:
+                print(f"{desc}: mean loss {losses / steps:.4f}", file=sys.stderr, flush=True)
         eval_loader = make_loader(eval_set, EVAL_BATCH_SIZE)
         accuracy = evaluate_accuracy(model, eval_loader, device, config.limit, config.progress)
         seconds = time.perf_counter() - start

@@ -1,5 +1,6 @@
 """``hmtconv evaluate``, ``convert``, ``sweep`` and ``demo`` end to end on real MNIST, tiny sizes."""
 import json
+import re
 
 import pytest
 import torch
@@ -19,6 +20,12 @@ def checkpoint(tmp_path_factory):
     assert main(["train", "--epochs", "1", "--limit", "3", "--batch-size", "32", "--no-progress",
                  "--out", str(path)]) == 0
     return path
+
+
+def test_train_logs_a_line_per_epoch_where_stderr_is_not_a_terminal(tmp_path, capsys):
+    assert main(["train", "--epochs", "2", "--limit", "2", "--batch-size", "16", "--out", str(tmp_path / "m.pt")]) == 0
+    log = capsys.readouterr().err
+    assert "\r" not in log and re.search(r"epoch 1/2: mean loss \d\.\d{4}\nepoch 2/2: mean loss", log), log
 
 
 def test_evaluate_writes_json_with_every_step_and_plots(checkpoint, tmp_path, capsys):
@@ -111,7 +118,7 @@ def test_convert_says_and_records_how_many_images_it_calibrated_on(tmp_path, cap
     assert read_snn_file(out)[0]["extra"]["calib_size"] == 512
 
 
-def test_sweep_runs_the_grid_once_and_resumes(checkpoint, tmp_path):
+def test_sweep_runs_the_grid_once_and_resumes(checkpoint, tmp_path, capsys):
     config = tmp_path / "sweep.toml"
     config.write_text(f"""
 out = "{tmp_path / 'sweep'}"
@@ -128,7 +135,9 @@ n = [2, 4]
 T = [2]
 policy = ["opt", "999"]
 """)
-    assert main(["sweep", str(config), "--no-progress"]) == 0
+    assert main(["sweep", str(config)]) == 0
+    log = capsys.readouterr().err  # stderr is not a terminal: a line per simulation, no bar
+    assert "\r" not in log and "sweep: 4/4: vgg n=4 policy=999" in log and "SNN" in log, log
     records = read_jsonl(tmp_path / "sweep" / "results.jsonl")
     assert len(records) == 4 and {(r["n"], r["policy"]) for r in records} == {(2, "opt"), (2, "999"), (4, "opt"), (4, "999")}
     table = (tmp_path / "sweep" / "table.md").read_text()
