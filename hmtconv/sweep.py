@@ -80,6 +80,8 @@ class SweepConfig:
             _check_type(f"[data] {key}", value, TYPES["data"][key])
             if key in ("calib_size", "limit", "batch_size") and value is not None and value < 1:
                 raise UserError(f"[data] {key} = {value} must be at least 1")
+        if not 0 <= self.data.seed < 2**63:  # (as --seed: torch takes no other)
+            raise UserError(f"[data] seed = {self.data.seed} must be in 0..{2**63 - 1}")
         if self.data.calib_split not in CALIB_SPLITS:  # (else found only once the first model has loaded)
             raise UserError(f"[data] calib_split = {json.dumps(self.data.calib_split)} must be one of "
                             f"{', '.join(CALIB_SPLITS)}")
@@ -114,13 +116,14 @@ class SweepConfig:
 
 
 def _canonical(policy: str | float) -> str | float:
-    """A percentile written as a string ("99.9") as the number it is, so the grid runs it once."""
+    """A percentile written as a string ("99.9") or an int (100) as the float it is, so the grid
+    runs it once."""
     if isinstance(policy, str) and policy not in POLICIES:
         try:
             return float(policy)
         except ValueError:
             pass
-    return policy
+    return float(policy) if isinstance(policy, int) else policy
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -247,7 +250,11 @@ def run_points(config: SweepConfig, todo: list[tuple[ModelEntry, dict]], keys: d
         if not mine:
             continue
         torch.manual_seed(config.data.seed)  # a name without weights builds the same random network each run
-        work = load_workload(entry.model, config.data, weights=entry.weights, device=config.device)
+        try:
+            work = load_workload(entry.model, config.data, weights=entry.weights, device=config.device,
+                                 option="model =")
+        except UserError as error:
+            raise UserError(f"[[models]] {entry.name!r}: {error}") from error
         for identity in sorted({p["identity"] for p in mine}):
             runs = [p for p in mine if p["identity"] == identity]
             histogram = histograms_for({p["policy"] for p in runs}, any(p["granularity"] == "channel" for p in runs))

@@ -62,7 +62,8 @@ def shard_batches(dataset, batch_size: int):
 
 
 def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = None, device: str = "cpu",
-                  allow_pickle: bool = True, calibration: bool = True) -> Workload:
+                  allow_pickle: bool = True, calibration: bool = True, option: str = "--model") -> Workload:
+    """The model and the data of a run; ``option`` names where the model was given (for errors)."""
     if data.batch_size < 1:  # checked before anything is loaded (also by make_loader, but after sharding)
         raise UserError(f"batch size must be at least 1, got {data.batch_size}")
     train_set, eval_set, info = get_datasets(data.dataset, data.data_root)
@@ -73,7 +74,7 @@ def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = N
               f"file. Only load files you trust (--no-pickle refuses them).", file=sys.stderr)
     if loaded.transform is not None:  # pretrained weights bring their own preprocessing
         train_set, eval_set, info = get_datasets(data.dataset, data.data_root, loaded.transform)
-    check_model_fits(loaded.model, info, label=f"--model {model_spec}")
+    check_model_fits(loaded.model, info, label=f"{option} {model_spec}")
     try:
         model = loaded.model.to(device).eval()
     except (RuntimeError, AssertionError) as error:

@@ -163,6 +163,14 @@ def test_a_sweep_configs_device_is_named_as_the_configs_key(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("hmtconv: error: --device 'nope' is not a device name")
 
 
+def test_a_sweep_models_error_names_its_entry(checkpoint, tmp_path, capsys):
+    config = tmp_path / "sweep.toml"
+    entries = f'[[models]]\nname = "ok"\nmodel = "{checkpoint}"\n[[models]]\nname = "bad"\nmodel = "nope.pt"\n'
+    config.write_text(f'out = "{tmp_path / "out"}"\n[data]\nlimit = 16\ncalib_size = 16\n{entries}[grid]\nT = [1]\n')
+    assert main(["sweep", str(config), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("hmtconv: error: [[models]] 'bad': model 'nope.pt' is not a file")
+
+
 def test_sweep_into_an_unwritable_folder_is_an_error_before_any_point(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("hmtconv.sweep.load_workload", lambda *a, **k: pytest.fail("loaded the model"))
     config = tmp_path / "sweep.toml"

@@ -104,6 +104,24 @@ def test_cpu_default_chunks_by_T_with_equal_results(monkeypatch, T, sizes):
     assert seen == sizes
 
 
+def test_cpu_default_chunks_fit_the_memory_available(monkeypatch):
+    """A long T: chunks that half the available memory holds, and one sample that does not fit at
+    all is a clear error (the out-of-memory killer ended the process without a word)."""
+    assert hc.memory.available_memory() > 0  # (Linux: MemAvailable)
+    model, data = small_cnn(), loader(batch=10, batches=1)
+    snn = hc.convert(model, data, n=2, T=8, policy="999")
+    whole = hc.evaluate(snn, data, max_batch=10)
+    seen = []
+    real = type(snn).forward
+    monkeypatch.setattr(type(snn), "forward", lambda self, x, T=None: seen.append(x.shape[0]) or real(self, x, T))
+    monkeypatch.setattr(hc.memory, "available_memory", lambda: int(snn.activation_bytes(8) * 8.5))
+    _same(whole, hc.evaluate(snn, data))
+    assert seen == [4, 4, 2]
+    monkeypatch.setattr(hc.memory, "available_memory", lambda: int(snn.activation_bytes(8) / 2))
+    with pytest.raises(ValueError, match=r"one sample at T=8 needs about .* more than the .* of memory available"):
+        hc.evaluate(snn, data)
+
+
 def test_estimate_of_a_chain_by_hand():
     """conv(1->4) -> ReLU -> conv(4->2) -> ReLU on 6x6 images, float32. In a chain a value dies at
     its consumer, so at each node the live values are its input and its output; a neuron adds 6

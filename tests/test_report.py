@@ -52,7 +52,10 @@ def test_jsonl_skips_torn_last_line(tmp_path):
 
 
 def test_plots_are_png(tmp_path):
-    for path in (plot_curves({"n=4 opt": RESULT}, tmp_path / "c.png"), plot_layers(RESULT, tmp_path / "l.png"),
+    unmeasured = {**RESULT, "per_layer": [{**layer, "mean_abs_error": None} for layer in RESULT["per_layer"]]}
+    many = {f"run {i}": RESULT for i in range(12)}  # (colours repeat after 10: the dashes tell them apart)
+    for path in (plot_curves(many, tmp_path / "c.png"), plot_layers(RESULT, tmp_path / "l.png"),
+                 plot_layers(unmeasured, tmp_path / "u.png"),
                  plot_tradeoff([{"label": "opt", "accuracy": 98.0, "energy_ratio": 0.2},
                                 {"label": "opt", "accuracy": 99.0, "energy_ratio": 0.4}], tmp_path / "t.png")):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -132,3 +135,16 @@ def test_sweep_report_shows_grid_values_as_given(tmp_path):
     write_reports(records, tmp_path, GRID_KEYS)
     table = (tmp_path / "table.md").read_text()
     assert "| m     | 4 | 3 | 99.999 |" in table and "| snn     | 99.999 | 1 [1, 1]      |" in table, table
+
+
+def test_a_new_report_removes_plots_the_earlier_one_drew_and_it_does_not(tmp_path):
+    """Renamed models and a T no longer varying left the old plots beside the new table."""
+    grid = {"n": 4, "policy": "999", "neuron": "hmt", "identity": "none", "communicate": True, "granularity": "layer"}
+    records = [{"model": "old", **grid, "T": T, "result": {**RESULT, "snn_accuracy": RESULT["snn_accuracy"][:T],
+                                                            "energy_ratio": RESULT["energy_ratio"][:T],
+                                                            "spikes_per_sample": 1.0}} for T in (1, 2)]
+    write_reports(records, tmp_path, GRID_KEYS)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"by-T-old.png", "curves-old.png", "tradeoff-old.png"}
+    (tmp_path / "mine.png").write_bytes(b"")  # not a report's: kept
+    write_reports([{**records[1], "model": "new"}], tmp_path, GRID_KEYS)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"curves-new.png", "tradeoff-new.png", "mine.png"}

@@ -121,6 +121,7 @@ def test_changed_settings_rerun_points_and_set_old_records_aside(tmp_path, monke
     ('[[models]]\nmodel = 5', '[[models]] model = 5 must be a string'),  # (not its name, which defaults to it)
     ('[data]\ncalib_split = "test"', '[data] calib_split = "test" must be one of train, val'),
     ('[data]\nlimit = 0', '[data] limit = 0 must be at least 1'),
+    ('[data]\nseed = -1', '[data] seed = -1 must be in 0..9223372036854775807'),  # (as --seed)
     ('memory_budget = "4 apples"', "memory_budget: cannot read memory size '4 apples'; write a number of at least "
                                    "one byte with an optional unit, e.g. 512MB, 4GB or 1.5GiB"),
 ])
@@ -171,5 +172,6 @@ def test_a_model_name_without_weights_is_the_same_random_network_in_every_run(tm
 
 def test_a_percentile_written_as_text_and_as_a_number_is_one_point():
     """Was run twice (and shown as 99.9 and 99.90); named policies and per-site strings stay as written."""
-    config = SweepConfig(models=[ModelEntry("cnn", "x")], T=[2], n=[4], policy=["99.9", 99.9, "999", "opt,*x=99.5"])
-    assert [p["policy"] for p in config.points()] == [99.9, "999", "opt,*x=99.5"]
+    config = SweepConfig(models=[ModelEntry("cnn", "x")], T=[2], n=[4],
+                         policy=["99.9", 99.9, "999", "opt,*x=99.5", 100, 100.0, "100"])
+    assert [p["policy"] for p in config.points()] == [99.9, "999", "opt,*x=99.5", 100.0]

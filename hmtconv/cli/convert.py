@@ -19,7 +19,7 @@ from .registry import register_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_and_data(parser)
+    add_model_and_data(parser, evaluates=False)  # (it evaluates nothing)
     add_conversion(parser)
     parser.add_argument("--out", type=Path, required=True, help="SNN file to write (.safetensors)")
 

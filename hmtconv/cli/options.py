@@ -69,7 +69,7 @@ def add_code_option(parser) -> None:
                         "the module it imported them from); imported before the model is loaded; repeatable")
 
 
-def add_model_and_data(parser: argparse.ArgumentParser) -> None:
+def add_model_and_data(parser: argparse.ArgumentParser, evaluates: bool = True) -> None:
     d = DataOptions()
     group = parser.add_argument_group("model and data")
     group.add_argument("--model", help="built-in name, torchvision name, timm:NAME, hf:ID or hf:DIRECTORY (Hugging "
@@ -87,8 +87,9 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
                        help="calibration images (a random choice, by --seed)")
     group.add_argument("--calib-split", default=d.calib_split, choices=["train", "val"],
                        help="calibrate on the training split, or (flattering) on the evaluation images")
-    group.add_argument("--limit", type=positive_int("--limit"), default=None, help="evaluate on the first N images (of a class-sorted split such as ImageFolder's: "
-                       "N evenly spaced ones)")
+    limit = "evaluate on" if evaluates else "with --calib-split val, calibrate from"
+    group.add_argument("--limit", type=positive_int("--limit"), default=None, help=f"{limit} the first N evaluation "
+                       f"images (of a class-sorted split such as ImageFolder's: N evenly spaced ones)")
     group.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size, help="images per batch")
     group.add_argument("--seed", type=random_seed, default=d.seed, help="seed for data order and any randomness")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

@@ -26,7 +26,7 @@ EXAMPLE = """example CONFIG.toml:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLE
-    parser.add_argument("config", help="TOML file: [data], [grid], [[models]], out, device")
+    parser.add_argument("config", help="TOML file: [data], [grid], [[models]], out, device, diagnostics, memory_budget")
     parser.add_argument("--out", default=None, help="override the config's output directory")
     parser.add_argument("--data-root", default=None, help="override the config's [data] data_root")
     parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda, cuda:1...)")

@@ -23,6 +23,7 @@ from ..device import placement
 from . import huggingface
 from .api import batch_labels, first_batches, is_prepared, model_input
 from .energy import E_AC, E_MAC
+from . import memory
 from .memory import chunk_size, cpu_chunk, format_bytes, parse_bytes
 from .multistep import step_index
 from .result import EvaluationResult, LayerStats
@@ -133,7 +134,7 @@ def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         return max_batch
     if memory_budget is None:
-        return cpu_chunk(steps) if device.type == "cpu" else None
+        return _cpu_default(snn, steps) if device.type == "cpu" else None
     if isinstance(memory_budget, str):
         budget = parse_bytes(memory_budget)
     elif isinstance(memory_budget, numbers.Real) and not isinstance(memory_budget, bool) \
@@ -147,6 +148,19 @@ def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int
         warnings.warn(f"one sample at T={steps} needs about {format_bytes(per_sample)} of activations, more than "
                       f"the budget of {format_bytes(budget)}; simulating one sample at a time", stacklevel=3)
     return chunk_size(per_sample, budget, batch=2**62)
+
+
+def _cpu_default(snn: SNN, steps: int) -> int:
+    """cpu_chunk, fewer where half the memory available would not hold them (a long T): one sample
+    that does not fit at all is an error, not the out-of-memory killer's silent end."""
+    free = memory.available_memory()
+    if free is None:
+        return cpu_chunk(steps)
+    per_sample = snn.activation_bytes(steps)
+    if per_sample > free:
+        raise ValueError(f"one sample at T={steps} needs about {format_bytes(per_sample)} of activations, more than "
+                         f"the {format_bytes(free)} of memory available; simulate fewer steps")
+    return min(cpu_chunk(steps), chunk_size(per_sample, free // 2, batch=2**62))
 
 
 def _simulate(snn: SNN, x: torch.Tensor, steps: int, chunk: int | None, diagnostics: bool,

@@ -90,6 +90,18 @@ def cpu_chunk(steps: int) -> int:
     return min(64, max(32, 512 // steps))
 
 
+def available_memory() -> int | None:
+    """What the system can give without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def chunk_size(per_sample_bytes: float, budget_bytes: int, batch: int) -> int:
     """The largest number of samples (at least 1, at most ``batch``) whose activations fit the budget."""
     if budget_bytes <= 0:

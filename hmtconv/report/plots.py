@@ -35,16 +35,21 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
+def _style(i: int) -> dict:
+    """The i-th line's colour and dash: matplotlib's 10 colours, then again with other dashes."""
+    return {"color": f"C{i % 10}", "ls": ("-", "--", ":", "-.")[i // 10 % 4]}
+
+
 def plot_curves(runs: dict[str, dict], path, *, title: str = "", xlabel: str = "time step t") -> Path:
     """Accuracy (with the ANN line) and energy ratio vs t, one line per labelled run; a run's
     ``"t"`` list, if present, gives the x values (e.g. the T of separate conversions)."""
     fig, (acc_ax, energy_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     ann = None
-    for label, result in runs.items():
+    for i, (label, result) in enumerate(runs.items()):
         steps = result.get("t", range(1, len(result["snn_accuracy"]) + 1))
-        acc_ax.plot(steps, result["snn_accuracy"], marker="o", ms=3, label=label)
+        acc_ax.plot(steps, result["snn_accuracy"], marker="o", ms=3, label=label, **_style(i))
         if result["energy_ratio"] is not None:  # (None: a module-swapped model, not counted)
-            energy_ax.plot(steps, result["energy_ratio"], marker="o", ms=3, label=label)
+            energy_ax.plot(steps, result["energy_ratio"], marker="o", ms=3, label=label, **_style(i))
         ann = result.get("ann_accuracy") if ann is None else ann
     if ann is not None:
         acc_ax.axhline(ann, color="black", ls="--", lw=1, label=f"ANN {ann:.2f}%")
@@ -68,8 +73,10 @@ def plot_layers(result: dict, path, *, title: str = "") -> Path:
     positions = range(len(names))
     rate_ax.bar(positions, [layer["firing_rate"] for layer in layers], color="tab:blue")
     rate_ax.set(ylabel="spikes per neuron per step", title="Firing rate")
-    err_ax.bar(positions, [layer["mean_abs_error"] for layer in layers], color="tab:red")
-    err_ax.set(ylabel="mean |ANN - SNN avg|", title="Conversion error")
+    errors = [layer["mean_abs_error"] for layer in layers]  # (None: not measured, diagnostics off)
+    err_ax.bar(positions, [float("nan") if e is None else e for e in errors], color="tab:red")
+    err_ax.set(ylabel="mean |ANN - SNN avg|",
+               title="Conversion error" + (" (not measured)" if None in errors else ""))
     err_ax.set_xticks(list(positions), names, rotation=60, ha="right", fontsize=8)
     for ax in (rate_ax, err_ax):
         ax.grid(alpha=0.3, axis="y")
@@ -82,9 +89,10 @@ def plot_tradeoff(points: list[dict], path, *, title: str = "") -> Path:
     """Accuracy vs energy ratio, one marker series per label (the trade-off front)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     labels = list(dict.fromkeys(p["label"] for p in points))  # first-seen order: colours match plot_curves
-    for label in labels:
+    for i, label in enumerate(labels):
         mine = sorted((p for p in points if p["label"] == label), key=lambda p: p["energy_ratio"])
-        ax.plot([p["energy_ratio"] for p in mine], [p["accuracy"] for p in mine], marker="o", ms=4, label=label)
+        ax.plot([p["energy_ratio"] for p in mine], [p["accuracy"] for p in mine], marker="o", ms=4, label=label,
+                **_style(i))
     ax.set(xlabel="energy ratio E_SNN / E_ANN", ylabel="top-1 accuracy (%)", title=title or "Accuracy vs energy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

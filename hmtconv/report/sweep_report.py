@@ -86,8 +86,13 @@ def _file_stems(models) -> dict[str, str]:
     return stems
 
 
+PLOTS = ("by-T-*.png", "curves-*.png", "tradeoff-*.png")  # what write_reports draws, per model
+
+
 def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) -> None:
-    """``table.md`` (final-step accuracy and energy of every point, and full curves) and PNG plots."""
+    """``table.md`` (final-step accuracy and energy of every point, and full curves) and PNG plots;
+    plots of an earlier report that this one does not make (other models, T no longer varying) are
+    removed, so the folder shows one report."""
     varying = [k for k in grid_keys if len({json.dumps(r[k]) for r in records}) > 1]
     header = ["model", *grid_keys, "ANN %", "SNN % at T", "agreement at T", "energy at T", "spikes/sample"]
     # grid values as given (str): the table's number format would show a percentile 99.999 as 100.00
@@ -96,6 +101,12 @@ def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) ->
              (r["result"]["energy_ratio"] or [None])[-1], r["result"]["spikes_per_sample"]] for r in records]
     sections = ["# Sweep results", "", markdown_table(header, rows), ""]
     stems = _file_stems(dict.fromkeys(r["model"] for r in records))
+    plots: set[Path] = set()
+
+    def written(path: Path) -> Path:
+        plots.add(path)
+        return path
+
     for model, safe in stems.items():
         mine = [r for r in records if r["model"] == model]
         if "T" in varying:
@@ -108,12 +119,15 @@ def write_reports(records: list[dict], out: Path, grid_keys: tuple[str, ...]) ->
         runs = {_label(r, varying): r["result"] for r in longest_of_each_run(mine, grid_keys)}
         sections += [f"## {model}: accuracy and energy at every t", "", curves_table(runs), ""]
         if "T" in varying:  # accuracy and energy at t = T of each conversion, vs T
-            plot_curves(_by_T(mine, [k for k in varying if k != "T"]), out / f"by-T-{safe}.png",
+            plot_curves(_by_T(mine, [k for k in varying if k != "T"]), written(out / f"by-T-{safe}.png"),
                         title=f"{model}: accuracy and energy at t = T", xlabel="T (time steps of the conversion)")
-        plot_curves(runs, out / f"curves-{safe}.png", title=f"{model}: every t of every run")
+        plot_curves(runs, written(out / f"curves-{safe}.png"), title=f"{model}: every t of every run")
         counted = [r for r in mine if r["result"]["energy_ratio"] is not None]  # (None: module-swapped)
         if counted:
             plot_tradeoff([{"label": _label(r, [k for k in varying if k != "T"]),
                             "accuracy": r["result"]["snn_accuracy"][-1], "energy_ratio": r["result"]["energy_ratio"][-1]}
-                           for r in counted], out / f"tradeoff-{safe}.png", title=f"{model}: accuracy vs energy at t = T")
+                           for r in counted], written(out / f"tradeoff-{safe}.png"),
+                          title=f"{model}: accuracy vs energy at t = T")
     atomic_write_text(out / "table.md", "\n".join(sections))
+    for stale in {p for pattern in PLOTS for p in out.glob(pattern)} - plots:
+        stale.unlink(missing_ok=True)
