@@ -120,6 +120,19 @@ def test_optimal_lam_point_mass():
     assert optimal_lam(-1.0, 0.0, 4, 8, signed=False).item() == 1.0
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_spread_too_small_to_square_next_to_mu_is_a_point_mass(signed):
+    """(mu / sigma)^2 overflowed float64 below sigma = 1e-154 |mu|: lam jumped to 8 (top level 120,
+    error mu^2) and k and the error were NaN. The limit sigma -> 0 is continuous there."""
+    tiny, small = optimal_lam(1.0, 1e-160, 4, 4, signed), optimal_lam(1.0, 1e-140, 4, 4, signed)
+    point = optimal_lam(1.0, 0.0, 4, 4, signed)
+    assert tiny.item() == point.item() and small.item() == pytest.approx(point.item(), rel=0.3)
+    assert k_factor(tiny, 1.0, 1e-160, 4, 4, signed).item() == pytest.approx(1.0)
+    h = 0.07 / 4  # eq. 20: levels of lam / T, the nearest to mu = 1 of the 4 * 15 is 57
+    assert quantization_error(0.07, 1.0, 1e-160, 4, 4, signed).item() == pytest.approx((57 * h - 1) ** 2)
+    assert fixed_point_lam(1.0, 1e-160, 4, 4, signed).item() == point.item()
+
+
 def test_optimal_lam_relative_accuracy_1e9():
     mu, sigma, n, T = 0.37, 0.81, 8, 16
     lam = optimal_lam(mu, sigma, n, T, True).item()

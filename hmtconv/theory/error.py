@@ -60,19 +60,29 @@ def _check(lam=None, sigma=None, T=None, mu=None):
         raise ValueError(f"T must be a positive integer, got {T[(T < 1) | (T != torch.round(T))][0].item()}")
 
 
+POINT_MASS = 1e-150  # sigma below |mu| times this is a point mass: (mu / sigma)^2 would overflow float64
+
+
+def is_point_mass(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Where N(mu, sigma^2) is taken as the point mass at mu (sigma = 0, or so small next to mu
+    that float64 cannot square their ratio; float32 data never comes near that)."""
+    return (sigma == 0) | (sigma < mu.abs() * POINT_MASS)
+
+
 def positive_part_second_moment(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """E[x^2; x > 0] for x ~ N(mu, sigma^2) (sigma may be 0)."""
-    safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    point = is_point_mass(mu, sigma)
+    safe = torch.where(point, torch.ones_like(sigma), sigma)
     c = mu / safe
     cdf = 0.5 * torch.special.erfc(-c / math.sqrt(2.0))
     gauss = (mu * mu + sigma * sigma) * cdf + mu * sigma * _INV_SQRT_2PI * torch.exp(-c * c / 2)
-    return torch.where(sigma > 0, gauss, mu.clamp(min=0) ** 2)
+    return torch.where(point, mu.clamp(min=0) ** 2, gauss)
 
 
 def moments(mu, sigma, h, b, signed: bool):
     """``(E[x f]/h, E[f^2]/h^2, log_scale)`` of the quantizer, each scaled by exp(-log_scale).
 
-    ``sigma == 0`` is handled exactly (a point mass at mu). The scaling keeps far-tail ratios
+    A point mass (``is_point_mass``: sigma = 0) is handled exactly. The scaling keeps far-tail ratios
     finite; multiply by ``exp(log_scale)`` for the true values.
     """
     mu, sigma, h, b = broadcast64(mu, sigma, h, b)
@@ -82,7 +92,7 @@ def moments(mu, sigma, h, b, signed: bool):
     xf, ff, logs = [], [], []
     for sign in sides:
         m = sign * mu
-        point = (sigma == 0)
+        point = is_point_mass(m, sigma)
         sums = side_sums(m, torch.where(point, torch.ones_like(sigma), sigma), h, b)
         level = torch.floor(m / h + 0.5).clamp(0).minimum(b)
         xf.append(torch.where(point, m * level, m * sums.A + sigma * sums.C))
@@ -98,7 +108,7 @@ def moments(mu, sigma, h, b, signed: bool):
 def k_factor(lam, mu, sigma, n, T, signed: bool, levels=None) -> torch.Tensor:
     """Eq. 29: ``k = E[x f] / E[f^2]``, the rescaling of lam that lowers the error (Lemma 4.4).
 
-    NaN only where it is undefined: sigma = 0 and f(mu) = 0.
+    NaN only where it is undefined: a point mass (sigma = 0) with f(mu) = 0.
     """
     lam, mu, sigma, T = broadcast64(lam, mu, sigma, T)
     _check(lam, sigma, T)
@@ -124,4 +134,4 @@ def quantization_error(lam, mu, sigma, n, T, signed: bool, levels=None) -> torch
     # a point mass (sigma = 0) directly, without the cancellation of the expanded square
     level = torch.floor(mu / h + 0.5).clamp(-b if signed else 0).minimum(b)
     point = (h * level - (mu if signed else mu.clamp(min=0))) ** 2
-    return torch.where(sigma > 0, gaussian, point)
+    return torch.where(is_point_mass(mu, sigma), point, gaussian)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .error import _check, broadcast64, levels_for, moments, quantization_error
+from .error import _check, broadcast64, is_point_mass, levels_for, moments, quantization_error
 from .fine_grid import fine_log_k, is_fine
 from .valleys import coarse_brackets, valley_brackets
 
@@ -66,7 +66,7 @@ def optimal_lam(mu, sigma, n, T, signed: bool, levels=None, rtol: float = 1e-12,
     shape = mu.shape
     mu, sigma, T, b = (t.reshape(-1) for t in (mu, sigma, T, b))
     lam = _point_mass_lam(mu, b, T, signed)
-    live = sigma > 0
+    live = ~is_point_mass(mu, sigma)
     depth = torch.ones_like(mu)
     if not signed:
         depth = torch.where(live & (mu < -DEEP_TAIL * sigma), -mu / (DEEP_TAIL * sigma), depth)
@@ -182,7 +182,7 @@ def fixed_point_lam(mu, sigma, n, T, signed: bool, steps: int = 1500, theta0: fl
     _check(sigma=sigma, T=T, mu=mu)
     b = T * levels_for(n, levels)
     mu, sigma, T, b = broadcast64(mu, sigma, T, b)
-    live = sigma > 0
+    live = ~is_point_mass(mu, sigma)
     theta = torch.full_like(mu, float(theta0))
     safe_sigma = torch.where(live, sigma, torch.ones_like(sigma))
     for _ in range(steps):
