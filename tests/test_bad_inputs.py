@@ -610,3 +610,13 @@ def test_numpy_integers_are_integers():
     assert HMTNeuron(np.int64(3), 0.5).n == 3
     with pytest.raises(ValueError, match=r"n \(number of thresholds\) must be an integer in \[1, 16\], got 4.0"):
         HMTNeuron(4.0, 0.5)
+
+
+def test_a_prepared_model_converted_in_place_is_named_as_such():
+    """It is the SNN's network then: it was asked for calibration data "for a float model"."""
+    prepared = hc.calibrate(hc.prepare(cnn()), images())
+    snn = hc.convert(prepared, T=2, policy="max", inplace=True)
+    with pytest.raises(ValueError, match=r"holds spiking neurons: it was converted in place already"):
+        hc.convert(prepared, T=2)
+    with pytest.raises(TypeError, match="got an already converted SNN"):
+        hc.convert(snn, images())

@@ -1,5 +1,6 @@
 """Agreement with the ANN, spikes through step t, and answering a smaller T from one run."""
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -107,3 +108,14 @@ def test_sweep_simulates_T_independent_policies_once():
     for steps, group in runs:
         if group[0]["policy"] != "opt":
             assert {p["T"] for p in group} == {1, 2, 4}
+
+
+def test_evaluating_at_another_T_than_opts_own_warns():
+    """opt's thresholds depend on T (eqs. 23-29): evaluate(T=...) runs them for other steps."""
+    model, data = small_cnn(), loader()
+    with pytest.warns(UserWarning, match=r"evaluating at T=8 an SNN whose thresholds \(policy 'opt'\) were chosen "
+                                         r"for T=4; convert with T=8"):
+        hc.evaluate(hc.convert(model, data, n=3, T=4, policy="opt"), data, T=8, diagnostics=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hc.evaluate(hc.convert(model, data, n=3, T=4, policy="999"), data, T=8, diagnostics=False)

@@ -32,7 +32,7 @@ from .observers import ActivationObserver, HistogramConfig, ShapeObserver, check
 from .onednn import swap_linears
 from .policies import histograms_for
 from .pooling import slice_max_pools
-from .sites import ObservedActivation
+from .sites import ObservedActivation, SpikingActivation
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
 from .tracing import hooked
 from .unconverted import find_unconverted
@@ -174,7 +174,10 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
 
     ``example_inputs`` (a batch of images, or ``(images, labels)``) lets fx trace a model whose
     forward branches on sizes (timm's MobileViT, Twins, NesT...) at that image size; without it,
-    or where even that fails, such a model falls back to module swapping."""
+    or where even that fails, such a model falls back to module swapping.
+
+    ``inplace`` edits the model's own modules instead of a copy's; use the module returned (a
+    traced model's is a new GraphModule around them)."""
     if identity not in IDENTITIES:
         raise ValueError(f"identity must be one of {IDENTITIES}, got {identity!r}")
     if isinstance(model, SNN) or is_prepared(model):
@@ -366,6 +369,10 @@ def convert(model: nn.Module, calib_loader: Iterable | None = None, *, n: int = 
             raise ValueError(f"the model was prepared with identity={_info(model).identity!r} but convert got "
                              f"identity={identity!r}; prepare again or pass the same value")
         prepared = model if inplace else copy.deepcopy(model)
+    elif not isinstance(model, SNN) and any(isinstance(m, SpikingActivation) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} holds spiking neurons: it was converted in place already "
+                         f"(convert(prepared, inplace=True) makes it the SNN's network); prepare the float model "
+                         f"again, or convert without inplace to keep the prepared model")
     elif calib_loader is None:
         raise ValueError("convert(model, calib_loader, ...) needs calibration data for a float model "
                          "(or pass the output of prepare() and calibrate())")

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..allocator import gc_paused
 from ..device import placement
-from . import huggingface
+from . import huggingface, memory
 from .api import batch_labels, first_batches, is_prepared, model_input
 from .energy import E_AC, E_MAC
-from . import memory
 from .memory import chunk_size, cpu_chunk, format_bytes, parse_bytes
 from .multistep import step_index
+from .policies import depends_on_T
 from .result import EvaluationResult, LayerStats
 from .snn import SNN, check_steps
 
@@ -225,7 +225,10 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
     neither, on CPU, in chunks of ``memory.cpu_chunk(T)`` samples (32-64: faster than whole
     batches that outgrow the cache). Samples are independent, so accuracies, spikes and energy do
     not depend on the chunking (the per-site errors only to float rounding: an ANN-mode layer may
-    round differently at another batch size)."""
+    round differently at another batch size).
+
+    ``T`` defaults to the T of ``convert``; another T runs that many steps with the thresholds
+    convert chose, which for opt, opt1500 and opt-emp were chosen for its T (a warning says so)."""
     if not isinstance(snn, SNN):
         raise TypeError(f"evaluate expects the SNN returned by hmtconv.convert(), got {type(snn).__name__}")
     if ann is not None and (isinstance(ann, SNN) or is_prepared(ann)):
@@ -233,6 +236,9 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
                         f"{'converted' if isinstance(ann, SNN) else 'prepared'} {type(ann).__name__} (a prepared "
                         f"model's observers would add the evaluation images to its calibration)")
     steps = snn.config.T if T is None else check_steps(T)
+    if steps != snn.config.T and depends_on_T(snn.config.policy):
+        warnings.warn(f"evaluating at T={steps} an SNN whose thresholds (policy {snn.config.policy!r}) were chosen "
+                      f"for T={snn.config.T}; convert with T={steps} for its own", stacklevel=2)
     snn.eval()
     # each module's own mode, restored after (a model being fine-tuned may keep some, as a frozen
     # BatchNorm, in eval mode: ann.train() would not restore those)
