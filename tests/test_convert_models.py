@@ -756,3 +756,25 @@ def test_per_layer_is_in_run_order_for_a_module_swapped_model():
     snn = hc.convert(model, data, n=4, T=4, policy="max")
     assert not snn.report.traced and list(snn.sites()) == ["late", "early"]
     assert [layer.name for layer in hc.evaluate(snn, data, ann=model).per_layer] == ["early", "late"]
+
+
+class TokensUntraceable(nn.Module):
+    """ReLU spikes as tokens through a Linear of many rows (oneDNN's op, prepare.swap_linears)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu, self.mix, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.relu(self.conv(x)).flatten(2).transpose(1, 2)  # [B, 64, 4]
+        if h.max() > -1e9:
+            h = self.mix(h)
+        return self.fc(h.mean(1))
+
+
+def test_the_fallback_does_not_report_the_linear_layers_fast_path():
+    """A Linear of 256 rows or more runs oneDNN's _linear_pointwise: it was reported as float on spikes."""
+    torch.manual_seed(0)
+    model, data = TokensUntraceable().eval(), loader((1, 8, 8), classes=3, batch=8)
+    snn = hc.convert(model, data, n=4, T=4, policy="max")
+    assert not snn.report.traced and snn.report.unconverted == []

@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import onednn
 from .compensated import COMPENSATED
 from .graph import SHAPE_ONLY
 from .linear_ops import STRUCTURAL_FUNCTIONS, STRUCTURAL_METHODS
@@ -43,7 +44,7 @@ QUOTIENTS = {torch.div: "div", Tensor.div: "div", Tensor.div_: "div_"}
 MASKS = {torch.where: 0, Tensor.where: 1, Tensor.masked_fill: 1, Tensor.masked_fill_: 1}
 LINEAR_FUNCTIONS = {*STRUCTURAL_FUNCTIONS, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
                     F.conv_transpose3d, F.batch_norm, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                    F.feature_alpha_dropout}
+                    F.feature_alpha_dropout, *([torch.ops.mkldnn._linear_pointwise] if onednn.available() else [])}
 # (Tensor methods by name, as fx records them; the mode sees ``x + y`` as ``add``, ``2 - x`` as ``__rsub__``)
 LINEAR_METHODS = {*STRUCTURAL_METHODS, "__getitem__", "__setitem__", "__rsub__", "double", "half", "bfloat16", "cpu",
                   "cuda"}
