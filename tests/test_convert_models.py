@@ -685,8 +685,8 @@ def test_compensation_running_sum_is_t_times_f_of_running_mean(module, args, tem
 
 
 class InPlaceThenUntraceable(nn.Module):
-    """An in-place SiLU whose write the model relies on, then a LayerNorm of a shape read from its
-    input (graph.normalize fails there: module swapping takes the model after normalize began)."""
+    """An in-place SiLU whose write the model relies on, then a LayerNorm whose weight is read from
+    its input (graph.normalize fails there: module swapping takes the model after normalize began)."""
 
     def __init__(self):
         super().__init__()
@@ -696,7 +696,7 @@ class InPlaceThenUntraceable(nn.Module):
     def forward(self, x):
         h = self.conv(x)
         self.act(h)  # (h keeps the write)
-        h = F.layer_norm(h, h.shape[-1:])
+        h = F.layer_norm(h, (6,), h[0, 0, 0])
         return self.head(self.relu(h).mean((2, 3)))
 
 
