@@ -34,7 +34,7 @@ from .policies import histograms_for
 from .pooling import slice_max_pools
 from .sites import ObservedActivation, SpikingActivation
 from .snn import IDENTITIES, SNN, ConversionConfig, ConversionReport
-from .tracing import hooked
+from .tracing import HOOKS_DROPPED, hooked
 from .unconverted import find_unconverted
 from .windows import decompose_window_attention
 
@@ -201,7 +201,8 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
                                                 str(error))
     swap_faster_layers(prepared)
     if hooks:
-        _warn_hooks(hooks, {name for name, m in prepared.named_modules() if hooked(m)})
+        failed = prepared.meta.pop(HOOKS_DROPPED, []) if traced else []
+        _warn_hooks(hooks, {name for name, m in prepared.named_modules() if hooked(m)}, failed)
     if not any(isinstance(m, ObservedActivation) for m in prepared.modules()):
         if not traced:
             raise ValueError(f"{type(model).__name__}: torch.fx cannot trace it ({trace_error}), and without a graph "
@@ -239,18 +240,21 @@ def _check_images_alone(model: nn.Module) -> None:
                         f"whose forward(images) supplies them")
 
 
-def _warn_hooks(hooks: list[str], kept: set[str]) -> None:
+def _warn_hooks(hooks: list[str], kept: set[str], failed: list[str]) -> None:
     def listed(names: list[str]) -> str:
         names = [name or "<root>" for name in names]
         return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-    copied, dropped = [n for n in hooks if n in kept], [n for n in hooks if n not in kept]
+    copied = [n for n in hooks if n in kept]
+    traced = [n for n in hooks if n not in kept and n not in failed]
     said = [f"forward hooks on {listed(copied)} are copied with the model: they see calibration batches and the "
             f"SNN's [T*B, ...] activations (a hooked BatchNorm is not folded)"] if copied else []
-    if dropped:
-        said.append(f"forward hooks on {listed(dropped)} do not run as hooks: on the model itself and the blocks the "
-                    f"trace runs through they were traced into the graph (what they compute into the outputs kept), "
-                    f"or dropped where that failed; on the ReLU, attention and max-pooling modules the conversion "
-                    f"replaces, dropped")
+    if traced:
+        said.append(f"forward hooks on {listed(traced)} do not run as hooks: on the model itself and the blocks the "
+                    f"trace runs through they were traced into the graph (what they compute into the outputs kept); "
+                    f"on the ReLU, attention and max-pooling modules the conversion replaces, dropped")
+    if failed:
+        said.append(f"a forward hook on {listed(failed)} fails the trace (it reads values, as a logger's float(out) "
+                    f"does) and was dropped")
     warnings.warn("; ".join(said), stacklevel=3)
 
 

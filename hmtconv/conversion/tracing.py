@@ -204,17 +204,31 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, sized: bool = F
     fixed at their defaults."""
     optional = list(inspect.signature(model.forward).parameters.values())[1:]
     defaults = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty} or None
+    dropped = []
     try:
         graph, sized = _trace(model, example, defaults, sized)
     except NotTraceable:
         # fx runs the hooks of the modules it traces through on proxies: one that changes a block's
         # output joins the graph, but one that reads values (a logger's out.mean().item()) fails
-        # the trace. Without them, then (the graph keeps the hooks of its leaves only).
+        # the trace. Without them, then, and each put back where the trace still succeeds.
         with _hooks_set_aside(model) as aside:
             if not aside:
                 raise
             graph, sized = _trace(model, example, defaults, sized)
-    return fx.GraphModule(model, graph, class_name=type(model).__name__), sized
+            for name, hooks, every in aside:
+                for key, hook in every.items():
+                    hooks[key] = hook  # (after those kept before it: the order stays)
+                    try:
+                        graph, sized = _trace(model, example, defaults, sized)
+                    except NotTraceable:
+                        del hooks[key]
+                        dropped.append(name)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.meta[HOOKS_DROPPED] = list(dict.fromkeys(dropped))
+    return gm, sized
+
+
+HOOKS_DROPPED = "hmtconv_hooks_dropped"  # gm.meta: the modules a hook of which failed the trace
 
 
 def _trace(model: nn.Module, example: torch.Tensor | None, defaults: dict | None,
@@ -241,16 +255,17 @@ def hooked(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def _hooks_set_aside(model: nn.Module):
     """The hooks of the modules fx traces through, set aside for a ``with`` block (and back after
-    it: module swapping, should it follow, runs them); yields whether there were any."""
+    it, in their order: module swapping, should it follow, runs them); yields ``(module name, its
+    hook dict, the hooks it had)`` for each pre- and post-hook dict emptied."""
     tracer = Tracer()
-    aside = [(m, dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()
-             if hooked(m) and not tracer.is_leaf_module(m, name)]
-    for module, _, _ in aside:
-        module._forward_pre_hooks.clear()
-        module._forward_hooks.clear()
+    aside = [(name, hooks, dict(hooks)) for name, m in model.named_modules()
+             if hooked(m) and not tracer.is_leaf_module(m, name)
+             for hooks in (m._forward_pre_hooks, m._forward_hooks) if hooks]
+    for _, hooks, _ in aside:
+        hooks.clear()
     try:
-        yield bool(aside)
+        yield aside
     finally:
-        for module, pre, post in aside:
-            module._forward_pre_hooks.update(pre)
-            module._forward_hooks.update(post)
+        for _, hooks, every in aside:
+            hooks.clear()
+            hooks.update(every)
