@@ -108,22 +108,26 @@ class SweepConfig:
             if point["neuron"] == "if":
                 point["n"] = 1
             point["policy"] = _canonical(point["policy"])
-            key = json.dumps(point, sort_keys=True)
+            # (100 and 100.0 are one point, kept as first written: stored records' keys hold it so)
+            key = json.dumps({**point, "policy": _number(point["policy"])}, sort_keys=True)
             if key not in seen:
                 seen.add(key)
                 points.append(point)
         return points
 
 
+def _number(policy: str | float) -> str | float:
+    return float(policy) if isinstance(policy, int) and not isinstance(policy, bool) else policy
+
+
 def _canonical(policy: str | float) -> str | float:
-    """A percentile written as a string ("99.9") or an int (100) as the float it is, so the grid
-    runs it once."""
+    """A percentile written as a string ("99.9") as the number it is, so the grid runs it once."""
     if isinstance(policy, str) and policy not in POLICIES:
         try:
             return float(policy)
         except ValueError:
             pass
-    return float(policy) if isinstance(policy, int) else policy
+    return policy
 
 
 def load_config(path: str | Path) -> SweepConfig:

@@ -1,6 +1,7 @@
 """The bad-input catalogue: each mistake gives a clear error (one line and exit 2 from the CLI) or,
 where the input is usable, a warning; nothing already written is lost. Plus determinism."""
 import errno
+import functools
 import importlib
 import json
 from pathlib import Path
@@ -373,9 +374,25 @@ def test_a_forward_that_needs_more_than_the_images_is_refused_at_once():
         def forward(self, x, scale=1.0, *args, shift=0.0, **options):
             return self.fc(torch.relu(self.conv(x * scale + shift)).mean((2, 3)))
 
+    def supplies_scale(forward):
+        @functools.wraps(forward)
+        def wrapper(self, x):
+            return forward(self, x, 1.0)
+        return wrapper
+
+    class Decorated(ConvHead):  # (fx cannot trace it: module swapping)
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        @supplies_scale
+        def forward(self, x, scale):  # (inspect.signature follows __wrapped__ to this one by default)
+            return self.fc(self.relu(self.conv(x * scale)).mean((2, 3)))
+
     with pytest.raises(TypeError, match=r"TwoInputs.forward needs scale, shift besides the images; .* wrap it"):
         hc.convert(TwoInputs().eval(), images())
     assert hc.convert(Defaults().eval(), images(), T=2).report.traced
+    hc.convert(Decorated().eval(), images(), T=2)
 
 
 def test_a_model_with_forward_hooks_gets_a_note():

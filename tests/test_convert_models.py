@@ -151,9 +151,27 @@ def test_untraceable_model_falls_back_and_reports_unconverted(activation, name):
     assert result.energy_ratio is result.synops_cumulative is result.macs is None  # no graph, no counts
 
 
+def clamp_a_view(h):
+    h[:, :4].clamp_(max=0.5)  # the base, returned, holds the write
+    return h
+
+
+def sigmoid_into_a_buffer(h):
+    out = torch.zeros_like(h)
+    out.narrow(1, 0, 4).copy_(torch.sigmoid(h[:, :4]))
+    return out
+
+
+def linear_forms(h):
+    out = torch.empty_like(h).copy_(h)
+    out = out.gather(1, torch.arange(out.shape[1]).flip(0).expand_as(out))
+    return torch.addmm(out, out, torch.eye(out.shape[1])) + torch.multiply(out, 2).true_divide(3)
+
+
 @pytest.mark.parametrize("activation,names", [
     (lambda h: torch.maximum(h, torch.zeros_like(h)), ["maximum"]),
-    (lambda h: torch.where(h > 0.5, h, 0.1 * h), ["gt", "where with a mask computed from spikes"]),
+    (clamp_a_view, ["clamp_"]), (sigmoid_into_a_buffer, ["sigmoid"]), (linear_forms, []),
+    (lambda h: torch.where(h > 0.5, h, 0.1 * h), ["gt", "where with a mask or index computed from spikes"]),
     (lambda h: h - h.std(1, keepdim=True), ["std"]),
     (lambda h: h / h.amax(), ["amax", "div by a spike train"]),  # a 0-d result that reaches the output
     (lambda h: h.sort(1).values, ["sort"]),

@@ -174,4 +174,4 @@ def test_a_percentile_written_as_text_and_as_a_number_is_one_point():
     """Was run twice (and shown as 99.9 and 99.90); named policies and per-site strings stay as written."""
     config = SweepConfig(models=[ModelEntry("cnn", "x")], T=[2], n=[4],
                          policy=["99.9", 99.9, "999", "opt,*x=99.5", 100, 100.0, "100"])
-    assert [p["policy"] for p in config.points()] == [99.9, "999", "opt,*x=99.5", 100.0]
+    assert [p["policy"] for p in config.points()] == [99.9, "999", "opt,*x=99.5", 100]

@@ -227,7 +227,8 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
 def _check_images_alone(model: nn.Module) -> None:
     """The SNN is called on the images alone (``model(x)``): a forward that needs more is refused
     here (calibration failed with forward's own TypeError)."""
-    parameters = list(inspect.signature(model.forward).parameters.values())
+    # (the signature model(x) calls: a decorator's, where it supplies arguments of its own)
+    parameters = list(inspect.signature(model.forward, follow_wrapped=False).parameters.values())
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if not any(p.kind in (*positional, inspect.Parameter.VAR_POSITIONAL) for p in parameters):
         raise TypeError(f"{type(model).__name__}.forward takes no images (positional argument); hmtconv calls "

@@ -152,9 +152,10 @@ def _chunk_limit(snn: SNN, steps: int, max_batch: int | None, memory_budget: int
 
 def _cpu_default(snn: SNN, steps: int) -> int:
     """cpu_chunk, fewer where half the memory available would not hold them (a long T): one sample
-    that does not fit at all is an error, not the out-of-memory killer's silent end."""
+    that does not fit at all is an error, not the out-of-memory killer's silent end. (Traced SNNs
+    only: a module-swapped model's estimate adds up every layer's output, far above its peak.)"""
     free = memory.available_memory()
-    if free is None:
+    if free is None or snn.memory_profile is None:
         return cpu_chunk(steps)
     per_sample = snn.activation_bytes(steps)
     if per_sample > free:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
@@ -34,20 +35,29 @@ from .linear_ops import STRUCTURAL_FUNCTIONS, STRUCTURAL_METHODS
 from .sites import ObservedActivation
 
 Tensor = torch.Tensor
-# Linear in each operand alone: wrong only where two operands come from spikes.
-PRODUCTS = {torch.mul: "mul", Tensor.mul: "mul", Tensor.mul_: "mul_", torch.matmul: "matmul", Tensor.matmul: "matmul",
-            Tensor.__rmatmul__: "matmul", torch.bmm: "bmm", Tensor.bmm: "bmm", torch.mm: "mm", Tensor.mm: "mm",
-            torch.einsum: "einsum", F.linear: "linear"}
+# Linear in each operand alone: wrong only where two of its factors (all its tensor arguments, or
+# those at FACTORS) come from spikes.
+PRODUCTS = {torch.mul: "mul", Tensor.mul: "mul", Tensor.mul_: "mul_", torch.multiply: "multiply",
+            Tensor.multiply: "multiply", torch.matmul: "matmul", Tensor.matmul: "matmul", Tensor.__rmatmul__: "matmul",
+            torch.bmm: "bmm", Tensor.bmm: "bmm", torch.mm: "mm", Tensor.mm: "mm", torch.einsum: "einsum",
+            F.linear: "linear", torch.addmm: "addmm", Tensor.addmm: "addmm", torch.baddbmm: "baddbmm",
+            Tensor.baddbmm: "baddbmm"}
+FACTORS = {F.linear: slice(0, 2), torch.addmm: slice(1, 3), Tensor.addmm: slice(1, 3), torch.baddbmm: slice(1, 3),
+           Tensor.baddbmm: slice(1, 3)}  # (the others' first argument is added)
 # Linear in the dividend: wrong where the divisor comes from spikes.
-QUOTIENTS = {torch.div: "div", Tensor.div: "div", Tensor.div_: "div_"}
-# Linear in the other arguments while the mask (the argument at this index) comes from no spikes.
-MASKS = {torch.where: 0, Tensor.where: 1, Tensor.masked_fill: 1, Tensor.masked_fill_: 1}
+QUOTIENTS = {torch.div: "div", Tensor.div: "div", Tensor.div_: "div_", torch.divide: "divide",
+             Tensor.divide: "divide", torch.true_divide: "true_divide", Tensor.true_divide: "true_divide"}
+# Linear in the other arguments while the mask or index (the argument at this index) comes from no spikes.
+MASKS = {torch.where: 0, Tensor.where: 1, Tensor.masked_fill: 1, Tensor.masked_fill_: 1, torch.gather: 2,
+         Tensor.gather: 2}
 LINEAR_FUNCTIONS = {*STRUCTURAL_FUNCTIONS, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
                     F.conv_transpose3d, F.batch_norm, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                    F.feature_alpha_dropout, *([torch.ops.mkldnn._linear_pointwise] if onednn.available() else [])}
+                    F.feature_alpha_dropout, torch.positive,
+                    *([torch.ops.mkldnn._linear_pointwise] if onednn.available() else [])}
 # (Tensor methods by name, as fx records them; the mode sees ``x + y`` as ``add``, ``2 - x`` as ``__rsub__``)
+LIKE_OTHER = {"expand_as", "view_as", "reshape_as", "type_as"}  # methods reading the other tensor's size or dtype
 LINEAR_METHODS = {*STRUCTURAL_METHODS, "__getitem__", "__setitem__", "__rsub__", "double", "half", "bfloat16", "cpu",
-                  "cuda"}
+                  "cuda", "type", "positive", "copy_"}
 
 
 def _method(func) -> str | None:
@@ -61,6 +71,14 @@ def _is_linear(func) -> bool:
     return func in LINEAR_FUNCTIONS or _method(func) in LINEAR_METHODS or getattr(func, "__name__", None) == "__get__"
 
 
+def _storage(t: Tensor) -> int | None:
+    """The storage ``t`` views (None: a tensor without one)."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def _tensors(value) -> list[Tensor]:
     """The tensors in a call's or a model's output (tuples, lists, dicts, Hugging Face's outputs)."""
     if isinstance(value, Mapping):
@@ -69,46 +87,68 @@ def _tensors(value) -> list[Tensor]:
 
 
 class _Recorder(TorchFunctionMode):
-    """Follows the tensors computed from the sites' outputs (``spiky``: tensor -> the calls wrong on
-    spikes that it was computed through) through every call; ``stack`` names the module running."""
+    """Follows the tensors computed from the sites' outputs through every call: ``spiky`` maps such
+    a tensor to the calls wrong on spikes that it was computed through, and ``written`` a storage
+    written in place (through any view of it) to those of the values written there, which its
+    other views (the base of a view written in place) carry too; ``stack`` names the module running."""
 
     def __init__(self, stack: list[str | None], spiky: WeakIdKeyDictionary):
         super().__init__()
         self.stack, self.spiky = stack, spiky
+        self.written: dict[int, tuple[StorageWeakRef, frozenset]] = {}  # storage -> (its weak ref, calls)
 
     def taint(self, values) -> frozenset | None:
         """The wrong calls behind the spiking tensors in ``values`` (None: no spiking tensor)."""
-        found = [self.spiky[t] for t in tree_leaves(values) if isinstance(t, Tensor) and t in self.spiky]
+        found = []
+        for t in tree_leaves(values):
+            if isinstance(t, Tensor):
+                if t in self.spiky:
+                    found.append(self.spiky[t])
+                written = self._written(t)
+                if written is not None:
+                    found.append(written)
         return frozenset().union(*found) if found else None
+
+    def _written(self, t: Tensor) -> frozenset | None:
+        entry = self.written.get(_storage(t)) if self.written else None
+        return None if entry is None or entry[0].expired() else entry[1]  # (expired: the address reused)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        found = self.taint((args, kwargs))
+        method = _method(func) or ""
+        # (``x.expand_as(y)`` and the like read y's size alone)
+        found = self.taint(args[0] if method in LIKE_OTHER else (args, kwargs))
         if found is None or func in SHAPE_ONLY or _method(func) in SHAPE_ONLY:
             return out  # nothing from spikes in (or only their size: ``zeros_like``)
         owner = self.stack[-1] if self.stack else None
         wrong = None if owner is None else self._wrong(func, args)
         if wrong is not None:
             found = found | {(owner, wrong)}
-        method = _method(func) or ""
+        outputs = _tensors(out)
+        for tensor in outputs:
+            self.spiky[tensor] = found
+        inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
         writes = method == "__setitem__" or method.endswith("_") and not method.endswith("__")
         written = [args[0]] if writes and isinstance(args[0], Tensor) else []  # (``x[i] = v`` returns None)
-        for tensor in (*_tensors(out), *written):
+        written += [t for t in outputs if any(t is a for a in inputs)]  # (F.relu(x, inplace=True), out=)
+        for tensor in written:
             self.spiky[tensor] = found
+            key = _storage(tensor)
+            if key is not None:
+                self.written[key] = (StorageWeakRef(tensor.untyped_storage()), found | (self._written(tensor) or set()))
         return out
 
     def _wrong(self, func, args: tuple) -> str | None:
         """What this call on spikes gets wrong (its name), or None where it is linear in them."""
-        spiking = [isinstance(a, Tensor) and a in self.spiky for a in args]
+        spiking = [isinstance(a, Tensor) and (a in self.spiky or self._written(a) is not None) for a in args]
         if func in PRODUCTS:
-            factors = spiking[:2] if func is F.linear else spiking  # (linear's bias is added)
-            return f"{PRODUCTS[func]} of two spike trains" if sum(factors) > 1 else None
+            return f"{PRODUCTS[func]} of two spike trains" if sum(spiking[FACTORS.get(func, slice(None))]) > 1 else None
         if func in QUOTIENTS:
             return f"{QUOTIENTS[func]} by a spike train" if len(args) > 1 and spiking[1] else None
         if func in MASKS:
             index = MASKS[func]
             computed = index >= len(args) or spiking[index]  # (``torch.where(x)`` alone: indices)
-            return f"{getattr(func, '__name__', func)} with a mask computed from spikes" if computed else None
+            return f"{getattr(func, '__name__', func)} with a mask or index computed from spikes" if computed else None
         return None if _is_linear(func) else getattr(func, "__name__", str(func))
 
 
