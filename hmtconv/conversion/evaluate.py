@@ -21,7 +21,8 @@ from .. import distributed
 from ..allocator import gc_paused
 from ..device import placement
 from . import huggingface, memory
-from .api import batch_labels, first_batches, is_prepared, model_input
+from .api import is_prepared
+from .batches import batch_labels, first_batches, model_input
 from .energy import E_AC, E_MAC
 from .memory import chunk_size, cpu_chunk, format_bytes, parse_bytes
 from .multistep import step_index
