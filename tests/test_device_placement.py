@@ -97,3 +97,23 @@ def test_an_snn_built_around_a_network_on_the_device_counts_there():
     snn = SNN(built.net.to("meta"), built.config, built.report, built.output_temporal, macs)
     assert {getattr(snn, key).device for key in macs} == {META}
     assert _SiteMonitor(snn, 3, compare=False).device == META
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = tiny("cnn")
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > -1e9 else -self.body(x)  # data-dependent: module swapping
+
+
+def test_neurons_without_fan_outs_count_spikes_without_reading_the_device():
+    """A module-swapped model's neurons have no fan-outs: they counted spikes by bincount, which
+    reads its output size back from the device (a stall per step; meta has no such kernel)."""
+    calib = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
+    snn = hc.convert(Untraceable().eval(), calib, n=4, T=3, policy="max")
+    assert not snn.report.traced
+    site = next(iter(snn.sites().values())).to(META)
+    out = site(torch.randn(3 * 2, 4, 8, 8, device=META))
+    assert out.device == META and site.neuron.spikes.device == META

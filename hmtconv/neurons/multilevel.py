@@ -102,32 +102,35 @@ def fire_(v: torch.Tensor, current: torch.Tensor, lam: torch.Tensor, levels: int
 class SpikeCounter:
     """Binary spikes of integer levels ``k``, counted in buffers allocated once per forward.
 
-    Without fan-outs a histogram of the levels suffices (one integer pass, exact); with them,
-    spikes are summed over the leading (batch) dims first and dotted with the fan-out map.
-    Calling it returns ``(total, total weighted by fanout or None)``.
+    Without fan-outs, on the CPU, a histogram of the levels suffices (one integer pass, exact;
+    elsewhere bincount reads its size back from the device, a synchronization per step); else
+    each level's spikes are looked up, summed over the leading (batch) dims first and, with
+    fan-outs, dotted with the fan-out map. Calling it returns ``(total, total weighted by fanout
+    or None)``.
     """
 
     def __init__(self, spike_lut: torch.Tensor, fanout: torch.Tensor | None, shape: torch.Size,
                  device: torch.device):
         self.spike_lut, self.fanout = spike_lut.to(device), fanout
-        if fanout is None:
+        self.histogram = fanout is None and torch.device(device).type == "cpu"
+        if self.histogram:
             index_dtype = torch.uint8 if len(spike_lut) <= 256 else torch.int32
             self.index = torch.empty(shape, dtype=index_dtype, device=device)
         else:
             # index_select with int32 indices is ~3x faster than advanced indexing with int64 ones
             self.index = torch.empty(shape, dtype=torch.int32, device=device)
             self.count = torch.empty(shape, dtype=self.spike_lut.dtype, device=device)
-            self.batch_dims = tuple(range(len(shape) - fanout.dim()))
+            self.batch_dims = tuple(range(len(shape) - (0 if fanout is None else fanout.dim())))
 
     def __call__(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.index.copy_(k.nan_to_num_(0.0))  # (a NaN input's level: no spike, as the kernels count it)
-        if self.fanout is None:
+        if self.histogram:
             hist = torch.bincount(self.index.view(-1), minlength=len(self.spike_lut))
             return (hist.to(torch.float64) * self.spike_lut.to(torch.float64)).sum(), None
         torch.index_select(self.spike_lut, 0, self.index.view(-1), out=self.count.view(-1))
         per_position = self.count.sum(self.batch_dims) if self.batch_dims else self.count
         per_position = per_position.to(torch.float64)
-        return per_position.sum(), (per_position * self.fanout).sum()
+        return per_position.sum(), None if self.fanout is None else (per_position * self.fanout).sum()
 
 
 class MultiLevelNeuron(KeepsDtype):
@@ -164,7 +167,7 @@ class MultiLevelNeuron(KeepsDtype):
         if spike_lut.shape != (levels + 1,) or spike_lut[0] != 0:
             raise ValueError(f"spike_lut must give the spikes of levels 0..{levels} ({levels + 1} entries), level 0 "
                              f"(no output) none; got {spike_lut}")
-        self.register_buffer("spike_lut", spike_lut, persistent=False)
+        self.register_buffer("spike_lut", spike_lut.to(self.lam.device), persistent=False)  # (with lam: made on the CPU)
         self.fanout: torch.Tensor | None = None
         self.spikes: torch.Tensor | None = None
         self.synops: torch.Tensor | None = None
