@@ -389,8 +389,27 @@ def test_a_forward_that_needs_more_than_the_images_is_refused_at_once():
         def forward(self, x, scale):  # (inspect.signature follows __wrapped__ to this one by default)
             return self.fc(self.relu(self.conv(x * scale)).mean((2, 3)))
 
+    class KeywordOnly(ConvHead):
+        def forward(self, *, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    class Variadic(ConvHead):
+        def forward(self, *inputs):
+            return self.fc(torch.relu(self.conv(inputs[0])).mean((2, 3)))
+
     with pytest.raises(TypeError, match=r"TwoInputs.forward needs scale, shift besides the images; .* wrap it"):
         hc.convert(TwoInputs().eval(), images())
+    for model, signature in ((KeywordOnly(), r"\(\*, x\)"), (Variadic(), r"\(\*inputs\)")):
+        with pytest.raises(TypeError, match=rf"{type(model).__name__}.forward{signature} takes no images as its first "
+                                            rf"argument; .* wrap it"):
+            hc.convert(model.eval(), images())
+
+    class NoGrad(ConvHead):  # a decorator passing *args on
+        @torch.no_grad()
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    assert hc.convert(NoGrad().eval(), images(), T=2).report.traced
     assert hc.convert(Defaults().eval(), images(), T=2).report.traced
     hc.convert(Decorated().eval(), images(), T=2)
 

@@ -163,14 +163,45 @@ def sigmoid_into_a_buffer(h):
 
 
 def linear_forms(h):
-    out = torch.empty_like(h).copy_(h)
+    out = torch.empty_like(h).copy_(h).type(torch.float32)
     out = out.gather(1, torch.arange(out.shape[1]).flip(0).expand_as(out))
-    return torch.addmm(out, out, torch.eye(out.shape[1])) + torch.multiply(out, 2).true_divide(3)
+    out = torch.where(torch.arange(out.shape[1]) % 2 == 0, out, 0.5 * out)  # a mask made of no spikes
+    return torch.addmm(out, out, torch.eye(out.shape[1])) + torch.multiply(out, 2).true_divide(3) + \
+        torch.positive(out.T.T) + out.mT.mT
+
+
+def hardtanh_a_view(h):
+    F.hardtanh(h[:, :4], 0.0, 0.5, inplace=True)  # (returns the view it wrote)
+    return h
+
+
+def two_writes(h):
+    h[:, :4].clamp_(max=0.5)
+    h[:, 4:].add_(1.0)  # linear: the storage keeps the clamp's mark
+    return h
+
+
+def sigmoid_assigned(h):
+    out = torch.zeros_like(h)
+    out[:, :4] = h[:, :4].sigmoid()
+    return out
+
+
+def where_on_spikes(h):
+    return torch.where(h > 0.5, torch.ones_like(h), torch.zeros_like(h))
+
+
+def where_alone(h):
+    return h + 0 * torch.where(h > 0.5)[0].sum()  # (the indices of the condition's nonzeros)
 
 
 @pytest.mark.parametrize("activation,names", [
     (lambda h: torch.maximum(h, torch.zeros_like(h)), ["maximum"]),
     (clamp_a_view, ["clamp_"]), (sigmoid_into_a_buffer, ["sigmoid"]), (linear_forms, []),
+    (hardtanh_a_view, ["hardtanh"]), (two_writes, ["clamp_"]), (sigmoid_assigned, ["sigmoid"]),
+    (where_on_spikes, ["gt", "where with a mask or index computed from spikes"]),
+    (where_alone, ["gt", "where with a mask or index computed from spikes"]),
+    (lambda h: h.gather(1, h.argsort(1)), ["argsort", "gather with a mask or index computed from spikes"]),
     (lambda h: torch.where(h > 0.5, h, 0.1 * h), ["gt", "where with a mask or index computed from spikes"]),
     (lambda h: h - h.std(1, keepdim=True), ["std"]),
     (lambda h: h / h.amax(), ["amax", "div by a spike train"]),  # a 0-d result that reaches the output
@@ -184,6 +215,12 @@ def test_the_fallback_reports_every_op_that_is_not_linear_on_spikes(activation, 
     model, data = Untraceable(activation=activation).eval(), loader((6,), classes=3)
     snn = hc.convert(model, data, n=4, T=4, policy="max")
     assert not snn.report.traced and snn.report.unconverted == [("<root>", name) for name in names]
+
+
+def assigned(h):
+    out = torch.zeros_like(h)
+    out[:] = h
+    return out
 
 
 class TwoSites(Untraceable):
@@ -205,6 +242,8 @@ class TwoSites(Untraceable):
     (lambda m, h, g, x: (h[:, :, None] @ g[:, None, :]).sum(2), "matmul of two spike trains"),
     (lambda m, h, g, x: h / (g + 1), "div by a spike train"),
     (lambda m, h, g, x: h @ m.w + g * x.repeat(1, 2)[:, :8] / 2, None),  # linear in the spikes
+    (lambda m, h, g, x: m.act2(torch.maximum(h, g)), "maximum"),  # wrong before a site: wrong after it
+    (lambda m, h, g, x: assigned(h) * g, "mul of two spike trains"),  # (a buffer written with spikes)
 ])
 def test_the_fallback_reports_products_of_spike_trains(combine, found):
     """Module swapping runs these on each step's spikes alike: the mean of a product of spike

@@ -321,6 +321,45 @@ def test_hooks_on_blocks_go_into_the_graph_or_away_and_hooked_batchnorms_are_not
     assert list(model.block._forward_hooks) == order  # the user's model keeps its hooks, in their order
 
 
+def test_each_hook_that_fails_the_trace_is_set_aside_alone_pre_hooks_too():
+    """Hooks in the order output, failing logger, output: both output hooks stay traced into the
+    graph, whatever their place; a value-reading pre-hook is set aside as a hook is."""
+    torch.manual_seed(0)
+    model, data = HookedBlocks().eval(), loader()
+    scale = torch.linspace(0, 1, 4).view(1, 4, 1, 1)
+    model.block.register_forward_pre_hook(lambda module, args: float(args[0].mean()) and None)
+    model.block.register_forward_hook(lambda module, args, out: out * scale)
+    model.block.register_forward_hook(lambda module, args, out: float(out.mean()) and None)
+    model.block.register_forward_hook(lambda module, args, out: out + scale)
+    with pytest.warns(UserWarning, match="a forward hook on block fails the trace") as caught:
+        snn = hc.convert(model, data, T=2, policy="max")
+    assert "do not run as hooks" not in str(caught[0].message)  # (the failing block is not said traced too)
+    x = data[0][0]
+    with torch.no_grad():
+        assert snn.report.traced and torch.allclose(snn.ann_forward(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class HookedThenUntraceable(HookedBlocks):
+    """Traces without its blocks' hooks, then graph.normalize fails (a LayerNorm weight read from
+    the input): module swapping takes the copy the hook retries left."""
+
+    def forward(self, x):
+        h = self.block(x)
+        return self.fc(F.layer_norm(h, (8,), h[0, 0, 0]).mean((2, 3)))
+
+
+def test_hooks_set_aside_and_put_back_keep_their_order_for_module_swapping():
+    torch.manual_seed(0)
+    model = HookedThenUntraceable().eval()
+    hooks = [lambda module, args, out: float(out.mean()) and None, lambda module, args, out: out * 2]
+    for hook in hooks:
+        model.block.register_forward_hook(hook)
+    with pytest.warns(UserWarning):
+        prepared = hc.prepare(model, example_inputs=torch.randn(4, 1, 8, 8))
+    assert not isinstance(prepared, torch.fx.GraphModule)
+    assert list(prepared.block._forward_hooks.values()) == hooks
+
+
 class MadeInForward(nn.Module):
     """Tensors made in forward from sizes and the device alone, without a batch dim, meet spikes."""
 

@@ -155,20 +155,27 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
 
 
 def _check_images_alone(model: nn.Module) -> None:
-    """The SNN is called on the images alone (``model(x)``): a forward that needs more is refused
-    here (calibration failed with forward's own TypeError)."""
-    # (the signature model(x) calls: a decorator's, where it supplies arguments of its own)
-    parameters = list(inspect.signature(model.forward, follow_wrapped=False).parameters.values())
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if not any(p.kind in (*positional, inspect.Parameter.VAR_POSITIONAL) for p in parameters):
-        raise TypeError(f"{type(model).__name__}.forward takes no images (positional argument); hmtconv calls "
-                        f"model(images)")
-    needed = [p.name for p in parameters[1:] if p.default is inspect.Parameter.empty
-              and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-    if needed:
-        raise TypeError(f"{type(model).__name__}.forward needs {', '.join(needed)} besides the images; hmtconv "
-                        f"converts models called on the images alone (model(images)): wrap it in an nn.Module "
-                        f"whose forward(images) supplies them")
+    """The SNN is called on the images alone (``model(x)``): a forward that cannot take them so is
+    refused here (calibration failed with forward's own TypeError, the trace of one taking
+    ``*inputs`` deep inside). A decorated forward is refused only where neither its own signature
+    nor the decorator's (which may supply arguments, or pass ``*args`` on) takes them."""
+    name = f"{type(model).__name__}.forward"
+    problems = [_images_alone(inspect.signature(model.forward, follow_wrapped=wrapped), name)
+                for wrapped in (True, False)]
+    if all(problems):
+        raise TypeError(f"{problems[0]}; hmtconv converts models called on the images alone (model(images)): wrap "
+                        f"it in an nn.Module whose forward(images) calls it")
+
+
+def _images_alone(signature: inspect.Signature, name: str) -> str | None:
+    """What keeps ``signature`` from taking the images alone as its first argument, or None."""
+    kinds = inspect.Parameter
+    parameters = list(signature.parameters.values())
+    if not parameters or parameters[0].kind not in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD):
+        return f"{name}{signature} takes no images as its first argument"
+    needed = [p.name for p in parameters[1:]
+              if p.default is kinds.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)]
+    return f"{name} needs {', '.join(needed)} besides the images" if needed else None
 
 
 def _warn_hooks(hooks: list[str], kept: set[str], failed: list[str]) -> None:

@@ -18,8 +18,6 @@ steps folded into the batch dim, a reduction over it, is an error instead: swapp
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -80,9 +78,7 @@ def _storage(t: Tensor) -> int | None:
 
 
 def _tensors(value) -> list[Tensor]:
-    """The tensors in a call's or a model's output (tuples, lists, dicts, Hugging Face's outputs)."""
-    if isinstance(value, Mapping):
-        value = list(value.values())
+    """The tensors in a call's or a model's output (tuples, lists, dicts)."""
     return [t for t in tree_leaves(value) if isinstance(t, Tensor)]
 
 
