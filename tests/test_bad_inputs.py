@@ -121,6 +121,7 @@ def test_evaluation_batches_of_other_forms(snn):
                                   ([(x, y[:, None]) for x, y in data], ValueError,  # not argmax(1): all zeros
                                    r"of shape \[4, 1\]; pass labels.view\(-1\)$"),
                                   ([(x, y[:-1]) for x, y in data], ValueError, "has 4 images but 3 labels"),
+                                  ([(x, y > 4) for x, y in data], ValueError, "1-D integer tensor .* got torch.bool"),
                                   ([{"image": x, "label": y} for x, y in data], TypeError, "got dict")]:
         with pytest.raises(error, match=text):
             hc.evaluate(snn, batches)
@@ -285,8 +286,9 @@ def test_max_batches_takes_no_more_from_the_loader(snn):
     batches = iter(images(batches=3))
     assert hc.evaluate(snn, batches, max_batches=2).samples == 8
     assert next(batches)[0].shape[0] == 4 and next(batches, None) is None  # the third batch is still there
-    with pytest.raises(ValueError, match="max_batches must be a positive integer"):
-        hc.evaluate(snn, images(), max_batches=0)
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="max_batches must be a positive integer"):
+            hc.evaluate(snn, images(), max_batches=bad)
 
 
 @pytest.mark.parametrize("T", [0, -3])

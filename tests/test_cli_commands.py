@@ -22,10 +22,15 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_train_logs_a_line_per_epoch_where_stderr_is_not_a_terminal(tmp_path, capsys):
+def test_train_logs_a_line_per_epoch_where_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    losses, real = [], torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda *a, **k: (lambda loss: losses.append(loss.item()) or loss)(real(*a, **k)))
     assert main(["train", "--epochs", "2", "--limit", "2", "--batch-size", "16", "--out", str(tmp_path / "m.pt")]) == 0
     log = capsys.readouterr().err
-    assert "\r" not in log and re.search(r"epoch 1/2: mean loss \d\.\d{4}\nepoch 2/2: mean loss", log), log
+    means = [float(m) for m in re.findall(r"epoch \d/2: mean loss (\d\.\d{4})\n", log)]
+    assert "\r" not in log and len(losses) == 4, log
+    assert means == pytest.approx([sum(losses[:2]) / 2, sum(losses[2:]) / 2], abs=1e-4)
 
 
 def test_evaluate_writes_json_with_every_step_and_plots(checkpoint, tmp_path, capsys):
@@ -169,6 +174,20 @@ def test_a_sweep_models_error_names_its_entry(checkpoint, tmp_path, capsys):
     config.write_text(f'out = "{tmp_path / "out"}"\n[data]\nlimit = 16\ncalib_size = 16\n{entries}[grid]\nT = [1]\n')
     assert main(["sweep", str(config), "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith("hmtconv: error: [[models]] 'bad': model 'nope.pt' is not a file")
+    five = tmp_path / "five.pt"  # a model that does not fit the data: named as the config's key, not --model
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 5)).eval(), five)
+    config.write_text(f'out = "{tmp_path / "out"}"\n[data]\nlimit = 16\ncalib_size = 16\n[[models]]\nname = "bad"\n'
+                      f'model = "{five}"\n[grid]\nT = [1]\n')
+    assert main(["sweep", str(config), "--no-progress"]) == 2
+    assert f"hmtconv: error: [[models]] 'bad': model = {five} outputs 5 classes" in capsys.readouterr().err
+
+
+def test_a_sweep_log_counts_every_point_one_simulation_answers(checkpoint, tmp_path, capsys):
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'out = "{tmp_path / "out"}"\n[data]\nlimit = 16\ncalib_size = 16\n[[models]]\nname = "m"\n'
+                      f'model = "{checkpoint}"\n[grid]\nT = [1, 2, 3]\npolicy = ["999"]\n')
+    assert main(["sweep", str(config)]) == 0
+    assert "sweep: 3/3: m n=4 policy=999" in capsys.readouterr().err  # (one 3-step run for T = 1, 2, 3)
 
 
 def test_sweep_into_an_unwritable_folder_is_an_error_before_any_point(tmp_path, capsys, monkeypatch):

@@ -99,6 +99,10 @@ def test_first_t_steps_of_a_run_equal_a_run_of_t_steps():
             assert a.firing_rates == pytest.approx(b.firing_rates, rel=1e-12) and a.mean_abs_error is None
     with pytest.raises(ValueError, match="1..6 steps, not 7"):
         long.truncated(7)
+    measured = hc.evaluate(snn, data, ann=model)  # (the per-layer errors are of the average of all 6 steps)
+    assert all(layer.mean_abs_error is not None for layer in measured.per_layer)
+    assert all(layer.mean_abs_error is None for layer in measured.truncated(3).per_layer)
+    assert measured.truncated(6) == measured
 
 
 def test_sweep_simulates_T_independent_policies_once():

@@ -120,9 +120,21 @@ def test_cpu_default_chunks_fit_the_memory_available(monkeypatch):
     monkeypatch.setattr(hc.memory, "available_memory", lambda: int(snn.activation_bytes(8) * 8.5))
     _same(whole, hc.evaluate(snn, data))
     assert seen == [4, 4, 2]
-    monkeypatch.setattr(hc.memory, "available_memory", lambda: int(snn.activation_bytes(8) / 2))
+    monkeypatch.setattr(hc.memory, "available_memory", lambda: int(snn.activation_bytes(8) * 0.75))
     with pytest.raises(ValueError, match=r"one sample at T=8 needs about .* more than the .* of memory available"):
         hc.evaluate(snn, data)
+
+
+def test_available_memory_reads_meminfo_in_bytes(monkeypatch, tmp_path):
+    import builtins
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       8 kB\nMemAvailable:       2 kB\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(meminfo if path == "/proc/meminfo" else path,
+                                                                         *a, **k))
+    assert hc.memory.available_memory() == 2048
+    meminfo.write_text("MemTotal:       8 kB\n")  # (older kernels): unknown
+    assert hc.memory.available_memory() is None
 
 
 def test_estimate_of_a_chain_by_hand():

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 
+import matplotlib.axes
 import pytest
 
 from hmtconv.report import (append_jsonl, atomic_write_json, curves_table, layers_table, plot_curves,
@@ -49,6 +50,18 @@ def test_jsonl_skips_torn_last_line(tmp_path):
     assert read_jsonl(tmp_path / "missing.jsonl") == []
     append_jsonl(path, {"a": 4})  # a resumed run: its record starts a new line, not the torn one
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 4}]
+
+
+def test_lines_past_ten_colours_are_told_apart_by_their_dashes_and_unmeasured_errors_say_so(tmp_path, monkeypatch):
+    from hmtconv.report.plots import _style
+    assert _style(10)["color"] == _style(0)["color"] and _style(10)["ls"] != _style(0)["ls"]
+    assert len({tuple(_style(i).items()) for i in range(40)}) == 40
+    titles = []
+    real = matplotlib.axes.Axes.set
+    monkeypatch.setattr(matplotlib.axes.Axes, "set", lambda self, **k: titles.append(k.get("title")) or real(self, **k))
+    unmeasured = {**RESULT, "per_layer": [{**layer, "mean_abs_error": None} for layer in RESULT["per_layer"]]}
+    plot_layers(unmeasured, tmp_path / "u.png")
+    assert "Conversion error (not measured)" in titles
 
 
 def test_plots_are_png(tmp_path):

@@ -120,6 +120,14 @@ def test_moved_weights_file_is_given_again_with_weights(tmp_path):
     assert main(["evaluate", "--snn", str(path), "--weights", str(tmp_path / "moved.pt"), *data]) == 0
 
 
+def test_the_model_references_save_snn_takes_are_those_load_model_takes(tmp_path):
+    from hmtconv.models.loading import unknown_model
+    (tmp_path / "m.pt").touch()
+    for spec in ("resnet18", "vgg_small", "timm:resnet18", "hf:org/model", str(tmp_path / "m.pt")):
+        assert unknown_model(spec) is None, spec
+    assert "is not a file" in unknown_model(str(tmp_path / "missing.pt"))
+
+
 def test_save_snn_refuses_what_no_one_could_load(saved, tmp_path):
     """Each was written and then failed at load (a traceback, or a misleading message)."""
     snn, _, model_file = saved

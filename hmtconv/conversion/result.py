@@ -51,9 +51,12 @@ class EvaluationResult:
     def truncated(self, steps: int) -> "EvaluationResult":
         """The result of the first ``steps`` steps: equal to a run of ``steps`` steps when the
         thresholds do not depend on T (the simulation is causal), the per-layer firing rates
-        included; the per-layer errors, measured on the average of all T steps, are None."""
+        included; the per-layer errors, measured on the average of all T steps, are None (unless
+        ``steps`` is T: the result itself)."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"can truncate a {self.T}-step result to 1..{self.T} steps, not {steps}")
+        if steps == self.T:
+            return replace(self)
         cut = lambda xs: None if xs is None else xs[:steps]  # noqa: E731
         layers = [replace(layer, firing_rate=layer.firing_rates[steps - 1], firing_rates=layer.firing_rates[:steps],
                           mean_abs_error=None) for layer in self.per_layer]
