@@ -329,10 +329,11 @@ def test_mismatched_image_size_or_channels(snn, tmp_path, capsys):
         hc.convert(cnn(), images(shape=(3, 8, 8)))
     with pytest.raises(ValueError, match=r"images of shape \[1, 16, 16\] but the SNN was calibrated on \[1, 8, 8\]"):
         hc.evaluate(snn, images(shape=(1, 16, 16)))
-    with pytest.raises(ValueError, match=r"images of shape \[1, 16, 16\] .*, but the SNN was calibrated on \[1, 8, 8\]; "
-                                         r"convert again"):
+    with pytest.raises(ValueError, match=r"images of shape \[1, 16, 16\] .*, but the SNN was calibrated on "
+                                         r"\[1, 8, 8\]; convert again"):
         snn(images(shape=(1, 16, 16))[0][0])
-    with pytest.raises(ValueError, match=r"images of shape \[8, 8\] \(a batch of shape \[1, 8, 8\]\), .*; add the batch dim"):
+    with pytest.raises(ValueError, match=r"images of shape \[8, 8\] \(a batch of shape \[1, 8, 8\]\), .*; "
+                                         r"add the batch dim"):
         snn(images()[0][0][0])
     rgb = tmp_path / "rgb.pt"
     torch.save(cnn(channels=3), rgb)

@@ -820,7 +820,8 @@ class TokensUntraceable(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv, self.relu, self.mix, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Linear(4, 6), nn.Linear(6, 3)
+        self.conv, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()
+        self.mix, self.fc = nn.Linear(4, 6), nn.Linear(6, 3)
 
     def forward(self, x):
         h = self.relu(self.conv(x)).flatten(2).transpose(1, 2)  # [B, 64, 4]

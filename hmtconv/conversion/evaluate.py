@@ -65,8 +65,8 @@ class _SiteMonitor:
 
     def take(self) -> torch.Tensor:
         """This batch's per-step ``[spikes, synops]``, per-site per-step spikes, then per-site
-        elements and |err|, flattened; starts the next batch at 0. (Counts are integers: float64 sums of them are exact
-        in any order.)"""
+        elements and |err|, flattened; starts the next batch at 0. (Counts are integers: float64
+        sums of them are exact in any order.)"""
         f64 = dict(dtype=torch.float64, device=self.device)
         per_step, site_steps = torch.zeros(2, self.steps, **f64), torch.zeros(len(self.sites), self.steps, **f64)
         elements = torch.zeros(len(self.sites), **f64)

@@ -88,9 +88,9 @@ class _Recorder(TorchFunctionMode):
     written in place (through any view of it) to those of the values written there, which its
     other views (the base of a view written in place) carry too; ``stack`` names the module running."""
 
-    def __init__(self, stack: list[str | None], spiky: WeakIdKeyDictionary):
+    def __init__(self, stack: list[str | None]):
         super().__init__()
-        self.stack, self.spiky = stack, spiky
+        self.stack, self.spiky = stack, WeakIdKeyDictionary()
         self.written: dict[int, tuple[StorageWeakRef, frozenset]] = {}  # storage -> (its weak ref, calls)
 
     def taint(self, values) -> frozenset | None:
@@ -114,7 +114,7 @@ class _Recorder(TorchFunctionMode):
         method = _method(func) or ""
         # (``x.expand_as(y)`` and the like read y's size alone)
         found = self.taint(args[0] if method in LIKE_OTHER else (args, kwargs))
-        if found is None or func in SHAPE_ONLY or _method(func) in SHAPE_ONLY:
+        if found is None or func in SHAPE_ONLY or method in SHAPE_ONLY:
             return out  # nothing from spikes in (or only their size: ``zeros_like``)
         owner = self.stack[-1] if self.stack else None
         wrong = None if owner is None else self._wrong(func, args)
@@ -154,8 +154,7 @@ def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str,
     results reach the output (see the module docstring), and the model's output on ``x`` (this run
     feeds the observers)."""
     stack: list[str | None] = []
-    spiky = WeakIdKeyDictionary()
-    recorder = _Recorder(stack, spiky)
+    recorder = _Recorder(stack)
     hooks = []
 
     def enter(owner):
@@ -166,7 +165,7 @@ def find_unconverted(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str,
 
     def spikes(module, args, output):  # a view: a y = x site's input itself is not its spikes
         output = output.view_as(output)
-        spiky[output] = recorder.taint(args) or frozenset()  # (wrong calls before a site stay wrong after it)
+        recorder.spiky[output] = recorder.taint(args) or frozenset()  # (wrong calls before a site stay wrong after it)
         return output
 
     handled: list[str] = []  # the types convert wraps (exact: a subclass may compute otherwise), and the sites

@@ -167,7 +167,8 @@ class MultiLevelNeuron(KeepsDtype):
         if spike_lut.shape != (levels + 1,) or spike_lut[0] != 0:
             raise ValueError(f"spike_lut must give the spikes of levels 0..{levels} ({levels + 1} entries), level 0 "
                              f"(no output) none; got {spike_lut}")
-        self.register_buffer("spike_lut", spike_lut.to(self.lam.device), persistent=False)  # (with lam: made on the CPU)
+        # (where lam is: the table is made on the CPU)
+        self.register_buffer("spike_lut", spike_lut.to(self.lam.device), persistent=False)
         self.fanout: torch.Tensor | None = None
         self.spikes: torch.Tensor | None = None
         self.synops: torch.Tensor | None = None
