@@ -45,9 +45,11 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
                         f"timm:NAME, hf:ID, or a checkpoint file), got {model!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise TypeError(f"save_snn: num_classes= must be a positive int, got {num_classes!r}")
-    if unknown_model(absolute(model)):  # (load_snn rebuilds the architecture from it)
-        raise ValueError(f"save_snn: {unknown_model(absolute(model))}; for a model of your own, save it whole "
-                         f"(torch.save(model, 'model.pt')) and pass model='model.pt'")
+    model, weights = absolute(model), absolute(weights)
+    unknown = unknown_model(model)  # (load_snn rebuilds the architecture from it)
+    if unknown:
+        raise ValueError(f"save_snn: {unknown}; for a model of your own, save it whole (torch.save(model, "
+                         f"'model.pt')) and pass model='model.pt'")
     outputs = _output_size(snn)
     if outputs not in (None, num_classes):
         raise ValueError(f"save_snn: num_classes={num_classes}, but the SNN outputs {outputs} classes (load_snn "
@@ -65,7 +67,6 @@ def save_snn(snn: SNN, path: str | os.PathLike, *, model: str, weights: str | No
         v = v.detach().cpu().contiguous()
         tensors[k] = v.clone() if v.untyped_storage().data_ptr() in stored else v
         stored.add(v.untyped_storage().data_ptr())
-    model, weights = absolute(model), absolute(weights)
     meta = {"format": FORMAT, "version": VERSION, "hmtconv": __version__, "config": snn.config.to_dict(),
             "input_shape": list(snn.report.input_shape), "num_classes": num_classes,
             "dtype": str(placement(snn)[1]).removeprefix("torch."),

@@ -26,7 +26,7 @@ from .conversion.snn import ConversionConfig
 from .data.loaders import CALIB_SPLITS
 from .errors import UserError
 from .report import append_jsonl, provenance, read_jsonl, write_reports
-from .workload import DataOptions, load_workload
+from .workload import SEEDS, DataOptions, load_workload
 
 GRID_KEYS = ("n", "T", "policy", "neuron", "identity", "communicate", "granularity")
 _NONE = type(None)
@@ -80,8 +80,8 @@ class SweepConfig:
             _check_type(f"[data] {key}", value, TYPES["data"][key])
             if key in ("calib_size", "limit", "batch_size") and value is not None and value < 1:
                 raise UserError(f"[data] {key} = {value} must be at least 1")
-        if not 0 <= self.data.seed < 2**63:  # (as --seed: torch takes no other)
-            raise UserError(f"[data] seed = {self.data.seed} must be in 0..{2**63 - 1}")
+        if self.data.seed not in SEEDS:  # (as --seed)
+            raise UserError(f"[data] seed = {self.data.seed} must be in 0..{SEEDS[-1]}")
         if self.data.calib_split not in CALIB_SPLITS:  # (else found only once the first model has loaded)
             raise UserError(f"[data] calib_split = {json.dumps(self.data.calib_split)} must be one of "
                             f"{', '.join(CALIB_SPLITS)}")

@@ -20,6 +20,9 @@ from .errors import UserError
 from .models import check_model_fits, load_model
 
 
+SEEDS = range(2**63)  # the random seeds torch takes (beyond, a traceback from deep inside it)
+
+
 @dataclass
 class DataOptions:
     dataset: str = "mnist"

@@ -12,7 +12,7 @@ from ..conversion.snn import GRANULARITIES, IDENTITIES, NEURONS, ConversionConfi
 from ..data import list_datasets
 from ..errors import UserError
 from ..neurons.multilevel import MAX_N
-from ..workload import DataOptions
+from ..workload import SEEDS, DataOptions
 
 
 DEFAULT_T = 4
@@ -44,13 +44,13 @@ def positive_int(name: str, maximum: int | None = None):
 
 
 def random_seed(text: str) -> int:
-    """A random seed: torch takes 0 .. 2**63 - 1 (beyond, a traceback from deep inside it)."""
+    """A random seed, one of workload.SEEDS."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"--seed must be in 0..{2**63 - 1}, got {value}")
+    if value not in SEEDS:
+        raise argparse.ArgumentTypeError(f"--seed must be in 0..{SEEDS[-1]}, got {value}")
     return value
 
 
