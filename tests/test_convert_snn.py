@@ -417,6 +417,14 @@ def test_prepare_calibrate_convert_reuses_statistics():
     assert any(isinstance(m, nn.ReLU) for m in model.modules())  # the float model is untouched
 
 
+def test_an_snn_refuses_the_thresholds_of_an_snn_of_another_n():
+    prepared = hc.calibrate(hc.prepare(small_cnn()), loader()[:1])
+    four, eight = (hc.convert(prepared, n=n, T=2) for n in (4, 8))
+    with pytest.raises(RuntimeError, match=r"net\.\S+\.lam: thresholds of a neuron with 15 levels"):
+        eight.load_state_dict(four.state_dict())
+    hc.convert(prepared, n=4, T=8, policy="999").load_state_dict(four.state_dict())
+
+
 def test_a_prepared_models_state_dict_carries_its_calibration():
     """Loaded into prepare() of the same model it converts alike and calibrates further; a
     prepared graph saved whole (which loses prepare's record) is a clear error."""

@@ -126,6 +126,21 @@ def test_lam_is_a_buffer_in_state_dict():
     assert torch.equal(clone.lam, neuron.lam)
 
 
+def test_thresholds_of_another_n_are_refused_by_load_state_dict(tmp_path):
+    """lam is the step of a neuron with 2**n - 1 levels: the state_dict's metadata says how many,
+    through torch.save too; a dict without metadata (or of a neuron with as many levels) loads."""
+    saved = HMTNeuron(4, 0.1).state_dict()
+    torch.save(saved, tmp_path / "neuron.pt")
+    for state in (saved, torch.load(tmp_path / "neuron.pt")):
+        other = HMTNeuron(8, 0.2)
+        with pytest.raises(RuntimeError, match=r"lam: thresholds of a neuron with 15 levels .* one with 255"):
+            other.load_state_dict(state)
+        assert other.lam.item() == pytest.approx(0.2)
+    for same, state in ((HMTNeuron(4, 0.3), saved), (MTNeuron(15, 0.3), saved), (HMTNeuron(8, 0.3), dict(saved))):
+        same.load_state_dict(state)
+        assert same.lam.item() == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(n=0, lam=1.0), r"n .*\[1, 16\].*0"),
     (dict(n=17, lam=1.0), r"n .*\[1, 16\].*17"),

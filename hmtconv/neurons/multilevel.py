@@ -133,6 +133,10 @@ class SpikeCounter:
         return per_position.sum(), None if self.fanout is None else (per_position * self.fanout).sum()
 
 
+def _note_levels(neuron: "MultiLevelNeuron", state_dict, prefix, local_metadata) -> None:
+    local_metadata["levels"] = neuron.levels
+
+
 class MultiLevelNeuron(KeepsDtype):
     """Multi-step multi-level IF neuron; input and output are ``[T, *shape]`` (time first).
 
@@ -176,6 +180,17 @@ class MultiLevelNeuron(KeepsDtype):
         self.output_sum: torch.Tensor | None = None
         self.takes_means = self.gives_means = False
         self._kernel_plan: Plan | None = None  # kept between calls (see kernel_plan.Plan)
+        # lam means a step of `levels` levels: state_dict's metadata carries them, so thresholds of
+        # another n do not load silently (_load_from_state_dict)
+        self.register_state_dict_post_hook(_note_levels)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        saved = local_metadata.get("levels")
+        if saved is not None and saved != self.levels:
+            args[-1].append(f"{prefix}lam: thresholds of a neuron with {saved} levels cannot load into one with "
+                            f"{self.levels} (lam depends on n); convert with the n and neuron of the saved SNN")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def extra_repr(self) -> str:
         lam = self.lam
