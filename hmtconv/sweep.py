@@ -34,7 +34,7 @@ TYPES = {  # what each config value may be (grid keys: each value of the list)
     "grid": {"n": int, "T": int, "policy": (str, int, float), "neuron": str, "identity": str, "communicate": bool,
              "granularity": str},
     "data": {"dataset": str, "data_root": (str, _NONE), "calib_size": int, "calib_split": str, "limit": (int, _NONE),
-             "batch_size": int, "seed": int},
+             "batch_size": int, "seed": int, "workers": (int, _NONE)},
     "[[models]]": {"model": str, "name": str, "weights": (str, _NONE)},  # model first: a name left out is the model
     "top": {"device": str, "out": str, "diagnostics": bool, "memory_budget": (str, _NONE)},
 }
@@ -80,6 +80,8 @@ class SweepConfig:
             _check_type(f"[data] {key}", value, TYPES["data"][key])
             if key in ("calib_size", "limit", "batch_size") and value is not None and value < 1:
                 raise UserError(f"[data] {key} = {value} must be at least 1")
+        if self.data.workers is not None and self.data.workers < 0:
+            raise UserError(f"[data] workers = {self.data.workers} must be at least 0 (0: load in the main process)")
         if self.data.seed not in SEEDS:  # (as --seed)
             raise UserError(f"[data] seed = {self.data.seed} must be in 0..{SEEDS[-1]}")
         if self.data.calib_split not in CALIB_SPLITS:  # (else found only once the first model has loaded)

@@ -157,7 +157,8 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
         model = build_model(config.model, kwargs, config.model_args)
         check_model_fits(model, info, f"built-in {config.model}")
         model.to(device)
-        loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
+        pinned = device.type == "cuda"
+        loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, pin_memory=pinned)
         steps = min(len(loader), config.limit or len(loader))
         optimizer = recipe.build(model.parameters(), lr, weight_decay)
         scheduler = SCHEDULES[config.schedule](optimizer, lr, config.epochs * steps)
@@ -183,7 +184,7 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
                 losses += value
             if config.progress and bar.disable:
                 print(f"{desc}: mean loss {losses / steps:.4f}", file=sys.stderr, flush=True)
-        eval_loader = make_loader(eval_set, EVAL_BATCH_SIZE)
+        eval_loader = make_loader(eval_set, EVAL_BATCH_SIZE, pin_memory=pinned)
         accuracy = evaluate_accuracy(model, eval_loader, device, config.limit, config.progress)
         seconds = time.perf_counter() - start
     config_record = asdict(config) | {"lr": lr, "weight_decay": weight_decay, "device": str(device)}

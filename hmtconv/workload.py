@@ -32,6 +32,7 @@ class DataOptions:
     limit: int | None = None  # evaluate on the first `limit` evaluation images
     batch_size: int = 256
     seed: int = 0
+    workers: int | None = None  # loader processes; None: data.loaders.default_workers (files: several)
 
 
 @dataclass
@@ -82,6 +83,12 @@ def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = N
         model = loaded.model.to(device).eval()
     except (RuntimeError, AssertionError) as error:
         raise UserError(f"cannot move the model to device {device!r}: {' '.join(str(error).split())}") from error
+    pinned = torch.device(device).type == "cuda"  # (batches are copied to the GPU)
+
+    def loader(images) -> DataLoader:
+        return make_loader(shard_batches(images, data.batch_size), data.batch_size, seed=data.seed,
+                           workers=data.workers, pin_memory=pinned)
+
     if data.limit is not None:
         if data.limit < 1:
             raise UserError(f"--limit must be at least 1, got {data.limit}")
@@ -95,12 +102,12 @@ def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = N
         # a random choice: the first images of a class-sorted split (ImageFolder's) are all of one class
         calib = calibration_subset(train_set, eval_set, split=data.calib_split, size=min(data.calib_size, available),
                                    seed=data.seed)
-        calib_loader = make_loader(shard_batches(calib, data.batch_size), data.batch_size, seed=data.seed)
+        calib_loader = loader(calib)
         calib_images = len(calib)
     return Workload(
         model=model,
         calib_loader=calib_loader,
-        eval_loader=make_loader(shard_batches(eval_set, data.batch_size), data.batch_size, seed=data.seed),
+        eval_loader=loader(eval_set),
         info=info,
         source=loaded.source,
         eval_images=len(eval_set),

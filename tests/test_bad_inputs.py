@@ -308,6 +308,11 @@ def test_n_out_of_range(n, capsys):
     one_line_error(*cli(["evaluate", "--model", "vgg_small", "--n", str(n)], capsys), text)
 
 
+def test_negative_workers(capsys):
+    one_line_error(*cli(["evaluate", "--model", "vgg_small", "--workers", "-1"], capsys),
+                   "--workers must be at least 0, got -1")
+
+
 def test_unknown_policy_or_neuron(capsys):
     with pytest.raises(ValueError, match="unknown threshold policy 'best'"):
         hc.convert(cnn(), images(), policy="best")

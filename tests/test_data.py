@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from hmtconv.data import calibration_subset, get_datasets, make_loader
+from hmtconv.data.loaders import default_workers
 from hmtconv.data import mnist
 from hmtconv.data.mnist import load_arrays
 from hmtconv.errors import UserError
@@ -207,6 +208,46 @@ def test_limit_takes_every_class_of_a_class_sorted_image_folder(tmp_path):
     assert labels.tolist() == [0, 0, 1, 1, 2, 2]
     mnist_work = load_workload("vgg_small", DataOptions(dataset="mnist", limit=5, batch_size=5))
     assert torch.cat([y for _, y in mnist_work.eval_loader]).tolist() == load_arrays(None)[3][:5].tolist()
+
+
+def _image_folder(root, classes=("ant", "bee", "cat"), per_class=4):
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (i, 40 * len(name), 0)).save(root / split / name / f"{i}.png")
+
+
+def test_images_decoded_from_files_load_in_worker_processes(tmp_path, monkeypatch):
+    """Up to 8 workers, a CPU left to the main process and the rest shared by torchrun's processes
+    on the machine; none for data in memory or with a single CPU."""
+    _image_folder(tmp_path)
+    train, test, _ = get_datasets(f"folder:{tmp_path}")
+    for cpus, processes, workers in ((16, None, 8), (16, "4", 3), (4, None, 3), (1, None, 0), (8, "8", 0)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cpus=cpus: set(range(cpus)))
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        if processes:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+        assert default_workers(test) == default_workers(torch.utils.data.Subset(test, [0])) == workers
+        assert make_loader(test, 2).num_workers == workers
+        assert default_workers(get_datasets("fake")[1]) == default_workers(get_datasets("mnist")[1]) == 0
+    assert make_loader(test, 2, workers=0).num_workers == 0
+    with pytest.raises(UserError, match=r"workers \(loader processes\) must be an integer >= 0, got -1"):
+        make_loader(test, 2, workers=-1)
+
+
+def test_loader_processes_change_no_batch(tmp_path):
+    from hmtconv.workload import DataOptions, load_workload
+
+    _image_folder(tmp_path)
+    options = dict(dataset=f"folder:{tmp_path}", calib_size=12, batch_size=5)
+    works = [load_workload("vgg_small", DataOptions(**options, workers=workers)) for workers in (0, 2)]
+    assert [w.eval_loader.num_workers for w in works] == [0, 2]
+    for loaders in ((w.calib_loader for w in works), (w.eval_loader for w in works)):
+        batches = [list(loader) for loader in loaders]
+        assert len(batches[0]) == len(batches[1]) == 3
+        for (x0, y0), (x1, y1) in zip(*batches):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
 def test_a_calibration_size_beyond_the_split_is_noted(capsys):

@@ -121,6 +121,9 @@ def test_changed_settings_rerun_points_and_set_old_records_aside(tmp_path, monke
     ('[[models]]\nmodel = 5', '[[models]] model = 5 must be a string'),  # (not its name, which defaults to it)
     ('[data]\ncalib_split = "test"', '[data] calib_split = "test" must be one of train, val'),
     ('[data]\nlimit = 0', '[data] limit = 0 must be at least 1'),
+    ('[data]\nworkers = -1', '[data] workers = -1 must be at least 0 (0: load in the main process)'),
+    ('[data]\nworkers = true', '[data] workers = true must be an integer'),
+    ('[data]\nworkers = 0', None),
     ('[data]\nseed = -1', '[data] seed = -1 must be in 0..9223372036854775807'),  # (as --seed)
     ('[data]\nseed = 9223372036854775807', None),
     ('[data]\nseed = 9223372036854775808', '[data] seed = 9223372036854775808 must be in 0..9223372036854775807'),

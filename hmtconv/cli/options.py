@@ -29,16 +29,16 @@ def policy_value(text: str) -> str | float:
     return text if overrides else base
 
 
-def positive_int(name: str, maximum: int | None = None):
+def positive_int(name: str, maximum: int | None = None, minimum: int = 1):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"{name} must be in 1..{maximum}, got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be in {minimum}..{maximum}, got {value}")
         return value
     return parse
 
@@ -92,6 +92,9 @@ def add_model_and_data(parser: argparse.ArgumentParser, evaluates: bool = True) 
                        f"images (of a class-sorted split such as ImageFolder's: N evenly spaced ones)")
     group.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size, help="images per batch")
     group.add_argument("--seed", type=random_seed, default=d.seed, help="seed for data order and any randomness")
+    group.add_argument("--workers", type=positive_int("--workers", minimum=0), default=d.workers,
+                       help="data loader processes (0: the main process; default: several for image folders, "
+                            "0 for data held in memory)")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
 
@@ -117,7 +120,8 @@ def add_conversion(parser: argparse.ArgumentParser) -> None:
 
 def data_options(args: argparse.Namespace) -> DataOptions:
     return DataOptions(dataset=args.dataset, data_root=args.data_root, calib_size=args.calib_size,
-                       calib_split=args.calib_split, limit=args.limit, batch_size=args.batch_size, seed=args.seed)
+                       calib_split=args.calib_split, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+                       workers=args.workers)
 
 
 def conversion_kwargs(args: argparse.Namespace) -> dict:
