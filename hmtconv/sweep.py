@@ -199,8 +199,10 @@ def _no_unknown(table: dict, allowed: set, where: str) -> None:
 def fingerprint(config: SweepConfig, entry: ModelEntry) -> str:
     """A hash of every setting besides the grid that changes a model's results: its entry and the
     contents of its model and weights files, the data options, the device and diagnostics. Left
-    out: data_root (where the same data lies) and memory_budget (chunking, same results)."""
-    settings = {"entry": asdict(entry), "data": {k: v for k, v in asdict(config.data).items() if k != "data_root"},
+    out: data_root (where the same data lies), workers (who loads it) and memory_budget (chunking):
+    same results."""
+    data = {k: v for k, v in asdict(config.data).items() if k not in ("data_root", "workers")}
+    settings = {"entry": asdict(entry), "data": data,
                 "device": config.device, "diagnostics": config.diagnostics,
                 "images": "calibration random by seed, limit spread over class-sorted splits"}  # (were the first)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())

@@ -42,6 +42,15 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path, monkeypatch)
     assert [r["T"] for r in records] == [1, 2, 3, 4]
     assert (tmp_path / "out" / "table.md").exists()
 
+    calls.clear()  # where the data lies, who loads it, how batches are chunked: the same results
+    monkeypatch.setattr(sweep, "evaluate", lambda snn, *args, **kwargs: calls.append(snn.config.T) or real(
+        snn, *args, **kwargs))
+    config.data.data_root, config.data.workers, config.memory_budget = str(tmp_path), 1, "1GB"
+    assert [r["T"] for r in run_sweep(config, progress=False)] == [1, 2, 3, 4] and calls == []
+    config.data.seed = 1
+    run_sweep(config, progress=False)
+    assert calls == [1, 2, 3, 4]
+
 
 def test_a_terminated_sweep_keeps_and_reports_its_finished_points(tmp_path, monkeypatch, capsys):
     """SIGTERM (kill, a timeout, a job scheduler) as Ctrl-C: it ended the process with the report

@@ -31,8 +31,8 @@ def make_loader(
 
 
 def default_workers(dataset: Dataset) -> int:
-    """Loader processes when none are asked for. Images decoded from files (an ImageFolder: a few
-    ms each, as long as a simulated image takes on a GPU) load in up to ``MAX_WORKERS`` processes,
+    """Loader processes when none are asked for. Images decoded from files (an ImageFolder's JPEGs,
+    decoded and resized one by one in Python) load in up to ``MAX_WORKERS`` processes,
     leaving a CPU to the main one and sharing the rest with torchrun's other processes on this
     machine; images held in memory (MNIST, CIFAR) load faster in the main process than workers
     could hand them over."""
