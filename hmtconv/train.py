@@ -64,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available, else cpu
     limit: int | None = None  # at most this many batches per epoch and for the test evaluation
+    workers: int | None = None  # data loader processes; None: data.loaders.default_workers
     progress: bool = True
 
 
@@ -158,7 +159,8 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
         check_model_fits(model, info, f"built-in {config.model}")
         model.to(device)
         pinned = device.type == "cuda"
-        loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, pin_memory=pinned)
+        loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, workers=config.workers,
+                             pin_memory=pinned)
         steps = min(len(loader), config.limit or len(loader))
         optimizer = recipe.build(model.parameters(), lr, weight_decay)
         scheduler = SCHEDULES[config.schedule](optimizer, lr, config.epochs * steps)
@@ -184,11 +186,11 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
                 losses += value
             if config.progress and bar.disable:
                 print(f"{desc}: mean loss {losses / steps:.4f}", file=sys.stderr, flush=True)
-        eval_loader = make_loader(eval_set, EVAL_BATCH_SIZE, pin_memory=pinned)
+        eval_loader = make_loader(eval_set, EVAL_BATCH_SIZE, workers=config.workers, pin_memory=pinned)
         accuracy = evaluate_accuracy(model, eval_loader, device, config.limit, config.progress)
         seconds = time.perf_counter() - start
     config_record = asdict(config) | {"lr": lr, "weight_decay": weight_decay, "device": str(device)}
-    del config_record["progress"]
+    del config_record["progress"], config_record["workers"]  # (neither changes the model)
     meta = {
         "config": config_record,
         "data_source": info.source,

@@ -17,6 +17,17 @@ def test_train_writes_a_checkpoint(tmp_path, capsys):
     assert torch.load(out, weights_only=True)["meta"]["config"]["limit"] == 2
 
 
+def test_loader_processes_train_the_same_model(tmp_path, capsys):
+    argv = ["train", "--epochs", "1", "--limit", "2", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    saved = []
+    for workers in ("0", "1"):
+        assert main(argv + ["--workers", workers, "--out", str(tmp_path / f"{workers}.pt")]) == 0
+        saved.append(torch.load(tmp_path / f"{workers}.pt", weights_only=True))
+    assert saved[0]["meta"]["config"] == saved[1]["meta"]["config"] and "workers" not in saved[0]["meta"]["config"]
+    for key, value in saved[0]["state_dict"].items():
+        assert torch.equal(value, saved[1]["state_dict"][key]), key
+
+
 def test_train_with_model_args_loads_back_as_that_variant(tmp_path, capsys):
     """--model-arg reaches the builder and the checkpoint, so --model PATH rebuilds the variant."""
     from hmtconv.models import load_model

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..data import list_datasets
 from ..models import list_models
 from ..train import OPTIMIZERS, SCHEDULES, TrainConfig, train
-from .options import ensure_writable, random_seed
+from .options import ensure_writable, positive_int, random_seed
 from .registry import register_command
 
 
@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=random_seed, default=defaults.seed, help="initialization and shuffling")
     add("--device", default=defaults.device, help="cpu, cuda, cuda:N, or auto")
     add("--limit", type=int, help="at most this many batches per epoch and for the test (quick runs)")
+    add("--workers", type=positive_int("--workers", minimum=0), help="data loader processes (0: the main process; "
+        "default: several for image folders, 0 for data held in memory)")
     add("--out", type=Path, help="checkpoint path (default: runs/MODEL[-KEYVALUE...]-DATASET-sSEED.pt)")
     add("--no-progress", action="store_true", help="no progress bars")
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
         model=args.model, model_args=dict(args.model_arg), dataset=args.dataset, data_root=args.data_root,
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule, label_smoothing=args.label_smoothing,
-        seed=args.seed, device=args.device, limit=args.limit, progress=not args.no_progress,
+        seed=args.seed, device=args.device, limit=args.limit, workers=args.workers, progress=not args.no_progress,
     )
     variant = "".join(f"-{key}{value}" for key, value in config.model_args.items())
     out = args.out or Path("runs") / re.sub(r"[^\w.-]", "_", f"{args.model}{variant}-{args.dataset}-s{args.seed}.pt")
