@@ -1,18 +1,17 @@
 """Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
 
 Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites (a ReLU module
-the example batch calls several times gets a site per call, :class:`CallSites`, as a traced graph
-gives each call site a module: torchvision's BasicBlock applies ``self.relu`` before and after its
-residual add, whose inputs differ in scale; 3-d activations at them are taken as tokens
-``[B, N, C]``), max pooling stays after its neuron (compensated), and
+the example batch calls at several sizes gets a site per call, :class:`CallSites`, as a traced
+graph gives each call site a module; calls at one size share a site, which keeps the number of
+calls free to depend on the data; 3-d activations at them are taken as tokens ``[B, N, C]``), max
+pooling stays after its neuron (compensated), and
 functional activations stay float. :func:`unconverted.find_unconverted` reports those (every op on
 spikes that is not linear), products of two spike trains and reductions over the batch dim by
 running a calibration batch.
 """
 from __future__ import annotations
 
-import warnings
-from collections import Counter
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -39,11 +38,9 @@ class InputSite(nn.Sequential):
 
 
 class CallSites(nn.ModuleList):
-    """The sites of a ReLU module that the forward calls several times (torchvision's Bottleneck
-    reuses ``self.relu`` three times, at 4 and 16 channels): call i of a forward goes to site i (the
-    model's pre-hook :func:`restart_calls` counts from 0 at each forward). One site shared by the
-    calls would give them one threshold: a ResNet18 trained on MNIST, module-swapped, then gets
-    86.2 % at T = 1 instead of 93.0 % (n = 4, opt; 2,000 test images)."""
+    """The sites of a ReLU module that the forward calls at several sizes (torchvision's Bottleneck
+    reuses ``self.relu`` at 4 and 16 channels): call i of a forward goes to site i (the model's
+    pre-hook :func:`restart_calls` counts from 0 at each forward)."""
 
     def __init__(self, sites: list[nn.Module], name: str):
         super().__init__(sites)
@@ -52,8 +49,9 @@ class CallSites(nn.ModuleList):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calls == len(self):
             raise RuntimeError(f"{self.name} is called more than the {len(self)} times per forward of the example "
-                               f"batch it was prepared with (a model fx cannot trace: a site per call); prepare "
-                               f"with example_inputs that take every branch, or make the model traceable")
+                               f"batch it was prepared with (a model fx cannot trace, calling it at several sizes: "
+                               f"a site per call); prepare with example_inputs that take every branch, or make "
+                               f"the model traceable")
         self.calls += 1
         return self[self.calls - 1](x)
 
@@ -64,39 +62,35 @@ def restart_calls(model: nn.Module, args) -> None:
             module.calls = 0
 
 
-def call_counts(model: nn.Module, example: torch.Tensor | None) -> Counter[str]:
-    """How many times the forward calls each ReLU module on ``example`` (none without one, or
-    where the model fails on it: calibration will say why)."""
-    counts: Counter[str] = Counter()
+def call_sizes(model: nn.Module, example: torch.Tensor | None) -> dict[str, list[tuple[int, ...]]]:
+    """The per-sample input shape of each call the forward makes of each ReLU module on
+    ``example`` (none without one, or where the model fails on it: calibration will say why)."""
+    sizes: dict[str, list[tuple[int, ...]]] = defaultdict(list)
     if example is None:
-        return counts
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: counts.update([name]))
+        return sizes
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: sizes[name].append(tuple(args[0].shape[1:])))
              for name, module in model.named_modules() if is_relu(module)]
     if not hooks:  # (no ReLU module: nothing to count, no forward to run)
-        return counts
+        return sizes
     try:
         with torch.no_grad():
             model(example.clone())  # (a clone: an in-place op on the input would write the caller's batch)
     except Exception:
-        counts.clear()
+        sizes.clear()
     finally:
         for hook in hooks:
             hook.remove()
-    return counts
+    return sizes
 
 
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None,
                     example: torch.Tensor | None = None) -> nn.Module:
-    counts = call_counts(model, example)
-    if example is None and any(is_relu(module) for module in model.modules()):
-        warnings.warn(f"{type(model).__name__} does not trace (module swapping) and prepare got no example_inputs: "
-                      f"each ReLU module gets one neuron, one threshold for all its calls (torchvision's "
-                      f"BasicBlock calls self.relu twice, on inputs of different scales); pass a calibration batch "
-                      f"as example_inputs to give each call its own, as convert(model, loader) does", stacklevel=3)
+    sizes = call_sizes(model, example)
     for name, module in list(model.named_modules()):
         if is_relu(module):
+            calls = len(sizes[name]) if len(set(sizes[name])) > 1 else 1
             sites = [ObservedActivation(False, hist, ceiling=ceiling_of(module), in_place=module.inplace)
-                     for _ in range(max(1, counts[name]))]
+                     for _ in range(calls)]
             model.set_submodule(name, sites[0] if len(sites) == 1 else CallSites(sites, name))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
             model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))
