@@ -2,20 +2,18 @@
 
     python experiments/study/module_swapping.py [--model runs/resnet18_small.pt] [--images 2000] [--T 1 2 4 8 16]
 
-The trained ResNet18-small is converted three ways (n = 4, opt, identity = none; calibration on the
+The trained ResNet18-small is converted two ways (n = 4, opt, identity = none; calibration on the
 first 1,024 training images, evaluation on the first --images test images):
 - traced: the model as it is (fx traces it);
 - swapped: wrapped in a forward that branches on the data, so fx cannot trace it and convert falls
-  back to module swapping with an example batch (the first calibration batch): a site per call of
-  each ReLU module, max pooling left after its neuron (compensated);
-- swapped, shared: the same through prepare without example_inputs, where all calls of a ReLU
-  module share one site (torchvision's BasicBlock calls ``self.relu`` twice).
+  back to module swapping: the calls of a ReLU module at one size share a site (torchvision's
+  BasicBlock calls ``self.relu`` before and after its residual add), and max pooling stays after
+  its neuron (compensated).
 Prints the sites and the top-1 at t = T of each conversion. docs/results.md quotes it.
 """
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import torch
 from torch import nn
@@ -56,12 +54,9 @@ def main() -> None:
     model = load_model(args.model, in_channels=info.channels, image_size=info.image_size,
                        num_classes=info.num_classes).model.eval()
     calib, evals = batches(train, CALIBRATION), batches(test, args.images)
-    swapped = BranchesOnData(model).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (prepare's own warning about the shared sites)
-        conversions = {"traced": hmtconv.prepare(model, histogram=None),
-                       "swapped": hmtconv.prepare(swapped, histogram=None, example_inputs=calib[0][0]),
-                       "swapped, shared": hmtconv.prepare(swapped, histogram=None)}
+    conversions = {"traced": hmtconv.prepare(model, histogram=None),
+                   "swapped": hmtconv.prepare(BranchesOnData(model).eval(), histogram=None,
+                                              example_inputs=calib[0][0])}
     print(f"| conversion | sites | {' | '.join(f'T = {T}' for T in args.T)} |")
     print(f"|---|---|{'---|' * len(args.T)}")
     ann = None
