@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import get_datasets, make_loader
+from .data import default_workers, get_datasets, make_loader
 from .cache import cache_dir as default_cache_dir
 from .device import resolve_device
 from .errors import UserError
@@ -159,7 +159,8 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
         check_model_fits(model, info, f"built-in {config.model}")
         model.to(device)
         pinned = device.type == "cuda"
-        loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, workers=config.workers,
+        workers = default_workers(train_set) if config.workers is None else config.workers
+        loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, num_workers=workers,
                              pin_memory=pinned)
         steps = min(len(loader), config.limit or len(loader))
         optimizer = recipe.build(model.parameters(), lr, weight_decay)
@@ -186,7 +187,7 @@ def train(config: TrainConfig, out: str | Path | None = None) -> TrainResult:
                 losses += value
             if config.progress and bar.disable:
                 print(f"{desc}: mean loss {losses / steps:.4f}", file=sys.stderr, flush=True)
-        eval_loader = make_loader(eval_set, EVAL_BATCH_SIZE, workers=config.workers, pin_memory=pinned)
+        eval_loader = make_loader(eval_set, EVAL_BATCH_SIZE, num_workers=workers, pin_memory=pinned)
         accuracy = evaluate_accuracy(model, eval_loader, device, config.limit, config.progress)
         seconds = time.perf_counter() - start
     config_record = asdict(config) | {"lr": lr, "weight_decay": weight_decay, "device": str(device)}

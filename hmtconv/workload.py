@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed
-from .data import DataInfo, calibration_subset, evaluation_subset, get_datasets, make_loader
+from .data import DataInfo, calibration_subset, default_workers, evaluation_subset, get_datasets, make_loader
 from .errors import UserError
 from .models import check_model_fits, load_model
 
@@ -86,8 +86,9 @@ def load_workload(model_spec: str, data: DataOptions, *, weights: str | None = N
     pinned = torch.device(device).type == "cuda"  # (batches are copied to the GPU)
 
     def loader(images) -> DataLoader:
+        workers = default_workers(images) if data.workers is None else data.workers
         return make_loader(shard_batches(images, data.batch_size), data.batch_size, seed=data.seed,
-                           workers=data.workers, pin_memory=pinned)
+                           num_workers=workers, pin_memory=pinned)
 
     if data.limit is not None:
         if data.limit < 1:

@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hmtconv.data import calibration_subset, get_datasets, make_loader
-from hmtconv.data.loaders import default_workers
+from hmtconv.data import calibration_subset, default_workers, get_datasets, make_loader
 from hmtconv.data import mnist
 from hmtconv.data.mnist import load_arrays
 from hmtconv.errors import UserError
@@ -228,12 +227,15 @@ def test_images_decoded_from_files_load_in_worker_processes(tmp_path, monkeypatc
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         if processes:
             monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
-        assert default_workers(test) == default_workers(torch.utils.data.Subset(test, [0])) == workers
-        assert make_loader(test, 2).num_workers == workers
+        nested = torch.utils.data.Subset(torch.utils.data.Subset(test, [0, 1]), [0])
+        assert default_workers(test) == default_workers(nested) == workers
         assert default_workers(get_datasets("fake")[1]) == default_workers(get_datasets("mnist")[1]) == 0
-    assert make_loader(test, 2, workers=0).num_workers == 0
+    for garbage in ("abc", "", "2.0"):  # (torchrun sets an int; anything else counts as one process)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", garbage)
+        assert default_workers(test) == 7
+    assert make_loader(test, 2).num_workers == 0  # (the CLI asks default_workers; make_loader as before)
     with pytest.raises(UserError, match=r"workers \(loader processes\) must be an integer >= 0, got -1"):
-        make_loader(test, 2, workers=-1)
+        make_loader(test, 2, num_workers=-1)
 
 
 def test_loader_processes_change_no_batch(tmp_path):

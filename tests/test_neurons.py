@@ -136,6 +136,8 @@ def test_thresholds_of_another_n_are_refused_by_load_state_dict(tmp_path):
         with pytest.raises(RuntimeError, match=r"lam: thresholds of a neuron with 15 levels .* one with 255"):
             other.load_state_dict(state)
         assert other.lam.item() == pytest.approx(0.2)
+    with pytest.raises(RuntimeError, match=r"a neuron with 1 level cannot load into one with 15 levels"):
+        HMTNeuron(4, 0.1).load_state_dict(HMTNeuron(1, 0.1).state_dict())
     for same, state in ((HMTNeuron(4, 0.3), saved), (MTNeuron(15, 0.3), saved), (HMTNeuron(8, 0.3), dict(saved))):
         same.load_state_dict(state)
         assert same.lam.item() == pytest.approx(0.1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -14,35 +15,45 @@ MAX_WORKERS = 8
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, workers: int | None = None,
+    dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader whose order depends only on ``seed`` (its own generator, not the global RNG);
-    ``workers`` loader processes (None: :func:`default_workers`), which change nothing but speed.
-    ``pin_memory`` for batches bound for a GPU."""
+    ``num_workers`` loader processes (:func:`default_workers` suggests how many), ``pin_memory`` for
+    batches bound for a GPU."""
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise UserError(f"workers (loader processes) must be an integer >= 0, got {workers!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"workers (loader processes) must be an integer >= 0, got {num_workers!r}")
     generator = torch.Generator().manual_seed(seed)
-    workers = default_workers(dataset) if workers is None else workers
-    return DataLoader(dataset, batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
-                      pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
+                      pin_memory=pin_memory, worker_init_fn=_leave_termination_to_the_main_process)
+
+
+def _leave_termination_to_the_main_process(worker: int) -> None:
+    """SIGTERM sent to the whole process group (a scheduler, ``timeout``) ends the main process
+    cleanly (cli/main.py), which then stops its workers; a worker ended by it first made the main
+    one print a DataLoader traceback on its way out."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_workers(dataset: Dataset) -> int:
-    """Loader processes when none are asked for. Images decoded from files (an ImageFolder's JPEGs,
-    decoded and resized one by one in Python) load in up to ``MAX_WORKERS`` processes,
-    leaving a CPU to the main one and sharing the rest with torchrun's other processes on this
-    machine; images held in memory (MNIST, CIFAR) load faster in the main process than workers
-    could hand them over."""
+    """Loader processes the CLI uses unless told (``--workers``). Images decoded from files (an
+    ImageFolder's JPEGs, decoded and resized one by one in Python) load in up to ``MAX_WORKERS``
+    processes, leaving a CPU to the main one and sharing the rest with torchrun's other processes on
+    this machine; images held in memory (MNIST, CIFAR) load faster in the main process than workers
+    could hand them over. (The built-in datasets' transforms are deterministic: the batches are the
+    same with any number of workers.)"""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     if not isinstance(dataset, DatasetFolder):
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # (set by torchrun)
-    return max(0, min(MAX_WORKERS, cpus // max(processes, 1) - 1))
+    try:
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # (set by torchrun)
+    except ValueError:
+        processes = 1
+    return max(0, min(MAX_WORKERS, cpus // processes - 1))
 
 
 def evaluation_subset(dataset: Dataset, limit: int) -> Subset:

@@ -133,8 +133,8 @@ class SpikeCounter:
         return per_position.sum(), None if self.fanout is None else (per_position * self.fanout).sum()
 
 
-def _note_levels(neuron: "MultiLevelNeuron", state_dict, prefix, local_metadata) -> None:
-    local_metadata["levels"] = neuron.levels
+def _levels(count: int) -> str:
+    return f"{count} level{'s' * (count != 1)}"
 
 
 class MultiLevelNeuron(KeepsDtype):
@@ -180,15 +180,21 @@ class MultiLevelNeuron(KeepsDtype):
         self.output_sum: torch.Tensor | None = None
         self.takes_means = self.gives_means = False
         self._kernel_plan: Plan | None = None  # kept between calls (see kernel_plan.Plan)
-        # lam means a step of `levels` levels: state_dict's metadata carries them, so thresholds of
-        # another n do not load silently (_load_from_state_dict)
-        self.register_state_dict_post_hook(_note_levels)
+
+    # lam is the step of a neuron with `levels` levels: the state_dict's metadata (which torch.save
+    # keeps) carries them, so that thresholds of another n do not load silently. (Methods, not
+    # hooks: neurons pickled before this existed have them too.)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {})["levels"] = self.levels
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
         saved = local_metadata.get("levels")
         if saved is not None and saved != self.levels:
-            args[-1].append(f"{prefix}lam: thresholds of a neuron with {saved} levels cannot load into one with "
-                            f"{self.levels} (lam depends on n); convert with the n and neuron of the saved SNN")
+            args[-1].append(f"{prefix}lam: thresholds of a neuron with {_levels(saved)} cannot load into one with "
+                            f"{_levels(self.levels)} (lam depends on n); convert with the n and neuron of the saved SNN")
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
