@@ -11,11 +11,13 @@ running a calibration batch.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import torch
 from torch import nn
 
+from .compensated import COMPENSATED
 from .energy import SYNAPTIC
 from .layout import read_channels_first
 from .observers import HistogramConfig
@@ -83,8 +85,24 @@ def call_sizes(model: nn.Module, example: torch.Tensor | None) -> dict[str, list
     return sizes
 
 
+def unshare_stateless(model: nn.Module) -> None:
+    """A ReLU or another stateless module convert handles (GELU, max pooling...) held by several
+    parents (``act = nn.ReLU(); self.a = Block(act); self.b = Block(act)``) gets a copy in each:
+    module swapping replaces a module at one name, which left the others a float op on spikes. (A
+    module reached through one shared parent keeps being shared: it is the same call site.)"""
+    first: dict[int, tuple[int, str]] = {}  # module -> the (parent, attribute) slot it was seen in
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not (is_relu(module) or type(module) in COMPENSATED):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        slot = (id(model.get_submodule(parent)), leaf)
+        if first.setdefault(id(module), slot) != slot and model.get_submodule(name) is module:
+            model.set_submodule(name, copy.deepcopy(module))
+
+
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None,
                     example: torch.Tensor | None = None) -> nn.Module:
+    unshare_stateless(model)
     sizes = call_sizes(model, example)
     for name, module in list(model.named_modules()):
         if is_relu(module):
