@@ -69,6 +69,12 @@ def add_code_option(parser) -> None:
                         "the module it imported them from); imported before the model is loaded; repeatable")
 
 
+def add_workers_option(add) -> None:
+    """``--workers`` (``add``: a parser's or a group's add_argument); default None: default_workers."""
+    add("--workers", type=positive_int("--workers", minimum=0), default=None, help="data loader processes (0: the "
+        "main process; default: several for image folders, 0 for data held in memory)")
+
+
 def add_model_and_data(parser: argparse.ArgumentParser, evaluates: bool = True) -> None:
     d = DataOptions()
     group = parser.add_argument_group("model and data")
@@ -92,9 +98,7 @@ def add_model_and_data(parser: argparse.ArgumentParser, evaluates: bool = True) 
                        f"images (of a class-sorted split such as ImageFolder's: N evenly spaced ones)")
     group.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size, help="images per batch")
     group.add_argument("--seed", type=random_seed, default=d.seed, help="seed for data order and any randomness")
-    group.add_argument("--workers", type=positive_int("--workers", minimum=0), default=d.workers,
-                       help="data loader processes (0: the main process; default: several for image folders, "
-                            "0 for data held in memory)")
+    add_workers_option(group.add_argument)
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
 

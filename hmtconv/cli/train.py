@@ -9,7 +9,7 @@ from pathlib import Path
 from ..data import list_datasets
 from ..models import list_models
 from ..train import OPTIMIZERS, SCHEDULES, TrainConfig, train
-from .options import ensure_writable, positive_int, random_seed
+from .options import add_workers_option, ensure_writable, random_seed
 from .registry import register_command
 
 
@@ -42,8 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=random_seed, default=defaults.seed, help="initialization and shuffling")
     add("--device", default=defaults.device, help="cpu, cuda, cuda:N, or auto")
     add("--limit", type=int, help="at most this many batches per epoch and for the test (quick runs)")
-    add("--workers", type=positive_int("--workers", minimum=0), help="data loader processes (0: the main process; "
-        "default: several for image folders, 0 for data held in memory)")
+    add_workers_option(add)
     add("--out", type=Path, help="checkpoint path (default: runs/MODEL[-KEYVALUE...]-DATASET-sSEED.pt)")
     add("--no-progress", action="store_true", help="no progress bars")
 
