@@ -74,8 +74,44 @@ def test_energy_ratio_from_spike_counts():
     assert torch.allclose(torch.tensor(result.energy_ratio, dtype=torch.float64), expected)
     assert torch.allclose(torch.tensor(result.synops_cumulative, dtype=torch.float64), acs)  # the counts themselves
     assert result.macs == {"ann": macs_ann, "static": 5 * 7, "per_step": 0}
+    for layer, fanout, spiked in zip(result.per_layer, (4, 2), spikes):  # each site's share
+        assert torch.allclose(torch.tensor(layer.synops_cumulative, dtype=torch.float64),
+                              torch.cumsum(spiked * fanout, 0) / 6)
     two = result.truncated(2)
     assert two.synops_cumulative == result.synops_cumulative[:2] and two.macs == result.macs
+    assert [layer.synops_cumulative for layer in two.per_layer] == \
+        [layer.synops_cumulative[:2] for layer in result.per_layer]
+    assert json.loads(json.dumps(result.to_dict()))["per_layer"][0]["synops_cumulative"] == \
+        result.per_layer[0].synops_cumulative
+
+
+def test_each_sites_accumulates_are_its_spikes_times_the_synapses_each_drives():
+    """Per site, brute force: the levels it emits (k lam is popcount(k) spikes) at each element and
+    step, times that element's connections found by perturbing the next layer; the sites add up to
+    the total, and a site feeding no layer drives none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+                          nn.ReLU(), nn.Flatten(), nn.LazyLinear(3), nn.ReLU()).eval()
+    model(torch.zeros(1, 1, 7, 7))
+    data = [(torch.randn(5, 1, 7, 7), torch.zeros(5, dtype=torch.long))]
+    snn = hc.convert(model, data, n=2, T=3, policy="999")
+    result = hc.evaluate(snn, data)
+    fanouts = {"1": brute_force_fanout(copy.deepcopy(snn.net.get_submodule("2")), (4, 7, 7)),
+               "3": torch.full((6, 4, 4), 3.0), "6": torch.zeros(3)}
+    levels = {}
+    hooks = [site.register_forward_hook(lambda m, a, out, name=name: levels.__setitem__(
+        name, (out / m.neuron.lam).round().view(3, 5, *out.shape[1:]))) for name, site in snn.sites().items()]
+    with snn.per_step_values():
+        snn(data[0][0])
+    for h in hooks:
+        h.remove()
+    popcount = lambda k: sum((k.long() >> bit) & 1 for bit in range(2))  # noqa: E731
+    for layer in result.per_layer:
+        per_step = (popcount(levels[layer.name]) * fanouts[layer.name]).flatten(1).sum(1).double()
+        assert layer.synops_cumulative == (per_step.cumsum(0) / 5).tolist(), layer.name
+    total = torch.tensor([layer.synops_cumulative for layer in result.per_layer]).sum(0)
+    assert torch.allclose(total.double(), torch.tensor(result.synops_cumulative, dtype=torch.float64))
+    assert result.per_layer[-1].synops_cumulative == [0.0] * 3 and result.per_layer[0].synops_cumulative[-1] > 0
 
 
 class Between(nn.Module):

@@ -77,7 +77,33 @@ def test_plots_are_png(tmp_path):
 def test_tables():
     table = curves_table({"n=4 opt": RESULT})
     assert "| n=4 opt " in table and "98.80" in table and "0.310" in table
-    assert "features.6" in layers_table(RESULT)
+    assert "features.6" in layers_table(RESULT) and "SOPs" not in layers_table(RESULT)  # (a record without them)
+
+
+def counted(result):
+    """RESULT with the per-site accumulates evaluate reports where it counts energy."""
+    layers = [{**layer, "synops_cumulative": sops} for layer, sops in
+              zip(result["per_layer"], ([10.0, 20.0, 30.0], [5.0, 8.0, 10.0]))]
+    return {**result, "per_layer": layers}
+
+
+def test_layers_table_gives_each_sites_accumulates_and_share():
+    lines = layers_table(counted(RESULT)).splitlines()
+    assert "SOPs/sample" in lines[0] and "% of SOPs" in lines[0]
+    assert lines[2].split("|")[5:7] == [" 30          ", " 75.00     "]  # at the last step: 30 of 40
+    assert lines[3].split("|")[5:7] == [" 10          ", " 25.00     "]
+
+
+def test_layers_plot_has_a_panel_of_accumulates_where_they_were_counted(tmp_path, monkeypatch):
+    heights = []
+    real = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, **k: heights.append(list(h)) or real(
+        self, x, h, **k))
+    assert plot_layers(counted(RESULT), tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
+    assert heights == [[0.12, 0.08], [30.0, 10.0], [0.01, 0.02]]
+    heights.clear()
+    plot_layers(RESULT, tmp_path / "l.png")
+    assert heights == [[0.12, 0.08], [0.01, 0.02]]
 
 
 def test_a_module_swapped_run_has_no_energy_row_or_line(tmp_path):

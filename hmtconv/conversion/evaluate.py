@@ -1,7 +1,8 @@
 """``evaluate``: one SNN run of T steps per batch gives the accuracy at every t <= T and the energy.
 
-Every batch yields one row of counts that add up: per-step correct counts and synaptic
-operations, per-site spikes, elements and errors, the ANN's correct count and the batch size.
+Every batch yields one row of counts that add up: per-step correct counts, per-site per-step
+spikes and synaptic operations, per-site elements and errors, the ANN's correct count and the
+batch size.
 Under torchrun each rank evaluates its own whole batches and the rows of all ranks are summed in
 the single-process batch order, so every number equals a single-process run's bit for bit.
 """
@@ -32,8 +33,8 @@ from .snn import SNN, check_steps
 
 
 class _SiteMonitor:
-    """Per-site spikes, element counts and |ANN - SNN mean|, and per-step spikes and synaptic
-    operations, of the current batch via forward hooks (cheap: the neurons sum their outputs
+    """Per-site per-step spikes and synaptic operations, element counts and |ANN - SNN mean| of
+    the current batch via forward hooks (cheap: the neurons sum their outputs
     over T as they run, so a comparison costs one difference per site at batch size, no extra
     layer calls or passes over T; the counts are kept as the neurons give them and added up
     once a batch). Hooks add up, so a batch may run as several chunks."""
@@ -64,22 +65,21 @@ class _SiteMonitor:
         return hook
 
     def take(self) -> torch.Tensor:
-        """This batch's per-step ``[spikes, synops]``, per-site per-step spikes, then per-site
-        elements and |err|, flattened; starts the next batch at 0. (Counts are integers: float64
-        sums of them are exact in any order.)"""
+        """This batch's per-site per-step spikes and synops, then per-site elements and |err|,
+        flattened; starts the next batch at 0. (Counts are integers: float64 sums of them are
+        exact in any order.)"""
         f64 = dict(dtype=torch.float64, device=self.device)
-        per_step, site_steps = torch.zeros(2, self.steps, **f64), torch.zeros(len(self.sites), self.steps, **f64)
+        site_steps = torch.zeros(2, len(self.sites), self.steps, **f64)  # spikes, synops
         elements = torch.zeros(len(self.sites), **f64)
         if self.runs:
             index = torch.tensor([run[0] for run in self.runs], device=self.device)
-            spikes = torch.stack([run[1] for run in self.runs])
-            per_step[0] = spikes.sum(0)
-            synops = [run[2] for run in self.runs if run[2] is not None]
-            if synops:
-                per_step[1] = torch.stack(synops).sum(0)
-            site_steps.index_add_(0, index, spikes.to(torch.float64))
+            site_steps[0].index_add_(0, index, torch.stack([run[1] for run in self.runs]).to(torch.float64))
+            counted = [i for i, run in enumerate(self.runs) if run[2] is not None]
+            if counted:
+                synops = torch.stack([self.runs[i][2] for i in counted]).to(torch.float64)
+                site_steps[1].index_add_(0, index[counted], synops)
             elements.index_add_(0, index, torch.tensor([run[3] for run in self.runs], **f64))
-        row = torch.cat([per_step.flatten(), site_steps.flatten(), elements, self.errors])
+        row = torch.cat([site_steps.flatten(), elements, self.errors])
         self.runs, self.errors = [], torch.zeros_like(self.errors)
         return row
 
@@ -89,16 +89,19 @@ class _SiteMonitor:
         for site in self.sites.values():
             site.neuron.sum_outputs, site.neuron.output_sum = False, None
 
-    def layers(self, site_steps: torch.Tensor, elements: torch.Tensor, abs_err: torch.Tensor) -> list[LayerStats]:
-        """Per site, in run order (sites never run last)."""
+    def layers(self, site_steps: torch.Tensor, elements: torch.Tensor, abs_err: torch.Tensor, samples: int,
+               energy: bool) -> list[LayerStats]:
+        """Per site, in run order (sites never run last); synops per sample where ``energy`` was counted."""
         rows, names = [], list(self.sites)
-        rates = site_steps.view(len(names), self.steps).cumsum(1) / (
-            elements[:, None] * torch.arange(1, self.steps + 1, dtype=torch.float64, device=elements.device))
+        spikes, synops = site_steps.view(2, len(names), self.steps).cumsum(2)
+        rates = spikes / (elements[:, None] * torch.arange(1, self.steps + 1, dtype=torch.float64,
+                                                           device=elements.device))
         for i in [*self.run_order, *(i for i in range(len(names)) if i not in self.run_order)]:
             name, site = names[i], self.sites[names[i]]
             lam = site.neuron.lam.flatten().tolist()
             rows.append(LayerStats(name, site.signed, lam[0] if len(lam) == 1 else lam, rates[i, -1].item(),
-                                   (abs_err[i] / elements[i]).item() if self.compare else None, rates[i].tolist()))
+                                   (abs_err[i] / elements[i]).item() if self.compare else None, rates[i].tolist(),
+                                   (synops[i] / samples).tolist() if energy else None))
         return rows
 
 
@@ -297,9 +300,10 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         monitor.close()
         for module, training in ann_modes.items():
             module.training = training
-    total = _sum_batches(rows, 4 * steps + sites * steps + 2 * sites + 2, device)
-    correct, agree, step_spikes, synops, site_steps, elements, abs_err, (ann_correct, samples) = \
-        total.split([steps] * 4 + [sites * steps] + [sites] * 2 + [2])
+    total = _sum_batches(rows, 2 * steps + 2 * sites * steps + 2 * sites + 2, device)
+    correct, agree, site_steps, elements, abs_err, (ann_correct, samples) = \
+        total.split([steps] * 2 + [2 * sites * steps] + [sites] * 2 + [2])
+    step_spikes, synops = site_steps.view(2, sites, steps).sum(1)
     samples = int(samples.item())
     if samples == 0:
         raise ValueError("evaluation loader yielded no batches (is the evaluation set empty?)")
@@ -315,9 +319,9 @@ def evaluate(snn: SNN, loader: Iterable, *, T: int | None = None, ann: nn.Module
         ann_accuracy=None if ann is None else 100.0 * ann_correct.item() / samples,
         snn_accuracy=(100.0 * correct / samples).tolist(),
         agreement=None if ann is None else (100.0 * agree / samples).tolist(),
-        energy_ratio=energy, spikes_per_sample=site_steps.sum().item() / samples,
+        energy_ratio=energy, spikes_per_sample=step_spikes.sum().item() / samples,
         spikes_cumulative=(step_spikes.cumsum(0) / samples).tolist(), synops_cumulative=synops_cumulative, macs=macs,
-        per_layer=monitor.layers(site_steps, elements, abs_err), config=snn.config.to_dict(),
+        per_layer=monitor.layers(site_steps, elements, abs_err, samples, snn.mac_ann is not None), config=snn.config.to_dict(),
         unconverted=list(snn.report.unconverted), seconds=seconds)
 
 

@@ -7,8 +7,11 @@ from dataclasses import asdict, dataclass, field, replace
 @dataclass
 class LayerStats:
     """One spiking site: ``lam`` (a float, or per-channel list), ``firing_rate`` (binary spikes per
-    neuron per step; ``firing_rates[t-1]`` over steps 1..t), and the mean |ANN activation - SNN
-    output averaged over T| at that site (None if not measured, or in a result cut to fewer steps)."""
+    neuron per step; ``firing_rates[t-1]`` over steps 1..t), the mean |ANN activation - SNN
+    output averaged over T| at that site (None if not measured, or in a result cut to fewer steps),
+    and ``synops_cumulative[t-1]``: the accumulates its spikes drive over steps 1..t, per sample (its
+    share of ``EvaluationResult.synops_cumulative``, the sum over sites; None where energy was not
+    counted)."""
 
     name: str
     signed: bool
@@ -16,6 +19,7 @@ class LayerStats:
     firing_rate: float
     mean_abs_error: float | None
     firing_rates: list[float] = field(default_factory=list)
+    synops_cumulative: list[float] | None = None
 
 
 @dataclass
@@ -50,8 +54,8 @@ class EvaluationResult:
 
     def truncated(self, steps: int) -> "EvaluationResult":
         """The result of the first ``steps`` steps: equal to a run of ``steps`` steps when the
-        thresholds do not depend on T (the simulation is causal), the per-layer firing rates
-        included; the per-layer errors, measured on the average of all T steps, are None (unless
+        thresholds do not depend on T (the simulation is causal), the per-layer firing rates and
+        synops included; the per-layer errors, measured on the average of all T steps, are None (unless
         ``steps`` is T: the result itself)."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"can truncate a {self.T}-step result to 1..{self.T} steps, not {steps}")
@@ -59,7 +63,8 @@ class EvaluationResult:
             return replace(self)
         cut = lambda xs: None if xs is None else xs[:steps]  # noqa: E731
         layers = [replace(layer, firing_rate=layer.firing_rates[steps - 1], firing_rates=layer.firing_rates[:steps],
-                          mean_abs_error=None) for layer in self.per_layer]
+                          synops_cumulative=cut(layer.synops_cumulative), mean_abs_error=None)
+                  for layer in self.per_layer]
         return replace(self, T=steps, snn_accuracy=cut(self.snn_accuracy), agreement=cut(self.agreement),
                        energy_ratio=cut(self.energy_ratio), spikes_cumulative=cut(self.spikes_cumulative),
                        synops_cumulative=cut(self.synops_cumulative),

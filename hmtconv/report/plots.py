@@ -66,19 +66,27 @@ def plot_curves(runs: dict[str, dict], path, *, title: str = "", xlabel: str = "
 
 
 def plot_layers(result: dict, path, *, title: str = "") -> Path:
-    """Per replaced module: firing rate and the mean |ANN activation - SNN average output|."""
+    """Per replaced module: firing rate, the accumulates its spikes drive (where energy was
+    counted) and the mean |ANN activation - SNN average output|."""
     layers = result["per_layer"]
     names = [layer["name"] for layer in layers]
-    fig, (rate_ax, err_ax) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(names) + 2), 6.5), sharex=True)
+    synops = [(layer.get("synops_cumulative") or [None])[-1] for layer in layers]  # (older records: none)
+    counted = None not in synops
+    fig, axes = plt.subplots(3 if counted else 2, 1, figsize=(max(6, 0.45 * len(names) + 2), 9.5 if counted else 6.5),
+                             sharex=True)
+    rate_ax, err_ax = axes[0], axes[-1]
     positions = range(len(names))
     rate_ax.bar(positions, [layer["firing_rate"] for layer in layers], color="tab:blue")
     rate_ax.set(ylabel="spikes per neuron per step", title="Firing rate")
+    if counted:
+        axes[1].bar(positions, synops, color="tab:green")
+        axes[1].set(ylabel="accumulates per sample", title="Synaptic operations its spikes drive (all steps)")
     errors = [layer["mean_abs_error"] for layer in layers]  # (None: not measured, diagnostics off)
     err_ax.bar(positions, [float("nan") if e is None else e for e in errors], color="tab:red")
     err_ax.set(ylabel="mean |ANN - SNN avg|",
                title="Conversion error" + (" (not measured)" if None in errors else ""))
     err_ax.set_xticks(list(positions), names, rotation=60, ha="right", fontsize=8)
-    for ax in (rate_ax, err_ax):
+    for ax in axes:
         ax.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title)

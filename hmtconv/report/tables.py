@@ -34,10 +34,17 @@ def curves_table(runs: dict[str, dict]) -> str:
 
 
 def layers_table(result: dict) -> str:
-    header = ["layer", "lam", "firing rate", "mean |ANN - SNN|"]
+    """One row per spiking site: lam, firing rate, conversion error and, where energy was counted,
+    the accumulates its spikes drive per sample over all steps and their share of the total."""
+    layers = result["per_layer"]
+    synops = [(layer.get("synops_cumulative") or [None])[-1] for layer in layers]  # (older records: none)
+    counted = None not in synops
+    total = sum(synops) if counted else 0
+    header = ["layer", "lam", "firing rate", "mean |ANN - SNN|"] + (["SOPs/sample", "% of SOPs"] if counted else [])
     rows = []
-    for layer in result["per_layer"]:
+    for layer, sops in zip(layers, synops):
         lam = layer["lam"]
         lam = f"{lam:.4g}" if isinstance(lam, (int, float)) else f"{len(lam)} ch, {min(lam):.3g}..{max(lam):.3g}"
-        rows.append([layer["name"], lam, layer["firing_rate"], layer["mean_abs_error"]])
+        share = [f"{sops:.4g}", 100 * sops / total if total else None] if counted else []
+        rows.append([layer["name"], lam, layer["firing_rate"], layer["mean_abs_error"]] + share)
     return markdown_table(header, rows)
