@@ -591,7 +591,8 @@ def test_one_relu_module_at_two_sizes_in_an_untraceable_model():
 
     snn = hc.convert(TwoSizes().eval(), images())
     assert not snn.report.traced and list(snn.sites()) == ["relu.0", "relu.1"]
-    with pytest.raises(ValueError, match=r"relu saw per-sample shape \(4,\) after \(4, 8, 8\): .* a module of "
+    with pytest.raises(ValueError, match=r"relu saw per-sample shape \(4,\) after \(4, 8, 8\): .* prepare it "
+                                         r"with example_inputs \(a site per call\), or give each call a module of "
                                          r"its own"):
         hc.calibrate(hc.prepare(TwoSizes().eval()), images())
 

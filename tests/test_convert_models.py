@@ -8,6 +8,8 @@ from torch.nn import functional as F
 
 import hmtconv.conversion as hc
 from hmtconv.conversion.sites import ObservedActivation
+from hmtconv.errors import UserError
+from hmtconv.snn_io import load_snn, save_snn
 
 
 def loader(shape, batches=2, batch=4, seed=0, classes=10):
@@ -267,7 +269,7 @@ class Block(nn.Module):
 
 class SharedActivations(nn.Module):
     """One ReLU and one max pooling held by two blocks, a ReLU under two names of one module, and a
-    block held twice (one call site), around data-dependent control flow."""
+    block held twice (one module called twice), around data-dependent control flow."""
 
     def __init__(self):
         super().__init__()
@@ -291,7 +293,7 @@ def test_the_fallback_converts_a_module_held_by_several_parents_in_each():
     model, data = SharedActivations().eval(), loader((8,), classes=3)
     snn = hc.convert(model, data, n=8, T=64, policy="max")
     assert not snn.report.traced and snn.report.unconverted == []
-    assert list(snn.sites()) == ["a.act", "b.act", "c.act", "act1", "act2"]  # (c and d: one block, one site)
+    assert list(snn.sites()) == ["a.act", "b.act", "c.act.0", "c.act.1", "act1", "act2"]  # (c is d: a site per call)
     assert model.a.act is model.b.act and model.act1 is model.act2  # (the float model is untouched)
     x = data[0][0]
     with torch.no_grad():
@@ -299,14 +301,35 @@ def test_the_fallback_converts_a_module_held_by_several_parents_in_each():
         assert (snn(x).mean(0) - model(x)).abs().max() < 0.05 * model(x).abs().max()
 
 
-def test_the_fallback_compares_a_site_called_twice_call_by_call():
-    """Module swapping: a ReLU module called twice at one size keeps one site."""
+def test_the_fallback_gives_each_call_of_a_module_at_one_size_its_site():
+    """Module swapping: a ReLU module called twice at one size gets a site per call (its inputs
+    differ by 0.1 here), with the thresholds tracing gives the two calls."""
     torch.manual_seed(0)
     model, data = Untraceable(shared=True).eval(), loader((6,), classes=3)
     snn = hc.convert(model, data, n=8, T=32, policy="max")
-    assert not snn.report.traced and list(snn.sites()) == ["act"]
+    assert not snn.report.traced and list(snn.sites()) == ["act.0", "act.1"]
+    with torch.no_grad():
+        h = model.act(model.fc1(torch.cat([x for x, _ in data])))
+    assert [float(s.neuron.lam) for s in snn.sites().values()] == \
+        pytest.approx([h.max().item() / 255, (h - 0.1).max().item() / 255], rel=1e-6)
     result = hc.evaluate(snn, data, ann=model)  # the diagnostics pair each call with its own ANN output
-    assert 0 <= result.per_layer[0].mean_abs_error < 0.05
+    assert [0 <= layer.mean_abs_error < 0.05 for layer in result.per_layer] == [True, True]
+
+
+def test_an_snn_file_whose_calls_at_one_size_share_a_site_still_loads(tmp_path, monkeypatch):
+    """Files written before a site per call: the module's one site, under its own name."""
+    from hmtconv.conversion import fallback
+    torch.manual_seed(0)
+    model, data = Untraceable(shared=True).eval(), loader((6,), classes=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(fallback, "agreed_sizes", lambda sizes: {})  # what such a version prepared: one site
+        old = hc.convert(model, data, n=4, T=8)
+    assert list(old.sites()) == ["act"]
+    torch.save(model, tmp_path / "model.pt")
+    save_snn(old, tmp_path / "old.safetensors", model=str(tmp_path / "model.pt"), num_classes=3)
+    loaded, _ = load_snn(tmp_path / "old.safetensors")
+    assert list(loaded.sites()) == ["act"] and torch.equal(loaded(data[0][0]), old(data[0][0]))
+    assert list(hc.convert(model, data, n=4, T=8).sites()) == ["act.0", "act.1"]  # (converted now)
 
 
 @pytest.mark.parametrize("dtype,kernels", [(torch.float64, "1"), (torch.float32, "0")])
@@ -350,12 +373,15 @@ class BranchOnValues(nn.Module):
 
 
 class UntraceableBottleneck(nn.Module):
-    """torchvision's Bottleneck (``self.relu`` called at 4, 4 and 16 channels) behind a branch on values."""
+    """torchvision's Bottleneck (``self.relu`` called at 4, 4 and 16 channels), or its BasicBlock
+    (``self.relu`` called twice at 16 channels, before and after the residual add), behind a branch
+    on values."""
 
-    def __init__(self):
+    def __init__(self, basic: bool = False):
         super().__init__()
-        from torchvision.models.resnet import Bottleneck
-        self.stem, self.block, self.fc = nn.Conv2d(3, 16, 3, padding=1), Bottleneck(16, 4), nn.Linear(16, 5)
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+        self.stem, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 5)
+        self.block = BasicBlock(16, 16) if basic else Bottleneck(16, 4)
 
     def forward(self, x):
         h = self.block(self.stem(x))
@@ -367,6 +393,26 @@ class UntraceableBottleneck(nn.Module):
 class TraceableBottleneck(UntraceableBottleneck):
     def forward(self, x):
         return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("policy", ["opt", "999"])
+def test_the_fallback_gives_torchvisions_basic_block_the_traced_thresholds(policy):
+    """BasicBlock calls ``self.relu`` twice at one size: a site per call, each with the threshold
+    tracing gives that call site, and the SNN equal to the traced one."""
+    torch.manual_seed(0)
+    model, data = UntraceableBottleneck(basic=True).eval(), loader((3, 8, 8), classes=5)
+    with torch.no_grad():  # BatchNorm statistics of a trained block: the two calls then differ in scale
+        for bn in (model.block.bn1, model.block.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+    snn = hc.convert(model, data, n=4, T=8, policy=policy)
+    assert not snn.report.traced and list(snn.sites()) == ["block.relu.0", "block.relu.1"]
+    twin = TraceableBottleneck(basic=True).eval()
+    twin.load_state_dict(model.state_dict())
+    traced = hc.convert(twin, data, n=4, T=8, policy=policy)
+    lams = [[float(s.neuron.lam) for s in net.sites().values()] for net in (snn, traced)]
+    assert lams[0] == pytest.approx(lams[1], rel=1e-6) and lams[0][0] != pytest.approx(lams[0][1], rel=0.01)
+    x = data[0][0]
+    torch.testing.assert_close(snn(x), traced(x), rtol=1e-4, atol=1e-5)
 
 
 def test_the_fallback_converts_a_relu_module_called_at_several_sizes():
@@ -386,9 +432,64 @@ def test_the_fallback_converts_a_relu_module_called_at_several_sizes():
         assert torch.equal(snn.ann_forward(x), reference)
         assert (snn(x).mean(0) - reference).abs().max() < 0.02 * reference.abs().max()
     relu = snn.net.block.relu
-    snn.net.block.forward = lambda h: relu(relu(relu(relu(h))))  # (more calls than prepared)
-    with pytest.raises(RuntimeError, match="block.relu is called more than the 3 times per forward"):
+    calls = []
+    for i, site in enumerate(relu):
+        site.register_forward_pre_hook(lambda m, args, i=i: calls.append(i))
+    snn.net.block.forward = lambda h: relu(relu(relu(relu(h))))  # (more calls than prepared, at 16 channels)
+    snn(x)
+    assert calls == [0, 1, 2, 2]  # the fourth: the last site of its size
+    snn.net.block.forward = lambda h: relu(relu(relu(relu(h[:, :8]))))  # (at a size no call had)
+    with pytest.raises(RuntimeError, match=r"block.relu is called 4 times in this forward, on per-sample shape "
+                                           r"\(8, 8, 8\) the last time, which none of the 3 calls"):
         snn(x)
+
+
+class Repeats(nn.Module):
+    """``self.relu`` after ``conv`` once, or twice where the batch's first pixel is above 0.5: fx
+    cannot trace it, and the number of calls of the ReLU module depends on the data."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.relu, self.fc = nn.Conv2d(1, 1, 3, padding=1), nn.ReLU(), nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.relu(self.conv(x))
+        for _ in range(int(x[0, 0, 0, 0] > 0.5) + int(x[0, 0, 0, 0] > 0.9)):
+            h = self.relu(self.conv(h) + 0.2)
+        return self.fc(h.flatten(1))
+
+
+def test_the_fallback_runs_a_module_called_as_often_as_the_data_says(tmp_path):
+    """The example batch (the first of calibration) calls ``relu`` twice: two sites. Batches that
+    call it once use the first, a batch calling it three times (more than prepared) sends the
+    third call to the last site; every step runs: calibration, convert's checks, evaluate, save."""
+    data = [(torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(seed)), torch.zeros(4, dtype=torch.long))
+            for seed in range(6)]
+    for (x, _), first in zip(data, (0.7, 0.2, 0.95, 0.1, 0.3, 0.5)):
+        x[0, 0, 0, 0] = first  # two calls, one, three, then one
+    model = Repeats().eval()
+    prepared = hc.calibrate(hc.prepare(model, example_inputs=data[0][0]), data)
+    counts = [int(s.observer.count) for s in prepared.relu]
+    elements = 4 * 64
+    assert counts == [6 * elements, 3 * elements]  # every batch's first call; the 2nd of one, the 2nd and 3rd of one
+    snn = hc.convert(prepared, n=4, T=16, policy="max")
+    assert list(snn.sites()) == ["relu.0", "relu.1"]
+    calls = []
+    for i, site in enumerate(snn.net.relu):
+        site.register_forward_pre_hook(lambda m, args, i=i: calls.append(i))
+    for x, expected in zip((data[0][0], data[1][0], data[2][0]), ([0, 1], [0], [0, 1, 1])):
+        with torch.no_grad():
+            assert torch.equal(snn.ann_forward(x), model(x))
+            calls.clear()
+            assert (snn(x).mean(0) - model(x)).abs().max() < 0.1 * model(x).abs().max()
+        assert calls == expected
+    result = hc.evaluate(snn, data, ann=model)
+    assert result.snn_accuracy[-1] == result.ann_accuracy
+    torch.save(model, tmp_path / "repeats.pt")
+    save_snn(snn, tmp_path / "repeats.safetensors", model=str(tmp_path / "repeats.pt"), num_classes=10)
+    with pytest.raises(UserError, match="relu.0.neuron.lam.*its forward may branch on the data"):
+        load_snn(tmp_path / "repeats.safetensors")  # (rebuilt on a zero image, which calls relu once)
 
 
 def test_the_fallback_keeps_in_place_writes_and_the_relus_calibration_did_not_reach():

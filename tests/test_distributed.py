@@ -30,6 +30,7 @@ import hmtconv.conversion as hc
 from hmtconv.cli import main
 from hmtconv.data import make_loader
 from hmtconv.workload import shard_batches
+from test_convert_models import Repeats
 
 BATCH = 16
 
@@ -79,7 +80,9 @@ class Padded(nn.Module):
 
 
 # (calibration images, evaluation images): uneven shards (3 and 7 batches over 2 ranks), and runs
-# with one batch where rank 1 has no data at all.
+# with one batch where rank 1 has no data at all. Repeats (module swapping) calls its ReLU module
+# twice on rank 0's first calibration batch, once on rank 1's (and on the zeros a rank without data
+# prepares with): every rank must build rank 0's two sites, as one process does.
 CASES = [(40, 100), (16, 10)]
 CONFIGS = [dict(policy="opt"), dict(policy="opt", granularity="channel", identity="maxpool"), dict(policy="999")]
 
@@ -97,10 +100,11 @@ def run_cases() -> list[dict]:
             snn = hc.convert(prepared, T=3, **config)
             result = hc.evaluate(snn, test, ann=small_cnn()).to_dict()
             out.append({"stats": stats, "lam": {k: s.neuron.lam for k, s in snn.sites().items()}, "result": result})
-        snn = hc.convert(Padded().eval(), calib, T=3)
-        assert snn.report.traced, snn.report.trace_error
-        out.append({"stats": {}, "lam": {k: s.neuron.lam for k, s in snn.sites().items()},
-                    "result": hc.evaluate(snn, test).to_dict()})
+        for model in (Padded(), Repeats()):
+            snn = hc.convert(model.eval(), calib, T=3)
+            assert snn.report.traced == (not isinstance(model, Repeats)), snn.report.trace_error
+            out.append({"stats": {}, "lam": {k: s.neuron.lam for k, s in snn.sites().items()},
+                        "result": hc.evaluate(snn, test).to_dict()})
     return out
 
 

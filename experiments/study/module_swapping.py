@@ -6,9 +6,9 @@ The trained ResNet18-small is converted two ways (n = 4, opt, identity = none; c
 first 1,024 training images, evaluation on the first --images test images):
 - traced: the model as it is (fx traces it);
 - swapped: wrapped in a forward that branches on the data, so fx cannot trace it and convert falls
-  back to module swapping: the calls of a ReLU module at one size share a site (torchvision's
-  BasicBlock calls ``self.relu`` before and after its residual add), and max pooling stays after
-  its neuron (compensated).
+  back to module swapping: each call of a ReLU module gets a site (torchvision's BasicBlock calls
+  ``self.relu`` before and after its residual add), as in the traced graph, but max pooling stays
+  after its neuron (compensated).
 Prints the sites and the top-1 at t = T of each conversion. docs/results.md quotes it.
 """
 from __future__ import annotations

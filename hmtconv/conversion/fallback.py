@@ -1,9 +1,8 @@
 """Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
 
 Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites (a ReLU module
-the example batch calls at several sizes gets a site per call, :class:`CallSites`, as a traced
-graph gives each call site a module; calls at one size share a site, which keeps the number of
-calls free to depend on the data; 3-d activations at them are taken as tokens ``[B, N, C]``), max
+the example batch calls several times gets a site per call, :class:`CallSites`, as a traced graph
+gives each call site a module; 3-d activations at them are taken as tokens ``[B, N, C]``), max
 pooling stays after its neuron (compensated), and
 functional activations stay float. :func:`unconverted.find_unconverted` reports those (every op on
 spikes that is not linear), products of two spike trains and reductions over the batch dim by
@@ -17,6 +16,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .. import distributed
 from .compensated import COMPENSATED
 from .energy import SYNAPTIC
 from .layout import read_channels_first
@@ -40,22 +40,32 @@ class InputSite(nn.Sequential):
 
 
 class CallSites(nn.ModuleList):
-    """The sites of a ReLU module that the forward calls at several sizes (torchvision's Bottleneck
-    reuses ``self.relu`` at 4 and 16 channels): call i of a forward goes to site i (the model's
-    pre-hook :func:`restart_calls` counts from 0 at each forward)."""
+    """The sites of a ReLU module that the forward calls several times, one per call the example
+    batch made, as a traced graph gives each call site a module (torchvision's BasicBlock applies
+    ``self.relu`` before and after its residual add, to inputs of other scales: one threshold for
+    both cost a module-swapped ResNet18 on MNIST 7 points at T = 1; its Bottleneck calls it at 4
+    and 16 channels). Call i of a forward goes to site i (the model's pre-hook
+    :func:`restart_calls` counts from 0 at each forward); calls beyond the example's (a number that
+    depends on the data) go to the last site of their per-sample size, so any data runs."""
 
-    def __init__(self, sites: list[nn.Module], name: str):
+    sizes: tuple = ()  # (pickled before they were kept: calls beyond the sites are an error)
+
+    def __init__(self, sites: list[nn.Module], name: str, sizes: list[tuple[int, ...]]):
         super().__init__(sites)
-        self.name, self.calls = name, 0
+        self.name, self.sizes, self.calls = name, tuple(sizes), 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calls == len(self):
-            raise RuntimeError(f"{self.name} is called more than the {len(self)} times per forward of the example "
-                               f"batch it was prepared with (a model fx cannot trace, calling it at several sizes: "
-                               f"a site per call); prepare with example_inputs that take every branch, or make "
-                               f"the model traceable")
-        self.calls += 1
-        return self[self.calls - 1](x)
+        call, self.calls = self.calls, self.calls + 1
+        if call >= len(self):
+            same = [i for i, size in enumerate(self.sizes) if size == tuple(x.shape[1:])]
+            if not same:
+                raise RuntimeError(f"{self.name} is called {call + 1} times in this forward, on per-sample shape "
+                                   f"{tuple(x.shape[1:])} the last time, which none of the {len(self)} calls of the "
+                                   f"example batch it was prepared with had (a model fx cannot trace: a site per "
+                                   f"call); prepare with example_inputs that take every branch, or make the model "
+                                   f"traceable")
+            call = same[-1]
+        return self[call](x)
 
 
 def restart_calls(model: nn.Module, args) -> None:
@@ -100,21 +110,36 @@ def unshare_stateless(model: nn.Module) -> None:
             model.set_submodule(name, copy.deepcopy(module))
 
 
+def agreed_sizes(sizes: dict[str, list[tuple[int, ...]]]) -> dict[str, list[tuple[int, ...]]]:
+    """Under torchrun, the call sizes of the lowest rank that has them, on every rank: the sites
+    must be the same for the statistics to merge, and rank 0's example is the first calibration
+    batch, the one a single process prepares with (where the number of calls depends on the data)."""
+    return next((ranked for ranked in distributed.all_gather_objects(dict(sizes)) if ranked), {})
+
+
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None,
                     example: torch.Tensor | None = None) -> nn.Module:
     unshare_stateless(model)
-    sizes = call_sizes(model, example)
+    sizes = agreed_sizes(call_sizes(model, example))
     for name, module in list(model.named_modules()):
         if is_relu(module):
-            calls = len(sizes[name]) if len(set(sizes[name])) > 1 else 1
+            calls = sizes.get(name) or [None]  # (not called by the example, or none: one site)
             sites = [ObservedActivation(False, hist, ceiling=ceiling_of(module), in_place=module.inplace)
-                     for _ in range(calls)]
-            model.set_submodule(name, sites[0] if len(sites) == 1 else CallSites(sites, name))
+                     for _ in calls]
+            model.set_submodule(name, sites[0] if len(sites) == 1 else CallSites(sites, name, calls))
         elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
             model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))
     if any(isinstance(module, CallSites) for module in model.modules()):
         model.register_forward_pre_hook(restart_calls)
     return model
+
+
+def share_calls_as_saved(prepared: nn.Module, saved_sites: set[str]) -> None:
+    """An SNN file written when a module's calls at one size shared a site (hmtconv before sites
+    per call) holds that site under the module's name: rebuilt, it gets one site again."""
+    for name, module in list(prepared.named_modules()):
+        if isinstance(module, CallSites) and name in saved_sites and len(set(module.sizes)) == 1:
+            prepared.set_submodule(name, module[0])
 
 
 def drop_unreached_sites(model: nn.Module, sites: dict[str, ObservedActivation]) -> list[tuple[str, str]]:
