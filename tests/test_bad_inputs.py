@@ -577,9 +577,9 @@ def test_unexpected_library_errors_are_one_line_but_bugs_keep_their_traceback(mo
 
 
 def test_one_relu_module_at_two_sizes_in_an_untraceable_model():
-    """Module swapping gives each call of a ReLU module that the example batch shows a site of its
-    own (convert passes the first calibration batch); prepared without an example, the calls share
-    one site, which cannot observe two sizes: named."""
+    """Module swapping gives each call of a ReLU module that a zero image of the example's size
+    shows a site of its own (convert passes the first calibration batch); prepared without an
+    example, the calls share one site, which cannot observe two sizes: named."""
     class TwoSizes(ConvHead):
         def __init__(self):
             super().__init__()
@@ -591,9 +591,9 @@ def test_one_relu_module_at_two_sizes_in_an_untraceable_model():
 
     snn = hc.convert(TwoSizes().eval(), images())
     assert not snn.report.traced and list(snn.sites()) == ["relu.0", "relu.1"]
-    with pytest.raises(ValueError, match=r"relu saw per-sample shape \(4,\) after \(4, 8, 8\): .* prepare it "
-                                         r"with example_inputs \(a site per call\), or give each call a module of "
-                                         r"its own"):
+    with pytest.raises(ValueError, match=r"relu saw per-sample shape \(4,\) after \(4, 8, 8\): .* prepare gives "
+                                         r"it a site per call that a zero image of example_inputs' size makes; .* "
+                                         r"give each call a module of its own"):
         hc.calibrate(hc.prepare(TwoSizes().eval()), images())
 
 

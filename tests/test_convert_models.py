@@ -322,7 +322,7 @@ def test_an_snn_file_whose_calls_at_one_size_share_a_site_still_loads(tmp_path, 
     torch.manual_seed(0)
     model, data = Untraceable(shared=True).eval(), loader((6,), classes=3)
     with monkeypatch.context() as patch:
-        patch.setattr(fallback, "agreed_sizes", lambda sizes: {})  # what such a version prepared: one site
+        patch.setattr(fallback, "call_sizes", lambda *args: {})  # what such a version prepared: one site
         old = hc.convert(model, data, n=4, T=8)
     assert list(old.sites()) == ["act"]
     torch.save(model, tmp_path / "model.pt")
@@ -435,18 +435,58 @@ def test_the_fallback_converts_a_relu_module_called_at_several_sizes():
     calls = []
     for i, site in enumerate(relu):
         site.register_forward_pre_hook(lambda m, args, i=i: calls.append(i))
-    snn.net.block.forward = lambda h: relu(relu(relu(relu(h))))  # (more calls than prepared, at 16 channels)
+    snn.net.block.forward = lambda h: relu(relu(relu(relu(h))))  # (more calls than prepared, all at 16 channels)
     snn(x)
-    assert calls == [0, 1, 2, 2]  # the fourth: the last site of its size
+    assert calls == [2, 2, 2, 2]  # each: the last site of its size
     snn.net.block.forward = lambda h: relu(relu(relu(relu(h[:, :8]))))  # (at a size no call had)
-    with pytest.raises(RuntimeError, match=r"block.relu is called 4 times in this forward, on per-sample shape "
-                                           r"\(8, 8, 8\) the last time, which none of the 3 calls"):
+    with pytest.raises(RuntimeError, match=r"block.relu is called on per-sample shape \(8, 8, 8\) \(call 1 of this "
+                                           r"forward\), which none of its 3 sites was prepared for"):
         snn(x)
 
 
+class LayerTwice(nn.Module):
+    """``fc`` and ``act`` applied twice, at one size (``tokens``: the second time on 2 tokens),
+    behind a branch on values unless ``traceable``."""
+
+    def __init__(self, tokens: bool = False, traceable: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.act, self.head = nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)
+        self.tokens, self.traceable = tokens, traceable
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        if not self.traceable and h.isnan().any():
+            raise ValueError("NaN")
+        h = torch.stack([h, -h], 1) if self.tokens else h
+        h = self.act(self.fc(h) + 0.1)
+        return self.head(h.mean(1) if self.tokens else h)
+
+
+def test_the_fallback_gives_each_call_of_a_layer_its_input_site():
+    """identity="all": a Linear called twice gets a y = x site per call, the first with the
+    threshold of the traced graph's (which puts none where spikes come in already: module swapping
+    cannot tell), and runs where the calls differ in size (one site could not)."""
+    data = loader((6,), classes=3)
+    snn = hc.convert(LayerTwice().eval(), data, n=4, T=8, identity="all")
+    assert not snn.report.traced and list(snn.sites()) == ["fc.0.0", "fc.0.1", "act.0", "act.1", "head.0"]
+    traced = hc.convert(LayerTwice(traceable=True).eval(), data, n=4, T=8, identity="all")
+    assert traced.report.traced and list(traced.sites()) == ["fc_in", "act", "act_1"]
+    lams = [[float(net.sites()[name].neuron.lam) for name in names]
+            for net, names in ((snn, ["fc.0.0", "act.0", "act.1"]), (traced, ["fc_in", "act", "act_1"]))]
+    assert lams[0] == pytest.approx(lams[1], rel=1e-6)
+    model = LayerTwice(tokens=True).eval()
+    snn = hc.convert(model, data, n=8, T=64, identity="all", policy="max")
+    assert list(snn.sites()) == ["fc.0.0", "fc.0.1", "act.0", "act.1", "head.0"]
+    x = data[0][0]
+    with torch.no_grad():
+        assert (snn(x).mean(0) - model(x)).abs().max() < 0.05 * model(x).abs().max()
+
+
 class Repeats(nn.Module):
-    """``self.relu`` after ``conv`` once, or twice where the batch's first pixel is above 0.5: fx
-    cannot trace it, and the number of calls of the ReLU module depends on the data."""
+    """``self.relu`` after ``conv`` once, then again as many times as the batch's first pixel says
+    (none below -0.5, two above 0.5, else one: twice in all for a zero image): fx cannot trace it,
+    and the number of calls of the ReLU module depends on the data."""
 
     def __init__(self):
         super().__init__()
@@ -455,24 +495,24 @@ class Repeats(nn.Module):
 
     def forward(self, x):
         h = self.relu(self.conv(x))
-        for _ in range(int(x[0, 0, 0, 0] > 0.5) + int(x[0, 0, 0, 0] > 0.9)):
+        for _ in range(int(x[0, 0, 0, 0] > -0.5) + int(x[0, 0, 0, 0] > 0.5)):
             h = self.relu(self.conv(h) + 0.2)
         return self.fc(h.flatten(1))
 
 
 def test_the_fallback_runs_a_module_called_as_often_as_the_data_says(tmp_path):
-    """The example batch (the first of calibration) calls ``relu`` twice: two sites. Batches that
-    call it once use the first, a batch calling it three times (more than prepared) sends the
-    third call to the last site; every step runs: calibration, convert's checks, evaluate, save."""
+    """A zero image calls ``relu`` twice: two sites. A batch calling it once uses the first, one
+    calling it three times sends the third call to the last site; every step runs (calibration,
+    convert's checks, evaluate) and the SNN file rebuilds the same sites."""
     data = [(torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(seed)), torch.zeros(4, dtype=torch.long))
             for seed in range(6)]
-    for (x, _), first in zip(data, (0.7, 0.2, 0.95, 0.1, 0.3, 0.5)):
-        x[0, 0, 0, 0] = first  # two calls, one, three, then one
+    for (x, _), first in zip(data, (0.2, -1.0, 0.95, -1.0, -1.0, 0.3)):
+        x[0, 0, 0, 0] = first  # two calls, one, three, one, one, two
     model = Repeats().eval()
-    prepared = hc.calibrate(hc.prepare(model, example_inputs=data[0][0]), data)
+    prepared = hc.calibrate(hc.prepare(model, example_inputs=data[1][0]), data)  # (an example calling it once)
     counts = [int(s.observer.count) for s in prepared.relu]
     elements = 4 * 64
-    assert counts == [6 * elements, 3 * elements]  # every batch's first call; the 2nd of one, the 2nd and 3rd of one
+    assert counts == [6 * elements, 4 * elements]  # every batch's first call; the 2nd of two, the 2nd and 3rd of one
     snn = hc.convert(prepared, n=4, T=16, policy="max")
     assert list(snn.sites()) == ["relu.0", "relu.1"]
     calls = []
@@ -488,8 +528,25 @@ def test_the_fallback_runs_a_module_called_as_often_as_the_data_says(tmp_path):
     assert result.snn_accuracy[-1] == result.ann_accuracy
     torch.save(model, tmp_path / "repeats.pt")
     save_snn(snn, tmp_path / "repeats.safetensors", model=str(tmp_path / "repeats.pt"), num_classes=10)
-    with pytest.raises(UserError, match="relu.0.neuron.lam.*its forward may branch on the data"):
-        load_snn(tmp_path / "repeats.safetensors")  # (rebuilt on a zero image, which calls relu once)
+    loaded, _ = load_snn(tmp_path / "repeats.safetensors")
+    for x, _ in data[:3]:
+        assert torch.equal(loaded(x), snn(x))
+
+
+def test_a_call_at_another_size_than_its_sites_goes_to_the_last_site_of_its_size():
+    """Bottleneck's sites are for 4, 4 and 16 channels: a forward calling it at 16 channels first
+    sends that call to the 16-channel site, not to site 0 (whose per-channel thresholds are 4)."""
+    torch.manual_seed(0)
+    model, data = UntraceableBottleneck().eval(), loader((3, 8, 8), classes=5)
+    snn = hc.convert(model, data, n=8, T=8, policy="max", granularity="channel")
+    relu, calls = snn.net.block.relu, []
+    for i, site in enumerate(relu):
+        site.register_forward_pre_hook(lambda m, args, i=i: calls.append(i))
+    snn.net.block.forward = lambda h: relu(relu(relu(h[:, :4])).repeat(1, 4, 1, 1))  # (4, 4, then 16 channels)
+    snn(data[0][0])
+    snn.net.block.forward = lambda h: relu(relu(h[:, :4]).repeat(1, 4, 1, 1))  # (4, then 16 channels)
+    snn(data[0][0])
+    assert calls == [0, 1, 2, 0, 2]
 
 
 def test_the_fallback_keeps_in_place_writes_and_the_relus_calibration_did_not_reach():

@@ -81,8 +81,8 @@ class Padded(nn.Module):
 
 # (calibration images, evaluation images): uneven shards (3 and 7 batches over 2 ranks), and runs
 # with one batch where rank 1 has no data at all. Repeats (module swapping) calls its ReLU module
-# twice on rank 0's first calibration batch, once on rank 1's (and on the zeros a rank without data
-# prepares with): every rank must build rank 0's two sites, as one process does.
+# once on rank 0's first calibration batch, twice on rank 1's: every rank must build the same
+# sites (those of a zero image) and route each call alike, as one process does.
 CASES = [(40, 100), (16, 10)]
 CONFIGS = [dict(policy="opt"), dict(policy="opt", granularity="channel", identity="maxpool"), dict(policy="999")]
 

@@ -104,9 +104,8 @@ def prepare(model: nn.Module, *, identity: str = "none", inplace: bool = False,
 
     ``example_inputs`` (a batch of images, or ``(images, labels)``) lets fx trace a model whose
     forward branches on sizes (timm's MobileViT, Twins, NesT...) at that image size; without it,
-    or where even that fails, such a model falls back to module swapping, where the example's
-    calls of each ReLU module give it a site per call (under torchrun, those of rank 0's example on
-    every process: call prepare on all of them).
+    or where even that fails, such a model falls back to module swapping, where a ReLU module gets
+    a site per call that a zero image of the example's size makes (without it, one site).
 
     ``inplace`` edits the model's own modules instead of a copy's; use the module returned (a
     traced model's is a new GraphModule around them)."""

@@ -1,8 +1,9 @@
 """Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
 
-Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites (a ReLU module
-the example batch calls several times gets a site per call, :class:`CallSites`, as a traced graph
-gives each call site a module; 3-d activations at them are taken as tokens ``[B, N, C]``), max
+Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites, and with
+``identity="all"`` the inputs of Conv and Linear modules (a module that a zero image of the
+example's size calls several times gets a site per call, :class:`CallSites`, as a traced graph gives
+each call site a module; 3-d activations at them are taken as tokens ``[B, N, C]``), max
 pooling stays after its neuron (compensated), and
 functional activations stay float. :func:`unconverted.find_unconverted` reports those (every op on
 spikes that is not linear), products of two spike trains and reductions over the batch dim by
@@ -16,7 +17,6 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .. import distributed
 from .compensated import COMPENSATED
 from .energy import SYNAPTIC
 from .layout import read_channels_first
@@ -40,13 +40,14 @@ class InputSite(nn.Sequential):
 
 
 class CallSites(nn.ModuleList):
-    """The sites of a ReLU module that the forward calls several times, one per call the example
-    batch made, as a traced graph gives each call site a module (torchvision's BasicBlock applies
-    ``self.relu`` before and after its residual add, to inputs of other scales: one threshold for
-    both cost a module-swapped ResNet18 on MNIST 7 points at T = 1; its Bottleneck calls it at 4
-    and 16 channels). Call i of a forward goes to site i (the model's pre-hook
-    :func:`restart_calls` counts from 0 at each forward); calls beyond the example's (a number that
-    depends on the data) go to the last site of their per-sample size, so any data runs."""
+    """The sites of a ReLU module (or of a layer's input) that the forward calls several times, one
+    per call it makes on a zero image of the example's size, as a traced graph gives each call site
+    a module (torchvision's BasicBlock applies ``self.relu`` before and after its residual add, to
+    inputs of other scales: one threshold for both cost a module-swapped ResNet18 on MNIST 7
+    points at T = 1; its Bottleneck calls it at 4 and 16 channels). Call i of a forward goes to
+    site i (the model's pre-hook :func:`restart_calls` counts from 0 at each forward) where its
+    per-sample size is that site's, else (the data took another path) to the last site of its
+    size; a size no site has is an error."""
 
     sizes: tuple = ()  # (pickled before they were kept: calls beyond the sites are an error)
 
@@ -56,14 +57,14 @@ class CallSites(nn.ModuleList):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call, self.calls = self.calls, self.calls + 1
-        if call >= len(self):
-            same = [i for i, size in enumerate(self.sizes) if size == tuple(x.shape[1:])]
+        size = tuple(x.shape[1:])
+        if call >= len(self) or (self.sizes and self.sizes[call] != size):
+            same = [i for i, known in enumerate(self.sizes) if known == size]
             if not same:
-                raise RuntimeError(f"{self.name} is called {call + 1} times in this forward, on per-sample shape "
-                                   f"{tuple(x.shape[1:])} the last time, which none of the {len(self)} calls of the "
-                                   f"example batch it was prepared with had (a model fx cannot trace: a site per "
-                                   f"call); prepare with example_inputs that take every branch, or make the model "
-                                   f"traceable")
+                raise RuntimeError(f"{self.name} is called on per-sample shape {size} (call {call + 1} of this "
+                                   f"forward), which none of its {len(self)} sites was prepared for (a model fx "
+                                   f"cannot trace: a site per call a zero image of the example's size makes); make "
+                                   f"the model traceable, or give each call a module of its own")
             call = same[-1]
         return self[call](x)
 
@@ -74,15 +75,16 @@ def restart_calls(model: nn.Module, args) -> None:
             module.calls = 0
 
 
-def call_sizes(model: nn.Module, example: torch.Tensor | None) -> dict[str, list[tuple[int, ...]]]:
-    """The per-sample input shape of each call the forward makes of each ReLU module on
-    ``example`` (none without one, or where the model fails on it: calibration will say why)."""
+def call_sizes(model: nn.Module, example: torch.Tensor | None, watched: set[str]) -> dict[str, list[tuple[int, ...]]]:
+    """The per-sample input shape of each call the forward makes of each module named in
+    ``watched`` on ``example`` (none without one, or where the model fails on it: calibration will
+    say why)."""
     sizes: dict[str, list[tuple[int, ...]]] = defaultdict(list)
     if example is None:
         return sizes
     hooks = [module.register_forward_pre_hook(lambda m, args, name=name: sizes[name].append(tuple(args[0].shape[1:])))
-             for name, module in model.named_modules() if is_relu(module)]
-    if not hooks:  # (no ReLU module: nothing to count, no forward to run)
+             for name, module in model.named_modules() if name in watched]
+    if not hooks:  # (no module to watch: nothing to count, no forward to run)
         return sizes
     try:
         with torch.no_grad():
@@ -110,25 +112,31 @@ def unshare_stateless(model: nn.Module) -> None:
             model.set_submodule(name, copy.deepcopy(module))
 
 
-def agreed_sizes(sizes: dict[str, list[tuple[int, ...]]]) -> dict[str, list[tuple[int, ...]]]:
-    """Under torchrun, the call sizes of the lowest rank that has them, on every rank: the sites
-    must be the same for the statistics to merge, and rank 0's example is the first calibration
-    batch, the one a single process prepares with (where the number of calls depends on the data)."""
-    return next((ranked for ranked in distributed.all_gather_objects(dict(sizes)) if ranked), {})
+def per_call(make_site, name: str, sizes: list[tuple[int, ...]] | None) -> nn.Module:
+    """A site for each call in ``sizes`` (one where the zero image made at most one, or failed)."""
+    if not sizes or len(sizes) == 1:
+        return make_site()
+    return CallSites([make_site() for _ in sizes], name, sizes)
 
 
 def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | None,
                     example: torch.Tensor | None = None) -> nn.Module:
     unshare_stateless(model)
-    sizes = agreed_sizes(call_sizes(model, example))
-    for name, module in list(model.named_modules()):
+    inputs = identity in ("all", "linear")  # (a y = x site before each Conv/Linear)
+    swapped = {name: module for name, module in model.named_modules()
+               if is_relu(module) or (inputs and isinstance(module, SYNAPTIC))}
+    # the calls a zero image makes: the same on every torchrun rank and in load_snn's rebuild
+    # (which prepares on one), whatever path the data takes (calls beyond them, or at other sizes,
+    # go to the last site of their size: CallSites)
+    zeros = None if example is None else example.new_zeros((1, *example.shape[1:]))
+    sizes = call_sizes(model, zeros, set(swapped))
+    for name, module in swapped.items():
         if is_relu(module):
-            calls = sizes.get(name) or [None]  # (not called by the example, or none: one site)
-            sites = [ObservedActivation(False, hist, ceiling=ceiling_of(module), in_place=module.inplace)
-                     for _ in calls]
-            model.set_submodule(name, sites[0] if len(sites) == 1 else CallSites(sites, name, calls))
-        elif identity in ("all", "linear") and isinstance(module, SYNAPTIC):
-            model.set_submodule(name, InputSite(ObservedActivation(True, hist, read_channels_first(module)), module))
+            model.set_submodule(name, per_call(lambda: ObservedActivation(
+                False, hist, ceiling=ceiling_of(module), in_place=module.inplace), name, sizes.get(name)))
+        else:
+            model.set_submodule(name, InputSite(per_call(lambda: ObservedActivation(
+                True, hist, read_channels_first(module)), f"{name}.0", sizes.get(name)), module))
     if any(isinstance(module, CallSites) for module in model.modules()):
         model.register_forward_pre_hook(restart_calls)
     return model

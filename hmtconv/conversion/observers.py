@@ -149,8 +149,9 @@ class ActivationObserver(ShapeObserver, KeepsDtype):
             raise ValueError(f"{self.label} saw per-sample shape {tuple(x.shape[1:])} after {self.shape}: either "
                              f"the calibration images differ in size (calibrate with images of one size), or fx "
                              f"could not trace the model and one module is called on activations of several "
-                             f"sizes (torchvision's Bottleneck reuses self.relu): prepare it with example_inputs "
-                             f"(a site per call), or give each call a module of its own")
+                             f"sizes (torchvision's Bottleneck reuses self.relu): prepare gives it a site per "
+                             f"call that a zero image of example_inputs' size makes; where that does not show the "
+                             f"calls, give each call a module of its own")
         dim = channel_dim(x.dim(), self.channels_first)
         x = x.detach().to(self.count.device)
         counts = None if self.hist is None else self.hist_channel if self.hist.per_channel else self.hist_layer
