@@ -7,8 +7,8 @@ first 1,024 training images, evaluation on the first --images test images):
 - traced: the model as it is (fx traces it);
 - swapped: wrapped in a forward that branches on the data, so fx cannot trace it and convert falls
   back to module swapping: each call of a ReLU module gets a site (torchvision's BasicBlock calls
-  ``self.relu`` before and after its residual add), as in the traced graph, but max pooling stays
-  after its neuron (compensated).
+  ``self.relu`` before and after its residual add) and the stem's max pooling moves before its
+  neuron, as in the traced graph.
 Prints the sites and the top-1 at t = T of each conversion. docs/results.md quotes it.
 """
 from __future__ import annotations

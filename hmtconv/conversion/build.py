@@ -249,6 +249,11 @@ def build_snn(net: nn.Module, config: ConversionConfig, report: ConversionReport
     if not isinstance(net, fx.GraphModule):  # module-swap fallback: every op sees T*B rows
         for name, module in list(net.named_modules()):
             if type(module) in COMPENSATED:
+                if getattr(module, "return_indices", False):
+                    raise ValueError(f"cannot convert {name} ({type(module).__name__}): it returns indices, and fx "
+                                     f"cannot trace the model (module swapping), so it may see spikes, where the "
+                                     f"maximum moves from step to step. Pool without return_indices, or make the "
+                                     f"model traceable")
                 net.set_submodule(name, Compensated(module))
         check_module_swapped(net, report.input_shape)
         return SNN(net, config, report, output_temporal=True, macs=None)

@@ -4,15 +4,15 @@ Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites
 ``identity="all"`` the inputs of Conv and Linear modules (a module that a zero image of the
 example's size calls several times gets a site per call, :class:`CallSites`, as a traced graph gives
 each call site a module; 3-d activations at them are taken as tokens ``[B, N, C]``), max
-pooling stays after its neuron (compensated), and
-functional activations stay float. :func:`unconverted.find_unconverted` reports those (every op on
+pooling moves before the neuron of a ReLU that feeds it alone (swapped_pools.py; elsewhere it
+stays after its neuron, compensated), and functional activations stay float. :func:`unconverted.find_unconverted` reports those (every op on
 spikes that is not linear), products of two spike trains and reductions over the batch dim by
 running a calibration batch.
 """
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from .energy import SYNAPTIC
 from .layout import read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, float_op, is_relu
+from .swapped_pools import MovedReLU, PooledSite, pool_moves
 
 
 class InputSite(nn.Sequential):
@@ -130,8 +131,15 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | Non
     # go to the last site of their size: CallSites)
     zeros = None if example is None else example.new_zeros((1, *example.shape[1:]))
     sizes = call_sizes(model, zeros, set(swapped))
+    moves = pool_moves(model, zeros, {name for name, module in swapped.items() if is_relu(module)})
     for name, module in swapped.items():
-        if is_relu(module):
+        if name in moves:  # relu -> maxpool: [y = x site ->] maxpool -> relu
+            moved = MovedReLU(ceiling_of(module), module.inplace)
+            site = ObservedActivation(False, hist, ceiling=ceiling_of(module))
+            model.set_submodule(moves[name], PooledSite(model.get_submodule(moves[name]), site, name, moved))
+            model.set_submodule(name, moved if identity != "maxpool" else nn.Sequential(OrderedDict(
+                identity=ObservedActivation(True, hist), relu=moved)))
+        elif is_relu(module):
             model.set_submodule(name, per_call(lambda: ObservedActivation(
                 False, hist, ceiling=ceiling_of(module), in_place=module.inplace), name, sizes.get(name)))
         else:
@@ -142,12 +150,17 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | Non
     return model
 
 
-def share_calls_as_saved(prepared: nn.Module, saved_sites: set[str]) -> None:
-    """An SNN file written when a module's calls at one size shared a site (hmtconv before sites
-    per call) holds that site under the module's name: rebuilt, it gets one site again."""
+def as_saved(prepared: nn.Module, saved_sites: set[str]) -> None:
+    """The sites of an SNN file written before module swapping gave a site per call and moved max
+    pooling before neurons: a module's calls at one size share the site under its name, and a
+    ReLU's site stays under its name, before the max pooling."""
     for name, module in list(prepared.named_modules()):
         if isinstance(module, CallSites) and name in saved_sites and len(set(module.sizes)) == 1:
             prepared.set_submodule(name, module[0])
+        elif isinstance(module, PooledSite) and module.relu_name in saved_sites and f"{name}.relu" not in saved_sites:
+            prepared.set_submodule(name, module.pool)
+            prepared.set_submodule(module.relu_name, ObservedActivation(
+                False, module.relu.observer.hist, ceiling=module.moved.ceiling, in_place=module.moved.in_place))
 
 
 def drop_unreached_sites(model: nn.Module, sites: dict[str, ObservedActivation]) -> list[tuple[str, str]]:

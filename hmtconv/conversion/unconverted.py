@@ -69,7 +69,7 @@ def _is_linear(func) -> bool:
     return func in LINEAR_FUNCTIONS or _method(func) in LINEAR_METHODS or getattr(func, "__name__", None) == "__get__"
 
 
-def _storage(t: Tensor) -> int | None:
+def storage_id(t: Tensor) -> int | None:
     """The storage ``t`` views (None: a tensor without one)."""
     try:
         return t.untyped_storage()._cdata
@@ -106,7 +106,7 @@ class _Recorder(TorchFunctionMode):
         return frozenset().union(*found) if found else None
 
     def _written(self, t: Tensor) -> frozenset | None:
-        entry = self.written.get(_storage(t)) if self.written else None
+        entry = self.written.get(storage_id(t)) if self.written else None
         return None if entry is None or entry[0].expired() else entry[1]  # (expired: the address reused)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -129,7 +129,7 @@ class _Recorder(TorchFunctionMode):
         written += [t for t in outputs if any(t is a for a in inputs)]  # (F.relu(x, inplace=True), out=)
         for tensor in written:
             self.spiky[tensor] = found
-            key = _storage(tensor)
+            key = storage_id(tensor)
             if key is not None:
                 self.written[key] = (StorageWeakRef(tensor.untyped_storage()), found | (self._written(tensor) or set()))
         return out
