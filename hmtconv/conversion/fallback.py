@@ -2,12 +2,12 @@
 
 Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites, and with
 ``identity="all"`` the inputs of Conv and Linear modules (a module that a zero image of the
-example's size calls several times gets a site per call, :class:`CallSites`, as a traced graph gives
-each call site a module; 3-d activations at them are taken as tokens ``[B, N, C]``), max
+example's size calls several times gets a site per call, :class:`CallSites`, as a traced graph
+gives each call site a module; 3-d activations at them are taken as tokens ``[B, N, C]``); max
 pooling moves before the neuron of a ReLU that feeds it alone (swapped_pools.py; elsewhere it
-stays after its neuron, compensated), and functional activations stay float. :func:`unconverted.find_unconverted` reports those (every op on
-spikes that is not linear), products of two spike trains and reductions over the batch dim by
-running a calibration batch.
+stays after its neuron, compensated); functional activations stay float.
+:func:`unconverted.find_unconverted` reports those (every op on spikes that is not linear),
+products of two spike trains and reductions over the batch dim by running a calibration batch.
 """
 from __future__ import annotations
 
