@@ -34,7 +34,8 @@ class Net(nn.Module):
         h = self.conv1(x)
         r = self.relu1(h)
         other = self.pool1(h) if self.variant == "pooled_on_data" and x.abs().sum() > 0 else 0  # (before r's)
-        p = self.pool1(r) + other
+        fed = h if self.variant == "skipped_on_data" and x.abs().sum() > 0 else r
+        p = self.pool1(fed) + other
         if not self.traceable and p.isnan().any():
             raise ValueError("NaN")
         extra = {"added": lambda: r.mean((2, 3), keepdim=True).amax(1, keepdim=True),
@@ -89,19 +90,21 @@ def test_no_move_where_something_else_reads_the_relu_or_a_module_runs_twice(vari
         assert torch.equal(snn.ann_forward(x), model(x))
 
 
-@pytest.mark.parametrize("variant", ["read_on_data", "pooled_on_data"])
+@pytest.mark.parametrize("variant", ["read_on_data", "pooled_on_data", "skipped_on_data"])
 def test_where_the_data_takes_another_path_than_the_zero_image_the_model_is_kept(variant):
     """Moved on the zero image's path; on the data's, other code reads the ReLU's output (it gets
     the float ReLU), or the pool gets other tensors too (pooled alone; the ReLU's output, whenever
-    it comes, pooled before its neuron): equal to the model in ANN mode, near it as a spiking network."""
+    it comes, pooled before its neuron), or only another (the neuron never runs: calibration drops
+    it): equal to the model in ANN mode, near it as a spiking network, and nothing kept after."""
     model = Net(variant).eval()
     assert pool_moves(model, torch.zeros(1, 1, 12, 12), {"relu1", "relu2"}) == {"relu1": "pool1", "relu2": "pool2"}
     snn = hc.convert(model, data(), n=8, T=64)
-    assert "pool1.relu" in snn.sites()
+    assert ("pool1.relu" in snn.sites()) == (variant != "skipped_on_data")
     x = data()[1][0]
     with torch.no_grad():
         assert torch.equal(snn.ann_forward(x), model(x))
         assert (snn(x).mean(0) - model(x)).abs().max() < 0.05 * model(x).abs().max()
+    assert snn.net.relu1.input is snn.net.relu1.output is None  # (nothing kept after a forward)
 
 
 def test_no_move_to_a_pool_of_its_own_forward_or_with_a_hook():

@@ -46,7 +46,7 @@ class CallSites(nn.ModuleList):
     a module (torchvision's BasicBlock applies ``self.relu`` before and after its residual add, to
     inputs of other scales: one threshold for both cost a module-swapped ResNet18 on MNIST 7
     points at T = 1; its Bottleneck calls it at 4 and 16 channels). Call i of a forward goes to
-    site i (the model's pre-hook :func:`restart_calls` counts from 0 at each forward) where its
+    site i (the model's hook :func:`restart_calls` counts from 0 at each forward) where its
     per-sample size is that site's, else (the data took another path) to the last site of its
     size; a size no site has is an error."""
 
@@ -70,10 +70,14 @@ class CallSites(nn.ModuleList):
         return self[call](x)
 
 
-def restart_calls(model: nn.Module, args) -> None:
+def restart_calls(model: nn.Module, *hook_args) -> None:
+    """Before and after each forward (hooks of the model): call counts from 0, and no moved ReLU
+    holding a tensor its pool was never handed (stale, and copied with the model)."""
     for module in model.modules():
         if isinstance(module, CallSites):
             module.calls = 0
+        elif isinstance(module, MovedReLU):
+            module.input = module.output = None
 
 
 def call_sizes(model: nn.Module, example: torch.Tensor | None, watched: set[str]) -> dict[str, list[tuple[int, ...]]]:
@@ -145,8 +149,9 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | Non
         else:
             model.set_submodule(name, InputSite(per_call(lambda: ObservedActivation(
                 True, hist, read_channels_first(module)), f"{name}.0", sizes.get(name)), module))
-    if any(isinstance(module, CallSites) for module in model.modules()):
+    if any(isinstance(module, (CallSites, MovedReLU)) for module in model.modules()):
         model.register_forward_pre_hook(restart_calls)
+        model.register_forward_hook(restart_calls)
     return model
 
 
