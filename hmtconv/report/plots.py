@@ -12,6 +12,7 @@ from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
 from ..errors import UserError  # noqa: E402
+from .tables import site_synops  # noqa: E402
 
 
 def plot_format(path) -> str:
@@ -70,8 +71,8 @@ def plot_layers(result: dict, path, *, title: str = "") -> Path:
     counted) and the mean |ANN activation - SNN average output|."""
     layers = result["per_layer"]
     names = [layer["name"] for layer in layers]
-    synops = [(layer.get("synops_cumulative") or [None])[-1] for layer in layers]  # (older records: none)
-    counted = None not in synops
+    synops = site_synops(layers)
+    counted = synops is not None
     fig, axes = plt.subplots(3 if counted else 2, 1, figsize=(max(6, 0.45 * len(names) + 2), 9.5 if counted else 6.5),
                              sharex=True)
     rate_ax, err_ax = axes[0], axes[-1]

@@ -33,16 +33,23 @@ def curves_table(runs: dict[str, dict]) -> str:
     return markdown_table(header, rows)
 
 
+def site_synops(layers: list[dict]) -> list[float] | None:
+    """Each site's accumulates per sample over all steps; None where energy was not counted (or in
+    records written before they were kept)."""
+    synops = [(layer.get("synops_cumulative") or [None])[-1] for layer in layers]
+    return None if None in synops else synops
+
+
 def layers_table(result: dict) -> str:
     """One row per spiking site: lam, firing rate, conversion error and, where energy was counted,
     the accumulates its spikes drive per sample over all steps and their share of the total."""
     layers = result["per_layer"]
-    synops = [(layer.get("synops_cumulative") or [None])[-1] for layer in layers]  # (older records: none)
-    counted = None not in synops
+    synops = site_synops(layers)
+    counted = synops is not None
     total = sum(synops) if counted else 0
     header = ["layer", "lam", "firing rate", "mean |ANN - SNN|"] + (["SOPs/sample", "% of SOPs"] if counted else [])
     rows = []
-    for layer, sops in zip(layers, synops):
+    for layer, sops in zip(layers, synops or [None] * len(layers)):
         lam = layer["lam"]
         lam = f"{lam:.4g}" if isinstance(lam, (int, float)) else f"{len(lam)} ch, {min(lam):.3g}..{max(lam):.3g}"
         share = [f"{sops:.4g}", 100 * sops / total if total else None] if counted else []
