@@ -255,6 +255,40 @@ def test_a_conv_called_at_several_places_keeps_its_batchnorm():
     torch.testing.assert_close(snn.ann_forward(data[0][0]), model(data[0][0]), rtol=1e-5, atol=1e-6)
 
 
+class TutorialNet(nn.Module):
+    """The PyTorch CIFAR-10 tutorial's network: one ``self.pool`` after both functional ReLUs (its
+    first call, moved before the first neuron, sees the image's static values; the second, spikes),
+    or, ``separate``, a pool module for each."""
+
+    def __init__(self, separate: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.pool2 = nn.MaxPool2d(2, 2) if separate else self.pool
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool2(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def test_a_pool_module_called_before_and_after_the_first_neuron():
+    """Wrapping the shared pool for spikes wrapped its static first call too: a batch of 3 at T = 4
+    failed ("shape '[4, 0, 6, 28, 28]' is invalid"), one of 4 ran wrong. Now each spiking call
+    site gets its own wrapper: the SNN equals the one with a pool module for each."""
+    data = loader((3, 32, 32), batches=2, batch=3)
+    shared, separate = (hc.convert(TutorialNet(s).eval(), data, n=4, T=4) for s in (False, True))
+    assert shared.report.traced and [s.neuron.lam for s in shared.sites().values()] == \
+        [s.neuron.lam for s in separate.sites().values()]
+    for x, _ in data:
+        assert torch.equal(shared(x), separate(x))
+    result = hc.evaluate(shared, data, ann=TutorialNet().eval())
+    assert result.snn_accuracy == hc.evaluate(separate, data).snn_accuracy
+
+
 class InPlaceActivations(nn.Module):
     """In-place activation modules (``SiLU`` compensated, ``ReLU`` a neuron) whose input is read
     after them: it holds their output by then."""

@@ -105,6 +105,9 @@ def _compensated_call(gm: fx.GraphModule, node: fx.Node, module: nn.Module, kind
 
 def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
     spiky = reads_spikes(gm, kinds)
+    # modules also called where no spikes come in (before the first neuron: once, on [B, ...]),
+    # which must stay themselves there
+    plain = {node.target for node in gm.graph.nodes if node.op == "call_module" and node not in spiky}
     for node in list(gm.graph.nodes):
         if node not in spiky or node.meta.get("tensor_meta") is None:
             continue  # sizes, shape checks (x.shape[0], torch._assert) and tensors made from sizes are fine
@@ -120,7 +123,7 @@ def compensate_and_check(gm: fx.GraphModule, kinds: dict[fx.Node, str]) -> None:
                     _fail(node, f"{type(inner).__name__} module {node.target!r}",
                           "it returns indices: where the maximum is changes from step to step. Pool without "
                           "return_indices after the neurons")
-                if shared:  # each call site its own wrapper (flags, step count) around the one module
+                if shared or node.target in plain:  # each call site its own wrapper (flags, step count)
                     parent, _, leaf = node.target.rpartition(".")
                     node.target = add_child(gm, parent, leaf, Compensated(inner, tuple(varying)))
                 else:
