@@ -483,6 +483,29 @@ def test_the_fallback_gives_each_call_of_a_layer_its_input_site():
         assert (snn(x).mean(0) - model(x)).abs().max() < 0.05 * model(x).abs().max()
 
 
+class Squeezes(nn.Module):
+    """One ReLU module in the body and in the head, which squeezes the pooled features (at batch 1
+    the batch dim too), behind a branch on values."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.relu, self.fc1, self.fc2 = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Linear(4, 6), \
+            nn.Linear(6, 3)
+
+    def forward(self, x):
+        if x.isnan().any():
+            raise ValueError("NaN")
+        h = self.relu(self.conv(x)).mean((2, 3), keepdim=True).squeeze()
+        return self.fc2(self.relu(self.fc1(h)))
+
+
+def test_the_calls_are_counted_on_a_batch_a_squeeze_keeps():
+    """Counted on one zero image, the head's call had per-sample shape () and calibration failed."""
+    snn = hc.convert(Squeezes().eval(), loader((1, 8, 8), classes=3), n=4, T=4)
+    assert not snn.report.traced and list(snn.sites()) == ["relu.0", "relu.1"]
+
+
 class Repeats(nn.Module):
     """``self.relu`` after ``conv`` once, then again as many times as the batch's first pixel says
     (none below -0.5, two above 0.5, else one: twice in all for a zero image): fx cannot trace it,

@@ -73,6 +73,38 @@ def test_with_identity_maxpool_a_signed_site_takes_the_relus_place():
         pytest.approx(sorted(float(s.neuron.lam) for s in traced.sites().values()), rel=1e-6)
 
 
+def test_in_place_relus_under_identity_maxpool_keep_each_sites_own_error():
+    """The y = x site's ANN-mode output is its input, which an in-place moved ReLU wrote over: its
+    diagnostics read 0.17 instead of 0.004. Each site's error now equals the traced twin's."""
+    errors = []
+    for traceable in (False, True):
+        model = Net(traceable=traceable, in_place=True).eval()
+        result = hc.evaluate(hc.convert(model, data(), n=4, T=8, identity="maxpool"), data(), ann=model)
+        errors.append(sorted(layer.mean_abs_error for layer in result.per_layer))
+    assert errors[0] == pytest.approx(errors[1], rel=1e-4)
+
+
+def test_per_channel_thresholds_after_a_moved_1d_pool_are_per_channel():
+    """After a MaxPool1d the activation is [B, C, L]: the moved site's thresholds per C, as traced."""
+    class Net1d(nn.Module):
+        def __init__(self, traceable):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.relu, self.pool, self.fc = nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2), \
+                nn.Linear(24, 3)
+            self.traceable = traceable
+
+        def forward(self, x):
+            if not self.traceable and x.isnan().any():
+                raise ValueError("NaN")
+            return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+    batches = [(torch.randn(4, 2, 12, generator=torch.Generator().manual_seed(i)), torch.zeros(4, dtype=torch.long))
+               for i in range(2)]
+    swapped, traced = (hc.convert(Net1d(t).eval(), batches, n=4, T=4, granularity="channel") for t in (False, True))
+    assert list(swapped.sites()) == ["pool.relu"] and swapped.sites()["pool.relu"].neuron.lam.shape == (4, 1)
+    torch.testing.assert_close(swapped.sites()["pool.relu"].neuron.lam, traced.sites()["relu"].neuron.lam)
+
+
 @pytest.mark.parametrize("variant, in_place", [("added", False), ("view", False), ("view", True), ("input", True),
                                                ("pooled_twice", False)])
 def test_no_move_where_something_else_reads_the_relu_or_a_module_runs_twice(variant, in_place):

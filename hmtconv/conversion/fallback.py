@@ -19,7 +19,7 @@ from torch import nn
 
 from .compensated import COMPENSATED
 from .energy import SYNAPTIC
-from .layout import read_channels_first
+from .layout import CHANNELS_FIRST, read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, float_op, is_relu
 from .swapped_pools import MovedReLU, PooledSite, pool_moves
@@ -133,14 +133,18 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | Non
     # the calls a zero image makes: the same on every torchrun rank and in load_snn's rebuild
     # (which prepares on one), whatever path the data takes (calls beyond them, or at other sizes,
     # go to the last site of their size: CallSites)
-    zeros = None if example is None else example.new_zeros((1, *example.shape[1:]))
+    # (two of them: at batch 1 a squeeze() would drop the batch dim)
+    zeros = None if example is None else example.new_zeros((2, *example.shape[1:]))
     sizes = call_sizes(model, zeros, set(swapped))
     moves = pool_moves(model, zeros, {name for name, module in swapped.items() if is_relu(module)})
     for name, module in swapped.items():
         if name in moves:  # relu -> maxpool: [y = x site ->] maxpool -> relu
-            moved = MovedReLU(ceiling_of(module), module.inplace)
-            site = ObservedActivation(False, hist, ceiling=ceiling_of(module))
-            model.set_submodule(moves[name], PooledSite(model.get_submodule(moves[name]), site, name, moved))
+            pool = model.get_submodule(moves[name])
+            # (after a y = x site, not in place: its ANN-mode output is its input, which the
+            # diagnostics keep as that site's output)
+            moved = MovedReLU(ceiling_of(module), module.inplace and identity != "maxpool")
+            site = ObservedActivation(False, hist, isinstance(pool, CHANNELS_FIRST), ceiling_of(module))
+            model.set_submodule(moves[name], PooledSite(pool, site, name, moved, module.inplace))
             model.set_submodule(name, moved if identity != "maxpool" else nn.Sequential(OrderedDict(
                 identity=ObservedActivation(True, hist), relu=moved)))
         elif is_relu(module):
@@ -165,7 +169,7 @@ def as_saved(prepared: nn.Module, saved_sites: set[str]) -> None:
         elif isinstance(module, PooledSite) and module.relu_name in saved_sites and f"{name}.relu" not in saved_sites:
             prepared.set_submodule(name, module.pool)
             prepared.set_submodule(module.relu_name, ObservedActivation(
-                False, module.relu.observer.hist, ceiling=module.moved.ceiling, in_place=module.moved.in_place))
+                False, module.relu.observer.hist, ceiling=module.moved.ceiling, in_place=module.in_place))
 
 
 def drop_unreached_sites(model: nn.Module, sites: dict[str, ObservedActivation]) -> list[tuple[str, str]]:

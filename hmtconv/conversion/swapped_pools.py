@@ -131,9 +131,9 @@ class PooledSite(nn.Sequential):
     :class:`MovedReLU`, after a y = x site with ``identity="maxpool"``): handed that module's
     output, it pools the module's input and runs the neuron; handed anything else, the pool alone."""
 
-    def __init__(self, pool: nn.Module, site: nn.Module, relu_name: str, moved: MovedReLU):
+    def __init__(self, pool: nn.Module, site: nn.Module, relu_name: str, moved: MovedReLU, in_place: bool):
         super().__init__(OrderedDict(pool=pool, relu=site))
-        self.relu_name = relu_name
+        self.relu_name, self.in_place = relu_name, in_place  # (the ReLU module's: fallback.as_saved)
         self.__dict__["moved"] = moved  # (not a child: it has its own place in the model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
