@@ -168,8 +168,11 @@ def test_no_move_where_the_model_returns_the_relus_output():
     assert pool_moves(Returns(), torch.zeros(1, 2, 4), {"relu"}) == {}
 
 
-def test_torchvisions_resnet_stem_moves_and_every_threshold_is_the_traced_graphs():
-    """ResNet18 behind a branch on values: the stem's in-place ReLU feeds its max pooling alone."""
+@pytest.mark.parametrize("identity", ["none", "all"])
+def test_torchvisions_resnet_stem_moves_and_every_threshold_is_the_traced_graphs(identity):
+    """ResNet18 behind a branch on values: the stem's in-place ReLU feeds its max pooling alone;
+    with identity="all", the convolutions fed a neuron's spikes get no y = x site, as traced (19
+    sites, not 38)."""
     class Branches(nn.Module):
         def __init__(self, model):
             super().__init__()
@@ -181,8 +184,8 @@ def test_torchvisions_resnet_stem_moves_and_every_threshold_is_the_traced_graphs
     model = torchvision.models.resnet18(num_classes=3).eval()
     batches = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.zeros(2, dtype=torch.long))
                for i in range(2)]
-    snn = hc.convert(Branches(model).eval(), batches, n=4, T=4)
-    traced = hc.convert(model, batches, n=4, T=4)
+    snn = hc.convert(Branches(model).eval(), batches, n=4, T=4, identity=identity)
+    traced = hc.convert(model, batches, n=4, T=4, identity=identity)
     assert not snn.report.traced and "model.maxpool.relu" in snn.sites() and len(snn.sites()) == len(traced.sites())
     assert sorted(float(s.neuron.lam) for s in snn.sites().values()) == \
         pytest.approx(sorted(float(s.neuron.lam) for s in traced.sites().values()), rel=1e-6)

@@ -1,9 +1,10 @@
 """Module swapping for models torch.fx cannot trace (data-dependent control flow, ...).
 
 Only modules can be swapped: ``nn.ReLU`` (and clipped ReLU) modules become sites, and with
-``identity="all"`` the inputs of Conv and Linear modules (a module that a zero image of the
-example's size calls several times gets a site per call, :class:`CallSites`, as a traced graph
-gives each call site a module; 3-d activations at them are taken as tokens ``[B, N, C]``); max
+``identity="all"`` the inputs of Conv and Linear modules not fed a neuron's spikes as they are
+(:func:`fed_spikes`; a module that a zero image of the example's size calls several times gets a
+site per call, :class:`CallSites`, as a traced graph gives each call site a module; 3-d
+activations at them are taken as tokens ``[B, N, C]``); max
 pooling moves before the neuron of a ReLU that feeds it alone (swapped_pools.py; elsewhere it
 stays after its neuron, compensated); functional activations stay float.
 :func:`unconverted.find_unconverted` reports those (every op on spikes that is not linear),
@@ -117,6 +118,33 @@ def unshare_stateless(model: nn.Module) -> None:
             model.set_submodule(name, copy.deepcopy(module))
 
 
+def fed_spikes(model: nn.Module, zeros: torch.Tensor | None, layers: set[str], producers: set[str]) -> set[str]:
+    """The layers (named in ``layers``) that every call on ``zeros`` hands the output of one of
+    ``producers`` (ReLU modules, and the max pools moved before their neurons) as it is: spikes
+    already, which a y = x site would only quantize again (the traced graph puts none there)."""
+    if zeros is None or not layers or not producers:
+        return set()
+    made, fed = [], defaultdict(list)  # (outputs held: no later tensor takes their ids)
+
+    def reads(name):
+        def hook(module, args):
+            fed[name].append(any(args[0] is out for out in made))
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(lambda m, args, out: made.append(out))
+             for name in producers]
+    hooks += [model.get_submodule(name).register_forward_pre_hook(reads(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            model(zeros.clone())
+    except Exception:
+        return set()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name for name, calls in fed.items() if all(calls)}
+
+
 def per_call(make_site, name: str, sizes: list[tuple[int, ...]] | None) -> nn.Module:
     """A site for each call in ``sizes`` (one where the zero image made at most one, or failed)."""
     if not sizes or len(sizes) == 1:
@@ -136,8 +164,12 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | Non
     # (two of them: at batch 1 a squeeze() would drop the batch dim)
     zeros = None if example is None else example.new_zeros((2, *example.shape[1:]))
     sizes = call_sizes(model, zeros, set(swapped))
-    moves = pool_moves(model, zeros, {name for name, module in swapped.items() if is_relu(module)})
+    relus = {name for name, module in swapped.items() if is_relu(module)}
+    moves = pool_moves(model, zeros, relus)
+    spiking = fed_spikes(model, zeros, set(swapped) - relus, (relus - set(moves)) | set(moves.values()))
     for name, module in swapped.items():
+        if name in spiking:
+            continue
         if name in moves:  # relu -> maxpool: [y = x site ->] maxpool -> relu
             pool = model.get_submodule(moves[name])
             # (after a y = x site, not in place: its ANN-mode output is its input, which the
