@@ -23,7 +23,7 @@ from .energy import SYNAPTIC
 from .layout import CHANNELS_FIRST, read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, float_op, is_relu
-from .swapped_pools import MovedReLU, PooledSite, pool_moves
+from .swapped_pools import MovedReLU, PooledSite, pool_moves, probe
 
 
 class InputSite(nn.Sequential):
@@ -90,16 +90,8 @@ def call_sizes(model: nn.Module, example: torch.Tensor | None, watched: set[str]
         return sizes
     hooks = [module.register_forward_pre_hook(lambda m, args, name=name: sizes[name].append(tuple(args[0].shape[1:])))
              for name, module in model.named_modules() if name in watched]
-    if not hooks:  # (no module to watch: nothing to count, no forward to run)
-        return sizes
-    try:
-        with torch.no_grad():
-            model(example.clone())  # (a clone: an in-place op on the input would write the caller's batch)
-    except Exception:
+    if hooks and not probe(model, example, hooks)[0]:  # (no module to watch: no forward to run)
         sizes.clear()
-    finally:
-        for hook in hooks:
-            hook.remove()
     return sizes
 
 
@@ -134,14 +126,8 @@ def fed_spikes(model: nn.Module, zeros: torch.Tensor | None, layers: set[str], p
     hooks = [model.get_submodule(name).register_forward_hook(lambda m, args, out: made.append(out))
              for name in producers]
     hooks += [model.get_submodule(name).register_forward_pre_hook(reads(name)) for name in layers]
-    try:
-        with torch.no_grad():
-            model(zeros.clone())
-    except Exception:
+    if not probe(model, zeros, hooks)[0]:
         return set()
-    finally:
-        for hook in hooks:
-            hook.remove()
     return {name for name, calls in fed.items() if all(calls)}
 
 

@@ -14,6 +14,7 @@ would unmoved. So the model's function is kept on any path.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter, OrderedDict, defaultdict
 
 import torch
@@ -27,6 +28,20 @@ from .tracing import hooked
 from .unconverted import storage_id
 
 Tensor = torch.Tensor
+
+
+def probe(model: nn.Module, x: torch.Tensor, hooks: list, mode: TorchFunctionMode | None = None) -> tuple[bool, object]:
+    """Run ``model`` on ``x`` (cloned: an in-place op on the input would write the caller's batch)
+    without autograd, under ``mode`` if given, then remove ``hooks``: ``(ran, output)``, ran False
+    where the model fails on it (calibration says why)."""
+    try:
+        with torch.no_grad(), (mode or contextlib.nullcontext()):
+            return True, model(x.clone())
+    except Exception:
+        return False, None
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class _Readers(TorchFunctionMode):
@@ -85,14 +100,9 @@ def pool_moves(model: nn.Module, zeros: torch.Tensor | None, relus: set[str]) ->
     for name in pools:
         pool = model.get_submodule(name)
         hooks += [pool.register_forward_pre_hook(pool_starts(name)), pool.register_forward_hook(pool_done)]
-    try:
-        with torch.no_grad(), mode:
-            out = model(zeros.clone())
-    except Exception:
+    ran, out = probe(model, zeros, hooks, mode)
+    if not ran:
         return {}
-    finally:
-        for hook in hooks:
-            hook.remove()
     returned = {storage_id(t) for t in tree_leaves(out) if isinstance(t, Tensor)}
     moves = {}
     for relu, output in kept.items():
