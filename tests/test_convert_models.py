@@ -484,6 +484,46 @@ def test_the_fallback_gives_each_call_of_a_layer_its_input_site():
         assert (snn(x).mean(0) - model(x)).abs().max() < 0.05 * model(x).abs().max()
 
 
+class DropoutHead(nn.Module):
+    """VGG's classifier: Linear -> ReLU -> Dropout -> Linear, here behind an identity and views too,
+    and a branch on values that fx cannot trace (``swapped=True``)."""
+
+    def __init__(self, swapped=False):
+        super().__init__()
+        self.swapped = swapped
+        self.fc1, self.relu1, self.drop1 = nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5)
+        self.fc2, self.relu2, self.drop2, self.keep = nn.Linear(8, 8), nn.ReLU(), nn.Dropout1d(0.5), nn.Identity()
+        self.fc3 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.swapped and x.sum() < -1e30:
+            x = -x
+        h = self.drop1(self.relu1(self.fc1(x)))
+        return self.fc3(torch.flatten(self.keep(self.drop2(self.relu2(self.fc2(h)))).unsqueeze(1), 1))
+
+
+def test_identity_all_puts_no_site_where_a_neuron_comes_in_through_dropout_or_an_identity():
+    """The neuron's spikes go on through eval-mode dropout, identity modules and views as they are:
+    with identity="all" the traced graph puts no y = x site before fc2 and fc3, as module swapping
+    (which sees their storage handed on) does not, with the same thresholds; the SNN approaches
+    the ANN."""
+    data = loader((6,), classes=3)
+    torch.manual_seed(0)
+    traced_model = DropoutHead().eval()
+    swapped_model = DropoutHead(swapped=True).eval()
+    swapped_model.load_state_dict(traced_model.state_dict())
+    traced = hc.convert(traced_model, data, n=8, T=64, identity="all", policy="max")
+    swapped = hc.convert(swapped_model, data, n=8, T=64, identity="all", policy="max")
+    assert traced.report.traced and list(traced.sites()) == ["fc1_in", "relu1", "relu2"]
+    assert not swapped.report.traced and list(swapped.sites()) == ["fc1.0", "relu1", "relu2"]
+    assert [float(s.neuron.lam) for s in traced.sites().values()] == \
+        pytest.approx([float(s.neuron.lam) for s in swapped.sites().values()], rel=1e-6)
+    x = data[0][0]
+    with torch.no_grad():
+        assert torch.equal(traced(x), swapped(x))
+        assert (traced(x).mean(0) - traced_model(x)).abs().max() < 0.05 * traced_model(x).abs().max()
+
+
 class Squeezes(nn.Module):
     """One ReLU module in the body and in the head, which squeezes the pooled features (at batch 1
     the batch dim too), behind a branch on values."""

@@ -27,7 +27,7 @@ from .energy import SYNAPTIC, count_operations
 from .fold import BATCHNORMS, fold_batchnorm
 from .memory import activation_profile
 from .functional import arg, assign, scope
-from .graph import VIEWS, add_child, reads_input, swap_for_module
+from .graph import IDENTITIES, VIEWS, add_child, reads_input, swap_for_module
 from .inplace import in_place
 from .linear_ops import (ADD_PRODUCT, MASKING, SCALING, STRUCTURAL_FUNCTIONS, STRUCTURAL_METHODS,
                          STRUCTURAL_MODULES)
@@ -165,8 +165,6 @@ FRESH_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub, operator.mu
 # expanded element stands for many; the pieces of chunk, split and unbind are tuples with readers of
 # their own): a neuron may write over its input through them, and rows stay rows.
 PLAIN_VIEWS = VIEWS - {"expand", "expand_as", "chunk", "split", "unbind", torch.chunk, torch.split, torch.unbind}
-# Modules that return their input as it is in eval mode
-IDENTITIES = (nn.Dropout, nn.Identity)
 
 
 def _owns_its_output(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -24,6 +24,7 @@ from .layout import CHANNELS_FIRST, read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, float_op, is_relu
 from .swapped_pools import MovedReLU, PooledSite, pool_moves, probe
+from .unconverted import storage_id
 
 
 class InputSite(nn.Sequential):
@@ -112,19 +113,22 @@ def unshare_stateless(model: nn.Module) -> None:
 
 def fed_spikes(model: nn.Module, zeros: torch.Tensor | None, layers: set[str], producers: set[str]) -> set[str]:
     """The layers (named in ``layers``) that every call on ``zeros`` hands the output of one of
-    ``producers`` (ReLU modules, and the max pools moved before their neurons) as it is: spikes
-    already, which a y = x site would only quantize again (the traced graph puts none there)."""
+    ``producers`` (ReLU modules, and the max pools moved before their neurons) as it is, or a view
+    of it (flattened, through eval-mode dropout): spikes already, which a y = x site would only
+    quantize again (the traced graph puts none there)."""
     if zeros is None or not layers or not producers:
         return set()
-    made, fed = [], defaultdict(list)  # (outputs held: no later tensor takes their ids)
+    made, fed = {}, defaultdict(list)  # the outputs by storage (held: no later tensor takes theirs)
 
     def reads(name):
         def hook(module, args):
-            fed[name].append(any(args[0] is out for out in made))
+            fed[name].append(storage_id(args[0]) in made)
         return hook
 
-    hooks = [model.get_submodule(name).register_forward_hook(lambda m, args, out: made.append(out))
-             for name in producers]
+    def makes(module, args, out):
+        if storage_id(out) is not None:
+            made[storage_id(out)] = out
+    hooks = [model.get_submodule(name).register_forward_hook(makes) for name in producers]
     hooks += [model.get_submodule(name).register_forward_pre_hook(reads(name)) for name in layers]
     if not probe(model, zeros, hooks)[0]:
         return set()

@@ -17,7 +17,8 @@
    y = x site before the input of every Conv/Linear and both operands of every MatMul (with
    ``"linear"`` before Conv/Linear inputs only: the matmuls then see compensated float operands);
    only activations of the input spike: a ReLU or a Linear computed from weights alone (Swin V2's
-   position-bias MLP) stays a float op, run once like the layers before the first neuron.
+   position-bias MLP) stays a float op, run once like the layers before the first neuron; a
+   neuron's output, read directly or through views and eval-mode dropout, is spikes already.
 """
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ from .layout import made_channels_first, read_channels_first
 from .observers import HistogramConfig
 from .sites import ObservedActivation, ceiling_of, is_relu
 from .tracing import NotTraceable, trace
+
+# Modules that return their input as it is in eval mode
+IDENTITIES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+              nn.Identity)
+PASS_THROUGH = (*IDENTITIES, nn.Flatten, nn.Unflatten)  # (a view of their input)
 
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
@@ -246,7 +252,7 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig | None
         operands = (2 if identity == "all" else 0) if isinstance(module, MatMul) \
             else 1 if isinstance(module, SYNAPTIC) else 0
         for i, source in enumerate(node.args[:operands]):
-            if source not in of_input or _is_site(gm, source):
+            if source not in of_input or _is_site(gm, _passed_through(gm, source)):
                 continue  # computed from weights alone, or already spikes (a ReLU neuron or a shared site)
             if source not in sites:
                 stem = f"{node.target.rsplit('.', 1)[-1]}_in{i if operands == 2 else ''}"
@@ -285,6 +291,19 @@ def reads_input(graph: fx.Graph) -> set[fx.Node]:
             node.op == "call_function" and node.target is getattr and node.args[1] in METADATA_ATTRIBUTES)
         return not metadata and not made_from_shape(node)
     return computed_from(graph, lambda node: node.op == "placeholder", reads_values)
+
+
+def _passed_through(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Where the values of ``node`` come from through views (flatten, reshape, slices) and eval-mode
+    dropout or identity modules, which hand them on unchanged (VGG's classifier reads a neuron
+    through Dropout: spikes already, as module swapping sees too)."""
+    while True:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) in PASS_THROUGH:  # (not a subclass)
+            node = node.args[0]
+        elif node.op in ("call_function", "call_method") and node.target in VIEWS:
+            node = node.args[0]
+        else:
+            return node
 
 
 def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:
