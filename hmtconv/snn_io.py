@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .atomic import atomic_path
 from .conversion import SNN, ConversionConfig, calibrate, convert, prepare
-from .conversion.fallback import as_saved
+from .conversion.rebuild import rebuilding
 from .device import placement, resolve_device
 from .errors import UserError
 from .models import load_model
@@ -213,8 +213,8 @@ def load_snn(path: str | os.PathLike, *, model: str | None = None, weights: str 
     with warnings.catch_warnings():  # the zero batch is constant by design: no sigma = 0 warning
         warnings.simplefilter("ignore")
         try:
-            prepared = prepare(loaded.model, identity=config["identity"], example_inputs=zero_batch[0])
-            as_saved(prepared, {key[len("net."):-len(".neuron.lam")] for key in tensors if key.endswith(".neuron.lam")})
+            with rebuilding(key[len("net."):-len(".neuron.lam")] for key in tensors if key.endswith(".neuron.lam")):
+                prepared = prepare(loaded.model, identity=config["identity"], example_inputs=zero_batch[0])
             # the thresholds come from the file, so any built-in policy rebuilds the graph: the saved
             # one may be a name registered (register_policy) only in the process that converted
             snn = convert(calibrate(prepared, zero_batch), **{**config, "policy": "max"})

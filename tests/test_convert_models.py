@@ -524,6 +524,24 @@ def test_identity_all_puts_no_site_where_a_neuron_comes_in_through_dropout_or_an
         assert (traced(x).mean(0) - traced_model(x)).abs().max() < 0.05 * traced_model(x).abs().max()
 
 
+@pytest.mark.parametrize("swapped", [False, True], ids=["traced", "swapped"])
+def test_an_snn_file_with_a_site_before_a_layer_fed_spikes_still_loads(tmp_path, monkeypatch, swapped):
+    """Files written before the look-through hold y = x sites before fc2 and fc3: rebuilt so."""
+    from hmtconv.conversion import fallback, graph
+    model, data = DropoutHead(swapped).eval(), loader((6,), classes=3)
+    with monkeypatch.context() as patch:  # what such a version prepared
+        patch.setattr(graph, "_passed_through", lambda gm, node: node)
+        patch.setattr(fallback, "fed_spikes", lambda *args: set())
+        old = hc.convert(model, data, n=4, T=8, identity="all")
+    assert len(old.sites()) == 5 and len(hc.convert(model, data, n=4, T=8, identity="all").sites()) == 3
+    torch.save(model, tmp_path / "model.pt")
+    save_snn(old, tmp_path / "old.safetensors", model=str(tmp_path / "model.pt"), num_classes=3)
+    loaded, _ = load_snn(tmp_path / "old.safetensors")
+    assert list(loaded.sites()) == list(old.sites())
+    x = data[0][0]
+    assert torch.equal(loaded(x), old(x))
+
+
 class Squeezes(nn.Module):
     """One ReLU module in the body and in the head, which squeezes the pooled features (at batch 1
     the batch dim too), behind a branch on values."""

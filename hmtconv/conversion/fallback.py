@@ -22,6 +22,7 @@ from .compensated import COMPENSATED
 from .energy import SYNAPTIC
 from .layout import CHANNELS_FIRST, read_channels_first
 from .observers import HistogramConfig
+from .rebuild import saved_sites
 from .sites import ObservedActivation, ceiling_of, float_op, is_relu
 from .swapped_pools import MovedReLU, PooledSite, pool_moves, probe
 from .unconverted import storage_id
@@ -157,8 +158,9 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | Non
     relus = {name for name, module in swapped.items() if is_relu(module)}
     moves = pool_moves(model, zeros, relus)
     spiking = fed_spikes(model, zeros, set(swapped) - relus, (relus - set(moves)) | set(moves.values()))
+    saved = saved_sites()
     for name, module in swapped.items():
-        if name in spiking:
+        if name in spiking and not any(site == f"{name}.0" or site.startswith(f"{name}.0.") for site in saved):
             continue
         if name in moves:  # relu -> maxpool: [y = x site ->] maxpool -> relu
             pool = model.get_submodule(moves[name])
@@ -175,20 +177,22 @@ def prepare_modules(model: nn.Module, identity: str, hist: HistogramConfig | Non
         else:
             model.set_submodule(name, InputSite(per_call(lambda: ObservedActivation(
                 True, hist, read_channels_first(module)), f"{name}.0", sizes.get(name)), module))
+    if saved:
+        as_saved(model, saved)
     if any(isinstance(module, (CallSites, MovedReLU)) for module in model.modules()):
         model.register_forward_pre_hook(restart_calls)
         model.register_forward_hook(restart_calls)
     return model
 
 
-def as_saved(prepared: nn.Module, saved_sites: set[str]) -> None:
+def as_saved(prepared: nn.Module, saved: frozenset[str]) -> None:
     """The sites of an SNN file written before module swapping gave a site per call and moved max
     pooling before neurons: a module's calls at one size share the site under its name, and a
     ReLU's site stays under its name, before the max pooling."""
     for name, module in list(prepared.named_modules()):
-        if isinstance(module, CallSites) and name in saved_sites and len(set(module.sizes)) == 1:
+        if isinstance(module, CallSites) and name in saved and len(set(module.sizes)) == 1:
             prepared.set_submodule(name, module[0])
-        elif isinstance(module, PooledSite) and module.relu_name in saved_sites and f"{name}.relu" not in saved_sites:
+        elif isinstance(module, PooledSite) and module.relu_name in saved and f"{name}.relu" not in saved:
             prepared.set_submodule(name, module.pool)
             prepared.set_submodule(module.relu_name, ObservedActivation(
                 False, module.relu.observer.hist, ceiling=module.moved.ceiling, in_place=module.in_place))

@@ -37,6 +37,7 @@ from .functional import FUNCTIONAL, RELU_TARGETS, arg, assign, batch_norm, decom
 from .inplace import in_place
 from .layout import made_channels_first, read_channels_first
 from .observers import HistogramConfig
+from .rebuild import saved_sites
 from .sites import ObservedActivation, ceiling_of, is_relu
 from .tracing import NotTraceable, trace
 
@@ -252,11 +253,13 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig | None
         operands = (2 if identity == "all" else 0) if isinstance(module, MatMul) \
             else 1 if isinstance(module, SYNAPTIC) else 0
         for i, source in enumerate(node.args[:operands]):
-            if source not in of_input or _is_site(gm, _passed_through(gm, source)):
-                continue  # computed from weights alone, or already spikes (a ReLU neuron or a shared site)
+            if source not in of_input or _is_site(gm, source):
+                continue  # computed from weights alone, or a shared site
             if source not in sites:
-                stem = f"{node.target.rsplit('.', 1)[-1]}_in{i if operands == 2 else ''}"
-                sites[source] = _add_site(gm, source, True, _child_name(gm, scope(node), stem), hist, before=node,
+                name = _child_name(gm, scope(node), f"{node.target.rsplit('.', 1)[-1]}_in{i if operands == 2 else ''}")
+                if _is_site(gm, _passed_through(gm, source)) and name not in saved_sites():
+                    continue  # spikes already (a neuron's output, viewed or through dropout)
+                sites[source] = _add_site(gm, source, True, name, hist, before=node,
                                           channels_first=read_channels_first(module))
             node.update_arg(i, sites[source])
 
