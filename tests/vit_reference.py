@@ -1,0 +1,108 @@
+"""torchvision's VisionTransformer as the paper's ViT recipe describes its SNN, written from the
+paper and its state dict alone (test oracle: shares no code with hmtconv's graph passes).
+
+One forward, run for the ANN and, one time step after another, for the SNN: a signed H-MT site
+before every Linear/Conv input (the image itself, q/k/v's projection, the output projection, both
+MLP layers, the head) and before both operands of the two attention matmuls (q, k, the softmax
+probabilities, v); LayerNorm, softmax, GELU and both products with expectation compensation
+(step t emits ``t F(mean of steps 1..t) - (t-1) F(mean of steps 1..t-1)``). q is scaled by
+1/sqrt(head dim) before its site (convert's choice; with thresholds that scale with the input,
+as eq. 29's do, the output is the same either way).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from reference import basal_fire, k_eq29
+
+
+def forward(sd: dict, heads: int, images: torch.Tensor, site, compensated) -> torch.Tensor:
+    """``site(name, x)`` at each spiking site, ``compensated(name, F, *xs)`` at each float op."""
+    x = site("patch_in", images)
+    x = F.conv2d(x, sd["conv_proj.weight"], sd["conv_proj.bias"], stride=sd["conv_proj.weight"].shape[-1])
+    batch, width = x.shape[:2]
+    x = torch.cat([sd["class_token"].expand(batch, -1, -1), x.flatten(2).transpose(1, 2)], 1)
+    x = x + sd["encoder.pos_embedding"]
+    head_dim, layers = width // heads, len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+    for layer in range(layers):
+        p = f"encoder.layers.encoder_layer_{layer}."
+        def norm(y, w=p + "ln_1."):
+            return F.layer_norm(y, (width,), sd[w + "weight"], sd[w + "bias"], 1e-6)
+        h = site(f"{layer}.qkv_in", compensated(f"{layer}.ln_1", norm, x))
+        q, k, v = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in F.linear(
+            h, sd[p + "self_attention.in_proj_weight"], sd[p + "self_attention.in_proj_bias"]).split(width, -1))
+        q, k = site(f"{layer}.q", q / math.sqrt(head_dim)), site(f"{layer}.k", k)
+        scores = compensated(f"{layer}.qk", lambda a, b: a @ b.transpose(-2, -1), q, k)
+        probs = site(f"{layer}.probs", compensated(f"{layer}.softmax", lambda s: s.softmax(-1), scores))
+        mixed = compensated(f"{layer}.mix", torch.matmul, probs, site(f"{layer}.v", v))
+        mixed = site(f"{layer}.out_proj_in", mixed.transpose(1, 2).flatten(2))
+        x = x + F.linear(mixed, sd[p + "self_attention.out_proj.weight"], sd[p + "self_attention.out_proj.bias"])
+        def norm2(y, w=p + "ln_2."):
+            return F.layer_norm(y, (width,), sd[w + "weight"], sd[w + "bias"], 1e-6)
+        h = F.linear(site(f"{layer}.fc1_in", compensated(f"{layer}.ln_2", norm2, x)), sd[p + "mlp.0.weight"],
+                     sd[p + "mlp.0.bias"])
+        h = site(f"{layer}.fc2_in", compensated(f"{layer}.gelu", F.gelu, h))
+        x = x + F.linear(h, sd[p + "mlp.3.weight"], sd[p + "mlp.3.bias"])
+    def final(y):
+        return F.layer_norm(y, (width,), sd["encoder.ln.weight"], sd["encoder.ln.bias"], 1e-6)
+    x = site("head_in", compensated("ln", final, x)[:, 0])
+    return F.linear(x, sd["heads.head.weight"], sd["heads.head.bias"])
+
+
+def site_moments(sd: dict, heads: int, batches) -> dict[str, tuple[float, float]]:
+    """Mean and population standard deviation of each site's input over the ANN's batches."""
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def record(name, x):
+        seen.setdefault(name, []).append(x.flatten())
+        return x
+    for images in batches:
+        forward(sd, heads, images, record, lambda name, f, *xs: f(*xs))
+    return {name: (torch.cat(xs).mean().item(), torch.cat(xs).std(correction=0).item()) for name, xs in seen.items()}
+
+
+def optimal_lam(mu: float, sigma: float, n: int, T: int) -> float:
+    """The root of eq. 29's k(theta) = 1 for a signed site (a = -b, b = T (2^n - 1)) by bisection
+    on log k: Lemma 4.7, k > 1 below the optimum and < 1 above."""
+    b = T * (2**n - 1)
+    def log_k(theta):
+        return math.log(k_eq29(theta, mu, sigma, T, -b, b))
+    lo = hi = sigma + abs(mu)
+    while log_k(lo) <= 0:
+        lo /= 2
+    while log_k(hi) >= 0:
+        hi *= 2
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if log_k(mid) > 0 else (lo, mid)
+    return math.sqrt(lo * hi)
+
+
+def simulate(sd: dict, heads: int, images: torch.Tensor, lams: dict[str, float], n: int, T: int,
+             communicate: bool) -> torch.Tensor:
+    """The SNN's logits at each of T steps, ``[T, B, classes]``."""
+    membranes, sums, previous = {}, {}, {}
+
+    def site(name, x):
+        lam = lams[name]
+        v_pos, v_neg = membranes.get(name, (torch.full_like(x, lam / 2), torch.full_like(x, lam / 2)))
+        out_pos, v_pos, _ = basal_fire(v_pos, x, lam, n)
+        out_neg, v_neg, _ = basal_fire(v_neg, -x, lam, n)
+        if communicate:  # eq. 21
+            v_pos, v_neg = v_pos + out_neg, v_neg + out_pos
+        membranes[name] = v_pos, v_neg
+        return out_pos - out_neg
+
+    def compensated(name, f, *xs):
+        sums[name] = [s + x for s, x in zip(sums[name], xs)] if name in sums else list(xs)
+        now = step * f(*(s / step for s in sums[name]))
+        out = now - previous.get(name, 0)
+        previous[name] = now
+        return out
+    steps = []
+    for step in range(1, T + 1):
+        steps.append(forward(sd, heads, images, site, compensated))
+    return torch.stack(steps)
