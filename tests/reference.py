@@ -104,3 +104,26 @@ def k_eq29(theta, mu, sigma, n_steps, a, b):
     first = mu / theta * n_steps * (a + b - np.sum(erf)) / den
     second = sigma / (math.sqrt(math.pi / 2) * theta) * n_steps * np.sum(gauss) / den
     return first + second
+
+
+def optimal_lam(mu: float, sigma: float, n: int, T: int, signed: bool) -> float:
+    """The root of eq. 29's k(theta) = 1 (a = -b for a signed site, else 0; b = T (2^n - 1)) by
+    bisection on log k: Lemma 4.7, k > 1 below the optimum and < 1 above."""
+    b = T * (2**n - 1)
+    def log_k(theta):
+        return math.log(k_eq29(theta, mu, sigma, T, -b if signed else 0, b))
+    lo = hi = sigma + abs(mu)
+    while log_k(lo) <= 0:
+        lo /= 2
+    while log_k(hi) >= 0:
+        hi *= 2
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if log_k(mid) > 0 else (lo, mid)
+    return math.sqrt(lo * hi)
+
+
+def moments(seen: dict) -> dict[str, tuple[float, float]]:
+    """Mean and population standard deviation of each site's inputs (``seen[name]``: a list)."""
+    return {name: (torch.cat([x.flatten() for x in xs]).mean().item(),
+                   torch.cat([x.flatten() for x in xs]).std(correction=0).item()) for name, xs in seen.items()}

@@ -9,12 +9,10 @@ act on each step's spikes. The image is the same analog input at every step.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.nn import functional as F
 
-from reference import basal_fire, k_eq29
+from reference import basal_fire, moments
 
 
 def _bn(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -43,28 +41,12 @@ def site_moments(sd: dict, batches) -> dict[str, tuple[float, float]]:
     seen: dict[str, list[torch.Tensor]] = {}
 
     def record(name, x):
-        seen.setdefault(name, []).append(x.flatten())
+        seen.setdefault(name, []).append(x)
         return x.relu()
     for images in batches:
         forward(sd, images, record)
-    return {name: (torch.cat(xs).mean().item(), torch.cat(xs).std(correction=0).item()) for name, xs in seen.items()}
+    return moments(seen)
 
-
-def optimal_lam(mu: float, sigma: float, n: int, T: int) -> float:
-    """The root of eq. 29's k(theta) = 1 for a ReLU site (a = 0, b = T (2^n - 1)) by bisection on
-    log k: Lemma 4.7, k > 1 below the optimum and < 1 above."""
-    b = T * (2**n - 1)
-    def log_k(theta):
-        return math.log(k_eq29(theta, mu, sigma, T, 0, b))
-    lo = hi = sigma + abs(mu)
-    while log_k(lo) <= 0:
-        lo /= 2
-    while log_k(hi) >= 0:
-        hi *= 2
-    for _ in range(100):
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if log_k(mid) > 0 else (lo, mid)
-    return math.sqrt(lo * hi)
 
 
 def simulate(sd: dict, images: torch.Tensor, lams: dict[str, float], n: int, T: int) -> tuple[torch.Tensor, float]:

@@ -6,7 +6,8 @@ import torch
 import torchvision
 
 import hmtconv
-from resnet_reference import optimal_lam, simulate, site_moments
+from reference import optimal_lam
+from resnet_reference import simulate, site_moments
 
 N, T = 4, 6
 
@@ -29,7 +30,7 @@ def test_resnet18_snn_equals_an_independent_implementation_of_the_paper():
         moments = site_moments(sd, calib)
     ours = [float(site.neuron.lam) for site in snn.sites().values()]
     assert len(ours) == len(moments) == 17  # the stem, and two calls of each block's ReLU, in the order they run
-    assert ours == pytest.approx([optimal_lam(mu, sigma, N, T) for mu, sigma in moments.values()], rel=1e-5)
+    assert ours == pytest.approx([optimal_lam(mu, sigma, N, T, signed=False) for mu, sigma in moments.values()], rel=1e-5)
     with torch.no_grad():
         expected, spikes = simulate(sd, x, dict(zip(moments, ours)), N, T)
         torch.testing.assert_close(snn(x), expected, rtol=1e-9, atol=1e-9)

@@ -6,7 +6,8 @@ import torchvision
 from torch import nn
 
 import hmtconv
-from vit_reference import optimal_lam, simulate, site_moments
+from reference import optimal_lam
+from vit_reference import simulate, site_moments
 
 N, T, HEADS = 4, 8, 2
 
@@ -31,7 +32,7 @@ def test_the_vit_snn_equals_an_independent_implementation_of_the_paper(communica
         moments = site_moments(sd, HEADS, calib)
     ours = [float(site.neuron.lam) for site in snn.sites().values()]
     assert len(ours) == len(moments) == 18  # the image, the head, and 8 per layer, in the order they run
-    assert ours == pytest.approx([optimal_lam(mu, sigma, N, T) for mu, sigma in moments.values()], rel=1e-5)
+    assert ours == pytest.approx([optimal_lam(mu, sigma, N, T, signed=True) for mu, sigma in moments.values()], rel=1e-5)
     with torch.no_grad():
         expected = simulate(sd, HEADS, x, dict(zip(moments, ours)), N, T, communicate)
         other = simulate(sd, HEADS, x, dict(zip(moments, ours)), N, T, not communicate)

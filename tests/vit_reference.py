@@ -16,7 +16,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from reference import basal_fire, k_eq29
+from reference import basal_fire, moments
 
 
 def forward(sd: dict, heads: int, images: torch.Tensor, site, compensated) -> torch.Tensor:
@@ -57,28 +57,12 @@ def site_moments(sd: dict, heads: int, batches) -> dict[str, tuple[float, float]
     seen: dict[str, list[torch.Tensor]] = {}
 
     def record(name, x):
-        seen.setdefault(name, []).append(x.flatten())
+        seen.setdefault(name, []).append(x)
         return x
     for images in batches:
         forward(sd, heads, images, record, lambda name, f, *xs: f(*xs))
-    return {name: (torch.cat(xs).mean().item(), torch.cat(xs).std(correction=0).item()) for name, xs in seen.items()}
+    return moments(seen)
 
-
-def optimal_lam(mu: float, sigma: float, n: int, T: int) -> float:
-    """The root of eq. 29's k(theta) = 1 for a signed site (a = -b, b = T (2^n - 1)) by bisection
-    on log k: Lemma 4.7, k > 1 below the optimum and < 1 above."""
-    b = T * (2**n - 1)
-    def log_k(theta):
-        return math.log(k_eq29(theta, mu, sigma, T, -b, b))
-    lo = hi = sigma + abs(mu)
-    while log_k(lo) <= 0:
-        lo /= 2
-    while log_k(hi) >= 0:
-        hi *= 2
-    for _ in range(100):
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if log_k(mid) > 0 else (lo, mid)
-    return math.sqrt(lo * hi)
 
 
 def simulate(sd: dict, heads: int, images: torch.Tensor, lams: dict[str, float], n: int, T: int,
