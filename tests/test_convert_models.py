@@ -524,6 +524,67 @@ def test_identity_all_puts_no_site_where_a_neuron_comes_in_through_dropout_or_an
         assert (traced(x).mean(0) - traced_model(x)).abs().max() < 0.05 * traced_model(x).abs().max()
 
 
+class Writes(nn.Module):
+    """Spikes written over after the neuron, or a neuron written into part of a float tensor: the
+    Linear reading them needs its y = x site (``swapped``: fx cannot trace the branch)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.fc0, self.relu, self.fc = how, nn.Linear(6, 8), nn.ReLU(inplace=how == "slice"), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.sum() < -1e30:
+            x = -x
+        if self.how == "slice":  # the ReLU writes into the first half of fc0's output
+            y = self.fc0(x)
+            self.relu(y[:, :4])
+            return self.fc(y)
+        h = self.relu(self.fc0(x)).flatten(1)
+        return self.fc(h.add_(1) if self.how == "added" else h)
+
+
+@pytest.mark.parametrize("how", ["slice", "added", "as_is"])
+def test_module_swapping_puts_a_site_where_spikes_were_written_over(how):
+    snn = hc.convert(Writes(how).eval(), loader((6,), classes=3), n=4, T=8, identity="all")
+    assert not snn.report.traced and ("fc.0" in snn.sites()) == (how != "as_is")
+
+
+class CalledTwice(nn.Module):
+    """One Linear called on a neuron's flattened spikes (no site), then on a float (``fc_in_1``)."""
+
+    def __init__(self, mc_dropout=False):
+        super().__init__()
+        self.mc_dropout = mc_dropout
+        self.fc0, self.relu, self.drop, self.fc, self.out = nn.Linear(6, 8), nn.ReLU(), nn.Dropout(), \
+            nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.mc_dropout:  # Monte Carlo dropout: sampling at inference too
+            self.drop.train()
+        return self
+
+    def forward(self, x):
+        return self.out(self.fc(self.fc(self.drop(self.relu(self.fc0(x)).flatten(1)))))
+
+
+def test_a_file_saved_now_loads_where_a_layer_skips_its_first_calls_site(tmp_path):
+    """The skipped call keeps its name (``fc_in``), so the second call's site is ``fc_in_1`` both
+    in convert and in load_snn's rebuild (which put the saved ``fc_in`` back on the first call);
+    a dropout kept in training mode (Monte Carlo) hands on other values: its reader gets a site."""
+    model, data = CalledTwice().eval(), loader((6,), classes=3)
+    snn = hc.convert(model, data, n=4, T=8, identity="all")
+    assert list(snn.sites()) == ["fc0_in", "relu", "fc_in_1", "out_in"]
+    torch.save(model, tmp_path / "model.pt")
+    save_snn(snn, tmp_path / "snn.safetensors", model=str(tmp_path / "model.pt"), num_classes=3)
+    loaded, _ = load_snn(tmp_path / "snn.safetensors")
+    assert list(loaded.sites()) == list(snn.sites())
+    x = data[0][0]
+    assert torch.equal(loaded(x), snn(x))
+    sampled = hc.convert(CalledTwice(mc_dropout=True).eval(), data, n=4, T=8, identity="all")
+    assert "fc_in" in sampled.sites()
+
+
 @pytest.mark.parametrize("swapped", [False, True], ids=["traced", "swapped"])
 def test_an_snn_file_with_a_site_before_a_layer_fed_spikes_still_loads(tmp_path, monkeypatch, swapped):
     """Files written before the look-through hold y = x sites before fc2 and fc3: rebuilt so."""

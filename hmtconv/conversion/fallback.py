@@ -112,23 +112,36 @@ def unshare_stateless(model: nn.Module) -> None:
             model.set_submodule(name, copy.deepcopy(module))
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """How many in-place writes ``t``'s storage has seen (None: an inference tensor keeps no count)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def fed_spikes(model: nn.Module, zeros: torch.Tensor | None, layers: set[str], producers: set[str]) -> set[str]:
     """The layers (named in ``layers``) that every call on ``zeros`` hands the output of one of
     ``producers`` (ReLU modules, and the max pools moved before their neurons) as it is, or a view
-    of it (flattened, through eval-mode dropout): spikes already, which a y = x site would only
-    quantize again (the traced graph puts none there)."""
+    of all of it (flattened, through eval-mode dropout), nothing written over since: spikes
+    already, which a y = x site would only quantize again (the traced graph puts none there)."""
     if zeros is None or not layers or not producers:
         return set()
     made, fed = {}, defaultdict(list)  # the outputs by storage (held: no later tensor takes theirs)
 
+    def unchanged(x, out, version) -> bool:
+        """``x`` is all of ``out`` (a view from its first element) and nothing wrote over either."""
+        return x.data_ptr() == out.data_ptr() and x.numel() == out.numel() and _version(x) == version
+
     def reads(name):
         def hook(module, args):
-            fed[name].append(storage_id(args[0]) in made)
+            x = args[0]
+            fed[name].append(storage_id(x) in made and unchanged(x, *made[storage_id(x)]))
         return hook
 
     def makes(module, args, out):
         if storage_id(out) is not None:
-            made[storage_id(out)] = out
+            made[storage_id(out)] = out, _version(out)
     hooks = [model.get_submodule(name).register_forward_hook(makes) for name in producers]
     hooks += [model.get_submodule(name).register_forward_pre_hook(reads(name)) for name in layers]
     if not probe(model, zeros, hooks)[0]:

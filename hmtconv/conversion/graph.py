@@ -49,10 +49,10 @@ PASS_THROUGH = (*IDENTITIES, nn.Flatten, nn.Unflatten)  # (a view of their input
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
-def _child_name(gm: fx.GraphModule, parent: str, stem: str) -> str:
+def _child_name(gm: fx.GraphModule, parent: str, stem: str, taken: set[str] = frozenset()) -> str:
     prefix = f"{parent}.{stem}" if parent else stem
     name, i = prefix, 1
-    while _exists(gm, name):
+    while _exists(gm, name) or name in taken:
         name, i = f"{prefix}_{i}", i + 1
     return name
 
@@ -246,6 +246,8 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig | None
     if identity not in ("all", "linear"):
         return
     sites: dict[fx.Node, fx.Node] = {}
+    skipped: set[str] = set()  # names of calls fed spikes through views: taken, so later calls' names do not
+    # depend on which calls were skipped (load_snn's rebuild may put some back)
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -256,8 +258,10 @@ def insert_sites(gm: fx.GraphModule, identity: str, hist: HistogramConfig | None
             if source not in of_input or _is_site(gm, source):
                 continue  # computed from weights alone, or a shared site
             if source not in sites:
-                name = _child_name(gm, scope(node), f"{node.target.rsplit('.', 1)[-1]}_in{i if operands == 2 else ''}")
+                name = _child_name(gm, scope(node), f"{node.target.rsplit('.', 1)[-1]}_in{i if operands == 2 else ''}",
+                                   skipped)
                 if _is_site(gm, _passed_through(gm, source)) and name not in saved_sites():
+                    skipped.add(name)
                     continue  # spikes already (a neuron's output, viewed or through dropout)
                 sites[source] = _add_site(gm, source, True, name, hist, before=node,
                                           channels_first=read_channels_first(module))
@@ -300,13 +304,13 @@ def _passed_through(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """Where the values of ``node`` come from through views (flatten, reshape, slices) and eval-mode
     dropout or identity modules, which hand them on unchanged (VGG's classifier reads a neuron
     through Dropout: spikes already, as module swapping sees too)."""
-    while True:
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) in PASS_THROUGH:  # (not a subclass)
-            node = node.args[0]
-        elif node.op in ("call_function", "call_method") and node.target in VIEWS:
-            node = node.args[0]
-        else:
-            return node
+    while node.args:  # (an input passed by keyword: the walk stops there)
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not (type(module) in PASS_THROUGH and not module.training  # (not a subclass's forward)
+                or node.op in ("call_function", "call_method") and node.target in VIEWS):
+            break
+        node = node.args[0]
+    return node
 
 
 def _is_site(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -1,8 +1,8 @@
 """The sites of the SNN file ``load_snn`` rebuilds, for the passes that place sites.
 
 A file written by an earlier version may hold sites this one would not put (a y = x site before a
-layer fed spikes through a view or a dropout, before session 26; module swapping's sites before it
-gave a site per call and moved max pooling): while ``rebuilding(names)`` is active, ``prepare`` puts
+layer fed spikes through a view or a dropout; module swapping's sites from before it gave a site
+per call and moved max pooling): while ``rebuilding(names)`` is active, ``prepare`` puts
 the saved ones back, so the file loads as it was converted."""
 from __future__ import annotations
 
