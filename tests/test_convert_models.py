@@ -568,6 +568,15 @@ class CalledTwice(nn.Module):
         return self.out(self.fc(self.fc(self.drop(self.relu(self.fc0(x)).flatten(1)))))
 
 
+def assert_reloads(snn, model, x, tmp_path):
+    """Saved and loaded from ``model`` pickled, ``snn`` has its sites and outputs back."""
+    torch.save(model, tmp_path / "model.pt")
+    save_snn(snn, tmp_path / "snn.safetensors", model=str(tmp_path / "model.pt"), num_classes=3)
+    loaded, _ = load_snn(tmp_path / "snn.safetensors")
+    assert list(loaded.sites()) == list(snn.sites())
+    assert torch.equal(loaded(x), snn(x))
+
+
 def test_a_file_saved_now_loads_where_a_layer_skips_its_first_calls_site(tmp_path):
     """The skipped call keeps its name (``fc_in``), so the second call's site is ``fc_in_1`` both
     in convert and in load_snn's rebuild (which put the saved ``fc_in`` back on the first call);
@@ -575,12 +584,7 @@ def test_a_file_saved_now_loads_where_a_layer_skips_its_first_calls_site(tmp_pat
     model, data = CalledTwice().eval(), loader((6,), classes=3)
     snn = hc.convert(model, data, n=4, T=8, identity="all")
     assert list(snn.sites()) == ["fc0_in", "relu", "fc_in_1", "out_in"]
-    torch.save(model, tmp_path / "model.pt")
-    save_snn(snn, tmp_path / "snn.safetensors", model=str(tmp_path / "model.pt"), num_classes=3)
-    loaded, _ = load_snn(tmp_path / "snn.safetensors")
-    assert list(loaded.sites()) == list(snn.sites())
-    x = data[0][0]
-    assert torch.equal(loaded(x), snn(x))
+    assert_reloads(snn, model, data[0][0], tmp_path)
     sampled = hc.convert(CalledTwice(mc_dropout=True).eval(), data, n=4, T=8, identity="all")
     assert "fc_in" in sampled.sites()
 
@@ -595,12 +599,7 @@ def test_an_snn_file_with_a_site_before_a_layer_fed_spikes_still_loads(tmp_path,
         patch.setattr(fallback, "fed_spikes", lambda *args: set())
         old = hc.convert(model, data, n=4, T=8, identity="all")
     assert len(old.sites()) == 5 and len(hc.convert(model, data, n=4, T=8, identity="all").sites()) == 3
-    torch.save(model, tmp_path / "model.pt")
-    save_snn(old, tmp_path / "old.safetensors", model=str(tmp_path / "model.pt"), num_classes=3)
-    loaded, _ = load_snn(tmp_path / "old.safetensors")
-    assert list(loaded.sites()) == list(old.sites())
-    x = data[0][0]
-    assert torch.equal(loaded(x), old(x))
+    assert_reloads(old, model, data[0][0], tmp_path)
 
 
 class Squeezes(nn.Module):
