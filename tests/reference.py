@@ -125,5 +125,5 @@ def optimal_lam(mu: float, sigma: float, n: int, T: int, signed: bool) -> float:
 
 def moments(seen: dict) -> dict[str, tuple[float, float]]:
     """Mean and population standard deviation of each site's inputs (``seen[name]``: a list)."""
-    return {name: (torch.cat([x.flatten() for x in xs]).mean().item(),
-                   torch.cat([x.flatten() for x in xs]).std(correction=0).item()) for name, xs in seen.items()}
+    values = {name: torch.cat([x.flatten() for x in xs]) for name, xs in seen.items()}
+    return {name: (v.mean().item(), v.std(correction=0).item()) for name, v in values.items()}

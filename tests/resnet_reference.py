@@ -48,7 +48,6 @@ def site_moments(sd: dict, batches) -> dict[str, tuple[float, float]]:
     return moments(seen)
 
 
-
 def simulate(sd: dict, images: torch.Tensor, lams: dict[str, float], n: int, T: int) -> tuple[torch.Tensor, float]:
     """The SNN's logits at each of T steps ``[T, B, classes]``, and its spikes over the T steps."""
     membranes, spikes = {}, [0.0]

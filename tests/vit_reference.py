@@ -12,11 +12,16 @@ as eq. 29's do, the output is the same either way).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch.nn import functional as F
 
 from reference import basal_fire, moments
+
+
+def _layer_norm(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], 1e-6)
 
 
 def forward(sd: dict, heads: int, images: torch.Tensor, site, compensated) -> torch.Tensor:
@@ -29,9 +34,7 @@ def forward(sd: dict, heads: int, images: torch.Tensor, site, compensated) -> to
     head_dim, layers = width // heads, len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
     for layer in range(layers):
         p = f"encoder.layers.encoder_layer_{layer}."
-        def norm(y, w=p + "ln_1."):
-            return F.layer_norm(y, (width,), sd[w + "weight"], sd[w + "bias"], 1e-6)
-        h = site(f"{layer}.qkv_in", compensated(f"{layer}.ln_1", norm, x))
+        h = site(f"{layer}.qkv_in", compensated(f"{layer}.ln_1", partial(_layer_norm, sd, p + "ln_1"), x))
         q, k, v = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in F.linear(
             h, sd[p + "self_attention.in_proj_weight"], sd[p + "self_attention.in_proj_bias"]).split(width, -1))
         q, k = site(f"{layer}.q", q / math.sqrt(head_dim)), site(f"{layer}.k", k)
@@ -40,15 +43,11 @@ def forward(sd: dict, heads: int, images: torch.Tensor, site, compensated) -> to
         mixed = compensated(f"{layer}.mix", torch.matmul, probs, site(f"{layer}.v", v))
         mixed = site(f"{layer}.out_proj_in", mixed.transpose(1, 2).flatten(2))
         x = x + F.linear(mixed, sd[p + "self_attention.out_proj.weight"], sd[p + "self_attention.out_proj.bias"])
-        def norm2(y, w=p + "ln_2."):
-            return F.layer_norm(y, (width,), sd[w + "weight"], sd[w + "bias"], 1e-6)
-        h = F.linear(site(f"{layer}.fc1_in", compensated(f"{layer}.ln_2", norm2, x)), sd[p + "mlp.0.weight"],
-                     sd[p + "mlp.0.bias"])
+        h = F.linear(site(f"{layer}.fc1_in", compensated(f"{layer}.ln_2", partial(_layer_norm, sd, p + "ln_2"), x)),
+                     sd[p + "mlp.0.weight"], sd[p + "mlp.0.bias"])
         h = site(f"{layer}.fc2_in", compensated(f"{layer}.gelu", F.gelu, h))
         x = x + F.linear(h, sd[p + "mlp.3.weight"], sd[p + "mlp.3.bias"])
-    def final(y):
-        return F.layer_norm(y, (width,), sd["encoder.ln.weight"], sd["encoder.ln.bias"], 1e-6)
-    x = site("head_in", compensated("ln", final, x)[:, 0])
+    x = site("head_in", compensated("ln", partial(_layer_norm, sd, "encoder.ln"), x)[:, 0])
     return F.linear(x, sd["heads.head.weight"], sd["heads.head.bias"])
 
 
@@ -62,7 +61,6 @@ def site_moments(sd: dict, heads: int, batches) -> dict[str, tuple[float, float]
     for images in batches:
         forward(sd, heads, images, record, lambda name, f, *xs: f(*xs))
     return moments(seen)
-
 
 
 def simulate(sd: dict, heads: int, images: torch.Tensor, lams: dict[str, float], n: int, T: int,

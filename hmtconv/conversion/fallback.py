@@ -135,8 +135,8 @@ def fed_spikes(model: nn.Module, zeros: torch.Tensor | None, layers: set[str], p
 
     def reads(name):
         def hook(module, args):
-            x = args[0]
-            fed[name].append(storage_id(x) in made and unchanged(x, *made[storage_id(x)]))
+            x, key = args[0], storage_id(args[0])
+            fed[name].append(key in made and unchanged(x, *made[key]))
         return hook
 
     def makes(module, args, out):
