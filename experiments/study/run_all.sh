@@ -5,7 +5,7 @@
 set -euo pipefail
 H="${HMTCONV:-hmtconv}"
 ALL="vgg-table1 vgg-table2 vit-table4 vit-linear resnet-table1 vgg-table3 vgg-granularity vgg-neurons vgg-neurons-opt
-    resnet-table2 vgg-table1-identity resnet-table1-identity vit-table4-full vit-p7-table4 vit-l12-table4"
+    resnet-table2 vgg-table1-identity resnet-table1-identity vit-table4-full vit-p7-table4 vit-l12-table4 vit-seeds"
 STUDY=$(echo ${STUDY:-$ALL})
 configs=$(for name in $STUDY; do echo "experiments/study/$name.toml"; done)
 needed() { [ ! -f "runs/$1.pt" ] && grep -q "runs/$1.pt" $configs; }
@@ -15,6 +15,10 @@ needed resnet18_small && $H train --model resnet18_small --dataset mnist --epoch
     --out runs/resnet18_small.pt
 needed vit_small && $H train --model vit_small --dataset mnist --optimizer adamw --lr 0.002 \
     --weight-decay 0.05 --epochs 3 --seed 0 --out runs/vit_small.pt
+for seed in 1 2; do
+    needed vit_small_s$seed && $H train --model vit_small --dataset mnist --optimizer adamw --lr 0.002 \
+        --weight-decay 0.05 --epochs 3 --seed $seed --out runs/vit_small_s$seed.pt
+done
 needed vit_p7 && $H train --model vit_small --model-arg patch_size=7 --model-arg hidden_dim=64 \
     --model-arg num_layers=6 --dataset mnist --optimizer adamw --lr 0.002 --weight-decay 0.05 --epochs 3 --seed 0 \
     --out runs/vit_p7.pt
