@@ -13,11 +13,10 @@ mkdir -p runs
 needed vgg_small && $H train --model vgg_small --dataset mnist --epochs 3 --seed 0 --out runs/vgg_small.pt
 needed resnet18_small && $H train --model resnet18_small --dataset mnist --epochs 1 --seed 0 \
     --out runs/resnet18_small.pt
-needed vit_small && $H train --model vit_small --dataset mnist --optimizer adamw --lr 0.002 \
-    --weight-decay 0.05 --epochs 3 --seed 0 --out runs/vit_small.pt
-for seed in 1 2; do
-    needed vit_small_s$seed && $H train --model vit_small --dataset mnist --optimizer adamw --lr 0.002 \
-        --weight-decay 0.05 --epochs 3 --seed $seed --out runs/vit_small_s$seed.pt
+for seed in 0 1 2; do  # vit_small, and the other trainings of vit-seeds.toml
+    name=vit_small; [ $seed = 0 ] || name=vit_small_s$seed
+    needed $name && $H train --model vit_small --dataset mnist --optimizer adamw --lr 0.002 \
+        --weight-decay 0.05 --epochs 3 --seed $seed --out runs/$name.pt
 done
 needed vit_p7 && $H train --model vit_small --model-arg patch_size=7 --model-arg hidden_dim=64 \
     --model-arg num_layers=6 --dataset mnist --optimizer adamw --lr 0.002 --weight-decay 0.05 --epochs 3 --seed 0 \
