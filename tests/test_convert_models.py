@@ -5,6 +5,7 @@ import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
+from torchvision.models.vision_transformer import ConvStemConfig
 
 import hmtconv.conversion as hc
 from hmtconv.conversion.sites import ObservedActivation
@@ -38,6 +39,18 @@ def small_vit():
     vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
                                                hidden_dim=16, mlp_dim=32, num_classes=10).eval()
     nn.init.normal_(vit.heads.head.weight, std=0.3)  # torchvision zero-initializes the head
+    return vit
+
+
+def small_vit_with_conv_stem():
+    """torchvision's other ViT options: a Conv-BN-ReLU stem (its ReLUs become neurons, so the
+    patch projection gets spikes without a y = x site) and a Tanh pre-logits head (compensated)."""
+    torch.manual_seed(0)
+    stem = [ConvStemConfig(out_channels=8, kernel_size=3, stride=2), ConvStemConfig(out_channels=8, kernel_size=3, stride=4)]
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=10, representation_size=12,
+                                               conv_stem_configs=stem).eval()
+    nn.init.normal_(vit.heads.head.weight, std=0.3)
     return vit
 
 
@@ -84,7 +97,7 @@ def timm_vit():
     return vit
 
 
-@pytest.mark.parametrize("build", [small_vit, timm_vit], ids=["torchvision", "timm"])
+@pytest.mark.parametrize("build", [small_vit, small_vit_with_conv_stem, timm_vit], ids=["torchvision", "conv_stem", "timm"])
 def test_vit_converges_with_T_and_runs_with_communication(build):
     vit, data = build(), loader((3, 16, 16))
     x = data[0][0]
@@ -99,6 +112,9 @@ def test_vit_converges_with_T_and_runs_with_communication(build):
     assert torch.allclose(snn.ann_forward(x), ref, atol=1e-5)
     kinds = {type(m.module).__name__ for m in snn.modules() if isinstance(m, hc.compensated.Compensated)}
     assert {"LayerNorm", "GELU", "Softmax", "MatMul"} <= kinds
+    if build is small_vit_with_conv_stem:  # the stem's ReLUs spike into the next conv: no y = x site before it
+        assert "Tanh" in kinds and {"conv_proj.conv_bn_relu_0.2", "conv_proj.conv_bn_relu_1.2"} <= set(snn.sites())
+        assert "conv_proj.conv_last_in" not in snn.sites()
     no_comm = hc.convert(vit, data, n=4, T=4, policy="max", identity="all", communicate=False)
     assert not any(s.neuron.communicate for s in no_comm.sites().values())
     assert snn.mac_static == 0  # with identity="all" the image spikes too
