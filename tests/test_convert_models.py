@@ -34,10 +34,10 @@ def approaches_its_ann(model, data):
     return snn
 
 
-def small_vit():
+def small_vit(**options):
     torch.manual_seed(0)
     vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
-                                               hidden_dim=16, mlp_dim=32, num_classes=10).eval()
+                                               hidden_dim=16, mlp_dim=32, num_classes=10, **options).eval()
     nn.init.normal_(vit.heads.head.weight, std=0.3)  # torchvision zero-initializes the head
     return vit
 
@@ -45,13 +45,8 @@ def small_vit():
 def small_vit_with_conv_stem():
     """torchvision's other ViT options: a Conv-BN-ReLU stem (its ReLUs become neurons, so the
     patch projection gets spikes without a y = x site) and a Tanh pre-logits head (compensated)."""
-    torch.manual_seed(0)
     stem = [ConvStemConfig(out_channels=8, kernel_size=3, stride=2), ConvStemConfig(out_channels=8, kernel_size=3, stride=4)]
-    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
-                                               mlp_dim=32, num_classes=10, representation_size=12,
-                                               conv_stem_configs=stem).eval()
-    nn.init.normal_(vit.heads.head.weight, std=0.3)
-    return vit
+    return small_vit(representation_size=12, conv_stem_configs=stem)
 
 
 def test_resnet18_residuals_shared_relu_and_maxpool():
